@@ -1,0 +1,77 @@
+"""The cache manifest: what made the features, their dtype and shapes, and where each key lives.
+
+A cache directory holds `shard-NNNNN.h5` files, one `shard-NNNNN.json` sidecar per finished
+shard, `run.json` (written when the run starts, so a resume can check it is the same job)
+and `manifest.json` (written last: a cache without it is unfinished).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from blitext.errors import BlitextError
+
+FORMAT = "blitext-cache/1"
+MANIFEST = "manifest.json"
+RUN = "run.json"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.h5"
+
+
+def sidecar_name(index: int) -> str:
+    return f"shard-{index:05d}.json"
+
+
+def normalised(obj: Any) -> Any:
+    """JSON round trip, so tuples and lists (and int/float keys) compare equal."""
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def describe(producer: dict) -> str:
+    parts = []
+    for key, value in sorted(producer.items()):
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
+            parts.append(f"{key} ({value})")
+        else:
+            parts.append(f"{key}={value}")
+    return "; ".join(parts)
+
+
+def producer_mismatch(found: dict, expected: dict) -> dict[str, tuple[Any, Any]]:
+    """Fields of `expected` whose value in `found` differs: {field: (found, expected)}."""
+    found, expected = normalised(found), normalised(expected)
+    return {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
+
+
+def require_producer(found: dict, expected: dict, where: Path, fix: str) -> None:
+    """Refuse a cache made by another model or preprocessing, naming both and the fix."""
+    diff = producer_mismatch(found, expected)
+    if not diff:
+        return
+    made = "; ".join(f"{k}={_short(a)}" for k, (a, _) in diff.items())
+    wants = "; ".join(f"{k}={_short(b)}" for k, (_, b) in diff.items())
+    raise BlitextError(f"{where} was made with {made}; this run expects {wants}: {fix}")
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def load_manifest(root: Path) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        hint = " (unfinished: run the command that made it again to resume)" if (Path(root) / RUN).is_file() else ""
+        raise BlitextError(f"{root} is not a finished blitext cache: no {MANIFEST}{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise BlitextError(f"{path} is not valid JSON ({e}); re-run the command that made the cache") from None
+    if manifest.get("format") != FORMAT:
+        raise BlitextError(f"{path} has format {manifest.get('format')!r}; this blitext reads {FORMAT!r}")
+    return manifest

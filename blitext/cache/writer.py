@@ -1,0 +1,226 @@
+"""Writing a sharded HDF5 cache so that a killed job loses at most one shard.
+
+Items are planned up front in a fixed order and cut into shards of `shard_size`; shard i
+belongs to rank i % world. A shard is written to a temp file, flushed, fsynced and renamed,
+then its JSON sidecar (keys, failures, checksum) is written the same way: a shard counts as
+done only when both exist, so a resume redoes exactly the unfinished ones.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+
+from blitext.atomic import publish, read_json, write_json
+from blitext.cache.manifest import FORMAT, MANIFEST, RUN, normalised, require_producer, shard_name, sidecar_name
+from blitext.errors import BlitextError
+
+VARIABLE_CHUNK_ROWS = 32  # variable-length rows: chunks of 32 tokens (a row is a slice of a flat array)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def plan_digest(keys: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(k.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+@dataclass
+class CachePlan:
+    """What a cache will hold: the ordered keys, how they are sharded, and who makes them."""
+
+    root: Path
+    kind: str                       # "image-features", "video-features", "prompts", ...
+    producer: dict                  # model fingerprints + preprocessing: must match to resume or read
+    keys: list[str]
+    shard_size: int
+    dtype: str = "float16"
+    variable_length: bool = False   # rows of shape (T_i, D) with T_i varying (e.g. video segments)
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def num_shards(self) -> int:
+        return max(1, -(-len(self.keys) // self.shard_size))
+
+    def shard_range(self, index: int) -> range:
+        return range(index * self.shard_size, min((index + 1) * self.shard_size, len(self.keys)))
+
+    def run_record(self) -> dict:
+        return {
+            "format": FORMAT, "kind": self.kind, "producer": self.producer, "dtype": self.dtype,
+            "variable_length": self.variable_length, "shard_size": self.shard_size,
+            "num_items": len(self.keys), "plan_sha256": plan_digest(self.keys), "provenance": self.provenance,
+        }
+
+
+def start_or_resume(plan: CachePlan, write: bool = True) -> None:
+    """Create the cache folder and run.json, or check that an existing one is the same job.
+
+    Only rank 0 writes (`write=True`); the other ranks check after a barrier.
+    """
+    run_file = plan.root / RUN
+    if run_file.is_file():
+        found = read_json(run_file)
+        fix = f"use another --out, or delete {plan.root} to start over"
+        require_producer(found.get("producer", {}), plan.producer, plan.root, fix)
+        for key in ("kind", "dtype", "variable_length", "shard_size", "plan_sha256"):
+            if normalised(found.get(key)) != normalised(plan.run_record()[key]):
+                raise BlitextError(
+                    f"{plan.root} was started with a different {key.replace('_', ' ')} "
+                    f"({found.get(key)!r} vs {plan.run_record()[key]!r}): {fix}"
+                )
+        return
+    if not write:
+        raise BlitextError(f"{run_file} is missing (rank 0 should have written it)")
+    if plan.root.exists() and any(plan.root.iterdir()):
+        raise BlitextError(f"{plan.root} exists and is not a blitext cache: choose an empty or new --out")
+    plan.root.mkdir(parents=True, exist_ok=True)
+    write_json(run_file, plan.run_record())
+
+
+def shard_done(plan: CachePlan, index: int) -> bool:
+    sidecar = plan.root / sidecar_name(index)
+    shard = plan.root / shard_name(index)
+    if not (sidecar.is_file() and shard.is_file()):
+        return False
+    try:
+        return read_json(sidecar).get("bytes") == shard.stat().st_size
+    except (OSError, ValueError):
+        return False
+
+
+def pending_shards(plan: CachePlan, rank: int = 0, world: int = 1) -> list[int]:
+    """This rank's shards that are not finished; removes the temp files a killed run left."""
+    pending = []
+    for i in range(rank, plan.num_shards, world):
+        for stale in plan.root.glob(f".{shard_name(i)}.tmp*"):
+            stale.unlink(missing_ok=True)
+        if not shard_done(plan, i):
+            pending.append(i)
+    return pending
+
+
+class ShardWriter:
+    """Writes one shard; rows are added in order, failures recorded. Use as a context manager."""
+
+    def __init__(self, plan: CachePlan, index: int):
+        self.plan, self.index = plan, index
+        self.final = plan.root / shard_name(index)
+        self.tmp = plan.root / f".{shard_name(index)}.tmp{os.getpid()}"
+        self.keys: list[str] = []
+        self.lengths: list[int] = []
+        self.failed: list[dict] = []
+        self.file: h5py.File | None = None
+        self.data: h5py.Dataset | None = None
+
+    def __enter__(self) -> "ShardWriter":
+        # libver pinned and no timestamps: the same rows give the same bytes (resume == fresh run).
+        self.file = h5py.File(self.tmp, "w", libver=("earliest", "v110"))
+        return self
+
+    def add(self, keys: Sequence[str], rows: np.ndarray | Sequence[np.ndarray]) -> None:
+        if len(keys) == 0:
+            return
+        if self.plan.variable_length:
+            for key, row in zip(keys, rows):
+                self._append_variable(np.asarray(row, dtype=self.plan.dtype))
+                self.keys.append(key)
+        else:
+            rows = np.asarray(rows, dtype=self.plan.dtype)
+            self._ensure_fixed(rows.shape[1:])
+            n = len(self.keys)
+            self.data[n:n + len(keys)] = rows
+            self.keys.extend(keys)
+
+    def fail(self, key: str, source: str, reason: str) -> None:
+        self.failed.append({"key": key, "input": source, "reason": reason})
+
+    def _ensure_fixed(self, row_shape: tuple[int, ...]) -> None:
+        if self.data is None:
+            planned = len(self.plan.shard_range(self.index))
+            self.data = self.file.create_dataset(
+                "data", shape=(planned, *row_shape), maxshape=(None, *row_shape), dtype=self.plan.dtype,
+                chunks=(1, *row_shape), track_times=False,  # one sample per chunk: cheap random reads
+            )
+        elif self.data.shape[1:] != row_shape:
+            raise BlitextError(f"row shape {row_shape} differs from this cache's {self.data.shape[1:]}")
+
+    def _append_variable(self, row: np.ndarray) -> None:
+        if self.data is None:
+            self.data = self.file.create_dataset(
+                "data", shape=(0, *row.shape[1:]), maxshape=(None, *row.shape[1:]), dtype=self.plan.dtype,
+                chunks=(VARIABLE_CHUNK_ROWS, *row.shape[1:]), track_times=False,
+            )
+        start = self.data.shape[0]
+        self.data.resize(start + len(row), axis=0)
+        self.data[start:] = row
+        self.lengths.append(len(row))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.file.close()
+            self.tmp.unlink(missing_ok=True)
+            return
+        self._write_index()
+        self.file.close()
+        publish(self.tmp, self.final)
+        write_json(self.plan.root / sidecar_name(self.index), self.sidecar())
+
+    def _write_index(self) -> None:
+        if self.data is not None and not self.plan.variable_length:
+            self.data.resize(len(self.keys), axis=0)
+        self.file.create_dataset("keys", data=np.array(self.keys, dtype=object),
+                                 dtype=h5py.string_dtype(), track_times=False)
+        if self.plan.variable_length:
+            offsets = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)]).astype(np.int64)
+            self.file.create_dataset("offsets", data=offsets, track_times=False)
+
+    def sidecar(self) -> dict[str, Any]:
+        return {
+            "file": self.final.name, "rows": len(self.keys), "bytes": self.final.stat().st_size,
+            "sha256": sha256_file(self.final), "keys": self.keys, "failed": self.failed,
+        }
+
+
+def finalize(plan: CachePlan) -> dict:
+    """Gather every shard's sidecar into manifest.json (rank 0, after all ranks finished)."""
+    shards, failed = [], []
+    row_shape = None
+    for i in range(plan.num_shards):
+        if not shard_done(plan, i):
+            raise BlitextError(f"shard {i} of {plan.root} is not finished; run the same command again to resume")
+        sidecar = read_json(plan.root / sidecar_name(i))
+        failed.extend(sidecar.pop("failed"))
+        shards.append(sidecar)
+        if row_shape is None and sidecar["rows"]:
+            row_shape = _row_shape(plan, plan.root / sidecar["file"])
+    manifest = {
+        **plan.run_record(),
+        "row_shape": row_shape,
+        "count": sum(s["rows"] for s in shards),
+        "num_failed": len(failed),
+        "shards": shards,
+        "failed": failed,
+    }
+    write_json(plan.root / MANIFEST, manifest)
+    return manifest
+
+
+def _row_shape(plan: CachePlan, shard: Path) -> list:
+    with h5py.File(shard, "r") as f:
+        shape = list(f["data"].shape[1:])
+    return [None, *shape] if plan.variable_length else shape

@@ -1,0 +1,475 @@
+"""Read caption and VQA datasets in their standard on-disk formats; write blitext's own.
+
+`read_image_set` detects the format from the path it is given:
+  - a `.json` caption file: LAVIS / COCO-Karpathy (`[{"image", "caption", "image_id"?}]`) or
+    official COCO captions (`{"images": [{"id", "file_name"}], "annotations": [...]}`);
+  - a folder holding `captions.jsonl` or `captions.csv`, or else just image files;
+  - webdataset `.tar` shards in img2dataset's layout: one `.tar`, a glob, or a folder of them.
+`read_vqa` reads VQAv2 question + annotation files and GQA question files.
+
+Image references stay relative to a root folder and may not leave it: a dataset file is
+data, and data must not make blitext read /etc/passwd or a sibling project's files.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from blitext.data.records import ImageRecord, ImageSet, VQARecord
+from blitext.errors import BlitextError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+ACCEPTED_FORMATS = (
+    "a LAVIS/COCO-Karpathy caption .json ([{\"image\", \"caption\"}]); "
+    "an official COCO captions .json ({\"images\", \"annotations\"}); "
+    "a folder holding captions.jsonl or captions.csv; a folder of image files; "
+    "webdataset .tar shards (one .tar, a glob such as shards/*.tar, or a folder of .tar files)"
+)
+_LAVIS_KEYS = {"image", "caption", "image_id"}
+_JSONL_KEYS = {"image", "caption", "id"}
+
+
+# ---------------------------------------------------------------- entry point
+
+def read_image_set(path: str | Path, image_root: str | Path | None = None) -> ImageSet:
+    """Read any supported caption dataset; `image_root` overrides the folder images are under."""
+    path_text = str(path)
+    path = Path(path)
+    if not path.exists() and _is_glob(path_text):
+        return _read_tar_glob(path_text, image_root)
+    if not path.exists():
+        raise BlitextError(f"{path} does not exist; expected one of: {ACCEPTED_FORMATS}")
+    if path.is_dir():
+        return _read_folder(path, Path(image_root) if image_root else path)
+    root = Path(image_root) if image_root else path.parent
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return ImageSet(root, _read_caption_json(path, root), str(path))
+    if suffix == ".jsonl":
+        return ImageSet(root, _read_jsonl(path, root), str(path))
+    if suffix == ".csv":
+        return ImageSet(root, _read_csv(path, root), str(path))
+    if suffix == ".tar":
+        return ImageSet(root, _read_tar_shards([path], root), str(path))
+    raise BlitextError(f"{path}: unsupported dataset format {suffix or '(no extension)'!r}; "
+                       f"expected one of: {ACCEPTED_FORMATS}")
+
+
+def _read_folder(folder: Path, root: Path) -> ImageSet:
+    for name, read in (("captions.jsonl", _read_jsonl), ("captions.csv", _read_csv)):
+        if (folder / name).is_file():
+            return ImageSet(root, read(folder / name, root), str(folder / name))
+    tars = sorted(folder.glob("*.tar"))
+    if tars:
+        return ImageSet(root, _read_tar_shards(tars, root), str(folder))
+    records = _read_image_folder(folder, root)
+    if not records:
+        raise BlitextError(f"{folder}: found no captions.jsonl, captions.csv, .tar shards or image files "
+                           f"({', '.join(IMAGE_EXTENSIONS)}); expected one of: {ACCEPTED_FORMATS}")
+    return ImageSet(root, records, str(folder))
+
+
+# ---------------------------------------------------------------- shared helpers
+
+class _RefChecker:
+    """Normalises image references and refuses any that would leave the dataset root."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.root_real = os.path.realpath(root)
+
+    def __call__(self, ref: Any, where: str) -> str:
+        if not isinstance(ref, str) or not ref.strip():
+            raise BlitextError(f"{where}: image path must be a non-empty string, got {ref!r}; fix the file")
+        file_part = _tar_part(ref) or ref
+        pure = PurePosixPath(file_part)
+        if pure.is_absolute() or PureWindowsPath(file_part).drive:
+            raise BlitextError(f"{where}: image path {ref!r} is absolute; write it relative to the dataset "
+                               f"root {self.root} (or pass image_root= the folder it is relative to)")
+        if ".." in pure.parts:
+            raise BlitextError(f"{where}: image path {ref!r} leaves the dataset root {self.root} via '..'; "
+                               f"write it relative to the root (or pass image_root= a folder above it)")
+        real = os.path.realpath(self.root / pure)
+        if real != self.root_real and not real.startswith(self.root_real + os.sep):
+            raise BlitextError(f"{where}: image path {ref!r} is a symlink out of the dataset root {self.root} "
+                               f"(to {real}); pass image_root= a folder holding the real files, or copy them in")
+        return pure.as_posix() + ref[len(file_part):]
+
+
+def _tar_part(ref: str) -> str | None:
+    """'shard.tar#x.jpg' -> 'shard.tar'; None for a plain file reference."""
+    head, sep, _member = ref.partition("#")
+    return head if sep and head.endswith(".tar") else None
+
+
+class _Grouper:
+    """Collects captions per image id in first-seen order; one id may name only one image."""
+
+    def __init__(self):
+        self._images: dict[str, tuple[str, list[str], dict, str]] = {}
+
+    def add(self, image_id: str, image: str, captions: list[str], meta: dict, where: str) -> None:
+        entry = self._images.get(image_id)
+        if entry is None:
+            self._images[image_id] = (image, list(captions), dict(meta), where)
+            return
+        if entry[0] != image:
+            raise BlitextError(f"id {image_id!r} names two different images: {entry[0]!r} ({entry[3]}) and "
+                               f"{image!r} ({where}); give each image its own id")
+        entry[1].extend(captions)
+
+    def add_captions(self, image_id: str, captions: list[str], where: str) -> None:
+        if image_id not in self._images:
+            raise BlitextError(f"{where}: image_id {image_id!r} is not listed in \"images\"; "
+                               f"add the image or remove the annotation")
+        self._images[image_id][1].extend(captions)
+
+    def records(self) -> list[ImageRecord]:
+        return [ImageRecord(id=i, image=img, captions=tuple(caps), meta=meta)
+                for i, (img, caps, meta, _where) in self._images.items()]
+
+
+def _captions(value: Any, where: str) -> list[str]:
+    """A caption field may be one string or a list of strings (LAVIS eval files); blanks dropped."""
+    if value is None:
+        return []
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(c, str) for c in values):
+        raise BlitextError(f"{where}: \"caption\" must be a string or a list of strings, got {_short(value)}")
+    return [c.strip() for c in values if c.strip()]
+
+
+def _id_from_path(ref: str) -> str:
+    """An image without an explicit id is keyed by its path without the extension."""
+    return str(PurePosixPath(ref).with_suffix(""))
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_glob(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise BlitextError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                           f"fix or re-create the file") from None
+    except UnicodeDecodeError:
+        raise BlitextError(f"{path}: not UTF-8 text; save it as UTF-8 JSON") from None
+    except OSError as e:
+        raise BlitextError(f"{path}: cannot read ({e.strerror})") from None
+
+
+# ---------------------------------------------------------------- caption files
+
+def _read_caption_json(path: Path, root: Path) -> list[ImageRecord]:
+    data = _load_json(path)
+    if isinstance(data, list):
+        return _read_lavis_list(path, data, root)
+    if isinstance(data, dict) and isinstance(data.get("images"), list):
+        return _read_coco(path, data, root)
+    raise BlitextError(f"{path}: JSON is neither a LAVIS caption list ([{{\"image\", \"caption\"}}, ...]) nor "
+                       f"official COCO captions ({{\"images\": [...], \"annotations\": [...]}}); "
+                       f"got a {type(data).__name__}" + (f" with keys {sorted(data)[:8]}" if isinstance(data, dict) else ""))
+
+
+def _read_lavis_list(path: Path, data: list, root: Path) -> list[ImageRecord]:
+    check, groups = _RefChecker(root), _Grouper()
+    for row, entry in enumerate(data):
+        where = f"{path} entry {row}"
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise BlitextError(f"{where}: expected an object with an \"image\" key, got {_short(entry)}")
+        image = check(entry["image"], where)
+        image_id = str(entry["image_id"]) if entry.get("image_id") is not None else _id_from_path(image)
+        meta = {k: v for k, v in entry.items() if k not in _LAVIS_KEYS}
+        groups.add(image_id, image, _captions(entry.get("caption"), where), meta, where)
+    return groups.records()
+
+
+def _read_coco(path: Path, data: dict, root: Path) -> list[ImageRecord]:
+    check, groups = _RefChecker(root), _Grouper()
+    for row, image in enumerate(data["images"]):
+        where = f"{path} images[{row}]"
+        if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+            raise BlitextError(f"{where}: expected {{\"id\", \"file_name\"}}, got {_short(image)}")
+        groups.add(str(image["id"]), check(image["file_name"], where), [], {}, where)
+    for row, ann in enumerate(data.get("annotations") or []):
+        where = f"{path} annotations[{row}]"
+        if not isinstance(ann, dict) or "image_id" not in ann:
+            raise BlitextError(f"{where}: expected {{\"image_id\", \"caption\"}}, got {_short(ann)}")
+        groups.add_captions(str(ann["image_id"]), _captions(ann.get("caption"), where), where)
+    return groups.records()
+
+
+def _read_jsonl(path: Path, root: Path) -> list[ImageRecord]:
+    check, groups = _RefChecker(root), _Grouper()
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    _add_row(groups, check, _parse_jsonl_line(line, f"{path} line {lineno}"), f"{path} line {lineno}")
+    except UnicodeDecodeError:
+        raise BlitextError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    return groups.records()
+
+
+def _parse_jsonl_line(line: str, where: str) -> dict:
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BlitextError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+    if not isinstance(entry, dict):
+        raise BlitextError(f"{where}: expected a JSON object with \"image\" and \"caption\", got {_short(entry)}")
+    return entry
+
+
+def _read_csv(path: Path, root: Path) -> list[ImageRecord]:
+    check, groups = _RefChecker(root), _Grouper()
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            if "image" not in header or "caption" not in header:
+                raise BlitextError(f"{path} line 1: the header must name the columns image,caption "
+                                   f"(and optionally id); found {header}")
+            for row in reader:
+                where = f"{path} line {reader.line_num}"
+                if None in row or any(v is None for v in row.values()):
+                    raise BlitextError(f"{where}: has a different number of fields than the header {header}; "
+                                       f"quote captions that contain commas")
+                _add_row(groups, check, row, where)
+    except csv.Error as e:
+        raise BlitextError(f"{path}: malformed CSV ({e}); fix the file") from None
+    except UnicodeDecodeError:
+        raise BlitextError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    return groups.records()
+
+
+def _add_row(groups: _Grouper, check: _RefChecker, row: dict, where: str) -> None:
+    """One jsonl line or csv row: {"image", "caption", "id"?} plus any extra fields as meta."""
+    if "image" not in row:
+        raise BlitextError(f"{where}: missing \"image\"; each row needs image and caption")
+    image = check(row["image"], where)
+    has_id = row.get("id") not in (None, "")
+    image_id = str(row["id"]) if has_id else _id_from_path(image)
+    meta = {k: v for k, v in row.items() if k not in _JSONL_KEYS}
+    groups.add(image_id, image, _captions(row.get("caption"), where), meta, where)
+
+
+def _read_image_folder(folder: Path, root: Path) -> list[ImageRecord]:
+    check, groups = _RefChecker(root), _Grouper()
+    for path in sorted(folder.rglob("*"), key=lambda p: p.as_posix()):
+        relative = path.relative_to(folder)
+        # Hidden folders are editor/VCS clutter (.ipynb_checkpoints), not dataset images.
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or any(p.startswith(".") for p in relative.parts):
+            continue
+        if not path.is_file():
+            continue
+        image = check(os.path.relpath(path, root), str(path))
+        groups.add(_id_from_path(image), image, [], {}, str(path))
+    return groups.records()
+
+
+# ---------------------------------------------------------------- webdataset shards
+
+def _read_tar_glob(pattern: str, image_root: str | Path | None) -> ImageSet:
+    matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+    if not matches:
+        raise BlitextError(f"{pattern}: the glob matches no files; check the path (expected .tar shards)")
+    not_tar = [str(p) for p in matches if p.suffix.lower() != ".tar"]
+    if not_tar:
+        raise BlitextError(f"{pattern}: a glob must match only .tar shards, but it also matches {not_tar[:3]}; "
+                           f"narrow it, e.g. shards/*.tar")
+    root = Path(image_root) if image_root else _glob_base(pattern)
+    return ImageSet(root, _read_tar_shards(matches, root), pattern)
+
+
+def _glob_base(pattern: str) -> Path:
+    """The folder above the first wildcard: 'data/shards/*.tar' -> 'data/shards'."""
+    parts = []
+    for part in Path(pattern).parts[:-1]:
+        if _is_glob(part):
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path(".")
+
+
+def _read_tar_shards(tars: list[Path], root: Path) -> list[ImageRecord]:
+    check, groups = _RefChecker(root), _Grouper()
+    for tar_path in tars:
+        tar_ref = check(os.path.relpath(tar_path, root), str(tar_path))
+        for key, member, caption, json_key in _tar_samples(tar_path):
+            where = f"{tar_path}#{member}"
+            captions = [caption.strip()] if caption and caption.strip() else []
+            groups.add(json_key or key, f"{tar_ref}#{member}", captions, {}, where)
+    records = groups.records()
+    if not records:
+        raise BlitextError(f"{', '.join(map(str, tars[:3]))}: no samples with an image member "
+                           f"({', '.join(TAR_IMAGE_EXTENSIONS)}); expected img2dataset-style shards")
+    return records
+
+
+def _tar_samples(tar_path: Path) -> list[tuple[str, str, str | None, str | None]]:
+    """(key, image member, caption, json "key") per sample; members grouped by basename."""
+    try:
+        with tarfile.open(tar_path) as tar:
+            samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for member in tar:
+                if member.isfile():
+                    key, ext = _split_member(member.name)
+                    samples.setdefault(key, {})[ext] = member
+            return [s for key, parts in samples.items() if (s := _tar_sample(tar, tar_path, key, parts))]
+    except (tarfile.TarError, OSError) as e:
+        raise BlitextError(f"{tar_path}: not a readable tar file ({e}); re-create the shard") from None
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """webdataset convention: the key is the path up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _tar_sample(tar: tarfile.TarFile, tar_path: Path, key: str, parts: dict) -> tuple | None:
+    image = next((parts[e] for e in TAR_IMAGE_EXTENSIONS if e in parts), None)
+    if image is None:
+        return None
+    meta = {}
+    if "json" in parts:
+        meta = _tar_json(tar, parts["json"], f"{tar_path}#{parts['json'].name}")
+    caption = meta.get("caption") if isinstance(meta.get("caption"), str) else None
+    if "txt" in parts:
+        where = f"{tar_path}#{parts['txt'].name}"
+        try:
+            caption = tar.extractfile(parts["txt"]).read().decode("utf-8")
+        except UnicodeDecodeError:
+            raise BlitextError(f"{where}: caption is not UTF-8 text; re-create the shard") from None
+    json_key = meta.get("key")
+    return key, image.name, caption, (str(json_key) if json_key not in (None, "") else None)
+
+
+def _tar_json(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> dict:
+    try:
+        data = json.loads(tar.extractfile(member).read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BlitextError(f"{where}: not valid JSON ({e}); re-create the shard") from None
+    return data if isinstance(data, dict) else {}
+
+
+# ---------------------------------------------------------------- VQA
+
+def read_vqa(questions_json: str | Path, annotations_json: str | Path | None = None,
+             image_root: str | Path | None = None) -> list[VQARecord]:
+    """VQAv2 questions (+ annotations for answers), or a GQA questions file (answers inline)."""
+    questions_json = Path(questions_json)
+    data = _load_json(questions_json)
+    check = _RefChecker(Path(image_root) if image_root else questions_json.parent)
+    if isinstance(data, dict) and isinstance(data.get("questions"), list):
+        answers = _vqav2_answers(Path(annotations_json)) if annotations_json else None
+        return [_vqav2_record(q, answers, check, f"{questions_json} questions[{i}]", annotations_json)
+                for i, q in enumerate(data["questions"])]
+    first = next(iter(data.values()), None) if isinstance(data, dict) else None
+    if isinstance(first, dict) and "question" in first:
+        if annotations_json:
+            raise BlitextError(f"{questions_json} is a GQA file, which carries its answers inline; "
+                               f"do not pass an annotations file ({annotations_json})")
+        return [_gqa_record(qid, q, f"{questions_json} question {qid!r}") for qid, q in data.items()]
+    raise BlitextError(f"{questions_json}: neither a VQAv2 questions file ({{\"questions\": [...]}}) nor a GQA "
+                       f"questions file ({{question_id: {{\"imageId\", \"question\", \"answer\"}}}})")
+
+
+def _vqav2_answers(path: Path) -> dict[str, tuple[str, tuple[str, ...], str | None]]:
+    """question_id -> (image_id, human answers, answer_type)."""
+    data = _load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise BlitextError(f"{path}: not a VQAv2 annotations file (expected {{\"annotations\": [...]}})")
+    out = {}
+    for row, ann in enumerate(data["annotations"]):
+        where = f"{path} annotations[{row}]"
+        if not isinstance(ann, dict) or "question_id" not in ann:
+            raise BlitextError(f"{where}: expected {{\"question_id\", \"answers\", ...}}, got {_short(ann)}")
+        raw = ann.get("answers") or []
+        if not isinstance(raw, list) or not all(isinstance(a, dict) and "answer" in a for a in raw):
+            raise BlitextError(f"{where}: \"answers\" must be a list of {{\"answer\": ...}}, got {_short(raw)}")
+        answers = tuple(str(a["answer"]) for a in raw)
+        if not answers and ann.get("multiple_choice_answer") is not None:
+            answers = (str(ann["multiple_choice_answer"]),)
+        out[str(ann["question_id"])] = (str(ann.get("image_id")), answers, ann.get("answer_type"))
+    return out
+
+
+def _vqav2_record(q: Any, answers: dict | None, check: _RefChecker, where: str,
+                  annotations_json: Any) -> VQARecord:
+    if not isinstance(q, dict) or not {"question_id", "image_id", "question"} <= set(q):
+        raise BlitextError(f"{where}: expected {{\"question_id\", \"image_id\", \"question\"}}, got {_short(q)}")
+    qid, image_id = str(q["question_id"]), str(q["image_id"])
+    image = check(q["image"], where) if q.get("image") else ""
+    if answers is None:
+        return VQARecord(qid, image_id, image, str(q["question"]), ())
+    if qid not in answers:
+        raise BlitextError(f"{where}: question_id {qid} has no entry in {annotations_json}; "
+                           f"pass the annotations file that belongs to these questions")
+    ann_image_id, human, answer_type = answers[qid]
+    if ann_image_id != image_id:
+        raise BlitextError(f"{where}: question_id {qid} is about image {image_id} but {annotations_json} "
+                           f"says image {ann_image_id}; the two files do not belong together")
+    return VQARecord(qid, image_id, image, str(q["question"]), human, answer_type)
+
+
+def _gqa_record(qid: str, q: Any, where: str) -> VQARecord:
+    if not isinstance(q, dict) or "imageId" not in q or "question" not in q:
+        raise BlitextError(f"{where}: expected {{\"imageId\", \"question\", \"answer\"}}, got {_short(q)}")
+    answers = (str(q["answer"]),) if q.get("answer") is not None else ()
+    types = q.get("types")
+    answer_type = types.get("structural") if isinstance(types, dict) else None
+    return VQARecord(str(qid), str(q["imageId"]), "", str(q["question"]), answers, answer_type)
+
+
+# ---------------------------------------------------------------- writers
+
+def write_lavis_json(path: str | Path, records: Iterable[ImageRecord]) -> None:
+    """One entry per image with its captions as a list (LAVIS's eval layout); meta as extra keys."""
+    entries = [{**r.meta, "image": r.image, "caption": list(r.captions), "image_id": r.id} for r in records]
+    write_json_atomic(Path(path), entries)
+
+
+def write_vqa_json(questions_path: str | Path, annotations_path: str | Path,
+                   vqa_records: Iterable[VQARecord]) -> None:
+    """VQAv2's two files; each question also carries blitext's "image" reference."""
+    questions, annotations = [], []
+    for r in vqa_records:
+        q = {"question_id": r.question_id, "image_id": r.image_id, "question": r.question}
+        questions.append({**q, "image": r.image} if r.image else q)
+        annotations.append({
+            "question_id": r.question_id, "image_id": r.image_id, "answer_type": r.answer_type,
+            "multiple_choice_answer": Counter(r.answers).most_common(1)[0][0] if r.answers else None,
+            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(r.answers)],
+        })
+    write_json_atomic(Path(questions_path), {"task_type": "Open-Ended", "questions": questions})
+    write_json_atomic(Path(annotations_path), {"annotations": annotations})
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write beside the target, then rename: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,55 @@
+"""torch.distributed glue: one process per rank under torchrun, a plain process otherwise.
+
+gloo on CPU (testable on a laptop), NCCL on GPUs. Every helper is a no-op when not
+distributed, so phase code is written once.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                    int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device: str) -> DistInfo:
+    """Join the process group torchrun set up (env://); nothing to do for a single process."""
+    info = dist_info()
+    if info.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return info
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def pick_device(requested: str = "auto") -> str:
+    """'auto': this rank's GPU when there is one, else the CPU (said aloud, never silently)."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return f"cuda:{dist_info().local_rank}"
+    return "cpu"

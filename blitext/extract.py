@@ -1,0 +1,201 @@
+"""Phase 1a: `blitext extract-features` - cache all patch tokens of a frozen image encoder.
+
+Images are decoded and preprocessed in DataLoader workers; batches never cross a shard, so
+a resumed or multi-rank run feeds the encoder exactly the batches a single uninterrupted
+run does, and writes byte-identical shards. Launch on several GPUs or CPU processes with
+`torchrun --nproc_per_node N --no-python blitext extract-features ...`.
+"""
+from __future__ import annotations
+
+import collections
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from blitext.cache import CachePlan, ShardWriter, finalize, pending_shards, start_or_resume
+from blitext.cache.verify import cache_info
+from blitext.config import default_cache_root, provenance
+from blitext.console import RateLimitedWarnings, progress_bar, rank_logger, say
+from blitext.data.images import load_image
+from blitext.data.readers import read_image_set
+from blitext.distributed import barrier, init_distributed, pick_device, shutdown
+from blitext.errors import BadInputError, BlitextError
+from blitext.models.loading import load_vision_encoder
+from blitext.models.registry import DEFAULT_VISION_ENCODER
+
+
+@dataclass
+class ExtractConfig:
+    data: str = "easy-vqa"                # caption JSON / image folder / .tar shards, or a prepared dataset name
+    out: str | None = None                # cache folder; default <cache root>/features/<data>__<encoder>
+    vision_encoder: str = DEFAULT_VISION_ENCODER  # bundled name, local folder or HF id (paper: EVA ViT-g)
+    image_root: str | None = None         # where relative image paths start; default the annotation's folder
+    batch_size: int = 32                  # images per encoder forward
+    shard_size: int = 1024                # rows per HDF5 shard; a kill loses at most one shard's work
+    num_workers: int = 2                  # DataLoader decoding processes per rank
+    dtype: str = "float16"                # stored dtype (fp16: half the bytes, ample precision for features)
+    precision: str = "auto"               # encoder weights: auto = bf16 on GPU, fp32 on CPU
+    device: str = "auto"
+    max_pixels: int = 89_478_485          # larger images are refused as decompression bombs (PIL's limit)
+    limit: int | None = None              # only the first N images (quick runs)
+
+    def __post_init__(self) -> None:
+        if self.shard_size % self.batch_size:
+            raise BlitextError(f"shard_size {self.shard_size} must be a multiple of batch_size {self.batch_size} "
+                               "(batches never cross shards, so resumed runs repeat the same batches)")
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str
+    root: Path
+    ref: str
+
+
+def image_sets(data: str, image_root: str | None):
+    """Input path(s), or a prepared dataset (its name, or its folder of captions*.json)."""
+    path = Path(data)
+    if not path.exists() and "*" not in data:
+        path = default_cache_root() / "data" / data
+        if not path.is_dir():
+            raise BlitextError(f"--data {data!r} is neither a file or folder nor a prepared dataset in "
+                               f"{path.parent}: run `blitext data prepare {data}` or pass a path")
+    prepared = sorted(path.glob("captions*.json")) if path.is_dir() else []
+    if prepared:
+        return [read_image_set(f, image_root) for f in prepared]
+    return [read_image_set(data if "*" in data else path, image_root)]
+
+
+def plan_items(config: ExtractConfig) -> list[Item]:
+    items, seen = [], set()
+    for image_set in image_sets(config.data, config.image_root):
+        for rec in image_set.records:
+            if rec.id in seen:
+                continue  # the same image listed by two splits or files is stored once
+            seen.add(rec.id)
+            items.append(Item(rec.id, image_set.root, rec.image))
+    if not items:
+        raise BlitextError(f"--data {config.data!r} lists no images")
+    return items[:config.limit] if config.limit else items
+
+
+class DecodedImages(Dataset):
+    """Runs in DataLoader workers: (index, pixels or None, why it failed or None)."""
+
+    def __init__(self, items: list[Item], preprocess, max_pixels: int):
+        self.items, self.preprocess, self.max_pixels = items, preprocess, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        try:
+            return i, self.preprocess(load_image(item.root, item.ref, max_pixels=self.max_pixels)), None
+        except BadInputError as e:
+            return i, None, str(e)
+        except Exception as e:  # a decoder bug on one file must not end a million-image run; it is recorded
+            return i, None, f"{item.ref}: unexpected {type(e).__name__}: {e}"
+
+
+def collate_decoded(batch):
+    ok = [(i, x) for i, x, _ in batch if x is not None]
+    failed = [(i, why) for i, _, why in batch if why is not None]
+    pixels = torch.stack([x for _, x in ok]) if ok else None
+    return [i for i, _ in ok], pixels, failed
+
+
+def shard_batches(plan: CachePlan, shards: list[int], batch_size: int) -> list[list[int]]:
+    """Index batches shard by shard, so no batch crosses a shard boundary."""
+    out = []
+    for s in shards:
+        r = plan.shard_range(s)
+        out.extend(list(r[i:i + batch_size]) for i in range(0, len(r), batch_size))
+    return out
+
+
+def default_out(config: ExtractConfig) -> Path:
+    slug = lambda s: re.sub(r"[^A-Za-z0-9._-]+", "-", Path(s).name if Path(s).exists() else s).strip("-")
+    return default_cache_root() / "features" / f"{slug(config.data)}__{slug(config.vision_encoder)}"
+
+
+def encoder_dtype(precision: str, device: str) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def extract_features(config: ExtractConfig) -> dict:
+    """Run (or resume) one extraction; returns the cache summary. Call under torchrun for several ranks."""
+    device = pick_device(config.device)
+    info = init_distributed(device)
+    try:
+        return _extract(config, device, info)
+    finally:
+        shutdown()
+
+
+def _extract(config: ExtractConfig, device: str, info) -> dict:
+    out = Path(config.out) if config.out else default_out(config)
+    items = plan_items(config)
+    encoder = load_vision_encoder(config.vision_encoder, device=device).to(encoder_dtype(config.precision, device))
+    say(f"extract-features: {len(items):,} images -> {out} with {encoder.fingerprint} on {device}"
+        + (f" ({info.world} ranks)" if info.world > 1 else ""))
+    plan = CachePlan(out, "image-features", encoder.producer(), [it.key for it in items], config.shard_size,
+                     config.dtype, provenance=provenance(config))
+    if info.is_main:
+        start_or_resume(plan)
+    barrier()
+    if not info.is_main:
+        start_or_resume(plan, write=False)
+    shards = pending_shards(plan, info.rank, info.world)
+    done = len(range(info.rank, plan.num_shards, info.world)) - len(shards)
+    if done:
+        say(f"resuming: {done} finished shard(s) kept, {len(shards)} to do")
+    log = rank_logger("extract", out / "logs")
+    _write_shards(plan, shards, items, encoder, config, device, RateLimitedWarnings(log))
+    barrier()
+    if info.is_main:
+        finalize(plan)
+    barrier()
+    summary = cache_info(out)
+    if info.is_main:
+        print_failures(summary["failures"])
+    return summary
+
+
+def _write_shards(plan, shards, items, encoder, config, device, warnings) -> None:
+    batches = shard_batches(plan, shards, config.batch_size)
+    loader = DataLoader(DecodedImages(items, encoder.preprocess, config.max_pixels), batch_sampler=batches,
+                        collate_fn=collate_decoded, num_workers=config.num_workers,
+                        persistent_workers=False, pin_memory=device.startswith("cuda"))
+    batch_iter = iter(loader)
+    dtype = next(encoder.parameters()).dtype
+    total = sum(len(plan.shard_range(s)) for s in shards)
+    with progress_bar(total, "extract-features", "img") as advance, torch.inference_mode():
+        for s in shards:
+            with ShardWriter(plan, s) as writer:
+                for _ in range(-(-len(plan.shard_range(s)) // config.batch_size)):
+                    ok, pixels, failed = next(batch_iter)
+                    for i, why in failed:
+                        writer.fail(items[i].key, items[i].ref, why)
+                        warnings.warn(why)
+                    if ok:
+                        feats = encoder(pixels.to(device, dtype, non_blocking=True))  # (B, T, D)
+                        writer.add([items[i].key for i in ok], feats.float().cpu().numpy())
+                    advance(len(ok) + len(failed), status=f"shard {s}")
+
+
+def print_failures(failures: list[dict]) -> None:
+    if not failures:
+        return
+    reasons = collections.Counter(_reason_kind(f["reason"]) for f in failures)
+    say(f"[yellow]{len(failures)} input(s) could not be used[/] (listed in manifest.json under 'failed'): "
+        + ", ".join(f"{n} {why}" for why, n in reasons.most_common()))
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(": ", 1)[-1].split(" (")[0][:60]

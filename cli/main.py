@@ -1,0 +1,193 @@
+"""The `blitext` command line: thin typer commands over library functions.
+
+Every option defaults to None, meaning "not given": the phase's dataclass holds the
+defaults, a --config file overrides them, and given options override the file.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from blitext.errors import BlitextError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="P-Former backward decoupling as a precomputed-feature two-phase toolkit.")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare the embedded data sets and read users' data.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature and prompt caches.")
+app.add_typer(data_app, name="data")
+app.add_typer(cache_app, name="cache")
+
+ConfigOpt = typer.Option(None, "--config", help="JSON or TOML file of config values (command-line options win).")
+
+
+def default_of(cls, name: str) -> str:
+    import dataclasses
+
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f"[default: {field.default}]"
+
+
+def user_errors(fn):
+    """A user's mistake is one red line and exit code 2, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from blitext.console import console
+
+        try:
+            return fn(*args, **kwargs)
+        except BlitextError as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]: finished shards are kept; run the same command again to resume")
+            raise typer.Exit(130)
+    return wrapper
+
+
+# ------------------------------------------------------------------ extract-features
+from blitext.extract import ExtractConfig  # noqa: E402  (after the app, so --help stays readable above)
+
+
+@app.command("extract-features")
+@user_errors
+def extract_features_cmd(
+    data: Optional[str] = typer.Option(None, "--data", help=f"Caption JSON, image folder, .tar shards or a prepared dataset name. {default_of(ExtractConfig, 'data')}"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Cache folder. [default: cache/features/<data>__<encoder>]"),
+    vision_encoder: Optional[str] = typer.Option(None, "--vision-encoder", help=f"Bundled name, local folder or HF id. {default_of(ExtractConfig, 'vision_encoder')}"),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that relative image paths start from."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=default_of(ExtractConfig, "batch_size")),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help=f"Rows per shard. {default_of(ExtractConfig, 'shard_size')}"),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help=f"Decoding workers per rank. {default_of(ExtractConfig, 'num_workers')}"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16 (encoder weights)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
+    config: Optional[Path] = ConfigOpt,
+):
+    """Cache all patch tokens of a frozen image encoder (resumable; runs under torchrun)."""
+    from blitext.config import resolve_config
+    from blitext.extract import extract_features
+
+    cfg = resolve_config(ExtractConfig, config, data=data, out=out and str(out), vision_encoder=vision_encoder,
+                         image_root=image_root and str(image_root), batch_size=batch_size, shard_size=shard_size,
+                         num_workers=num_workers, precision=precision, device=device, limit=limit)
+    summary = extract_features(cfg)
+    from blitext.distributed import dist_info
+
+    if dist_info().is_main:
+        print_cache_summary(summary)
+
+
+# ------------------------------------------------------------------ data
+@data_app.command("prepare")
+@user_errors
+def data_prepare_cmd(
+    name: str = typer.Argument(..., help="easy-vqa | tuxpaint | fashion-mnist"),
+    out_root: Optional[Path] = typer.Option(None, "--out-root", help="[default: cache/data]"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N images per split."),
+):
+    """Write an embedded data set as standard caption JSON (+ VQA JSON) and images."""
+    from blitext.console import say
+    from blitext.data.prepare import prepare_dataset
+
+    folder = prepare_dataset(name, out_root, limit=limit)
+    say(f"[green]prepared[/] {name} in {folder}")
+
+
+@data_app.command("list")
+def data_list_cmd():
+    """The embedded data sets `data prepare` knows."""
+    from blitext.data.prepare import list_datasets
+
+    for name in list_datasets():
+        typer.echo(name)
+
+
+# ------------------------------------------------------------------ cache
+def print_cache_summary(summary: dict) -> None:
+    from rich.table import Table
+
+    from blitext.console import console
+
+    table = Table(title=f"cache {summary['path']}", show_header=False)
+    producer = summary["producer"]
+    rows = [
+        ("kind", summary["kind"]),
+        ("made by", producer.get("fingerprint") or producer.get("encoder") or str(producer)),
+        ("rows", f"{summary['rows']:,}"),
+        ("failed inputs", str(summary["failed"])),
+        ("row shape / dtype", f"{summary['row_shape']} {summary['dtype']}"),
+        ("shards", str(summary["shards"])),
+        ("on disk", f"{summary['bytes_on_disk'] / 2**20:,.1f} MiB ({summary['bytes_per_row']:,.0f} B/row, "
+                    f"{100 * (summary['overhead'] or 0):+.2f}% vs raw)"),
+    ]
+    if "preprocessing" in producer:
+        rows.insert(2, ("preprocessing", ", ".join(f"{k}={v}" for k, v in producer["preprocessing"].items())))
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+@cache_app.command("info")
+@user_errors
+def cache_info_cmd(path: Path = typer.Argument(..., help="A cache folder.")):
+    """Summary: producer, counts, shapes, bytes on disk, failed inputs."""
+    from blitext.cache.verify import cache_info
+
+    summary = cache_info(path)
+    print_cache_summary(summary)
+    for f in summary["failures"][:10]:
+        typer.echo(f"  failed: {f['key']}: {f['reason']}")
+
+
+@cache_app.command("verify")
+@user_errors
+def cache_verify_cmd(
+    path: Path = typer.Argument(..., help="A cache folder."),
+    no_checksums: bool = typer.Option(False, "--no-checksums", help="Skip sha256 (faster)."),
+):
+    """Check every shard: opens, datasets present, checksums, counts, no NaN/inf."""
+    from blitext.cache.verify import verify_cache
+    from blitext.console import console
+
+    report = verify_cache(path, checksums=not no_checksums)
+    for problem in report.problems:
+        console.print(f"[red]problem[/] {problem}", highlight=False)
+    status = "[green]ok[/]" if report.ok else f"[red]{len(report.problems)} problem(s)[/]"
+    console.print(f"{path}: {report.shards_ok} shard(s) ok, {report.checked_rows:,} rows checked: {status}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+# ------------------------------------------------------------------ models
+@app.command("models")
+def models_cmd():
+    """The bundled default models (any local folder or cached HF id also works)."""
+    from blitext.models.registry import BUNDLED
+
+    for m in BUNDLED.values():
+        typer.echo(f"{m.role:7s} {m.name:20s} {m.about}")
+
+
+# ------------------------------------------------------------------ demo
+@app.command("demo")
+@user_errors
+def demo_cmd(
+    limit: Optional[int] = typer.Option(None, "--limit", help="Images per split of easy-VQA."),
+):
+    """The main job on the embedded default: prepare easy-VQA, extract its features, summarise the cache."""
+    from blitext.demo import DemoConfig, run_demo
+
+    summary = run_demo(DemoConfig(**({"images_per_split": limit} if limit else {})))
+    print_cache_summary(summary)
+
+
+def main() -> None:
+    app(prog_name="blitext")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

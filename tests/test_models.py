@@ -1,0 +1,96 @@
+"""Model loading: every supported family through the users' path, fingerprints, clear errors."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from blitext.errors import BlitextError
+from blitext.models.loading import load_llm, load_text_encoder, load_vision_encoder
+from blitext.models.registry import list_encoders, list_llms, list_text_encoders
+from conftest import LLM_KINDS, VISION_KINDS
+
+
+@pytest.mark.parametrize("kind", VISION_KINDS)
+def test_hf_vision_towers_return_all_patch_tokens(vision_folders, kind):
+    enc = load_vision_encoder(str(vision_folders[kind]))
+    assert not any(p.requires_grad for p in enc.parameters())
+    pixels = enc.preprocess(__import__("PIL.Image").Image.new("RGB", (50, 40), (200, 10, 10)))
+    assert tuple(pixels.shape) == (3, 32, 32)
+    out = enc(pixels[None])
+    # 32 px / patch 8 = 16 patches (+1 class token for CLIP, ViT and BLIP-2's EVA layout; SigLIP has none)
+    assert tuple(out.shape) == (1, 16 if kind == "siglip" else 17, 32)
+    assert enc.token_shape() == tuple(out.shape[1:])
+
+
+def test_composite_checkpoint_loads_the_same_vision_weights(vision_folders):
+    from transformers import CLIPModel
+
+    full = CLIPModel.from_pretrained(vision_folders["clip-full"])
+    enc = load_vision_encoder(str(vision_folders["clip-full"]))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = full.vision_model(pixel_values=x).last_hidden_state
+    assert torch.equal(enc(x), expected)
+
+
+def test_fingerprint_changes_with_weights(vision_folders, tmp_path):
+    copy = shutil.copytree(vision_folders["vit"], tmp_path / "vit")
+    a = load_vision_encoder(str(vision_folders["vit"])).fingerprint
+    assert load_vision_encoder(str(copy)).fingerprint.split("@")[1] == a.split("@")[1]
+    from transformers import ViTModel
+
+    model = ViTModel.from_pretrained(copy, add_pooling_layer=False)
+    with torch.no_grad():
+        model.embeddings.cls_token.add_(1.0)
+    model.save_pretrained(copy)
+    assert load_vision_encoder(str(copy)).fingerprint.split("@")[1] != a.split("@")[1]
+
+
+@pytest.mark.parametrize("kind", LLM_KINDS)
+def test_causal_llms_load_frozen_with_a_pad_token(llm_folders, kind):
+    llm = load_llm(str(llm_folders[kind]))
+    assert llm.tokenizer.pad_token is not None
+    assert not any(p.requires_grad for p in llm.model.parameters())
+    ids = llm.tokenizer("a red circle", return_tensors="pt").input_ids
+    logits = llm.model(input_ids=ids).logits
+    assert logits.shape[:2] == ids.shape
+    assert llm.fingerprint.startswith(str(llm_folders[kind]) + "@")
+
+
+def test_missing_model_names_it_and_how_to_provide_it():
+    with pytest.raises(BlitextError) as e:
+        load_llm("facebook/opt-2.7b")
+    message = str(e.value)
+    assert "facebook/opt-2.7b" in message and "offline" in message and "folder" in message
+    assert "\n" not in message
+    with pytest.raises(BlitextError, match="Salesforce/blip2"):
+        load_vision_encoder("Salesforce/blip2-opt-2.7b")
+
+
+def test_unsupported_vision_family_is_refused(llm_folders):
+    with pytest.raises(BlitextError, match="model_type 'opt'"):
+        load_vision_encoder(str(llm_folders["opt"]))
+
+
+def test_registry_is_a_table():
+    assert list_encoders() == ["efficientnet-lite0"]
+    assert list_llms() == ["smollm2-135m"]
+    assert list_text_encoders() == ["all-minilm-l6-v2"]
+
+
+@pytest.mark.slow
+def test_bundled_models_are_real(session_cache, monkeypatch):
+    """The embedded defaults load from their packages and behave like the pretrained models."""
+    monkeypatch.setenv("BLITEXT_CACHE", str(session_cache))
+    vision = load_vision_encoder("efficientnet-lite0")
+    assert vision.token_shape() == (49, 1280)
+    text = load_text_encoder("all-minilm-l6-v2")
+    assert text.model.config.hidden_size == 384
+    llm = load_llm("smollm2-135m")
+    assert llm.model.get_input_embeddings().weight.shape == (49152, 576)
+    ids = llm.tokenizer("The capital of France is", return_tensors="pt")
+    out = llm.model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in llm.tokenizer.decode(out[0, ids.input_ids.shape[1]:])
+    assert load_llm("smollm2-135m").fingerprint == llm.fingerprint  # the converted folder is reused
