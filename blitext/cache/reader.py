@@ -5,6 +5,7 @@ DataLoader fork is not safe to share), so a FeatureCache can be handed to worker
 """
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -57,13 +58,13 @@ class FeatureCache:
         return key in self.index
 
     # ------------------------------------------------------------ reading
-    def _file(self, shard: int) -> h5py.File:
+    def _shard(self, shard: int) -> "_Shard":
         if self._pid != os.getpid():  # forked into a worker: the parent's handles are not ours
             self._files, self._pid = {}, os.getpid()
         if shard not in self._files:
             path = self.root / self.manifest["shards"][shard]["file"]
             try:
-                self._files[shard] = h5py.File(path, "r")
+                self._files[shard] = _Shard(path, self.variable_length)
             except OSError as e:
                 raise BlitextError(f"cannot open cache shard {path}: {e}; run `blitext cache verify {self.root}`") from None
         return self._files[shard]
@@ -76,11 +77,7 @@ class FeatureCache:
 
     def __getitem__(self, key: str) -> np.ndarray:
         shard, row = self._locate(key)
-        f = self._file(shard)
-        if self.variable_length:
-            start, stop = f["offsets"][row:row + 2]
-            return f["data"][start:stop]
-        return _read_row(f["data"], row)
+        return self._shard(shard).row(row)
 
     def get_many(self, keys: Sequence[str]) -> list[np.ndarray]:
         return [self[k] for k in keys]
@@ -93,8 +90,8 @@ class FeatureCache:
         return CacheDataset(self, list(keys) if keys is not None else self.keys)
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
+        for shard in self._files.values():
+            shard.close()
         self._files = {}
 
     def __getstate__(self) -> dict:
@@ -103,14 +100,52 @@ class FeatureCache:
         return state
 
 
-def _read_row(data: h5py.Dataset, row: int) -> np.ndarray:
-    """One row. Uncompressed one-row chunks are read directly: h5py's hyperslab selection
-    costs more than reading a 100 KB row (bench/cache_read.py measures it)."""
-    if data.chunks is not None and data.chunks[0] == 1 and data.compression is None:
-        mask, raw = data.id.read_direct_chunk((row,) + (0,) * (data.ndim - 1))
-        if mask == 0:
-            return np.frombuffer(raw, dtype=data.dtype).reshape(data.shape[1:])
-    return data[row]
+class _Shard:
+    """One open shard. Uncompressed one-row chunks sit at fixed byte offsets in the file, so
+    after one pass over HDF5's chunk index a row is a plain slice of a memory map: h5py's
+    per-read selection costs far more than copying a 100 KB row (bench/cache_read.py)."""
+
+    def __init__(self, path: Path, variable_length: bool):
+        self.file = h5py.File(path, "r")
+        self.data = self.file["data"] if "data" in self.file else None
+        self.offsets = self.file["offsets"][:] if variable_length else None  # (N + 1,) row starts
+        self.starts = _chunk_starts(self.data) if self.data is not None and not variable_length else None
+        self.map = _map_file(path) if self.starts is not None else None
+        if self.data is not None:  # h5py attribute lookups are slow: read them once
+            self.shape, self.dtype = self.data.shape[1:], self.data.dtype
+            self.count = int(np.prod(self.shape))
+
+    def row(self, r: int) -> np.ndarray:
+        if self.starts is not None:
+            row = np.frombuffer(self.map, self.dtype, self.count, int(self.starts[r]))
+            return row.reshape(self.shape).copy()
+        if self.offsets is not None:
+            return self.data[self.offsets[r]:self.offsets[r + 1]]
+        return self.data[r]
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+        self.file.close()
+
+
+def _map_file(path: Path) -> mmap.mmap:
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _chunk_starts(data: h5py.Dataset) -> np.ndarray | None:
+    """Byte offset of each row's chunk, or None when rows are not stored raw one per chunk."""
+    if data.chunks is None or data.chunks[0] != 1 or data.chunks[1:] != data.shape[1:] or data.compression:
+        return None
+    starts = np.full(data.shape[0], -1, dtype=np.int64)
+
+    def record(info) -> None:
+        if info.filter_mask == 0:
+            starts[info.chunk_offset[0]] = info.byte_offset
+
+    data.id.chunk_iter(record)
+    return starts if (starts >= 0).all() else None
 
 
 def collate_rows(rows: Sequence[np.ndarray], variable_length: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,0 +1,384 @@
+"""Turn the real data that ships inside packages into blitext datasets on disk.
+
+    easy-vqa       PyPI easy-vqa: 5,000 64x64 shapes, captions composed from their answers, real VQA
+    tuxpaint       Debian tuxpaint-stamps-default: 785 stamps with human-written English captions
+    fashion-mnist  Debian dataset-fashion-mnist: 70,000 28x28 product photos, templated captions
+
+Each is written to `<out_root>/<name>/` as images plus LAVIS caption JSON (and VQAv2 JSON where
+there are questions), so the ordinary readers open them. A build happens in a temp folder
+beside the target and is renamed into place; `prepared.json` records what was built, and a
+second call with the same settings returns at once.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from blitext import __version__
+from blitext.config import default_cache_root
+from blitext.data.readers import write_json_atomic, write_lavis_json, write_vqa_json
+from blitext.data.records import ImageRecord, VQARecord
+from blitext.errors import BlitextError
+
+MARKER = "prepared.json"
+TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class _Dataset:
+    find_source: Callable[[Path | None], Path]    # given source (or None) -> folder to read
+    build: Callable[[Path, Path, int | None], dict]  # (source, out folder, limit) -> counts
+    about: str
+
+
+def list_datasets() -> list[str]:
+    return list(_DATASETS)
+
+
+def prepare_dataset(name: str, out_root: Path | None = None, limit: int | None = None,
+                    source: Path | None = None) -> Path:
+    """Build dataset `name` under `out_root/name` (once) and return that folder."""
+    dataset = _DATASETS.get(name)
+    if dataset is None:
+        raise BlitextError(f"unknown dataset {name!r}; blitext can prepare: {', '.join(_DATASETS)}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise BlitextError(f"limit must be a positive number of images, got {limit!r}")
+    out_root = Path(out_root) if out_root is not None else default_cache_root() / "data"
+    final = out_root / name
+    wanted = {"name": name, "limit": limit, "source": str(source) if source is not None else None,
+              "blitext_version": __version__}
+    if _marker_matches(final, wanted):
+        return final
+    src = dataset.find_source(Path(source) if source is not None else None)
+    tmp = out_root / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        counts = dataset.build(src, tmp, limit)
+        write_json_atomic(tmp / MARKER, {**wanted, "read_from": str(src), "counts": counts})
+        _move_into_place(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _marker_matches(folder: Path, wanted: dict) -> bool:
+    try:
+        recorded = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(recorded, dict) and all(recorded.get(k) == v for k, v in wanted.items())
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished build over the old one; readers never see a half-built folder."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
+# ---------------------------------------------------------------- Debian packages
+
+def _ensure_debian_package(package: str, path: Path, what: str) -> Path:
+    """Return `path`, installing `package` first when we are root with apt-get; else say how."""
+    if path.is_dir():
+        return path
+    install = ["apt-get", "install", "-y", "--no-install-recommends", package]
+    if not _can_install_packages():
+        raise BlitextError(
+            f"{path} not found: {what} come from the Debian package {package}. Install it with "
+            f"`sudo {' '.join(install)}`, or unpack it without installing (`apt-get download {package} && "
+            f"dpkg -x {package}_*.deb DIR`) and pass that DIR as the source")
+    if not _run_apt(install):
+        _run_apt(["apt-get", "update"])  # fresh containers have empty package lists
+        _run_apt(install)
+    if not path.is_dir():
+        raise BlitextError(f"{path} still not found after `{' '.join(install)}`; run it by hand and read its errors")
+    return path
+
+
+def _can_install_packages() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get") is not None
+
+
+def _run_apt(command: list[str]) -> bool:
+    """Run an apt command, echoing its output to stderr so the user sees what it does."""
+    print(f"blitext: running {' '.join(command)}", file=sys.stderr, flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+            for line in proc.stdout:
+                print(line, end="", file=sys.stderr, flush=True)
+        return proc.returncode == 0
+    except OSError as e:
+        print(f"blitext: {command[0]} failed to start: {e}", file=sys.stderr)
+        return False
+
+
+# ---------------------------------------------------------------- easy-VQA
+
+EASY_VQA_COLOURS = {  # the exact RGB values easy-VQA paints its shapes with (checked on all 5,000)
+    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "black": (0, 0, 0),
+    "gray": (128, 128, 128), "teal": (0, 128, 128), "brown": (165, 42, 42), "yellow": (255, 255, 0),
+}
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+
+
+def _find_easy_vqa(source: Path | None) -> Path:
+    if source is None:
+        spec = importlib.util.find_spec("easy_vqa")
+        if spec is None or not spec.submodule_search_locations:
+            raise BlitextError("the easy-VQA data comes from the PyPI package easy-vqa, which is not installed: "
+                               "run `pip install easy-vqa==1.0`")
+        source = Path(spec.submodule_search_locations[0])
+    data = source / "data" if (source / "data" / "train").is_dir() else source
+    if not (data / "train" / "questions.json").is_file():
+        raise BlitextError(f"{source}: not an easy-VQA data folder (expected train/questions.json and "
+                           f"train/images/, test/...); pass the easy_vqa package folder or its data/ folder")
+    return data
+
+
+def _build_easy_vqa(data: Path, out: Path, limit: int | None) -> dict:
+    return {split: _build_easy_vqa_split(data / split, split, out, limit) for split in ("train", "test")}
+
+
+def _build_easy_vqa_split(split_dir: Path, split: str, out: Path, limit: int | None) -> dict:
+    questions = _easy_vqa_questions(split_dir / "questions.json")
+    image_ids = sorted(int(p.stem) for p in (split_dir / "images").glob("*.png") if p.stem.isdigit())
+    orphans = sorted({i for _q, _a, i in questions} - set(image_ids))
+    if orphans:
+        raise BlitextError(f"{split_dir / 'questions.json'}: questions refer to images missing from "
+                           f"{split_dir / 'images'} (ids {orphans[:5]}); reinstall easy-vqa")
+    keep = image_ids[:limit] if limit else image_ids  # the lowest ids: the same subset every time
+    asked = defaultdict(list)
+    for index, (question, answer, image_id) in enumerate(questions):
+        asked[image_id].append((index, question, answer))
+    (out / "images" / split).mkdir(parents=True)
+    records, vqa = [], []
+    for image_id in keep:
+        ref = f"images/{split}/{image_id}.png"
+        shutil.copyfile(split_dir / "images" / f"{image_id}.png", out / ref)
+        colour, shape = _describe_easy_vqa_image(out / ref, [(q, a) for _i, q, a in asked[image_id]])
+        records.append(ImageRecord(f"{split}-{image_id}", ref, (f"a {colour} {shape}",),
+                                   {"color": colour, "shape": shape}))
+        # Each question has one answer; repeating it as VQAv2's 10 human answers makes VQAv2's
+        # accuracy min(#humans agreeing / 3, 1) exactly 1 or 0, i.e. exact match.
+        vqa += [(index, VQARecord(f"{split}-{index}", f"{split}-{image_id}", ref, q, (a,) * 10,
+                                  "yes/no" if a in ("yes", "no") else "other"))
+                for index, q, a in asked[image_id]]
+    write_lavis_json(out / f"captions_{split}.json", records)
+    write_vqa_json(out / f"vqa_{split}_questions.json", out / f"vqa_{split}_annotations.json",
+                   [r for _index, r in sorted(vqa, key=lambda pair: pair[0])])
+    return {"images": len(records), "questions": len(vqa)}
+
+
+def _easy_vqa_questions(path: Path) -> list[tuple[str, str, int]]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BlitextError(f"{path}: cannot read easy-VQA questions ({e}); reinstall easy-vqa") from None
+    for row, item in enumerate(rows if isinstance(rows, list) else [None]):
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[2], int)):
+            raise BlitextError(f"{path} entry {row}: expected [question, answer, image_id], got {item!r:.80}")
+    return [(str(q), str(a), i) for q, a, i in rows]
+
+
+def _describe_easy_vqa_image(path: Path, qa: list[tuple[str, str]]) -> tuple[str, str]:
+    """(colour, shape) from the image's own answers; pixels fill in what no question asked.
+
+    About 7% of images have no question that pins down the colour and 4% none for the shape,
+    so the painted colour and the shape's outline are read from the pixels for those, and
+    checked against the answers for every image where both exist.
+    """
+    said = _easy_vqa_facts(qa)
+    seen = _easy_vqa_pixels(path)
+    described = []
+    for vocabulary, read in ((EASY_VQA_COLOURS, seen[0]), (EASY_VQA_SHAPES, seen[1])):
+        told = sorted(said & set(vocabulary))
+        if len(told) > 1 or (told and read and told[0] != read):
+            raise BlitextError(f"{path}: its answers say {told} but its pixels show {read!r}; "
+                               f"the easy-vqa data looks altered: reinstall easy-vqa")
+        described.append(told[0] if told else read)
+    if None in described:
+        raise BlitextError(f"{path}: cannot tell the shape's colour and kind from its questions {qa} "
+                           f"or its pixels; reinstall easy-vqa")
+    return described[0], described[1]
+
+
+def _easy_vqa_facts(qa: list[tuple[str, str]]) -> set[str]:
+    """Colour and shape words the answers say are present in the image."""
+    vocabulary = set(EASY_VQA_COLOURS) | set(EASY_VQA_SHAPES)
+    present = set()
+    for question, answer in qa:
+        words = set(re.findall(r"[a-z]+", question.lower()))
+        if answer in ("yes", "no"):
+            # "is there not a red shape?" answered "no" means a red shape is there.
+            if (answer == "yes") != bool(words & {"not", "no"}):
+                present |= words & vocabulary
+        else:  # "what color is the circle?" -> "blue": both words hold
+            present |= (words & vocabulary) | {answer}
+    return present
+
+
+def _easy_vqa_pixels(path: Path) -> tuple[str | None, str | None]:
+    """The painted colour (exact RGB) and the shape, from how it fills its bounding box."""
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    masks = {name: np.all(rgb == value, axis=-1) for name, value in EASY_VQA_COLOURS.items()}
+    colour = max(masks, key=lambda name: int(masks[name].sum()))
+    mask = masks[colour]
+    if mask.sum() < 8:  # the smallest real shape has 12 exact pixels; less is not a shape
+        return None, None
+    ys, xs = np.nonzero(mask)
+    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    # Measured on all 5,000 images: rectangles fill their box exactly (1.0); triangles have one
+    # half of the box at least 0.35 heavier than the other, circles at most 0.13.
+    if box.mean() > 0.95:
+        return colour, "rectangle"
+    return colour, "triangle" if max(_imbalance(box), _imbalance(box.T)) > 0.25 else "circle"
+
+
+def _imbalance(box: np.ndarray) -> float:
+    half = box.shape[0] // 2
+    return abs(int(box[:half].sum()) - int(box[-half:].sum())) / max(int(box.sum()), 1) if half else 0.0
+
+
+# ---------------------------------------------------------------- Tux Paint stamps
+
+def _find_tuxpaint(source: Path | None) -> Path:
+    if source is None:
+        return _ensure_debian_package("tuxpaint-stamps-default", TUXPAINT_STAMPS, "Tux Paint stamps")
+    # Accept the stamps folder itself, or a `dpkg -x` tree holding usr/share/tuxpaint/stamps.
+    for stamps in (source / "usr" / "share" / "tuxpaint" / "stamps", source / "stamps", source):
+        if stamps.is_dir():
+            return stamps
+    raise BlitextError(f"{source} is not a folder; pass Tux Paint's stamps folder (e.g. {TUXPAINT_STAMPS})")
+
+
+def _build_tuxpaint(stamps: Path, out: Path, limit: int | None) -> dict:
+    records = []
+    for png in sorted(stamps.rglob("*.png"), key=lambda p: p.as_posix()):
+        caption = _tuxpaint_caption(png.with_suffix(".txt"))
+        if caption is None:  # *_mirror.png and the like: a flipped copy with no description of its own
+            continue
+        relative = png.relative_to(stamps).as_posix()
+        ref = f"images/{relative}"
+        (out / ref).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, out / ref)
+        category = relative.split("/")[0] if "/" in relative else ""
+        records.append(ImageRecord(relative.removesuffix(".png"), ref, (caption,), {"category": category}))
+        if limit and len(records) >= limit:
+            break
+    if not records:
+        raise BlitextError(f"{stamps}: no .png stamps with a .txt description; pass the stamps folder of "
+                           f"tuxpaint-stamps-default ({TUXPAINT_STAMPS})")
+    write_lavis_json(out / "captions.json", records)
+    return {"images": len(records)}
+
+
+def _tuxpaint_caption(txt: Path) -> str | None:
+    """The first line of a stamp's .txt is its English description; later lines are
+    translations written `lang.utf8=...`. None when there is no English line."""
+    if not txt.is_file():
+        return None
+    try:
+        first = txt.read_text(encoding="utf-8").split("\n", 1)[0].strip()
+    except UnicodeDecodeError:
+        raise BlitextError(f"{txt}: not UTF-8 text; reinstall tuxpaint-stamps-default") from None
+    if not first or re.match(r"^[A-Za-z_@]+\.utf8=", first):
+        return None
+    return first
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+FASHION_MNIST_FILES = {  # split -> (images, labels), the names in the Debian package
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+# Labels 0-9. The official name of 0 is "T-shirt/top"; a caption and a VQA answer want one word.
+FASHION_MNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat",
+                         "sandal", "shirt", "sneaker", "bag", "ankle boot")
+
+
+def _find_fashion_mnist(source: Path | None) -> Path:
+    if source is None:
+        return _ensure_debian_package("dataset-fashion-mnist", FASHION_MNIST_DIR, "Fashion-MNIST's files")
+    for folder in (source / "usr" / "share" / "datasets" / "fashion-mnist", source):
+        if (folder / FASHION_MNIST_FILES["train"][0]).is_file():
+            return folder
+    raise BlitextError(f"{source}: no {FASHION_MNIST_FILES['train'][0]} found; pass the folder holding "
+                       f"Fashion-MNIST's IDX .gz files (e.g. {FASHION_MNIST_DIR})")
+
+
+def _build_fashion_mnist(folder: Path, out: Path, limit: int | None) -> dict:
+    counts = {}
+    for split, (images_name, labels_name) in FASHION_MNIST_FILES.items():
+        images, labels = _read_idx(folder / images_name), _read_idx(folder / labels_name)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or labels.max(initial=0) > 9:
+            raise BlitextError(f"{folder}: {images_name} {images.shape} and {labels_name} {labels.shape} "
+                               f"do not form a Fashion-MNIST split; reinstall dataset-fashion-mnist")
+        counts[split] = _write_fashion_mnist_split(images, labels, split, out, limit)
+    return counts
+
+
+def _write_fashion_mnist_split(images: np.ndarray, labels: np.ndarray, split: str, out: Path,
+                               limit: int | None) -> dict:
+    (out / "images" / split).mkdir(parents=True)
+    records, vqa = [], []
+    for i in range(min(limit or len(images), len(images))):
+        ref, name = f"images/{split}/{i}.png", FASHION_MNIST_CLASSES[labels[i]]
+        Image.fromarray(images[i]).save(out / ref, compress_level=1)  # 28x28: speed over size
+        article = "an" if name[0] in "aeiou" else "a"
+        records.append(ImageRecord(f"{split}-{i}", ref, (f"a photo of {article} {name}",),
+                                   {"label": int(labels[i]), "class": name}))
+        vqa.append(VQARecord(f"{split}-{i}", f"{split}-{i}", ref, "what is in the picture?", (name,) * 10, "other"))
+    write_lavis_json(out / f"captions_{split}.json", records)
+    write_vqa_json(out / f"vqa_{split}_questions.json", out / f"vqa_{split}_annotations.json", vqa)
+    return {"images": len(records), "questions": len(vqa)}
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (big-endian: 0, 0, type 0x08 = uint8, ndim; then ndim uint32 sizes; data)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise BlitextError(f"{path}: cannot read gzip data ({e}); reinstall dataset-fashion-mnist") from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise BlitextError(f"{path}: not an IDX file of unsigned bytes (starts {data[:4].hex()}); "
+                           f"reinstall dataset-fashion-mnist")
+    ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise BlitextError(f"{path}: IDX header cut short; reinstall dataset-fashion-mnist")
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = data[4 + 4 * ndim:]
+    if len(body) != int(np.prod(dims)):
+        raise BlitextError(f"{path}: header says shape {dims} but holds {len(body)} bytes of data; "
+                           f"the file is truncated: reinstall dataset-fashion-mnist")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+_DATASETS = {
+    "easy-vqa": _Dataset(_find_easy_vqa, _build_easy_vqa, "easy-VQA shapes with composed captions and real VQA"),
+    "tuxpaint": _Dataset(_find_tuxpaint, _build_tuxpaint, "Tux Paint stamps with human English captions"),
+    "fashion-mnist": _Dataset(_find_fashion_mnist, _build_fashion_mnist, "Fashion-MNIST with templated captions"),
+}
