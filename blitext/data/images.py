@@ -31,6 +31,15 @@ _TAR_CACHE: dict[tuple[int, str], tuple[tarfile.TarFile, dict[str, tarfile.TarIn
 _TAR_CACHE_LOCK = threading.Lock()
 
 
+def _fresh_lock_after_fork() -> None:
+    # A fork while another thread held the lock would leave the child's copy locked forever.
+    global _TAR_CACHE_LOCK
+    _TAR_CACHE_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_after_fork)
+
+
 # ---------------------------------------------------------------- bytes
 
 def read_image_bytes(root: Path, ref: str) -> bytes:

@@ -182,9 +182,10 @@ def _read_caption_json(path: Path, root: Path) -> list[ImageRecord]:
         return _read_lavis_list(path, data, root)
     if isinstance(data, dict) and isinstance(data.get("images"), list):
         return _read_coco(path, data, root)
+    keys = f" with keys {sorted(data)[:8]}" if isinstance(data, dict) else ""
     raise BlitextError(f"{path}: JSON is neither a LAVIS caption list ([{{\"image\", \"caption\"}}, ...]) nor "
                        f"official COCO captions ({{\"images\": [...], \"annotations\": [...]}}); "
-                       f"got a {type(data).__name__}" + (f" with keys {sorted(data)[:8]}" if isinstance(data, dict) else ""))
+                       f"got a {type(data).__name__}{keys}")
 
 
 def _read_lavis_list(path: Path, data: list, root: Path) -> list[ImageRecord]:

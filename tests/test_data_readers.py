@@ -1,0 +1,299 @@
+"""Dataset readers: every caption format, path safety, VQA formats, and writer round trips."""
+import csv
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from blitext.data.images import read_image_bytes
+from blitext.data.readers import read_image_set, read_vqa, write_lavis_json, write_vqa_json
+from blitext.data.records import ImageRecord, VQARecord
+from blitext.errors import BlitextError
+
+
+def png_bytes(colour=(255, 0, 0)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_json(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                add_member(tar, f"{key}.{ext}", data)
+    return path
+
+
+# ---------------------------------------------------------------- caption JSON
+
+def test_lavis_list_groups_captions_by_image_id_in_file_order(tmp_path):
+    path = write_json(tmp_path / "ann.json", [
+        {"image": "val/b.jpg", "caption": "a dog", "image_id": "coco_2"},
+        {"image": "val/a.jpg", "caption": "a cat", "image_id": 1},
+        {"image": "val/b.jpg", "caption": " a brown dog \n", "image_id": "coco_2"},
+    ])
+    images = read_image_set(path)
+    assert images.root == tmp_path and images.source == str(path)
+    assert [(r.id, r.image, r.captions) for r in images.records] == [
+        ("coco_2", "val/b.jpg", ("a dog", "a brown dog")),
+        ("1", "val/a.jpg", ("a cat",)),
+    ]
+
+
+def test_lavis_list_without_ids_groups_by_path_and_reads_caption_lists(tmp_path):
+    path = write_json(tmp_path / "test.json", [
+        {"image": "./imgs/x.png", "caption": ["one", "two"], "split": "test"},
+        {"image": "imgs/x.png", "caption": "three"},
+        {"image": "imgs/y.png", "caption": []},
+    ])
+    records = read_image_set(path, image_root=tmp_path / "elsewhere").records
+    assert [(r.id, r.image, r.captions) for r in records] == [
+        ("imgs/x", "imgs/x.png", ("one", "two", "three")), ("imgs/y", "imgs/y.png", ())]
+    assert records[0].meta == {"split": "test"}
+    assert read_image_set(path, image_root=tmp_path / "elsewhere").root == tmp_path / "elsewhere"
+
+
+def test_official_coco_captions(tmp_path):
+    path = write_json(tmp_path / "captions_val2014.json", {
+        "info": {}, "images": [{"id": 42, "file_name": "COCO_42.jpg"}, {"id": 7, "file_name": "COCO_7.jpg"}],
+        "annotations": [{"id": 1, "image_id": 7, "caption": "a bus"}, {"id": 2, "image_id": 42, "caption": "a tree"},
+                        {"id": 3, "image_id": 7, "caption": "a red bus"}],
+    })
+    records = read_image_set(path).records
+    assert [(r.id, r.image, r.captions) for r in records] == [
+        ("42", "COCO_42.jpg", ("a tree",)), ("7", "COCO_7.jpg", ("a bus", "a red bus"))]
+
+
+def test_coco_annotation_for_unknown_image_is_refused(tmp_path):
+    path = write_json(tmp_path / "c.json", {"images": [{"id": 1, "file_name": "a.jpg"}],
+                                            "annotations": [{"image_id": 9, "caption": "x"}]})
+    with pytest.raises(BlitextError, match=r"c\.json annotations\[0\].*'9'"):
+        read_image_set(path)
+
+
+def test_malformed_json_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[{"image": "a.jpg",\n "caption": }]')
+    with pytest.raises(BlitextError, match=r"broken\.json: not valid JSON \(line 2"):
+        read_image_set(path)
+
+
+def test_json_of_unknown_shape_is_refused(tmp_path):
+    with pytest.raises(BlitextError, match="neither a LAVIS caption list"):
+        read_image_set(write_json(tmp_path / "x.json", {"foo": 1}))
+
+
+# ---------------------------------------------------------------- folders
+
+def test_jsonl_folder_with_and_without_ids(tmp_path):
+    (tmp_path / "captions.jsonl").write_text(
+        '{"image": "a.png", "caption": "first", "id": "img-a"}\n\n'
+        '{"image": "sub/b.png", "caption": "second"}\n'
+        '{"image": "a.png", "caption": "again", "id": "img-a", "source": "web"}\n')
+    images = read_image_set(tmp_path)
+    assert images.root == tmp_path
+    assert [(r.id, r.image, r.captions) for r in images.records] == [
+        ("img-a", "a.png", ("first", "again")), ("sub/b", "sub/b.png", ("second",))]
+
+
+def test_malformed_jsonl_line_is_named(tmp_path):
+    (tmp_path / "captions.jsonl").write_text('{"image": "a.png", "caption": "ok"}\n{"image": oops}\n')
+    with pytest.raises(BlitextError, match=r"captions\.jsonl line 2: not valid JSON"):
+        read_image_set(tmp_path)
+
+
+def test_csv_folder_with_quoted_commas_and_optional_id(tmp_path):
+    with open(tmp_path / "captions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption", "id"])
+        writer.writerow(["p/1.jpg", "a cat, asleep", ""])
+        writer.writerow(["p/2.jpg", "a dog", "dog-2"])
+        writer.writerow(["p/1.jpg", "a sleeping cat", ""])
+    records = read_image_set(tmp_path).records
+    assert [(r.id, r.image, r.captions) for r in records] == [
+        ("p/1", "p/1.jpg", ("a cat, asleep", "a sleeping cat")), ("dog-2", "p/2.jpg", ("a dog",))]
+
+
+def test_csv_without_required_columns_or_with_ragged_rows_is_refused(tmp_path):
+    (tmp_path / "captions.csv").write_text("file,text\na.jpg,hello\n")
+    with pytest.raises(BlitextError, match=r"captions\.csv line 1: the header must name the columns image,caption"):
+        read_image_set(tmp_path)
+    (tmp_path / "captions.csv").write_text("image,caption\na.jpg,hello\nb.jpg,one,two\n")
+    with pytest.raises(BlitextError, match=r"captions\.csv line 3: has a different number of fields"):
+        read_image_set(tmp_path)
+
+
+def test_plain_image_folder_lists_images_sorted_with_path_ids(tmp_path):
+    for name in ["b.png", "a/c.JPG", "a/d.webp", "notes.txt", ".hidden/e.png", "z.tiff"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    records = read_image_set(tmp_path).records
+    assert [(r.id, r.image, r.captions) for r in records] == [
+        ("a/c", "a/c.JPG", ()), ("a/d", "a/d.webp", ()), ("b", "b.png", ()), ("z", "z.tiff", ())]
+    assert read_image_set(tmp_path).records == records  # stable across runs
+
+
+def test_empty_folder_and_unknown_file_are_refused_with_the_accepted_formats(tmp_path):
+    with pytest.raises(BlitextError, match="found no captions.jsonl.*expected one of"):
+        read_image_set(tmp_path)
+    (tmp_path / "data.parquet").write_bytes(b"PAR1")
+    with pytest.raises(BlitextError, match=r"data\.parquet: unsupported dataset format '\.parquet'.*webdataset"):
+        read_image_set(tmp_path / "data.parquet")
+    with pytest.raises(BlitextError, match="does not exist"):
+        read_image_set(tmp_path / "nope.json")
+
+
+# ---------------------------------------------------------------- webdataset shards
+
+SAMPLES_0 = [
+    ("000000000", {"jpg": b"jpeg-0", "txt": b"a red bus\n", "json": b'{"key": "000000000", "caption": "x"}'}),
+    ("000000001", {"png": png_bytes(), "json": json.dumps({"caption": "a red square", "key": "k1"}).encode()}),
+    ("000000002", {"txt": b"caption without an image"}),
+]
+SAMPLES_1 = [("000010000", {"webp": b"webp-bytes", "txt": "un caf\u00e9".encode()})]
+
+
+def test_single_tar_shard(tmp_path):
+    shard = make_shard(tmp_path / "shard-00000.tar", SAMPLES_0)
+    images = read_image_set(shard)
+    assert images.root == tmp_path
+    assert [(r.id, r.image, r.captions) for r in images.records] == [
+        ("000000000", "shard-00000.tar#000000000.jpg", ("a red bus",)),
+        ("k1", "shard-00000.tar#000000001.png", ("a red square",)),
+    ]
+    assert read_image_bytes(images.root, images.records[1].image) == png_bytes()
+
+
+def test_glob_and_folder_of_tar_shards_give_the_same_records(tmp_path):
+    make_shard(tmp_path / "shards" / "s-00000.tar", SAMPLES_0)
+    make_shard(tmp_path / "shards" / "s-00001.tar", SAMPLES_1)
+    by_glob = read_image_set(f"{tmp_path}/shards/*.tar")
+    by_folder = read_image_set(tmp_path / "shards")
+    assert by_glob.root == by_folder.root == tmp_path / "shards"
+    assert by_glob.records == by_folder.records
+    assert [r.id for r in by_glob.records] == ["000000000", "k1", "000010000"]
+    assert by_glob.records[2] == ImageRecord("000010000", "s-00001.tar#000010000.webp", ("un caf\u00e9",))
+    assert read_image_bytes(by_glob.root, by_glob.records[2].image) == b"webp-bytes"
+
+
+def test_glob_matching_nothing_is_refused(tmp_path):
+    with pytest.raises(BlitextError, match="matches no files"):
+        read_image_set(f"{tmp_path}/none-*.tar")
+
+
+# ---------------------------------------------------------------- path safety and ids
+
+@pytest.mark.parametrize("bad", ["../secret.png", "imgs/../../secret.png", "/etc/passwd", "../x.tar#0.jpg"])
+def test_paths_leaving_the_root_are_refused_naming_file_and_row(tmp_path, bad):
+    path = write_json(tmp_path / "ann.json", [{"image": "ok.png", "caption": "fine"}, {"image": bad, "caption": "x"}])
+    with pytest.raises(BlitextError, match=rf"ann\.json entry 1: image path '{bad}'"):
+        read_image_set(path)
+
+
+def test_symlink_out_of_the_root_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(png_bytes())
+    root = tmp_path / "data"
+    root.mkdir()
+    os.symlink(outside, root / "linked")
+    (root / "captions.jsonl").write_text('{"image": "linked/secret.png", "caption": "x"}\n')
+    with pytest.raises(BlitextError, match=r"captions\.jsonl line 1: image path 'linked/secret\.png' is a symlink"):
+        read_image_set(root)
+
+
+def test_one_id_on_two_images_is_refused_naming_both(tmp_path):
+    path = write_json(tmp_path / "a.json", [{"image": "x.jpg", "caption": "c", "image_id": 5},
+                                            {"image": "y.jpg", "caption": "d", "image_id": 5}])
+    both = r"id '5' names two different images: 'x\.jpg' .*entry 0.* 'y\.jpg' .*entry 1"
+    with pytest.raises(BlitextError, match=both):
+        read_image_set(path)
+
+
+# ---------------------------------------------------------------- VQA
+
+def vqav2_files(tmp_path):
+    questions = write_json(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", {"questions": [
+        {"question_id": 4100, "image_id": 41, "question": "What color is the bus?"},
+        {"question_id": 4101, "image_id": 41, "question": "Is it raining?", "image": "val/41.jpg"},
+    ]})
+    annotations = write_json(tmp_path / "v2_mscoco_val2014_annotations.json", {"annotations": [
+        {"question_id": 4101, "image_id": 41, "answer_type": "yes/no", "multiple_choice_answer": "no",
+         "answers": [{"answer": "no", "answer_id": i + 1} for i in range(10)]},
+        {"question_id": 4100, "image_id": 41, "answer_type": "other", "multiple_choice_answer": "red",
+         "answers": [{"answer": a, "answer_id": i + 1} for i, a in enumerate(["red"] * 8 + ["orange"] * 2)]},
+    ]})
+    return questions, annotations
+
+
+def test_vqav2_questions_with_annotations(tmp_path):
+    questions, annotations = vqav2_files(tmp_path)
+    records = read_vqa(questions, annotations)
+    assert records[0] == VQARecord("4100", "41", "", "What color is the bus?", ("red",) * 8 + ("orange",) * 2, "other")
+    assert records[1] == VQARecord("4101", "41", "val/41.jpg", "Is it raining?", ("no",) * 10, "yes/no")
+    assert [r.answers for r in read_vqa(questions)] == [(), ()]  # test-dev: questions only
+
+
+def test_vqav2_annotations_that_do_not_belong_are_refused(tmp_path):
+    questions, _ = vqav2_files(tmp_path)
+    other = write_json(tmp_path / "other.json", {"annotations": [
+        {"question_id": 4100, "image_id": 99, "answers": [{"answer": "x"}]}]})
+    with pytest.raises(BlitextError, match="questions\\[0\\]: question_id 4100 is about image 41"):
+        read_vqa(questions, other)
+
+
+def test_gqa_questions(tmp_path):
+    path = write_json(tmp_path / "testdev_balanced_questions.json", {
+        "20968379": {"imageId": "n288870", "question": "Is the tray on the right?", "answer": "no",
+                     "fullAnswer": "No, the tray is on the left.", "types": {"structural": "verify"}},
+        "2094": {"imageId": "n1", "question": "What is it?", "answer": "cat"},
+    })
+    assert read_vqa(path) == [
+        VQARecord("20968379", "n288870", "", "Is the tray on the right?", ("no",), "verify"),
+        VQARecord("2094", "n1", "", "What is it?", ("cat",), None)]
+
+
+def test_unknown_vqa_file_is_refused(tmp_path):
+    with pytest.raises(BlitextError, match="neither a VQAv2 questions file"):
+        read_vqa(write_json(tmp_path / "q.json", [1, 2]))
+
+
+# ---------------------------------------------------------------- writers
+
+def test_lavis_writer_round_trips_through_the_reader(tmp_path):
+    records = [ImageRecord("train-3", "images/train/3.png", ("a blue circle",), {"category": "shapes"}),
+               ImageRecord("train-4", "images/train/4.png", ("a red square", "a red box")),
+               ImageRecord("t\u00fcx", "images/t\u00fcx.png", ("Tux\u2014the mascot!",))]
+    write_lavis_json(tmp_path / "out" / "captions.json", records)
+    back = read_image_set(tmp_path / "out" / "captions.json").records
+    assert back == records
+    assert [r.meta for r in back] == [r.meta for r in records]
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_vqa_writer_round_trips_through_the_reader(tmp_path):
+    records = [VQARecord("train-0", "train-0", "images/train/0.png", "what color is the shape?", ("blue",) * 10,
+                         "other"),
+               VQARecord("train-1", "train-0", "images/train/0.png", "is there a circle?", ("no",) * 10, "yes/no")]
+    write_vqa_json(tmp_path / "q.json", tmp_path / "a.json", records)
+    assert read_vqa(tmp_path / "q.json", tmp_path / "a.json") == records
+    annotations = json.loads((tmp_path / "a.json").read_text())["annotations"]
+    assert annotations[0]["multiple_choice_answer"] == "blue" and len(annotations[0]["answers"]) == 10
