@@ -28,8 +28,9 @@ def publish(tmp: Path, final: Path) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     publish(tmp, path)
 
 

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from blitext.data.images import read_image_bytes
-from blitext.data.readers import read_image_set, read_vqa, write_lavis_json, write_vqa_json
+from blitext.data.readers import read_image_set, write_lavis_json
+from blitext.data.vqa import read_vqa, write_vqa_json
 from blitext.data.records import ImageRecord, VQARecord
 from blitext.errors import BlitextError
 

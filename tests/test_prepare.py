@@ -13,7 +13,8 @@ from PIL import Image
 from blitext.data import prepare
 from blitext.data.images import load_image
 from blitext.data.prepare import list_datasets, prepare_dataset
-from blitext.data.readers import read_image_set, read_vqa
+from blitext.data.readers import read_image_set
+from blitext.data.vqa import read_vqa
 from blitext.errors import BlitextError
 
 EASY_VQA_INSTALLED = importlib.util.find_spec("easy_vqa") is not None

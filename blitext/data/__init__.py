@@ -2,13 +2,15 @@
 
     records.py   ImageRecord / VQARecord / ImageSet: what every reader returns
     readers.py   read_image_set (LAVIS/COCO JSON, jsonl/csv folders, image folders, tar shards),
-                 read_vqa (VQAv2, GQA), and the LAVIS / VQAv2 writers
+                 and the LAVIS caption writer
+    vqa.py       read_vqa (VQAv2, OK-VQA, GQA) and the VQAv2 writer
     images.py    bytes from files or tar members, decoded to RGB; bad images -> BadInputError
     prepare.py   easy-vqa, tuxpaint, fashion-mnist -> images + caption/VQA JSON on disk
 """
 from blitext.data.images import decode_image, load_image, read_image_bytes
 from blitext.data.prepare import list_datasets, prepare_dataset
-from blitext.data.readers import read_image_set, read_vqa, write_lavis_json, write_vqa_json
+from blitext.data.readers import read_image_set, write_lavis_json
+from blitext.data.vqa import read_vqa, write_vqa_json
 from blitext.data.records import ImageRecord, ImageSet, VQARecord
 
 __all__ = [

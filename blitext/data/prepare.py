@@ -30,7 +30,9 @@ from PIL import Image
 
 from blitext import __version__
 from blitext.config import default_cache_root
-from blitext.data.readers import write_json_atomic, write_lavis_json, write_vqa_json
+from blitext.atomic import write_json
+from blitext.data.readers import write_lavis_json
+from blitext.data.vqa import write_vqa_json
 from blitext.data.records import ImageRecord, VQARecord
 from blitext.errors import BlitextError
 
@@ -70,7 +72,7 @@ def prepare_dataset(name: str, out_root: Path | None = None, limit: int | None =
     tmp.mkdir(parents=True)
     try:
         counts = dataset.build(src, tmp, limit)
-        write_json_atomic(tmp / MARKER, {**wanted, "read_from": str(src), "counts": counts})
+        write_json(tmp / MARKER, {**wanted, "read_from": str(src), "counts": counts})
         _move_into_place(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -5,7 +5,7 @@
     official COCO captions (`{"images": [{"id", "file_name"}], "annotations": [...]}`);
   - a folder holding `captions.jsonl` or `captions.csv`, or else just image files;
   - webdataset `.tar` shards in img2dataset's layout: one `.tar`, a glob, or a folder of them.
-`read_vqa` reads VQAv2 question + annotation files and GQA question files.
+`write_lavis_json` writes blitext's own caption files. VQA files are in vqa.py.
 
 Image references stay relative to a root folder and may not leave it: a dataset file is
 data, and data must not make blitext read /etc/passwd or a sibling project's files.
@@ -17,12 +17,12 @@ import glob
 import json
 import os
 import tarfile
-from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from blitext.data.records import ImageRecord, ImageSet, VQARecord
+from blitext.atomic import write_json
+from blitext.data.records import ImageRecord, ImageSet
 from blitext.errors import BlitextError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -371,106 +371,9 @@ def _tar_json(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> dict
     return data if isinstance(data, dict) else {}
 
 
-# ---------------------------------------------------------------- VQA
-
-def read_vqa(questions_json: str | Path, annotations_json: str | Path | None = None,
-             image_root: str | Path | None = None) -> list[VQARecord]:
-    """VQAv2 questions (+ annotations for answers), or a GQA questions file (answers inline)."""
-    questions_json = Path(questions_json)
-    data = _load_json(questions_json)
-    check = _RefChecker(Path(image_root) if image_root else questions_json.parent)
-    if isinstance(data, dict) and isinstance(data.get("questions"), list):
-        answers = _vqav2_answers(Path(annotations_json)) if annotations_json else None
-        return [_vqav2_record(q, answers, check, f"{questions_json} questions[{i}]", annotations_json)
-                for i, q in enumerate(data["questions"])]
-    first = next(iter(data.values()), None) if isinstance(data, dict) else None
-    if isinstance(first, dict) and "question" in first:
-        if annotations_json:
-            raise BlitextError(f"{questions_json} is a GQA file, which carries its answers inline; "
-                               f"do not pass an annotations file ({annotations_json})")
-        return [_gqa_record(qid, q, f"{questions_json} question {qid!r}") for qid, q in data.items()]
-    raise BlitextError(f"{questions_json}: neither a VQAv2 questions file ({{\"questions\": [...]}}) nor a GQA "
-                       f"questions file ({{question_id: {{\"imageId\", \"question\", \"answer\"}}}})")
-
-
-def _vqav2_answers(path: Path) -> dict[str, tuple[str, tuple[str, ...], str | None]]:
-    """question_id -> (image_id, human answers, answer_type)."""
-    data = _load_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise BlitextError(f"{path}: not a VQAv2 annotations file (expected {{\"annotations\": [...]}})")
-    out = {}
-    for row, ann in enumerate(data["annotations"]):
-        where = f"{path} annotations[{row}]"
-        if not isinstance(ann, dict) or "question_id" not in ann:
-            raise BlitextError(f"{where}: expected {{\"question_id\", \"answers\", ...}}, got {_short(ann)}")
-        raw = ann.get("answers") or []
-        if not isinstance(raw, list) or not all(isinstance(a, dict) and "answer" in a for a in raw):
-            raise BlitextError(f"{where}: \"answers\" must be a list of {{\"answer\": ...}}, got {_short(raw)}")
-        answers = tuple(str(a["answer"]) for a in raw)
-        if not answers and ann.get("multiple_choice_answer") is not None:
-            answers = (str(ann["multiple_choice_answer"]),)
-        out[str(ann["question_id"])] = (str(ann.get("image_id")), answers, ann.get("answer_type"))
-    return out
-
-
-def _vqav2_record(q: Any, answers: dict | None, check: _RefChecker, where: str,
-                  annotations_json: Any) -> VQARecord:
-    if not isinstance(q, dict) or not {"question_id", "image_id", "question"} <= set(q):
-        raise BlitextError(f"{where}: expected {{\"question_id\", \"image_id\", \"question\"}}, got {_short(q)}")
-    qid, image_id = str(q["question_id"]), str(q["image_id"])
-    image = check(q["image"], where) if q.get("image") else ""
-    if answers is None:
-        return VQARecord(qid, image_id, image, str(q["question"]), ())
-    if qid not in answers:
-        raise BlitextError(f"{where}: question_id {qid} has no entry in {annotations_json}; "
-                           f"pass the annotations file that belongs to these questions")
-    ann_image_id, human, answer_type = answers[qid]
-    if ann_image_id != image_id:
-        raise BlitextError(f"{where}: question_id {qid} is about image {image_id} but {annotations_json} "
-                           f"says image {ann_image_id}; the two files do not belong together")
-    return VQARecord(qid, image_id, image, str(q["question"]), human, answer_type)
-
-
-def _gqa_record(qid: str, q: Any, where: str) -> VQARecord:
-    if not isinstance(q, dict) or "imageId" not in q or "question" not in q:
-        raise BlitextError(f"{where}: expected {{\"imageId\", \"question\", \"answer\"}}, got {_short(q)}")
-    answers = (str(q["answer"]),) if q.get("answer") is not None else ()
-    types = q.get("types")
-    answer_type = types.get("structural") if isinstance(types, dict) else None
-    return VQARecord(str(qid), str(q["imageId"]), "", str(q["question"]), answers, answer_type)
-
-
-# ---------------------------------------------------------------- writers
+# ---------------------------------------------------------------- writer
 
 def write_lavis_json(path: str | Path, records: Iterable[ImageRecord]) -> None:
     """One entry per image with its captions as a list (LAVIS's eval layout); meta as extra keys."""
     entries = [{**r.meta, "image": r.image, "caption": list(r.captions), "image_id": r.id} for r in records]
-    write_json_atomic(Path(path), entries)
-
-
-def write_vqa_json(questions_path: str | Path, annotations_path: str | Path,
-                   vqa_records: Iterable[VQARecord]) -> None:
-    """VQAv2's two files; each question also carries blitext's "image" reference."""
-    questions, annotations = [], []
-    for r in vqa_records:
-        q = {"question_id": r.question_id, "image_id": r.image_id, "question": r.question}
-        questions.append({**q, "image": r.image} if r.image else q)
-        annotations.append({
-            "question_id": r.question_id, "image_id": r.image_id, "answer_type": r.answer_type,
-            "multiple_choice_answer": Counter(r.answers).most_common(1)[0][0] if r.answers else None,
-            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(r.answers)],
-        })
-    write_json_atomic(Path(questions_path), {"task_type": "Open-Ended", "questions": questions})
-    write_json_atomic(Path(annotations_path), {"annotations": annotations})
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write beside the target, then rename: a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json(Path(path), entries)
