@@ -125,10 +125,16 @@ def print_cache_summary(summary: dict) -> None:
                     f"{100 * (summary['overhead'] or 0):+.2f}% vs raw)"),
     ]
     if "preprocessing" in producer:
-        rows.insert(2, ("preprocessing", ", ".join(f"{k}={v}" for k, v in producer["preprocessing"].items())))
+        rows.insert(2, ("preprocessing", ", ".join(f"{k}={_rounded(v)}" for k, v in producer["preprocessing"].items())))
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
+
+
+def _rounded(value):
+    if isinstance(value, (list, tuple)):
+        return [round(v, 4) if isinstance(v, float) else v for v in value]
+    return value
 
 
 @cache_app.command("info")

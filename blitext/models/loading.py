@@ -65,8 +65,8 @@ def resolve_hf_path(name: str, what: str) -> Path:
         hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
         raise BlitextError(
             f"{what} {name!r} is not a bundled model, not a folder, and not in the local Hugging Face cache "
-            f"({hf_home}); this machine is offline: download it elsewhere (`hf download {name}`) and copy the "
-            f"cache here, or pass the model's folder"
+            f"({hf_home}); blitext loads models offline and never downloads: fetch it with `hf download {name}` "
+            f"(elsewhere, then copy the cache here), or pass the model's folder"
         ) from None
 
 

@@ -99,13 +99,15 @@ class EfficientNetLiteEncoder(VisionEncoder):
 
         with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
             self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights))
+        # Depthwise convolutions run about 2x faster on CPU in channels-last layout (measured here).
+        self.net.to(memory_format=torch.channels_last)
         self.name, self.fingerprint = name, fingerprint
         # The Lite models were trained on (x - 127) / 128; ImageNet mean/std lowers its accuracy
         # (espresso photo: 0.95 vs 0.78).
         self.preprocess = Preprocess(resize=224, crop=(224, 224), mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        fmap = self.net.extract_features(pixels)        # (B, 1280, 7, 7)
+        fmap = self.net.extract_features(pixels.contiguous(memory_format=torch.channels_last))  # (B, 1280, 7, 7)
         return fmap.flatten(2).transpose(1, 2)           # (B, 49, 1280)
 
 
