@@ -2,7 +2,8 @@
 
     python bench/extract_speed.py [--images 320] [--batch-size 32] [--encoder efficientnet-lite0]
 
-Goal (issue 2): extract-features images/s >= 0.9 x the bare forward's images/s. The bare
+Goal (issue 2): extract-features images/s >= 0.9 x the bare forward's images/s, as the median
+over rounds of (full run / the bare run just before it). The bare
 forward gets its inputs already decoded and preprocessed in memory; extract-features pays
 for decoding (in DataLoader workers), fp16 conversion, HDF5 writes, checksums and the manifest.
 """
@@ -43,25 +44,33 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=320)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--encoder", default="efficientnet-lite0")
-    ap.add_argument("--repeats", type=int, default=2, help="alternate bare / full runs; best of each (shared CPUs are noisy)")
+    ap.add_argument("--num-workers", type=int, default=ExtractConfig.num_workers)
+    ap.add_argument("--rounds", type=int, default=3, help="bare then full, this many times; the median round's ratio is reported")
     args = ap.parse_args()
     data = prepare_dataset("easy-vqa", limit=args.images)
-    bare_rates, full_rates = [], []
-    for r in range(args.repeats):
+    bare_rates, full_rates, busy = [], [], []
+    for r in range(args.rounds):
         with tempfile.TemporaryDirectory(dir=Path(__file__).parent.parent / "cache") as tmp:
             config = ExtractConfig(data=str(data), out=str(Path(tmp) / "c"), vision_encoder=args.encoder,
-                                   batch_size=args.batch_size, shard_size=args.batch_size * 4, limit=args.images)
+                                   batch_size=args.batch_size, shard_size=args.batch_size * 4, limit=args.images,
+                                   num_workers=args.num_workers)
             bare_rates.append(bare_forward_rate(config))
             t = time.perf_counter()
             summary = extract_features(config)
             full_rates.append(summary["rows"] / (time.perf_counter() - t))
-    bare, full = max(bare_rates), max(full_rates)
+            busy.append(summary["timing"]["encoder_seconds"] / summary["timing"]["seconds"])
+    # Shared CPUs drift by 30% within minutes: compare each full run with the bare run just before it.
+    ratios = sorted(f / b for f, b in zip(full_rates, bare_rates))
+    median = ratios[len(ratios) // 2]
     write_result("extract_speed", {
         "command": "python bench/extract_speed.py", "encoder": args.encoder, "images": summary["rows"],
-        "batch_size": args.batch_size, "bare_forward_images_per_s": round(bare, 2),
-        "extract_features_images_per_s": round(full, 2), "ratio": round(full / bare, 3), "goal": ">= 0.9",
-        "all_bare": [round(x, 2) for x in bare_rates], "all_extract": [round(x, 2) for x in full_rates],
-        "note": "extract-features time includes model loading, worker start-up, decoding, writing and the manifest",
+        "batch_size": args.batch_size, "num_workers": args.num_workers, "rounds": args.rounds, "ratio": round(median, 3), "goal": ">= 0.9",
+        "bare_forward_images_per_s": [round(x, 2) for x in bare_rates],
+        "extract_features_images_per_s": [round(x, 2) for x in full_rates],
+        "round_ratios": [round(f / b, 3) for f, b in zip(full_rates, bare_rates)],
+        "encoder_busy_fraction_in_run": [round(b, 3) for b in busy],
+        "note": "extract-features time includes model loading, worker start-up, decoding, writing and the manifest; "
+                "encoder_busy_fraction_in_run = time inside the encoder forward / time of the batch loop, same run",
     })
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,18 +157,20 @@ def _extract(config: ExtractConfig, device: str, info) -> dict:
     if done:
         say(f"resuming: {done} finished shard(s) kept, {len(shards)} to do")
     log = rank_logger("extract", out / "logs")
-    _write_shards(plan, shards, items, encoder, config, device, RateLimitedWarnings(log))
+    timing = _write_shards(plan, shards, items, encoder, config, device, RateLimitedWarnings(log))
+    log.info("timing: %s", timing)
     barrier()
     if info.is_main:
         finalize(plan)
     barrier()
-    summary = cache_info(out)
+    summary = {**cache_info(out), "timing": timing}
     if info.is_main:
         print_failures(summary["failures"])
     return summary
 
 
-def _write_shards(plan, shards, items, encoder, config, device, warnings) -> None:
+def _write_shards(plan, shards, items, encoder, config, device, warnings) -> dict:
+    """Encode and write this rank's pending shards; returns seconds spent in total and in the encoder."""
     batches = shard_batches(plan, shards, config.batch_size)
     loader = DataLoader(DecodedImages(items, encoder.preprocess, config.max_pixels), batch_sampler=batches,
                         collate_fn=collate_decoded, num_workers=config.num_workers,
@@ -175,6 +178,7 @@ def _write_shards(plan, shards, items, encoder, config, device, warnings) -> Non
     batch_iter = iter(loader)
     dtype = next(encoder.parameters()).dtype
     total = sum(len(plan.shard_range(s)) for s in shards)
+    start, in_encoder = time.perf_counter(), 0.0
     with progress_bar(total, "extract-features", "img") as advance, torch.inference_mode():
         for s in shards:
             with ShardWriter(plan, s) as writer:
@@ -184,9 +188,12 @@ def _write_shards(plan, shards, items, encoder, config, device, warnings) -> Non
                         writer.fail(items[i].key, items[i].ref, why)
                         warnings.warn(why)
                     if ok:
-                        feats = encoder(pixels.to(device, dtype, non_blocking=True))  # (B, T, D)
-                        writer.add([items[i].key for i in ok], feats.float().cpu().numpy())
+                        t = time.perf_counter()
+                        feats = encoder(pixels.to(device, dtype, non_blocking=True)).float().cpu()  # (B, T, D)
+                        in_encoder += time.perf_counter() - t
+                        writer.add([items[i].key for i in ok], feats.numpy())
                     advance(len(ok) + len(failed), status=f"shard {s}")
+    return {"images": total, "seconds": time.perf_counter() - start, "encoder_seconds": in_encoder}
 
 
 def print_failures(failures: list[dict]) -> None:
