@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import types
 import tomllib
 import typing
 from pathlib import Path
@@ -56,8 +57,9 @@ def resolve_config(cls: type[C], file: str | Path | None = None, **overrides: An
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Config files give JSON types; turn them into the field's declared scalar type."""
-    base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    target = base[0]
+    target = hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # Optional[X] / X | None -> X
+        target = next(a for a in typing.get_args(hint) if a is not type(None))
     if value is None or not isinstance(target, type) or isinstance(value, target):
         return value
     if target in (int, float, str, Path):

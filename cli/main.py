@@ -81,6 +81,46 @@ def extract_features_cmd(
         print_cache_summary(summary)
 
 
+# ------------------------------------------------------------------ train-pformer
+from blitext.pformer import PFormerConfig  # noqa: E402
+
+
+@app.command("train-pformer")
+@user_errors
+def train_pformer_cmd(
+    text: Optional[list[str]] = typer.Option(None, "--text", help="Sentence file (plain text, .jsonl, caption .json) or glob; repeat for several."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder. [default: cache/runs/pformer/<llm>]"),
+    llm: Optional[str] = typer.Option(None, "--llm", help=f"Frozen LLM: bundled name, folder or HF id. {default_of(PFormerConfig, 'llm')}"),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help=f"BERT-family encoder to start from. {default_of(PFormerConfig, 'text_encoder')}"),
+    n_prompt: Optional[int] = typer.Option(None, "--n-prompt", help=default_of(PFormerConfig, "n_prompt")),
+    contrast: Optional[str] = typer.Option(None, "--contrast", help="two-view (paper's SimCSE) | one-view (authors' code)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Global batch. {default_of(PFormerConfig, 'batch_size')}"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=default_of(PFormerConfig, "epochs")),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N steps (overrides --epochs)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help=default_of(PFormerConfig, "lr")),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help=default_of(PFormerConfig, "warmup_steps")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=default_of(PFormerConfig, "seed")),
+    heldout: Optional[int] = typer.Option(None, "--heldout", help=default_of(PFormerConfig, "heldout")),
+    sample_every: Optional[int] = typer.Option(None, "--sample-every", help=default_of(PFormerConfig, "sample_every")),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help=default_of(PFormerConfig, "save_every")),
+    bad_bytes: Optional[str] = typer.Option(None, "--bad-bytes", help="error | replace (undecodable text)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoints/step-N folder."),
+    config: Optional[Path] = ConfigOpt,
+):
+    """Stage 0: train the P-Former on text alone against a frozen LLM (resumable; runs under torchrun)."""
+    from blitext.config import resolve_config
+    from blitext.console import say
+    from blitext.pformer import train_pformer
+
+    cfg = resolve_config(PFormerConfig, config, text=text or None, out=out and str(out), llm=llm,
+                         text_encoder=text_encoder, n_prompt=n_prompt, contrast=contrast, batch_size=batch_size,
+                         epochs=epochs, max_steps=max_steps, lr=lr, warmup_steps=warmup_steps, seed=seed,
+                         heldout=heldout, sample_every=sample_every, save_every=save_every, bad_bytes=bad_bytes,
+                         device=device, resume=resume)
+    say(f"[green]P-Former written to[/] {train_pformer(cfg)}")
+
+
 # ------------------------------------------------------------------ data
 @data_app.command("prepare")
 @user_errors

@@ -116,3 +116,28 @@ def llm_folders(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("llm")
     return {kind: make_llm_folder(kind, root / kind) for kind in LLM_KINDS}
+
+
+BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square", "moves",
+              "left", "right", "two", "dogs", "play", "in", "the", "grass", "photo", "of", ".", ",", "##s"]
+
+
+def make_bert_folder(folder: Path, vocab_size: int = 100) -> Path:
+    """A tiny random BertModel (hidden 32, 2 layers, 4 heads) with a real WordPiece tokenizer."""
+    import transformers as tf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    # transformers 5 builds a BERT tokenizer from a vocab dict (vocab_file= is ignored); it writes vocab.txt
+    tf.BertTokenizer(vocab={word: i for i, word in enumerate(BERT_WORDS)}).save_pretrained(folder)
+    config = tf.BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=64)
+    tf.BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bert_folder(tmp_path_factory) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    return make_bert_folder(tmp_path_factory.mktemp("bert") / "bert")

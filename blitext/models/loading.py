@@ -70,6 +70,12 @@ def resolve_hf_path(name: str, what: str) -> Path:
         ) from None
 
 
+def display_name(name: str) -> str:
+    """A folder's own name (not its full path), so a moved model keeps its fingerprint."""
+    path = Path(name).expanduser()
+    return path.name if path.exists() else name
+
+
 def _freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.eval()
     for p in model.parameters():
@@ -132,7 +138,7 @@ def load_llm(name: str, dtype: str | torch.dtype | None = None, device: str = "c
         raise BlitextError(f"cannot load LLM {name!r} from {path}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2/Llama ship no pad token; padding is masked anyway
-    return LoadedLLM(_freeze(model).to(device), tokenizer, name, fingerprint(name, path), path)
+    return LoadedLLM(_freeze(model).to(device), tokenizer, name, fingerprint(display_name(name), path), path)
 
 
 # ---------------------------------------------------------------- text encoders
@@ -153,7 +159,7 @@ def load_text_encoder(name: str, device: str = "cpu") -> LoadedTextEncoder:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise BlitextError(f"cannot load text encoder {name!r} from {path}: {str(e).splitlines()[0]}") from None
-    return LoadedTextEncoder(model.to(device), tokenizer, name, fingerprint(name, path), path)
+    return LoadedTextEncoder(model.to(device), tokenizer, name, fingerprint(display_name(name), path), path)
 
 
 # ---------------------------------------------------------------- vision encoders
@@ -167,5 +173,5 @@ def load_vision_encoder(name: str, device: str = "cpu"):
         encoder = vision.EfficientNetLiteEncoder(weights, name, fingerprint(name, weights))
     else:
         path = resolve_hf_path(name, "vision encoder")
-        encoder = vision.HFVisionEncoder.from_folder(path, name, fingerprint(name, path))
+        encoder = vision.HFVisionEncoder.from_folder(path, name, fingerprint(display_name(name), path))
     return _freeze(encoder).to(device)

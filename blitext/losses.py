@@ -1,0 +1,155 @@
+"""Every loss of blitext, in one place, by the stage that uses it (REFERENCE.md sections 1, 2).
+
+- Frozen LLM:  prompt_lm_loss (P-Former L_lm and the stage-2 captioning loss).
+- P-Former (stage 0):  contrastive_loss (L_contrast, SimCSE), vocab_loss (L_vocab) and its
+  nearest_embedding_rows search.
+- Adaptor (stages 1, 2):  alignment_loss (L_align, to the P-Former's reference prompts).
+
+Losses are plain functions of tensors (and the frozen LLM): the trainers own the models,
+the weights (w1, w2) and the optimisers.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from blitext.errors import BlitextError
+
+IGNORE_INDEX = -100  # label of positions that carry no loss (prompt slots, padding), as in transformers
+
+# BLIP clamps its learnable contrastive temperature to this range: below 0.001 the logits
+# (cosines / temp, up to 1000) overflow fp16 and the softmax is one-hot; above 0.5 every
+# pair looks alike and the loss stops separating them. Trainers should also clamp the
+# parameter itself in place after each optimiser step (BLIP does), so it cannot drift past
+# a bound where the clamp below gives it no gradient.
+TEMP_MIN, TEMP_MAX = 0.001, 0.5
+
+
+# ---------------------------------------------------------------- frozen LLM
+
+def prompt_lm_loss(llm, prompts: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the frozen LLM on the text, with the soft prompts prepended.
+
+    prompts (B, P, D) go before the LLM's embeddings of input_ids (B, L, right-padded);
+    only text tokens are predicted (the last prompt slot predicts the first text token),
+    prompt slots and padding carry no loss. Mean over the batch's text tokens. The LLM is
+    frozen (requires_grad False) and gets no gradient; the prompts do.
+    """
+    B, P, _ = prompts.shape
+    L = input_ids.shape[1]
+    text_embeds = llm.get_input_embeddings()(input_ids)  # (B, L, D)
+    inputs_embeds = torch.cat([prompts.to(text_embeds.dtype), text_embeds], dim=1)  # (B, P+L, D)
+    mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)  # (B, P+L)
+    kwargs = {}
+    if "logits_to_keep" in inspect.signature(llm.forward).parameters:
+        kwargs["logits_to_keep"] = L + 1  # skip the vocabulary projection of P-1 prompt slots
+    logits = llm(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs).logits  # (B, L+1 or P+L, V)
+    logits = logits[:, -(L + 1):-1]  # (B, L, V): position t predicts token t+1
+    targets = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)  # (B, L)
+    return F.cross_entropy(_at_least_fp32(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Losses in fp32 at least: an fp16 softmax over a vocabulary loses the small probabilities."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+# ---------------------------------------------------------------- P-Former (stage 0)
+
+def contrastive_loss(z_a: torch.Tensor, z_b: torch.Tensor, temp: torch.Tensor | float,
+                     label_smoothing: float = 0.1) -> torch.Tensor:
+    """InfoNCE of z_a (B, d) against z_b (B, d) gathered from every rank; both L2-normalised.
+
+    The positive of local sample i is z_b[i] (global index offset + i); every other gathered
+    row is a negative. Two-view SimCSE (the paper): z_b is the same sentences encoded again
+    under another dropout mask. One view (the authors' code): pass z_b = z_a.
+
+    Under torch.distributed the gather is differentiable, so the local gradient includes
+    what the other ranks' losses send back: it equals world x the gradient of the mean loss
+    over ranks, which DDP's gradient averaging divides back. Ranks may hold different batch
+    sizes (a last partial batch).
+    """
+    if not torch.is_tensor(temp):
+        temp = torch.tensor(temp, device=z_a.device)
+    temp = temp.clamp(TEMP_MIN, TEMP_MAX)
+    z_all, offset = _gather_with_grad(z_b)  # (N, d), N = sum of every rank's batch
+    logits = z_a @ z_all.T / temp  # (B, N)
+    targets = torch.arange(z_a.shape[0], device=z_a.device) + offset  # (B,)
+    return F.cross_entropy(_at_least_fp32(logits), targets, label_smoothing=label_smoothing)
+
+
+def _gather_with_grad(z: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' z concatenated (gradient flows back to each rank's own rows), and this rank's offset."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z, 0
+    from torch.distributed.nn.functional import all_gather
+
+    size = torch.tensor([z.shape[0]], device=z.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)  # gathering needs equal shapes: pad to the largest batch, then cut
+    sizes = [int(s) for s in sizes]
+    padded = F.pad(z, (0, 0, 0, max(sizes) - z.shape[0]))  # (max B, d)
+    with warnings.catch_warnings():
+        # deprecated in favour of _functional_collectives, whose backward needs reduce_scatter,
+        # which gloo (the CPU backend) lacks; this one works on both gloo and NCCL
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(padded)
+    z_all = torch.cat([part[:n] for part, n in zip(parts, sizes)])  # (N, d)
+    return z_all, sum(sizes[:dist.get_rank()])
+
+
+@torch.no_grad()
+def nearest_embedding_rows(vectors: torch.Tensor, embedding: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Index (N,) of the row of embedding (V, D) nearest to each of vectors (N, D), by squared L2.
+
+    ||v - e||^2 = ||v||^2 - 2 v.e + ||e||^2 and ||v||^2 is the same for every candidate of a
+    row, so argmin(||e||^2 - 2 v.e) suffices. The vocabulary is scanned in chunks so memory
+    stays O(N x chunk), never (N x V). Ties go to the lowest index, like argmin.
+    """
+    dtype = torch.promote_types(vectors.dtype, torch.float32)  # fp16 distances lose the nearest row
+    v = vectors.to(dtype)  # (N, D)
+    best = torch.full((v.shape[0],), float("inf"), dtype=dtype, device=v.device)  # (N,)
+    best_idx = torch.zeros(v.shape[0], dtype=torch.long, device=v.device)  # (N,)
+    for start in range(0, embedding.shape[0], chunk):
+        e = embedding[start:start + chunk].to(device=v.device, dtype=dtype)  # (C, D)
+        dist_part = (e * e).sum(-1) - 2 * v @ e.T  # (N, C)
+        d, i = dist_part.min(dim=1)  # (N,), (N,)
+        closer = d < best  # strict: an earlier chunk keeps a tie
+        best = torch.where(closer, d, best)
+        best_idx = torch.where(closer, i + start, best_idx)
+    return best_idx
+
+
+def vocab_loss(prompts: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """MSE between each prompt vector (B, P, D) and its nearest LLM input-embedding row (V, D).
+
+    A VQ-VAE commitment term: it pulls the prompts towards real tokens; the codebook (the
+    frozen LLM's embedding matrix) is a constant and is never updated.
+    """
+    flat = _at_least_fp32(prompts.reshape(-1, prompts.shape[-1]))  # (B*P, D)
+    idx = nearest_embedding_rows(flat.detach(), embedding)  # (B*P,)
+    nearest = embedding.detach()[idx].to(device=flat.device, dtype=flat.dtype)  # (B*P, D)
+    return F.mse_loss(flat, nearest)
+
+
+# ---------------------------------------------------------------- adaptor (stages 1, 2)
+
+def alignment_loss(prompts: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """L_align: MSE between the prompts the LLM will see (B, P, D) and the P-Former's (B, P, D).
+
+    Unnormalised, averaged over all elements; the reference is a constant (no gradient).
+    """
+    if prompts.shape != reference.shape:
+        raise BlitextError(
+            f"alignment loss: the adaptor's prompts have shape {tuple(prompts.shape)} but the reference "
+            f"prompts have shape {tuple(reference.shape)} (batch, n_prompt, d_llm); the reference prompts "
+            f"were built for another LLM or P-Former: rebuild them (build-prompts) with this run's LLM, "
+            f"or set n_prompt to match"
+        )
+    prompts = _at_least_fp32(prompts)
+    return F.mse_loss(prompts, reference.detach().to(device=prompts.device, dtype=prompts.dtype))

@@ -1,0 +1,324 @@
+"""Stage 0: `blitext train-pformer` - learn, from text alone, the ideal soft prompt of a sentence.
+
+Follows REFERENCE.md section 1: loss = L_lm + L_contrast + L_vocab against a frozen LLM, 25%
+of the encoder's input tokens masked, two-view SimCSE by default (the authors' one-view
+variant as an option), AdamW with linear warm-up and cosine decay; paper values as defaults.
+
+Launch on several processes with `torchrun --nproc_per_node N --no-python blitext train-pformer ...`;
+`batch_size` is the global batch, split across ranks, with contrastive negatives gathered
+from every rank. Every step's randomness is a function of (seed, step, rank), so
+`--resume latest` replays exactly the steps an uninterrupted run would have taken.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from blitext.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from blitext.config import default_cache_root, provenance, to_jsonable
+from blitext.console import progress_bar, rank_logger, say
+from blitext.data.text import TextCorpus, read_sentences
+from blitext.distributed import barrier, init_distributed, pick_device, shutdown
+from blitext.errors import BlitextError
+from blitext.losses import TEMP_MAX, TEMP_MIN, contrastive_loss, prompt_lm_loss, vocab_loss
+from blitext.metrics import teacher_forced_accuracy
+from blitext.models.loading import load_llm, load_text_encoder
+from blitext.models.pformer import PFormer
+from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER
+from blitext.training import MetricsLog, global_batch, lr_at, rank_slice, set_lr, step_generator, step_seed
+
+
+@dataclass
+class PFormerConfig:
+    text: list[str] = field(default_factory=list)  # sentence files: plain text, .jsonl, caption .json; globs
+    out: str | None = None              # run folder; default <cache root>/runs/pformer/<llm>
+    llm: str = DEFAULT_LLM              # the frozen LLM the prompts are for (paper: OPT-2.7B)
+    text_encoder: str = DEFAULT_TEXT_ENCODER  # initialisation of the encoder (paper: bert-base-uncased)
+    n_prompt: int = 32                  # soft prompts per sentence (paper: 32, as BLIP-2's queries)
+    max_text_len: int = 32              # tokens, for the encoder input and the LLM target; longer text is truncated
+    end_of_text: str = "\n"             # appended to every target: the LLM learns to stop (paper's OPT setup)
+    mask_prob: float = 0.25             # denoising: share of encoder input tokens replaced by [MASK]
+    contrast: str = "two-view"          # "two-view" SimCSE (paper) or "one-view" (authors' code: positive = itself)
+    contrast_dim: int = 256
+    temp: float = 0.07                  # initial learnable contrastive temperature
+    label_smoothing: float = 0.1
+    w_lm: float = 1.0
+    w_contrast: float = 1.0
+    w_vocab: float = 1.0
+    epochs: int = 5                     # paper: 5 epochs of 12M LAION sentences
+    max_steps: int | None = None        # overrides epochs
+    batch_size: int = 384               # global batch (paper: 384), split across ranks
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 2000
+    warmup_start_lr: float = 1e-6
+    weight_decay: float = 0.05
+    seed: int = 42
+    heldout: int = 64                   # sentences kept out of training, for samples and accuracy
+    sample_every: int = 500             # steps between printed greedy reconstructions
+    n_samples: int = 3
+    save_every: int = 1000              # steps between checkpoints (and one at the end)
+    log_every: int = 10                 # steps between metrics.jsonl lines
+    bad_bytes: str = "error"            # undecodable text: "error" names file and line, "replace" counts them
+    precision: str = "auto"             # auto: bf16 autocast on GPU, fp32 on CPU
+    device: str = "auto"
+    resume: str | None = None           # "latest" or a checkpoints/step-N folder
+
+    def __post_init__(self) -> None:
+        if self.contrast not in ("two-view", "one-view"):
+            raise BlitextError(f"contrast must be 'two-view' or 'one-view', got {self.contrast!r}")
+        if isinstance(self.text, str):
+            self.text = [self.text]
+
+
+# What must not change between a run and its resume (the rest, e.g. sample_every, may).
+RESUME_KEYS = ("llm", "text_encoder", "n_prompt", "max_text_len", "end_of_text", "mask_prob", "contrast",
+               "batch_size", "lr", "min_lr", "warmup_steps", "seed", "epochs", "max_steps", "heldout")
+
+
+@dataclass
+class Split:
+    train_ids: list[str]
+    train: list[str]
+    heldout: list[str]
+
+
+def split_corpus(corpus: TextCorpus, heldout: int, seed: int) -> Split:
+    """`heldout` distinct sentences (chosen by seed) are kept out of training, every copy of them."""
+    distinct = sorted(set(corpus.sentences))
+    if len(distinct) <= heldout:
+        raise BlitextError(f"only {len(distinct)} distinct sentences for heldout={heldout}; "
+                           f"pass a smaller --heldout or more text")
+    order = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = {distinct[i] for i in order[:heldout]}
+    train = [(k, s) for k, s in zip(corpus.ids, corpus.sentences) if s not in held]
+    return Split([k for k, _ in train], [s for _, s in train], [distinct[i] for i in order[:heldout]])
+
+
+class Batcher:
+    """Tokenises sentences for the encoder (masked) and as LLM targets (text + end-of-text)."""
+
+    def __init__(self, enc_tokenizer, llm_tokenizer, config: PFormerConfig):
+        self.enc, self.llm, self.config = enc_tokenizer, llm_tokenizer, config
+        self.llm.padding_side = "right"
+        self.truncated = Counter()
+
+    def encoder_inputs(self, texts: list[str]) -> dict:
+        t = self.enc(texts, padding=True, truncation=True, max_length=self.config.max_text_len,
+                     return_tensors="pt", return_special_tokens_mask=True, return_overflowing_tokens=False)
+        self.truncated["encoder"] += int((t.attention_mask.sum(1) >= self.config.max_text_len).sum())
+        return t
+
+    def targets(self, texts: list[str]) -> dict:
+        # No BOS: the soft prompts are the prefix; the target is text + end-of-text.
+        t = self.llm([s + self.config.end_of_text for s in texts], padding=True, truncation=True,
+                     max_length=self.config.max_text_len, add_special_tokens=False, return_tensors="pt")
+        self.truncated["target"] += int((t.attention_mask.sum(1) >= self.config.max_text_len).sum())
+        return t
+
+    def masked(self, t: dict, generator: torch.Generator) -> torch.Tensor:
+        """input_ids with mask_prob of the real, non-special tokens replaced by [MASK]."""
+        candidates = t["attention_mask"].bool() & ~t["special_tokens_mask"].bool()
+        chosen = (torch.rand(t["input_ids"].shape, generator=generator) < self.config.mask_prob) & candidates
+        return t["input_ids"].masked_fill(chosen, self.enc.mask_token_id)
+
+
+def total_steps(config: PFormerConfig, n_train: int) -> int:
+    if config.max_steps:
+        return config.max_steps
+    return max(1, config.epochs * (n_train // config.batch_size))
+
+
+def default_run_dir(config: PFormerConfig) -> Path:
+    return default_cache_root() / "runs" / "pformer" / Path(config.llm).name
+
+
+def train_pformer(config: PFormerConfig) -> Path:
+    """Train (or resume) a P-Former; returns the folder of the final weights (`<run>/final`)."""
+    device = pick_device(config.device)
+    info = init_distributed(device)
+    try:
+        return _train(config, device, info)
+    finally:
+        shutdown()
+
+
+def _train(config: PFormerConfig, device: str, info) -> Path:
+    if not config.text:
+        raise BlitextError("train-pformer needs sentences: pass --text FILE (plain text, .jsonl or caption .json)")
+    if config.batch_size % info.world:
+        raise BlitextError(f"batch_size {config.batch_size} must divide by the number of ranks {info.world}")
+    run = Path(config.out) if config.out else default_run_dir(config)
+    corpus = read_sentences(config.text, config.bad_bytes)
+    split = split_corpus(corpus, config.heldout, config.seed)
+    if len(split.train) < config.batch_size:
+        raise BlitextError(f"{len(split.train)} training sentences < batch_size {config.batch_size}; lower --batch-size")
+    llm = load_llm(config.llm, device=device)
+    text_encoder = load_text_encoder(config.text_encoder, device=device)
+    if text_encoder.tokenizer.mask_token_id is None:
+        raise BlitextError(f"text encoder {config.text_encoder!r} has no [MASK] token; use a BERT-family encoder")
+    d_llm = llm.model.get_input_embeddings().weight.shape[1]
+    torch.manual_seed(config.seed)  # the new head's initialisation
+    pformer = PFormer(text_encoder.model, d_llm, config.n_prompt, config.contrast_dim, config.temp).to(device)
+    optimizer = torch.optim.AdamW([p for p in pformer.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    identity = {"llm_fingerprint": llm.fingerprint, "text_encoder_fingerprint": text_encoder.fingerprint,
+                "resume_config": {k: getattr(config, k) for k in RESUME_KEYS}}
+    start = _resume(run, config, pformer, optimizer, identity)
+    model = DistributedDataParallel(pformer) if info.world > 1 else pformer
+    steps = total_steps(config, len(split.train))
+    say(f"train-pformer: {len(split.train):,} sentences ({corpus.counts['empty skipped']} empty lines skipped), "
+        f"{steps:,} steps of {config.batch_size}, {pformer.n_prompt} prompts -> {llm.fingerprint} on {device}")
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+    barrier()
+    log = rank_logger("train-pformer", run / "logs")
+    metrics = MetricsLog(run / "metrics.jsonl", resume_step=start if start else None) if info.is_main else None
+    batcher = Batcher(text_encoder.tokenizer, llm.tokenizer, config)
+    state = {**identity, "config": to_jsonable(config), "text_encoder": config.text_encoder, "llm": config.llm,
+             "n_prompt": config.n_prompt, "d_llm": d_llm, "contrast_dim": config.contrast_dim,
+             "provenance": provenance(config), "corpus_counts": dict(corpus.counts)}
+    loop = TrainLoop(config, model, pformer, llm, optimizer, batcher, split, device, info, metrics, log)
+    loop.run(start, steps, run, state)
+    final = run / "final"
+    if info.is_main:
+        save_checkpoint(run, steps, pformer, None, {**state, "truncated": dict(batcher.truncated)}, keep=2)
+        _export_final(run, final)
+    barrier()
+    return final
+
+
+def _resume(run: Path, config, pformer, optimizer, identity) -> int:
+    path = resolve_resume(run, config.resume)
+    if path is None:
+        if config.resume is None and latest_checkpoint(run) is not None:
+            raise BlitextError(f"{run} already holds a run; pass --resume latest to continue it or another --out")
+        return 0
+    state = load_checkpoint(path, pformer, optimizer, expect=identity)
+    say(f"resuming from {path} (step {state['step']})")
+    return int(state["step"])
+
+
+def _export_final(run: Path, final: Path) -> None:
+    """`<run>/final`: the last checkpoint without optimizer state - what build-prompts loads."""
+    import shutil
+
+    src = latest_checkpoint(run)
+    tmp = run / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("optimizer.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+class TrainLoop:
+    def __init__(self, config, model, pformer, llm, optimizer, batcher, split, device, info, metrics, log):
+        self.c, self.model, self.pformer, self.llm = config, model, pformer, llm
+        self.optimizer, self.batcher, self.split = optimizer, batcher, split
+        self.device, self.info, self.metrics, self.log = device, info, metrics, log
+        self.embedding = llm.model.get_input_embeddings().weight.detach()  # (V, d_llm), frozen codebook
+        self.autocast = torch.autocast("cuda", torch.bfloat16) if (
+            config.precision in ("auto", "bf16") and device.startswith("cuda")) else torch.autocast("cpu", enabled=False)
+
+    def run(self, start: int, steps: int, run: Path, state: dict) -> None:
+        per_rank = self.c.batch_size // self.info.world
+        with progress_bar(steps - start, "train-pformer", "sent") as advance:
+            for step in range(start, steps):
+                t = time.perf_counter()
+                losses = self.train_step(step, steps)
+                rate = self.c.batch_size / (time.perf_counter() - t)
+                advance(1, status=" ".join(f"{k} {v:.3f}" for k, v in losses.items()) + f" {rate:.1f} sent/s")
+                self.record(step, losses, rate, per_rank)
+                if (step + 1) % self.c.sample_every == 0:
+                    self.show_samples(step + 1)
+                if (step + 1) % self.c.save_every == 0 and step + 1 < steps and self.info.is_main:
+                    save_checkpoint(run, step + 1, self.pformer, self.optimizer,
+                                    {**state, "truncated": dict(self.batcher.truncated)})
+        self.show_samples(steps)
+
+    def train_step(self, step: int, steps: int) -> dict[str, float]:
+        c = self.c
+        set_lr(self.optimizer, lr_at(step, steps, c.lr, c.min_lr, c.warmup_steps, c.warmup_start_lr))
+        texts = [self.split.train[i] for i in global_batch(step, len(self.split.train), c.batch_size, c.seed)]
+        enc = self.batcher.encoder_inputs(texts)
+        masked = self.batcher.masked(enc, step_generator(c.seed, step))          # (B_global, L)
+        rows = rank_slice(list(range(len(texts))), self.info.rank, self.info.world)
+        ids, att = masked[rows].to(self.device), enc["attention_mask"][rows].to(self.device)
+        tgt = self.batcher.targets([texts[i] for i in rows])
+        torch.manual_seed(step_seed(c.seed, step, self.info.rank))                # dropout of this step
+        with self.autocast:
+            losses = self.losses(ids, att, tgt["input_ids"].to(self.device), tgt["attention_mask"].to(self.device))
+            total = c.w_lm * losses["lm"] + c.w_contrast * losses["contrast"] + c.w_vocab * losses["vocab"]
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        with torch.no_grad():  # as BLIP: a clamp only inside the loss would leave temp stuck past a bound
+            self.pformer.temp.clamp_(TEMP_MIN, TEMP_MAX)
+        return {k: float(v.detach()) for k, v in {**losses, "loss": total}.items()}
+
+    def losses(self, ids, att, tgt_ids, tgt_att) -> dict[str, torch.Tensor]:
+        b = ids.shape[0]
+        two_view = self.c.contrast == "two-view"
+        if two_view:  # SimCSE: the same sentences twice in one pass; dropout makes the two views differ
+            ids, att = torch.cat([ids, ids]), torch.cat([att, att])
+        out = self.model(ids, att)
+        prompts = out.prompts[:b]                                                 # (B, P, d_llm)
+        z_a = out.text_feat[:b]
+        z_b = out.text_feat[b:] if two_view else z_a
+        return {
+            "lm": prompt_lm_loss(self.llm.model, prompts, tgt_ids, tgt_att),
+            "contrast": contrastive_loss(z_a, z_b, self.pformer.temp, self.c.label_smoothing),
+            "vocab": vocab_loss(prompts, self.embedding),
+        }
+
+    def record(self, step: int, losses: dict, rate: float, per_rank: int) -> None:
+        if self.metrics is None or (step + 1) % self.c.log_every and step != 0:
+            return
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.metrics.write({"step": step, "lr": lr, **losses, "sentences_per_s": rate,
+                            "temp": float(self.pformer.temp)})
+        self.log.info("step %d lr %.2e %s %.1f sent/s", step, lr, losses, rate)
+
+    @torch.no_grad()
+    def show_samples(self, step: int) -> None:
+        if not self.info.is_main:
+            return
+        self.pformer.eval()
+        texts = self.split.heldout
+        enc = self.batcher.encoder_inputs(texts)
+        prompts = self.pformer(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)).prompts
+        tgt = self.batcher.targets(texts)
+        accuracy = teacher_forced_accuracy(self.llm.model, prompts, tgt["input_ids"].to(self.device),
+                                           tgt["attention_mask"].to(self.device))
+        shown = generate_from_prompts(self.llm, prompts[:self.c.n_samples], self.c.end_of_text, self.c.max_text_len)
+        self.pformer.train()
+        lines = [f"  [dim]{t!r}[/] -> {g!r}" for t, g in zip(texts, shown)]
+        say(f"step {step}: held-out token accuracy {accuracy:.3f}\n" + "\n".join(lines))
+        self.log.info("step %d heldout_token_accuracy %.4f samples %s", step, accuracy, list(zip(texts, shown)))
+        if self.metrics is not None:
+            self.metrics.write({"step": step - 1, "heldout_token_accuracy": accuracy, "samples": list(zip(texts, shown))})
+
+
+def stop_token_ids(tokenizer, end_of_text: str) -> list[int]:
+    """Token ids that end generation: the end-of-text marker's token and the tokenizer's EOS."""
+    ids = tokenizer(end_of_text, add_special_tokens=False).input_ids
+    stops = [ids[-1]] if len(ids) == 1 else []
+    if tokenizer.eos_token_id is not None:
+        stops.append(tokenizer.eos_token_id)
+    return stops
+
+
+@torch.no_grad()
+def generate_from_prompts(llm, prompts: torch.Tensor, end_of_text: str, max_new_tokens: int) -> list[str]:
+    """Greedy text the frozen LLM writes from soft prompts alone, cut at the end-of-text marker."""
+    attention = torch.ones(prompts.shape[:2], dtype=torch.long, device=prompts.device)
+    out = llm.model.generate(inputs_embeds=prompts, attention_mask=attention, max_new_tokens=max_new_tokens,
+                             do_sample=False, num_beams=1, eos_token_id=stop_token_ids(llm.tokenizer, end_of_text),
+                             pad_token_id=llm.tokenizer.pad_token_id)
+    texts = llm.tokenizer.batch_decode(out, skip_special_tokens=True)
+    return [t.split(end_of_text)[0].strip() if end_of_text else t.strip() for t in texts]

@@ -1,0 +1,78 @@
+"""Pieces every trainer shares: the learning-rate schedule, step seeds, the metrics log.
+
+Randomness is a function of (seed, step, rank): each step reseeds torch from them, so a
+resumed run replays exactly the masks and dropout an uninterrupted run would have used,
+with no RNG state to save.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+
+def lr_at(step: int, total: int, lr: float, min_lr: float, warmup_steps: int, warmup_start_lr: float) -> float:
+    """Linear warm-up from warmup_start_lr to lr, then cosine decay to min_lr (the paper's schedule)."""
+    if step < warmup_steps:
+        return warmup_start_lr + (lr - warmup_start_lr) * step / warmup_steps
+    span = max(1, total - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    return (seed * 1_000_003 + step * 7_919 + rank) % (2**63 - 1)
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(step_seed(seed, step, rank))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch, the same on every rank and in every resumed run."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def global_batch(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """Indices of global step `step`: epochs are consecutive permutations; a short tail wraps."""
+    steps_per_epoch = max(1, n // batch_size)
+    epoch, pos = divmod(step, steps_per_epoch)
+    order = epoch_order(n, seed, epoch)
+    return order[pos * batch_size:(pos + 1) * batch_size].tolist()
+
+
+def rank_slice(indices: list[int], rank: int, world: int) -> list[int]:
+    per = len(indices) // world
+    return indices[rank * per:(rank + 1) * per]
+
+
+class MetricsLog:
+    """metrics.jsonl: one line per logged step. On resume, lines past the resumed step are
+    dropped first, so a killed-and-resumed run has each step exactly once."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", -1) < resume_step]
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,186 @@
+"""Every loss against a value worked out by hand (explicit loops and formulas, not the same code)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blitext.errors import BlitextError
+from blitext.losses import (alignment_loss, contrastive_loss, nearest_embedding_rows, prompt_lm_loss,
+                            vocab_loss)
+from blitext.models.loading import load_llm
+
+
+# ---------------------------------------------------------------- contrastive
+
+def _smoothed_ce_by_hand(logits: list[list[float]], targets: list[int], eps: float) -> float:
+    """(1 - eps) * CE + eps * mean over classes of -log softmax, averaged over rows."""
+    total = 0.0
+    for row, t in zip(logits, targets):
+        log_z = math.log(sum(math.exp(x) for x in row))
+        logp = [x - log_z for x in row]
+        total += (1 - eps) * -logp[t] + eps * sum(-lp for lp in logp) / len(row)
+    return total / len(logits)
+
+
+def _unit(rows):
+    return F.normalize(torch.tensor(rows, dtype=torch.float64), dim=-1)
+
+
+Z_A = _unit([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.6, 0.8]])
+Z_B = _unit([[0.8, 0.6, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+def test_contrastive_two_view_matches_hand_formula():
+    temp = 0.1
+    logits = [[sum(a * b for a, b in zip(za, zb)) / temp for zb in Z_B.tolist()] for za in Z_A.tolist()]
+    expected = _smoothed_ce_by_hand(logits, [0, 1, 2], eps=0.1)
+    got = contrastive_loss(Z_A, Z_B, torch.tensor(temp, dtype=torch.float64))
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_contrastive_one_view_differs_and_matches_hand_formula():
+    temp = 0.1
+    logits = [[sum(a * b for a, b in zip(za, zb)) / temp for zb in Z_A.tolist()] for za in Z_A.tolist()]
+    one_view = contrastive_loss(Z_A, Z_A, temp)
+    assert one_view.item() == pytest.approx(_smoothed_ce_by_hand(logits, [0, 1, 2], 0.1), rel=1e-6)
+    assert abs(one_view.item() - contrastive_loss(Z_A, Z_B, temp).item()) > 1e-3
+
+
+def test_contrastive_temperature_is_clamped():
+    assert contrastive_loss(Z_A, Z_B, 2.0).item() == pytest.approx(contrastive_loss(Z_A, Z_B, 0.5).item())
+    assert contrastive_loss(Z_A, Z_B, 1e-5).item() == pytest.approx(contrastive_loss(Z_A, Z_B, 1e-3).item())
+
+
+SPLITS = {"equal": [3, 3], "unequal": [4, 2]}  # rows per rank of a 6-row batch; a last partial batch is unequal
+
+
+def _contrastive_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        z_a, z_b, temp = torch.load(f"{out_dir}/inputs.pt")
+        for name, sizes in SPLITS.items():
+            rows = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+            local_a = z_a[rows].clone().requires_grad_(True)
+            local_b = z_b[rows].clone().requires_grad_(True)
+            loss = contrastive_loss(local_a, local_b, temp)
+            # weighted by this rank's share of the rows: the ranks' weighted losses sum to the
+            # full-batch mean, so the gathered gradients must sum to its gradient (with equal
+            # batches the weight is 1/world: what DDP's gradient averaging applies)
+            (loss * sizes[rank] / z_a.shape[0]).backward()
+            torch.save((loss.detach(), local_a.grad, local_b.grad), f"{out_dir}/{name}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_contrastive_two_ranks_equal_full_batch(tmp_path):
+    """Each rank's loss on its rows with negatives gathered from both ranks = the full-batch loss."""
+    import torch.multiprocessing as mp
+
+    world, n, d = 2, 6, 8
+    g = torch.Generator().manual_seed(0)
+    z_a = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    z_b = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    temp = torch.tensor(0.07, dtype=torch.float64)
+    torch.save((z_a, z_b, temp), tmp_path / "inputs.pt")
+    mp.spawn(_contrastive_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world)
+
+    full_a, full_b = z_a.clone().requires_grad_(True), z_b.clone().requires_grad_(True)
+    full = contrastive_loss(full_a, full_b, temp)
+    full.backward()
+    for name, sizes in SPLITS.items():
+        results = [torch.load(tmp_path / f"{name}{r}.pt") for r in range(world)]
+        # the full-batch mean over n rows is the rank means weighted by their row counts
+        weighted = sum(loss.item() * size / n for (loss, _, _), size in zip(results, sizes))
+        assert weighted == pytest.approx(full.item(), abs=1e-9), name
+        for r, (_, grad_a, grad_b) in enumerate(results):
+            rows = slice(sum(sizes[:r]), sum(sizes[:r + 1]))
+            torch.testing.assert_close(grad_a, full_a.grad[rows], atol=1e-6, rtol=0)
+            torch.testing.assert_close(grad_b, full_b.grad[rows], atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- vocab
+
+CODEBOOK = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-2.0, -2.0]])
+
+
+def test_vocab_loss_nearest_rows_and_gradient():
+    prompts = torch.tensor([[[0.9, 0.2], [0.1, 0.1]], [[-1.5, -1.0], [0.3, 0.8]]], requires_grad=True)  # (2, 2, 2)
+    # nearest rows by hand: (0.9,0.2)->1, (0.1,0.1)->0, (-1.5,-1.0)->3, (0.3,0.8)->2
+    assert nearest_embedding_rows(prompts.detach().reshape(-1, 2), CODEBOOK).tolist() == [1, 0, 3, 2]
+    q = CODEBOOK[[1, 0, 3, 2]].view(2, 2, 2)
+    diffs = [(0.9 - 1) ** 2, 0.2 ** 2, 0.1 ** 2, 0.1 ** 2, 0.5 ** 2, 1.0 ** 2, 0.3 ** 2, 0.2 ** 2]
+    codebook = CODEBOOK.clone().requires_grad_(True)
+    loss = vocab_loss(prompts, codebook)
+    assert loss.item() == pytest.approx(sum(diffs) / 8, rel=1e-6)
+    loss.backward()
+    torch.testing.assert_close(prompts.grad, 2 * (prompts.detach() - q) / 8)
+    assert codebook.grad is None
+
+
+def test_nearest_rows_matches_brute_force_over_chunks():
+    g = torch.Generator().manual_seed(1)
+    vectors = torch.randn(50, 16, generator=g, dtype=torch.float64)
+    embedding = torch.randn(37, 16, generator=g, dtype=torch.float64)
+    expected = torch.cdist(vectors, embedding).argmin(dim=1)
+    for chunk in (5, 10, 37, 4096):  # 8, 4, 1, 1 chunks
+        assert torch.equal(nearest_embedding_rows(vectors, embedding, chunk=chunk), expected)
+
+
+def test_nearest_rows_upcasts_half_precision():
+    embedding = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float16)
+    vectors = torch.tensor([[0.49, 0.0], [0.51, 0.0]], dtype=torch.float16)
+    assert nearest_embedding_rows(vectors, embedding).tolist() == [0, 1]
+
+
+# ---------------------------------------------------------------- alignment
+
+def test_alignment_loss_value_gradient_and_shape_error():
+    prompts = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]], requires_grad=True)  # (1, 2, 2)
+    reference = torch.tensor([[[1.5, 2.0], [2.0, 6.0]]], requires_grad=True)
+    loss = alignment_loss(prompts, reference)
+    assert loss.item() == pytest.approx((0.25 + 0 + 1 + 4) / 4)
+    loss.backward()
+    assert reference.grad is None
+    torch.testing.assert_close(prompts.grad, 2 * (prompts.detach() - reference.detach()) / 4)
+    with pytest.raises(BlitextError, match=r"\(1, 2, 2\).*\(1, 2, 3\)"):
+        alignment_loss(prompts, torch.zeros(1, 2, 3))
+
+
+# ---------------------------------------------------------------- frozen LLM
+
+def _lm_loss_by_hand(llm, prompts, texts: list[list[int]]) -> float:
+    """Each sample alone, unpadded: sum of -log p(token) at each text position, over all tokens."""
+    total, count = 0.0, 0
+    embed = llm.get_input_embeddings()
+    for b, ids in enumerate(texts):
+        seq = torch.cat([prompts[b], embed(torch.tensor(ids))])[None]  # (1, P+L_b, D)
+        logp = torch.log_softmax(llm(inputs_embeds=seq).logits[0].double(), dim=-1)  # (P+L_b, V)
+        P = prompts.shape[1]
+        for j, token in enumerate(ids):
+            total -= logp[P + j - 1, token].item()
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama", "gpt2"])
+def test_prompt_lm_loss_matches_hand_computation(llm_folders, kind):
+    llm = load_llm(str(llm_folders[kind])).model
+    torch.manual_seed(0)
+    D = llm.get_input_embeddings().weight.shape[1]
+    prompts = torch.randn(2, 3, D, requires_grad=True)  # (B, P, D)
+    texts = [[5, 17, 40, 8, 2], [11, 60]]
+    input_ids = torch.tensor([[5, 17, 40, 8, 2], [11, 60, 0, 0, 0]])  # right padding with an arbitrary id
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    loss = prompt_lm_loss(llm, prompts, input_ids, attention_mask)
+    with torch.no_grad():
+        expected = _lm_loss_by_hand(llm, prompts, texts)
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    loss.backward()
+    assert prompts.grad is not None and prompts.grad.abs().sum() > 0
+    assert all(p.grad is None for p in llm.parameters())
