@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from blitext.cache import CachePlan, ShardWriter, finalize, pending_shards, start_or_resume
+from blitext.cache import CachePlan, ShardWriter
+from blitext.cache.jobs import run_sharded_job
 from blitext.cache.verify import cache_info
 from blitext.config import default_cache_root, provenance
 from blitext.console import RateLimitedWarnings, progress_bar, rank_logger, say
 from blitext.data.images import load_image
 from blitext.data.readers import read_image_set
-from blitext.distributed import barrier, init_distributed, pick_device, shutdown
+from blitext.distributed import init_distributed, pick_device, shutdown
 from blitext.errors import BadInputError, BlitextError
 from blitext.models.loading import load_vision_encoder
 from blitext.models.registry import DEFAULT_VISION_ENCODER
@@ -147,22 +148,15 @@ def _extract(config: ExtractConfig, device: str, info) -> dict:
         + (f" ({info.world} ranks)" if info.world > 1 else ""))
     plan = CachePlan(out, "image-features", encoder.producer(), [it.key for it in items], config.shard_size,
                      config.dtype, provenance=provenance(config))
-    if info.is_main:
-        start_or_resume(plan)
-    barrier()
-    if not info.is_main:
-        start_or_resume(plan, write=False)
-    shards = pending_shards(plan, info.rank, info.world)
-    done = len(range(info.rank, plan.num_shards, info.world)) - len(shards)
-    if done:
-        say(f"resuming: {done} finished shard(s) kept, {len(shards)} to do")
-    log = rank_logger("extract", out / "logs")
-    timing = _write_shards(plan, shards, items, encoder, config, device, RateLimitedWarnings(log))
-    log.info("timing: %s", timing)
-    barrier()
-    if info.is_main:
-        finalize(plan)
-    barrier()
+    def write_shards(shards: list[int], finished: int) -> dict:
+        log = rank_logger("extract", out / "logs")  # only now: the folder must be a cache before logs go in
+        if finished:
+            say(f"resuming: {finished} finished shard(s) kept, {len(shards)} to do")
+        timing = _write_shards(plan, shards, items, encoder, config, device, RateLimitedWarnings(log))
+        log.info("timing: %s", timing)
+        return timing
+
+    timing = run_sharded_job(plan, info, write_shards)
     summary = {**cache_info(out), "timing": timing}
     if info.is_main:
         print_failures(summary["failures"])

@@ -121,6 +121,34 @@ def train_pformer_cmd(
     say(f"[green]P-Former written to[/] {train_pformer(cfg)}")
 
 
+# ------------------------------------------------------------------ build-prompts
+from blitext.prompts import BuildPromptsConfig  # noqa: E402
+
+
+@app.command("build-prompts")
+@user_errors
+def build_prompts_cmd(
+    pformer: Optional[Path] = typer.Option(None, "--pformer", help="train-pformer's run folder (or <run>/final, or a checkpoint)."),
+    captions: Optional[list[str]] = typer.Option(None, "--captions", help="Caption .json (ids <image_id>#k), .jsonl or text; repeatable."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Cache folder. [default: cache/prompts/<data>__<pformer>]"),
+    store: Optional[str] = typer.Option(None, "--store", help=f"compact ([CLS] + head) | full (prompts). {default_of(BuildPromptsConfig, 'store')}"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=default_of(BuildPromptsConfig, "batch_size")),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help=default_of(BuildPromptsConfig, "shard_size")),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    config: Optional[Path] = ConfigOpt,
+):
+    """Cache the P-Former's reference prompt of every caption (resumable; runs under torchrun)."""
+    from blitext.config import resolve_config
+    from blitext.distributed import dist_info
+    from blitext.prompts import build_prompts
+
+    cfg = resolve_config(BuildPromptsConfig, config, pformer=pformer and str(pformer), captions=captions or None,
+                         out=out and str(out), store=store, batch_size=batch_size, shard_size=shard_size, device=device)
+    summary = build_prompts(cfg)
+    if dist_info().is_main:
+        print_cache_summary(summary)
+
+
 # ------------------------------------------------------------------ data
 @data_app.command("prepare")
 @user_errors
@@ -156,7 +184,7 @@ def print_cache_summary(summary: dict) -> None:
     producer = summary["producer"]
     rows = [
         ("kind", summary["kind"]),
-        ("made by", producer.get("fingerprint") or producer.get("encoder") or str(producer)),
+        ("made by", producer.get("fingerprint") or producer.get("pformer") or str(producer)),
         ("rows", f"{summary['rows']:,}"),
         ("failed inputs", str(summary["failed"])),
         ("row shape / dtype", f"{summary['row_shape']} {summary['dtype']}"),

@@ -76,6 +76,13 @@ def display_name(name: str) -> str:
     return path.name if path.exists() else name
 
 
+def _quiet_transformers() -> None:
+    """transformers draws a 'Loading weights' bar per model; blitext draws its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.eval()
     for p in model.parameters():
@@ -130,6 +137,7 @@ def load_llm(name: str, dtype: str | torch.dtype | None = None, device: str = "c
     """Any AutoModelForCausalLM (OPT, Llama, GPT-2, ...), frozen."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     path = llm_path(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), local_files_only=True)
@@ -153,6 +161,7 @@ def load_text_encoder(name: str, device: str = "cpu") -> LoadedTextEncoder:
     """A BERT-style bidirectional encoder (trainable: the P-Former and Q-Former start from it)."""
     from transformers import AutoModel, AutoTokenizer
 
+    _quiet_transformers()
     path = text_encoder_path(name)
     try:
         model = AutoModel.from_pretrained(path, local_files_only=True)
@@ -168,6 +177,7 @@ def load_vision_encoder(name: str, device: str = "cpu"):
     """A frozen image encoder returning all patch tokens, (B, T, D), with its own preprocessing."""
     from blitext.models import vision
 
+    _quiet_transformers()
     if name in BUNDLED and BUNDLED[name].role == "vision":
         weights = package_dir(BUNDLED[name]) / "models" / "efficientnet-lite0-57934424.pth"
         encoder = vision.EfficientNetLiteEncoder(weights, name, fingerprint(name, weights))

@@ -1,0 +1,223 @@
+"""Phase 1b: `blitext build-prompts` - the P-Former's reference prompt for every caption, cached.
+
+Compact by default: the cache stores each caption's [CLS] bottleneck (d_enc numbers) and the
+P-Former's head weights beside it; `PromptCache` rebuilds the n_prompt x d_llm prompt on read.
+`--store full` stores the prompts themselves. The reader returns the same tensor either way.
+Rows are keyed by caption id (`<image_id>#<k>`), so adaptor trainers join them to features.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from blitext.atomic import read_json
+from blitext.cache import CachePlan, FeatureCache, ShardWriter
+from blitext.cache.jobs import run_sharded_job
+from blitext.cache.verify import cache_info
+from blitext.checkpoint import latest_checkpoint
+from blitext.config import default_cache_root, provenance
+from blitext.console import progress_bar, say
+from blitext.data.text import read_sentences
+from blitext.distributed import init_distributed, pick_device, shutdown
+from blitext.errors import BlitextError
+from blitext.models.fingerprint import fingerprint
+from blitext.models.loading import load_text_encoder
+from blitext.models.pformer import PFormer
+
+HEAD = "head.safetensors"  # the P-Former head saved inside a compact cache
+HEAD_PREFIXES = ("cls_proj.", "pooler.", "llm_proj.")
+
+
+@dataclass
+class LoadedPFormer:
+    model: PFormer
+    tokenizer: object
+    state: dict        # the checkpoint's state.json: llm, text_encoder, fingerprints, config
+    fingerprint: str
+    path: Path
+
+    @property
+    def llm_fingerprint(self) -> str:
+        return self.state["llm_fingerprint"]
+
+
+def pformer_folder(path: str | Path) -> Path:
+    """A P-Former checkpoint folder: `<run>/final`, a `checkpoints/step-N`, or a run folder."""
+    path = Path(path)
+    for candidate in (path, path / "final", latest_checkpoint(path) if path.is_dir() else None):
+        if candidate is not None and (candidate / "model.safetensors").is_file() and (candidate / "state.json").is_file():
+            return candidate
+    raise BlitextError(f"--pformer {str(path)!r} holds no P-Former (model.safetensors + state.json); "
+                       f"pass the folder train-pformer wrote (its run folder or <run>/final)")
+
+
+def load_pformer(path: str | Path, device: str = "cpu") -> LoadedPFormer:
+    folder = pformer_folder(path)
+    state = read_json(folder / "state.json")
+    encoder = load_text_encoder(state["text_encoder"], device=device)
+    if encoder.fingerprint.split("@")[1] != state["text_encoder_fingerprint"].split("@")[1]:
+        raise BlitextError(f"{folder} was trained from {state['text_encoder_fingerprint']} but "
+                           f"{state['text_encoder']!r} here is {encoder.fingerprint}: provide the same text encoder")
+    model = PFormer(encoder.model, state["d_llm"], state["n_prompt"], state["contrast_dim"])
+    missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise BlitextError(f"{folder}/model.safetensors does not fit a P-Former: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    name = f"pformer-{folder.parent.name if folder.name == 'final' else folder.name}"
+    return LoadedPFormer(model.to(device).eval(), encoder.tokenizer, state,
+                         fingerprint(name, folder / "model.safetensors"), folder)
+
+
+@dataclass
+class BuildPromptsConfig:
+    pformer: str = ""                   # train-pformer's run folder, <run>/final or a checkpoint
+    captions: list[str] = field(default_factory=list)  # caption .json (ids <image_id>#k), .jsonl or text
+    out: str | None = None              # default <cache root>/prompts/<captions>__<pformer>
+    store: str = "compact"              # compact: [CLS] + head weights; full: n_prompt x d_llm prompts
+    batch_size: int = 256
+    shard_size: int = 8192              # captions per shard
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.store not in ("compact", "full"):
+            raise BlitextError(f"--store must be 'compact' or 'full', got {self.store!r}")
+        if isinstance(self.captions, str):
+            self.captions = [self.captions]
+        if self.shard_size % self.batch_size:
+            raise BlitextError(f"shard_size {self.shard_size} must be a multiple of batch_size {self.batch_size}")
+
+
+def prompt_producer(pformer: LoadedPFormer, store: str) -> dict:
+    return {"pformer": pformer.fingerprint, "llm": pformer.llm_fingerprint, "store": store,
+            "n_prompt": pformer.model.n_prompt, "d_llm": pformer.model.d_llm,
+            "max_text_len": pformer.state["config"]["max_text_len"]}
+
+
+def default_prompts_out(config: BuildPromptsConfig, pformer: LoadedPFormer) -> Path:
+    first = Path(config.captions[0])
+    data = first.parent.name if first.name.startswith("captions") else first.stem
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{data}__{pformer.fingerprint.split('@')[0]}")
+    return default_cache_root() / "prompts" / slug
+
+
+def build_prompts(config: BuildPromptsConfig) -> dict:
+    """Write (or resume) a prompt cache; returns its summary. Runs under torchrun too."""
+    device = pick_device(config.device)
+    info = init_distributed(device)
+    try:
+        return _build(config, device, info)
+    finally:
+        shutdown()
+
+
+def _build(config: BuildPromptsConfig, device: str, info) -> dict:
+    if not config.pformer or not config.captions:
+        raise BlitextError("build-prompts needs --pformer RUN and --captions FILE")
+    pformer = load_pformer(config.pformer, device)
+    corpus = read_sentences(config.captions)
+    if len(set(corpus.ids)) != len(corpus.ids):
+        raise BlitextError(f"caption ids repeat in {corpus.files}; each caption needs its own id")
+    out = Path(config.out) if config.out else default_prompts_out(config, pformer)
+    say(f"build-prompts: {len(corpus):,} captions -> {out} ({config.store}) with {pformer.fingerprint}")
+    plan = CachePlan(out, "prompts", prompt_producer(pformer, config.store), corpus.ids, config.shard_size,
+                     "float32", provenance=provenance(config))  # full rows in fp32 too: both stores read back equal
+    texts = dict(zip(corpus.ids, corpus.sentences))
+
+    def write_shards(shards: list[int], finished: int) -> None:
+        if finished:
+            say(f"resuming: {finished} finished shard(s) kept, {len(shards)} to do")
+        if info.is_main and config.store == "compact":
+            save_head(pformer.model, out / HEAD)
+        _write_prompt_shards(plan, shards, texts, pformer, config, device)
+
+    run_sharded_job(plan, info, write_shards)
+    return cache_info(out)
+
+
+def save_head(model: PFormer, path: Path) -> None:
+    head = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith(HEAD_PREFIXES)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(head, tmp, metadata={"n_prompt": str(model.n_prompt)})
+    tmp.replace(path)
+
+
+@torch.inference_mode()
+def _write_prompt_shards(plan, shards, texts, pformer: LoadedPFormer, config, device) -> None:
+    max_len = pformer.state["config"]["max_text_len"]
+    total = sum(len(plan.shard_range(s)) for s in shards)
+    with progress_bar(total, "build-prompts", "capt") as advance:
+        for s in shards:
+            r = plan.shard_range(s)
+            with ShardWriter(plan, s) as writer:
+                for start in range(r.start, r.stop, config.batch_size):
+                    keys = plan.keys[start:min(start + config.batch_size, r.stop)]
+                    enc = pformer.tokenizer([texts[k] for k in keys], padding=True, truncation=True,
+                                            max_length=max_len, return_tensors="pt").to(device)
+                    cls = pformer.model.encode(enc.input_ids, enc.attention_mask).float()   # (B, d_enc)
+                    rows = cls if config.store == "compact" else pformer.model.head(cls)     # (B, P, d_llm)
+                    writer.add(keys, rows.cpu().numpy())
+                    advance(len(keys))
+
+
+class PromptCache:
+    """Reference prompts by caption key: (n_prompt, d_llm) float tensors, from either store."""
+
+    def __init__(self, root: str | Path, expect: dict | None = None):
+        self.root = Path(root)
+        fix = "re-run build-prompts with this run's P-Former and LLM, or pass the matching --prompts"
+        self.cache = FeatureCache(self.root, expect=expect, fix=fix)
+        if self.cache.kind != "prompts":
+            raise BlitextError(f"{self.root} is a {self.cache.kind} cache, not a prompt cache (build-prompts makes those)")
+        self.store = self.cache.producer["store"]
+        self.head = self._load_head() if self.store == "compact" else None
+
+    def _load_head(self) -> torch.nn.Module:
+        p = self.cache.producer
+        weights = load_file(self.root / HEAD)
+        d_enc = weights["llm_proj.weight"].shape[1]
+        head = _Head(d_enc, p["n_prompt"], p["d_llm"])
+        head.load_state_dict(weights)
+        return head.eval()
+
+    @property
+    def producer(self) -> dict:
+        return self.cache.producer
+
+    @property
+    def keys(self) -> list[str]:
+        return self.cache.keys
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.cache
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.get_batch([key])[0]
+
+    @torch.inference_mode()
+    def get_batch(self, keys: list[str]) -> torch.Tensor:
+        """(B, n_prompt, d_llm) float32, with no gradient: references are constants."""
+        rows = torch.from_numpy(np.stack(self.cache.get_many(keys))).float()
+        if self.head is None:
+            return rows
+        return self.head(rows)
+
+
+class _Head(torch.nn.Module):
+    """The P-Former's head alone (same names and maths as PFormer.head), to rebuild compact rows."""
+
+    def __init__(self, d_enc: int, n_prompt: int, d_llm: int):
+        super().__init__()
+        self.n_prompt, self.d_enc = n_prompt, d_enc
+        self.cls_proj = torch.nn.Linear(d_enc, n_prompt * d_enc)
+        self.pooler = torch.nn.Sequential(torch.nn.Linear(d_enc, d_enc), torch.nn.Tanh())
+        self.llm_proj = torch.nn.Linear(d_enc, d_llm)
+
+    forward = PFormer.head
