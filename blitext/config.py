@@ -22,8 +22,12 @@ C = TypeVar("C")
 
 
 def default_cache_root() -> Path:
-    """Root of on-disk artifacts: $BLITEXT_CACHE, else ./cache (the repo's cache/ folder)."""
-    return Path(os.environ.get("BLITEXT_CACHE", "cache"))
+    """Root of on-disk artifacts: $BLITEXT_CACHE; else the source checkout's cache/ folder
+    (whatever the working directory); else ./cache for an installed package."""
+    if os.environ.get("BLITEXT_CACHE"):
+        return Path(os.environ["BLITEXT_CACHE"])
+    checkout = Path(__file__).resolve().parent.parent / "cache"
+    return checkout if (checkout / "README.md").is_file() else Path("cache")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -30,7 +30,8 @@ from blitext.metrics import teacher_forced_accuracy
 from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.pformer import PFormer
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER
-from blitext.training import MetricsLog, global_batch, lr_at, rank_slice, set_lr, step_generator, step_seed
+from blitext.training import (MetricsLog, global_batch, lr_at, mean_over_ranks, rank_slice, set_lr, step_generator,
+                              step_seed)
 
 
 @dataclass
@@ -111,15 +112,21 @@ class Batcher:
     def encoder_inputs(self, texts: list[str]) -> dict:
         t = self.enc(texts, padding=True, truncation=True, max_length=self.config.max_text_len,
                      return_tensors="pt", return_special_tokens_mask=True, return_overflowing_tokens=False)
-        self.truncated["encoder"] += int((t.attention_mask.sum(1) >= self.config.max_text_len).sum())
+        self.truncated["encoder"] += self._longer(self.enc(texts).input_ids)
         return t
 
     def targets(self, texts: list[str]) -> dict:
         # No BOS: the soft prompts are the prefix; the target is text + end-of-text.
-        t = self.llm([s + self.config.end_of_text for s in texts], padding=True, truncation=True,
-                     max_length=self.config.max_text_len, add_special_tokens=False, return_tensors="pt")
-        self.truncated["target"] += int((t.attention_mask.sum(1) >= self.config.max_text_len).sum())
+        texts = [s + self.config.end_of_text for s in texts]
+        t = self.llm(texts, padding=True, truncation=True, max_length=self.config.max_text_len,
+                     add_special_tokens=False, return_tensors="pt")
+        self.truncated["target"] += self._longer(self.llm(texts, add_special_tokens=False).input_ids)
         return t
+
+    def _longer(self, untruncated_ids: list[list[int]]) -> int:
+        """How many texts lost tokens: longer than max_text_len before truncation (one of exactly
+        max_text_len tokens fits and is not counted)."""
+        return sum(len(ids) > self.config.max_text_len for ids in untruncated_ids)
 
     def masked(self, t: dict, generator: torch.Generator) -> torch.Tensor:
         """input_ids with mask_prob of the real, non-special tokens replaced by [MASK]."""
@@ -169,7 +176,7 @@ def _train(config: PFormerConfig, device: str, info) -> Path:
                                   weight_decay=config.weight_decay)
     identity = {"llm_fingerprint": llm.fingerprint, "text_encoder_fingerprint": text_encoder.fingerprint,
                 "resume_config": {k: getattr(config, k) for k in RESUME_KEYS}}
-    start = _resume(run, config, pformer, optimizer, identity)
+    start, truncated = _resume(run, config, pformer, optimizer, identity)
     model = DistributedDataParallel(pformer) if info.world > 1 else pformer
     steps = total_steps(config, len(split.train))
     say(f"train-pformer: {len(split.train):,} sentences ({corpus.counts['empty skipped']} empty lines skipped), "
@@ -180,6 +187,7 @@ def _train(config: PFormerConfig, device: str, info) -> Path:
     log = rank_logger("train-pformer", run / "logs")
     metrics = MetricsLog(run / "metrics.jsonl", resume_step=start if start else None) if info.is_main else None
     batcher = Batcher(text_encoder.tokenizer, llm.tokenizer, config)
+    batcher.truncated.update(truncated)  # counts run on from the checkpoint, as an uninterrupted run's would
     state = {**identity, "config": to_jsonable(config), "text_encoder": config.text_encoder, "llm": config.llm,
              "n_prompt": config.n_prompt, "d_llm": d_llm, "contrast_dim": config.contrast_dim,
              "provenance": provenance(config), "corpus_counts": dict(corpus.counts)}
@@ -193,15 +201,16 @@ def _train(config: PFormerConfig, device: str, info) -> Path:
     return final
 
 
-def _resume(run: Path, config, pformer, optimizer, identity) -> int:
+def _resume(run: Path, config, pformer, optimizer, identity) -> tuple[int, dict]:
+    """(step to start from, truncation counts so far)."""
     path = resolve_resume(run, config.resume)
     if path is None:
         if config.resume is None and latest_checkpoint(run) is not None:
             raise BlitextError(f"{run} already holds a run; pass --resume latest to continue it or another --out")
-        return 0
+        return 0, {}
     state = load_checkpoint(path, pformer, optimizer, expect=identity)
     say(f"resuming from {path} (step {state['step']})")
-    return int(state["step"])
+    return int(state["step"]), state.get("truncated", {})
 
 
 def _export_final(run: Path, final: Path) -> None:
@@ -249,17 +258,18 @@ class TrainLoop:
         masked = self.batcher.masked(enc, step_generator(c.seed, step))          # (B_global, L)
         rows = rank_slice(list(range(len(texts))), self.info.rank, self.info.world)
         ids, att = masked[rows].to(self.device), enc["attention_mask"][rows].to(self.device)
-        tgt = self.batcher.targets([texts[i] for i in rows])
+        tgt = self.batcher.targets(texts)  # the global batch too: truncations counted for every rank's sentences
+        tgt_ids, tgt_att = tgt["input_ids"][rows].to(self.device), tgt["attention_mask"][rows].to(self.device)
         torch.manual_seed(step_seed(c.seed, step, self.info.rank))                # dropout of this step
         with self.autocast:
-            losses = self.losses(ids, att, tgt["input_ids"].to(self.device), tgt["attention_mask"].to(self.device))
+            losses = self.losses(ids, att, tgt_ids, tgt_att)
             total = c.w_lm * losses["lm"] + c.w_contrast * losses["contrast"] + c.w_vocab * losses["vocab"]
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
         with torch.no_grad():  # as BLIP: a clamp only inside the loss would leave temp stuck past a bound
             self.pformer.temp.clamp_(TEMP_MIN, TEMP_MAX)
-        return {k: float(v.detach()) for k, v in {**losses, "loss": total}.items()}
+        return mean_over_ranks({**losses, "loss": total})  # what is logged is the global batch's, not rank 0's
 
     def losses(self, ids, att, tgt_ids, tgt_att) -> dict[str, torch.Tensor]:
         b = ids.shape[0]
@@ -271,17 +281,28 @@ class TrainLoop:
         z_a = out.text_feat[:b]
         z_b = out.text_feat[b:] if two_view else z_a
         return {
-            "lm": prompt_lm_loss(self.llm.model, prompts, tgt_ids, tgt_att),
+            "lm": prompt_lm_loss(self.llm.model, prompts, tgt_ids, tgt_att) * self.token_share(tgt_att),
             "contrast": contrastive_loss(z_a, z_b, self.pformer.temp, self.c.label_smoothing),
             "vocab": vocab_loss(prompts, self.embedding),
         }
+
+    def token_share(self, tgt_att: torch.Tensor) -> torch.Tensor | float:
+        """world x this rank's share of the global batch's text tokens. L_lm is a mean over tokens;
+        scaled by this, DDP's average of the ranks' gradients is the gradient of the mean over the
+        whole global batch's tokens (what one process computes), however the tokens fall on ranks."""
+        if self.info.world == 1:
+            return 1.0
+        n = tgt_att.sum().float()
+        total = n.detach().clone()
+        torch.distributed.all_reduce(total)
+        return n * self.info.world / total
 
     def record(self, step: int, losses: dict, rate: float, per_rank: int) -> None:
         if self.metrics is None or (step + 1) % self.c.log_every and step != 0:
             return
         lr = self.optimizer.param_groups[0]["lr"]
         self.metrics.write({"step": step, "lr": lr, **losses, "sentences_per_s": rate,
-                            "temp": float(self.pformer.temp)})
+                            "temp": float(self.pformer.temp.detach())})
         self.log.info("step %d lr %.2e %s %.1f sent/s", step, lr, losses, rate)
 
     @torch.no_grad()

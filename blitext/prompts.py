@@ -125,7 +125,7 @@ def _build(config: BuildPromptsConfig, device: str, info) -> dict:
     out = Path(config.out) if config.out else default_prompts_out(config, pformer)
     say(f"build-prompts: {len(corpus):,} captions -> {out} ({config.store}) with {pformer.fingerprint}")
     plan = CachePlan(out, "prompts", prompt_producer(pformer, config.store), corpus.ids, config.shard_size,
-                     "float32", provenance=provenance(config))  # full rows in fp32 too: both stores read back equal
+                     "float32", provenance={**provenance(config), "llm": pformer.state["llm"]})  # full rows in fp32 too: both stores read back equal
     texts = dict(zip(corpus.ids, corpus.sentences))
 
     def write_shards(shards: list[int], finished: int) -> None:
@@ -221,3 +221,22 @@ class _Head(torch.nn.Module):
         self.llm_proj = torch.nn.Linear(d_enc, d_llm)
 
     forward = PFormer.head
+
+
+# ---------------------------------------------------------------- sources for check-prompts
+
+@torch.inference_mode()
+def prompts_from_pformer(path: str | Path, captions: list[str], limit: int) -> tuple[list[str], torch.Tensor, str]:
+    """(ids, prompts (N, P, d_llm), LLM name) for the first `limit` captions."""
+    pformer = load_pformer(path)
+    corpus = read_sentences(captions)
+    ids, texts = corpus.ids[:limit], corpus.sentences[:limit]
+    enc = pformer.tokenizer(texts, padding=True, truncation=True, max_length=pformer.state["config"]["max_text_len"],
+                            return_tensors="pt")
+    return ids, pformer.model(enc.input_ids, enc.attention_mask).prompts, pformer.state["llm"]
+
+
+def prompts_from_cache(path: str | Path, limit: int) -> tuple[list[str], torch.Tensor, str]:
+    cache = PromptCache(path)
+    ids = cache.keys[:limit]
+    return ids, cache.get_batch(ids), cache.cache.manifest["provenance"]["llm"]

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed
 
 
 def lr_at(step: int, total: int, lr: float, min_lr: float, warmup_steps: int, warmup_start_lr: float) -> float:
@@ -52,6 +53,15 @@ def global_batch(step: int, n: int, batch_size: int, seed: int) -> list[int]:
 def rank_slice(indices: list[int], rank: int, world: int) -> list[int]:
     per = len(indices) // world
     return indices[rank * per:(rank + 1) * per]
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalar tensors averaged over every rank (each rank's own values when not distributed)."""
+    stacked = torch.stack([v.detach().float() for v in values.values()])
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(stacked)
+        stacked /= torch.distributed.get_world_size()
+    return dict(zip(values, stacked.tolist()))
 
 
 class MetricsLog:

@@ -149,6 +149,42 @@ def build_prompts_cmd(
         print_cache_summary(summary)
 
 
+# ------------------------------------------------------------------ check-prompts
+@app.command("check-prompts")
+@user_errors
+def check_prompts_cmd(
+    pformer: Optional[Path] = typer.Option(None, "--pformer", help="A P-Former run (with --captions)."),
+    captions: Optional[list[str]] = typer.Option(None, "--captions", help="Captions to run the P-Former on."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="A prompt cache made by build-prompts."),
+    llm: Optional[str] = typer.Option(None, "--llm", help="The LLM whose embeddings to compare with. [default: the one the prompts were made for]"),
+    limit: int = typer.Option(256, "--limit", help="Examples to check."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="L2 distance counted as 'at a token'. [default: median nearest-neighbour distance between embedding rows]"),
+    k: int = typer.Option(3, "--k", help="Nearest tokens shown per slot."),
+    examples: int = typer.Option(3, "--examples", help="Examples whose slots are decoded."),
+    backend: str = typer.Option("auto", "--backend", help="auto | faiss | torch (nearest-row search)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the report as JSON here."),
+):
+    """How close prompts sit to the LLM's token embeddings, with the nearest tokens per slot."""
+    import dataclasses
+    import json
+
+    from blitext.check_prompts import check_prompts, format_report
+    from blitext.console import console
+    from blitext.models.loading import load_llm
+    from blitext.prompts import prompts_from_cache, prompts_from_pformer
+
+    if (pformer is None) == (prompts is None) or (pformer is not None and not captions):
+        raise BlitextError("give either --pformer RUN with --captions FILE, or --prompts CACHE")
+    ids, vectors, llm_name = (prompts_from_pformer(pformer, captions, limit) if pformer is not None
+                              else prompts_from_cache(prompts, limit))
+    model = load_llm(llm or llm_name)
+    report = check_prompts(vectors, model.model.get_input_embeddings().weight.detach(), model.tokenizer, ids,
+                           threshold, k, examples, backend)
+    console.print(format_report(report), highlight=False, markup=False)
+    if out:
+        out.write_text(json.dumps(dataclasses.asdict(report), indent=1))
+
+
 # ------------------------------------------------------------------ data
 @data_app.command("prepare")
 @user_errors
