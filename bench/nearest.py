@@ -1,12 +1,13 @@
 """Exact nearest token embedding: FAISS (IndexFlatL2) vs torch (chunked matmul) on this machine.
 
-    python bench/nearest.py [--repeats 3] [--queries 32 256 2048 8192]
+    python bench/nearest.py [--repeats 3] [--budget 10] [--queries 32 256 2048 8192]
 
 For each vocabulary (SmolLM2 49,152 x 576, OPT-2.7B 50,272 x 2560, BERT 30,522 x 768) and
 number of prompt vectors (examples x 32 slots), times blitext.nearest.nearest_rows(k=1,
-metric="l2") with each backend, best of --repeats (fewer for cells past --budget seconds),
-the two interleaved, including what a call pays (the FAISS index is built per call). Checks the two agree, writes bench/results/nearest.json and prints
-the size rule that follows; blitext.nearest.choose_backend carries that rule.
+metric="l2") with each backend: the two interleaved, best of --repeats (fewer for cells past
+--budget seconds), each call paying what a caller pays (FAISS builds its index per call).
+Checks the two agree, writes bench/results/nearest.json and prints the size rule that
+follows; blitext.nearest.choose_backend carries that rule. About 2.5 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def main() -> None:
     rule = derive_rule(rows)
     print("rule:", rule)
     write_result("nearest", {
-        "command": "python bench/nearest.py " + " ".join(sys.argv[1:]), "metric": "l2", "k": 1,
+        "command": " ".join(["python", "bench/nearest.py", *sys.argv[1:]]), "metric": "l2", "k": 1,
         "repeats": args.repeats, "budget_s": args.budget, "faiss_threads": faiss.omp_get_max_threads(),
         "load_average_1_5_15_before": [round(x, 2) for x in load_before],  # other work on the machine
         "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],

@@ -119,11 +119,14 @@ def check_prompts(prompts, embedding, tokenizer=None, ids=None, threshold: float
     if threshold is not None and not threshold > 0:
         raise BlitextError(f"threshold={threshold} must be a positive L2 distance")
     k = min(k, emb.shape[0])
-    flat = prompts.reshape(n * p, d) if isinstance(prompts, torch.Tensor) else np.reshape(np.asarray(prompts), (n * p, d))
-    q = as_float32_matrix(flat, "prompts").to(emb.device)                    # (N*P, D)
+    if not isinstance(prompts, torch.Tensor):
+        prompts = np.asarray(prompts)
+    q = as_float32_matrix(prompts.reshape(n * p, d), "prompts").to(emb.device)  # (N*P, D)
 
     _, idx = nearest_rows(q, emb, k=k, metric="l2", backend=backend)        # (N*P, k)
     dist = _neighbour_distances(q, emb, idx)                                # (N*P, k), exact L2
+    order = np.argsort(dist, axis=1, kind="stable")  # exact distances may swap near-ties of the search
+    dist, idx = np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
     nearest = dist[:, 0]
     if threshold is None:
         threshold, rule = default_threshold(emb, backend=backend), DEFAULT_THRESHOLD_RULE

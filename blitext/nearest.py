@@ -29,23 +29,23 @@ def choose_backend(n_queries: int, n_rows: int, dim: int) -> str:
     """The faster exact backend on a CPU for this search size: torch at every measured size.
 
     Measured by bench/nearest.py (bench/results/nearest.json) on the 2-core dev machine, k=1,
-    l2, seconds per call including the per-call index build, the backends interleaved, best of
-    up to 3 (one for the largest cells), while another job kept the load average at 4-5, so
-    absolute times are about 2x inflated and ratios vary ~15% run to run:
+    l2, seconds per call including FAISS's per-call index build, the two backends interleaved,
+    best of up to 3 (1-2 for the largest cells), with other jobs at times sharing the CPUs
+    (load average 2.5-3 during this run, 3-5 during earlier ones):
 
         vocabulary          queries:    32           256          2048          8192
                                      faiss torch  faiss torch  faiss torch  faiss torch
-        SmolLM2 49,152 x 576         0.47  0.17   0.65  0.43   2.17  2.11   9.05  7.47
-        OPT-2.7B 50,272 x 2560       2.10  0.76   1.98  1.36  10.15 10.06  48.07 29.27
-        BERT 30,522 x 768            0.24  0.08   0.22  0.16   0.82  0.79   2.86  3.29
+        SmolLM2 49,152 x 576         0.49  0.12   0.63  0.27   1.84  1.76  10.70  7.64
+        OPT-2.7B 50,272 x 2560       3.27  0.52   2.07  0.99   4.00  2.68  16.56 15.99
+        BERT 30,522 x 768            0.22  0.03   0.21  0.14   0.93  0.65   3.21  3.58
 
-    torch is 1.3-3x faster up to 256 queries (FAISS copies the whole matrix into its index
-    on every call and searches it in small 1,024-row BLAS blocks), and from 2,048 queries
-    both are one big sgemm and tie within the noise (FAISS's best: 0.87x torch on BERT x
-    8192 here, 0.85x on SmolLM2 x 2048 in an earlier run; torch's: 0.61x on OPT x 8192).
-    No size had FAISS clearly (>15%) faster, so: torch, which also copies nothing, keeps
-    memory bounded and runs on a GPU. FAISS stays as the cross-check (backend="faiss").
-    The arguments stay so a rule measured on another machine can use them.
+    Up to 256 queries torch is 1.5-9x faster: FAISS copies the whole matrix into its index
+    on every call and searches it in 1,024-row BLAS blocks. From 2,048 queries both are one
+    big sgemm and tie: faiss/torch ranged 0.76-1.76 over this run and one under load 4
+    (except 0.58 on SmolLM2 x 2048 there, which re-measured at 0.93-1.07). No size had
+    FAISS reliably faster, so: torch, which also copies nothing, bounds its memory and runs on
+    a GPU. FAISS stays as the cross-check (backend="faiss"). The arguments stay so a rule
+    measured on another machine can use them.
     """
     del n_queries, n_rows, dim
     return "torch"
@@ -105,7 +105,7 @@ def _torch_search(q: torch.Tensor, m: torch.Tensor, k: int, metric: str,
                     scores = torch.addmm(_sq_norms(mc)[None, :], qb, mc.T, alpha=-2.0)  # (B, C)
                 else:
                     scores = qb @ mc.T                                   # (B, C)
-                if k == 1:  # min/max is ~10% cheaper than topk, and selection is a sizeable share at small D
+                if k == 1:  # min/max measured ~10% cheaper than topk; selection is a real share at small D
                     d, i = scores.max(1, keepdim=True) if largest else scores.min(1, keepdim=True)  # (B, 1)
                 else:
                     d, i = scores.topk(min(k, mc.shape[0]), dim=1, largest=largest)  # (B, <=k)

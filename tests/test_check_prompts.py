@@ -118,3 +118,26 @@ def test_bad_inputs_are_refused(embedding):
         check_prompts(torch.zeros(2, 3, 16), embedding, ids=[1, 2, 3])
     with pytest.raises(BlitextError, match="threshold=0"):
         check_prompts(torch.zeros(2, 3, 16), embedding, threshold=0)
+
+
+@pytest.mark.slow
+def test_real_smollm2_embedding(session_cache, monkeypatch):
+    """SmolLM2-135M's real table: its scale, and noisy copies of real tokens decode back to them."""
+    from blitext.models.loading import load_llm
+
+    monkeypatch.setenv("BLITEXT_CACHE", str(session_cache))
+    llm = load_llm("smollm2-135m")
+    embedding = llm.model.get_input_embeddings().weight                      # (49152, 576)
+    token_ids = llm.tokenizer(["The capital of France is Paris.\n"], return_tensors="pt").input_ids  # (1, P)
+    torch.manual_seed(0)
+    prompts = embedding[token_ids].detach() + 0.005 * torch.randn(*token_ids.shape, 576)
+    random = 0.136 * torch.randn_like(prompts)  # random vectors at the table's own scale
+    report = check_prompts(torch.cat([prompts, random]), embedding, llm.tokenizer)
+    assert report.embedding_rms == pytest.approx(0.136, abs=0.005)
+    # measured: threshold 2.0, row norms ~3.2, random same-scale vectors 3.5-3.8 from any token
+    assert 0.5 < report.threshold < embedding.norm(dim=1).median().item()
+    assert report.fraction_within == 0.5  # the noisy copies, not the random vectors
+    slots = [toks[0] for toks in report.examples[0]["slots"]]
+    assert slots == [repr(llm.tokenizer.decode([int(t)])) for t in token_ids[0]]
+    assert "' Paris'" in slots and "'\\n'" in slots
+    print(format_report(report))
