@@ -57,7 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--n-prompt", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
     config = PFormerConfig(text=["-"], batch_size=args.batch_size, n_prompt=args.n_prompt, max_steps=100,
                            warmup_steps=0, heldout=4)
