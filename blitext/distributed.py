@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,17 @@ def init_distributed(device: str) -> DistInfo:
     if info.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return info
+
+
+def run_distributed(requested_device: str, job: Callable[[str, DistInfo], T]) -> T:
+    """Pick the device, join torchrun's process group if there is one, run `job(device, info)`,
+    and always leave the group: every phase tool's entry point."""
+    device = pick_device(requested_device)
+    info = init_distributed(device)
+    try:
+        return job(device, info)
+    finally:
+        shutdown()
 
 
 def barrier() -> None:

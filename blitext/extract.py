@@ -23,7 +23,7 @@ from blitext.config import default_cache_root, provenance
 from blitext.console import RateLimitedWarnings, progress_bar, rank_logger, say
 from blitext.data.images import load_image
 from blitext.data.readers import read_image_set
-from blitext.distributed import init_distributed, pick_device, shutdown
+from blitext.distributed import run_distributed
 from blitext.errors import BadInputError, BlitextError
 from blitext.models.loading import load_vision_encoder
 from blitext.models.registry import DEFAULT_VISION_ENCODER
@@ -132,12 +132,7 @@ def encoder_dtype(precision: str, device: str) -> torch.dtype:
 
 def extract_features(config: ExtractConfig) -> dict:
     """Run (or resume) one extraction; returns the cache summary. Call under torchrun for several ranks."""
-    device = pick_device(config.device)
-    info = init_distributed(device)
-    try:
-        return _extract(config, device, info)
-    finally:
-        shutdown()
+    return run_distributed(config.device, lambda device, info: _extract(config, device, info))
 
 
 def _extract(config: ExtractConfig, device: str, info) -> dict:

@@ -23,7 +23,7 @@ from blitext.checkpoint import latest_checkpoint, load_checkpoint, resolve_resum
 from blitext.config import default_cache_root, provenance, to_jsonable
 from blitext.console import progress_bar, rank_logger, say
 from blitext.data.text import TextCorpus, read_sentences
-from blitext.distributed import barrier, init_distributed, pick_device, shutdown
+from blitext.distributed import barrier, run_distributed
 from blitext.errors import BlitextError
 from blitext.losses import TEMP_MAX, TEMP_MIN, contrastive_loss, prompt_lm_loss, vocab_loss
 from blitext.metrics import teacher_forced_accuracy
@@ -147,12 +147,7 @@ def default_run_dir(config: PFormerConfig) -> Path:
 
 def train_pformer(config: PFormerConfig) -> Path:
     """Train (or resume) a P-Former; returns the folder of the final weights (`<run>/final`)."""
-    device = pick_device(config.device)
-    info = init_distributed(device)
-    try:
-        return _train(config, device, info)
-    finally:
-        shutdown()
+    return run_distributed(config.device, lambda device, info: _train(config, device, info))
 
 
 def _train(config: PFormerConfig, device: str, info) -> Path:

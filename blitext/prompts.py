@@ -23,7 +23,7 @@ from blitext.checkpoint import latest_checkpoint
 from blitext.config import default_cache_root, provenance
 from blitext.console import progress_bar, say
 from blitext.data.text import read_sentences
-from blitext.distributed import init_distributed, pick_device, shutdown
+from blitext.distributed import run_distributed
 from blitext.errors import BlitextError
 from blitext.models.fingerprint import fingerprint
 from blitext.models.loading import load_text_encoder
@@ -107,12 +107,7 @@ def default_prompts_out(config: BuildPromptsConfig, pformer: LoadedPFormer) -> P
 
 def build_prompts(config: BuildPromptsConfig) -> dict:
     """Write (or resume) a prompt cache; returns its summary. Runs under torchrun too."""
-    device = pick_device(config.device)
-    info = init_distributed(device)
-    try:
-        return _build(config, device, info)
-    finally:
-        shutdown()
+    return run_distributed(config.device, lambda device, info: _build(config, device, info))
 
 
 def _build(config: BuildPromptsConfig, device: str, info) -> dict:
