@@ -27,6 +27,7 @@ from blitext.losses import vocab_loss  # noqa: E402
 from blitext.models.loading import load_llm, load_text_encoder  # noqa: E402
 from blitext.models.pformer import PFormer  # noqa: E402
 from blitext.pformer import Batcher, PFormerConfig, Split, TrainLoop  # noqa: E402
+from blitext.training import adamw  # noqa: E402
 from blitext.distributed import dist_info  # noqa: E402
 from blitext.prompts import BuildPromptsConfig, build_prompts  # noqa: E402
 from blitext.checkpoint import save_checkpoint  # noqa: E402
@@ -64,7 +65,7 @@ def main() -> None:
     llm, enc = load_llm(config.llm), load_text_encoder(config.text_encoder)
     torch.manual_seed(0)
     pformer = PFormer(enc.model, llm.model.get_input_embeddings().weight.shape[1], config.n_prompt)
-    optimizer = torch.optim.AdamW(pformer.parameters(), lr=config.lr)
+    optimizer = adamw(pformer.parameters(), config.lr, config.weight_decay)
     texts = sentences(args.batch_size * (args.steps + 2))
     split = Split([str(i) for i in range(len(texts))], texts, texts[:4])
     loop = TrainLoop(config, pformer, pformer, llm, optimizer, Batcher(enc.tokenizer, llm.tokenizer, config),

@@ -30,8 +30,8 @@ from blitext.metrics import teacher_forced_accuracy
 from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.pformer import PFormer
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER
-from blitext.training import (MetricsLog, global_batch, lr_at, mean_over_ranks, rank_slice, set_lr, step_generator,
-                              step_seed)
+from blitext.training import (MetricsLog, adamw, global_batch, lr_at, mean_over_ranks, rank_slice, set_lr,
+                              step_generator, step_seed)
 
 
 @dataclass
@@ -167,8 +167,7 @@ def _train(config: PFormerConfig, device: str, info) -> Path:
     d_llm = llm.model.get_input_embeddings().weight.shape[1]
     torch.manual_seed(config.seed)  # the new head's initialisation
     pformer = PFormer(text_encoder.model, d_llm, config.n_prompt, config.contrast_dim, config.temp).to(device)
-    optimizer = torch.optim.AdamW([p for p in pformer.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = adamw(pformer.parameters(), config.lr, config.weight_decay)
     identity = {"llm_fingerprint": llm.fingerprint, "text_encoder_fingerprint": text_encoder.fingerprint,
                 "resume_config": {k: getattr(config, k) for k in RESUME_KEYS}}
     start, truncated = _resume(run, config, pformer, optimizer, identity)

