@@ -288,7 +288,7 @@ def models_cmd():
 def demo_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", help="Images per split of easy-VQA."),
 ):
-    """The main job on the embedded default: prepare easy-VQA, extract its features, summarise the cache."""
+    """The main job on the embedded default: every phase that exists, on easy-VQA and the bundled models."""
     from blitext.demo import DemoConfig, run_demo
 
     summary = run_demo(DemoConfig(**({"images_per_split": limit} if limit else {})))
