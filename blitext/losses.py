@@ -40,14 +40,21 @@ def prompt_lm_loss(llm, prompts: torch.Tensor, input_ids: torch.Tensor,
     prompt slots and padding carry no loss. Mean over the batch's text tokens. The LLM is
     frozen (requires_grad False) and gets no gradient; the prompts do.
     """
+    logits = prompted_text_logits(llm, prompts, input_ids, attention_mask)  # (B*L, V)
+    targets = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)  # (B, L)
+    return F.cross_entropy(_at_least_fp32(logits), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def prompted_text_logits(llm, prompts: torch.Tensor, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor) -> torch.Tensor:
+    """The LLM's logits (B*L, V) for the text tokens input_ids (B, L), with prompts (B, P, D)
+    prepended: row b*L + t predicts input_ids[b, t]."""
     B, P, _ = prompts.shape
     L = input_ids.shape[1]
     text_embeds = llm.get_input_embeddings()(input_ids)  # (B, L, D)
     inputs_embeds = torch.cat([prompts.to(text_embeds.dtype), text_embeds], dim=1)  # (B, P+L, D)
     mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)  # (B, P+L)
-    logits = _text_logits(llm, inputs_embeds, mask, L)  # (B*L, V): position t predicts token t+1
-    targets = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)  # (B, L)
-    return F.cross_entropy(_at_least_fp32(logits), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return _text_logits(llm, inputs_embeds, mask, L)
 
 
 def _text_logits(llm, inputs_embeds: torch.Tensor, mask: torch.Tensor, L: int) -> torch.Tensor:

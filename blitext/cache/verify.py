@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 
 from blitext.cache.manifest import load_manifest
-from blitext.cache.writer import sha256_file
+from blitext.atomic import sha256_file
 
 SCAN_ROWS = 256  # rows read at a time when scanning for NaN/inf
 

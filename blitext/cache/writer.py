@@ -16,19 +16,11 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
-from blitext.atomic import publish, read_json, write_json
+from blitext.atomic import publish, read_json, sha256_file, write_json
 from blitext.cache.manifest import FORMAT, MANIFEST, RUN, normalised, require_producer, shard_name, sidecar_name
 from blitext.errors import BlitextError
 
 VARIABLE_CHUNK_ROWS = 32  # variable-length rows: chunks of 32 tokens (a row is a slice of a flat array)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def plan_digest(keys: Sequence[str]) -> str:

@@ -10,10 +10,10 @@ import json
 import os
 from pathlib import Path
 
+from blitext.atomic import sha256_file
 from blitext.config import default_cache_root
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
-_CHUNK = 1 << 22
 
 
 def _memo_path() -> Path:
@@ -43,11 +43,7 @@ def file_digest(path: Path, memo: dict | None = None) -> str:
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     if memo is not None and key in memo:
         return memo[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = sha256_file(path)
     if memo is not None:
         memo[key] = digest
     return digest
