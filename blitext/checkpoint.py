@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,13 +29,18 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    state: dict[str, Any], keep: int = 2) -> Path:
+                    state: dict[str, Any], keep: int = 2, weights: dict[str, torch.Tensor] | None = None,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """`weights` replaces the trainable parameters as what is stored; `extra(folder)` writes
+    more files (a tokenizer) into the checkpoint before it is published."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     final = ckpt_dir / f"step-{step:07d}"
     tmp = ckpt_dir / f".step-{step:07d}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), tmp / "model.safetensors")
+    save_file(weights if weights is not None else trainable_state(model), tmp / "model.safetensors")
+    if extra is not None:
+        extra(tmp)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     write_json(tmp / "state.json", {**state, "step": step})

@@ -3,7 +3,8 @@
 - Frozen LLM:  prompt_lm_loss (P-Former L_lm and the stage-2 captioning loss).
 - P-Former (stage 0):  contrastive_loss (L_contrast, SimCSE), vocab_loss (L_vocab) and its
   nearest_embedding_rows search.
-- Adaptor (stages 1, 2):  alignment_loss (L_align, to the P-Former's reference prompts).
+- Adaptor (stages 1, 2):  itc_loss, itm_negatives + itm_loss, itg_loss (BLIP-2's stage 1),
+  alignment_loss (L_align, to the P-Former's reference prompts).
 
 Losses are plain functions of tensors (and the frozen LLM): the trainers own the models,
 the weights (w1, w2) and the optimisers.
@@ -171,3 +172,64 @@ def alignment_loss(prompts: torch.Tensor, reference: torch.Tensor) -> torch.Tens
         )
     prompts = _at_least_fp32(prompts)
     return F.mse_loss(prompts, reference.detach().to(device=prompts.device, dtype=prompts.dtype))
+
+
+def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor | float,
+             positive: torch.Tensor, label_smoothing: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BLIP-2's image-text contrastive loss, negatives gathered from every rank.
+
+    image_feat (B, Q, E) and text_feat (B, E) are L2-normalised; the image-text similarity is
+    the max over the Q query outputs. positive (B, N) marks which gathered rows count as a match
+    for each local row: the pair itself, and (unlike BLIP-2, which assumes distinct captions)
+    other captions of the same image and identical captions of other images, so duplicates are
+    not pushed apart; the target is uniform over the positives. Returns the loss (mean of both
+    directions) and the logits i2t (B, N), t2i (B, N) that ITM's hard negatives are drawn from.
+    """
+    if not torch.is_tensor(temp):
+        temp = torch.tensor(temp, device=text_feat.device)
+    temp = temp.clamp(TEMP_MIN, TEMP_MAX)
+    b, q, e = image_feat.shape
+    image_all, _ = _gather_with_grad(image_feat.reshape(b, q * e))  # (N, Q*E)
+    text_all, _ = _gather_with_grad(text_feat)  # (N, E)
+    image_all = image_all.reshape(-1, q, e)
+    sim_i2t = torch.einsum("bqe,ne->bnq", image_feat, text_all).amax(-1) / temp  # (B, N)
+    sim_t2i = torch.einsum("be,nqe->bnq", text_feat, image_all).amax(-1) / temp  # (B, N)
+    targets = positive.float() / positive.float().sum(1, keepdim=True)  # (B, N)
+    loss = (F.cross_entropy(_at_least_fp32(sim_i2t), targets, label_smoothing=label_smoothing)
+            + F.cross_entropy(_at_least_fp32(sim_t2i), targets, label_smoothing=label_smoothing)) / 2
+    return loss, sim_i2t, sim_t2i
+
+
+@torch.no_grad()
+def itm_negatives(sim: torch.Tensor, positive: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One hard negative per row: index j drawn with probability softmax(sim[i]) over the
+    non-positive candidates (BLIP-2's ITM sampling). sim, positive (B, N); uniform (B,) in [0, 1)
+    picks the draw by inverse CDF, so the caller's seeded numbers fix it on every rank.
+
+    Returns (index (B,), found (B,) bool): a row whose every candidate is a positive has no
+    negative (found False, index 0) and must be left out of ITM.
+    """
+    weights = torch.softmax(sim.float(), dim=1).masked_fill(positive, 0.0)  # (B, N)
+    starved = weights.sum(1) <= 0  # every negative underflowed: fall back to a uniform draw
+    weights = torch.where(starved[:, None], (~positive).float(), weights)
+    cdf = weights.cumsum(1)  # (B, N)
+    total = cdf[:, -1]  # (B,)
+    found = total > 0
+    target = (uniform.to(cdf.device, cdf.dtype) * total)[:, None]  # (B, 1)
+    index = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=sim.shape[1] - 1)
+    return index.masked_fill(~found, 0), found
+
+
+def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the ITM head's (n, 2) logits; labels 1 for matched pairs, 0 for negatives."""
+    return F.cross_entropy(_at_least_fp32(logits), labels)
+
+
+def itg_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             label_smoothing: float = 0.1) -> torch.Tensor:
+    """BLIP-2's image-grounded text generation loss: position t of the text (B, L, V) predicts
+    token t+1; the first token ([DEC]) is never a target, padding carries no loss; label
+    smoothing 0.1 as the reference code's BertLMHeadModel. Mean over target tokens."""
+    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)  # (B, L-1)
+    return F.cross_entropy(_at_least_fp32(logits[:, :-1]).flatten(0, 1), targets.flatten(),
+                           ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)

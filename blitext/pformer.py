@@ -31,7 +31,7 @@ from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.pformer import PFormer
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER
 from blitext.training import (MetricsLog, adamw, global_batch, lr_at, mean_over_ranks, rank_slice, set_lr,
-                              step_generator, step_seed)
+                              step_generator, step_seed, token_share)
 
 
 @dataclass
@@ -275,21 +275,10 @@ class TrainLoop:
         z_a = out.text_feat[:b]
         z_b = out.text_feat[b:] if two_view else z_a
         return {
-            "lm": prompt_lm_loss(self.llm.model, prompts, tgt_ids, tgt_att) * self.token_share(tgt_att),
+            "lm": prompt_lm_loss(self.llm.model, prompts, tgt_ids, tgt_att) * token_share(tgt_att, self.info.world),
             "contrast": contrastive_loss(z_a, z_b, self.pformer.temp, self.c.label_smoothing),
             "vocab": vocab_loss(prompts, self.embedding),
         }
-
-    def token_share(self, tgt_att: torch.Tensor) -> torch.Tensor | float:
-        """world x this rank's share of the global batch's text tokens. L_lm is a mean over tokens;
-        scaled by this, DDP's average of the ranks' gradients is the gradient of the mean over the
-        whole global batch's tokens (what one process computes), however the tokens fall on ranks."""
-        if self.info.world == 1:
-            return 1.0
-        n = tgt_att.sum().float()
-        total = n.detach().clone()
-        torch.distributed.all_reduce(total)
-        return n * self.info.world / total
 
     def record(self, step: int, losses: dict, rate: float, per_rank: int) -> None:
         if self.metrics is None or (step + 1) % self.c.log_every and step != 0:

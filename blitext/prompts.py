@@ -196,7 +196,7 @@ class PromptCache:
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.get_batch([key])[0]
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the rows are constants inside a loss that is differentiated
     def get_batch(self, keys: list[str]) -> torch.Tensor:
         """(B, n_prompt, d_llm) float32, with no gradient: references are constants."""
         rows = torch.from_numpy(np.stack(self.cache.get_many(keys))).float()

@@ -9,7 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
+import threading
+import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed
@@ -68,6 +72,61 @@ def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
         torch.distributed.all_reduce(stacked)
         stacked /= torch.distributed.get_world_size()
     return dict(zip(values, stacked.tolist()))
+
+
+def token_share(mask: torch.Tensor, world: int) -> torch.Tensor | float:
+    """world x this rank's share of the global batch's tokens (mask: this rank's, 1 = token).
+
+    A token-mean loss scaled by this makes DDP's average of the ranks' gradients the gradient
+    of the mean over the whole global batch's tokens (what one process computes), however the
+    tokens fall on ranks."""
+    if world == 1:
+        return 1.0
+    n = mask.sum().float()
+    total = n.detach().clone()
+    torch.distributed.all_reduce(total)
+    return n * world / total
+
+
+class Prefetcher:
+    """Loads step s+1's batch in a background thread while step s computes.
+
+    `load(step)` does the I/O (cache reads, image decoding); `next()` returns the batches in
+    step order and adds the time it blocked to `waited` (the data wait of the step's time).
+    """
+
+    def __init__(self, load: Callable[[int], object], steps: range, depth: int = 2):
+        self.waited = 0.0
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(load, steps), daemon=True)
+        self._thread.start()
+
+    def _run(self, load, steps) -> None:
+        for step in steps:
+            try:
+                item = (load(step), None)
+            except BaseException as e:  # re-raised in the training thread, where it can be reported
+                item = (None, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or item[1] is not None:
+                return
+
+    def next(self):
+        t = time.perf_counter()
+        batch, error = self._queue.get()
+        self.waited += time.perf_counter() - t
+        if error is not None:
+            raise error
+        return batch
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 class MetricsLog:

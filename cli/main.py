@@ -156,6 +156,8 @@ def check_prompts_cmd(
     pformer: Optional[Path] = typer.Option(None, "--pformer", help="A P-Former run (with --captions)."),
     captions: Optional[list[str]] = typer.Option(None, "--captions", help="Captions to run the P-Former on."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="A prompt cache made by build-prompts."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A train-adapter run (with --features): the adaptor's prompts."),
+    features: Optional[Path] = typer.Option(None, "--features", help="Feature cache to run the adaptor on."),
     llm: Optional[str] = typer.Option(None, "--llm", help="The LLM whose embeddings to compare with. [default: the one the prompts were made for]"),
     limit: int = typer.Option(256, "--limit", help="Examples to check."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="L2 distance counted as 'at a token'. [default: median nearest-neighbour distance between embedding rows]"),
@@ -164,7 +166,7 @@ def check_prompts_cmd(
     backend: str = typer.Option("auto", "--backend", help="auto | faiss | torch (nearest-row search)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the report as JSON here."),
 ):
-    """How close prompts sit to the LLM's token embeddings, with the nearest tokens per slot."""
+    """How close prompts (a P-Former's, a prompt cache's or an adaptor's) sit to the LLM's token embeddings."""
     import dataclasses
     import json
 
@@ -173,16 +175,130 @@ def check_prompts_cmd(
     from blitext.models.loading import load_llm
     from blitext.prompts import prompts_from_cache, prompts_from_pformer
 
-    if (pformer is None) == (prompts is None) or (pformer is not None and not captions):
-        raise BlitextError("give either --pformer RUN with --captions FILE, or --prompts CACHE")
-    ids, vectors, llm_name = (prompts_from_pformer(pformer, captions, limit) if pformer is not None
-                              else prompts_from_cache(prompts, limit))
+    sources = [x is not None for x in (pformer, prompts, adapter)]
+    if sum(sources) != 1 or (pformer is not None and not captions) or (adapter is not None and features is None):
+        raise BlitextError("give one of: --pformer RUN with --captions FILE, --prompts CACHE, "
+                           "or --adapter RUN with --features CACHE")
+    if pformer is not None:
+        ids, vectors, llm_name = prompts_from_pformer(pformer, captions, limit)
+    elif prompts is not None:
+        ids, vectors, llm_name = prompts_from_cache(prompts, limit)
+    else:
+        from blitext.adapter import prompts_from_adapter
+
+        ids, vectors, llm_name = prompts_from_adapter(adapter, features, limit)
     model = load_llm(llm or llm_name)
     report = check_prompts(vectors, model.model.get_input_embeddings().weight.detach(), model.tokenizer, ids,
                            threshold, k, examples, backend)
     console.print(format_report(report), highlight=False, markup=False)
     if out:
         out.write_text(json.dumps(dataclasses.asdict(report), indent=1))
+
+
+# ------------------------------------------------------------------ train-adapter
+from blitext.adapter import AdapterConfig  # noqa: E402
+
+
+@app.command("train-adapter")
+@user_errors
+def train_adapter_cmd(
+    stage: Optional[int] = typer.Option(None, "--stage", help="1: ITC + ITM + ITG (+ w1 L_align); 2: frozen-LLM loss (+ w2 L_align)."),
+    features: Optional[Path] = typer.Option(None, "--features", help="Feature cache (extract-features)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Reference prompt cache (build-prompts); needed when --w-align > 0."),
+    w_align: Optional[float] = typer.Option(None, "--w-align", help="Alignment weight; 0 = plain BLIP-2. [default: 10 in stage 1, 100 in stage 2]"),
+    init: Optional[Path] = typer.Option(None, "--init", help="Stage 2: the stage-1 run to start from."),
+    captions: Optional[list[str]] = typer.Option(None, "--captions", help="Caption JSON (image ids = feature keys). [default: the features' prepared data, train split]"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder. [default: cache/runs/adapter/stage<N>-w<W>]"),
+    online: Optional[bool] = typer.Option(None, "--online/--cached", help="Run the vision encoder on the images in the loop instead of reading a cache."),
+    vision_encoder: Optional[str] = typer.Option(None, "--vision-encoder", help="[default: the features' encoder; --online: the bundled one]"),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="--online: folder that relative image paths start from."),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help=f"BERT-family encoder the Q-Former starts from. {default_of(AdapterConfig, 'text_encoder')}"),
+    llm: Optional[str] = typer.Option(None, "--llm", help=f"Frozen LLM. {default_of(AdapterConfig, 'llm')}"),
+    num_query: Optional[int] = typer.Option(None, "--num-query", help="Query tokens. [default: the prompts' n_prompt, else 32]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Global batch. {default_of(AdapterConfig, 'batch_size')}"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=default_of(AdapterConfig, "epochs")),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N steps (overrides --epochs)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help=default_of(AdapterConfig, "lr")),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="[default: 5000 in stage 1, 2000 in stage 2]"),
+    seed: Optional[int] = typer.Option(None, "--seed", help=default_of(AdapterConfig, "seed")),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help=default_of(AdapterConfig, "save_every")),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help=default_of(AdapterConfig, "log_every")),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoints/step-N folder."),
+    config: Optional[Path] = ConfigOpt,
+):
+    """Train the Q-Former adaptor from cached features and prompts (resumable; runs under torchrun)."""
+    from blitext.adapter import train_adapter
+    from blitext.config import resolve_config
+    from blitext.console import say
+
+    cfg = resolve_config(AdapterConfig, config, stage=stage, features=features and str(features),
+                         prompts=prompts and str(prompts), w_align=w_align, init=init and str(init),
+                         captions=captions or None, out=out and str(out), online=online,
+                         vision_encoder=vision_encoder, image_root=image_root and str(image_root),
+                         text_encoder=text_encoder, llm=llm, num_query=num_query, batch_size=batch_size,
+                         epochs=epochs, max_steps=max_steps, lr=lr, warmup_steps=warmup_steps, seed=seed,
+                         save_every=save_every, log_every=log_every, device=device, resume=resume)
+    say(f"[green]adaptor written to[/] {train_adapter(cfg)}")
+
+
+# ------------------------------------------------------------------ generate
+@app.command("generate")
+@user_errors
+def generate_cmd(
+    adapter: Path = typer.Option(..., "--adapter", help="A stage-2 train-adapter run (or <run>/final)."),
+    images: list[str] = typer.Option(..., "--images", help="Image file, folder, caption JSON or .tar shards; repeatable."),
+    question: Optional[str] = typer.Option(None, "--question", help="Answer this question about each image."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help='Text prompt ("{}" = the question). [default: "a photo of" / "Question: {} Short answer:"]'),
+    num_beams: Optional[int] = typer.Option(None, "--num-beams", help="[default: 5]"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="[default: 30 captions, 10 answers]"),
+    min_new_tokens: Optional[int] = typer.Option(None, "--min-new-tokens", help="[default: 8 captions, 1 answers]"),
+    length_penalty: Optional[float] = typer.Option(None, "--length-penalty", help="[default: 1 captions, -1 answers]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
+    llm: Optional[str] = typer.Option(None, "--llm", help="[default: the adaptor's LLM]"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
+):
+    """Captions (or answers, with --question) from a trained adaptor and its frozen LLM."""
+    import json
+
+    from rich.table import Table
+
+    from blitext.config import resolve_config
+    from blitext.console import console
+    from blitext.generate import GenerateConfig, run_generate
+
+    cfg = resolve_config(GenerateConfig, None, adapter=str(adapter), images=images, question=question, prompt=prompt,
+                         num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                         length_penalty=length_penalty, batch_size=batch_size, limit=limit, llm=llm, device=device)
+    results = run_generate(cfg)
+    table = Table("image", "answer" if question else "caption", title=question)
+    for r in results:
+        table.add_row(r["image"], r["text"])
+    console.print(table)
+    if out:
+        out.write_text(json.dumps(results, indent=1))
+
+
+# ------------------------------------------------------------------ plot
+@app.command("plot")
+@user_errors
+def plot_cmd(
+    runs: list[Path] = typer.Argument(..., help="Run folders (or metrics.jsonl files); several go on one figure."),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG path. [default: <run>/metrics.png for one run, ./runs.png for several]"),
+    keys: Optional[str] = typer.Option(None, "--keys", help="Comma-separated metrics to plot, in order. [default: every loss term]"),
+    smooth: int = typer.Option(1, "--smooth", help="Moving-average window over logged points."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated legend names, one per run."),
+):
+    """PNG loss curves of one or several runs (their metrics.jsonl)."""
+    from blitext.console import say
+    from blitext.plot import plot_runs
+
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None
+    if out is None:
+        out = runs[0] / "metrics.png" if len(runs) == 1 and runs[0].is_dir() else Path("runs.png")
+    say(f"[green]wrote[/] {plot_runs(runs, out, split(keys), smooth, split(labels))}")
 
 
 # ------------------------------------------------------------------ data

@@ -1,0 +1,623 @@
+"""Phase 2: `blitext train-adapter` - BLIP-2's Q-Former, stages 1 and 2, from the caches.
+
+Stage 1 = ITC + ITM + ITG + w1 * L_align (the LLM is never run: only `llm_proj` and the
+reference prompts are needed); stage 2 = the frozen LLM's loss on caption + end-of-text +
+w2 * L_align, starting from stage 1's Q-Former and `llm_proj` (`--init`). REFERENCE.md
+section 2; w1 = 10, w2 = 100 as the paper; `--w-align 0` is plain BLIP-2 on the same path.
+
+Training reads cached visual tokens (extract-features) by image id and cached reference
+prompts (build-prompts) by caption key, never images; `--online` runs the frozen vision
+encoder on the images inside the loop instead, as the reference code does. A cache from
+another encoder, preprocessing, P-Former or LLM than the run's is refused.
+
+`batch_size` is the global batch, split across torchrun ranks; ITC negatives and ITM hard
+negatives come from the whole global batch. Randomness is a function of (seed, step, rank),
+so `--resume latest` continues exactly as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from blitext.atomic import read_json
+from blitext.cache import FeatureCache
+from blitext.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from blitext.config import default_cache_root, provenance, to_jsonable
+from blitext.console import progress_bar, rank_logger, say
+from blitext.data.images import load_image
+from blitext.data.readers import read_image_set
+from blitext.data.text import caption_key, expand_paths
+from blitext.distributed import barrier, run_distributed
+from blitext.errors import BadInputError, BlitextError
+from blitext.losses import (TEMP_MAX, TEMP_MIN, alignment_loss, itc_loss, itg_loss, itm_loss, itm_negatives,
+                            prompt_lm_loss)
+from blitext.models.fingerprint import fingerprint
+from blitext.models.loading import display_name, llm_path, load_llm, load_text_encoder, load_vision_encoder
+from blitext.models.qformer import QFormer, qformer_tokenizer, unilm_mask
+from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER, DEFAULT_VISION_ENCODER
+from blitext.prompts import PromptCache
+from blitext.training import (MetricsLog, Prefetcher, adamw, global_batch, lr_at, mean_over_ranks, rank_slice,
+                              set_lr, step_generator, step_seed, token_share)
+
+
+@dataclass
+class AdapterConfig:
+    stage: int = 1                      # 1: ITC + ITM + ITG (+ w1 L_align); 2: frozen-LLM loss (+ w2 L_align)
+    features: str | None = None         # feature cache from extract-features (not needed with --online)
+    prompts: str | None = None          # reference prompts from build-prompts; needed when w_align > 0
+    captions: list[str] = field(default_factory=list)  # caption JSON; default: the features' prepared data, train split
+    w_align: float | None = None        # alignment weight; default 10 in stage 1, 100 in stage 2 (paper)
+    init: str | None = None             # stage 2: the stage-1 run (or checkpoint) to start from
+    out: str | None = None              # run folder; default <cache root>/runs/adapter/stage<N>-w<W>
+    online: bool = False                # encode the images inside the loop (no feature cache)
+    vision_encoder: str | None = None   # default: the features cache's encoder; --online: the bundled one
+    image_root: str | None = None       # --online: where relative image paths start
+    text_encoder: str = DEFAULT_TEXT_ENCODER  # Q-Former initialisation (paper: bert-base-uncased)
+    llm: str = DEFAULT_LLM              # the frozen LLM (stage 2 runs it; stage 1 needs its width)
+    num_query: int | None = None        # default: the prompt cache's n_prompt, else 32 (paper)
+    cross_attention_frequency: int = 2
+    embed_dim: int = 256
+    max_text_len: int = 32
+    end_of_text: str = "\n"             # appended to stage-2 targets, as the P-Former's (the LLM learns to stop)
+    temp: float = 0.07
+    label_smoothing: float = 0.1
+    epochs: int = 10
+    max_steps: int | None = None        # overrides epochs
+    batch_size: int = 1024              # global batch (paper), split across ranks
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int | None = None     # default 5000 (stage 1) / 2000 (stage 2), as the paper
+    warmup_start_lr: float = 1e-6
+    weight_decay: float = 0.05
+    seed: int = 42
+    save_every: int = 1000
+    log_every: int = 10
+    prefetch: int = 2                   # batches read ahead in a background thread
+    decode_threads: int = 2             # --online: image decoding threads
+    precision: str = "auto"             # auto: bf16 autocast on GPU, fp32 on CPU
+    device: str = "auto"
+    resume: str | None = None           # "latest" or a checkpoints/step-N folder
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2):
+            raise BlitextError(f"--stage must be 1 or 2, got {self.stage}")
+        if isinstance(self.captions, str):
+            self.captions = [self.captions]
+        if self.w_align is None:
+            self.w_align = 10.0 if self.stage == 1 else 100.0
+        if self.warmup_steps is None:
+            self.warmup_steps = 5000 if self.stage == 1 else 2000
+        if self.w_align < 0:
+            raise BlitextError(f"--w-align must be >= 0, got {self.w_align}")
+        if self.w_align > 0 and not self.prompts:
+            raise BlitextError(f"--w-align {self.w_align:g} needs reference prompts: pass --prompts CACHE "
+                               f"(blitext build-prompts makes it), or --w-align 0 for plain BLIP-2")
+        if not self.online and not self.features:
+            raise BlitextError("train-adapter reads cached features: pass --features CACHE "
+                               "(blitext extract-features makes it), or --online to encode images in the loop")
+
+
+RESUME_KEYS = ("stage", "w_align", "text_encoder", "llm", "num_query", "cross_attention_frequency", "embed_dim",
+               "max_text_len", "end_of_text", "batch_size", "lr", "min_lr", "warmup_steps", "seed", "epochs",
+               "max_steps")
+
+
+def default_run_dir(config: AdapterConfig) -> Path:
+    return default_cache_root() / "runs" / "adapter" / f"stage{config.stage}-w{config.w_align:g}"
+
+
+def total_steps(config: AdapterConfig, n_pairs: int) -> int:
+    if config.max_steps:
+        return config.max_steps
+    return max(1, config.epochs * (n_pairs // config.batch_size))
+
+
+# ---------------------------------------------------------------- data: pairs and feature sources
+
+@dataclass
+class Pairs:
+    """Image-caption pairs, joined by key: caption key `<image_id>#k` -> image id -> features."""
+    keys: list[str]
+    image_ids: list[str]
+    texts: list[str]
+    image_refs: dict[str, tuple[Path, str]]  # image id -> (root, reference), for --online
+    skipped: int = 0                         # captions whose image has no features (failed extraction)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def default_captions(features: FeatureCache | None) -> list[str]:
+    """The train captions of the prepared dataset a feature cache was made from."""
+    data = features.manifest.get("provenance", {}).get("config", {}).get("data") if features else None
+    if data and Path(data).suffix == ".json" and Path(data).is_file():
+        return [data]
+    for folder in ([Path(data), default_cache_root() / "data" / data] if data else []):
+        if (folder / "captions_train.json").is_file():
+            return [str(folder / "captions_train.json")]
+    raise BlitextError("train-adapter needs captions: pass --captions FILE (a caption JSON whose image ids are "
+                       "the feature cache's keys)")
+
+
+def read_pairs(caption_files: list[str], image_root: str | None, has_image) -> Pairs:
+    keys, image_ids, texts, refs, skipped = [], [], [], {}, 0
+    for path in expand_paths(caption_files):
+        image_set = read_image_set(path, image_root)
+        for rec in image_set.records:
+            for k, caption in enumerate(rec.captions):
+                if not caption.strip():
+                    continue
+                if not has_image(rec.id):
+                    skipped += 1
+                    continue
+                keys.append(caption_key(rec.id, k))
+                image_ids.append(rec.id)
+                texts.append(caption.strip())
+                refs[rec.id] = (image_set.root, rec.image)
+    if not keys:
+        raise BlitextError(f"no caption in {caption_files} has an image in the features: were they made from "
+                           f"the same data? ({skipped} captions without features)")
+    return Pairs(keys, image_ids, texts, refs, skipped)
+
+
+class CachedFeatures:
+    """Visual tokens read from a feature cache by image id."""
+
+    def __init__(self, cache: FeatureCache):
+        self.cache = cache
+        self.producer = cache.producer
+        self.width = cache.row_shape[-1]
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.cache
+
+    def read(self, image_ids: list[str]):
+        return self.cache.get_batch(image_ids)
+
+    def encode(self, batch, device: str):
+        feats, mask = batch
+        return feats.to(device, non_blocking=True), None if mask is None else mask.to(device)
+
+
+class OnlineFeatures:
+    """The frozen vision encoder run on decoded images inside the loop (the reference code's way)."""
+
+    def __init__(self, encoder, refs: dict[str, tuple[Path, str]] | None, threads: int):
+        self.encoder = encoder
+        self.producer = encoder.producer()
+        self.width = encoder.token_shape()[1]
+        self.refs = refs or {}
+        self.pool = ThreadPoolExecutor(max(1, threads))
+
+    def __contains__(self, image_id: str) -> bool:
+        return True  # every captioned image is encoded; a bad file is an error naming it
+
+    def _pixels(self, image_id: str) -> torch.Tensor:
+        root, ref = self.refs[image_id]
+        return self.encoder.preprocess(load_image(root, ref))
+
+    def read(self, image_ids: list[str]):
+        try:
+            return torch.stack(list(self.pool.map(self._pixels, image_ids)))
+        except BadInputError as e:
+            raise BlitextError(f"--online: {e}; fix or drop the image, or extract features first "
+                               f"(extract-features skips and records bad images)") from None
+
+    @torch.no_grad()  # not inference_mode: the features enter the differentiated Q-Former
+    def encode(self, pixels: torch.Tensor, device: str):
+        p = next(self.encoder.parameters())
+        return self.encoder(pixels.to(device, p.dtype)).float(), None
+
+
+# ---------------------------------------------------------------- entry point
+
+def train_adapter(config: AdapterConfig) -> Path:
+    """Train (or resume) one adaptor stage; returns `<run>/final`."""
+    return run_distributed(config.device, lambda device, info: _train(config, device, info))
+
+
+@dataclass
+class Setup:
+    """Everything the loop needs, with what identifies the run (checked on resume and in stage 2)."""
+    model: QFormer
+    tokenizer: object
+    source: object
+    pairs: Pairs
+    prompts: PromptCache | None
+    llm: object | None
+    identity: dict
+
+
+def _train(config: AdapterConfig, device: str, info) -> Path:
+    if config.batch_size % info.world:
+        raise BlitextError(f"batch_size {config.batch_size} must divide by the number of ranks {info.world}")
+    setup = _setup(config, device)
+    run = Path(config.out) if config.out else default_run_dir(config)
+    model = setup.model.to(device)
+    trainable = model.train_only(config.stage, config.w_align > 0)
+    optimizer = adamw(model.parameters(), config.lr, config.weight_decay)
+    start = _resume(run, config, model, optimizer, setup.identity)
+    if start == 0 and config.init:
+        _load_init(config.init, model, setup.identity)
+    steps = total_steps(config, len(setup.pairs))
+    if len(setup.pairs) < config.batch_size:
+        raise BlitextError(f"{len(setup.pairs)} image-caption pairs < batch_size {config.batch_size}; lower --batch-size")
+    say(f"train-adapter stage {config.stage}: {len(setup.pairs):,} pairs"
+        + (f" ({setup.pairs.skipped} captions without features skipped)" if setup.pairs.skipped else "")
+        + f", {steps:,} steps of {config.batch_size}, w_align {config.w_align:g}, {model.num_query} queries, "
+        f"{len(trainable)} trainable tensors, {'online encoder' if config.online else 'cached features'} on {device}")
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+    barrier()
+    log = rank_logger("train-adapter", run / "logs")
+    metrics = MetricsLog(run / "metrics.jsonl", resume_step=start if start else None) if info.is_main else None
+    state = {**setup.identity, "config": to_jsonable(config), "provenance": provenance(config),
+             **model.describe(), "pairs": len(setup.pairs)}
+    loop = AdapterLoop(config, model, setup, device, info, metrics, log)
+    loop.run(start, steps, run, optimizer, state)
+    final = run / "final"
+    if info.is_main:
+        save_checkpoint(run, steps, model, None, state, keep=2, weights=adapter_weights(model),
+                        extra=lambda folder: setup.tokenizer.save_pretrained(folder / "tokenizer"))
+        export_final(run, final)
+    barrier()
+    return final
+
+
+def _setup(config: AdapterConfig, device: str) -> Setup:
+    features = FeatureCache(config.features) if config.features else None
+    encoder_name = config.vision_encoder or (features.producer["encoder"] if features else DEFAULT_VISION_ENCODER)
+    if config.online:
+        encoder = load_vision_encoder(encoder_name, device=device)
+        source = OnlineFeatures(encoder, None, config.decode_threads)
+    else:
+        if config.vision_encoder:  # the user named an encoder: the cache must be its
+            expected = load_vision_encoder(config.vision_encoder).producer()
+            features = FeatureCache(config.features, expect=expected,
+                                    fix="re-run extract-features with this encoder, or pass its --features")
+        source = CachedFeatures(features)
+    captions = config.captions or default_captions(features)
+    pairs = read_pairs(captions, config.image_root, lambda image_id: image_id in source)
+    if config.online:
+        source.refs = pairs.image_refs
+    prompts = _prompt_cache(config, pairs)
+    llm = load_llm(config.llm, device=device) if config.stage == 2 else None
+    llm_fp = llm.fingerprint if llm else fingerprint(display_name(config.llm), llm_path(config.llm))
+    if prompts is not None and prompts.producer["llm"] != llm_fp:
+        raise BlitextError(f"the prompts in {config.prompts} were built for {prompts.producer['llm']}, but this run's "
+                           f"LLM is {llm_fp}: build prompts with a P-Former trained for --llm {config.llm}, or pass "
+                           f"--llm matching the prompts")
+    d_llm = llm.model.get_input_embeddings().weight.shape[1] if llm else _llm_width(config.llm)
+    num_query = config.num_query or (prompts.producer["n_prompt"] if prompts else 32)
+    if prompts is not None and num_query != prompts.producer["n_prompt"]:
+        raise BlitextError(f"--num-query {num_query} but the reference prompts have {prompts.producer['n_prompt']} "
+                           f"slots: L_align compares them slot by slot; use --num-query {prompts.producer['n_prompt']}")
+    text_encoder = load_text_encoder(config.text_encoder)
+    tokenizer = qformer_tokenizer(text_encoder.tokenizer)
+    torch.manual_seed(config.seed)  # the new parts' initialisation (queries, cross-attention, heads)
+    model = QFormer.from_text_encoder(text_encoder.model, tokenizer, source.width, num_query, d_llm,
+                                      config.cross_attention_frequency, config.embed_dim)
+    identity = {"features_producer": source.producer, "llm_fingerprint": llm_fp,
+                "text_encoder_fingerprint": text_encoder.fingerprint,
+                "prompts_producer": prompts.producer if prompts else None,
+                "resume_config": {k: getattr(config, k) for k in RESUME_KEYS}}
+    return Setup(model, tokenizer, source, pairs, prompts, llm, identity)
+
+
+def _prompt_cache(config: AdapterConfig, pairs: Pairs) -> PromptCache | None:
+    if not config.prompts:
+        return None
+    cache = PromptCache(config.prompts)
+    missing = [k for k in pairs.keys if k not in cache]
+    if missing:
+        raise BlitextError(f"{len(missing)} of {len(pairs)} captions have no reference prompt in {config.prompts} "
+                           f"(first: {missing[0]!r}); build-prompts must run on the same caption files")
+    return cache
+
+
+def _llm_width(name: str) -> int:
+    """The LLM's embedding width, from its config alone (stage 1 never loads the weights)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(llm_path(name), local_files_only=True)
+    width = getattr(config, "hidden_size", None) or getattr(config, "word_embed_proj_dim", None) or config.n_embd
+    return int(getattr(config, "word_embed_proj_dim", None) or width)  # OPT's embeddings may be narrower
+
+
+def adapter_weights(model: QFormer) -> dict[str, torch.Tensor]:
+    """Every adaptor tensor (frozen parts too): a checkpoint of either stage is a whole Q-Former."""
+    model = getattr(model, "module", model)
+    return {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
+
+
+def export_final(run: Path, final: Path) -> None:
+    """`<run>/final`: the last checkpoint without optimizer state (what generate and stage 2 load)."""
+    import shutil
+
+    src = latest_checkpoint(run)
+    tmp = run / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("optimizer.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def _resume(run: Path, config: AdapterConfig, model, optimizer, identity: dict) -> int:
+    path = resolve_resume(run, config.resume)
+    if path is None:
+        if config.resume is None and latest_checkpoint(run) is not None:
+            raise BlitextError(f"{run} already holds a run; pass --resume latest to continue it or another --out")
+        return 0
+    state = load_checkpoint(path, model, optimizer, expect=identity)
+    say(f"resuming from {path} (step {state['step']})")
+    return int(state["step"])
+
+
+def adapter_folder(path: str | Path) -> Path:
+    """An adaptor checkpoint: `<run>/final`, a `checkpoints/step-N`, or a run folder."""
+    path = Path(path)
+    for candidate in (path, path / "final", latest_checkpoint(path) if path.is_dir() else None):
+        if candidate is not None and (candidate / "model.safetensors").is_file() and (candidate / "state.json").is_file():
+            state = read_json(candidate / "state.json")
+            if "qformer_config" in state:
+                return candidate
+    raise BlitextError(f"{str(path)!r} holds no adaptor checkpoint (model.safetensors + state.json from "
+                       f"train-adapter); pass its run folder or <run>/final")
+
+
+def _load_init(init: str, model: QFormer, identity: dict) -> None:
+    """Stage 2 starts from stage 1's Q-Former and llm_proj: same features, same LLM width, same queries."""
+    from safetensors.torch import load_file
+
+    folder = adapter_folder(init)
+    state = read_json(folder / "state.json")
+    for key, what in (("features_producer", "visual features"), ("llm_fingerprint", "LLM")):
+        if state.get(key) != identity[key]:
+            raise BlitextError(f"--init {folder} was trained on other {what} ({state.get(key)}) than this run "
+                               f"({identity[key]}): stage 2 must use stage 1's {what}")
+    if state.get("prompts_producer") and identity["prompts_producer"] and \
+            state["prompts_producer"]["pformer"] != identity["prompts_producer"]["pformer"]:
+        raise BlitextError(f"--init {folder} was aligned to {state['prompts_producer']['pformer']} but --prompts "
+                           f"come from {identity['prompts_producer']['pformer']}: use one P-Former for both stages")
+    weights = load_file(folder / "model.safetensors")
+    own = model.state_dict()
+    bad = [k for k, v in weights.items() if k not in own or own[k].shape != v.shape]
+    if bad or set(own) - set(weights):
+        raise BlitextError(f"--init {folder} does not fit this Q-Former ({(bad or sorted(set(own) - set(weights)))[:3]}); "
+                           f"use the same --text-encoder and --num-query as stage 1")
+    model.load_state_dict(weights)
+    say(f"stage 2 starts from {folder} (stage {state['resume_config']['stage']}, step {state['step']})")
+
+
+# ---------------------------------------------------------------- the loop
+
+class StepLosses(torch.nn.Module):
+    """One stage's losses as the forward of a module that owns the Q-Former: DDP syncs the
+    gradients of what its wrapped forward used, so every pass of the step runs inside it."""
+
+    def __init__(self, qformer: QFormer, losses):
+        super().__init__()
+        self.qformer, self.losses = qformer, losses
+
+    def forward(self, *args):
+        return self.losses(*args)
+
+
+class AdapterLoop:
+    def __init__(self, config: AdapterConfig, model: QFormer, setup: Setup, device: str, info, metrics, log):
+        self.c, self.model, self.s = config, model, setup
+        step_losses = StepLosses(model, self.stage1_losses if config.stage == 1 else self.stage2_losses)
+        self.forward = DistributedDataParallel(step_losses) if info.world > 1 else step_losses
+        self.device, self.info, self.metrics, self.log = device, info, metrics, log
+        self.tokenizer = setup.tokenizer
+        self.llm_tokenizer = setup.llm.tokenizer if setup.llm else None
+        if self.llm_tokenizer is not None:
+            self.llm_tokenizer.padding_side = "right"
+        self.autocast = torch.autocast("cuda", torch.bfloat16) if (
+            config.precision in ("auto", "bf16") and device.startswith("cuda")) else torch.autocast("cpu", enabled=False)
+        # Which pairs count as matches inside a batch: same image or identical caption text.
+        self.image_group = _group_ids(setup.pairs.image_ids)
+        self.text_group = _group_ids(setup.pairs.texts)
+
+    def batch_indices(self, step: int) -> list[int]:
+        return global_batch(step, len(self.s.pairs), self.c.batch_size, self.c.seed)
+
+    def load(self, step: int) -> dict:
+        """The I/O of one step (run ahead in the prefetch thread): this rank's features and prompts."""
+        rows = rank_slice(self.batch_indices(step), self.info.rank, self.info.world)
+        pairs = self.s.pairs
+        batch = {"features": self.s.source.read([pairs.image_ids[i] for i in rows])}
+        if self.s.prompts is not None:
+            batch["reference"] = self.s.prompts.get_batch([pairs.keys[i] for i in rows])
+        return batch
+
+    def run(self, start: int, steps: int, run: Path, optimizer, state: dict) -> None:
+        self.optimizer = optimizer
+        prefetch = Prefetcher(self.load, range(start, steps), self.c.prefetch)
+        try:
+            with progress_bar(steps - start, f"train-adapter stage {self.c.stage}", "pair") as advance:
+                for step in range(start, steps):
+                    t = time.perf_counter()
+                    waited = prefetch.waited
+                    losses = self.train_step(step, steps, prefetch.next())
+                    took = time.perf_counter() - t
+                    timing = {"pairs_per_s": self.c.batch_size / took, "data_wait": (prefetch.waited - waited) / took}
+                    advance(1, status=" ".join(f"{k} {v:.3f}" for k, v in losses.items())
+                            + f" | wait {timing['data_wait']:.0%}")
+                    self.record(step, losses, timing)
+                    if (step + 1) % self.c.save_every == 0 and step + 1 < steps and self.info.is_main:
+                        save_checkpoint(run, step + 1, self.model, optimizer, state, weights=adapter_weights(self.model),
+                                        extra=lambda folder: self.tokenizer.save_pretrained(folder / "tokenizer"))
+        finally:
+            prefetch.close()
+
+    def train_step(self, step: int, steps: int, batch: dict) -> dict[str, float]:
+        c = self.c
+        set_lr(self.optimizer, lr_at(step, steps, c.lr, c.min_lr, c.warmup_steps, c.warmup_start_lr))
+        index = self.batch_indices(step)
+        features, feature_mask = self.s.source.encode(batch["features"], self.device)
+        reference = batch.get("reference")
+        torch.manual_seed(step_seed(c.seed, step, self.info.rank))  # dropout of this step
+        with self.autocast:
+            losses = self.forward(step, index, features, feature_mask, reference)
+            total = sum(v * (c.w_align if k == "align" else 1.0) for k, v in losses.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        with torch.no_grad():  # BLIP clamps the parameter itself, not only inside the loss
+            self.model.temp.clamp_(TEMP_MIN, TEMP_MAX)
+        return mean_over_ranks({**losses, "loss": total})
+
+    def _align(self, query_output: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor | None:
+        """L_align on llm_proj(queries). At weight 0 it is only measured (no graph): the run then
+        trains exactly as one without prompts, llm_proj untouched in stage 1."""
+        if reference is None:
+            return None
+        if self.c.w_align == 0:
+            with torch.no_grad():
+                return alignment_loss(self.model.llm_proj(query_output.detach()), reference)
+        return alignment_loss(self.model.llm_proj(query_output), reference)
+
+    def stage1_losses(self, step: int, index: list[int], features, feature_mask, reference) -> dict:
+        c, model, world, rank = self.c, self.model, self.info.world, self.info.rank
+        texts = [self.s.pairs.texts[i] for i in index]
+        tok = self.tokenizer(texts, padding="longest", truncation=True, max_length=c.max_text_len, return_tensors="pt")
+        rows = rank_slice(list(range(len(index))), rank, world)
+        ids, att = tok.input_ids[rows].to(self.device), tok.attention_mask[rows].to(self.device)  # (B, L)
+        positive = self.positives(index, rows).to(self.device)  # (B, N)
+
+        query = model.query_output(features, feature_mask)  # (B, Q, H)
+        image_feat = F.normalize(self.model.vision_proj(query), dim=-1)  # (B, Q, E)
+        text_feat = F.normalize(self.model.text_proj(model.text_output(ids, att)[:, 0]), dim=-1)  # (B, E)
+        itc, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, self.model.temp, positive, c.label_smoothing)
+
+        uniform = torch.rand(2, len(index), generator=step_generator(c.seed, step))[:, rows]  # same draws on any world size
+        neg_text, has_text = itm_negatives(sim_i2t, positive, uniform[0])   # per local image: a global text
+        neg_image, has_image = itm_negatives(sim_t2i, positive, uniform[1])  # per local text: a global image
+        all_features = _gather(features)  # (N, T, D): negatives' visual tokens from every rank
+        all_ids, all_att = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+        itm_ids = torch.cat([ids, ids[has_image], all_ids[neg_text[has_text]]])
+        itm_att = torch.cat([att, att[has_image], all_att[neg_text[has_text]]])
+        itm_feats = torch.cat([features, all_features[neg_image[has_image]], features[has_text]])
+        q = self.model.num_query
+        joint = model.joint_output(itm_ids, itm_feats, torch.cat([itm_att.new_ones(len(itm_ids), q), itm_att], 1))
+        itm_logits = self.model.itm_head(joint[:, :q]).mean(1)  # (3B', 2)
+        labels = torch.cat([torch.ones(len(ids)), torch.zeros(len(itm_ids) - len(ids))]).long().to(self.device)
+        itm = itm_loss(itm_logits, labels)
+
+        dec_ids = ids.clone()
+        dec_ids[:, 0] = self.tokenizer.bos_token_id  # [DEC] replaces [CLS]: the caption starts from the queries
+        hidden = model.joint_output(dec_ids, features, unilm_mask(q, att), feature_mask)[:, q:]
+        itg = itg_loss(self.model.lm_logits(hidden), dec_ids, att, c.label_smoothing) * token_share(att[:, 1:], world)
+
+        losses = {"itc": itc, "itm": itm, "itg": itg}
+        align = self._align(query, reference)
+        return losses if align is None else {**losses, "align": align}
+
+    def stage2_losses(self, step: int, index: list[int], features, feature_mask, reference) -> dict:
+        c, rows = self.c, rank_slice(list(range(len(index))), self.info.rank, self.info.world)
+        texts = [self.s.pairs.texts[index[r]] + c.end_of_text for r in rows]
+        tgt = self.llm_tokenizer(texts, padding=True, truncation=True, max_length=c.max_text_len,
+                                 add_special_tokens=False, return_tensors="pt").to(self.device)
+        query = self.model.query_output(features, feature_mask)
+        prompts = self.model.llm_proj(query)  # (B, Q, d_llm)
+        lm = prompt_lm_loss(self.s.llm.model, prompts, tgt.input_ids, tgt.attention_mask) \
+            * token_share(tgt.attention_mask, self.info.world)
+        align = self._align(query, reference)
+        return {"lm": lm} if align is None else {"lm": lm, "align": align}
+
+    def positives(self, index: list[int], rows: list[int]) -> torch.Tensor:
+        """(B_local, N): pair j of the global batch matches local pair i (same image or same caption)."""
+        img = torch.tensor([self.image_group[i] for i in index])
+        txt = torch.tensor([self.text_group[i] for i in index])
+        return (img[rows, None] == img[None]) | (txt[rows, None] == txt[None])
+
+    def record(self, step: int, losses: dict, timing: dict) -> None:
+        if self.metrics is None or (step + 1) % self.c.log_every and step != 0:
+            return
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.metrics.write({"step": step, "lr": lr, **losses, **timing, "temp": float(self.model.temp.detach())})
+        self.log.info("step %d lr %.2e %s %s", step, lr, losses, timing)
+
+
+def _group_ids(values: list[str]) -> list[int]:
+    ids: dict[str, int] = {}
+    return [ids.setdefault(v, len(ids)) for v in values]
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's x, concatenated in rank order (no gradient: negatives' inputs are constants)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+# ---------------------------------------------------------------- loading a trained adaptor
+
+@dataclass
+class LoadedAdapter:
+    model: QFormer
+    tokenizer: object   # the Q-Former's (text encoder's + [DEC])
+    state: dict         # the checkpoint's state.json: producers, fingerprints, config
+    fingerprint: str
+    path: Path
+
+    @property
+    def features_producer(self) -> dict:
+        return self.state["features_producer"]
+
+    @property
+    def llm_name(self) -> str:
+        return self.state["config"]["llm"]
+
+    @property
+    def end_of_text(self) -> str:
+        return self.state["config"]["end_of_text"]
+
+
+def load_adapter(path: str | Path, device: str = "cpu") -> LoadedAdapter:
+    """A train-adapter checkpoint (either stage), in eval mode."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    folder = adapter_folder(path)
+    state = read_json(folder / "state.json")
+    model = QFormer.from_description(state)
+    missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise BlitextError(f"{folder}/model.safetensors does not fit its own description: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}; the checkpoint is damaged")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    name = f"adapter-{folder.parent.name if folder.name == 'final' else folder.name}"
+    return LoadedAdapter(model.to(device).eval(), tokenizer, state, fingerprint(name, folder / "model.safetensors"),
+                         folder)
+
+
+def adapter_encoder(adapter: LoadedAdapter, device: str = "cpu"):
+    """The frozen vision encoder the adaptor was trained on, refused if its weights or preprocessing differ."""
+    from blitext.cache.manifest import require_producer
+
+    want = adapter.features_producer
+    encoder = load_vision_encoder(want["encoder"], device=device)
+    require_producer(encoder.producer(), want, adapter.path, "provide the vision encoder the adaptor was trained on")
+    return encoder
+
+
+@torch.inference_mode()
+def prompts_from_adapter(path: str | Path, features: str | Path, limit: int) -> tuple[list[str], torch.Tensor, str]:
+    """(image ids, the adaptor's prompts (N, Q, d_llm), LLM name) for the first `limit` cached images:
+    what check-prompts compares with the LLM's token embeddings."""
+    adapter = load_adapter(path)
+    cache = FeatureCache(features, expect=adapter.features_producer,
+                         fix="pass the feature cache the adaptor was trained on")
+    ids = cache.keys[:limit]
+    feats, mask = cache.get_batch(ids)
+    return ids, adapter.model.prompts(feats.float(), mask), adapter.llm_name

@@ -1,0 +1,154 @@
+"""`blitext generate`: captions (or answers) from a trained adaptor and its frozen LLM.
+
+The LLM reads [left padding][the adaptor's soft prompts][the text prompt] and writes with
+transformers' generate. Defaults are REFERENCE.md section 4's: captions with "a photo of",
+beam 5, 8..30 new tokens; questions as "Question: {} Short answer:", beam 5, 1..10 new
+tokens, length penalty -1. Generation stops at the end-of-text marker the adaptor was
+trained to emit ("\\n"), which a small chat-tuned LLM otherwise talks past.
+
+`generate_texts` works on visual tokens from any source (an image, a feature cache), so the
+evaluation commands share it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from blitext.adapter import LoadedAdapter, adapter_encoder, load_adapter
+from blitext.data.images import load_image
+from blitext.data.readers import read_image_set
+from blitext.distributed import pick_device
+from blitext.errors import BlitextError
+from blitext.models.loading import load_llm
+from blitext.pformer import stop_token_ids
+
+CAPTION_PROMPT = "a photo of"
+VQA_PROMPT = "Question: {} Short answer:"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class GenerationSettings:
+    """One task's decoding settings (REFERENCE.md section 4 by default)."""
+    prompt: str = CAPTION_PROMPT       # "{}" is replaced by the question
+    num_beams: int = 5
+    max_new_tokens: int = 30
+    min_new_tokens: int = 8
+    length_penalty: float = 1.0
+
+    @classmethod
+    def for_task(cls, task: str, **overrides) -> "GenerationSettings":
+        base = cls(VQA_PROMPT, 5, 10, 1, -1.0) if task == "vqa" else cls()
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(base, key, value)
+        return base
+
+
+@torch.inference_mode()
+def generate_texts(adapter: LoadedAdapter, llm, features: torch.Tensor, feature_mask: torch.Tensor | None,
+                   texts: list[str], settings: GenerationSettings) -> list[str]:
+    """One generation per row of features (B, T, D); texts are the text prompts (questions filled in)."""
+    device = next(llm.model.parameters()).device
+    prompts = adapter.model.prompts(features.to(device).float(), None if feature_mask is None else feature_mask.to(device))
+    embeds, mask = left_padded_inputs(llm, prompts, texts)
+    eos = stop_token_ids(llm.tokenizer, adapter.end_of_text)
+    out = llm.model.generate(inputs_embeds=embeds, attention_mask=mask, num_beams=settings.num_beams,
+                             max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
+                             length_penalty=settings.length_penalty, do_sample=False, eos_token_id=eos,
+                             pad_token_id=llm.tokenizer.pad_token_id)
+    decoded = llm.tokenizer.batch_decode(out, skip_special_tokens=True)
+    return [t.split(adapter.end_of_text)[0].strip() if adapter.end_of_text else t.strip() for t in decoded]
+
+
+def left_padded_inputs(llm, prompts: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, d) input embeddings [pads][soft prompts][text] and their (B, N) mask. Padding goes
+    before the soft prompts, so every row's real sequence ends at the last position, where
+    generation continues."""
+    embed = llm.model.get_input_embeddings()
+    rows = []
+    for p, text in zip(prompts, texts):
+        ids = llm.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0].to(p.device) if text \
+            else torch.zeros(0, dtype=torch.long, device=p.device)
+        rows.append(torch.cat([p.to(embed.weight.dtype), embed(ids)]))
+    longest = max(len(r) for r in rows)
+    pad = embed(torch.tensor([llm.tokenizer.pad_token_id], device=prompts.device))[0]
+    embeds = torch.stack([torch.cat([pad.expand(longest - len(r), -1), r]) for r in rows])
+    mask = torch.stack([torch.arange(longest, device=prompts.device) >= longest - len(r) for r in rows]).long()
+    return embeds, mask
+
+
+# ---------------------------------------------------------------- the command
+
+@dataclass
+class GenerateConfig:
+    adapter: str = ""                  # train-adapter's run folder (stage 2), <run>/final or a checkpoint
+    images: list[str] = field(default_factory=list)  # image files, folders, caption JSON or .tar shards
+    question: str | None = None        # answer this question about every image (VQA settings)
+    prompt: str | None = None          # text prompt; default "a photo of" / "Question: {} Short answer:"
+    num_beams: int | None = None
+    max_new_tokens: int | None = None
+    min_new_tokens: int | None = None
+    length_penalty: float | None = None
+    batch_size: int = 8
+    limit: int | None = None           # only the first N images
+    llm: str | None = None             # default: the LLM the adaptor was trained for
+    device: str = "auto"
+
+
+@dataclass
+class ImageRef:
+    id: str
+    root: Path
+    ref: str
+
+
+def image_refs(inputs: list[str], limit: int | None) -> list[ImageRef]:
+    """Single image files as given; anything else read as a dataset (folder, caption JSON, tars)."""
+    refs: list[ImageRef] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            refs.append(ImageRef(path.name, path.parent, path.name))
+        elif path.exists() or "*" in item:
+            image_set = read_image_set(item)
+            refs.extend(ImageRef(r.id, image_set.root, r.image) for r in image_set.records)
+        else:
+            raise BlitextError(f"--images {item!r}: no such file or folder")
+    if not refs:
+        raise BlitextError("generate needs images: pass --images FILE... (or a folder / caption JSON)")
+    return refs[:limit] if limit else refs
+
+
+def run_generate(config: GenerateConfig) -> list[dict]:
+    """[{"image", "question"?, "text"}] for every image, in order."""
+    if not config.adapter:
+        raise BlitextError("generate needs --adapter RUN (a train-adapter stage-2 run)")
+    device = pick_device(config.device)
+    adapter = load_adapter(config.adapter, device)
+    if adapter.state["resume_config"]["stage"] != 2:
+        raise BlitextError(f"{adapter.path} is a stage-1 adaptor: its llm_proj never learned the LLM's loss; "
+                           f"pass a stage-2 run (train-adapter --stage 2 --init {adapter.path.parent})")
+    llm = load_llm(config.llm or adapter.llm_name, device=device)
+    if llm.fingerprint != adapter.state["llm_fingerprint"]:
+        raise BlitextError(f"{adapter.path} was trained for {adapter.state['llm_fingerprint']}, not {llm.fingerprint}: "
+                           f"pass the same --llm")
+    encoder = adapter_encoder(adapter, device)
+    task = "vqa" if config.question else "caption"
+    settings = GenerationSettings.for_task(task, prompt=config.prompt, num_beams=config.num_beams,
+                                           max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
+                                           length_penalty=config.length_penalty)
+    text = settings.prompt.format(config.question) if config.question else settings.prompt
+    refs = image_refs(config.images, config.limit)
+    results = []
+    for start in range(0, len(refs), config.batch_size):
+        batch = refs[start:start + config.batch_size]
+        pixels = torch.stack([encoder.preprocess(load_image(r.root, r.ref)) for r in batch])
+        with torch.inference_mode():
+            features = encoder(pixels.to(device, next(encoder.parameters()).dtype))
+        outputs = generate_texts(adapter, llm, features, None, [text] * len(batch), settings)
+        for r, out in zip(batch, outputs):
+            results.append({"image": r.id, **({"question": config.question} if config.question else {}), "text": out})
+    return results

@@ -1,0 +1,297 @@
+"""train-adapter on tiny real models over real caches: stage losses, exactness, refusals, DDP, generate."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from blitext.adapter import AdapterConfig, AdapterLoop, load_adapter, train_adapter
+from blitext.cli.main import app
+from blitext.errors import BlitextError
+from blitext.extract import ExtractConfig, extract_features
+from blitext.losses import itm_negatives
+from blitext.models.loading import load_text_encoder
+from blitext.models.qformer import QFormer, qformer_tokenizer, unilm_mask
+from blitext.pformer import PFormerConfig, train_pformer
+from blitext.prompts import BuildPromptsConfig, build_prompts
+from blitext.training import read_metrics
+
+BIN = Path(sys.executable).parent
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220)}
+SHAPES = ("circle", "square")
+N_PROMPT = 4
+
+
+# ---------------------------------------------------------------- fixtures: real caches from tiny models
+
+def dropout_free(folder: Path, out: Path) -> Path:
+    """A copy of a tiny model without dropout: runs are then deterministic whatever the rank layout."""
+    shutil.copytree(folder, out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def write_images(root: Path, n: int = 16) -> Path:
+    """n PNGs of a coloured shape, with 1-2 captions each, as a LAVIS caption JSON."""
+    (root / "images").mkdir(parents=True)
+    entries = []
+    for i in range(n):
+        colour, shape = list(COLOURS)[i % 2], SHAPES[(i // 2) % 2]
+        image = Image.new("RGB", (32, 32), "white")
+        box = (4 + i % 5, 4, 26, 26 - i % 3)
+        (ImageDraw.Draw(image).ellipse if shape == "circle" else ImageDraw.Draw(image).rectangle)(box, fill=COLOURS[colour])
+        image.save(root / "images" / f"{i}.png")
+        captions = [f"a {colour} {shape}"] + ([f"the {shape} moves left"] if i % 3 == 0 else [])
+        entries.append({"image": f"images/{i}.png", "image_id": f"img{i}", "caption": captions})
+    path = root / "captions_train.json"
+    path.write_text(json.dumps(entries))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, vision_folders, llm_folders, bert_folder) -> dict:
+    """Images, their cached features (tiny ViT), a tiny P-Former for the tiny OPT, its prompt cache."""
+    root = tmp_path_factory.mktemp("adapter")
+    bert = dropout_free(bert_folder, root / "bert")
+    captions = write_images(root / "data")
+    features = root / "features"
+    extract_features(ExtractConfig(data=str(captions), out=str(features), vision_encoder=str(vision_folders["vit"]),
+                                   batch_size=4, shard_size=8, num_workers=0, device="cpu"))
+    train_pformer(PFormerConfig(text=[str(captions)], out=str(root / "pformer"), llm=str(llm_folders["opt"]),
+                                text_encoder=str(bert), batch_size=4, heldout=2, n_prompt=N_PROMPT, max_steps=2,
+                                warmup_steps=1, sample_every=1000, n_samples=1, device="cpu"))
+    prompts = root / "prompts"
+    build_prompts(BuildPromptsConfig(pformer=str(root / "pformer"), captions=[str(captions)], out=str(prompts),
+                                     batch_size=4, shard_size=8, device="cpu"))
+    return {"root": root, "bert": bert, "captions": captions, "features": features, "prompts": prompts,
+            "llm": llm_folders["opt"], "vision": vision_folders["vit"]}
+
+
+def config(world: dict, out: Path, **kw) -> AdapterConfig:
+    values = dict(features=str(world["features"]), prompts=str(world["prompts"]), captions=[str(world["captions"])],
+                  out=str(out), text_encoder=str(world["bert"]), llm=str(world["llm"]), batch_size=4, max_steps=4,
+                  warmup_steps=1, log_every=1, save_every=2, device="cpu", embed_dim=16)
+    return AdapterConfig(**{**values, **kw})
+
+
+def step_lines(run: Path) -> list[dict]:
+    return [m for m in read_metrics(run / "metrics.jsonl") if "loss" in m]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "final" / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+
+
+# ---------------------------------------------------------------- pieces
+
+def test_unilm_mask_on_a_small_case():
+    text_mask = torch.tensor([[1, 1, 0]])  # 2 real text tokens, 1 padding
+    got = unilm_mask(2, text_mask)[0].int()
+    # rows: q0 q1 t0 t1 t2(pad); columns the same. Queries see queries only; text sees all
+    # queries and earlier-or-same text; nobody sees the padding column.
+    expected = torch.tensor([[1, 1, 0, 0, 0],
+                             [1, 1, 0, 0, 0],
+                             [1, 1, 1, 0, 0],
+                             [1, 1, 1, 1, 0],
+                             [1, 1, 1, 1, 0]])
+    assert torch.equal(got, expected)
+
+
+def test_itm_negatives_are_never_a_positive_and_follow_the_similarity():
+    g = torch.Generator().manual_seed(0)
+    sim = torch.randn(6, 10, generator=g) * 3
+    positive = torch.zeros(6, 10, dtype=torch.bool)
+    positive[torch.arange(6), torch.arange(6)] = True  # the pairs
+    positive[0, 7] = positive[2, 9] = True             # duplicates count as matches too
+    positive[5] = True                                 # a row with no negative at all
+    draws = torch.stack([itm_negatives(sim, positive, torch.rand(6, generator=g))[0] for _ in range(4000)])
+    found = itm_negatives(sim, positive, torch.rand(6, generator=g))[1]
+    assert found.tolist() == [True] * 5 + [False]
+    for row in range(5):
+        assert not positive[row, draws[:, row]].any()
+        want = torch.softmax(sim[row], 0).masked_fill(positive[row], 0)
+        want = want / want.sum()
+        seen = torch.bincount(draws[:, row], minlength=10).float() / len(draws)
+        assert (seen - want).abs().max() < 0.03  # drawn in proportion to softmax(sim), as BLIP-2
+
+
+def test_qformer_starts_as_the_bert_it_came_from(world):
+    encoder = load_text_encoder(str(world["bert"]))
+    tokenizer = qformer_tokenizer(encoder.tokenizer)
+    model = QFormer.from_text_encoder(encoder.model, tokenizer, vision_width=32, num_query=N_PROMPT, d_llm=32).eval()
+    t = tokenizer(["a red circle", "two dogs play in the grass"], padding=True, return_tensors="pt")
+    torch.testing.assert_close(model.text_output(t.input_ids, t.attention_mask),
+                               encoder.model.eval()(**t).last_hidden_state, rtol=1e-5, atol=1e-5)
+    layer = model.qformer.encoder.layer[0]
+    assert torch.equal(layer.intermediate_query.dense.weight, layer.intermediate.dense.weight)  # BLIP-2's copy
+    assert hasattr(layer, "crossattention") and not hasattr(model.qformer.encoder.layer[1], "crossattention")
+    assert tokenizer.bos_token == "[DEC]"
+    # ITG's mask: the queries' outputs do not depend on the text at all
+    feats = torch.randn(2, 5, 32)
+    joint = model.joint_output(t.input_ids, feats, unilm_mask(N_PROMPT, t.attention_mask))
+    torch.testing.assert_close(joint[:, :N_PROMPT], model.query_output(feats), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- training runs
+
+def test_stage1_writes_every_loss_and_a_whole_checkpoint(tmp_path, world):
+    run = tmp_path / "s1"
+    train_adapter(config(world, run))
+    lines = step_lines(run)
+    assert [m["step"] for m in lines] == [0, 1, 2, 3]
+    for key in ("itc", "itm", "itg", "align", "loss", "data_wait", "pairs_per_s"):
+        assert all(key in m for m in lines), key
+    m = lines[0]
+    assert m["loss"] == pytest.approx(m["itc"] + m["itm"] + m["itg"] + 10 * m["align"], rel=1e-5)  # w1 = 10
+    adapter = load_adapter(run)
+    assert adapter.model.num_query == N_PROMPT and adapter.tokenizer.bos_token == "[DEC]"
+    assert "embeddings.word_embeddings.weight" in weights(run)  # a stage-1 checkpoint holds the text branch
+
+
+def test_w_align_zero_equals_a_run_without_prompts(tmp_path, world):
+    # the same queries as the prompts' slots (without prompts the default is the paper's 32)
+    train_adapter(config(world, tmp_path / "zero", w_align=0.0))
+    train_adapter(config(world, tmp_path / "none", w_align=0.0, prompts=None, num_query=N_PROMPT))
+    assert_same_weights(weights(tmp_path / "zero"), weights(tmp_path / "none"))
+    zero, none = step_lines(tmp_path / "zero"), step_lines(tmp_path / "none")
+    assert [m["loss"] for m in zero] == [m["loss"] for m in none]
+    assert all(m["align"] > 0 for m in zero)  # still measured, never trained on
+    init = load_file(tmp_path / "zero" / "checkpoints" / "step-0000002" / "model.safetensors")["llm_proj.weight"]
+    assert torch.equal(init, weights(tmp_path / "zero")["llm_proj.weight"])  # llm_proj untouched in stage 1
+    # and in stage 2, from each stage-1 run
+    train_adapter(config(world, tmp_path / "zero2", stage=2, w_align=0.0, init=str(tmp_path / "zero")))
+    train_adapter(config(world, tmp_path / "none2", stage=2, w_align=0.0, prompts=None, num_query=N_PROMPT,
+                         init=str(tmp_path / "none")))
+    assert_same_weights(weights(tmp_path / "zero2"), weights(tmp_path / "none2"))
+
+
+def test_resume_replays_exactly(tmp_path, world, monkeypatch):
+    train_adapter(config(world, tmp_path / "a", max_steps=6))
+    real = AdapterLoop.train_step
+
+    def interrupted(self, step, steps, batch):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(self, step, steps, batch)
+
+    monkeypatch.setattr(AdapterLoop, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(config(world, tmp_path / "b", max_steps=6))
+    monkeypatch.setattr(AdapterLoop, "train_step", real)
+    with pytest.raises(BlitextError, match="--resume latest"):
+        train_adapter(config(world, tmp_path / "b", max_steps=6))
+    train_adapter(config(world, tmp_path / "b", max_steps=6, resume="latest"))
+    a, b = step_lines(tmp_path / "a"), step_lines(tmp_path / "b")
+    assert [m["step"] for m in b] == list(range(6))
+    keys = ("itc", "itm", "itg", "align", "loss", "lr", "temp")
+    assert [{k: m[k] for k in keys} for m in a] == [{k: m[k] for k in keys} for m in b]
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+def test_two_rank_ddp_matches_one_process(tmp_path, world):
+    for stage, init in ((1, None), (2, tmp_path / "one1")):
+        one = tmp_path / f"one{stage}"
+        train_adapter(config(world, one, stage=stage, max_steps=3, init=init and str(init)))
+        args = ["train-adapter", "--stage", str(stage), "--features", str(world["features"]), "--prompts",
+                str(world["prompts"]), "--captions", str(world["captions"]), "--text-encoder", str(world["bert"]),
+                "--llm", str(world["llm"]), "--batch-size", "4", "--max-steps", "3", "--warmup-steps", "1",
+                "--log-every", "1", "--save-every", "2", "--device", "cpu", "--out", str(tmp_path / f"two{stage}")]
+        (tmp_path / "cfg.json").write_text(json.dumps({"embed_dim": 16}))
+        args += ["--config", str(tmp_path / "cfg.json")] + (["--init", str(tmp_path / "two1")] if init else [])
+        two = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python",
+                              str(BIN / "blitext"), *args], capture_output=True, text=True, timeout=300)
+        assert two.returncode == 0, two.stderr[-3000:]
+        l1, l2 = step_lines(one), step_lines(tmp_path / f"two{stage}")
+        assert [m["step"] for m in l1] == [m["step"] for m in l2] == [0, 1, 2]
+        for m1, m2 in zip(l1, l2):
+            # ITC gathers both ranks' rows, ITM draws from the whole global batch with the same
+            # seeded numbers, token-mean losses are weighted by each rank's share of tokens.
+            for k in ("itc", "itm", "itg", "lm", "align", "loss"):
+                if k in m1:
+                    assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-5), (stage, m1["step"], k)
+        w1, w2 = weights(one), weights(tmp_path / f"two{stage}")
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_mismatched_caches_are_refused(tmp_path, world, llm_folders, vision_folders):
+    with pytest.raises(BlitextError, match="were built for"):  # prompts made for the tiny OPT, run for Llama
+        train_adapter(config(world, tmp_path / "llama", llm=str(llm_folders["llama"])))
+    with pytest.raises(BlitextError, match="this run expects"):  # features of the ViT, run names CLIP
+        train_adapter(config(world, tmp_path / "clip", vision_encoder=str(vision_folders["clip"])))
+    with pytest.raises(BlitextError, match="--num-query 3 but the reference prompts have 4"):
+        train_adapter(config(world, tmp_path / "q3", num_query=3))
+    with pytest.raises(BlitextError, match="needs reference prompts"):
+        config(world, tmp_path / "np", prompts=None)
+    # stage 2 from a stage-1 run on other features
+    other = tmp_path / "features-clip"
+    extract_features(ExtractConfig(data=str(world["captions"]), out=str(other), vision_encoder=str(vision_folders["clip"]),
+                                   batch_size=4, shard_size=8, num_workers=0, device="cpu"))
+    train_adapter(config(world, tmp_path / "s1", max_steps=1))
+    with pytest.raises(BlitextError, match="stage 2 must use stage 1's visual features"):
+        train_adapter(config(world, tmp_path / "s2", stage=2, features=str(other), init=str(tmp_path / "s1")))
+    with pytest.raises(BlitextError, match="was trained with features_producer"):  # resume on other features
+        train_adapter(config(world, tmp_path / "s1", max_steps=2, features=str(other), resume="latest"))
+
+
+def test_online_encoder_matches_the_cache(tmp_path, world):
+    """--online runs the same encoder and preprocessing in the loop: the same losses up to the
+    cache's fp16 rounding."""
+    train_adapter(config(world, tmp_path / "cached", max_steps=2))
+    train_adapter(config(world, tmp_path / "online", max_steps=2, online=True, features=None,
+                         vision_encoder=str(world["vision"])))
+    for a, b in zip(step_lines(tmp_path / "cached"), step_lines(tmp_path / "online")):
+        for k in ("itc", "itm", "itg", "align"):
+            assert b[k] == pytest.approx(a[k], rel=2e-2), k
+
+
+def test_stage2_then_generate_and_check_prompts_from_the_cli(tmp_path, world):
+    runner = CliRunner()
+    common = ["--features", str(world["features"]), "--prompts", str(world["prompts"]), "--text-encoder",
+              str(world["bert"]), "--llm", str(world["llm"]), "--batch-size", "4", "--max-steps", "2",
+              "--warmup-steps", "1", "--device", "cpu"]
+    r1 = runner.invoke(app, ["train-adapter", "--stage", "1", *common, "--out", str(tmp_path / "s1")])
+    assert r1.exit_code == 0, r1.output
+    r2 = runner.invoke(app, ["train-adapter", "--stage", "2", *common, "--init", str(tmp_path / "s1"),
+                             "--out", str(tmp_path / "s2")])
+    assert r2.exit_code == 0, r2.output
+    lines = step_lines(tmp_path / "s2")
+    assert all(m["loss"] == pytest.approx(m["lm"] + 100 * m["align"], rel=1e-5) for m in lines)  # w2 = 100
+    s1, s2 = weights(tmp_path / "s1"), weights(tmp_path / "s2")
+    assert torch.equal(s1["itm_head.weight"], s2["itm_head.weight"])  # stage 2 leaves the stage-1 heads alone
+    assert not torch.equal(s1["llm_proj.weight"], s2["llm_proj.weight"])
+
+    out = tmp_path / "captions.json"
+    images = world["root"] / "data" / "images"
+    g = runner.invoke(app, ["generate", "--adapter", str(tmp_path / "s2"), "--images", str(images / "0.png"),
+                            "--images", str(images / "1.png"), "--max-new-tokens", "4", "--min-new-tokens", "1",
+                            "--num-beams", "2", "--device", "cpu", "--out", str(out)])
+    assert g.exit_code == 0, g.output
+    results = json.loads(out.read_text())
+    assert [r["image"] for r in results] == ["0.png", "1.png"] and all(isinstance(r["text"], str) for r in results)
+    q = runner.invoke(app, ["generate", "--adapter", str(tmp_path / "s2"), "--images", str(world["captions"]),
+                            "--limit", "3", "--question", "what colour is the shape?", "--max-new-tokens", "3",
+                            "--device", "cpu", "--out", str(out)])
+    assert q.exit_code == 0, q.output
+    assert len(json.loads(out.read_text())) == 3
+
+    refused = runner.invoke(app, ["generate", "--adapter", str(tmp_path / "s1"), "--images", str(images / "0.png")])
+    assert refused.exit_code == 2 and "stage-1 adaptor" in refused.output
+    check = runner.invoke(app, ["check-prompts", "--adapter", str(tmp_path / "s2"), "--features",
+                                str(world["features"]), "--limit", "4"])
+    assert check.exit_code == 0, check.output
