@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
 
 from blitext.data.compose import compositional_captions, paraphrase  # noqa: E402
-from blitext.metrics import teacher_forced_accuracy  # noqa: E402
+from blitext.metrics.llm import teacher_forced_accuracy  # noqa: E402
 from blitext.models.loading import load_llm  # noqa: E402
 from blitext.pformer import PFormerConfig, generate_from_prompts, split_corpus, train_pformer  # noqa: E402
 from blitext.data.text import read_sentences  # noqa: E402

@@ -166,23 +166,33 @@ def _write_shards(plan, shards, items, encoder, config, device, warnings) -> dic
                         persistent_workers=False, pin_memory=device.startswith("cuda"))
     batch_iter = iter(loader)
     dtype = next(encoder.parameters()).dtype
+    stored = getattr(torch, config.dtype)
     total = sum(len(plan.shard_range(s)) for s in shards)
-    start, in_encoder = time.perf_counter(), 0.0
+    start, in_encoder, in_data, in_write = time.perf_counter(), 0.0, 0.0, 0.0
     with progress_bar(total, "extract-features", "img") as advance, torch.inference_mode():
         for s in shards:
             with ShardWriter(plan, s) as writer:
                 for _ in range(-(-len(plan.shard_range(s)) // config.batch_size)):
+                    t = time.perf_counter()
                     ok, pixels, failed = next(batch_iter)
+                    in_data += time.perf_counter() - t
                     for i, why in failed:
                         writer.fail(items[i].key, items[i].ref, why)
                         warnings.warn(why)
                     if ok:
                         t = time.perf_counter()
-                        feats = encoder(pixels.to(device, dtype, non_blocking=True)).float().cpu()  # (B, T, D)
+                        # to the stored dtype on the device: numpy's fp32 -> fp16 cast is 10-100x slower (far
+                        # slower still on values near fp16's subnormals) and made writing 87% of extraction time
+                        # on a GPU (bench/results/gpu_bench.json)
+                        feats = encoder(pixels.to(device, dtype, non_blocking=True)).to(stored).cpu()  # (B, T, D)
                         in_encoder += time.perf_counter() - t
+                        t = time.perf_counter()
                         writer.add([items[i].key for i in ok], feats.numpy())
+                        in_write += time.perf_counter() - t
                     advance(len(ok) + len(failed), status=f"shard {s}")
-    return {"images": total, "seconds": time.perf_counter() - start, "encoder_seconds": in_encoder}
+    # where the time went: waiting for decoded batches, the encoder (with the copy back), writing rows
+    return {"images": total, "seconds": time.perf_counter() - start, "encoder_seconds": in_encoder,
+            "data_wait_seconds": in_data, "write_seconds": in_write}
 
 
 def print_failures(failures: list[dict]) -> None:

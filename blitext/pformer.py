@@ -26,7 +26,7 @@ from blitext.data.text import TextCorpus, read_sentences
 from blitext.distributed import barrier, run_distributed
 from blitext.errors import BlitextError
 from blitext.losses import TEMP_MAX, TEMP_MIN, contrastive_loss, prompt_lm_loss, vocab_loss
-from blitext.metrics import teacher_forced_accuracy
+from blitext.metrics.llm import teacher_forced_accuracy
 from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.pformer import PFormer
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER

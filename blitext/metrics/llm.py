@@ -1,4 +1,4 @@
-"""Metrics: one place for every number blitext reports about model quality."""
+"""Metrics about the frozen LLM reading prompts: teacher-forced token accuracy."""
 from __future__ import annotations
 
 import torch

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The paper-size measurements on a lent GPU machine (bf16): extraction throughput, a P-Former
+# step and both adaptor steps; writes bench/results/gpu_bench.json (and $OUT/gpu_bench.json).
+# That machine's python3 has torch and transformers; blitext runs from the checkout. The
+# tokenizers come from .gpu/ (copied from the bundled models, see bench/README.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export BLITEXT_CACHE=${BLITEXT_CACHE:-/tmp/blitext-cache}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 bench/gpu_bench.py
