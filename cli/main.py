@@ -301,6 +301,13 @@ def plot_cmd(
     say(f"[green]wrote[/] {plot_runs(runs, out, split(keys), smooth, split(labels))}")
 
 
+# ------------------------------------------------------------------ eval, compare
+from blitext.cli.eval import compare_cmd, eval_app  # noqa: E402
+
+app.add_typer(eval_app, name="eval")
+app.command("compare")(compare_cmd)
+
+
 # ------------------------------------------------------------------ data
 @data_app.command("prepare")
 @user_errors

@@ -1,0 +1,398 @@
+"""Phase 3: `blitext eval caption|vqa|retrieval` and `blitext compare`, from a feature cache.
+
+Every evaluation reads the visual tokens of the images it scores from a feature cache made
+by the encoder the adaptor was trained on (extract-features on the evaluation data), never
+images, and writes `<out>/metrics.json` (scores, settings, counts, provenance, the adaptor's
+fingerprint) and `<out>/predictions.json` in the official results format. REFERENCE.md
+sections 4-5 give the settings and the metrics' semantics:
+
+- caption: one caption per image with the caption settings ("a photo of", beam 5, 8..30
+  new tokens), scored by pycocoevalcap's BLEU / METEOR / ROUGE-L / CIDEr / SPICE.
+- vqa: zero-shot answers ("Question: {} Short answer:", beam 5, 1..10 tokens, length
+  penalty -1); VQAv2 / OK-VQA accuracy overall and per answer type, GQA exact match.
+- retrieval: ITC similarity of every image-text pair, then each query's top k=128 re-scored
+  with ITM + ITC and ranked by that, as LAVIS's BLIP-2 `compute_sim_matrix`: the ITM score is
+  the positive-class logit averaged over the query outputs (not a softmax), the ITC term the
+  raw cosine (no temperature). Needs the stage-1 heads, which every adaptor checkpoint holds.
+
+`compare_runs` puts the numbers of several metrics.json files side by side.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from blitext.adapter import LoadedAdapter, load_adapter
+from blitext.atomic import read_json, write_json
+from blitext.cache import FeatureCache
+from blitext.config import provenance, to_jsonable
+from blitext.console import console, progress_bar, say
+from blitext.data.readers import read_image_set
+from blitext.data.text import caption_key
+from blitext.data.vqa import read_vqa
+from blitext.distributed import pick_device
+from blitext.errors import BlitextError
+from blitext.generate import GenerationSettings, generate_texts
+from blitext.metrics import exact_match, rerank_top_k, retrieval_recall, vqa_summary
+from blitext.models.loading import load_llm
+
+ITM_PAIRS_PER_CALL = 256  # (image, text) pairs per ITM forward in retrieval's re-ranking
+
+
+@dataclass
+class EvalConfig:
+    adapter: str = ""                  # train-adapter run folder, <run>/final or a checkpoint (vqa/caption: stage 2)
+    features: str = ""                 # feature cache of the evaluation images (extract-features on the eval data)
+    data: str = ""                     # caption/retrieval: caption JSON (or folder); vqa: VQAv2 questions or GQA JSON
+    annotations: str | None = None     # vqa: VQAv2 / OK-VQA annotations JSON (answers); none = predictions only
+    out: str | None = None             # default <run>/eval/<task>-<data name>
+    limit: int | None = None           # only the first N images (caption, retrieval) or questions (vqa)
+    batch_size: int = 16               # images (or questions) per LLM generate call
+    device: str = "auto"
+    llm: str | None = None             # default: the LLM the adaptor was trained for
+    prompt: str | None = None          # generation overrides; None = REFERENCE.md 4's task defaults
+    num_beams: int | None = None
+    max_new_tokens: int | None = None
+    min_new_tokens: int | None = None
+    length_penalty: float | None = None
+    tokenizer: str = "auto"            # caption: PTB tokenizer, auto | java | python
+    meteor: str = "auto"               # caption: auto (run when Java is there) | java (run or fail) | off
+    spice: str = "auto"                # caption: as meteor; SPICE also needs Stanford models downloaded
+    official_gt_quirk: bool = False    # vqa: normalise ground truth as the official script does (punctuation only)
+    k: int = 128                       # retrieval: candidates per query re-scored with ITM (BLIP-2: 128)
+
+
+@dataclass
+class Evaluation:
+    """What every task opens: the adaptor, its feature cache, where results go."""
+    config: EvalConfig
+    task: str
+    adapter: LoadedAdapter
+    cache: FeatureCache
+    out: Path
+    device: str
+
+
+# ---------------------------------------------------------------- the three tasks
+
+def eval_caption(config: EvalConfig) -> dict:
+    """Caption every image of `data` that the cache holds; COCO caption metrics against its captions."""
+    ev = _open(config, "caption")
+    llm = _load_llm(ev)
+    records = [r for r in read_image_set(config.data).records if any(c.strip() for c in r.captions)]
+    records = records[:config.limit] if config.limit else records
+    ids = [r.id for r in records]
+    _require_features(ev, ids)
+    settings = _settings(config, "caption")
+    hyps = _generate(ev, llm, settings, ids, [settings.prompt] * len(ids), "image")
+    refs = {r.id: [c for c in r.captions if c.strip()] for r in records}
+
+    from blitext.metrics import caption_scores  # pycocoevalcap (and Java lookups) only when captions are scored
+
+    scores = caption_scores(refs, dict(zip(ids, hyps)), config.tokenizer, config.meteor, config.spice)
+    metrics = {k: v for k, v in scores.as_dict().items() if isinstance(v, float)}
+    write_json(ev.out / "predictions.json", [{"image_id": _coco_id(i), "caption": h} for i, h in zip(ids, hyps)])
+    return _finish(ev, metrics, {"images": len(ids)}, settings, unavailable=scores.unavailable,
+                   tokenizer=scores.tokenizer)
+
+
+def eval_vqa(config: EvalConfig) -> dict:
+    """Zero-shot answers to every question; VQAv2 accuracy (10 human answers) or GQA exact match (one)."""
+    ev = _open(config, "vqa")
+    llm = _load_llm(ev)
+    records = read_vqa(config.data, config.annotations)
+    records = records[:config.limit] if config.limit else records
+    if not records:
+        raise BlitextError(f"{config.data} holds no questions")
+    _require_features(ev, [r.image_id for r in records])
+    settings = _settings(config, "vqa")
+    if "{}" not in settings.prompt:
+        raise BlitextError(f"--prompt {settings.prompt!r} has no {{}} for the question: e.g. 'Question: {{}} Answer:'")
+    texts = [settings.prompt.format(r.question) for r in records]
+    answers = _generate(ev, llm, settings, [r.image_id for r in records], texts, "question")
+    write_json(ev.out / "predictions.json",
+               [{"question_id": _coco_id(r.question_id), "answer": a} for r, a in zip(records, answers)])
+    metrics = _vqa_metrics(records, answers, config.official_gt_quirk)
+    return _finish(ev, metrics, {"questions": len(records)}, settings)
+
+
+def eval_retrieval(config: EvalConfig) -> dict:
+    """Image->text and text->image R@1/5/10 over the images of `data` and all their captions."""
+    ev = _open(config, "retrieval")
+    records = [r for r in read_image_set(config.data).records if any(c.strip() for c in r.captions)]
+    records = records[:config.limit] if config.limit else records
+    image_ids = [r.id for r in records]
+    _require_features(ev, image_ids)
+    text_ids, texts, text_to_image = [], [], []
+    for i, r in enumerate(records):
+        for n, caption in enumerate(r.captions):
+            if caption.strip():
+                text_ids.append(caption_key(r.id, n))
+                texts.append(caption.strip())
+                text_to_image.append(i)
+    scorer = RetrievalScorer(ev, image_ids, texts)
+    i2t, t2i = scorer.rerank(config.k)  # (n_images, n_texts), (n_texts, n_images)
+    metrics = retrieval_recall(i2t, text_to_image, sim_t2i=t2i.T)
+    top_t = i2t.topk(min(10, len(texts)), dim=1).indices
+    top_i = t2i.topk(min(10, len(image_ids)), dim=1).indices
+    write_json(ev.out / "predictions.json", {
+        "image_to_text": [{"image_id": i, "top10": [text_ids[j] for j in row]}
+                          for i, row in zip(image_ids, top_t.tolist())],
+        "text_to_image": [{"text_id": t, "text": x, "top10": [image_ids[j] for j in row]}
+                          for t, x, row in zip(text_ids, texts, top_i.tolist())]})
+    return _finish(ev, metrics, {"images": len(image_ids), "texts": len(texts), "k": min(config.k, len(texts))}, None)
+
+
+# ---------------------------------------------------------------- shared steps
+
+def _open(config: EvalConfig, task: str) -> Evaluation:
+    for name in ("adapter", "features", "data"):
+        if not getattr(config, name):
+            raise BlitextError(f"eval {task} needs --{name}")
+    device = pick_device(config.device)
+    adapter = load_adapter(config.adapter, device)
+    encoder = adapter.features_producer.get("encoder")
+    cache = FeatureCache(config.features, expect=adapter.features_producer,
+                         fix=f"extract the evaluation images' features with the adaptor's encoder "
+                             f"(blitext extract-features --vision-encoder {encoder} --data {config.data})")
+    out = Path(config.out) if config.out else default_eval_dir(adapter, task, config.data)
+    return Evaluation(config, task, adapter, cache, out, device)
+
+
+def default_eval_dir(adapter: LoadedAdapter, task: str, data: str) -> Path:
+    """<run>/eval/<task>-<data name>; a checkpoint other than final adds its step."""
+    folder, name = adapter.path, f"{task}-{Path(data).stem}"
+    if folder.parent.name == "checkpoints":
+        return folder.parent.parent / "eval" / f"{name}-{folder.name}"
+    return (folder.parent if folder.name == "final" else folder) / "eval" / name
+
+
+def _require_features(ev: Evaluation, image_ids: list[str]) -> None:
+    if not image_ids:
+        raise BlitextError(f"{ev.config.data} holds no image with a caption (or no question) to evaluate")
+    missing = sorted({i for i in image_ids if i not in ev.cache})
+    if missing:
+        raise BlitextError(f"{len(missing)} of {len(set(image_ids))} images of {ev.config.data} have no features in "
+                           f"{ev.cache.root} (first: {missing[0]!r}): extract-features on this data (failed images "
+                           f"are listed in its manifest), or pass the cache made from it")
+
+
+def _settings(config: EvalConfig, task: str) -> GenerationSettings:
+    settings = GenerationSettings.for_task(task, prompt=config.prompt, num_beams=config.num_beams,
+                                           max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
+                                           length_penalty=config.length_penalty)
+    if settings.min_new_tokens > settings.max_new_tokens:
+        raise BlitextError(f"--min-new-tokens {settings.min_new_tokens} > --max-new-tokens {settings.max_new_tokens}: "
+                           f"lower --min-new-tokens (or raise --max-new-tokens)")
+    return settings
+
+
+def _load_llm(ev: Evaluation):
+    adapter = ev.adapter
+    if adapter.state["resume_config"]["stage"] != 2:
+        raise BlitextError(f"{adapter.path} is a stage-1 adaptor: its llm_proj never learned the LLM's loss; "
+                           f"eval {ev.task} needs a stage-2 run (train-adapter --stage 2 --init {adapter.path.parent})")
+    llm = load_llm(ev.config.llm or adapter.llm_name, device=ev.device)
+    if llm.fingerprint != adapter.state["llm_fingerprint"]:
+        raise BlitextError(f"{adapter.path} was trained for {adapter.state['llm_fingerprint']}, not {llm.fingerprint}: "
+                           f"pass the same --llm")
+    return llm
+
+
+def _generate(ev: Evaluation, llm, settings: GenerationSettings, image_ids: list[str], texts: list[str],
+              unit: str) -> list[str]:
+    """One generation per (image, text prompt), batch_size at a time."""
+    bs, outputs = ev.config.batch_size, []
+    with progress_bar(len(image_ids), f"eval {ev.task}", unit) as advance:
+        for start in range(0, len(image_ids), bs):
+            features, mask = ev.cache.get_batch(image_ids[start:start + bs])  # (B, T, D), (B, T) | None
+            outputs += generate_texts(ev.adapter, llm, features, mask, texts[start:start + bs], settings)
+            advance(len(features))
+    return outputs
+
+
+def _vqa_metrics(records, answers: list[str], official_gt_quirk: bool) -> dict:
+    """VQAv2 accuracy when questions carry several human answers, GQA exact match when one, none
+    when the file has no answers (test-dev: predictions.json goes to the evaluation server)."""
+    counts = {len(r.answers) for r in records}
+    if counts == {0}:
+        say("[yellow]no answers in the data[/] (pass --annotations for VQAv2): only predictions.json is written")
+        return {}
+    if 0 in counts or (1 in counts and len(counts) > 1):
+        bad = next(r for r in records if len(r.answers) != max(counts) or not r.answers)
+        raise BlitextError(f"question {bad.question_id} has {len(bad.answers)} answers while others have "
+                           f"{max(counts)}: every question needs its human answers (10 in VQAv2, 1 in GQA)")
+    if counts == {1}:  # GQA
+        hits = [(r.answer_type, exact_match(a, r.answers[0], official_gt_quirk)) for r, a in zip(records, answers)]
+        types = sorted({t for t, _ in hits if t is not None})
+        per_type = {t: 100 * _mean([h for u, h in hits if u == t]) for t in types}
+        return {"accuracy": 100 * _mean([h for _, h in hits]), "per_answer_type": per_type}
+    summary = vqa_summary([{"prediction": a, "answers": r.answers, "answer_type": r.answer_type}
+                           for r, a in zip(records, answers)], official_gt_quirk)
+    return {"accuracy": summary["overall"], "per_answer_type": summary["per_answer_type"]}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _coco_id(value: str) -> int | str:
+    """Ids as the official results formats write them: integers when they are plain integers."""
+    return int(value) if value.isdigit() and str(int(value)) == value else value
+
+
+def _finish(ev: Evaluation, metrics: dict, counts: dict, settings: GenerationSettings | None, **extra) -> dict:
+    """Write metrics.json, print the table, return what was written."""
+    record = {"task": ev.task, "eval": f"{ev.task}-{Path(ev.config.data).stem}", "metrics": metrics, **extra,
+              "counts": counts, "settings": to_jsonable(settings) if settings else None,
+              "adapter": str(ev.adapter.path), "adapter_fingerprint": ev.adapter.fingerprint,
+              "features": str(ev.cache.root), "data": ev.config.data, "provenance": provenance(ev.config)}
+    write_json(ev.out / "metrics.json", record)
+    sizes = ", ".join(f"{k} {v}" for k, v in counts.items())
+    print_metrics(f"eval {ev.task}: {Path(ev.config.data).name} ({sizes})", metrics)
+    for name, why in extra.get("unavailable", {}).items():
+        say(f"[yellow]{name} not computed[/]: {why}")
+    say(f"[green]written[/] {ev.out}/metrics.json and predictions.json")
+    return record
+
+
+# ---------------------------------------------------------------- retrieval scores
+
+class RetrievalScorer:
+    """BLIP-2's retrieval scores (LAVIS compute_sim_matrix) with the adaptor's Q-Former."""
+
+    def __init__(self, ev: Evaluation, image_ids: list[str], texts: list[str]):
+        self.ev, self.model, self.image_ids = ev, ev.adapter.model, image_ids
+        max_len = ev.adapter.state["config"].get("max_text_len", 32)
+        tok = ev.adapter.tokenizer(texts, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
+        self.ids, self.att = tok.input_ids.to(ev.device), tok.attention_mask.to(ev.device)  # (n_texts, L)
+
+    @torch.inference_mode()
+    def itc(self) -> torch.Tensor:
+        """(n_images, n_texts): max over the query outputs of cosine(vision_proj(q), text_proj([CLS]))."""
+        bs, model = self.ev.config.batch_size, self.model
+        cls = [model.text_output(self.ids[s:s + bs], self.att[s:s + bs])[:, 0] for s in range(0, len(self.ids), bs)]
+        text_feat = F.normalize(model.text_proj(torch.cat(cls)), dim=-1)  # (n_texts, E)
+        rows = []
+        for features, mask in self._features_batches(self.image_ids, bs):
+            image_feat = F.normalize(model.vision_proj(model.query_output(features, mask)), dim=-1)  # (B, Q, E)
+            rows.append((image_feat @ text_feat.T).max(dim=1).values.cpu())  # (B, n_texts)
+        return torch.cat(rows)
+
+    def rerank(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both directions re-ranked: ITM logit + ITC on each query's top k by ITC."""
+        sim = self.itc()  # (n_images, n_texts)
+        per_call = max(1, ITM_PAIRS_PER_CALL // min(k, max(sim.shape)))
+        with progress_bar(sum(sim.shape), "eval retrieval: ITM re-ranking", "query") as advance:
+            def i2t(rows, cands):  # query = image, candidates = texts
+                advance(len(rows))
+                return self.itm(rows[:, None].expand_as(cands), cands) + sim[rows[:, None], cands]
+
+            def t2i(rows, cands):  # query = text, candidates = images
+                advance(len(rows))
+                return self.itm(cands, rows[:, None].expand_as(cands)) + sim.T[rows[:, None], cands]
+
+            return rerank_top_k(sim, i2t, k, per_call), rerank_top_k(sim.T, t2i, k, per_call)
+
+    @torch.inference_mode()
+    def itm(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """ITM scores of (image index, text index) pairs of the same shape: mean over the Q query
+        outputs of itm_head's positive logit, as BLIP-2's compute_itm."""
+        q, flat_i, flat_t, out = self.model.num_query, images.flatten(), texts.flatten(), []
+        for s in range(0, len(flat_i), ITM_PAIRS_PER_CALL):
+            i, t = flat_i[s:s + ITM_PAIRS_PER_CALL], flat_t[s:s + ITM_PAIRS_PER_CALL]
+            features, mask = self._features([self.image_ids[n] for n in i.tolist()])  # (P, T, D)
+            ids, att = self.ids[t.to(self.ids.device)], self.att[t.to(self.ids.device)]  # (P, L)
+            joint = self.model.joint_output(ids, features, torch.cat([att.new_ones(len(ids), q), att], 1), mask)
+            out.append(self.model.itm_head(joint[:, :q])[..., 1].mean(1).float().cpu())  # (P,)
+        return torch.cat(out).view(images.shape)
+
+    def _features(self, image_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        features, mask = self.ev.cache.get_batch(image_ids)
+        return features.to(self.ev.device).float(), None if mask is None else mask.to(self.ev.device)
+
+    def _features_batches(self, image_ids: list[str], bs: int):
+        for s in range(0, len(image_ids), bs):
+            yield self._features(image_ids[s:s + bs])
+
+
+# ---------------------------------------------------------------- tables
+
+def print_metrics(title: str, metrics: dict) -> None:
+    from rich.table import Table
+
+    table = Table("metric", "value", title=title)
+    for name, value in _flatten(metrics).items():
+        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+def _flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves only, nested keys joined by "/" (per_answer_type/other)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix + key] = value
+    return out
+
+
+def metrics_files(path: Path) -> list[Path]:
+    """A metrics.json, a folder holding one, or a run folder with eval/*/metrics.json."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if (path / "metrics.json").is_file():
+        return [path / "metrics.json"]
+    found = sorted(path.glob("eval/*/metrics.json")) + sorted(path.glob("*/eval/*/metrics.json"))
+    if not found:
+        raise BlitextError(f"{path} holds no metrics.json (nor eval/*/metrics.json): pass an eval output folder "
+                           f"or a run folder that `blitext eval` wrote into")
+    return found
+
+
+def compare_runs(paths: list[Path]) -> tuple[list[list], list[str]]:
+    """Every numeric metric side by side: rows [eval, metric, value per path (None if absent)],
+    columns ["eval", "metric", label per path]. An eval is `<task>-<data name>`, so the same
+    evaluation of several runs lines up on one row."""
+    if not paths:
+        raise BlitextError("compare needs metrics files or run folders")
+    labels = _labels([Path(p) for p in paths])
+    values: dict[tuple[str, str], dict[int, float]] = {}
+    for column, path in enumerate(paths):
+        seen: set[str] = set()
+        for file in metrics_files(Path(path)):
+            record = read_json(file)
+            if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
+                raise BlitextError(f"{file} is not a blitext eval metrics.json (no \"metrics\" table)")
+            name = record.get("eval") or file.parent.name
+            name = f"{name} ({file.parent.name})" if name in seen else name
+            seen.add(name)
+            for metric, value in _flatten(record["metrics"]).items():
+                values.setdefault((name, metric), {})[column] = value
+    rows = [[name, metric, *(by_column.get(c) for c in range(len(paths)))]
+            for (name, metric), by_column in values.items()]
+    return rows, ["eval", "metric", *labels]
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    """The shortest path tails that tell the paths apart (runA/final vs runB/final -> runA/final ...)."""
+    parts = [(p.parent if p.is_file() else p).resolve().parts for p in paths]
+    for n in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-n:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in paths]
+
+
+def print_compare(rows: list[list], columns: list[str]) -> None:
+    from rich.table import Table
+
+    table = Table(*columns, title="blitext compare")
+    for row in rows:
+        table.add_row(*(("-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)) for v in row))
+    console.print(table)

@@ -1,0 +1,137 @@
+"""`blitext eval caption|vqa|retrieval` and `blitext compare`: thin typer commands over blitext.evaluate.
+
+cli/main.py imports this module (`app.add_typer(eval_app, name="eval")`,
+`app.command("compare")(compare_cmd)`), so nothing here imports cli/main.py at load time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from blitext.evaluate import EvalConfig
+
+eval_app = typer.Typer(no_args_is_help=True,
+                       help="Score an adaptor from a feature cache: captioning, zero-shot VQA, image-text retrieval.")
+
+
+def user_errors(fn):
+    """cli/main.py's handler (one red line, exit 2), looked up when the command runs."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from blitext.cli.main import user_errors as handle
+
+        return handle(fn)(*args, **kwargs)
+    return wrapper
+
+
+def _default(name: str) -> str:
+    field = next(f for f in dataclasses.fields(EvalConfig) if f.name == name)
+    return f"[default: {field.default}]"
+
+
+AdapterOpt = typer.Option(None, "--adapter", help="train-adapter run folder, <run>/final or a checkpoint.")
+FeaturesOpt = typer.Option(None, "--features", help="Feature cache of the evaluation images (extract-features with the adaptor's encoder).")
+OutOpt = typer.Option(None, "--out", help="Output folder. [default: <run>/eval/<task>-<data name>]")
+LimitOpt = typer.Option(None, "--limit", help="Only the first N images (questions for vqa).")
+BatchOpt = typer.Option(None, "--batch-size", help=f"Images (questions) per generate call. {_default('batch_size')}")
+DeviceOpt = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N.")
+LLMOpt = typer.Option(None, "--llm", help="[default: the adaptor's LLM]")
+PromptOpt = typer.Option(None, "--prompt", help='Text prompt ("{}" = the question). [default: "a photo of" / "Question: {} Short answer:"]')
+BeamsOpt = typer.Option(None, "--num-beams", help="[default: 5]")
+MaxOpt = typer.Option(None, "--max-new-tokens", help="[default: 30 captions, 10 answers]")
+MinOpt = typer.Option(None, "--min-new-tokens", help="[default: 8 captions, 1 answers]")
+PenaltyOpt = typer.Option(None, "--length-penalty", help="[default: 1 captions, -1 answers]")
+ConfigOpt = typer.Option(None, "--config", help="JSON or TOML file of config values (command-line options win).")
+
+
+def _run(task: str, config: Optional[Path], **options) -> None:
+    from blitext import evaluate
+    from blitext.config import resolve_config
+
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    getattr(evaluate, f"eval_{task}")(resolve_config(EvalConfig, config, **options))
+
+
+@eval_app.command("caption")
+@user_errors
+def caption_cmd(
+    adapter: Optional[Path] = AdapterOpt,
+    features: Optional[Path] = FeaturesOpt,
+    data: Optional[str] = typer.Option(None, "--data", help="Caption JSON (LAVIS / COCO) or folder: the images and their reference captions."),
+    out: Optional[Path] = OutOpt,
+    limit: Optional[int] = LimitOpt,
+    batch_size: Optional[int] = BatchOpt,
+    device: Optional[str] = DeviceOpt,
+    llm: Optional[str] = LLMOpt,
+    prompt: Optional[str] = PromptOpt,
+    num_beams: Optional[int] = BeamsOpt,
+    max_new_tokens: Optional[int] = MaxOpt,
+    min_new_tokens: Optional[int] = MinOpt,
+    length_penalty: Optional[float] = PenaltyOpt,
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=f"PTB tokenizer: auto | java | python. {_default('tokenizer')}"),
+    meteor: Optional[str] = typer.Option(None, "--meteor", help=f"auto | java | off (Java). {_default('meteor')}"),
+    spice: Optional[str] = typer.Option(None, "--spice", help=f"auto | java | off (Java + Stanford models). {_default('spice')}"),
+    config: Optional[Path] = ConfigOpt,
+):
+    """COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) of a stage-2 adaptor's captions."""
+    _run("caption", config, adapter=adapter, features=features, data=data, out=out, limit=limit,
+         batch_size=batch_size, device=device, llm=llm, prompt=prompt, num_beams=num_beams,
+         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, length_penalty=length_penalty,
+         tokenizer=tokenizer, meteor=meteor, spice=spice)
+
+
+@eval_app.command("vqa")
+@user_errors
+def vqa_cmd(
+    adapter: Optional[Path] = AdapterOpt,
+    features: Optional[Path] = FeaturesOpt,
+    data: Optional[str] = typer.Option(None, "--data", "--questions", help="VQAv2 / OK-VQA questions JSON, or a GQA questions JSON (answers inline)."),
+    annotations: Optional[Path] = typer.Option(None, "--annotations", help="VQAv2 / OK-VQA annotations JSON; without it only predictions.json is written."),
+    out: Optional[Path] = OutOpt,
+    limit: Optional[int] = LimitOpt,
+    batch_size: Optional[int] = BatchOpt,
+    device: Optional[str] = DeviceOpt,
+    llm: Optional[str] = LLMOpt,
+    prompt: Optional[str] = PromptOpt,
+    num_beams: Optional[int] = BeamsOpt,
+    max_new_tokens: Optional[int] = MaxOpt,
+    min_new_tokens: Optional[int] = MinOpt,
+    length_penalty: Optional[float] = PenaltyOpt,
+    official_gt_quirk: Optional[bool] = typer.Option(None, "--official-gt-quirk/--no-official-gt-quirk", help="Normalise ground-truth answers as the official script (punctuation only). [default: no]"),
+    config: Optional[Path] = ConfigOpt,
+):
+    """Zero-shot VQA accuracy (VQAv2 / OK-VQA, per answer type) or GQA exact match of a stage-2 adaptor."""
+    _run("vqa", config, adapter=adapter, features=features, data=data, annotations=annotations, out=out,
+         limit=limit, batch_size=batch_size, device=device, llm=llm, prompt=prompt, num_beams=num_beams,
+         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, length_penalty=length_penalty,
+         official_gt_quirk=official_gt_quirk)
+
+
+@eval_app.command("retrieval")
+@user_errors
+def retrieval_cmd(
+    adapter: Optional[Path] = AdapterOpt,
+    features: Optional[Path] = FeaturesOpt,
+    data: Optional[str] = typer.Option(None, "--data", help="Caption JSON (LAVIS / COCO) or folder: the images and their captions."),
+    out: Optional[Path] = OutOpt,
+    limit: Optional[int] = LimitOpt,
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Images (texts) per ITC forward. {_default('batch_size')}"),
+    device: Optional[str] = DeviceOpt,
+    k: Optional[int] = typer.Option(None, "--k", help=f"Candidates per query re-scored with ITM. {_default('k')}"),
+    config: Optional[Path] = ConfigOpt,
+):
+    """Image<->text R@1/5/10: ITC for all pairs, ITM + ITC on each query's top k (BLIP-2); any stage."""
+    _run("retrieval", config, adapter=adapter, features=features, data=data, out=out, limit=limit,
+         batch_size=batch_size, device=device, k=k)
+
+
+@user_errors
+def compare_cmd(runs: list[Path] = typer.Argument(..., help="metrics.json files, eval folders or run folders (eval/*/metrics.json).")):
+    """Every numeric metric of several evaluations side by side."""
+    from blitext.evaluate import compare_runs, print_compare
+
+    print_compare(*compare_runs(runs))

@@ -1,0 +1,221 @@
+"""blitext eval caption|vqa|retrieval and compare, on tiny adaptors trained on the test_adapter world."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import typer
+from typer.testing import CliRunner
+
+from blitext.adapter import load_adapter, train_adapter
+from blitext.cache import FeatureCache
+from blitext.cli.eval import compare_cmd, eval_app
+from blitext.data.readers import read_image_set
+from blitext.data.text import caption_key
+from blitext.errors import BlitextError
+from blitext.evaluate import EvalConfig, compare_runs, eval_caption, eval_retrieval, eval_vqa
+from blitext.extract import ExtractConfig, extract_features
+from blitext.metrics import caption_scores, exact_match, vqa_accuracy
+from test_adapter import config, world  # noqa: F401
+
+FAST = dict(num_beams=2, max_new_tokens=4, min_new_tokens=1, batch_size=4, device="cpu")  # tiny decoding
+N_IMAGES = 6  # images 0..5 have 8 captions: at most 10 candidates each way
+
+
+@pytest.fixture(scope="module")
+def runs(world, tmp_path_factory) -> dict:  # noqa: F811
+    root = tmp_path_factory.mktemp("eval-runs")
+    train_adapter(config(world, root / "s1", max_steps=2))
+    train_adapter(config(world, root / "s2", stage=2, max_steps=2, init=str(root / "s1")))
+    return {"s1": root / "s1", "s2": root / "s2"}
+
+
+def common(world, runs, **kw) -> EvalConfig:  # noqa: F811
+    values = dict(adapter=str(runs["s2"]), features=str(world["features"]), data=str(world["captions"]), **FAST)
+    return EvalConfig(**{**values, **kw})
+
+
+def read(path: Path):
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------- captioning
+
+def test_caption_eval_scores_equal_caption_scores_on_its_predictions(world, runs):  # noqa: F811
+    result = eval_caption(common(world, runs, limit=N_IMAGES, tokenizer="python", meteor="off", spice="off"))
+    out = runs["s2"] / "eval" / "caption-captions_train"  # the default folder
+    metrics, predictions = read(out / "metrics.json"), read(out / "predictions.json")
+    assert metrics == result and metrics["counts"] == {"images": N_IMAGES}
+    assert metrics["unavailable"] == {"METEOR": "turned off", "SPICE": "turned off"}
+    assert metrics["adapter_fingerprint"].startswith("adapter-s2") and metrics["settings"]["num_beams"] == 2
+    assert [p["image_id"] for p in predictions] == [f"img{i}" for i in range(N_IMAGES)]
+    refs = {r.id: list(r.captions) for r in read_image_set(world["captions"]).records[:N_IMAGES]}
+    direct = caption_scores(refs, {p["image_id"]: p["caption"] for p in predictions}, "python", "off", "off")
+    expected = {k: v for k, v in direct.as_dict().items() if isinstance(v, float)}
+    assert metrics["metrics"] == expected and set(expected) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"}
+
+
+# ---------------------------------------------------------------- VQA
+
+QUESTIONS = ["what colour is the shape?", "what shape is it?", "is it red?"]
+TYPES = ["other", "other", "yes/no", "number", "yes/no", "number"]
+
+
+def write_vqav2(folder: Path, answers: list[list[str]] | None) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    questions = [{"question_id": 100 + i, "image_id": f"img{i}", "question": QUESTIONS[i % 3]} for i in range(N_IMAGES)]
+    (folder / "questions.json").write_text(json.dumps({"questions": questions}))
+    annotations = [{"question_id": 100 + i, "image_id": f"img{i}", "answer_type": TYPES[i],
+                    "answers": [{"answer": a, "answer_id": n + 1} for n, a in enumerate(answers[i])]}
+                   for i in range(N_IMAGES)] if answers else []
+    (folder / "annotations.json").write_text(json.dumps({"annotations": annotations}))
+    return folder / "questions.json", folder / "annotations.json"
+
+
+def test_vqa_accuracy_equals_the_hand_computation_and_gqa_exact_match(tmp_path, world, runs):  # noqa: F811
+    questions, _ = write_vqav2(tmp_path / "vqa", None)
+    first = eval_vqa(common(world, runs, data=str(questions), out=str(tmp_path / "first")))
+    assert first["metrics"] == {}  # no annotations: predictions only (what the test-dev server takes)
+    predicted = [p["answer"] for p in read(tmp_path / "first" / "predictions.json")]
+    assert len(predicted) == N_IMAGES
+
+    # Image i's question gets i of 10 humans agreeing with the model (decoding is deterministic).
+    answers = [[predicted[i]] * i + ["zzqx"] * (10 - i) for i in range(N_IMAGES)]
+    questions, annotations = write_vqav2(tmp_path / "vqa", answers)
+    result = eval_vqa(common(world, runs, data=str(questions), annotations=str(annotations), out=str(tmp_path / "vqa2")))
+    predictions = read(tmp_path / "vqa2" / "predictions.json")
+    assert [p["question_id"] for p in predictions] == [100 + i for i in range(N_IMAGES)]  # official format: ints
+    assert [p["answer"] for p in predictions] == predicted
+    accs = [vqa_accuracy(p["answer"], answers[i]) for i, p in enumerate(predictions)]
+    assert accs == pytest.approx([0, 0.3, 0.6, 0.9, 1, 1])
+    assert result["metrics"]["accuracy"] == pytest.approx(100 * sum(accs) / len(accs))
+    for t in set(TYPES):
+        mine = [a for a, u in zip(accs, TYPES) if u == t]
+        assert result["metrics"]["per_answer_type"][t] == pytest.approx(100 * sum(mine) / len(mine))
+
+    gqa = {f"g{i}": {"imageId": f"img{i}", "question": QUESTIONS[i % 3], "answer": predicted[i] if i % 2 else "zzqx",
+                     "types": {"structural": "query" if i < 3 else "verify"}} for i in range(N_IMAGES)}
+    (tmp_path / "gqa.json").write_text(json.dumps(gqa))
+    g = eval_vqa(common(world, runs, data=str(tmp_path / "gqa.json"), out=str(tmp_path / "gqa")))
+    hits = [exact_match(p["answer"], gqa[p["question_id"]]["answer"]) for p in read(tmp_path / "gqa" / "predictions.json")]
+    assert g["metrics"]["accuracy"] == pytest.approx(100 * sum(hits) / len(hits)) == pytest.approx(50)
+    assert set(g["metrics"]["per_answer_type"]) == {"query", "verify"}
+
+
+# ---------------------------------------------------------------- retrieval
+
+@pytest.fixture(scope="module")
+def retrieval(world, runs, tmp_path_factory) -> dict:  # noqa: F811
+    root = tmp_path_factory.mktemp("retrieval")
+    return {k: eval_retrieval(common(world, runs, adapter=str(runs["s1"]), limit=N_IMAGES, k=k, out=str(root / f"k{k}")))
+            | {"out": root / f"k{k}"} for k in (1, 3, 128)}
+
+
+def itc_and_itm(world, runs):  # noqa: F811
+    """The test's own ITC matrix (n_images, n_texts) and image 0's ITM scores, from the raw Q-Former calls."""
+    adapter = load_adapter(runs["s1"])
+    model = adapter.model
+    records = read_image_set(world["captions"]).records[:N_IMAGES]
+    texts = [c for r in records for c in r.captions]
+    feats, mask = FeatureCache(world["features"]).get_batch([r.id for r in records])
+    tok = adapter.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        image = F.normalize(model.vision_proj(model.query_output(feats.float(), mask)), dim=-1)  # (N, Q, E)
+        text = F.normalize(model.text_proj(model.text_output(tok.input_ids, tok.attention_mask)[:, 0]), dim=-1)
+        itc = torch.einsum("iqe,te->iqt", image, text).max(1).values
+        q = model.num_query
+        att = torch.cat([torch.ones(len(texts), q, dtype=torch.long), tok.attention_mask], 1)
+        joint = model.joint_output(tok.input_ids, feats[:1].float().expand(len(texts), -1, -1), att)
+        itm0 = model.itm_head(joint[:, :q])[..., 1].mean(1)
+    keys = [caption_key(r.id, n) for r in records for n in range(len(r.captions))]
+    return itc, itm0, keys
+
+
+def ranked_by(scores: list[float], k: int, tol: float = 1e-5) -> bool:
+    """scores (the test's own, in predicted order): the first k are the k best and the rest keep
+    descending order, up to the float noise of a different batching (the tiny model's ITC values
+    are near-ties)."""
+    head, tail = scores[:k], scores[k:]
+    return descending(tail, tol) and (not tail or min(head) >= max(tail) - tol)
+
+
+def descending(scores: list[float], tol: float = 1e-5) -> bool:
+    return all(a >= b - tol for a, b in zip(scores, scores[1:]))
+
+
+def test_retrieval_reranks_only_inside_the_top_k(world, runs, retrieval):  # noqa: F811
+    itc, itm0, keys = itc_and_itm(world, runs)
+    assert itc.shape == (N_IMAGES, 8)
+    for k in (1, 3, 128):
+        result = retrieval[k]
+        m = result["metrics"]
+        assert all(0 <= m[f"{d}_r{n}"] <= 100 for d in ("txt", "img") for n in (1, 5, 10))
+        assert m["txt_r10"] == m["img_r10"] == 100  # <= 10 candidates each way
+        assert result["counts"] == {"images": N_IMAGES, "texts": 8, "k": min(k, 8)}
+        predictions = read(result["out"] / "predictions.json")
+        for i, row in enumerate(predictions["image_to_text"]):
+            assert sorted(row["top10"]) == sorted(keys)
+            assert ranked_by([float(itc[i, keys.index(t)]) for t in row["top10"]], k), (k, i, row)
+        for j, row in enumerate(predictions["text_to_image"]):
+            assert ranked_by([float(itc[int(x[3:]), j]) for x in row["top10"]], k), (k, j, row)
+    # k >= all candidates: image 0's texts are ranked by ITM logit + ITC alone
+    top = read(retrieval[128]["out"] / "predictions.json")["image_to_text"][0]["top10"]
+    assert descending([float(itm0[keys.index(t)] + itc[0, keys.index(t)]) for t in top])
+    assert top != read(retrieval[1]["out"] / "predictions.json")["image_to_text"][0]["top10"]  # ITM did reorder
+
+
+def test_compare_runs_lines_up_two_metric_folders(retrieval):
+    rows, columns = compare_runs([retrieval[1]["out"], retrieval[128]["out"]])
+    assert columns == ["eval", "metric", "k1", "k128"]
+    table = {(r[0], r[1]): r[2:] for r in rows}
+    assert table[("retrieval-captions_train", "txt_r1")] == [retrieval[1]["metrics"]["txt_r1"],
+                                                           retrieval[128]["metrics"]["txt_r1"]]
+    assert len(rows) == len(retrieval[1]["metrics"])  # every numeric metric, once
+    with pytest.raises(BlitextError, match="holds no metrics.json"):
+        compare_runs([retrieval[1]["out"].parent])
+
+
+# ---------------------------------------------------------------- refusals and the command line
+
+def test_refusals_are_one_line_errors(tmp_path, world, runs, vision_folders):  # noqa: F811
+    app = typer.Typer()
+    app.add_typer(eval_app, name="eval")
+    runner = CliRunner()
+    other = tmp_path / "features-clip"
+    extract_features(ExtractConfig(data=str(world["captions"]), out=str(other), vision_encoder=str(vision_folders["clip"]),
+                                   batch_size=8, shard_size=16, num_workers=0, device="cpu"))
+    r = runner.invoke(app, ["eval", "caption", "--adapter", str(runs["s2"]), "--features", str(other),
+                            "--data", str(world["captions"])])
+    assert r.exit_code == 2 and "this run expects" in r.output and "extract-features" in r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+    with pytest.raises(BlitextError, match="stage-1 adaptor"):
+        eval_caption(common(world, runs, adapter=str(runs["s1"]), out=str(tmp_path / "s1")))
+    extra = tmp_path / "more.json"
+    extra.write_text(json.dumps(read(world["captions"]) + [{"image": "images/x.png", "image_id": "imgX", "caption": "x"}]))
+    with pytest.raises(BlitextError, match=r"1 of 17 images .* \(first: 'imgX'\)"):
+        eval_retrieval(common(world, runs, data=str(extra), out=str(tmp_path / "x")))
+    r = runner.invoke(app, ["eval", "retrieval", "--features", str(world["features"])])
+    assert r.exit_code == 2 and "needs --adapter" in r.output
+
+
+def test_cli_caption_retrieval_and_compare(tmp_path, world, runs):  # noqa: F811
+    app = typer.Typer()
+    app.add_typer(eval_app, name="eval")
+    app.command("compare")(compare_cmd)
+    runner = CliRunner()
+    base = ["--adapter", str(runs["s2"]), "--features", str(world["features"]), "--data", str(world["captions"]),
+            "--limit", "4", "--device", "cpu"]
+    r = runner.invoke(app, ["eval", "caption", *base, "--num-beams", "1", "--max-new-tokens", "3", "--min-new-tokens",
+                            "1", "--tokenizer", "python", "--meteor", "off", "--spice", "off", "--out", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    assert "CIDEr" in r.output and read(tmp_path / "c" / "metrics.json")["counts"] == {"images": 4}
+    (tmp_path / "retrieval.json").write_text(json.dumps({"k": 2, "batch_size": 3}))  # a --config file
+    r = runner.invoke(app, ["eval", "retrieval", *base, "--config", str(tmp_path / "retrieval.json")])
+    assert r.exit_code == 0, r.output
+    assert read(runs["s2"] / "eval" / "retrieval-captions_train" / "metrics.json")["counts"]["k"] == 2
+    r = runner.invoke(app, ["compare", str(runs["s2"]), str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    assert "txt_r1" in r.output and "CIDEr" in r.output
