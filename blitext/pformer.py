@@ -242,7 +242,8 @@ class TrainLoop:
                 if (step + 1) % self.c.save_every == 0 and step + 1 < steps and self.info.is_main:
                     save_checkpoint(run, step + 1, self.pformer, self.optimizer,
                                     {**state, "truncated": dict(self.batcher.truncated)})
-        self.show_samples(steps)
+        if steps % self.c.sample_every or steps == start:  # not twice for the last step
+            self.show_samples(steps)
 
     def train_step(self, step: int, steps: int) -> dict[str, float]:
         c = self.c

@@ -295,3 +295,23 @@ def test_stage2_then_generate_and_check_prompts_from_the_cli(tmp_path, world):
     check = runner.invoke(app, ["check-prompts", "--adapter", str(tmp_path / "s2"), "--features",
                                 str(world["features"]), "--limit", "4"])
     assert check.exit_code == 0, check.output
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama", "gpt2"])
+def test_batched_left_padded_generation_equals_one_at_a_time(kind, llm_folders, bert_folder):
+    """A row's output must not depend on its neighbours: padding goes before the prompts and is masked."""
+    from blitext.adapter import LoadedAdapter
+    from blitext.generate import GenerationSettings, generate_texts
+    from blitext.models.loading import load_llm
+
+    torch.manual_seed(0)
+    encoder = load_text_encoder(str(bert_folder))
+    model = QFormer.from_text_encoder(encoder.model, qformer_tokenizer(encoder.tokenizer), 16, N_PROMPT, 32).eval()
+    adapter = LoadedAdapter(model, None, {"config": {"end_of_text": "\n", "llm": "-"}}, "test", Path("."))
+    llm = load_llm(str(llm_folders[kind]))
+    features = torch.randn(3, 5, 16)
+    texts = ["", "a red circle moves left", "two"]  # text prompts of different lengths: rows are padded
+    settings = GenerationSettings(prompt="", num_beams=2, max_new_tokens=5, min_new_tokens=1, length_penalty=1.0)
+    batched = generate_texts(adapter, llm, features, None, texts, settings)
+    alone = [generate_texts(adapter, llm, features[i:i + 1], None, texts[i:i + 1], settings)[0] for i in range(3)]
+    assert batched == alone

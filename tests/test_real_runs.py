@@ -1,0 +1,68 @@
+"""The bundled real models on the embedded easy-VQA data: adaptor losses go down; `demo --smoke` runs.
+
+Slow (minutes on 2 cores): the bundled SmolLM2, MiniLM and EfficientNet-Lite0, real images.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from blitext.adapter import AdapterConfig, train_adapter
+from blitext.cli.main import app
+from blitext.data.prepare import prepare_dataset
+from blitext.extract import ExtractConfig, extract_features
+from blitext.pformer import PFormerConfig, train_pformer
+from blitext.prompts import BuildPromptsConfig, build_prompts
+from blitext.training import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def losses(run: Path, key: str) -> list[float]:
+    return [m[key] for m in read_metrics(run / "metrics.jsonl") if key in m]
+
+
+def first_vs_last(values: list[float], n: int = 5) -> tuple[float, float]:
+    return statistics.mean(values[:n]), statistics.mean(values[-n:])
+
+
+def test_every_adaptor_loss_goes_down_on_real_cached_features(session_cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("BLITEXT_CACHE", str(session_cache))  # the bundled LLM is converted once per session
+    data = prepare_dataset("easy-vqa", out_root=tmp_path / "data", limit=64)
+    features = tmp_path / "features"
+    extract_features(ExtractConfig(data=str(data), out=str(features)))
+    train_pformer(PFormerConfig(text=[str(data / "captions_train.json")], out=str(tmp_path / "pformer"), n_prompt=4,
+                                batch_size=8, max_steps=3, warmup_steps=1, heldout=4, sample_every=1000))
+    prompts = tmp_path / "prompts"
+    build_prompts(BuildPromptsConfig(pformer=str(tmp_path / "pformer"), captions=[str(data / "captions_train.json")],
+                                     out=str(prompts)))
+    common = dict(features=str(features), prompts=str(prompts), batch_size=16, lr=1e-3, log_every=1, save_every=1000)
+    train_adapter(AdapterConfig(stage=1, out=str(tmp_path / "s1"), max_steps=24, warmup_steps=2, **common))
+    for key in ("itc", "itm", "itg", "align"):
+        first, last = first_vs_last(losses(tmp_path / "s1", key))
+        assert last < first, (key, first, last)
+    train_adapter(AdapterConfig(stage=2, out=str(tmp_path / "s2"), init=str(tmp_path / "s1"), max_steps=16,
+                                warmup_steps=2, **common))
+    for key in ("lm", "align"):
+        first, last = first_vs_last(losses(tmp_path / "s2", key), 4)
+        assert last < first, (key, first, last)
+
+
+def test_demo_smoke_runs_every_phase(session_cache, monkeypatch):
+    monkeypatch.setenv("BLITEXT_CACHE", str(session_cache))
+    result = CliRunner().invoke(app, ["demo", "--smoke"])
+    assert result.exit_code == 0, result.output[-3000:]
+    work = next((session_cache / "runs" / "demo").iterdir())
+    results = json.loads((work / "results.json").read_text())
+    assert set(results) == {"baseline", "pformer"}
+    for variant in results.values():
+        assert 0 <= variant["vqa-easy-vqa"]["accuracy"] <= 100
+        assert "CIDEr" in variant["caption-easy-vqa"]
+    assert (work / "stage1-curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second run reuses every finished phase
+    again = CliRunner().invoke(app, ["demo", "--smoke"])
+    assert again.exit_code == 0 and again.output.count("reusing") >= 5, again.output[-2000:]
