@@ -80,6 +80,8 @@ class AblateConfig:
     vqa_questions: int = 300      # test questions answered zero-shot per run (0: no VQA)
     caption_images: int = 100     # images captioned per run (0: no captioning)
     caption_max_new_tokens: int = 16  # short captions (easy-VQA 3-4 tokens, Tux Paint one sentence)
+    num_beams: int | None = None  # generation beams; None = REFERENCE.md 4's 5 (SMOKE: 1, greedy)
+    meteor: str = "auto"          # auto: METEOR when Java runs it | java | off
     seed: int = 42
     scale: float = 1.0            # multiplies every step count and evaluation size
     out: str | None = None        # run folder; default <cache root>/runs/ablate/<data>-<sizes>-<settings hash>
@@ -117,7 +119,8 @@ def _cell(value) -> tuple[float, float]:
 
 
 SMOKE = AblateConfig(images_per_split=48, heldout_images=8, pformer_steps=4, pformer_batch_size=8, n_prompt=4,
-                     stage1_steps=3, stage2_steps=3, batch_size=8, vqa_questions=8, caption_images=6)
+                     stage1_steps=3, stage2_steps=3, batch_size=8, vqa_questions=8, caption_images=6,
+                     caption_max_new_tokens=8, num_beams=1, meteor="off")
 
 
 # ---------------------------------------------------------------- what the data holds
@@ -349,17 +352,20 @@ def _adaptor(c: AblateConfig, work: Path, cell: Cell, features: Path, splits: Sp
 
 def evaluate_run(stage2: Path, features: Path, splits: Splits, c: AblateConfig) -> dict:
     """VQA when the data has questions, captioning on the test or held-out images; reused when done."""
-    out = {}
+    out, beams = {}, f"-beam{c.num_beams}" if c.num_beams else ""  # settings that change scores name the folder
     if splits.vqa and c.vqa_questions > 0:
         questions, answers = splits.vqa
-        out["vqa"] = _scores(stage2 / "eval" / f"vqa-{c.vqa_questions}", lambda d: eval_vqa(EvalConfig(
+        out["vqa"] = _scores(stage2 / "eval" / f"vqa-{c.vqa_questions}{beams}", lambda d: eval_vqa(EvalConfig(
             adapter=str(stage2), features=str(features), data=str(questions),
-            annotations=str(answers) if answers else None, out=str(d), limit=c.vqa_questions)))
+            annotations=str(answers) if answers else None, out=str(d), limit=c.vqa_questions,
+            num_beams=c.num_beams)))
     if c.caption_images > 0:
-        name = f"caption-{splits.captions.stem.removeprefix('captions_')}-{c.caption_images}"
+        name = (f"caption-{splits.captions.stem.removeprefix('captions_')}-{c.caption_images}-"
+                f"{c.caption_max_new_tokens}t{beams}{'-no-meteor' if c.meteor == 'off' else ''}")
         out["caption"] = _scores(stage2 / "eval" / name, lambda d: eval_caption(EvalConfig(
             adapter=str(stage2), features=str(features), data=str(splits.captions), out=str(d),
-            limit=c.caption_images, prompt="", min_new_tokens=1, max_new_tokens=c.caption_max_new_tokens)))
+            limit=c.caption_images, prompt="", min_new_tokens=1, max_new_tokens=c.caption_max_new_tokens,
+            num_beams=c.num_beams, meteor=c.meteor)))
     return out
 
 

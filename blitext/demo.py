@@ -14,6 +14,7 @@ evaluation sizes, `--smoke` runs every phase with a handful of steps (for tests 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -62,6 +63,7 @@ SMOKE = DemoConfig(images_per_split=48, pformer_steps=4, n_prompt=4, stage1_step
 def run_demo(config: DemoConfig) -> dict:
     """Every phase in order; returns the evaluation metrics of both variants."""
     c = config.scaled()
+    started = time.perf_counter()
     root = default_cache_root()
     tag = f"easy-vqa-{c.images_per_split}"
     work = root / "runs" / "demo" / f"{tag}-{c.n_prompt}q-{c.pformer_steps}-{c.stage1_steps}-{c.stage2_steps}"
@@ -115,7 +117,7 @@ def run_demo(config: DemoConfig) -> dict:
     _examples(work, runs, features, data, c)
     _curves(work, runs)
     (work / "results.json").write_text(json.dumps(results, indent=1))
-    say(f"[green]demo finished[/]: runs, evaluations and curves in {work}")
+    say(f"[green]demo finished[/] in {(time.perf_counter() - started) / 60:.1f} min: runs, evaluations and curves in {work}")
     return results
 
 

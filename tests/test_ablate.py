@@ -94,9 +94,9 @@ def test_ablation_smoke_shares_stage1_and_reuses_everything(session_cache, monke
     assert [(r["w1"], r["w2"]) for r in rows[:grid]] == SMOKE.grid
     assert (rows[-1]["w1"], rows[-1]["w2"], rows[-1]["pformer_text"]) == (10, 100, "paired")
     # one stage 1 per distinct (w1, P-Former): w1 = 0 shared by (0,0) and (0,100), w1 = 10 by (10,0) and (10,100)
-    assert sorted(p.name for p in work.glob("stage1-*")) == ["stage1-w1_0", "stage1-w1_10-paired",
+    assert sorted(p.name for p in work.glob("stage1-w1_*")) == ["stage1-w1_0", "stage1-w1_10-paired",
                                                              f"stage1-w1_10-paired+{n}"]
-    assert len(list(work.glob("stage2-*"))) == len(rows)
+    assert len(list(work.glob("stage2-w1_*"))) == len(rows)
     by_w1 = {}
     for r in rows[:grid]:
         by_w1.setdefault(r["w1"], set()).add(r["stage1"])
