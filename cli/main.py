@@ -307,6 +307,11 @@ from blitext.cli.eval import compare_cmd, eval_app  # noqa: E402
 app.add_typer(eval_app, name="eval")
 app.command("compare")(compare_cmd)
 
+# ------------------------------------------------------------------ ablate
+from blitext.cli.ablate import ablate_cmd  # noqa: E402
+
+app.command("ablate")(ablate_cmd)
+
 
 # ------------------------------------------------------------------ data
 @data_app.command("prepare")

@@ -1,0 +1,485 @@
+"""`blitext ablate`: the paper's Table 4 (alignment weights w1, w2) and Table 6 (P-Former text size)
+on any prepared data set, in miniature.
+
+Mirrors demo.py phase by phase (prepare, extract, P-Former, reference prompts, Q-Former stage 1
+and 2, evaluation) and reuses every finished phase the same way (`demo._once`):
+
+- Table 4: one stage-1 run per distinct w1 (the cells (0,0)/(0,100) share the w1 = 0 run,
+  (10,0)/(10,100) the w1 = 10 run), then one stage-2 run per cell, initialised from its w1's
+  stage 1. A w1 = 0 stage 1 never sees a P-Former, so it is shared whatever the text.
+- Table 6: P-Formers trained on the paired captions only and on paired + extra sentences
+  (default extra: blitext.data.compose's 1,200 compositional captions, plus the ~48k quoted
+  example sentences of WordNet when Debian's `wordnet-base` is installed), each with its own
+  prompt cache and a (10, 100) adaptor. Both P-Formers get the same steps (compute-matched;
+  the paper trained 5 epochs of each set). The grid uses the largest text set, as the paper's
+  Table 4 uses its 12M sentences.
+
+Evaluation is data-generic: zero-shot VQA only when the data holds vqa_test_questions.json
+(+ vqa_test_annotations.json for scores), captioning on captions_test.json when present, else
+on a seeded held-out slice of the train images (never trained on; the output says which).
+Everything goes to one run folder: `ablation.json`, `ablation.md`, loss curves, every run.
+
+Sized for a 2-core CPU at about 45 minutes (2 P-Formers, 3 stage-1 and 5 stage-2 runs, 5
+evaluations, at the demo's settings); `scale` multiplies steps and evaluation sizes; SMOKE runs
+every phase in minutes (2 steps each, greedy decoding, no METEOR).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from blitext.adapter import AdapterConfig, train_adapter
+from blitext.atomic import read_json, write_json
+from blitext.config import default_cache_root, provenance
+from blitext.console import console, say
+from blitext.data.compose import compositional_captions
+from blitext.data.prepare import list_datasets, prepare_dataset
+from blitext.data.readers import read_image_set, write_lavis_json
+from blitext.data.text import read_sentences
+from blitext.demo import _check, _once
+from blitext.errors import BlitextError
+from blitext.evaluate import EvalConfig, eval_caption, eval_vqa
+from blitext.extract import ExtractConfig, extract_features
+from blitext.models.registry import DEFAULT_VISION_ENCODER
+from blitext.pformer import PFormerConfig, train_pformer
+from blitext.prompts import BuildPromptsConfig, build_prompts
+
+TABLE4_GRID = ((0.0, 0.0), (10.0, 0.0), (0.0, 100.0), (10.0, 100.0))  # the paper's (w1, w2) rows
+TEXT_SIZE_CELL = (10.0, 100.0)          # Table 6 trains each P-Former's adaptor with the default weights
+WORDNET_DIR = Path("/usr/share/wordnet")  # Debian wordnet-base: data.noun/.verb/.adj/.adv (OFFLINE.md)
+CAPTION_COLUMNS = (("Bleu_4", "BLEU-4"), ("CIDEr", "CIDEr"), ("ROUGE_L", "ROUGE-L"), ("METEOR", "METEOR"),
+                   ("SPICE", "SPICE"))
+# What makes two runs comparable: a run folder is reused only under the same values.
+TRAIN_KEYS = ("images_per_split", "heldout_images", "pformer_steps", "pformer_batch_size", "n_prompt",
+              "stage1_steps", "stage1_lr", "stage2_steps", "stage2_lr", "batch_size", "seed")
+
+
+@dataclass
+class AblateConfig:
+    data: str = "easy-vqa"        # a data set blitext prepares (easy-vqa, tuxpaint, fashion-mnist), a folder with
+                                  # captions_train.json or captions.json [+ captions_test.json, vqa_test_*.json],
+                                  # or a caption JSON
+    features: str | None = None   # feature cache of the data's images; default: extract into <cache root>/features/
+    grid: list[tuple[float, float]] = field(default_factory=lambda: list(TABLE4_GRID))  # (w1, w2) cells (Table 4)
+    text_sizes: bool | list[int] = True  # Table 6: True = paired captions only vs paired + all extra; a list =
+                                  # extra-sentence counts (0 = paired only); False = the grid alone
+    extra_text: list[str] | None = None  # extra sentence files (text, .jsonl, caption .json, globs), not the default
+    images_per_split: int = 500   # when preparing a named data set: images per split (tuxpaint: in all)
+    heldout_images: int = 100     # without captions_test.json: train images kept out for captioning
+    pformer_steps: int = 200      # per P-Former, at pformer_batch_size (about 2.5 s a step on 2 cores)
+    pformer_batch_size: int = 16
+    n_prompt: int = 8             # soft prompts = Q-Former queries (paper: 32; 8 keeps the CPU run short)
+    stage1_steps: int = 50        # Q-Former stage-1 steps at batch_size (about 2 s each)
+    stage1_lr: float = 1e-3       # stage 1 tolerates a high rate: ~50 steps, not the paper's 10 epochs of 4M pairs
+    stage2_steps: int = 120       # stage-2 steps at batch_size // 2 (about 1 s each: the frozen LLM runs)
+    stage2_lr: float = 5e-5       # stage 2 diverged at 1e-4 and above at batch 8 (the paper: 1e-4 at batch 1024)
+    batch_size: int = 16          # stage 1; stage 2 uses half (as the demo: more, smaller steps learned faster)
+    vqa_questions: int = 120      # test questions answered zero-shot per run (0: no VQA)
+    caption_images: int = 50      # images captioned per run (0: no captioning)
+    caption_max_new_tokens: int = 16  # short captions (easy-VQA 3-4 tokens, Tux Paint one sentence)
+    num_beams: int | None = None  # generation beams; None = REFERENCE.md 4's 5 (SMOKE: 1, greedy)
+    meteor: str = "auto"          # auto: METEOR when Java runs it | java | off
+    seed: int = 42
+    scale: float = 1.0            # multiplies every step count and evaluation size
+    out: str | None = None        # run folder; default <cache root>/runs/ablate/<data>-<sizes>-<settings hash>
+
+    def __post_init__(self) -> None:
+        self.grid = parse_grid(self.grid) if isinstance(self.grid, str) else [_cell(c) for c in self.grid]
+        if not self.grid:
+            raise BlitextError("the grid is empty: pass at least one w1,w2 cell (e.g. --grid '0,0;10,100')")
+        if isinstance(self.extra_text, str):
+            self.extra_text = [self.extra_text]
+        if not isinstance(self.text_sizes, bool):
+            self.text_sizes = [int(n) for n in self.text_sizes]
+
+    def scaled(self) -> "AblateConfig":
+        s = self.scale
+        return replace(self, pformer_steps=round(self.pformer_steps * s), stage1_steps=round(self.stage1_steps * s),
+                       stage2_steps=round(self.stage2_steps * s), vqa_questions=round(self.vqa_questions * s),
+                       caption_images=round(self.caption_images * s), scale=1.0)
+
+
+def parse_grid(text: str) -> list[tuple[float, float]]:
+    """'0,0;10,100' -> [(0.0, 0.0), (10.0, 100.0)]."""
+    return [_cell(part.split(",")) for part in text.replace(" ", "").split(";") if part]
+
+
+def _cell(value) -> tuple[float, float]:
+    value = value.split(",") if isinstance(value, str) else value
+    try:
+        w1, w2 = (float(w) for w in value)
+    except (TypeError, ValueError):
+        raise BlitextError(f"grid cell {value!r} is not two numbers w1,w2: write cells as '0,0;10,100'") from None
+    if w1 < 0 or w2 < 0:
+        raise BlitextError(f"grid cell ({w1:g}, {w2:g}): alignment weights must be >= 0")
+    return w1, w2
+
+
+SMOKE = AblateConfig(images_per_split=48, heldout_images=8, pformer_steps=2, pformer_batch_size=8, n_prompt=4,
+                     stage1_steps=2, stage2_steps=2, batch_size=4, vqa_questions=8, caption_images=6,
+                     caption_max_new_tokens=8, num_beams=1, meteor="off")
+
+
+# ---------------------------------------------------------------- what the data holds
+
+@dataclass
+class Source:
+    tag: str                       # names the feature cache and the run folder
+    path: Path                     # the data folder or caption JSON (what extraction reads)
+    train: Path                    # all train captions
+    test: Path | None              # captions_test.json, when there
+    vqa: tuple[Path, Path | None] | None  # (questions, annotations or None), when there
+
+
+@dataclass
+class Splits:
+    train: Path                    # captions the P-Formers pair with and the adaptors train on
+    captions: Path                 # captions scored
+    caption_source: str            # where they come from, in words
+    vqa: tuple[Path, Path | None] | None
+    n_paired: int                  # train captions
+    n_distinct: int                # distinct train captions (easy-VQA: 24)
+
+
+@dataclass
+class Extra:
+    sentences: list[str]
+    sources: list[str]
+    digest: str
+
+
+@dataclass(frozen=True)
+class Cell:
+    w1: float
+    w2: float
+    extra: int | None              # extra sentences of its P-Former; None when no P-Former is used (w1 = w2 = 0)
+
+
+def _source(c: AblateConfig, root: Path) -> Source:
+    path = Path(c.data)
+    if c.data in list_datasets():
+        tag = f"{c.data}-{c.images_per_split}"  # the demo's names: its prepared data and features are shared
+        path = prepare_dataset(c.data, out_root=root / "data" / tag, limit=c.images_per_split)
+    elif not path.exists() and (root / "data" / c.data).is_dir():
+        path, tag = root / "data" / c.data, c.data
+    elif not path.exists():
+        raise BlitextError(f"--data {c.data!r} is neither a data set blitext prepares ({', '.join(list_datasets())}) "
+                           f"nor a folder or caption JSON: pass one of those")
+    else:
+        tag = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem if path.is_file() else path.name)
+    if path.is_file():
+        return Source(tag, path, path, None, None)
+    train = next((path / n for n in ("captions_train.json", "captions.json") if (path / n).is_file()), None)
+    if train is None:
+        raise BlitextError(f"{path} holds neither captions_train.json nor captions.json: pass a prepared data set "
+                           f"(blitext data prepare NAME) or a caption JSON")
+    test = path / "captions_test.json"
+    questions, answers = path / "vqa_test_questions.json", path / "vqa_test_annotations.json"
+    vqa = (questions, answers if answers.is_file() else None) if questions.is_file() else None
+    return Source(tag, path, train, test if test.is_file() else None, vqa)
+
+
+def _features(c: AblateConfig, src: Source, root: Path) -> Path:
+    if c.features:
+        if not Path(c.features).is_dir():
+            raise BlitextError(f"--features {c.features} is not a folder: pass a cache from extract-features, "
+                               f"or leave it out to extract the data's features")
+        return Path(c.features)
+    features = root / "features" / f"{src.tag}__{DEFAULT_VISION_ENCODER}"
+    extract_features(ExtractConfig(data=str(src.path), out=str(features)))
+    return features
+
+
+def _splits(c: AblateConfig, src: Source, work: Path) -> Splits:
+    """Test captions when the data has them; else a seeded held-out slice of the train images."""
+    records = read_image_set(src.train).records
+    if src.test is not None:
+        return Splits(src.train, src.test, f"{src.test.name} (test images)", src.vqa, *_count(records))
+    if not 2 <= c.heldout_images <= len(records) // 2:
+        raise BlitextError(f"{src.train} has {len(records)} images and no captions_test.json: the images held out "
+                           f"for captioning (heldout_images {c.heldout_images}) must be 2..{len(records) // 2}")
+    held = set(random.Random(c.seed).sample(range(len(records)), c.heldout_images))
+    train, heldout = work / "split" / "captions_train.json", work / "split" / "captions_heldout.json"
+    write_lavis_json(train, [r for i, r in enumerate(records) if i not in held])
+    write_lavis_json(heldout, [r for i, r in enumerate(records) if i in held])
+    kept = [r for i, r in enumerate(records) if i not in held]
+    return Splits(train, heldout, f"{c.heldout_images} held-out train images of {src.train.name} (no test split)",
+                  src.vqa, *_count(kept))
+
+
+def _count(records) -> tuple[int, int]:
+    """(captions, distinct captions)."""
+    captions = [caption.strip() for r in records for caption in r.captions if caption.strip()]
+    return len(captions), len(set(captions))
+
+
+# ---------------------------------------------------------------- extra sentences (Table 6)
+
+def wordnet_examples(folder: Path = WORDNET_DIR) -> list[str]:
+    """The quoted example sentences of WordNet's glosses ("heave a sigh; \"She sighed sadly\""), unique."""
+    sentences: dict[str, None] = {}
+    for pos in ("noun", "verb", "adj", "adv"):
+        path = folder / f"data.{pos}"
+        if not path.is_file():
+            continue
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.startswith(" "):  # the licence header lines start with spaces
+                sentences.update((s.strip(), None) for s in re.findall(r'"([^"]+)"', line.partition(" | ")[2]))
+    return [s for s in sentences if s]
+
+
+def _extra(c: AblateConfig) -> Extra:
+    if c.extra_text:
+        corpus = read_sentences(c.extra_text)
+        sentences, sources = corpus.sentences, corpus.files
+    else:
+        sentences, sources = compositional_captions(), ["blitext.data.compose compositional captions"]
+        examples = wordnet_examples()
+        if examples:
+            sentences, sources = sentences + examples, sources + [f"WordNet examples ({WORDNET_DIR})"]
+        else:
+            say(f"[yellow]no WordNet[/] in {WORDNET_DIR}: extra text is the compositional captions only "
+                f"(apt-get install wordnet-base adds ~48k example sentences)")
+    return Extra(sentences, sources, hashlib.sha1("\n".join(sentences).encode()).hexdigest()[:12])
+
+
+def _extra_file(work: Path, extra: Extra, n: int, seed: int) -> Path:
+    """n of the extra sentences (all of them, or a seeded sample) in a text file."""
+    path = work / "text" / f"extra-{n}.txt"
+    if not path.is_file():
+        chosen = extra.sentences if n == len(extra.sentences) else random.Random(seed).sample(extra.sentences, n)
+        _write_text(path, "\n".join(chosen) + "\n")
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Written to a temp file and renamed: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _label(extra: int | None) -> str:
+    return "none (BLIP-2)" if extra is None else "paired" if extra == 0 else f"paired+{extra}"
+
+
+# ---------------------------------------------------------------- the plan
+
+def plan_cells(c: AblateConfig, n_extra: int) -> list[Cell]:
+    """The grid with the largest text set, then Table 6's (10, 100) cell for each other text size."""
+    return list(dict.fromkeys(_grid_cells(c, n_extra) + _text_cells(c, n_extra)))
+
+
+def _grid_cells(c: AblateConfig, n_extra: int) -> list[Cell]:
+    return [Cell(w1, w2, n_extra if (w1 or w2) else None) for w1, w2 in c.grid]
+
+
+def _text_cells(c: AblateConfig, n_extra: int) -> list[Cell]:
+    if c.text_sizes is False:
+        return []
+    sizes = [0, n_extra] if c.text_sizes is True else c.text_sizes
+    bad = [n for n in sizes if not 0 <= n <= n_extra]
+    if bad:
+        raise BlitextError(f"text sizes {bad}: each must be 0..{n_extra}, the number of extra sentences")
+    return [Cell(*TEXT_SIZE_CELL, n) for n in sizes]
+
+
+def _work(c: AblateConfig, src: Source, features: Path, extra: Extra, root: Path) -> Path:
+    """The run folder; refuses one made with other settings (its runs would be reused as if equal)."""
+    identity = {"data": src.tag, "features": features.name, "extra_text_sha1": extra.digest,
+                **{k: getattr(c, k) for k in TRAIN_KEYS}}
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    work = Path(c.out) if c.out else root / "runs" / "ablate" / (
+        f"{src.tag}-{c.n_prompt}q-{c.pformer_steps}-{c.stage1_steps}-{c.stage2_steps}-{digest}")
+    record = work / "ablate-config.json"
+    if record.is_file() and read_json(record).get("identity") != identity:
+        old = read_json(record).get("identity") or {}
+        differ = sorted(k for k in identity if old.get(k) != identity[k])
+        raise BlitextError(f"{work} holds an ablation made with other settings ({', '.join(differ)}): its runs "
+                           f"would be reused as if equal; pass another --out or remove that folder")
+    write_json(record, {"identity": identity, **provenance(c)})
+    return work
+
+
+# ---------------------------------------------------------------- training
+
+def _pformer(c: AblateConfig, work: Path, splits: Splits, extra: Extra, n: int) -> Path:
+    """Train one P-Former (paired captions + n extra sentences) and cache its reference prompts."""
+    label = _label(n)
+    run, prompts = work / f"pformer-{label}", work / f"prompts-{label}"
+    text = [str(splits.train)] + ([str(_extra_file(work, extra, n, c.seed))] if n else [])
+    say(f"[bold]P-Former ({label})[/]: {splits.n_paired} paired captions + {n} extra sentences")
+    _once(run, lambda resume: train_pformer(PFormerConfig(
+        text=text, out=str(run), n_prompt=c.n_prompt, batch_size=c.pformer_batch_size, max_steps=c.pformer_steps,
+        warmup_steps=max(1, c.pformer_steps // 7), save_every=100,
+        sample_every=max(1, c.pformer_steps // 2, min(c.pformer_steps, 20)),  # mid-run and at the end; SMOKE: end
+        heldout=_pformer_heldout(splits), seed=c.seed, resume=resume)))
+    build_prompts(BuildPromptsConfig(pformer=str(run / "final"), captions=[str(splits.train)], out=str(prompts)))
+    _check(prompts)
+    return prompts
+
+
+def _pformer_heldout(splits: Splits) -> int:
+    """Sentences the P-Former never trains on (for its printed samples): few, as each one held out of the
+    paired captions gets an untrained reference prompt (easy-VQA has only 24 distinct captions: 1)."""
+    return max(1, min(32, splits.n_distinct // 16))
+
+
+def _adaptor(c: AblateConfig, work: Path, cell: Cell, features: Path, splits: Splits,
+             prompts: dict[int, Path]) -> tuple[Path, Path]:
+    """Stage 1 with w1 (shared by the cells of equal w1 and P-Former), then stage 2 with w2 from it."""
+    ref = prompts.get(cell.extra)
+    base = AdapterConfig(features=str(features), captions=[str(splits.train)], w_align=0.0, num_query=c.n_prompt,
+                         seed=c.seed, save_every=max(10, c.stage1_steps // 2), log_every=1)
+    s1 = work / (f"stage1-w1_{cell.w1:g}" + (f"-{_label(cell.extra)}" if cell.w1 else ""))
+    say(f"[bold]stage 1, w1 = {cell.w1:g}[/] ({s1.name})")
+    _once(s1, lambda resume: train_adapter(replace(
+        base, stage=1, w_align=cell.w1, prompts=str(ref) if cell.w1 else None, out=str(s1),
+        max_steps=c.stage1_steps, warmup_steps=max(1, c.stage1_steps // 10), batch_size=c.batch_size,
+        lr=c.stage1_lr, resume=resume)))
+    s2 = work / (f"stage2-w1_{cell.w1:g}-w2_{cell.w2:g}" + (f"-{_label(cell.extra)}" if ref else ""))
+    say(f"[bold]stage 2, w2 = {cell.w2:g}[/] ({s2.name}, from {s1.name})")
+    _once(s2, lambda resume: train_adapter(replace(
+        base, stage=2, w_align=cell.w2, prompts=str(ref) if ref else None, init=str(s1), out=str(s2),
+        max_steps=c.stage2_steps, warmup_steps=max(1, c.stage2_steps // 10), batch_size=c.batch_size // 2,
+        lr=c.stage2_lr, resume=resume)))
+    return s1, s2
+
+
+# ---------------------------------------------------------------- evaluation
+
+def evaluate_run(stage2: Path, features: Path, splits: Splits, c: AblateConfig) -> dict:
+    """VQA when the data has questions, captioning on the test or held-out images; reused when done."""
+    out, beams = {}, f"-beam{c.num_beams}" if c.num_beams else ""  # settings that change scores name the folder
+    if splits.vqa and c.vqa_questions > 0:
+        questions, answers = splits.vqa
+        out["vqa"] = _scores(stage2 / "eval" / f"vqa-{c.vqa_questions}{beams}", lambda d: eval_vqa(EvalConfig(
+            adapter=str(stage2), features=str(features), data=str(questions),
+            annotations=str(answers) if answers else None, out=str(d), limit=c.vqa_questions,
+            num_beams=c.num_beams)))
+    if c.caption_images > 0:
+        name = (f"caption-{splits.captions.stem.removeprefix('captions_')}-{c.caption_images}-"
+                f"{c.caption_max_new_tokens}t{beams}{'-no-meteor' if c.meteor == 'off' else ''}")
+        out["caption"] = _scores(stage2 / "eval" / name, lambda d: eval_caption(EvalConfig(
+            adapter=str(stage2), features=str(features), data=str(splits.captions), out=str(d),
+            limit=c.caption_images, prompt="", min_new_tokens=1, max_new_tokens=c.caption_max_new_tokens,
+            num_beams=c.num_beams, meteor=c.meteor)))
+    return out
+
+
+def _scores(folder: Path, run) -> dict:
+    if not (folder / "metrics.json").is_file():
+        run(folder)
+    else:
+        say(f"  reusing {folder}")
+    return read_json(folder / "metrics.json")["metrics"]
+
+
+def score_columns(metrics: dict) -> dict[str, float]:
+    """The table's columns: VQA accuracy (and per answer type), BLEU-4, CIDEr, ROUGE-L, METEOR, SPICE."""
+    out, vqa, caption = {}, metrics.get("vqa") or {}, metrics.get("caption") or {}
+    if "accuracy" in vqa:
+        out["VQA acc"] = vqa["accuracy"]
+    out.update({f"VQA {t}": v for t, v in sorted((vqa.get("per_answer_type") or {}).items())})
+    out.update({name: caption[key] for key, name in CAPTION_COLUMNS if caption.get(key) is not None})
+    return out
+
+
+# ---------------------------------------------------------------- the whole job
+
+def run_ablation(config: AblateConfig) -> dict:
+    """Every phase in order; returns (and writes to ablation.json) one row per run."""
+    c, root, started = config.scaled(), default_cache_root(), time.perf_counter()
+    if c.batch_size < 2:
+        raise BlitextError(f"batch_size {c.batch_size}: stage 2 trains at half of it, so it must be at least 2")
+    say(f"[bold]1/6 data[/] {c.data}")
+    src = _source(c, root)
+    say("[bold]2/6 features[/] (the bundled EfficientNet-Lite0 unless --features)")
+    features = _features(c, src, root)
+    extra = _extra(c)
+    work = _work(c, src, features, extra, root)
+    splits = _splits(c, src, work)
+    cells = plan_cells(c, len(extra.sentences))
+    say(f"[bold]3/6 P-Formers[/] for {len({x.extra for x in cells} - {None})} text size(s)")
+    prompts = {n: _pformer(c, work, splits, extra, n) for n in sorted({x.extra for x in cells} - {None})}
+    say(f"[bold]4/6 adaptors[/]: {len(cells)} cells, {len({(x.w1, x.extra if x.w1 else None) for x in cells})} "
+        f"distinct stage-1 runs")
+    runs = {cell: _adaptor(c, work, cell, features, splits, prompts) for cell in cells}
+    say(f"[bold]5/6 evaluate[/]: captions of {splits.caption_source}"
+        + (", zero-shot VQA on the test questions" if splits.vqa else ", no VQA files in the data"))
+    rows = [_row(c, cell, runs[cell], splits, len(extra.sentences), evaluate_run(runs[cell][1], features, splits, c))
+            for cell in cells]
+    result = {"out": str(work), "data": src.tag, "caption_source": splits.caption_source,
+              "vqa": bool(splits.vqa and c.vqa_questions > 0), "extra_text": extra.sources,
+              "n_extra": len(extra.sentences), "rows": rows,
+              "counts": {"vqa_questions": c.vqa_questions, "caption_images": c.caption_images}}
+    say("[bold]6/6 results[/]")
+    _report(work, result)
+    _curves(work, rows)
+    say(f"[green]ablation finished[/] in {(time.perf_counter() - started) / 60:.1f} min: {work}")
+    return result
+
+
+def _row(c: AblateConfig, cell: Cell, run: tuple[Path, Path], splits: Splits, n_extra: int, metrics: dict) -> dict:
+    text_cells = _text_cells(c, n_extra)
+    tables = [t for t, on in (("4", cell in _grid_cells(c, n_extra)),
+                              ("6", cell in text_cells or (bool(text_cells) and cell == Cell(0.0, 0.0, None)))) if on]
+    return {"w1": cell.w1, "w2": cell.w2, "pformer_text": _label(cell.extra),
+            "pformer_sentences": None if cell.extra is None else splits.n_paired + cell.extra,
+            "paper_table": ", ".join(tables), "stage1": str(run[0]), "stage2": str(run[1]),
+            "scores": score_columns(metrics), "metrics": metrics}
+
+
+# ---------------------------------------------------------------- the table
+
+def table_columns(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for r in rows for k in r["scores"]))
+
+
+def _note(result: dict) -> str:
+    n = result["counts"]["vqa_questions"]
+    vqa = (f"VQA: accuracy x100 over {n} test questions (one standard error is up to "
+           f"{100 * math.sqrt(0.25 / n):.1f} points); " if result["vqa"] and n else "VQA: none (no VQA files); ")
+    return (vqa + f"captions: {result['caption_source']}, pycocoevalcap scores (x1). "
+            f"Extra P-Former text: {'; '.join(result['extra_text'])} ({result['n_extra']} sentences).")
+
+
+def _report(work: Path, result: dict) -> None:
+    from rich.table import Table
+
+    columns = table_columns(result["rows"])
+    head = ["w1", "w2", "P-Former text", "sentences", "paper table"]
+    table = Table(*head, *columns, title=f"ablation on {result['data']}", caption=_note(result))
+    lines = ["| " + " | ".join(head + columns) + " |", "|" + "---|" * (len(head) + len(columns))]
+    for r in result["rows"]:
+        cells = [f"{r['w1']:g}", f"{r['w2']:g}", r["pformer_text"], str(r["pformer_sentences"] or "-"),
+                 r["paper_table"] or "-", *(_fmt(r["scores"].get(k)) for k in columns)]
+        table.add_row(*cells)
+        lines.append("| " + " | ".join(cells) + " |")
+    console.print(table)
+    write_json(work / "ablation.json", result)
+    _write_text(work / "ablation.md", f"# Ablation on {result['data']}\n\nRows: Table 4's (w1, w2) cells and "
+                f"Table 6's P-Former text sizes. {_note(result)}\n\n" + "\n".join(lines) + "\n")
+    say(f"  table: {work / 'ablation.md'}, {work / 'ablation.json'}")
+
+
+def _curves(work: Path, rows: list[dict]) -> None:
+    """Loss curves: every distinct stage-1 run, then every stage-2 run (PNG beside the table)."""
+    from blitext.plot import plot_runs
+
+    stage1 = list(dict.fromkeys(Path(r["stage1"]) for r in rows))
+    plot_runs(stage1, work / "stage1-curves.png", labels=[p.name for p in stage1])
+    png = plot_runs([Path(r["stage2"]) for r in rows], work / "stage2-curves.png",
+                    labels=[f"w1={r['w1']:g} w2={r['w2']:g} {r['pformer_text']}" for r in rows])
+    say(f"  loss curves: {work / 'stage1-curves.png'}, {png}")
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
