@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from blitext.atomic import read_json
 from blitext.cache import FeatureCache
-from blitext.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from blitext.checkpoint import export_final, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from blitext.config import default_cache_root, provenance, to_jsonable
 from blitext.console import progress_bar, rank_logger, say
 from blitext.data.images import load_image
@@ -265,7 +265,7 @@ def _train(config: AdapterConfig, device: str, info) -> Path:
     if info.is_main:
         save_checkpoint(run, steps, model, None, state, keep=2, weights=adapter_weights(model),
                         extra=lambda folder: setup.tokenizer.save_pretrained(folder / "tokenizer"))
-        export_final(run, final)
+        export_final(run)
     barrier()
     return final
 
@@ -334,18 +334,6 @@ def adapter_weights(model: QFormer) -> dict[str, torch.Tensor]:
     """Every adaptor tensor (frozen parts too): a checkpoint of either stage is a whole Q-Former."""
     model = getattr(model, "module", model)
     return {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
-
-
-def export_final(run: Path, final: Path) -> None:
-    """`<run>/final`: the last checkpoint without optimizer state (what generate and stage 2 load)."""
-    import shutil
-
-    src = latest_checkpoint(run)
-    tmp = run / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("optimizer.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
 
 
 def _resume(run: Path, config: AdapterConfig, model, optimizer, identity: dict) -> int:

@@ -99,3 +99,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if optimizer is not None and (path / "optimizer.pt").is_file():
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     return state
+
+
+def export_final(run_dir: Path) -> Path:
+    """`<run>/final`: the last checkpoint without optimizer state (what later phases load), swapped in whole."""
+    src = latest_checkpoint(run_dir)
+    final, tmp = Path(run_dir) / "final", Path(run_dir) / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("optimizer.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from blitext.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from blitext.checkpoint import export_final, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from blitext.config import default_cache_root, provenance, to_jsonable
 from blitext.console import progress_bar, rank_logger, say
 from blitext.data.text import TextCorpus, read_sentences
@@ -190,7 +190,7 @@ def _train(config: PFormerConfig, device: str, info) -> Path:
     final = run / "final"
     if info.is_main:
         save_checkpoint(run, steps, pformer, None, {**state, "truncated": dict(batcher.truncated)}, keep=2)
-        _export_final(run, final)
+        export_final(run)
     barrier()
     return final
 
@@ -205,18 +205,6 @@ def _resume(run: Path, config, pformer, optimizer, identity) -> tuple[int, dict]
     state = load_checkpoint(path, pformer, optimizer, expect=identity)
     say(f"resuming from {path} (step {state['step']})")
     return int(state["step"]), state.get("truncated", {})
-
-
-def _export_final(run: Path, final: Path) -> None:
-    """`<run>/final`: the last checkpoint without optimizer state - what build-prompts loads."""
-    import shutil
-
-    src = latest_checkpoint(run)
-    tmp = run / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("optimizer.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
 
 
 class TrainLoop:
