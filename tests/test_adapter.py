@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from blitext.models.qformer import QFormer, qformer_tokenizer, unilm_mask
 from blitext.pformer import PFormerConfig, train_pformer
 from blitext.prompts import BuildPromptsConfig, build_prompts
 from blitext.training import read_metrics
+from test_pformer_train import dropout_free_bert
 
 BIN = Path(sys.executable).parent
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220)}
@@ -31,15 +31,6 @@ N_PROMPT = 4
 
 
 # ---------------------------------------------------------------- fixtures: real caches from tiny models
-
-def dropout_free(folder: Path, out: Path) -> Path:
-    """A copy of a tiny model without dropout: runs are then deterministic whatever the rank layout."""
-    shutil.copytree(folder, out)
-    config = json.loads((out / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (out / "config.json").write_text(json.dumps(config))
-    return out
-
 
 def write_images(root: Path, n: int = 16) -> Path:
     """n PNGs of a coloured shape, with 1-2 captions each, as a LAVIS caption JSON."""
@@ -62,7 +53,7 @@ def write_images(root: Path, n: int = 16) -> Path:
 def world(tmp_path_factory, vision_folders, llm_folders, bert_folder) -> dict:
     """Images, their cached features (tiny ViT), a tiny P-Former for the tiny OPT, its prompt cache."""
     root = tmp_path_factory.mktemp("adapter")
-    bert = dropout_free(bert_folder, root / "bert")
+    bert = dropout_free_bert(bert_folder, root / "bert")
     captions = write_images(root / "data")
     features = root / "features"
     extract_features(ExtractConfig(data=str(captions), out=str(features), vision_encoder=str(vision_folders["vit"]),
