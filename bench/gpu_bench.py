@@ -217,7 +217,8 @@ class MemorySource:
 
 
 def adapter_steps(llm, peak: float, batch1: int = 4 if SMOKE else 128, batch2: int = 4 if SMOKE else 64) -> dict:
-    from blitext.adapter import AdapterConfig, AdapterLoop, Pairs, Setup
+    from blitext.adapter import AdapterConfig, AdapterLoop, Setup
+    from blitext.data.pairs import Pairs
     from blitext.distributed import dist_info
     from blitext.models.qformer import QFormer, qformer_tokenizer
     from blitext.training import adamw

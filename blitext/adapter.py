@@ -17,7 +17,6 @@ so `--resume latest` continues exactly as an uninterrupted run.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,18 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from blitext.atomic import read_json
 from blitext.cache import FeatureCache
 from blitext.checkpoint import export_final, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from blitext.config import default_cache_root, provenance, to_jsonable
 from blitext.console import progress_bar, rank_logger, say
-from blitext.data.images import load_image
-from blitext.data.readers import read_image_set
-from blitext.data.text import caption_key, expand_paths
+from blitext.data.pairs import CachedFeatures, OnlineFeatures, Pairs, default_captions, read_pairs
 from blitext.distributed import barrier, run_distributed
-from blitext.errors import BadInputError, BlitextError
+from blitext.errors import BlitextError
 from blitext.losses import (TEMP_MAX, TEMP_MIN, alignment_loss, itc_loss, itg_loss, itm_loss, itm_negatives,
                             prompt_lm_loss)
+from blitext.models.adapter_checkpoint import adapter_weights, load_init
 from blitext.models.fingerprint import fingerprint
 from blitext.models.loading import display_name, llm_path, load_llm, load_text_encoder, load_vision_encoder
 from blitext.models.qformer import QFormer, qformer_tokenizer, unilm_mask
@@ -118,103 +115,6 @@ def total_steps(config: AdapterConfig, n_pairs: int) -> int:
     return max(1, config.epochs * (n_pairs // config.batch_size))
 
 
-# ---------------------------------------------------------------- data: pairs and feature sources
-
-@dataclass
-class Pairs:
-    """Image-caption pairs, joined by key: caption key `<image_id>#k` -> image id -> features."""
-    keys: list[str]
-    image_ids: list[str]
-    texts: list[str]
-    image_refs: dict[str, tuple[Path, str]]  # image id -> (root, reference), for --online
-    skipped: int = 0                         # captions whose image has no features (failed extraction)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-def default_captions(features: FeatureCache | None) -> list[str]:
-    """The train captions of the prepared dataset a feature cache was made from."""
-    data = features.manifest.get("provenance", {}).get("config", {}).get("data") if features else None
-    if data and Path(data).suffix == ".json" and Path(data).is_file():
-        return [data]
-    for folder in ([Path(data), default_cache_root() / "data" / data] if data else []):
-        if (folder / "captions_train.json").is_file():
-            return [str(folder / "captions_train.json")]
-    raise BlitextError("train-adapter needs captions: pass --captions FILE (a caption JSON whose image ids are "
-                       "the feature cache's keys)")
-
-
-def read_pairs(caption_files: list[str], image_root: str | None, has_image) -> Pairs:
-    keys, image_ids, texts, refs, skipped = [], [], [], {}, 0
-    for path in expand_paths(caption_files):
-        image_set = read_image_set(path, image_root)
-        for rec in image_set.records:
-            for k, caption in enumerate(rec.captions):
-                if not caption.strip():
-                    continue
-                if not has_image(rec.id):
-                    skipped += 1
-                    continue
-                keys.append(caption_key(rec.id, k))
-                image_ids.append(rec.id)
-                texts.append(caption.strip())
-                refs[rec.id] = (image_set.root, rec.image)
-    if not keys:
-        raise BlitextError(f"no caption in {caption_files} has an image in the features: were they made from "
-                           f"the same data? ({skipped} captions without features)")
-    return Pairs(keys, image_ids, texts, refs, skipped)
-
-
-class CachedFeatures:
-    """Visual tokens read from a feature cache by image id."""
-
-    def __init__(self, cache: FeatureCache):
-        self.cache = cache
-        self.producer = cache.producer
-        self.width = cache.row_shape[-1]
-
-    def __contains__(self, image_id: str) -> bool:
-        return image_id in self.cache
-
-    def read(self, image_ids: list[str]):
-        return self.cache.get_batch(image_ids)
-
-    def encode(self, batch, device: str):
-        feats, mask = batch
-        return feats.to(device, non_blocking=True), None if mask is None else mask.to(device)
-
-
-class OnlineFeatures:
-    """The frozen vision encoder run on decoded images inside the loop (the reference code's way)."""
-
-    def __init__(self, encoder, refs: dict[str, tuple[Path, str]] | None, threads: int):
-        self.encoder = encoder
-        self.producer = encoder.producer()
-        self.width = encoder.token_shape()[1]
-        self.refs = refs or {}
-        self.pool = ThreadPoolExecutor(max(1, threads))
-
-    def __contains__(self, image_id: str) -> bool:
-        return True  # every captioned image is encoded; a bad file is an error naming it
-
-    def _pixels(self, image_id: str) -> torch.Tensor:
-        root, ref = self.refs[image_id]
-        return self.encoder.preprocess(load_image(root, ref))
-
-    def read(self, image_ids: list[str]):
-        try:
-            return torch.stack(list(self.pool.map(self._pixels, image_ids)))
-        except BadInputError as e:
-            raise BlitextError(f"--online: {e}; fix or drop the image, or extract features first "
-                               f"(extract-features skips and records bad images)") from None
-
-    @torch.no_grad()  # not inference_mode: the features enter the differentiated Q-Former
-    def encode(self, pixels: torch.Tensor, device: str):
-        p = next(self.encoder.parameters())
-        return self.encoder(pixels.to(device, p.dtype)).float(), None
-
-
 # ---------------------------------------------------------------- entry point
 
 def train_adapter(config: AdapterConfig) -> Path:
@@ -244,7 +144,7 @@ def _train(config: AdapterConfig, device: str, info) -> Path:
     optimizer = adamw(model.parameters(), config.lr, config.weight_decay)
     start = _resume(run, config, model, optimizer, setup.identity)
     if start == 0 and config.init:
-        _load_init(config.init, model, setup.identity)
+        load_init(config.init, model, setup.identity)
     steps = total_steps(config, len(setup.pairs))
     if len(setup.pairs) < config.batch_size:
         raise BlitextError(f"{len(setup.pairs)} image-caption pairs < batch_size {config.batch_size}; lower --batch-size")
@@ -330,12 +230,6 @@ def _llm_width(name: str) -> int:
     return int(getattr(config, "word_embed_proj_dim", None) or width)  # OPT's embeddings may be narrower
 
 
-def adapter_weights(model: QFormer) -> dict[str, torch.Tensor]:
-    """Every adaptor tensor (frozen parts too): a checkpoint of either stage is a whole Q-Former."""
-    model = getattr(model, "module", model)
-    return {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
-
-
 def _resume(run: Path, config: AdapterConfig, model, optimizer, identity: dict) -> int:
     path = resolve_resume(run, config.resume)
     if path is None:
@@ -345,42 +239,6 @@ def _resume(run: Path, config: AdapterConfig, model, optimizer, identity: dict) 
     state = load_checkpoint(path, model, optimizer, expect=identity)
     say(f"resuming from {path} (step {state['step']})")
     return int(state["step"])
-
-
-def adapter_folder(path: str | Path) -> Path:
-    """An adaptor checkpoint: `<run>/final`, a `checkpoints/step-N`, or a run folder."""
-    path = Path(path)
-    for candidate in (path, path / "final", latest_checkpoint(path) if path.is_dir() else None):
-        if candidate is not None and (candidate / "model.safetensors").is_file() and (candidate / "state.json").is_file():
-            state = read_json(candidate / "state.json")
-            if "qformer_config" in state:
-                return candidate
-    raise BlitextError(f"{str(path)!r} holds no adaptor checkpoint (model.safetensors + state.json from "
-                       f"train-adapter); pass its run folder or <run>/final")
-
-
-def _load_init(init: str, model: QFormer, identity: dict) -> None:
-    """Stage 2 starts from stage 1's Q-Former and llm_proj: same features, same LLM width, same queries."""
-    from safetensors.torch import load_file
-
-    folder = adapter_folder(init)
-    state = read_json(folder / "state.json")
-    for key, what in (("features_producer", "visual features"), ("llm_fingerprint", "LLM")):
-        if state.get(key) != identity[key]:
-            raise BlitextError(f"--init {folder} was trained on other {what} ({state.get(key)}) than this run "
-                               f"({identity[key]}): stage 2 must use stage 1's {what}")
-    if state.get("prompts_producer") and identity["prompts_producer"] and \
-            state["prompts_producer"]["pformer"] != identity["prompts_producer"]["pformer"]:
-        raise BlitextError(f"--init {folder} was aligned to {state['prompts_producer']['pformer']} but --prompts "
-                           f"come from {identity['prompts_producer']['pformer']}: use one P-Former for both stages")
-    weights = load_file(folder / "model.safetensors")
-    own = model.state_dict()
-    bad = [k for k, v in weights.items() if k not in own or own[k].shape != v.shape]
-    if bad or set(own) - set(weights):
-        raise BlitextError(f"--init {folder} does not fit this Q-Former ({(bad or sorted(set(own) - set(weights)))[:3]}); "
-                           f"use the same --text-encoder and --num-query as stage 1")
-    model.load_state_dict(weights)
-    say(f"stage 2 starts from {folder} (stage {state['resume_config']['stage']}, step {state['step']})")
 
 
 # ---------------------------------------------------------------- the loop
@@ -546,66 +404,3 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(parts, x.contiguous())
     return torch.cat(parts)
-
-
-# ---------------------------------------------------------------- loading a trained adaptor
-
-@dataclass
-class LoadedAdapter:
-    model: QFormer
-    tokenizer: object   # the Q-Former's (text encoder's + [DEC])
-    state: dict         # the checkpoint's state.json: producers, fingerprints, config
-    fingerprint: str
-    path: Path
-
-    @property
-    def features_producer(self) -> dict:
-        return self.state["features_producer"]
-
-    @property
-    def llm_name(self) -> str:
-        return self.state["config"]["llm"]
-
-    @property
-    def end_of_text(self) -> str:
-        return self.state["config"]["end_of_text"]
-
-
-def load_adapter(path: str | Path, device: str = "cpu") -> LoadedAdapter:
-    """A train-adapter checkpoint (either stage), in eval mode."""
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
-
-    folder = adapter_folder(path)
-    state = read_json(folder / "state.json")
-    model = QFormer.from_description(state)
-    missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise BlitextError(f"{folder}/model.safetensors does not fit its own description: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}; the checkpoint is damaged")
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-    name = f"adapter-{folder.parent.name if folder.name == 'final' else folder.name}"
-    return LoadedAdapter(model.to(device).eval(), tokenizer, state, fingerprint(name, folder / "model.safetensors"),
-                         folder)
-
-
-def adapter_encoder(adapter: LoadedAdapter, device: str = "cpu"):
-    """The frozen vision encoder the adaptor was trained on, refused if its weights or preprocessing differ."""
-    from blitext.cache.manifest import require_producer
-
-    want = adapter.features_producer
-    encoder = load_vision_encoder(want["encoder"], device=device)
-    require_producer(encoder.producer(), want, adapter.path, "provide the vision encoder the adaptor was trained on")
-    return encoder
-
-
-@torch.inference_mode()
-def prompts_from_adapter(path: str | Path, features: str | Path, limit: int) -> tuple[list[str], torch.Tensor, str]:
-    """(image ids, the adaptor's prompts (N, Q, d_llm), LLM name) for the first `limit` cached images:
-    what check-prompts compares with the LLM's token embeddings."""
-    adapter = load_adapter(path)
-    cache = FeatureCache(features, expect=adapter.features_producer,
-                         fix="pass the feature cache the adaptor was trained on")
-    ids = cache.keys[:limit]
-    feats, mask = cache.get_batch(ids)
-    return ids, adapter.model.prompts(feats.float(), mask), adapter.llm_name

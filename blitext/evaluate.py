@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from blitext.adapter import LoadedAdapter, load_adapter
+from blitext.models.adapter_checkpoint import LoadedAdapter, load_adapter
 from blitext.atomic import read_json, write_json
 from blitext.cache import FeatureCache
 from blitext.config import provenance, to_jsonable

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from blitext.adapter import LoadedAdapter, adapter_encoder, load_adapter
+from blitext.models.adapter_checkpoint import LoadedAdapter, adapter_encoder, load_adapter
 from blitext.data.images import load_image
 from blitext.data.readers import read_image_set
 from blitext.distributed import pick_device

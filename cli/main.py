@@ -184,7 +184,7 @@ def check_prompts_cmd(
     elif prompts is not None:
         ids, vectors, llm_name = prompts_from_cache(prompts, limit)
     else:
-        from blitext.adapter import prompts_from_adapter
+        from blitext.models.adapter_checkpoint import prompts_from_adapter
 
         ids, vectors, llm_name = prompts_from_adapter(adapter, features, limit)
     model = load_llm(llm or llm_name)

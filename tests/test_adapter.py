@@ -12,7 +12,8 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from blitext.adapter import AdapterConfig, AdapterLoop, load_adapter, train_adapter
+from blitext.adapter import AdapterConfig, AdapterLoop, train_adapter
+from blitext.models.adapter_checkpoint import LoadedAdapter, load_adapter
 from blitext.cli.main import app
 from blitext.errors import BlitextError
 from blitext.extract import ExtractConfig, extract_features
@@ -291,7 +292,6 @@ def test_stage2_then_generate_and_check_prompts_from_the_cli(tmp_path, world):
 @pytest.mark.parametrize("kind", ["opt", "llama", "gpt2"])
 def test_batched_left_padded_generation_equals_one_at_a_time(kind, llm_folders, bert_folder):
     """A row's output must not depend on its neighbours: padding goes before the prompts and is masked."""
-    from blitext.adapter import LoadedAdapter
     from blitext.generate import GenerationSettings, generate_texts
     from blitext.models.loading import load_llm
 

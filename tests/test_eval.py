@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import typer
 from typer.testing import CliRunner
 
-from blitext.adapter import load_adapter, train_adapter
+from blitext.adapter import train_adapter
+from blitext.models.adapter_checkpoint import load_adapter
 from blitext.cache import FeatureCache
 from blitext.cli.eval import compare_cmd, eval_app
 from blitext.data.readers import read_image_set
