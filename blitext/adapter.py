@@ -68,7 +68,9 @@ class AdapterConfig:
     max_steps: int | None = None        # overrides epochs
     batch_size: int = 1024              # global batch (paper), split across ranks
     lr: float = 1e-4
+    llm_proj_lr_scale: float = 1.0      # llm_proj's rate / lr (paper: one rate); small-batch stage 2 needs more
     min_lr: float = 1e-5
+    max_grad_norm: float | None = None  # clip the gradient's global norm (LAVIS does not clip: None)
     warmup_steps: int | None = None     # default 5000 (stage 1) / 2000 (stage 2), as the paper
     warmup_start_lr: float = 1e-6
     weight_decay: float = 0.05
@@ -101,8 +103,8 @@ class AdapterConfig:
 
 
 RESUME_KEYS = ("stage", "w_align", "text_encoder", "llm", "num_query", "cross_attention_frequency", "embed_dim",
-               "max_text_len", "end_of_text", "batch_size", "lr", "min_lr", "warmup_steps", "seed", "epochs",
-               "max_steps")
+               "max_text_len", "end_of_text", "batch_size", "lr", "llm_proj_lr_scale", "min_lr", "max_grad_norm", "warmup_steps", "seed",
+               "epochs", "max_steps")
 
 
 def default_run_dir(config: AdapterConfig) -> Path:
@@ -141,7 +143,7 @@ def _train(config: AdapterConfig, device: str, info) -> Path:
     run = Path(config.out) if config.out else default_run_dir(config)
     model = setup.model.to(device)
     trainable = model.train_only(config.stage, config.w_align > 0)
-    optimizer = adamw(model.parameters(), config.lr, config.weight_decay)
+    optimizer = adamw(param_groups(model, config.llm_proj_lr_scale), config.lr, config.weight_decay)
     start = _resume(run, config, model, optimizer, setup.identity)
     if start == 0 and config.init:
         load_init(config.init, model, setup.identity)
@@ -230,6 +232,13 @@ def _llm_width(name: str) -> int:
     return int(getattr(config, "word_embed_proj_dim", None) or width)  # OPT's embeddings may be narrower
 
 
+def param_groups(model: QFormer, llm_proj_lr_scale: float) -> list[dict]:
+    proj = list(model.llm_proj.parameters())
+    ids = {id(p) for p in proj}
+    return [{"params": [p for p in model.parameters() if id(p) not in ids], "lr_scale": 1.0},
+            {"params": proj, "lr_scale": llm_proj_lr_scale}]
+
+
 def _resume(run: Path, config: AdapterConfig, model, optimizer, identity: dict) -> int:
     path = resolve_resume(run, config.resume)
     if path is None:
@@ -315,6 +324,8 @@ class AdapterLoop:
             total = sum(v * (c.w_align if k == "align" else 1.0) for k, v in losses.items())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        if c.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
         self.optimizer.step()
         with torch.no_grad():  # BLIP clamps the parameter itself, not only inside the loss
             self.model.temp.clamp_(TEMP_MIN, TEMP_MAX)

@@ -219,6 +219,8 @@ def train_adapter_cmd(
     epochs: Optional[int] = typer.Option(None, "--epochs", help=default_of(AdapterConfig, "epochs")),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N steps (overrides --epochs)."),
     lr: Optional[float] = typer.Option(None, "--lr", help=default_of(AdapterConfig, "lr")),
+    llm_proj_lr_scale: Optional[float] = typer.Option(None, "--llm-proj-lr-scale", help="llm_proj's rate / --lr. " + default_of(AdapterConfig, "llm_proj_lr_scale")),
+    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Clip the gradient norm (small batches). [default: no clipping, as LAVIS]"),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="[default: 5000 in stage 1, 2000 in stage 2]"),
     seed: Optional[int] = typer.Option(None, "--seed", help=default_of(AdapterConfig, "seed")),
     save_every: Optional[int] = typer.Option(None, "--save-every", help=default_of(AdapterConfig, "save_every")),
@@ -237,7 +239,8 @@ def train_adapter_cmd(
                          captions=captions or None, out=out and str(out), online=online,
                          vision_encoder=vision_encoder, image_root=image_root and str(image_root),
                          text_encoder=text_encoder, llm=llm, num_query=num_query, batch_size=batch_size,
-                         epochs=epochs, max_steps=max_steps, lr=lr, warmup_steps=warmup_steps, seed=seed,
+                         epochs=epochs, max_steps=max_steps, lr=lr, llm_proj_lr_scale=llm_proj_lr_scale,
+                         max_grad_norm=max_grad_norm, warmup_steps=warmup_steps, seed=seed,
                          save_every=save_every, log_every=log_every, device=device, resume=resume)
     say(f"[green]adaptor written to[/] {train_adapter(cfg)}")
 

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from blitext.adapter import AdapterConfig, train_adapter
 from blitext.cli.main import app
 from blitext.data.prepare import prepare_dataset
+from blitext.demo import DemoConfig
 from blitext.extract import ExtractConfig, extract_features
 from blitext.pformer import PFormerConfig, train_pformer
 from blitext.prompts import BuildPromptsConfig, build_prompts
@@ -31,7 +32,7 @@ def first_vs_last(values: list[float], n: int = 5) -> tuple[float, float]:
     return statistics.mean(values[:n]), statistics.mean(values[-n:])
 
 
-def test_stage1_losses_go_down_on_real_cached_features(session_cache, monkeypatch, tmp_path):
+def test_adapter_losses_go_down_on_real_cached_features(session_cache, monkeypatch, tmp_path):
     monkeypatch.setenv("BLITEXT_CACHE", str(session_cache))  # the bundled LLM is converted once per session
     data = prepare_dataset("easy-vqa", out_root=tmp_path / "data", limit=64)
     features = tmp_path / "features"
@@ -48,12 +49,16 @@ def test_stage1_losses_go_down_on_real_cached_features(session_cache, monkeypatc
     for key in ("itc", "itm", "itg", "align"):
         first, last = first_vs_last(losses(tmp_path / "s1", key))
         assert last < first, (key, first, last)
-    # Stage 2 runs on the same caches; its LM loss is not asserted to fall: in a CI-sized run
-    # (64 images, a 3-step P-Former) it stayed flat over 60 steps at lr 5e-5 and rose at 1e-4
-    # and above; a 100-step run on the demo's 500 images and stage 1 went from 7.9 to 4.9.
-    train_adapter(AdapterConfig(stage=2, out=str(tmp_path / "s2"), init=str(tmp_path / "s1"), max_steps=4,
-                                warmup_steps=1, batch_size=8, lr=5e-5, **common))
-    assert all(math.isfinite(v) for key in ("lm", "align") for v in losses(tmp_path / "s2", key))
+    # Stage 2 at the demo's small-batch settings (llm_proj at 20x the rate, clipping): one rate
+    # for all and no clipping made the LM loss rise here (bench/stage2_lr.py).
+    demo = DemoConfig()
+    train_adapter(AdapterConfig(stage=2, out=str(tmp_path / "s2"), init=str(tmp_path / "s1"), max_steps=40,
+                                warmup_steps=2, batch_size=8, lr=demo.stage2_lr,
+                                llm_proj_lr_scale=demo.stage2_llm_proj_lr_scale,
+                                max_grad_norm=demo.stage2_max_grad_norm, **common))
+    first, last = first_vs_last(losses(tmp_path / "s2", "lm"))
+    assert last < first - 0.5, (first, last)
+    assert all(math.isfinite(v) for v in losses(tmp_path / "s2", "align"))
 
 
 def test_demo_smoke_runs_every_phase(session_cache, monkeypatch):
