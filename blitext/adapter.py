@@ -39,8 +39,8 @@ from blitext.models.loading import display_name, llm_path, load_llm, load_text_e
 from blitext.models.qformer import QFormer, qformer_tokenizer, unilm_mask
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER, DEFAULT_VISION_ENCODER
 from blitext.prompts import PromptCache
-from blitext.training import (MetricsLog, Prefetcher, adamw, global_batch, lr_at, mean_over_ranks, rank_slice,
-                              set_lr, step_generator, step_seed, token_share)
+from blitext.training import (MetricsLog, Prefetcher, adamw, global_batch, llm_proj_groups, lr_at, mean_over_ranks,
+                              optimizer_step, rank_slice, set_lr, step_generator, step_seed, token_share)
 
 
 @dataclass
@@ -143,7 +143,7 @@ def _train(config: AdapterConfig, device: str, info) -> Path:
     run = Path(config.out) if config.out else default_run_dir(config)
     model = setup.model.to(device)
     trainable = model.train_only(config.stage, config.w_align > 0)
-    optimizer = adamw(param_groups(model, config.llm_proj_lr_scale), config.lr, config.weight_decay)
+    optimizer = adamw(llm_proj_groups(model, config.llm_proj_lr_scale), config.lr, config.weight_decay)
     start = _resume(run, config, model, optimizer, setup.identity)
     if start == 0 and config.init:
         load_init(config.init, model, setup.identity)
@@ -232,13 +232,6 @@ def _llm_width(name: str) -> int:
     return int(getattr(config, "word_embed_proj_dim", None) or width)  # OPT's embeddings may be narrower
 
 
-def param_groups(model: QFormer, llm_proj_lr_scale: float) -> list[dict]:
-    proj = list(model.llm_proj.parameters())
-    ids = {id(p) for p in proj}
-    return [{"params": [p for p in model.parameters() if id(p) not in ids], "lr_scale": 1.0},
-            {"params": proj, "lr_scale": llm_proj_lr_scale}]
-
-
 def _resume(run: Path, config: AdapterConfig, model, optimizer, identity: dict) -> int:
     path = resolve_resume(run, config.resume)
     if path is None:
@@ -322,11 +315,7 @@ class AdapterLoop:
         with self.autocast:
             losses = self.forward(step, index, features, feature_mask, reference)
             total = sum(v * (c.w_align if k == "align" else 1.0) for k, v in losses.items())
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if c.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
-        self.optimizer.step()
+        optimizer_step(self.optimizer, total, c.max_grad_norm)
         with torch.no_grad():  # BLIP clamps the parameter itself, not only inside the loss
             self.model.temp.clamp_(TEMP_MIN, TEMP_MAX)
         return mean_over_ranks({**losses, "loss": total})

@@ -123,9 +123,10 @@ def run_demo(config: DemoConfig) -> dict:
     return results
 
 
-def _digest(c: DemoConfig) -> str:
+def _digest(c) -> str:
     """Runs are reused only under the same training settings (the rates are not in the folder name)."""
-    settings = {k: v for k, v in asdict(c).items() if k not in ("vqa_questions", "caption_images", "examples")}
+    settings = {k: v for k, v in asdict(c).items()
+                if k not in ("vqa_questions", "caption_images", "caption_clips", "examples")}
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 

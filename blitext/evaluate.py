@@ -122,6 +122,9 @@ def eval_vqa(config: EvalConfig) -> dict:
 def eval_retrieval(config: EvalConfig) -> dict:
     """Image->text and text->image R@1/5/10 over the images of `data` and all their captions."""
     ev = _open(config, "retrieval")
+    if ev.adapter.tokenizer is None:
+        raise BlitextError(f"{ev.adapter.path} is a video adaptor: retrieval needs the Q-Former's ITC and ITM heads, "
+                           f"which it has not; evaluate it with eval caption")
     records = [r for r in read_image_set(config.data).records if any(c.strip() for c in r.captions)]
     records = records[:config.limit] if config.limit else records
     image_ids = [r.id for r in records]
@@ -192,7 +195,7 @@ def _settings(config: EvalConfig, task: str) -> GenerationSettings:
 
 def _load_llm(ev: Evaluation):
     adapter = ev.adapter
-    if adapter.state["resume_config"]["stage"] != 2:
+    if adapter.stage != 2:
         raise BlitextError(f"{adapter.path} is a stage-1 adaptor: its llm_proj never learned the LLM's loss; "
                            f"eval {ev.task} needs a stage-2 run (train-adapter --stage 2 --init {adapter.path.parent})")
     llm = load_llm(ev.config.llm or adapter.llm_name, device=ev.device)

@@ -86,6 +86,8 @@ def left_padded_inputs(llm, prompts: torch.Tensor, texts: list[str]) -> tuple[to
 class GenerateConfig:
     adapter: str = ""                  # train-adapter's run folder (stage 2), <run>/final or a checkpoint
     images: list[str] = field(default_factory=list)  # image files, folders, caption JSON or .tar shards
+    features: str | None = None        # instead of images: a feature cache (video adaptors read only these)
+    ids: list[str] = field(default_factory=list)  # with features: the rows to use; default every row
     question: str | None = None        # answer this question about every image (VQA settings)
     prompt: str | None = None          # text prompt; default "a photo of" / "Question: {} Short answer:"
     num_beams: int | None = None
@@ -118,7 +120,7 @@ def image_refs(inputs: list[str], limit: int | None) -> list[ImageRef]:
         else:
             raise BlitextError(f"--images {item!r}: no such file or folder")
     if not refs:
-        raise BlitextError("generate needs images: pass --images FILE... (or a folder / caption JSON)")
+        raise BlitextError("generate needs images: pass --images FILE... (or a folder / caption JSON), or --features CACHE")
     return refs[:limit] if limit else refs
 
 
@@ -128,19 +130,21 @@ def run_generate(config: GenerateConfig) -> list[dict]:
         raise BlitextError("generate needs --adapter RUN (a train-adapter stage-2 run)")
     device = pick_device(config.device)
     adapter = load_adapter(config.adapter, device)
-    if adapter.state["resume_config"]["stage"] != 2:
+    if adapter.stage != 2:
         raise BlitextError(f"{adapter.path} is a stage-1 adaptor: its llm_proj never learned the LLM's loss; "
                            f"pass a stage-2 run (train-adapter --stage 2 --init {adapter.path.parent})")
     llm = load_llm(config.llm or adapter.llm_name, device=device)
     if llm.fingerprint != adapter.state["llm_fingerprint"]:
         raise BlitextError(f"{adapter.path} was trained for {adapter.state['llm_fingerprint']}, not {llm.fingerprint}: "
                            f"pass the same --llm")
-    encoder = adapter_encoder(adapter, device)
     task = "vqa" if config.question else "caption"
     settings = GenerationSettings.for_task(task, prompt=config.prompt, num_beams=config.num_beams,
                                            max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
                                            length_penalty=config.length_penalty)
     text = settings.prompt.format(config.question) if config.question else settings.prompt
+    if config.features:
+        return _generate_from_cache(config, adapter, llm, settings, text)
+    encoder = adapter_encoder(adapter, device)
     refs = image_refs(config.images, config.limit)
     results = []
     for start in range(0, len(refs), config.batch_size):
@@ -151,4 +155,26 @@ def run_generate(config: GenerateConfig) -> list[dict]:
         outputs = generate_texts(adapter, llm, features, None, [text] * len(batch), settings)
         for r, out in zip(batch, outputs):
             results.append({"image": r.id, **({"question": config.question} if config.question else {}), "text": out})
+    return results
+
+
+def _generate_from_cache(config: GenerateConfig, adapter: LoadedAdapter, llm, settings: GenerationSettings,
+                         text: str) -> list[dict]:
+    """generate --features: the rows of a feature cache made by the adaptor's producer (a video's segments)."""
+    from blitext.cache import FeatureCache
+
+    cache = FeatureCache(config.features, expect=adapter.features_producer,
+                         fix="pass a feature cache made by the encoder the adaptor was trained on")
+    ids = config.ids or cache.keys
+    missing = [i for i in ids if i not in cache]
+    if missing:
+        raise BlitextError(f"--ids {missing[0]!r} is not in {config.features} ({len(missing)} missing): "
+                           f"pass ids the cache holds (blitext cache info {config.features})")
+    ids, results = ids[:config.limit] if config.limit else ids, []
+    for start in range(0, len(ids), config.batch_size):
+        batch = ids[start:start + config.batch_size]
+        features, mask = cache.get_batch(batch)  # (B, T, D), (B, T) for variable-length rows
+        outputs = generate_texts(adapter, llm, features, mask, [text] * len(batch), settings)
+        results += [{"image": i, **({"question": config.question} if config.question else {}), "text": out}
+                    for i, out in zip(batch, outputs)]
     return results

@@ -38,6 +38,22 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, fused=True)
 
 
+def llm_proj_groups(model: torch.nn.Module, llm_proj_lr_scale: float) -> list[dict]:
+    """An adaptor's parameters as two groups: llm_proj at `llm_proj_lr_scale` x the rate, the rest at 1x."""
+    proj = {id(p) for p in model.llm_proj.parameters()}
+    return [{"params": [p for p in model.parameters() if id(p) not in proj], "lr_scale": 1.0},
+            {"params": list(model.llm_proj.parameters()), "lr_scale": llm_proj_lr_scale}]
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float | None) -> None:
+    """Backward and one update, the gradient's global norm clipped first when `max_grad_norm` is set."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+    optimizer.step()
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

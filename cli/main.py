@@ -65,20 +65,58 @@ def extract_features_cmd(
     precision: Optional[str] = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16 (encoder weights)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
+    modality: str = typer.Option("image", "--modality", help="image | video (video: --vision-encoder i3d:CKPT for I3D features, else an image encoder per frame)."),
+    fps: Optional[float] = typer.Option(None, "--fps", help="Video: resample to this rate. [default: 25]"),
+    segment_frames: Optional[int] = typer.Option(None, "--segment-frames", help="Video: frames per segment. [default: 64]"),
+    segment_stride: Optional[int] = typer.Option(None, "--segment-stride", help="Video: frames between segment starts. [default: 64]"),
+    max_segments: Optional[int] = typer.Option(None, "--max-segments", help="Video: at most N segments, spread evenly. [default: 32]"),
+    frames_per_segment: Optional[int] = typer.Option(None, "--frames-per-segment", help="Video with an image encoder: frames encoded per segment. [default: 8]"),
     config: Optional[Path] = ConfigOpt,
 ):
-    """Cache all patch tokens of a frozen image encoder (resumable; runs under torchrun)."""
+    """Cache all patch tokens of a frozen image encoder, or per-segment video features (resumable; runs under torchrun)."""
     from blitext.config import resolve_config
     from blitext.extract import extract_features
 
-    cfg = resolve_config(ExtractConfig, config, data=data, out=out and str(out), vision_encoder=vision_encoder,
-                         image_root=image_root and str(image_root), batch_size=batch_size, shard_size=shard_size,
-                         num_workers=num_workers, precision=precision, device=device, limit=limit)
-    summary = extract_features(cfg)
+    common = dict(data=data, out=out and str(out), vision_encoder=vision_encoder,
+                  image_root=image_root and str(image_root), batch_size=batch_size, shard_size=shard_size,
+                  num_workers=num_workers, precision=precision, device=device, limit=limit)
+    video = dict(fps=fps, segment_frames=segment_frames, segment_stride=segment_stride, max_segments=max_segments,
+                 frames_per_segment=frames_per_segment)
+    if modality == "video":
+        from blitext.extract_video import VideoExtractConfig, extract_video_features
+
+        summary = extract_video_features(resolve_config(VideoExtractConfig, config, **common, **video))
+    elif modality == "image":
+        given = [f"--{k.replace('_', '-')}" for k, v in video.items() if v is not None]
+        if given:
+            raise BlitextError(f"{', '.join(given)} only apply to videos: add --modality video")
+        summary = extract_features(resolve_config(ExtractConfig, config, **common))
+    else:
+        raise BlitextError(f"--modality {modality!r}: expected image or video")
     from blitext.distributed import dist_info
 
     if dist_info().is_main:
         print_cache_summary(summary)
+
+
+# ------------------------------------------------------------------ import-features
+@app.command("import-features")
+@user_errors
+def import_features_cmd(
+    folder: Path = typer.Argument(..., help="Folder of <video id>.npy files, each (1, T, D) or (T, D) (VATEX's I3D release)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Cache folder. [default: cache/features/<folder>__<encoder>]"),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="The caption JSON of these videos (VATEX or LAVIS); train-adapter then finds it."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="What made the features, recorded in the cache. [default: i3d-vatex]"),
+    max_segments: Optional[int] = typer.Option(None, "--max-segments", help="Longer rows keep N segments, spread evenly. [default: 32]"),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Videos per shard. [default: 1024]"),
+):
+    """Import released per-video features (.npy) into a feature cache, as extract-features --modality video writes."""
+    from blitext.config import resolve_config
+    from blitext.import_features import ImportConfig, import_features
+
+    cfg = resolve_config(ImportConfig, None, folder=str(folder), out=out and str(out), data=captions and str(captions),
+                         encoder=encoder, max_segments=max_segments, shard_size=shard_size)
+    print_cache_summary(import_features(cfg))
 
 
 # ------------------------------------------------------------------ train-pformer
@@ -227,21 +265,37 @@ def train_adapter_cmd(
     log_every: Optional[int] = typer.Option(None, "--log-every", help=default_of(AdapterConfig, "log_every")),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
     resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoints/step-N folder."),
+    modality: str = typer.Option("image", "--modality", help="image: the Q-Former (stages 1, 2); video: the Transformer adaptor over segment features (--num-query = prompt slots)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Video: sequential (L_align alone, then LM alone: paper) | joint (LM + w L_align)."),
+    align_epochs: Optional[int] = typer.Option(None, "--align-epochs", help="Video, sequential: epochs of the alignment phase. [default: 10]"),
+    align_steps: Optional[int] = typer.Option(None, "--align-steps", help="Video, sequential: steps of the alignment phase (overrides --align-epochs)."),
     config: Optional[Path] = ConfigOpt,
 ):
-    """Train the Q-Former adaptor from cached features and prompts (resumable; runs under torchrun)."""
+    """Train the Q-Former adaptor (or, with --modality video, the video Transformer) from cached features and prompts (resumable; runs under torchrun)."""
     from blitext.adapter import train_adapter
     from blitext.config import resolve_config
     from blitext.console import say
 
-    cfg = resolve_config(AdapterConfig, config, stage=stage, features=features and str(features),
-                         prompts=prompts and str(prompts), w_align=w_align, init=init and str(init),
-                         captions=captions or None, out=out and str(out), online=online,
-                         vision_encoder=vision_encoder, image_root=image_root and str(image_root),
-                         text_encoder=text_encoder, llm=llm, num_query=num_query, batch_size=batch_size,
-                         epochs=epochs, max_steps=max_steps, lr=lr, llm_proj_lr_scale=llm_proj_lr_scale,
-                         max_grad_norm=max_grad_norm, warmup_steps=warmup_steps, seed=seed,
-                         save_every=save_every, log_every=log_every, device=device, resume=resume)
+    options = dict(stage=stage, features=features and str(features),
+                   prompts=prompts and str(prompts), w_align=w_align, init=init and str(init),
+                   captions=captions or None, out=out and str(out), online=online,
+                   vision_encoder=vision_encoder, image_root=image_root and str(image_root),
+                   text_encoder=text_encoder, llm=llm, num_query=num_query, batch_size=batch_size,
+                   epochs=epochs, max_steps=max_steps, lr=lr, llm_proj_lr_scale=llm_proj_lr_scale,
+                   max_grad_norm=max_grad_norm, warmup_steps=warmup_steps, seed=seed,
+                   save_every=save_every, log_every=log_every, device=device, resume=resume)
+    video = dict(schedule=schedule, align_epochs=align_epochs, align_steps=align_steps)
+    if modality == "video":  # image-only options given here are refused as unknown keys
+        from blitext.video_adapter import VideoAdapterConfig, train_video_adapter
+
+        options["num_slots"] = options.pop("num_query")
+        cfg = resolve_config(VideoAdapterConfig, config, **options, **video)
+        say(f"[green]video adaptor written to[/] {train_video_adapter(cfg)}")
+        return
+    if modality != "image" or any(v is not None for v in video.values()):
+        raise BlitextError(f"--modality must be image or video (got {modality!r}); --schedule, --align-epochs and "
+                           f"--align-steps need --modality video")
+    cfg = resolve_config(AdapterConfig, config, **options)
     say(f"[green]adaptor written to[/] {train_adapter(cfg)}")
 
 
@@ -250,7 +304,9 @@ def train_adapter_cmd(
 @user_errors
 def generate_cmd(
     adapter: Path = typer.Option(..., "--adapter", help="A stage-2 train-adapter run (or <run>/final)."),
-    images: list[str] = typer.Option(..., "--images", help="Image file, folder, caption JSON or .tar shards; repeatable."),
+    images: Optional[list[str]] = typer.Option(None, "--images", help="Image file, folder, caption JSON or .tar shards; repeatable."),
+    features: Optional[Path] = typer.Option(None, "--features", help="Instead of --images: a feature cache made by the adaptor's encoder (videos: extract-features --modality video)."),
+    ids: Optional[list[str]] = typer.Option(None, "--ids", help="With --features: the rows (image / video ids) to use; repeatable. [default: every row]"),
     question: Optional[str] = typer.Option(None, "--question", help="Answer this question about each image."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help='Text prompt ("{}" = the question). [default: "a photo of" / "Question: {} Short answer:"]'),
     num_beams: Optional[int] = typer.Option(None, "--num-beams", help="[default: 5]"),
@@ -272,7 +328,8 @@ def generate_cmd(
     from blitext.console import console
     from blitext.generate import GenerateConfig, run_generate
 
-    cfg = resolve_config(GenerateConfig, None, adapter=str(adapter), images=images, question=question, prompt=prompt,
+    cfg = resolve_config(GenerateConfig, None, adapter=str(adapter), images=images or None, question=question, prompt=prompt,
+                         features=features and str(features), ids=ids or None,
                          num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                          length_penalty=length_penalty, batch_size=batch_size, limit=limit, llm=llm, device=device)
     results = run_generate(cfg)
@@ -320,7 +377,7 @@ app.command("ablate")(ablate_cmd)
 @data_app.command("prepare")
 @user_errors
 def data_prepare_cmd(
-    name: str = typer.Argument(..., help="easy-vqa | tuxpaint | fashion-mnist"),
+    name: str = typer.Argument(..., help="easy-vqa | tuxpaint | fashion-mnist | moving-shapes (videos)"),
     out_root: Optional[Path] = typer.Option(None, "--out-root", help="[default: cache/data]"),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N images per split."),
 ):
@@ -420,10 +477,17 @@ def demo_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", help="Images per split of easy-VQA. [default: 500]"),
     scale: Optional[float] = typer.Option(None, "--scale", help="Multiply every step count and evaluation size (longer, better runs)."),
     smoke: bool = typer.Option(False, "--smoke", help="Every phase with a handful of steps (a check that all runs, in minutes)."),
+    video: bool = typer.Option(False, "--video", help="The video variant instead: moving-shapes clips, the Transformer adaptor, LM only against P-Former alignment (--limit = clips per split)."),
 ):
     """The main job: the whole method on easy-VQA with the bundled models, baseline against P-Former."""
     import dataclasses
 
+    if video:
+        from blitext.demo_video import SMOKE as VIDEO_SMOKE, VideoDemoConfig, run_video_demo
+
+        overrides = {k: v for k, v in (("clips_per_split", limit), ("scale", scale)) if v is not None}
+        run_video_demo(dataclasses.replace(VIDEO_SMOKE if smoke else VideoDemoConfig(), **overrides))
+        return
     from blitext.demo import SMOKE, DemoConfig, run_demo
 
     config = SMOKE if smoke else DemoConfig()

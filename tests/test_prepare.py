@@ -21,7 +21,7 @@ EASY_VQA_INSTALLED = importlib.util.find_spec("easy_vqa") is not None
 
 
 def test_list_datasets_and_unknown_name(tmp_path):
-    assert list_datasets() == ["easy-vqa", "tuxpaint", "fashion-mnist"]
+    assert list_datasets() == ["easy-vqa", "tuxpaint", "fashion-mnist", "moving-shapes"]
     with pytest.raises(BlitextError, match="unknown dataset 'coco'; blitext can prepare: easy-vqa, tuxpaint, fashion"):
         prepare_dataset("coco", tmp_path)
     with pytest.raises(BlitextError, match="limit must be a positive number"):

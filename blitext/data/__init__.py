@@ -5,7 +5,9 @@
                  and the LAVIS caption writer
     vqa.py       read_vqa (VQAv2, OK-VQA, GQA) and the VQAv2 writer
     images.py    bytes from files or tar members, decoded to RGB; bad images -> BadInputError
-    prepare.py   easy-vqa, tuxpaint, fashion-mnist -> images + caption/VQA JSON on disk
+    prepare.py   easy-vqa, tuxpaint, fashion-mnist, moving-shapes -> images/videos + caption/VQA JSON on disk
+    video.py     videos decoded with PyAV at 25 fps, cut into segments; the VATEX caption reader
+    moving_shapes.py  the generated captioned .mp4 clip set
 """
 from blitext.data.images import decode_image, load_image, read_image_bytes
 from blitext.data.prepare import list_datasets, prepare_dataset

@@ -3,7 +3,8 @@
 `read_image_set` detects the format from the path it is given:
   - a `.json` caption file: LAVIS / COCO-Karpathy (`[{"image", "caption", "image_id"?}]`) or
     official COCO captions (`{"images": [{"id", "file_name"}], "annotations": [...]}`);
-  - a folder holding `captions.jsonl` or `captions.csv`, or else just image files;
+  - a VATEX caption file (`[{"videoID", "enCap", "chCap"}]`: English captions, video `<videoID>.mp4`);
+  - a folder holding `captions.jsonl` or `captions.csv`, or else just image (or else video) files;
   - webdataset `.tar` shards in img2dataset's layout: one `.tar`, a glob, or a folder of them.
 `write_lavis_json` writes blitext's own caption files. VQA files are in vqa.py.
 
@@ -23,6 +24,7 @@ from typing import Any
 
 from blitext.atomic import write_json
 from blitext.data.records import ImageRecord, ImageSet
+from blitext.data.video import VIDEO_EXTENSIONS, is_vatex, read_vatex
 from blitext.errors import BlitextError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -30,6 +32,7 @@ TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 ACCEPTED_FORMATS = (
     "a LAVIS/COCO-Karpathy caption .json ([{\"image\", \"caption\"}]); "
     "an official COCO captions .json ({\"images\", \"annotations\"}); "
+    "a VATEX caption .json ([{\"videoID\", \"enCap\"}]; video ids as <videoID>.mp4); "
     "a folder holding captions.jsonl or captions.csv; a folder of image files; "
     "webdataset .tar shards (one .tar, a glob such as shards/*.tar, or a folder of .tar files)"
 )
@@ -70,10 +73,11 @@ def _read_folder(folder: Path, root: Path) -> ImageSet:
     tars = sorted(folder.glob("*.tar"))
     if tars:
         return ImageSet(root, _read_tar_shards(tars, root), str(folder))
-    records = _read_image_folder(folder, root)
+    # a folder of images, else a folder of videos (captions then come from a separate file)
+    records = _read_image_folder(folder, root) or _read_image_folder(folder, root, VIDEO_EXTENSIONS)
     if not records:
-        raise BlitextError(f"{folder}: found no captions.jsonl, captions.csv, .tar shards or image files "
-                           f"({', '.join(IMAGE_EXTENSIONS)}); expected one of: {ACCEPTED_FORMATS}")
+        raise BlitextError(f"{folder}: found no captions.jsonl, captions.csv, .tar shards, image files "
+                           f"({', '.join(IMAGE_EXTENSIONS)}) or videos; expected one of: {ACCEPTED_FORMATS}")
     return ImageSet(root, records, str(folder))
 
 
@@ -178,6 +182,8 @@ def _load_json(path: Path) -> Any:
 
 def _read_caption_json(path: Path, root: Path) -> list[ImageRecord]:
     data = _load_json(path)
+    if is_vatex(data):
+        return read_vatex(path, data)
     if isinstance(data, list):
         return _read_lavis_list(path, data, root)
     if isinstance(data, dict) and isinstance(data.get("images"), list):
@@ -271,12 +277,12 @@ def _add_row(groups: _Grouper, check: _RefChecker, row: dict, where: str) -> Non
     groups.add(image_id, image, _captions(row.get("caption"), where), meta, where)
 
 
-def _read_image_folder(folder: Path, root: Path) -> list[ImageRecord]:
+def _read_image_folder(folder: Path, root: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[ImageRecord]:
     check, groups = _RefChecker(root), _Grouper()
     for path in sorted(folder.rglob("*"), key=lambda p: p.as_posix()):
         relative = path.relative_to(folder)
         # Hidden folders are editor/VCS clutter (.ipynb_checkpoints), not dataset images.
-        if path.suffix.lower() not in IMAGE_EXTENSIONS or any(p.startswith(".") for p in relative.parts):
+        if path.suffix.lower() not in extensions or any(p.startswith(".") for p in relative.parts):
             continue
         if not path.is_file():
             continue

@@ -19,6 +19,7 @@ from blitext.errors import BlitextError
 from blitext.models.fingerprint import fingerprint
 from blitext.models.loading import load_vision_encoder
 from blitext.models.qformer import QFormer
+from blitext.models.video_adapter import VideoAdapter
 
 
 def adapter_weights(model: QFormer) -> dict[str, torch.Tensor]:
@@ -33,7 +34,7 @@ def adapter_folder(path: str | Path) -> Path:
     for candidate in (path, path / "final", latest_checkpoint(path) if path.is_dir() else None):
         if candidate is not None and (candidate / "model.safetensors").is_file() and (candidate / "state.json").is_file():
             state = read_json(candidate / "state.json")
-            if "qformer_config" in state:
+            if "qformer_config" in state or "video_adapter" in state:
                 return candidate
     raise BlitextError(f"{str(path)!r} holds no adaptor checkpoint (model.safetensors + state.json from "
                        f"train-adapter); pass its run folder or <run>/final")
@@ -66,8 +67,8 @@ def load_init(init: str, model: QFormer, identity: dict) -> None:
 
 @dataclass
 class LoadedAdapter:
-    model: QFormer
-    tokenizer: object   # the Q-Former's (text encoder's + [DEC])
+    model: QFormer | VideoAdapter
+    tokenizer: object   # the Q-Former's (text encoder's + [DEC]); None for a video adaptor
     state: dict         # the checkpoint's state.json: producers, fingerprints, config
     fingerprint: str
     path: Path
@@ -84,6 +85,13 @@ class LoadedAdapter:
     def end_of_text(self) -> str:
         return self.state["config"]["end_of_text"]
 
+    @property
+    def stage(self) -> int:
+        """2 when the prompts were trained on the LLM's loss (a video run's LM or joint phase counts)."""
+        if "video_adapter" in self.state:
+            return 2 if any(p["name"] != "align" for p in self.state["phases"]) else 1
+        return self.state["resume_config"]["stage"]
+
 
 def load_adapter(path: str | Path, device: str = "cpu") -> LoadedAdapter:
     """A train-adapter checkpoint (either stage), in eval mode."""
@@ -92,12 +100,13 @@ def load_adapter(path: str | Path, device: str = "cpu") -> LoadedAdapter:
 
     folder = adapter_folder(path)
     state = read_json(folder / "state.json")
-    model = QFormer.from_description(state)
+    model = (VideoAdapter if "video_adapter" in state else QFormer).from_description(state)
     missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise BlitextError(f"{folder}/model.safetensors does not fit its own description: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}; the checkpoint is damaged")
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    has_tokenizer = (folder / "tokenizer").is_dir()  # the video adaptor reads no text
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True) if has_tokenizer else None
     name = f"adapter-{folder.parent.name if folder.name == 'final' else folder.name}"
     return LoadedAdapter(model.to(device).eval(), tokenizer, state, fingerprint(name, folder / "model.safetensors"),
                          folder)

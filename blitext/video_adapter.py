@@ -1,0 +1,285 @@
+"""Phase 2 for videos: `blitext train-adapter --modality video` - the Transformer adaptor (REFERENCE.md 3).
+
+The paper's schedule (section 4.5) is the default, as two phases of one run: L_align alone
+(x w_align = 100) for 10 epochs - the LLM is never run, only `llm_proj` and the reference
+prompts are needed - then the frozen LLM's loss alone on caption + end-of-text for 10 more.
+Each phase has its own warm-up and cosine decay and starts with fresh AdamW moments (two
+trainings in the paper; moments of the x100 alignment gradients would mis-scale the first LM
+steps). `--schedule joint`: one phase of LM + w_align * L_align. `--w-align 0`: the LM phase
+alone, the paper's "ITG only" baseline (L_align is still measured when --prompts is given).
+
+    torchrun --standalone --nproc_per_node 2 --no-python blitext train-adapter --modality video \\
+        --features cache/features/vatex__i3d --prompts cache/prompts/vatex__pformer
+
+Like the image trainer: cached features by video id and reference prompts by caption key,
+caches from another producer, LLM or P-Former refused, `batch_size` global and split across
+ranks, randomness a function of (seed, step, rank), so `--resume latest` is exact.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from blitext.adapter import StepLosses, _prompt_cache, _resume
+from blitext.cache import FeatureCache
+from blitext.checkpoint import export_final, save_checkpoint
+from blitext.config import default_cache_root, provenance, to_jsonable
+from blitext.console import progress_bar, rank_logger, say
+from blitext.data.pairs import CachedFeatures, default_captions, read_pairs
+from blitext.distributed import barrier, run_distributed
+from blitext.errors import BlitextError
+from blitext.losses import alignment_loss, prompt_lm_loss
+from blitext.models.adapter_checkpoint import adapter_weights
+from blitext.models.loading import load_llm, load_text_encoder
+from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER
+from blitext.models.video_adapter import VideoAdapter
+from blitext.training import (MetricsLog, Prefetcher, adamw, global_batch, llm_proj_groups, lr_at, mean_over_ranks,
+                              optimizer_step, rank_slice, set_lr, step_seed, token_share)
+
+SCHEDULES = ("sequential", "joint")
+
+
+@dataclass
+class VideoAdapterConfig:
+    features: str = ""                  # video feature cache (extract-features --modality video, import-features)
+    prompts: str | None = None          # reference prompts from build-prompts; needed when w_align > 0
+    captions: list[str] = field(default_factory=list)  # caption JSON; default: the features' prepared data, train split
+    schedule: str = "sequential"        # sequential: L_align alone, then LM alone (paper); joint: LM + w_align L_align
+    w_align: float = 100.0              # alignment weight (paper: x100); 0 = LM only ("ITG only" baseline)
+    seed: int = 42                      # initialisation, data order, dropout: one run is one seed
+    out: str | None = None              # run folder; default <cache root>/runs/video-adapter/<schedule>-w<W>
+    text_encoder: str = DEFAULT_TEXT_ENCODER  # the Transformer's initialisation (paper: a BERT-base)
+    llm: str = DEFAULT_LLM              # the frozen LLM
+    num_slots: int | None = None        # prompt slots; default: the prompt cache's n_prompt, else 32 (paper)
+    max_text_len: int = 32
+    end_of_text: str = "\n"             # appended to LM targets, as the P-Former's (the LLM learns to stop)
+    epochs: int = 10                    # LM phase (the joint schedule's only phase); paper: 10
+    max_steps: int | None = None        # overrides epochs
+    align_epochs: int = 10              # sequential: the alignment phase before it; paper: 10
+    align_steps: int | None = None      # overrides align_epochs
+    batch_size: int = 128               # global; the paper gives none for video (VATEX: 26K clips, 200 steps an epoch)
+    lr: float = 1e-4                    # as the image stages (paper)
+    llm_proj_lr_scale: float = 1.0      # llm_proj's rate / lr (paper: one rate); small batches need more (demo: 20)
+    max_grad_norm: float | None = None  # clip the gradient's global norm (paper: none; demo: 1.0)
+    min_lr: float = 1e-5
+    warmup_steps: int = 200             # per phase; the paper gives none for video: a tenth of a VATEX phase
+    warmup_start_lr: float = 1e-6
+    weight_decay: float = 0.05
+    save_every: int = 1000              # steps between resumable checkpoints
+    log_every: int = 10                 # steps between metrics.jsonl lines
+    prefetch: int = 2                   # batches read ahead in a background thread
+    precision: str = "auto"             # auto: bf16 autocast on GPU, fp32 on CPU
+    device: str = "auto"
+    resume: str | None = None           # "latest" or a checkpoints/step-N folder
+
+    def __post_init__(self) -> None:
+        if isinstance(self.captions, str):
+            self.captions = [self.captions]
+        if self.schedule not in SCHEDULES:
+            raise BlitextError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.w_align < 0:
+            raise BlitextError(f"--w-align must be >= 0, got {self.w_align}")
+        if self.w_align > 0 and not self.prompts:
+            raise BlitextError(f"--w-align {self.w_align:g} needs reference prompts: pass --prompts CACHE "
+                               f"(blitext build-prompts makes it), or --w-align 0 for the LM-only baseline")
+        if not self.features:
+            raise BlitextError("train-adapter --modality video reads cached video features: pass --features CACHE "
+                               "(blitext extract-features --modality video or import-features makes it)")
+
+
+RESUME_KEYS = ("schedule", "w_align", "text_encoder", "llm", "num_slots", "max_text_len", "end_of_text", "epochs",
+               "max_steps", "align_epochs", "align_steps", "batch_size", "lr", "llm_proj_lr_scale", "max_grad_norm",
+               "min_lr", "warmup_steps", "seed")
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str        # "align" (L_align alone), "lm" (LM alone) or "joint" (LM + w L_align)
+    start: int       # its first global step
+    steps: int
+
+    def weights(self, w_align: float) -> dict[str, float]:
+        """The weight of each loss term; a term at weight 0 is measured without a graph."""
+        return {"align": {"align": w_align}, "lm": {"lm": 1.0, "align": 0.0},
+                "joint": {"lm": 1.0, "align": w_align}}[self.name]
+
+
+def plan_phases(config: VideoAdapterConfig, n_pairs: int) -> list[Phase]:
+    per_epoch = max(1, n_pairs // config.batch_size)
+    lm = config.max_steps or config.epochs * per_epoch
+    align = (config.align_steps or config.align_epochs * per_epoch) if config.schedule == "sequential" else 0
+    if config.w_align == 0:
+        align = 0  # nothing to train on: the baseline is the LM phase alone
+    if config.schedule == "joint":
+        return [Phase("joint", 0, lm)]
+    return [p for p in (Phase("align", 0, align), Phase("lm", align, lm)) if p.steps > 0]
+
+
+def default_run_dir(config: VideoAdapterConfig) -> Path:
+    return default_cache_root() / "runs" / "video-adapter" / f"{config.schedule}-w{config.w_align:g}"
+
+
+# ---------------------------------------------------------------- entry point
+
+def train_video_adapter(config: VideoAdapterConfig) -> Path:
+    """Train (or resume) the video adaptor through every phase; returns `<run>/final`."""
+    return run_distributed(config.device, lambda device, info: _train(config, device, info))
+
+
+@dataclass
+class Setup:
+    model: VideoAdapter
+    source: CachedFeatures
+    pairs: object
+    prompts: object | None
+    llm: object
+    identity: dict
+
+
+def _train(config: VideoAdapterConfig, device: str, info) -> Path:
+    if config.batch_size % info.world:
+        raise BlitextError(f"batch_size {config.batch_size} must divide by the number of ranks {info.world}")
+    s = _setup(config, device)
+    run = Path(config.out) if config.out else default_run_dir(config)
+    model = s.model.to(device)
+    optimizer = adamw(llm_proj_groups(model, config.llm_proj_lr_scale), config.lr, config.weight_decay)
+    start = _resume(run, config, model, optimizer, s.identity)
+    if len(s.pairs) < config.batch_size:
+        raise BlitextError(f"{len(s.pairs)} video-caption pairs < batch_size {config.batch_size}; lower --batch-size")
+    phases = plan_phases(config, len(s.pairs))
+    steps = phases[-1].start + phases[-1].steps
+    say(f"train-adapter --modality video: {len(s.pairs):,} pairs"
+        + (f" ({s.pairs.skipped} captions without features skipped)" if s.pairs.skipped else "")
+        + f", phases {', '.join(f'{p.name} {p.steps:,}' for p in phases)} steps of {config.batch_size}, "
+        f"w_align {config.w_align:g}, {model.num_slots} slots, on {device}")
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+    barrier()
+    metrics = MetricsLog(run / "metrics.jsonl", resume_step=start if start else None) if info.is_main else None
+    state = {**s.identity, "modality": "video", "config": to_jsonable(config), "provenance": provenance(config),
+             **model.describe(), "pairs": len(s.pairs), "phases": [p.__dict__ for p in phases]}
+    loop = VideoLoop(config, s, phases, device, info, metrics, rank_logger("train-adapter", run / "logs"))
+    loop.run(start, steps, run, optimizer, state)
+    if info.is_main:
+        save_checkpoint(run, steps, model, None, state, keep=2, weights=adapter_weights(model))
+        export_final(run)
+    barrier()
+    return run / "final"
+
+
+def _setup(config: VideoAdapterConfig, device: str) -> Setup:
+    features = FeatureCache(config.features)
+    if features.producer.get("modality") != "video":
+        raise BlitextError(f"{config.features} holds {features.producer.get('modality', 'image')} features "
+                           f"(made by {features.producer.get('encoder')}), not video: pass a cache from "
+                           f"extract-features --modality video (or import-features)")
+    source = CachedFeatures(features)
+    pairs = read_pairs(config.captions or default_captions(features), None, lambda video_id: video_id in source)
+    prompts = _prompt_cache(config, pairs)
+    llm = load_llm(config.llm, device=device)
+    if prompts is not None and prompts.producer["llm"] != llm.fingerprint:
+        raise BlitextError(f"the prompts in {config.prompts} were built for {prompts.producer['llm']}, but this run's "
+                           f"LLM is {llm.fingerprint}: build prompts with a P-Former trained for --llm {config.llm}")
+    num_slots = config.num_slots or (prompts.producer["n_prompt"] if prompts else 32)
+    if prompts is not None and num_slots != prompts.producer["n_prompt"]:
+        raise BlitextError(f"--num-query {num_slots} but the reference prompts have {prompts.producer['n_prompt']} "
+                           f"slots: L_align compares them slot by slot; use --num-query {prompts.producer['n_prompt']}")
+    text_encoder = load_text_encoder(config.text_encoder)
+    torch.manual_seed(config.seed)  # the new layers' initialisation (input_proj, llm_proj)
+    model = VideoAdapter.from_text_encoder(text_encoder.model, source.width, num_slots,
+                                         llm.model.get_input_embeddings().weight.shape[1])
+    identity = {"features_producer": source.producer, "llm_fingerprint": llm.fingerprint,
+                "text_encoder_fingerprint": text_encoder.fingerprint,
+                "prompts_producer": prompts.producer if prompts else None,
+                "resume_config": {k: getattr(config, k) for k in RESUME_KEYS}}
+    return Setup(model, source, pairs, prompts, llm, identity)
+
+
+# ---------------------------------------------------------------- the loop
+
+class VideoLoop:
+    def __init__(self, config: VideoAdapterConfig, setup: Setup, phases: list[Phase], device: str, info, metrics, log):
+        self.c, self.s, self.model, self.phases = config, setup, setup.model, phases
+        step_losses = StepLosses(setup.model, self.losses)
+        self.forward = DistributedDataParallel(step_losses) if info.world > 1 else step_losses
+        self.device, self.info, self.metrics, self.log = device, info, metrics, log
+        self.llm_tokenizer = setup.llm.tokenizer
+        self.llm_tokenizer.padding_side = "right"
+        self.autocast = torch.autocast("cuda", torch.bfloat16) if (
+            config.precision in ("auto", "bf16") and device.startswith("cuda")) else torch.autocast("cpu", enabled=False)
+
+    def phase_at(self, step: int) -> Phase:
+        return next(p for p in reversed(self.phases) if step >= p.start)
+
+    def load(self, step: int) -> dict:
+        """One step's I/O (run ahead in the prefetch thread): this rank's features and reference prompts."""
+        index = global_batch(step, len(self.s.pairs), self.c.batch_size, self.c.seed)
+        rows = rank_slice(index, self.info.rank, self.info.world)
+        batch = {"index": index, "features": self.s.source.read([self.s.pairs.image_ids[i] for i in rows])}
+        if self.s.prompts is not None:
+            batch["reference"] = self.s.prompts.get_batch([self.s.pairs.keys[i] for i in rows])
+        return batch
+
+    def run(self, start: int, steps: int, run: Path, optimizer, state: dict) -> None:
+        self.optimizer = optimizer
+        prefetch = Prefetcher(self.load, range(start, steps), self.c.prefetch)
+        try:
+            with progress_bar(steps - start, "train-adapter video", "pair") as advance:
+                for step in range(start, steps):
+                    t, waited = time.perf_counter(), prefetch.waited
+                    losses = self.train_step(step, prefetch.next())
+                    took = time.perf_counter() - t
+                    timing = {"pairs_per_s": self.c.batch_size / took, "data_wait": (prefetch.waited - waited) / took}
+                    status = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+                    advance(1, status=f"{self.phase_at(step).name}: {status} | wait {timing['data_wait']:.0%}")
+                    self.record(step, losses, timing)
+                    if (step + 1) % self.c.save_every == 0 and step + 1 < steps and self.info.is_main:
+                        save_checkpoint(run, step + 1, self.model, optimizer, state,
+                                        weights=adapter_weights(self.model))
+        finally:
+            prefetch.close()
+
+    def train_step(self, step: int, batch: dict) -> dict[str, float]:
+        c, phase = self.c, self.phase_at(step)
+        if step == phase.start and step > 0:
+            self.optimizer.state.clear()  # a new phase is a new training (module docstring)
+        set_lr(self.optimizer, lr_at(step - phase.start, phase.steps, c.lr, c.min_lr, c.warmup_steps,
+                                     c.warmup_start_lr))
+        features, mask = self.s.source.encode(batch["features"], self.device)
+        torch.manual_seed(step_seed(c.seed, step, self.info.rank))  # dropout of this step
+        weights = phase.weights(c.w_align)
+        with self.autocast:
+            losses = self.forward(phase.name, batch["index"], features, mask, batch.get("reference"))
+            total = sum(v * weights[k] for k, v in losses.items())
+        optimizer_step(self.optimizer, total, c.max_grad_norm)
+        return mean_over_ranks({**losses, "loss": total})
+
+    def losses(self, phase: str, index: list[int], features, mask, reference) -> dict:
+        """This rank's loss terms: LM on caption + end-of-text (not in the alignment phase), L_align
+        to the reference prompts (with no graph when its weight is 0)."""
+        prompts = self.model.prompts(features, mask)  # (B, S, d_llm)
+        out = {}
+        if phase != "align":
+            rows = rank_slice(index, self.info.rank, self.info.world)
+            texts = [self.s.pairs.texts[i] + self.c.end_of_text for i in rows]
+            tgt = self.llm_tokenizer(texts, padding=True, truncation=True, max_length=self.c.max_text_len,
+                                     add_special_tokens=False, return_tensors="pt").to(self.device)
+            out["lm"] = prompt_lm_loss(self.s.llm.model, prompts, tgt.input_ids, tgt.attention_mask) \
+                * token_share(tgt.attention_mask, self.info.world)
+        if reference is not None:
+            trained = phase != "lm" and self.c.w_align > 0
+            with torch.set_grad_enabled(trained and torch.is_grad_enabled()):
+                out["align"] = alignment_loss(prompts if trained else prompts.detach(), reference)
+        return out
+
+    def record(self, step: int, losses: dict, timing: dict) -> None:
+        if self.metrics is None or (step + 1) % self.c.log_every and step != 0:
+            return
+        lr = self.optimizer.param_groups[0]["lr"]
+        phase = self.phase_at(step).name
+        self.metrics.write({"step": step, "phase": phase, "lr": lr, **losses, **timing})
+        self.log.info("step %d %s lr %.2e %s %s", step, phase, lr, losses, timing)
