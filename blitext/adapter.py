@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from blitext.cache import FeatureCache
 from blitext.checkpoint import export_final, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from blitext.config import default_cache_root, provenance, to_jsonable
-from blitext.console import progress_bar, rank_logger, say
+from blitext.console import progress_bar, say
 from blitext.data.pairs import CachedFeatures, OnlineFeatures, Pairs, default_captions, read_pairs
 from blitext.distributed import barrier, run_distributed
 from blitext.errors import BlitextError
@@ -39,7 +39,7 @@ from blitext.models.loading import display_name, llm_path, load_llm, load_text_e
 from blitext.models.qformer import QFormer, qformer_tokenizer, unilm_mask
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER, DEFAULT_VISION_ENCODER
 from blitext.prompts import PromptCache
-from blitext.training import (MetricsLog, Prefetcher, adamw, global_batch, llm_proj_groups, lr_at, mean_over_ranks,
+from blitext.training import (Prefetcher, adamw, global_batch, llm_proj_groups, lr_at, mean_over_ranks, open_run,
                               optimizer_step, rank_slice, set_lr, step_generator, step_seed, token_share)
 
 
@@ -103,8 +103,8 @@ class AdapterConfig:
 
 
 RESUME_KEYS = ("stage", "w_align", "text_encoder", "llm", "num_query", "cross_attention_frequency", "embed_dim",
-               "max_text_len", "end_of_text", "batch_size", "lr", "llm_proj_lr_scale", "min_lr", "max_grad_norm", "warmup_steps", "seed",
-               "epochs", "max_steps")
+               "max_text_len", "end_of_text", "batch_size", "lr", "llm_proj_lr_scale", "min_lr", "max_grad_norm",
+               "warmup_steps", "seed", "epochs", "max_steps")
 
 
 def default_run_dir(config: AdapterConfig) -> Path:
@@ -154,11 +154,7 @@ def _train(config: AdapterConfig, device: str, info) -> Path:
         + (f" ({setup.pairs.skipped} captions without features skipped)" if setup.pairs.skipped else "")
         + f", {steps:,} steps of {config.batch_size}, w_align {config.w_align:g}, {model.num_query} queries, "
         f"{len(trainable)} trainable tensors, {'online encoder' if config.online else 'cached features'} on {device}")
-    if info.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-    barrier()
-    log = rank_logger("train-adapter", run / "logs")
-    metrics = MetricsLog(run / "metrics.jsonl", resume_step=start if start else None) if info.is_main else None
+    metrics, log = open_run(run, info, start, "train-adapter")
     state = {**setup.identity, "config": to_jsonable(config), "provenance": provenance(config),
              **model.describe(), "pairs": len(setup.pairs)}
     loop = AdapterLoop(config, model, setup, device, info, metrics, log)

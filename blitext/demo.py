@@ -69,7 +69,8 @@ def run_demo(config: DemoConfig) -> dict:
     started = time.perf_counter()
     root = default_cache_root()
     tag = f"easy-vqa-{c.images_per_split}"
-    work = root / "runs" / "demo" / f"{tag}-{c.n_prompt}q-{c.pformer_steps}-{c.stage1_steps}-{c.stage2_steps}-{_digest(c)}"
+    steps = f"{c.pformer_steps}-{c.stage1_steps}-{c.stage2_steps}"
+    work = root / "runs" / "demo" / f"{tag}-{c.n_prompt}q-{steps}-{_digest(c)}"
 
     say("[bold]1/8 prepare easy-VQA[/] (real images and questions from the easy-vqa package)")
     data = prepare_dataset("easy-vqa", out_root=root / "data" / tag, limit=c.images_per_split)

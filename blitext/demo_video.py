@@ -65,7 +65,8 @@ def run_video_demo(config: VideoDemoConfig) -> dict:
     c = config.scaled()
     started, root = time.perf_counter(), default_cache_root()
     tag = f"moving-shapes-{c.clips_per_split or 'all'}"
-    work = root / "runs" / "demo-video" / f"{tag}-{c.n_prompt}s-{c.pformer_steps}-{c.align_steps}-{c.lm_steps}-{_digest(c)}"
+    steps = f"{c.pformer_steps}-{c.align_steps}-{c.lm_steps}"
+    work = root / "runs" / "demo-video" / f"{tag}-{c.n_prompt}s-{steps}-{_digest(c)}"
 
     say("[bold]1/7 prepare moving-shapes[/] (generated .mp4 clips of a shape moving, captioned)")
     data = prepare_dataset("moving-shapes", out_root=root / "data" / tag, limit=c.clips_per_split)

@@ -143,55 +143,71 @@ def _extract(config: ExtractConfig, device: str, info) -> dict:
         + (f" ({info.world} ranks)" if info.world > 1 else ""))
     plan = CachePlan(out, "image-features", encoder.producer(), [it.key for it in items], config.shard_size,
                      config.dtype, provenance=provenance(config))
+    return fill_cache(plan, info, lambda shards, warnings: _write_shards(
+        plan, shards, items, encoder, config, device, warnings))
+
+
+def fill_cache(plan: CachePlan, info, write) -> dict:
+    """Run `write(shards, warnings)` on this rank's unfinished shards (finished ones are kept:
+    resume); returns the cache's summary with the timing `write` reported."""
     def write_shards(shards: list[int], finished: int) -> dict:
-        log = rank_logger("extract", out / "logs")  # only now: the folder must be a cache before logs go in
+        log = rank_logger("extract", plan.root / "logs")  # only now: the folder must be a cache before logs go in
         if finished:
             say(f"resuming: {finished} finished shard(s) kept, {len(shards)} to do")
-        timing = _write_shards(plan, shards, items, encoder, config, device, RateLimitedWarnings(log))
+        timing = write(shards, RateLimitedWarnings(log))
         log.info("timing: %s", timing)
         return timing
 
     timing = run_sharded_job(plan, info, write_shards)
-    summary = {**cache_info(out), "timing": timing}
+    summary = {**cache_info(plan.root), "timing": timing}
     if info.is_main:
         print_failures(summary["failures"])
     return summary
 
 
 def _write_shards(plan, shards, items, encoder, config, device, warnings) -> dict:
-    """Encode and write this rank's pending shards; returns seconds spent in total and in the encoder."""
+    """Encode and write this rank's pending shards."""
     batches = shard_batches(plan, shards, config.batch_size)
     loader = DataLoader(DecodedImages(items, encoder.preprocess, config.max_pixels), batch_sampler=batches,
                         collate_fn=collate_decoded, num_workers=config.num_workers,
                         persistent_workers=False, pin_memory=device.startswith("cuda"))
-    batch_iter = iter(loader)
     dtype = next(encoder.parameters()).dtype
     stored = getattr(torch, config.dtype)
+
+    def encode(pixels: torch.Tensor):
+        # to the stored dtype on the device: numpy's fp32 -> fp16 cast is 10-100x slower (far
+        # slower still on values near fp16's subnormals) and made writing 87% of extraction time
+        # on a GPU (bench/results/gpu_bench.json)
+        return encoder(pixels.to(device, dtype, non_blocking=True)).to(stored).cpu().numpy()  # (B, T, D)
+
+    return write_batches(plan, shards, items, iter(loader), config.batch_size, encode, warnings, "img")
+
+
+def write_batches(plan, shards, items, batches, batch_size: int, encode, warnings, unit: str) -> dict:
+    """Write this rank's shards from decoded batches `(ok, inputs, failed)`: failures recorded with
+    their reason, `encode(inputs)` rows stored under the ok items' keys."""
     total = sum(len(plan.shard_range(s)) for s in shards)
     start, in_encoder, in_data, in_write = time.perf_counter(), 0.0, 0.0, 0.0
-    with progress_bar(total, "extract-features", "img") as advance, torch.inference_mode():
+    with progress_bar(total, "extract-features", unit) as advance, torch.inference_mode():
         for s in shards:
             with ShardWriter(plan, s) as writer:
-                for _ in range(-(-len(plan.shard_range(s)) // config.batch_size)):
+                for _ in range(-(-len(plan.shard_range(s)) // batch_size)):
                     t = time.perf_counter()
-                    ok, pixels, failed = next(batch_iter)
+                    ok, inputs, failed = next(batches)
                     in_data += time.perf_counter() - t
                     for i, why in failed:
                         writer.fail(items[i].key, items[i].ref, why)
                         warnings.warn(why)
                     if ok:
                         t = time.perf_counter()
-                        # to the stored dtype on the device: numpy's fp32 -> fp16 cast is 10-100x slower (far
-                        # slower still on values near fp16's subnormals) and made writing 87% of extraction time
-                        # on a GPU (bench/results/gpu_bench.json)
-                        feats = encoder(pixels.to(device, dtype, non_blocking=True)).to(stored).cpu()  # (B, T, D)
+                        rows = encode(inputs)
                         in_encoder += time.perf_counter() - t
                         t = time.perf_counter()
-                        writer.add([items[i].key for i in ok], feats.numpy())
+                        writer.add([items[i].key for i in ok], rows)
                         in_write += time.perf_counter() - t
                     advance(len(ok) + len(failed), status=f"shard {s}")
     # where the time went: waiting for decoded batches, the encoder (with the copy back), writing rows
-    return {"images": total, "seconds": time.perf_counter() - start, "encoder_seconds": in_encoder,
+    return {"items": total, "seconds": time.perf_counter() - start, "encoder_seconds": in_encoder,
             "data_wait_seconds": in_data, "write_seconds": in_write}
 
 

@@ -10,22 +10,19 @@ CPU processes with `torchrun --nproc_per_node N --no-python blitext extract-feat
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from blitext.cache import CachePlan, ShardWriter
-from blitext.cache.jobs import run_sharded_job
-from blitext.cache.verify import cache_info
+from blitext.cache import CachePlan
 from blitext.config import default_cache_root, provenance
-from blitext.console import RateLimitedWarnings, progress_bar, rank_logger, say
+from blitext.console import say
 from blitext.data.video import decode_video
 from blitext.distributed import run_distributed
 from blitext.errors import BadInputError, BlitextError
-from blitext.extract import Item, encoder_dtype, image_sets, print_failures, shard_batches
+from blitext.extract import Item, encoder_dtype, fill_cache, image_sets, shard_batches, write_batches
 from blitext.models.registry import DEFAULT_VISION_ENCODER
 from blitext.models.video import I3D_PREFIX, Segmenting, load_video_encoder
 
@@ -128,47 +125,18 @@ def _extract(config: VideoExtractConfig, device: str, info) -> dict:
     plan = CachePlan(out, KIND, encoder.producer(), [it.key for it in items], config.shard_size, config.dtype,
                      variable_length=True, provenance=provenance(config))
 
-    def write_shards(shards: list[int], finished: int) -> dict:
-        log = rank_logger("extract", out / "logs")
-        if finished:
-            say(f"resuming: {finished} finished shard(s) kept, {len(shards)} to do")
-        timing = _write_shards(plan, shards, items, encoder, config, device, RateLimitedWarnings(log))
-        log.info("timing: %s", timing)
-        return timing
-
-    timing = run_sharded_job(plan, info, write_shards)
-    summary = {**cache_info(out), "timing": timing}
-    if info.is_main:
-        print_failures(summary["failures"])
-    return summary
+    return fill_cache(plan, info, lambda shards, warnings: _write_shards(
+        plan, shards, items, encoder, config, device, warnings))
 
 
 def _write_shards(plan, shards, items, encoder, config, device, warnings) -> dict:
-    batches = shard_batches(plan, shards, config.batch_size)
     videos = DecodedVideos(items, encoder.preparer(), config.fps, encoder.decode_size())
-    loader = DataLoader(videos, batch_sampler=batches, collate_fn=collate_videos, num_workers=config.num_workers,
-                        persistent_workers=False)
-    batch_iter = iter(loader)
-    total = sum(len(plan.shard_range(s)) for s in shards)
-    start, in_encoder, in_data = time.perf_counter(), 0.0, 0.0
-    with progress_bar(total, "extract-features", "video") as advance, torch.inference_mode():
-        for s in shards:
-            with ShardWriter(plan, s) as writer:
-                for _ in range(-(-len(plan.shard_range(s)) // config.batch_size)):
-                    t = time.perf_counter()
-                    ok, inputs, failed = next(batch_iter)
-                    in_data += time.perf_counter() - t
-                    for i, why in failed:
-                        writer.fail(items[i].key, items[i].ref, why)
-                        warnings.warn(why)
-                    if ok:
-                        t = time.perf_counter()
-                        rows = encode_videos(encoder, inputs, config.segment_batch, device, getattr(torch, config.dtype))
-                        in_encoder += time.perf_counter() - t
-                        writer.add([items[i].key for i in ok], rows)
-                    advance(len(ok) + len(failed), status=f"shard {s}")
-    return {"videos": total, "seconds": time.perf_counter() - start, "encoder_seconds": in_encoder,
-            "data_wait_seconds": in_data}
+    loader = DataLoader(videos, batch_sampler=shard_batches(plan, shards, config.batch_size),
+                        collate_fn=collate_videos, num_workers=config.num_workers, persistent_workers=False)
+    stored = getattr(torch, config.dtype)
+    return write_batches(plan, shards, items, iter(loader), config.batch_size,
+                         lambda inputs: encode_videos(encoder, inputs, config.segment_batch, device, stored),
+                         warnings, "video")
 
 
 def encode_videos(encoder, inputs: list[torch.Tensor], segment_batch: int, device: str, stored) -> list:

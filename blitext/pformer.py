@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from blitext.checkpoint import export_final, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from blitext.config import default_cache_root, provenance, to_jsonable
-from blitext.console import progress_bar, rank_logger, say
+from blitext.console import progress_bar, say
 from blitext.data.text import TextCorpus, read_sentences
 from blitext.distributed import barrier, run_distributed
 from blitext.errors import BlitextError
@@ -30,8 +30,8 @@ from blitext.metrics.llm import teacher_forced_accuracy
 from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.pformer import PFormer
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER
-from blitext.training import (MetricsLog, adamw, global_batch, lr_at, mean_over_ranks, rank_slice, set_lr,
-                              step_generator, step_seed, token_share)
+from blitext.training import (adamw, global_batch, lr_at, mean_over_ranks, open_run, rank_slice, set_lr, step_generator,
+                              step_seed, token_share)
 
 
 @dataclass
@@ -175,11 +175,7 @@ def _train(config: PFormerConfig, device: str, info) -> Path:
     steps = total_steps(config, len(split.train))
     say(f"train-pformer: {len(split.train):,} sentences ({corpus.counts['empty skipped']} empty lines skipped), "
         f"{steps:,} steps of {config.batch_size}, {pformer.n_prompt} prompts -> {llm.fingerprint} on {device}")
-    if info.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-    barrier()
-    log = rank_logger("train-pformer", run / "logs")
-    metrics = MetricsLog(run / "metrics.jsonl", resume_step=start if start else None) if info.is_main else None
+    metrics, log = open_run(run, info, start, "train-pformer")
     batcher = Batcher(text_encoder.tokenizer, llm.tokenizer, config)
     batcher.truncated.update(truncated)  # counts run on from the checkpoint, as an uninterrupted run's would
     state = {**identity, "config": to_jsonable(config), "text_encoder": config.text_encoder, "llm": config.llm,

@@ -18,6 +18,9 @@ from typing import Callable
 import torch
 import torch.distributed
 
+from blitext.console import rank_logger
+from blitext.distributed import barrier
+
 
 def lr_at(step: int, total: int, lr: float, min_lr: float, warmup_steps: int, warmup_start_lr: float) -> float:
     """Linear warm-up from warmup_start_lr to lr, then cosine decay to min_lr (the paper's schedule)."""
@@ -171,3 +174,14 @@ class MetricsLog:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def open_run(run: Path, info, start: int, name: str):
+    """(rank 0's metrics log or None, this rank's logger) of a run folder rank 0 creates; a
+    resumed run's metrics log drops lines past `start`, which the run writes again."""
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+    barrier()
+    metrics = MetricsLog(run / "metrics.jsonl", resume_step=start if start else None) if info.is_main else None
+    return metrics, rank_logger(name, run / "logs")
+

@@ -28,7 +28,7 @@ from blitext.adapter import StepLosses, _prompt_cache, _resume
 from blitext.cache import FeatureCache
 from blitext.checkpoint import export_final, save_checkpoint
 from blitext.config import default_cache_root, provenance, to_jsonable
-from blitext.console import progress_bar, rank_logger, say
+from blitext.console import progress_bar, say
 from blitext.data.pairs import CachedFeatures, default_captions, read_pairs
 from blitext.distributed import barrier, run_distributed
 from blitext.errors import BlitextError
@@ -37,7 +37,7 @@ from blitext.models.adapter_checkpoint import adapter_weights
 from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER
 from blitext.models.video_adapter import VideoAdapter
-from blitext.training import (MetricsLog, Prefetcher, adamw, global_batch, llm_proj_groups, lr_at, mean_over_ranks,
+from blitext.training import (Prefetcher, adamw, global_batch, llm_proj_groups, lr_at, mean_over_ranks, open_run,
                               optimizer_step, rank_slice, set_lr, step_seed, token_share)
 
 SCHEDULES = ("sequential", "joint")
@@ -156,13 +156,10 @@ def _train(config: VideoAdapterConfig, device: str, info) -> Path:
         + (f" ({s.pairs.skipped} captions without features skipped)" if s.pairs.skipped else "")
         + f", phases {', '.join(f'{p.name} {p.steps:,}' for p in phases)} steps of {config.batch_size}, "
         f"w_align {config.w_align:g}, {model.num_slots} slots, on {device}")
-    if info.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-    barrier()
-    metrics = MetricsLog(run / "metrics.jsonl", resume_step=start if start else None) if info.is_main else None
+    metrics, log = open_run(run, info, start, "train-adapter")
     state = {**s.identity, "modality": "video", "config": to_jsonable(config), "provenance": provenance(config),
              **model.describe(), "pairs": len(s.pairs), "phases": [p.__dict__ for p in phases]}
-    loop = VideoLoop(config, s, phases, device, info, metrics, rank_logger("train-adapter", run / "logs"))
+    loop = VideoLoop(config, s, phases, device, info, metrics, log)
     loop.run(start, steps, run, optimizer, state)
     if info.is_main:
         save_checkpoint(run, steps, model, None, state, keep=2, weights=adapter_weights(model))
