@@ -102,11 +102,12 @@ def run_video_demo(config: VideoDemoConfig) -> dict:
             resume=resume)))
 
     say("[bold]6/7 caption the test clips[/] with each adaptor")
-    results = {name: _caption(run, features, data, c) for name, run in runs.items()}
+    results = {name: {**_caption(run, features, data, c), **attribute_accuracy(run, data)} for name, run in runs.items()}
 
     say("[bold]7/7 results[/]: LM only (ITG only) against P-Former alignment then LM, same seed and LM steps")
     rows, columns = compare_runs(list(runs.values()))
     print_compare(rows, [*columns[:2], *runs])
+    _print_attributes(results)
     _examples(runs, data, c)
     _curves(work, runs)
     (work / "results.json").write_text(json.dumps(results, indent=1))
@@ -122,6 +123,32 @@ def _caption(run: Path, features: Path, data: Path, c: VideoDemoConfig) -> dict:
         eval_caption(EvalConfig(adapter=str(run), features=str(features), data=str(data / "captions_test.json"),
                                 out=str(out), limit=c.caption_clips, prompt="", min_new_tokens=1, max_new_tokens=12))
     return json.loads((out / "metrics.json").read_text())["metrics"]
+
+
+ATTRIBUTES = ("color", "shape", "direction")  # the caption JSON's fields: "a {color} {shape} moves {direction}"
+
+
+def attribute_accuracy(run: Path, data: Path) -> dict[str, float]:
+    """Share of captioned test clips whose first colour / shape / direction word is the true one:
+    what BLEU hides (a frequent shape and colour score well with every direction wrong)."""
+    truth = {str(e["image_id"]): e for e in json.loads((data / "captions_test.json").read_text())}
+    words = {a: {e[a] for e in truth.values()} for a in ATTRIBUTES}
+    predictions = json.loads((run / "eval" / "caption-moving-shapes" / "predictions.json").read_text())
+    right = dict.fromkeys(ATTRIBUTES, 0)
+    for p in predictions:
+        said = p["caption"].lower().replace(".", " ").split()
+        for a in ATTRIBUTES:
+            right[a] += next((w for w in said if w in words[a]), None) == truth[str(p["image_id"])][a]
+    return {f"{a}_accuracy": right[a] / max(1, len(predictions)) for a in ATTRIBUTES}
+
+
+def _print_attributes(results: dict[str, dict]) -> None:
+    from rich.table import Table
+
+    table = Table("attribute", *results, title="test clips whose caption names it right")
+    for a in ATTRIBUTES:
+        table.add_row(a, *(f"{r[f'{a}_accuracy']:.0%}" for r in results.values()))
+    console.print(table)
 
 
 def _examples(runs: dict[str, Path], data: Path, c: VideoDemoConfig) -> None:

@@ -268,8 +268,24 @@ def test_video_demo_smoke_runs_every_phase_and_reuses_them(session_cache, monkey
     work = next((session_cache / "runs" / "demo-video").iterdir())
     results = json.loads((work / "results.json").read_text())
     assert set(results) == {"itg-only", "pformer"} and all("CIDEr" in r for r in results.values())
+    assert all(0 <= r["direction_accuracy"] <= 1 for r in results.values())
     assert [m["phase"] for m in step_lines(work / "pformer")] == ["align"] * 3 + ["lm"] * 3
     assert [m["phase"] for m in step_lines(work / "itg-only")] == ["lm"] * 3
     assert (work / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = CliRunner().invoke(app, ["demo", "--video", "--smoke"])
     assert again.exit_code == 0 and again.output.count("reusing") >= 3, again.output[-3000:]
+
+
+def test_attribute_accuracy_reads_the_first_colour_shape_and_direction_word(tmp_path):
+    from blitext.demo_video import attribute_accuracy
+
+    truth = [{"image_id": "a", "color": "red", "shape": "circle", "direction": "left", "caption": ["a red circle moves left"]},
+             {"image_id": "b", "color": "blue", "shape": "square", "direction": "up", "caption": ["a blue square moves up"]}]
+    (tmp_path / "captions_test.json").write_text(json.dumps(truth))
+    out = tmp_path / "run" / "eval" / "caption-moving-shapes"
+    out.mkdir(parents=True)
+    (out / "predictions.json").write_text(json.dumps([
+        {"image_id": "a", "caption": "A red square moves left."},     # colour, direction right; shape wrong
+        {"image_id": "b", "caption": "a red blue circle moves up"}]))  # first colour word is the wrong one
+    acc = attribute_accuracy(tmp_path / "run", tmp_path)
+    assert acc == {"color_accuracy": 0.5, "shape_accuracy": 0.0, "direction_accuracy": 1.0}

@@ -1,8 +1,8 @@
 """A trained adaptor on disk: what a checkpoint holds, finding it, loading it, and `--init`.
 
-A checkpoint of either stage is the whole Q-Former (frozen parts too) in model.safetensors,
-its description and the producers/fingerprints of everything it was trained on in
-state.json, and the Q-Former's tokenizer in tokenizer/.
+A checkpoint is the whole adaptor (the Q-Former of either stage, frozen parts too, or the video
+Transformer) in model.safetensors, its description and the producers/fingerprints of
+everything it was trained on in state.json, and the Q-Former's tokenizer in tokenizer/.
 """
 from __future__ import annotations
 
