@@ -144,7 +144,7 @@ def _train(config: AdapterConfig, device: str, info) -> Path:
     model = setup.model.to(device)
     trainable = model.train_only(config.stage, config.w_align > 0)
     optimizer = adamw(llm_proj_groups(model, config.llm_proj_lr_scale), config.lr, config.weight_decay)
-    start = _resume(run, config, model, optimizer, setup.identity)
+    start = resume_run(run, config, model, optimizer, setup.identity)
     if start == 0 and config.init:
         load_init(config.init, model, setup.identity)
     steps = total_steps(config, len(setup.pairs))
@@ -184,7 +184,7 @@ def _setup(config: AdapterConfig, device: str) -> Setup:
     pairs = read_pairs(captions, config.image_root, lambda image_id: image_id in source)
     if config.online:
         source.refs = pairs.image_refs
-    prompts = _prompt_cache(config, pairs)
+    prompts = prompt_cache(config, pairs)
     llm = load_llm(config.llm, device=device) if config.stage == 2 else None
     llm_fp = llm.fingerprint if llm else fingerprint(display_name(config.llm), llm_path(config.llm))
     if prompts is not None and prompts.producer["llm"] != llm_fp:
@@ -208,7 +208,7 @@ def _setup(config: AdapterConfig, device: str) -> Setup:
     return Setup(model, tokenizer, source, pairs, prompts, llm, identity)
 
 
-def _prompt_cache(config: AdapterConfig, pairs: Pairs) -> PromptCache | None:
+def prompt_cache(config: AdapterConfig, pairs: Pairs) -> PromptCache | None:
     if not config.prompts:
         return None
     cache = PromptCache(config.prompts)
@@ -228,7 +228,7 @@ def _llm_width(name: str) -> int:
     return int(getattr(config, "word_embed_proj_dim", None) or width)  # OPT's embeddings may be narrower
 
 
-def _resume(run: Path, config: AdapterConfig, model, optimizer, identity: dict) -> int:
+def resume_run(run: Path, config: AdapterConfig, model, optimizer, identity: dict) -> int:
     path = resolve_resume(run, config.resume)
     if path is None:
         if config.resume is None and latest_checkpoint(run) is not None:

@@ -71,16 +71,17 @@ def image_sets(data: str, image_root: str | None):
     return [read_image_set(data if "*" in data else path, image_root)]
 
 
-def plan_items(config: ExtractConfig) -> list[Item]:
+def plan_items(config, what: str = "images") -> list[Item]:
+    """The items of `config.data` (an ExtractConfig or VideoExtractConfig), each id once, first `limit`."""
     items, seen = [], set()
     for image_set in image_sets(config.data, config.image_root):
         for rec in image_set.records:
             if rec.id in seen:
-                continue  # the same image listed by two splits or files is stored once
+                continue  # the same image or video listed by two splits or files is stored once
             seen.add(rec.id)
             items.append(Item(rec.id, image_set.root, rec.image))
     if not items:
-        raise BlitextError(f"--data {config.data!r} lists no images")
+        raise BlitextError(f"--data {config.data!r} lists no {what}")
     return items[:config.limit] if config.limit else items
 
 

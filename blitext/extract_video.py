@@ -22,7 +22,7 @@ from blitext.console import say
 from blitext.data.video import decode_video
 from blitext.distributed import run_distributed
 from blitext.errors import BadInputError, BlitextError
-from blitext.extract import Item, encoder_dtype, fill_cache, image_sets, shard_batches, write_batches
+from blitext.extract import Item, encoder_dtype, fill_cache, plan_items, shard_batches, write_batches
 from blitext.models.registry import DEFAULT_VISION_ENCODER
 from blitext.models.video import I3D_PREFIX, Segmenting, load_video_encoder
 
@@ -65,18 +65,6 @@ class VideoExtractConfig:
         return Segmenting(float(self.fps), self.segment_frames, self.segment_stride, self.max_segments)
 
 
-def plan_videos(config: VideoExtractConfig) -> list[Item]:
-    items, seen = [], set()
-    for video_set in image_sets(config.data, config.image_root):
-        for rec in video_set.records:
-            if rec.id not in seen:  # a video listed by two splits is stored once
-                seen.add(rec.id)
-                items.append(Item(rec.id, video_set.root, rec.image))
-    if not items:
-        raise BlitextError(f"--data {config.data!r} lists no videos")
-    return items[:config.limit] if config.limit else items
-
-
 class DecodedVideos(Dataset):
     """Runs in DataLoader workers: (index, one input per segment or None, why it failed or None)."""
 
@@ -117,7 +105,7 @@ def extract_video_features(config: VideoExtractConfig) -> dict:
 
 def _extract(config: VideoExtractConfig, device: str, info) -> dict:
     out = Path(config.out) if config.out else default_out(config)
-    items = plan_videos(config)
+    items = plan_items(config, "videos")
     encoder = load_video_encoder(config.vision_encoder, config.segmenting, config.frames_per_segment,
                                  config.crop, device).to(encoder_dtype(config.precision, device))
     say(f"extract-features: {len(items):,} videos -> {out} with {encoder.fingerprint} on {device}"

@@ -154,7 +154,7 @@ def run_generate(config: GenerateConfig) -> list[dict]:
             features = encoder(pixels.to(device, next(encoder.parameters()).dtype))
         outputs = generate_texts(adapter, llm, features, None, [text] * len(batch), settings)
         for r, out in zip(batch, outputs):
-            results.append({"image": r.id, **({"question": config.question} if config.question else {}), "text": out})
+            results.append(_result(r.id, config.question, out))
     return results
 
 
@@ -175,6 +175,9 @@ def _generate_from_cache(config: GenerateConfig, adapter: LoadedAdapter, llm, se
         batch = ids[start:start + config.batch_size]
         features, mask = cache.get_batch(batch)  # (B, T, D), (B, T) for variable-length rows
         outputs = generate_texts(adapter, llm, features, mask, [text] * len(batch), settings)
-        results += [{"image": i, **({"question": config.question} if config.question else {}), "text": out}
-                    for i, out in zip(batch, outputs)]
+        results += [_result(i, config.question, out) for i, out in zip(batch, outputs)]
     return results
+
+
+def _result(image: str, question: str | None, text: str) -> dict:
+    return {"image": image, **({"question": question} if question else {}), "text": text}

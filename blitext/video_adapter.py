@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from blitext.adapter import StepLosses, _prompt_cache, _resume
+from blitext.adapter import StepLosses, prompt_cache, resume_run
 from blitext.cache import FeatureCache
 from blitext.checkpoint import export_final, save_checkpoint
 from blitext.config import default_cache_root, provenance, to_jsonable
@@ -147,7 +147,7 @@ def _train(config: VideoAdapterConfig, device: str, info) -> Path:
     run = Path(config.out) if config.out else default_run_dir(config)
     model = s.model.to(device)
     optimizer = adamw(llm_proj_groups(model, config.llm_proj_lr_scale), config.lr, config.weight_decay)
-    start = _resume(run, config, model, optimizer, s.identity)
+    start = resume_run(run, config, model, optimizer, s.identity)
     if len(s.pairs) < config.batch_size:
         raise BlitextError(f"{len(s.pairs)} video-caption pairs < batch_size {config.batch_size}; lower --batch-size")
     phases = plan_phases(config, len(s.pairs))
@@ -176,7 +176,7 @@ def _setup(config: VideoAdapterConfig, device: str) -> Setup:
                            f"extract-features --modality video (or import-features)")
     source = CachedFeatures(features)
     pairs = read_pairs(config.captions or default_captions(features), None, lambda video_id: video_id in source)
-    prompts = _prompt_cache(config, pairs)
+    prompts = prompt_cache(config, pairs)
     llm = load_llm(config.llm, device=device)
     if prompts is not None and prompts.producer["llm"] != llm.fingerprint:
         raise BlitextError(f"the prompts in {config.prompts} were built for {prompts.producer['llm']}, but this run's "
