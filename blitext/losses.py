@@ -12,7 +12,6 @@ the weights (w1, w2) and the optimisers.
 from __future__ import annotations
 
 import inspect
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -102,22 +101,37 @@ def contrastive_loss(z_a: torch.Tensor, z_b: torch.Tensor, temp: torch.Tensor | 
     return F.cross_entropy(_at_least_fp32(logits), targets, label_smoothing=label_smoothing)
 
 
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums each rank's gradient for every slot and keeps its own slot.
+
+    Written here, as LAVIS's GatherLayer is, because torch.distributed.nn's all_gather runs its
+    backward through gloo's all-to-all, which aborts a process at exit now and then
+    ("terminate called without an active exception", about 1 run in 8 on torch 2.13).
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        summed = torch.stack(grads)  # (world, ...) this rank's gradient for every rank's slot
+        dist.all_reduce(summed)
+        return summed[dist.get_rank()]
+
+
 def _gather_with_grad(z: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All ranks' z concatenated (gradient flows back to each rank's own rows), and this rank's offset."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return z, 0
-    from torch.distributed.nn.functional import all_gather
-
     size = torch.tensor([z.shape[0]], device=z.device)
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, size)  # gathering needs equal shapes: pad to the largest batch, then cut
     sizes = [int(s) for s in sizes]
     padded = F.pad(z, (0, 0, 0, max(sizes) - z.shape[0]))  # (max B, d)
-    with warnings.catch_warnings():
-        # deprecated in favour of _functional_collectives, whose backward needs reduce_scatter,
-        # which gloo (the CPU backend) lacks; this one works on both gloo and NCCL
-        warnings.simplefilter("ignore", FutureWarning)
-        parts = all_gather(padded)
+    parts = _AllGather.apply(padded)
     z_all = torch.cat([part[:n] for part, n in zip(parts, sizes)])  # (N, d)
     return z_all, sum(sizes[:dist.get_rank()])
 
