@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from blitext.models.adapter_checkpoint import LoadedAdapter, load_adapter
+from blitext.models.adapter_checkpoint import LoadedAdapter, load_adapter, load_llm_for_generation
 from blitext.atomic import read_json, write_json
 from blitext.cache import FeatureCache
 from blitext.config import provenance, to_jsonable
@@ -37,7 +37,6 @@ from blitext.distributed import pick_device
 from blitext.errors import BlitextError
 from blitext.generate import GenerationSettings, generate_texts
 from blitext.metrics import exact_match, rerank_top_k, retrieval_recall, vqa_summary
-from blitext.models.loading import load_llm
 
 ITM_PAIRS_PER_CALL = 256  # (image, text) pairs per ITM forward in retrieval's re-ranking
 
@@ -81,7 +80,7 @@ class Evaluation:
 def eval_caption(config: EvalConfig) -> dict:
     """Caption every image of `data` that the cache holds; COCO caption metrics against its captions."""
     ev = _open(config, "caption")
-    llm = _load_llm(ev)
+    llm = load_llm_for_generation(ev.adapter, ev.config.llm, ev.device)
     records = [r for r in read_image_set(config.data).records if any(c.strip() for c in r.captions)]
     records = records[:config.limit] if config.limit else records
     ids = [r.id for r in records]
@@ -102,7 +101,7 @@ def eval_caption(config: EvalConfig) -> dict:
 def eval_vqa(config: EvalConfig) -> dict:
     """Zero-shot answers to every question; VQAv2 accuracy (10 human answers) or GQA exact match (one)."""
     ev = _open(config, "vqa")
-    llm = _load_llm(ev)
+    llm = load_llm_for_generation(ev.adapter, ev.config.llm, ev.device)
     records = read_vqa(config.data, config.annotations)
     records = records[:config.limit] if config.limit else records
     if not records:
@@ -191,18 +190,6 @@ def _settings(config: EvalConfig, task: str) -> GenerationSettings:
         raise BlitextError(f"--min-new-tokens {settings.min_new_tokens} > --max-new-tokens {settings.max_new_tokens}: "
                            f"lower --min-new-tokens (or raise --max-new-tokens)")
     return settings
-
-
-def _load_llm(ev: Evaluation):
-    adapter = ev.adapter
-    if adapter.stage != 2:
-        raise BlitextError(f"{adapter.path} is a stage-1 adaptor: its llm_proj never learned the LLM's loss; "
-                           f"eval {ev.task} needs a stage-2 run (train-adapter --stage 2 --init {adapter.path.parent})")
-    llm = load_llm(ev.config.llm or adapter.llm_name, device=ev.device)
-    if llm.fingerprint != adapter.state["llm_fingerprint"]:
-        raise BlitextError(f"{adapter.path} was trained for {adapter.state['llm_fingerprint']}, not {llm.fingerprint}: "
-                           f"pass the same --llm")
-    return llm
 
 
 def _generate(ev: Evaluation, llm, settings: GenerationSettings, image_ids: list[str], texts: list[str],

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 
-from blitext.models.adapter_checkpoint import LoadedAdapter, adapter_encoder, load_adapter
+from blitext.models.adapter_checkpoint import LoadedAdapter, adapter_encoder, load_adapter, load_llm_for_generation
 from blitext.data.images import load_image
 from blitext.data.readers import read_image_set
 from blitext.distributed import pick_device
 from blitext.errors import BlitextError
-from blitext.models.loading import load_llm
 from blitext.pformer import stop_token_ids
 
 CAPTION_PROMPT = "a photo of"
@@ -130,13 +129,7 @@ def run_generate(config: GenerateConfig) -> list[dict]:
         raise BlitextError("generate needs --adapter RUN (a train-adapter stage-2 run)")
     device = pick_device(config.device)
     adapter = load_adapter(config.adapter, device)
-    if adapter.stage != 2:
-        raise BlitextError(f"{adapter.path} is a stage-1 adaptor: its llm_proj never learned the LLM's loss; "
-                           f"pass a stage-2 run (train-adapter --stage 2 --init {adapter.path.parent})")
-    llm = load_llm(config.llm or adapter.llm_name, device=device)
-    if llm.fingerprint != adapter.state["llm_fingerprint"]:
-        raise BlitextError(f"{adapter.path} was trained for {adapter.state['llm_fingerprint']}, not {llm.fingerprint}: "
-                           f"pass the same --llm")
+    llm = load_llm_for_generation(adapter, config.llm, device)
     task = "vqa" if config.question else "caption"
     settings = GenerationSettings.for_task(task, prompt=config.prompt, num_beams=config.num_beams,
                                            max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,

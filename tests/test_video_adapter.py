@@ -236,6 +236,15 @@ def test_mismatched_caches_are_refused(tmp_path, world, llm_folders):
     assert refused.exit_code == 2 and "need --modality video" in refused.output
 
 
+def test_alignment_only_run_is_refused_for_generation(tmp_path, world):
+    run = tmp_path / "align-only"
+    train_video_adapter(config(world, run, max_steps=None, epochs=0, align_steps=2))
+    assert [m["phase"] for m in step_lines(run)] == ["align"] * 2 and load_adapter(run).stage == 1
+    g = CliRunner().invoke(app, ["generate", "--adapter", str(run), "--features", str(world["features"]),
+                                 "--ids", "v0", "--device", "cpu"])
+    assert g.exit_code == 2 and "only the alignment phase" in g.output and "--epochs above 0" in g.output
+
+
 def test_two_rank_ddp_matches_one_process(tmp_path, world):
     import subprocess
     import sys

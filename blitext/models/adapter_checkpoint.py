@@ -17,7 +17,7 @@ from blitext.checkpoint import latest_checkpoint
 from blitext.console import say
 from blitext.errors import BlitextError
 from blitext.models.fingerprint import fingerprint
-from blitext.models.loading import load_vision_encoder
+from blitext.models.loading import load_llm, load_vision_encoder
 from blitext.models.qformer import QFormer
 from blitext.models.video_adapter import VideoAdapter
 
@@ -110,6 +110,22 @@ def load_adapter(path: str | Path, device: str = "cpu") -> LoadedAdapter:
     name = f"adapter-{folder.parent.name if folder.name == 'final' else folder.name}"
     return LoadedAdapter(model.to(device).eval(), tokenizer, state, fingerprint(name, folder / "model.safetensors"),
                          folder)
+
+
+def load_llm_for_generation(adapter: LoadedAdapter, llm_name: str | None, device: str):
+    """The frozen LLM the adaptor's prompts were trained for, refused if the prompts never met its loss."""
+    if adapter.stage != 2:
+        if "video_adapter" in adapter.state:
+            raise BlitextError(f"{adapter.path} is a video run with only the alignment phase: its prompts never "
+                               f"learned the LLM's loss; train the LM phase too (train-adapter --modality video "
+                               f"with --epochs above 0)")
+        raise BlitextError(f"{adapter.path} is a stage-1 adaptor: its llm_proj never learned the LLM's loss; "
+                           f"pass a stage-2 run (train-adapter --stage 2 --init {adapter.path.parent})")
+    llm = load_llm(llm_name or adapter.llm_name, device=device)
+    if llm.fingerprint != adapter.state["llm_fingerprint"]:
+        raise BlitextError(f"{adapter.path} was trained for {adapter.state['llm_fingerprint']}, not {llm.fingerprint}: "
+                           f"pass the same --llm")
+    return llm
 
 
 def adapter_encoder(adapter: LoadedAdapter, device: str = "cpu"):
