@@ -1,26 +1,17 @@
 """`blitext ablate`: a thin typer command over blitext.ablate.run_ablation.
 
-cli/main.py registers it (`app.command("ablate")(ablate_cmd)`), so nothing here imports
-cli/main.py at load time, and blitext.ablate (torch, transformers) loads only when the command runs.
+cli/main.py registers it (`app.command("ablate")(ablate_cmd)`); blitext.ablate (torch,
+transformers) loads only when the command runs.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-
-def user_errors(fn):
-    """cli/main.py's handler (one red line, exit 2), looked up when the command runs."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from blitext.cli.main import user_errors as handle
-
-        return handle(fn)(*args, **kwargs)
-    return wrapper
+from blitext.cli.common import user_errors
 
 
 @user_errors

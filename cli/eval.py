@@ -1,36 +1,24 @@
 """`blitext eval caption|vqa|retrieval` and `blitext compare`: thin typer commands over blitext.evaluate.
 
 cli/main.py imports this module (`app.add_typer(eval_app, name="eval")`,
-`app.command("compare")(compare_cmd)`), so nothing here imports cli/main.py at load time.
+`app.command("compare")(compare_cmd)`); the shared handler and options are in cli/common.py.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from blitext.cli.common import ConfigOpt, default_of, user_errors
 from blitext.evaluate import EvalConfig
 
 eval_app = typer.Typer(no_args_is_help=True,
                        help="Score an adaptor from a feature cache: captioning, zero-shot VQA, image-text retrieval.")
 
 
-def user_errors(fn):
-    """cli/main.py's handler (one red line, exit 2), looked up when the command runs."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from blitext.cli.main import user_errors as handle
-
-        return handle(fn)(*args, **kwargs)
-    return wrapper
-
-
 def _default(name: str) -> str:
-    field = next(f for f in dataclasses.fields(EvalConfig) if f.name == name)
-    return f"[default: {field.default}]"
+    return default_of(EvalConfig, name)
 
 
 AdapterOpt = typer.Option(None, "--adapter", help="train-adapter run folder, <run>/final or a checkpoint.")
@@ -45,7 +33,6 @@ BeamsOpt = typer.Option(None, "--num-beams", help="[default: 5]")
 MaxOpt = typer.Option(None, "--max-new-tokens", help="[default: 30 captions, 10 answers]")
 MinOpt = typer.Option(None, "--min-new-tokens", help="[default: 8 captions, 1 answers]")
 PenaltyOpt = typer.Option(None, "--length-penalty", help="[default: 1 captions, -1 answers]")
-ConfigOpt = typer.Option(None, "--config", help="JSON or TOML file of config values (command-line options win).")
 
 
 def _run(task: str, config: Optional[Path], **options) -> None:

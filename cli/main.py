@@ -5,47 +5,20 @@ defaults, a --config file overrides them, and given options override the file.
 """
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from blitext.cli.cache import cache_app, data_app, print_cache_summary
+from blitext.cli.common import ConfigOpt, default_of, user_errors
 from blitext.errors import BlitextError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="P-Former backward decoupling as a precomputed-feature two-phase toolkit.")
-data_app = typer.Typer(no_args_is_help=True, help="Prepare the embedded data sets and read users' data.")
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature and prompt caches.")
 app.add_typer(data_app, name="data")
 app.add_typer(cache_app, name="cache")
-
-ConfigOpt = typer.Option(None, "--config", help="JSON or TOML file of config values (command-line options win).")
-
-
-def default_of(cls, name: str) -> str:
-    import dataclasses
-
-    field = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return f"[default: {field.default}]"
-
-
-def user_errors(fn):
-    """A user's mistake is one red line and exit code 2, never a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from blitext.console import console
-
-        try:
-            return fn(*args, **kwargs)
-        except BlitextError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]: finished shards are kept; run the same command again to resume")
-            raise typer.Exit(130)
-    return wrapper
 
 
 # ------------------------------------------------------------------ extract-features
@@ -371,93 +344,6 @@ app.command("compare")(compare_cmd)
 from blitext.cli.ablate import ablate_cmd  # noqa: E402
 
 app.command("ablate")(ablate_cmd)
-
-
-# ------------------------------------------------------------------ data
-@data_app.command("prepare")
-@user_errors
-def data_prepare_cmd(
-    name: str = typer.Argument(..., help="easy-vqa | tuxpaint | fashion-mnist | moving-shapes (videos)"),
-    out_root: Optional[Path] = typer.Option(None, "--out-root", help="[default: cache/data]"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="At most N images per split."),
-):
-    """Write an embedded data set as standard caption JSON (+ VQA JSON) and images."""
-    from blitext.console import say
-    from blitext.data.prepare import prepare_dataset
-
-    folder = prepare_dataset(name, out_root, limit=limit)
-    say(f"[green]prepared[/] {name} in {folder}")
-
-
-@data_app.command("list")
-def data_list_cmd():
-    """The embedded data sets `data prepare` knows."""
-    from blitext.data.prepare import list_datasets
-
-    for name in list_datasets():
-        typer.echo(name)
-
-
-# ------------------------------------------------------------------ cache
-def print_cache_summary(summary: dict) -> None:
-    from rich.table import Table
-
-    from blitext.console import console
-
-    table = Table(title=f"cache {summary['path']}", show_header=False)
-    producer = summary["producer"]
-    rows = [
-        ("kind", summary["kind"]),
-        ("made by", producer.get("fingerprint") or producer.get("pformer") or str(producer)),
-        ("rows", f"{summary['rows']:,}"),
-        ("failed inputs", str(summary["failed"])),
-        ("row shape / dtype", f"{summary['row_shape']} {summary['dtype']}"),
-        ("shards", str(summary["shards"])),
-        ("on disk", f"{summary['bytes_on_disk'] / 2**20:,.1f} MiB ({summary['bytes_per_row']:,.0f} B/row, "
-                    f"{100 * (summary['overhead'] or 0):+.2f}% vs raw)"),
-    ]
-    if "preprocessing" in producer:
-        rows.insert(2, ("preprocessing", ", ".join(f"{k}={_rounded(v)}" for k, v in producer["preprocessing"].items())))
-    for k, v in rows:
-        table.add_row(k, v)
-    console.print(table)
-
-
-def _rounded(value):
-    if isinstance(value, (list, tuple)):
-        return [round(v, 4) if isinstance(v, float) else v for v in value]
-    return value
-
-
-@cache_app.command("info")
-@user_errors
-def cache_info_cmd(path: Path = typer.Argument(..., help="A cache folder.")):
-    """Summary: producer, counts, shapes, bytes on disk, failed inputs."""
-    from blitext.cache.verify import cache_info
-
-    summary = cache_info(path)
-    print_cache_summary(summary)
-    for f in summary["failures"][:10]:
-        typer.echo(f"  failed: {f['key']}: {f['reason']}")
-
-
-@cache_app.command("verify")
-@user_errors
-def cache_verify_cmd(
-    path: Path = typer.Argument(..., help="A cache folder."),
-    no_checksums: bool = typer.Option(False, "--no-checksums", help="Skip sha256 (faster)."),
-):
-    """Check every shard: opens, datasets present, checksums, counts, no NaN/inf."""
-    from blitext.cache.verify import verify_cache
-    from blitext.console import console
-
-    report = verify_cache(path, checksums=not no_checksums)
-    for problem in report.problems:
-        console.print(f"[red]problem[/] {problem}", highlight=False)
-    status = "[green]ok[/]" if report.ok else f"[red]{len(report.problems)} problem(s)[/]"
-    console.print(f"{path}: {report.shards_ok} shard(s) ok, {report.checked_rows:,} rows checked: {status}")
-    if not report.ok:
-        raise typer.Exit(1)
 
 
 # ------------------------------------------------------------------ models

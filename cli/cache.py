@@ -1,0 +1,99 @@
+"""`blitext data ...` and `blitext cache ...`: preparing the embedded data sets, inspecting caches."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from blitext.cli.common import user_errors
+
+data_app = typer.Typer(no_args_is_help=True, help="Prepare the embedded data sets and read users' data.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature and prompt caches.")
+
+
+# ------------------------------------------------------------------ data
+@data_app.command("prepare")
+@user_errors
+def data_prepare_cmd(
+    name: str = typer.Argument(..., help="easy-vqa | tuxpaint | fashion-mnist | moving-shapes (videos)"),
+    out_root: Optional[Path] = typer.Option(None, "--out-root", help="[default: cache/data]"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N images per split."),
+):
+    """Write an embedded data set as standard caption JSON (+ VQA JSON) and images."""
+    from blitext.console import say
+    from blitext.data.prepare import prepare_dataset
+
+    folder = prepare_dataset(name, out_root, limit=limit)
+    say(f"[green]prepared[/] {name} in {folder}")
+
+
+@data_app.command("list")
+def data_list_cmd():
+    """The embedded data sets `data prepare` knows."""
+    from blitext.data.prepare import list_datasets
+
+    for name in list_datasets():
+        typer.echo(name)
+
+
+# ------------------------------------------------------------------ cache
+def print_cache_summary(summary: dict) -> None:
+    from rich.table import Table
+
+    from blitext.console import console
+
+    table = Table(title=f"cache {summary['path']}", show_header=False)
+    producer = summary["producer"]
+    rows = [
+        ("kind", summary["kind"]),
+        ("made by", producer.get("fingerprint") or producer.get("pformer") or str(producer)),
+        ("rows", f"{summary['rows']:,}"),
+        ("failed inputs", str(summary["failed"])),
+        ("row shape / dtype", f"{summary['row_shape']} {summary['dtype']}"),
+        ("shards", str(summary["shards"])),
+        ("on disk", f"{summary['bytes_on_disk'] / 2**20:,.1f} MiB ({summary['bytes_per_row']:,.0f} B/row, "
+                    f"{100 * (summary['overhead'] or 0):+.2f}% vs raw)"),
+    ]
+    if "preprocessing" in producer:
+        rows.insert(2, ("preprocessing", ", ".join(f"{k}={_rounded(v)}" for k, v in producer["preprocessing"].items())))
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+def _rounded(value):
+    if isinstance(value, (list, tuple)):
+        return [round(v, 4) if isinstance(v, float) else v for v in value]
+    return value
+
+
+@cache_app.command("info")
+@user_errors
+def cache_info_cmd(path: Path = typer.Argument(..., help="A cache folder.")):
+    """Summary: producer, counts, shapes, bytes on disk, failed inputs."""
+    from blitext.cache.verify import cache_info
+
+    summary = cache_info(path)
+    print_cache_summary(summary)
+    for f in summary["failures"][:10]:
+        typer.echo(f"  failed: {f['key']}: {f['reason']}")
+
+
+@cache_app.command("verify")
+@user_errors
+def cache_verify_cmd(
+    path: Path = typer.Argument(..., help="A cache folder."),
+    no_checksums: bool = typer.Option(False, "--no-checksums", help="Skip sha256 (faster)."),
+):
+    """Check every shard: opens, datasets present, checksums, counts, no NaN/inf."""
+    from blitext.cache.verify import verify_cache
+    from blitext.console import console
+
+    report = verify_cache(path, checksums=not no_checksums)
+    for problem in report.problems:
+        console.print(f"[red]problem[/] {problem}", highlight=False)
+    status = "[green]ok[/]" if report.ok else f"[red]{len(report.problems)} problem(s)[/]"
+    console.print(f"{path}: {report.shards_ok} shard(s) ok, {report.checked_rows:,} rows checked: {status}")
+    if not report.ok:
+        raise typer.Exit(1)
