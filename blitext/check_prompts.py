@@ -4,7 +4,9 @@ P-Former prompts are trained to work as the frozen LLM's input embeddings but ne
 any token's embedding. This measures, for every prompt vector, the L2 distance to its
 nearest row of the LLM's input-embedding matrix (mean, percentiles, fraction within a
 threshold), the two scales side by side (embedding and prompt RMS), and for a few examples
-the k nearest tokens of each slot, decoded. Prompt sources (a P-Former, a prompt cache, an
+the k nearest tokens of each slot, decoded; and how much the prompts differ between examples
+(a P-Former whose prompts hardly differ gives the adaptor alignment targets that carry no
+caption, which is what the demos' small P-Formers showed). Prompt sources (a P-Former, a prompt cache, an
 adaptor) and the typer command live elsewhere; this module takes plain arrays.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from blitext.nearest import as_float32_matrix, nearest_rows
 PERCENTILES = (5, 25, 50, 75, 95)
 THRESHOLD_SAMPLE = 1024  # embedding rows whose nearest-neighbour distance sets the default threshold
 DEFAULT_THRESHOLD_RULE = "median distance between an embedding row and its nearest other row"
+LOW_SPREAD = 0.05  # below this the report flags the prompts as nearly constant
 
 
 @dataclass
@@ -35,6 +38,7 @@ class PromptReport:
     threshold_rule: str = "given"     # where `threshold` came from
     n_slots: int | None = None        # prompt slots per example
     k: int = 1                        # neighbours listed per slot in `examples`
+    spread: float | None = None       # RMS of (prompt - mean prompt over examples) / prompt RMS; None for 1 example
 
 
 def token_text(tokenizer, token_id: int) -> str:
@@ -93,6 +97,14 @@ def _rms(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(t) / max(t.numel(), 1) ** 0.5)
 
 
+def between_example_spread(q: torch.Tensor) -> float | None:
+    """How much of the prompts' scale varies between examples (N, P, D): 0 = one prompt for every
+    example, about 1 = independent prompts of equal scale."""
+    if q.shape[0] < 2:
+        return None
+    return _rms(q - q.mean(dim=0, keepdim=True)) / max(_rms(q), 1e-12)
+
+
 def check_prompts(prompts, embedding, tokenizer=None, ids=None, threshold: float | None = None, k: int = 3,
                   n_examples: int = 3, backend: str = "auto") -> PromptReport:
     """Distances from each prompt vector (N, P, D) to its nearest row of `embedding` (V, D).
@@ -145,7 +157,7 @@ def check_prompts(prompts, embedding, tokenizer=None, ids=None, threshold: float
         percentiles={f"p{x}": float(v) for x, v in zip(PERCENTILES, np.percentile(nearest, PERCENTILES))},
         threshold=float(threshold), fraction_within=float((nearest <= threshold).mean()),
         embedding_rms=_rms(emb), prompt_rms=_rms(q), examples=examples,
-        threshold_rule=rule, n_slots=p, k=k)
+        threshold_rule=rule, n_slots=p, k=k, spread=between_example_spread(q.view(n, p, d)))
 
 
 def format_report(report: PromptReport) -> str:
@@ -158,6 +170,9 @@ def format_report(report: PromptReport) -> str:
         f"within {report.threshold:.4g} ({report.threshold_rule}): {100 * report.fraction_within:.1f}%",
         f"scale: embedding RMS {report.embedding_rms:.4g}, prompt RMS {report.prompt_rms:.4g}",
     ]
+    if report.spread is not None:
+        lines.append(f"between-example spread: {report.spread:.3g} of the prompt RMS"
+                     + (" (nearly one prompt for every example)" if report.spread < LOW_SPREAD else ""))
     for ex in report.examples:
         lines.append(f"example {ex['id']}: nearest {report.k} tokens per slot (L2 distance)")
         for s, (toks, dists) in enumerate(zip(ex["slots"], ex["distances"])):

@@ -48,7 +48,20 @@ def test_near_token_prompts_are_within_and_decode_to_their_tokens(tokenizer, emb
     assert newline == "'\\n'" and "\n" not in newline  # escaped: one log line per slot
     text = format_report(report)
     assert "20 (4 examples x 5 slots)" in text and "100.0%" in text and "'\\n'" in text
-    assert len(text.splitlines()) == 4 + 3 * (1 + 5)
+    assert len(text.splitlines()) == 5 + 3 * (1 + 5)
+
+
+def test_spread_tells_constant_prompts_from_caption_specific_ones(tokenizer, embedding):
+    prompts, _ = planted(tokenizer, embedding)
+    varied = check_prompts(prompts, embedding, tokenizer, n_examples=0)
+    assert 0.75 < varied.spread < 0.95  # 4 independent examples: sqrt(1 - 1/4) = 0.87 expected
+    assert "nearly one prompt" not in format_report(varied)
+    g = torch.Generator().manual_seed(1)
+    same = prompts[:1].expand(4, -1, -1) + 1e-3 * torch.randn(4, 5, 16, generator=g)
+    collapsed = check_prompts(same, embedding, tokenizer, n_examples=0)
+    assert collapsed.spread < 0.02 and "nearly one prompt for every example" in format_report(collapsed)
+    one = check_prompts(prompts[:1], embedding, tokenizer, n_examples=0)
+    assert one.spread is None and "spread" not in format_report(one)
 
 
 def test_far_prompts_are_not_within(tokenizer, embedding):
