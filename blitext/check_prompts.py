@@ -5,9 +5,10 @@ any token's embedding. This measures, for every prompt vector, the L2 distance t
 nearest row of the LLM's input-embedding matrix (mean, percentiles, fraction within a
 threshold), the two scales side by side (embedding and prompt RMS), and for a few examples
 the k nearest tokens of each slot, decoded; and how much the prompts differ between examples
-(a P-Former whose prompts hardly differ gives the adaptor alignment targets that carry no
-caption, which is what the demos' small P-Formers showed). Prompt sources (a P-Former, a prompt cache, an
-adaptor) and the typer command live elsewhere; this module takes plain arrays.
+(a P-Former whose prompts hardly differ gives the adaptor alignment targets that carry little
+of the caption: the demos' small P-Formers measure 0.24, so 94% of their energy is the mean
+prompt). Prompt sources (a P-Former, a prompt cache, an adaptor) and the typer command live
+elsewhere; this module takes plain arrays.
 """
 from __future__ import annotations
 
