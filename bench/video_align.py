@@ -31,7 +31,7 @@ from common import write_result  # noqa: E402
 from blitext.cache import FeatureCache  # noqa: E402
 from blitext.config import default_cache_root  # noqa: E402
 from blitext.data.pairs import read_pairs  # noqa: E402
-from blitext.demo_video import VideoDemoConfig, _caption, attribute_accuracy  # noqa: E402
+from blitext.demo_video import VideoDemoConfig, attribute_accuracy, caption_test_clips  # noqa: E402
 from blitext.models.adapter_checkpoint import load_adapter  # noqa: E402
 from blitext.prompts import PromptCache  # noqa: E402
 from blitext.video_adapter import VideoAdapterConfig, train_video_adapter  # noqa: E402
@@ -75,7 +75,7 @@ def alignment_mse(run: Path, features: Path, prompts: Path) -> dict[str, float]:
 
 
 def captions(run: Path, features: Path, data: Path, c: VideoDemoConfig) -> dict:
-    metrics = _caption(run, features, data, c)
+    metrics = caption_test_clips(run, features, data, c)
     return {**{k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)},
             **{k: round(v, 3) for k, v in attribute_accuracy(run, data).items()}}
 

@@ -2,7 +2,7 @@
 on any prepared data set, in miniature.
 
 Mirrors demo.py phase by phase (prepare, extract, P-Former, reference prompts, Q-Former stage 1
-and 2, evaluation) and reuses every finished phase the same way (`demo._once`):
+and 2, evaluation) and reuses every finished phase the same way (`demo.train_once`):
 
 - Table 4: one stage-1 run per distinct w1 (the cells (0,0)/(0,100) share the w1 = 0 run,
   (10,0)/(10,100) the w1 = 10 run), then one stage-2 run per cell, initialised from its w1's
@@ -42,7 +42,7 @@ from blitext.data.compose import compositional_captions
 from blitext.data.prepare import list_datasets, prepare_dataset
 from blitext.data.readers import read_image_set, write_lavis_json
 from blitext.data.text import read_sentences
-from blitext.demo import _check, _once, stage2_schedule
+from blitext.demo import print_prompt_check, stage2_schedule, train_once
 from blitext.errors import BlitextError
 from blitext.evaluate import EvalConfig, eval_caption, eval_vqa
 from blitext.extract import ExtractConfig, extract_features
@@ -319,13 +319,13 @@ def _pformer(c: AblateConfig, work: Path, splits: Splits, extra: Extra, n: int) 
     run, prompts = work / f"pformer-{label}", work / f"prompts-{label}"
     text = [str(splits.train)] + ([str(_extra_file(work, extra, n, c.seed))] if n else [])
     say(f"[bold]P-Former ({label})[/]: {splits.n_paired} paired captions + {n} extra sentences")
-    _once(run, lambda resume: train_pformer(PFormerConfig(
+    train_once(run, lambda resume: train_pformer(PFormerConfig(
         text=text, out=str(run), n_prompt=c.n_prompt, batch_size=c.pformer_batch_size, max_steps=c.pformer_steps,
         warmup_steps=max(1, c.pformer_steps // 7), save_every=100,
         sample_every=max(1, c.pformer_steps // 2, min(c.pformer_steps, 20)),  # mid-run and at the end; SMOKE: end
         heldout=_pformer_heldout(splits), seed=c.seed, resume=resume)))
     build_prompts(BuildPromptsConfig(pformer=str(run / "final"), captions=[str(splits.train)], out=str(prompts)))
-    _check(prompts)
+    print_prompt_check(prompts)
     return prompts
 
 
@@ -343,13 +343,13 @@ def _adaptor(c: AblateConfig, work: Path, cell: Cell, features: Path, splits: Sp
                          seed=c.seed, save_every=max(10, c.stage1_steps // 2), log_every=1)
     s1 = work / (f"stage1-w1_{cell.w1:g}" + (f"-{_label(cell.extra)}" if cell.w1 else ""))
     say(f"[bold]stage 1, w1 = {cell.w1:g}[/] ({s1.name})")
-    _once(s1, lambda resume: train_adapter(replace(
+    train_once(s1, lambda resume: train_adapter(replace(
         base, stage=1, w_align=cell.w1, prompts=str(ref) if cell.w1 else None, out=str(s1),
         max_steps=c.stage1_steps, warmup_steps=max(1, c.stage1_steps // 10), batch_size=c.batch_size,
         lr=c.stage1_lr, resume=resume)))
     s2 = work / (f"stage2-w1_{cell.w1:g}-w2_{cell.w2:g}" + (f"-{_label(cell.extra)}" if ref else ""))
     say(f"[bold]stage 2, w2 = {cell.w2:g}[/] ({s2.name}, from {s1.name})")
-    _once(s2, lambda resume: train_adapter(replace(
+    train_once(s2, lambda resume: train_adapter(replace(
         base, stage=2, w_align=cell.w2, prompts=str(ref) if ref else None, init=str(s1), out=str(s2),
         resume=resume, **stage2_schedule(c))))
     return s1, s2

@@ -29,7 +29,7 @@ from blitext.evaluate import EvalConfig, compare_runs, eval_caption, eval_vqa, p
 from blitext.extract import ExtractConfig, extract_features
 from blitext.models.loading import load_llm
 from blitext.pformer import PFormerConfig, train_pformer
-from blitext.prompts import BuildPromptsConfig, PromptCache, build_prompts
+from blitext.prompts import BuildPromptsConfig, build_prompts, prompts_from_cache
 
 VARIANTS = {"baseline": (0.0, 0.0), "pformer": (10.0, 100.0)}  # (w1, w2): Table 4's first and last rows
 
@@ -70,7 +70,7 @@ def run_demo(config: DemoConfig) -> dict:
     root = default_cache_root()
     tag = f"easy-vqa-{c.images_per_split}"
     steps = f"{c.pformer_steps}-{c.stage1_steps}-{c.stage2_steps}"
-    work = root / "runs" / "demo" / f"{tag}-{c.n_prompt}q-{steps}-{_digest(c)}"
+    work = root / "runs" / "demo" / f"{tag}-{c.n_prompt}q-{steps}-{settings_digest(c)}"
 
     say("[bold]1/8 prepare easy-VQA[/] (real images and questions from the easy-vqa package)")
     data = prepare_dataset("easy-vqa", out_root=root / "data" / tag, limit=c.images_per_split)
@@ -83,7 +83,7 @@ def run_demo(config: DemoConfig) -> dict:
     pformer = root / "runs" / "pformer" / f"demo-{tag}-{c.n_prompt}x{c.pformer_steps}"
     text = root / "data" / "compositional.txt"
     text.write_text("\n".join(compositional_captions()) + "\n")
-    _once(pformer, lambda resume: train_pformer(PFormerConfig(
+    train_once(pformer, lambda resume: train_pformer(PFormerConfig(
         text=[str(data / "captions_train.json"), str(text)], out=str(pformer), n_prompt=c.n_prompt, batch_size=16,
         max_steps=c.pformer_steps, warmup_steps=max(1, c.pformer_steps // 7), sample_every=max(1, c.pformer_steps // 2),
         save_every=100, heldout=32, seed=c.seed, resume=resume)))
@@ -92,7 +92,7 @@ def run_demo(config: DemoConfig) -> dict:
     prompts = root / "prompts" / f"{tag}__{pformer.name}"
     build_prompts(BuildPromptsConfig(pformer=str(pformer / "final"), captions=[str(data / "captions_train.json")],
                                      out=str(prompts)))
-    _check(prompts)
+    print_prompt_check(prompts)
 
     runs = {}
     for name, (w1, w2) in VARIANTS.items():
@@ -100,12 +100,12 @@ def run_demo(config: DemoConfig) -> dict:
         base = AdapterConfig(features=str(features), prompts=str(prompts), captions=[str(data / "captions_train.json")],
                              num_query=c.n_prompt, seed=c.seed, save_every=max(10, c.stage1_steps // 2), log_every=1)
         s1 = work / f"{name}-stage1"
-        _once(s1, lambda resume: train_adapter(replace(
+        train_once(s1, lambda resume: train_adapter(replace(
             base, stage=1, w_align=w1, out=str(s1), max_steps=c.stage1_steps, warmup_steps=max(1, c.stage1_steps // 10),
             batch_size=c.batch_size, lr=c.stage1_lr, resume=resume)))
         say(f"[bold]6/8 {name}: stage 2[/] (frozen-LLM loss + {w2:g} x L_align, from stage 1)")
         s2 = work / f"{name}-stage2"
-        _once(s2, lambda resume: train_adapter(replace(
+        train_once(s2, lambda resume: train_adapter(replace(
             base, stage=2, w_align=w2, init=str(s1), out=str(s2), resume=resume, **stage2_schedule(c))))
         runs[name] = (s1, s2)
 
@@ -124,7 +124,7 @@ def run_demo(config: DemoConfig) -> dict:
     return results
 
 
-def _digest(c) -> str:
+def settings_digest(c) -> str:
     """Runs are reused only under the same training settings (the rates are not in the folder name)."""
     settings = {k: v for k, v in asdict(c).items()
                 if k not in ("vqa_questions", "caption_images", "caption_clips", "examples")}
@@ -137,7 +137,7 @@ def stage2_schedule(c) -> dict:
                 lr=c.stage2_lr, llm_proj_lr_scale=c.stage2_llm_proj_lr_scale, max_grad_norm=c.stage2_max_grad_norm)
 
 
-def _once(run: Path, train) -> None:
+def train_once(run: Path, train) -> None:
     """Train unless `<run>/final` exists; resume an interrupted run."""
     if (run / "final").is_dir():
         say(f"  reusing {run / 'final'}")
@@ -145,12 +145,12 @@ def _once(run: Path, train) -> None:
     train("latest" if (run / "checkpoints").exists() else None)
 
 
-def _check(prompts: Path) -> None:
-    cache = PromptCache(prompts)
-    keys = cache.keys[:64]
-    llm = load_llm(cache.cache.manifest["provenance"]["llm"])
-    report = check_prompts(cache.get_batch(keys), llm.model.get_input_embeddings().weight.detach(),
-                           llm.tokenizer, keys, n_examples=1)
+def print_prompt_check(prompts: Path) -> None:
+    """check-prompts' report on the first 64 reference prompts (one example decoded)."""
+    keys, vectors, llm_name = prompts_from_cache(prompts, 64)
+    llm = load_llm(llm_name)
+    report = check_prompts(vectors, llm.model.get_input_embeddings().weight.detach(), llm.tokenizer, keys,
+                           n_examples=1)
     say(format_report(report))
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from blitext.config import default_cache_root
 from blitext.console import console, say
 from blitext.data.prepare import prepare_dataset
-from blitext.demo import _check, _digest, _once
+from blitext.demo import print_prompt_check, settings_digest, train_once
 from blitext.evaluate import EvalConfig, compare_runs, eval_caption, print_compare
 from blitext.extract_video import VideoExtractConfig, extract_video_features
 from blitext.pformer import PFormerConfig, train_pformer
@@ -68,7 +68,7 @@ def run_video_demo(config: VideoDemoConfig) -> dict:
     started, root = time.perf_counter(), default_cache_root()
     tag = f"moving-shapes-{c.clips_per_split or 'all'}"
     steps = f"{c.pformer_steps}-{c.align_steps}-{c.lm_steps}"
-    work = root / "runs" / "demo-video" / f"{tag}-{c.n_prompt}s-{steps}-{_digest(c)}"
+    work = root / "runs" / "demo-video" / f"{tag}-{c.n_prompt}s-{steps}-{settings_digest(c)}"
 
     say("[bold]1/7 prepare moving-shapes[/] (generated .mp4 clips of a shape moving, captioned)")
     data = prepare_dataset("moving-shapes", out_root=root / "data" / tag, limit=c.clips_per_split)
@@ -82,7 +82,7 @@ def run_video_demo(config: VideoDemoConfig) -> dict:
     say("[bold]3/7 train the P-Former[/] on the train captions, against the frozen SmolLM2-135M")
     train_captions = str(data / "captions_train.json")
     pformer = root / "runs" / "pformer" / f"demo-{tag}-{c.n_prompt}x{c.pformer_steps}"
-    _once(pformer, lambda resume: train_pformer(PFormerConfig(
+    train_once(pformer, lambda resume: train_pformer(PFormerConfig(
         text=[train_captions], out=str(pformer), n_prompt=c.n_prompt, batch_size=c.pformer_batch, max_steps=c.pformer_steps,
         warmup_steps=max(1, c.pformer_steps // 7), sample_every=max(1, c.pformer_steps // 2), save_every=100,
         heldout=8, seed=c.seed, resume=resume)))
@@ -90,13 +90,13 @@ def run_video_demo(config: VideoDemoConfig) -> dict:
     say("[bold]4/7 build reference prompts[/] for every train caption")
     prompts = root / "prompts" / f"{tag}__{pformer.name}"
     build_prompts(BuildPromptsConfig(pformer=str(pformer / "final"), captions=[train_captions], out=str(prompts)))
-    _check(prompts)
+    print_prompt_check(prompts)
 
     runs = {}
     for name, w in VARIANTS.items():
         say(f"[bold]5/7 {name}[/]: " + ("LM loss alone" if w == 0 else f"{w:g} x L_align alone, then LM loss alone"))
         run = runs[name] = work / name
-        _once(run, lambda resume: train_video_adapter(VideoAdapterConfig(
+        train_once(run, lambda resume: train_video_adapter(VideoAdapterConfig(
             features=str(features), prompts=str(prompts), captions=[train_captions], w_align=w, out=str(run),
             num_slots=c.n_prompt, max_steps=c.lm_steps, align_steps=c.align_steps, batch_size=c.batch_size, lr=c.lr,
             llm_proj_lr_scale=c.llm_proj_lr_scale, max_grad_norm=c.max_grad_norm,
@@ -104,7 +104,7 @@ def run_video_demo(config: VideoDemoConfig) -> dict:
             resume=resume)))
 
     say("[bold]6/7 caption the test clips[/] with each adaptor")
-    results = {name: {**_caption(run, features, data, c), **attribute_accuracy(run, data)} for name, run in runs.items()}
+    results = {name: {**caption_test_clips(run, features, data, c), **attribute_accuracy(run, data)} for name, run in runs.items()}
 
     say("[bold]7/7 results[/]: LM only (ITG only) against P-Former alignment then LM, same seed and LM steps")
     rows, columns = compare_runs(list(runs.values()))
@@ -117,7 +117,7 @@ def run_video_demo(config: VideoDemoConfig) -> dict:
     return results
 
 
-def _caption(run: Path, features: Path, data: Path, c: VideoDemoConfig) -> dict:
+def caption_test_clips(run: Path, features: Path, data: Path, c: VideoDemoConfig) -> dict:
     """REFERENCE 4's beam 5, but the empty text prompt the adaptor was trained under and 1..12 new
     tokens: the captions are 5 words, not COCO's 10-plus."""
     out = run / "eval" / "caption-moving-shapes"
