@@ -35,13 +35,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from blitext.adapter import AdapterConfig, train_adapter
-from blitext.atomic import read_json, write_json
+from blitext.atomic import read_json, write_json, write_text
 from blitext.config import default_cache_root, provenance
 from blitext.console import console, say
 from blitext.data.compose import compositional_captions
 from blitext.data.prepare import list_datasets, prepare_dataset
 from blitext.data.readers import read_image_set, write_lavis_json
-from blitext.data.text import read_sentences
+from blitext.data.text import WORDNET_DIR, read_sentences, wordnet_examples
 from blitext.demo import print_prompt_check, stage2_schedule, train_once
 from blitext.errors import BlitextError
 from blitext.evaluate import EvalConfig, eval_caption, eval_vqa
@@ -52,7 +52,6 @@ from blitext.prompts import BuildPromptsConfig, build_prompts
 
 TABLE4_GRID = ((0.0, 0.0), (10.0, 0.0), (0.0, 100.0), (10.0, 100.0))  # the paper's (w1, w2) rows
 TEXT_SIZE_CELL = (10.0, 100.0)          # Table 6 trains each P-Former's adaptor with the default weights
-WORDNET_DIR = Path("/usr/share/wordnet")  # Debian wordnet-base: data.noun/.verb/.adj/.adv (OFFLINE.md)
 CAPTION_COLUMNS = (("Bleu_4", "BLEU-4"), ("CIDEr", "CIDEr"), ("ROUGE_L", "ROUGE-L"), ("METEOR", "METEOR"),
                    ("SPICE", "SPICE"))
 # What makes two runs comparable: a run folder is reused only under the same values.
@@ -224,19 +223,6 @@ def _count(records) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- extra sentences (Table 6)
 
-def wordnet_examples(folder: Path = WORDNET_DIR) -> list[str]:
-    """The quoted example sentences of WordNet's glosses ("heave a sigh; \"She sighed sadly\""), unique."""
-    sentences: dict[str, None] = {}
-    for pos in ("noun", "verb", "adj", "adv"):
-        path = folder / f"data.{pos}"
-        if not path.is_file():
-            continue
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            if not line.startswith(" "):  # the licence header lines start with spaces
-                sentences.update((s.strip(), None) for s in re.findall(r'"([^"]+)"', line.partition(" | ")[2]))
-    return [s for s in sentences if s]
-
-
 def _extra(c: AblateConfig) -> Extra:
     if c.extra_text:
         corpus = read_sentences(c.extra_text)
@@ -257,16 +243,8 @@ def _extra_file(work: Path, extra: Extra, n: int, seed: int) -> Path:
     path = work / "text" / f"extra-{n}.txt"
     if not path.is_file():
         chosen = extra.sentences if n == len(extra.sentences) else random.Random(seed).sample(extra.sentences, n)
-        _write_text(path, "\n".join(chosen) + "\n")
+        write_text(path, "\n".join(chosen) + "\n")
     return path
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Written to a temp file and renamed: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _label(extra: int | None) -> str:
@@ -467,7 +445,7 @@ def _report(work: Path, result: dict) -> None:
         lines.append("| " + " | ".join(cells) + " |")
     console.print(table)
     write_json(work / "ablation.json", result)
-    _write_text(work / "ablation.md", f"# Ablation on {result['data']}\n\nRows: Table 4's (w1, w2) cells and "
+    write_text(work / "ablation.md", f"# Ablation on {result['data']}\n\nRows: Table 4's (w1, w2) cells and "
                 f"Table 6's P-Former text sizes. {_note(result)}\n\n" + "\n".join(lines) + "\n")
     say(f"  table: {work / 'ablation.md'}, {work / 'ablation.json'}")
 

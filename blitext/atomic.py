@@ -27,12 +27,16 @@ def publish(tmp: Path, final: Path) -> None:
         os.close(dir_fd)
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     publish(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def read_json(path: Path) -> Any:

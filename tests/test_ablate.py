@@ -12,7 +12,8 @@ import typer
 from typer.testing import CliRunner
 
 from blitext import ablate
-from blitext.ablate import SMOKE, AblateConfig, Cell, parse_grid, plan_cells, run_ablation, wordnet_examples
+from blitext.ablate import SMOKE, AblateConfig, Cell, parse_grid, plan_cells, run_ablation
+from blitext.data.text import wordnet_examples
 from blitext.errors import BlitextError
 
 

@@ -1,4 +1,4 @@
-"""Sentences for the text-only stage: plain text, JSONL and caption JSON files, with ids.
+"""Sentences for the text-only stage: plain text, JSONL and caption JSON files, with ids (and WordNet's examples).
 
 Nothing is dropped silently: empty lines are skipped and counted, undecodable bytes are an
 error naming the file and line (or, with bad_bytes="replace", replaced and counted), and
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from blitext.data.readers import read_image_set
 from blitext.errors import BlitextError
 
 TEXT_KEYS = ("text", "caption", "sentence")
+WORDNET_DIR = Path("/usr/share/wordnet")  # Debian wordnet-base: data.noun/.verb/.adj/.adv (OFFLINE.md)
 
 
 def caption_key(image_id: str, index: int) -> str:
@@ -118,3 +120,16 @@ def _jsonl_text(line: str, where: str) -> str:
         if isinstance(obj, dict) and isinstance(obj.get(key), str):
             return obj[key]
     raise BlitextError(f"{where}: a JSONL line needs one of the keys {list(TEXT_KEYS)}")
+
+
+def wordnet_examples(folder: Path = WORDNET_DIR) -> list[str]:
+    """The quoted example sentences of WordNet's glosses ("heave a sigh; \"She sighed sadly\""), unique."""
+    sentences: dict[str, None] = {}
+    for pos in ("noun", "verb", "adj", "adv"):
+        path = folder / f"data.{pos}"
+        if not path.is_file():
+            continue
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.startswith(" "):  # the licence header lines start with spaces
+                sentences.update((s.strip(), None) for s in re.findall(r'"([^"]+)"', line.partition(" | ")[2]))
+    return [s for s in sentences if s]
