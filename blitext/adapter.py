@@ -40,7 +40,8 @@ from blitext.models.qformer import QFormer, qformer_tokenizer, unilm_mask
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER, DEFAULT_VISION_ENCODER
 from blitext.prompts import PromptCache
 from blitext.training import (Prefetcher, adamw, global_batch, llm_proj_groups, lr_at, mean_over_ranks, open_run,
-                              optimizer_step, rank_slice, set_lr, step_generator, step_seed, token_share)
+                              optimizer_step, rank_slice, require_batch_splits, set_lr, step_generator, step_seed,
+                              token_share)
 
 
 @dataclass
@@ -137,8 +138,7 @@ class Setup:
 
 
 def _train(config: AdapterConfig, device: str, info) -> Path:
-    if config.batch_size % info.world:
-        raise BlitextError(f"batch_size {config.batch_size} must divide by the number of ranks {info.world}")
+    require_batch_splits(config.batch_size, info.world)
     setup = _setup(config, device)
     run = Path(config.out) if config.out else default_run_dir(config)
     model = setup.model.to(device)

@@ -30,8 +30,8 @@ from blitext.metrics.llm import teacher_forced_accuracy
 from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.pformer import PFormer
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER
-from blitext.training import (adamw, global_batch, lr_at, mean_over_ranks, open_run, rank_slice, set_lr, step_generator,
-                              step_seed, token_share)
+from blitext.training import (adamw, global_batch, lr_at, mean_over_ranks, open_run, rank_slice, require_batch_splits,
+                              set_lr, step_generator, step_seed, token_share)
 
 
 @dataclass
@@ -153,8 +153,7 @@ def train_pformer(config: PFormerConfig) -> Path:
 def _train(config: PFormerConfig, device: str, info) -> Path:
     if not config.text:
         raise BlitextError("train-pformer needs sentences: pass --text FILE (plain text, .jsonl or caption .json)")
-    if config.batch_size % info.world:
-        raise BlitextError(f"batch_size {config.batch_size} must divide by the number of ranks {info.world}")
+    require_batch_splits(config.batch_size, info.world)
     run = Path(config.out) if config.out else default_run_dir(config)
     corpus = read_sentences(config.text, config.bad_bytes)
     split = split_corpus(corpus, config.heldout, config.seed)

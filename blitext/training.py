@@ -20,6 +20,7 @@ import torch.distributed
 
 from blitext.console import rank_logger
 from blitext.distributed import barrier
+from blitext.errors import BlitextError
 
 
 def lr_at(step: int, total: int, lr: float, min_lr: float, warmup_steps: int, warmup_start_lr: float) -> float:
@@ -81,6 +82,12 @@ def global_batch(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     epoch, pos = divmod(step, steps_per_epoch)
     order = epoch_order(n, seed, epoch)
     return order[pos * batch_size:(pos + 1) * batch_size].tolist()
+
+
+def require_batch_splits(batch_size: int, world: int) -> None:
+    """rank_slice gives every rank batch_size // world rows: a remainder would be dropped unseen."""
+    if batch_size % world:
+        raise BlitextError(f"batch_size {batch_size} must divide by the number of ranks {world}")
 
 
 def rank_slice(indices: list[int], rank: int, world: int) -> list[int]:

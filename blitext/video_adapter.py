@@ -38,7 +38,7 @@ from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER
 from blitext.models.video_adapter import VideoAdapter
 from blitext.training import (Prefetcher, adamw, global_batch, llm_proj_groups, lr_at, mean_over_ranks, open_run,
-                              optimizer_step, rank_slice, set_lr, step_seed, token_share)
+                              optimizer_step, rank_slice, require_batch_splits, set_lr, step_seed, token_share)
 
 SCHEDULES = ("sequential", "joint")
 
@@ -141,8 +141,7 @@ class Setup:
 
 
 def _train(config: VideoAdapterConfig, device: str, info) -> Path:
-    if config.batch_size % info.world:
-        raise BlitextError(f"batch_size {config.batch_size} must divide by the number of ranks {info.world}")
+    require_batch_splits(config.batch_size, info.world)
     s = _setup(config, device)
     run = Path(config.out) if config.out else default_run_dir(config)
     model = s.model.to(device)

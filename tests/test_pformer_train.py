@@ -238,3 +238,12 @@ def test_llm_weights_never_change(tmp_path, llm_folders, bert_folder, monkeypatc
         {Path("checkpoints/step-0000002/optimizer.pt")}
     optimizer = torch.load(folders[0] / "optimizer.pt", weights_only=True)
     assert len(optimizer["param_groups"][0]["params"]) == len(trainable)
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused():
+    from blitext.training import rank_slice, require_batch_splits
+
+    require_batch_splits(8, 2)
+    assert [rank_slice(list(range(8)), r, 2) for r in (0, 1)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(BlitextError, match="batch_size 9 must divide by the number of ranks 2"):
+        require_batch_splits(9, 2)  # rank_slice would drop row 8 unseen
