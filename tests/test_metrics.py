@@ -240,3 +240,23 @@ def test_rerank_changes_order_only_inside_top_k():
 
 def test_teacher_forced_accuracy_still_importable_from_metrics():
     assert callable(teacher_forced_accuracy)
+
+
+def test_retrieval_refuses_nan_similarities():
+    # Sorting puts NaN first: with 0.0 where the NaN is, R@1 is 66.7; the NaN made it 100.
+    sim = torch.tensor([[0.9, 0.1, 0.0], [0.1, float("nan"), 0.2], [0.0, 0.1, 0.9]])
+    with pytest.raises(BlitextError, match="1 NaN .*model produced NaN similarities"):
+        retrieval_recall(sim, [0, 1, 2])
+    sim[0, 2] = sim[2, 0] = float("nan")
+    with pytest.raises(BlitextError, match="3 NaN"):
+        retrieval_recall(sim, [0, 1, 2])
+    with pytest.raises(BlitextError, match="sim_t2i.* 1 NaN"):
+        retrieval_recall(torch.eye(3), [0, 1, 2], sim_t2i=torch.eye(3).index_put_((torch.tensor(0),) * 2,
+                                                                                   torch.tensor(float("nan"))))
+
+
+def test_retrieval_recall_is_python_float_exact():
+    # image 2 ranks text 0 first and its own text second: txt_r1 = 2/3.
+    sim = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.5]])
+    r = retrieval_recall(sim, [0, 1, 2], ks=(1,))
+    assert r["txt_r1"] == 100 * 2 / 3 == 66.66666666666667

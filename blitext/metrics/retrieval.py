@@ -39,7 +39,7 @@ def retrieval_recall(sim: torch.Tensor, text_to_image: Sequence[int], ks: Sequen
     out: dict[str, float] = {}
     for name, ranks in (("txt", i2t_ranks), ("img", t2i_ranks)):
         for k in ks:
-            out[f"{name}_r{k}"] = 100.0 * float((ranks < k).float().mean())
+            out[f"{name}_r{k}"] = 100 * int((ranks < k).sum()) / len(ranks)  # Python floats: 2/3 -> 66.666...67
         out[f"{name}_r_mean"] = sum(out[f"{name}_r{k}"] for k in ks) / len(ks)
     out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
     return out
@@ -70,7 +70,18 @@ def _check_retrieval(sim: torch.Tensor, text_to_image: Sequence[int], sim_t2i: t
     if captionless:
         raise BlitextError(f"image {captionless[0]} has no caption in text_to_image ({len(captionless)} such "
                            f"images): drop them from sim or add their captions")
+    _refuse_nan(sim, "sim")
+    if sim_t2i is not None:
+        _refuse_nan(sim_t2i, "sim_t2i")
     return n_images, n_texts
+
+
+def _refuse_nan(scores: torch.Tensor, name: str) -> None:
+    """A descending sort puts NaN first, so NaN scores would count as hits and inflate R@k."""
+    nan = int(torch.isnan(scores).sum()) if scores.is_floating_point() else 0
+    if nan:
+        raise BlitextError(f"{name} holds {nan} NaN of {scores.numel()} scores: the model produced NaN "
+                           f"similarities; find where (e.g. fp16 overflow, a NaN checkpoint) and recompute them")
 
 
 @torch.no_grad()
