@@ -260,3 +260,28 @@ def test_retrieval_recall_is_python_float_exact():
     sim = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.5]])
     r = retrieval_recall(sim, [0, 1, 2], ks=(1,))
     assert r["txt_r1"] == 100 * 2 / 3 == 66.66666666666667
+
+
+def test_vqa_bare_string_answers_are_one_answer_not_characters():
+    # "two" was read as the answers ["t", "w", "o"] (score 0.0); one answer cannot be scored by the
+    # leave-one-out rule (it would always be 0), so it is refused like ["two"].
+    with pytest.raises(BlitextError, match="one answer 'two'.*exact_match"):
+        vqa_accuracy("two", "two")
+    with pytest.raises(BlitextError, match="VQA record 0.*one answer 'two'"):
+        vqa_summary([{"prediction": "two", "answers": "two"}])
+    assert vqa_accuracy("two", ("two",) * 10) == 1.0
+
+
+def test_vqa_none_prediction_and_empty_ks_are_named():
+    with pytest.raises(BlitextError, match="prediction must be a string, got None"):
+        vqa_accuracy(None, ["cat"] * 10)
+    with pytest.raises(BlitextError, match="VQA record 1: .*prediction must be a string, got None"):
+        vqa_summary([{"prediction": "cat", "answers": ["cat"] * 10}, {"prediction": None, "answers": ["cat"] * 10}])
+    with pytest.raises(BlitextError, match="prediction must be a string, got None"):
+        exact_match(None, "dog")
+    with pytest.raises(BlitextError, match="answers of the question must be strings, got None"):
+        vqa_accuracy("cat", ["cat"] * 9 + [None])
+    with pytest.raises(BlitextError, match=r"ks must name at least one k .*got \(\)"):
+        retrieval_recall(torch.eye(2), [0, 1], ks=())
+    with pytest.raises(BlitextError, match=r"ks must .*got \(0, 5\)"):
+        retrieval_recall(torch.eye(2), [0, 1], ks=(0, 5))

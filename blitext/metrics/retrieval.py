@@ -13,6 +13,7 @@ Ties are ranked by index (stable sort), so a constant score matrix does not look
 """
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Callable, Sequence
 
 import torch
@@ -31,6 +32,7 @@ def retrieval_recall(sim: torch.Tensor, text_to_image: Sequence[int], ks: Sequen
     of its one image (text->image, "img_r{k}"). sim_t2i, same shape, when the text->image
     direction was re-ranked separately (it then replaces sim for that direction)."""
     n_images, _ = _check_retrieval(sim, text_to_image, sim_t2i)
+    ks = _check_ks(ks)
     owner = torch.as_tensor(list(text_to_image), dtype=torch.long)                        # (n_texts,)
     sim = sim.float().cpu()
     t2i = sim if sim_t2i is None else sim_t2i.float().cpu()
@@ -43,6 +45,15 @@ def retrieval_recall(sim: torch.Tensor, text_to_image: Sequence[int], ks: Sequen
         out[f"{name}_r_mean"] = sum(out[f"{name}_r{k}"] for k in ks) / len(ks)
     out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
     return out
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    """No k would divide the mean by zero; k < 1 would report a meaningless 0."""
+    ks = tuple(ks)
+    if not ks or not all(isinstance(k, Integral) and k >= 1 for k in ks):
+        raise BlitextError(f"ks must name at least one k of R@k, each a whole number >= 1, got {ks!r}: "
+                           f"e.g. ks=(1, 5, 10)")
+    return ks
 
 
 def _best_ranks(scores: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:

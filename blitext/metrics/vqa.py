@@ -82,14 +82,19 @@ def normalize_answer(text: str) -> str:
     return process_digit_article(process_punctuation(text))
 
 
-def vqa_accuracy(prediction: str, answers: list[str], official_gt_quirk: bool = False) -> float:
+def vqa_accuracy(prediction: str, answers: list[str] | str, official_gt_quirk: bool = False) -> float:
     """Accuracy of one question, 0..1: mean over the human answers of min(1, matches among the others / 3).
 
-    official_gt_quirk=True compares against the answers as the official script does: untouched
-    when all humans agree, else after the punctuation step only."""
+    A bare string is one answer (not its characters); one answer is refused like ["two"], since
+    the leave-one-out rule would always score it 0. official_gt_quirk=True compares against the
+    answers as the official script does: untouched when all humans agree, else after the
+    punctuation step only."""
+    _require_text(prediction, "the prediction")
+    answers = _answer_list(answers)
     if len(answers) < 2:
+        got = f"one answer {answers[0]!r}" if answers else "no answers"
         raise BlitextError(f"vqa_accuracy needs the human answers of a question (10 in VQAv2 and OK-VQA), got "
-                           f"{answers!r}: for one-answer datasets such as GQA use exact_match")
+                           f"{got}: for one-answer datasets such as GQA use exact_match")
     predicted = normalize_answer(prediction)
     if not official_gt_quirk:
         truth = [normalize_answer(a) for a in answers]
@@ -103,10 +108,32 @@ def vqa_accuracy(prediction: str, answers: list[str], official_gt_quirk: bool = 
     return sum(per_human) / len(per_human)
 
 
+def _require_text(value, what: str) -> None:
+    """Normalisation needs strings: a None (a failed generation, a missing field) is named, not an AttributeError."""
+    if not isinstance(value, str):
+        raise BlitextError(f"{what} must be a string, got {value!r}: pass the model's answer text "
+                           f"(an empty string for no answer)")
+
+
+def _answer_list(answers) -> list[str]:
+    """The human answers as a list of strings; a bare string is one answer, not its characters."""
+    if isinstance(answers, str):
+        return [answers]
+    if not isinstance(answers, (list, tuple)):
+        raise BlitextError(f"answers must be a list of the human answers (strings), got {answers!r}")
+    bad = [a for a in answers if not isinstance(a, str)]
+    if bad:
+        raise BlitextError(f"the answers of the question must be strings, got {bad[0]!r} in {answers!r}: "
+                           f"drop or fix that answer")
+    return list(answers)
+
+
 def exact_match(prediction: str, answer: str, official_gt_quirk: bool = False) -> float:
     """GQA accuracy of one question: 1.0 when the normalised prediction equals the answer.
 
     The official (LAVIS) GQA code normalises only the prediction; official_gt_quirk=True does that."""
+    _require_text(prediction, "the prediction")
+    _require_text(answer, "the answer")
     truth = answer if official_gt_quirk else normalize_answer(answer)
     return float(normalize_answer(prediction) == truth)
 
@@ -120,7 +147,10 @@ def vqa_summary(records: Iterable[Mapping], official_gt_quirk: bool = False) -> 
     for n, r in enumerate(records):
         if "prediction" not in r or "answers" not in r:
             raise BlitextError(f"VQA record {n} has keys {sorted(r)}: each needs 'prediction' and 'answers'")
-        acc = vqa_accuracy(r["prediction"], list(r["answers"]), official_gt_quirk)
+        try:
+            acc = vqa_accuracy(r["prediction"], r["answers"], official_gt_quirk)
+        except BlitextError as e:
+            raise BlitextError(f"VQA record {n}: {e}") from None
         overall.append(acc)
         if r.get("answer_type") is not None:
             by_type[r["answer_type"]].append(acc)
