@@ -261,6 +261,26 @@ def test_vqav2_annotations_that_do_not_belong_are_refused(tmp_path):
         read_vqa(questions, other)
 
 
+def test_vqav2_repeated_question_ids_are_refused_naming_id_and_file(tmp_path):
+    questions, annotations = vqav2_files(tmp_path)
+    data = json.loads(questions.read_text())
+    data["questions"].append(dict(data["questions"][0]))  # would be scored twice
+    write_json(questions, data)
+    for answers in (annotations, None):
+        with pytest.raises(BlitextError, match=r"questions\[2\]: question_id 4100 is listed again "
+                                               r"\(first at questions\[0\]\)") as e:
+            read_vqa(questions, answers)
+        assert str(questions) in str(e.value)
+    write_json(questions, {"questions": data["questions"][:2]})
+    ann = json.loads(annotations.read_text())
+    ann["annotations"].append({**ann["annotations"][1], "answers": [{"answer": "blue"}] * 10})  # replaced the first
+    write_json(annotations, ann)
+    with pytest.raises(BlitextError, match=r"annotations\[2\]: question_id 4100 is annotated again "
+                                           r"\(first at annotations\[1\]\)") as e:
+        read_vqa(questions, annotations)
+    assert str(annotations) in str(e.value)
+
+
 def test_gqa_questions(tmp_path):
     path = write_json(tmp_path / "testdev_balanced_questions.json", {
         "20968379": {"imageId": "n288870", "question": "Is the tray on the right?", "answer": "no",

@@ -24,8 +24,10 @@ def read_vqa(questions_json: str | Path, annotations_json: str | Path | None = N
     check = _RefChecker(Path(image_root) if image_root else questions_json.parent)
     if isinstance(data, dict) and isinstance(data.get("questions"), list):
         answers = _vqav2_answers(Path(annotations_json)) if annotations_json else None
-        return [_vqav2_record(q, answers, check, f"{questions_json} questions[{i}]", annotations_json)
-                for i, q in enumerate(data["questions"])]
+        records = [_vqav2_record(q, answers, check, f"{questions_json} questions[{i}]", annotations_json)
+                   for i, q in enumerate(data["questions"])]
+        _refuse_repeated_questions(records, questions_json)
+        return records
     first = next(iter(data.values()), None) if isinstance(data, dict) else None
     if isinstance(first, dict) and "question" in first:
         if annotations_json:
@@ -41,19 +43,38 @@ def _vqav2_answers(path: Path) -> dict[str, tuple[str, tuple[str, ...], str | No
     data = _load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise BlitextError(f"{path}: not a VQAv2 annotations file (expected {{\"annotations\": [...]}})")
-    out = {}
+    out, first_row = {}, {}
     for row, ann in enumerate(data["annotations"]):
         where = f"{path} annotations[{row}]"
-        if not isinstance(ann, dict) or "question_id" not in ann:
-            raise BlitextError(f"{where}: expected {{\"question_id\", \"answers\", ...}}, got {_short(ann)}")
-        raw = ann.get("answers") or []
-        if not isinstance(raw, list) or not all(isinstance(a, dict) and "answer" in a for a in raw):
-            raise BlitextError(f"{where}: \"answers\" must be a list of {{\"answer\": ...}}, got {_short(raw)}")
-        answers = tuple(str(a["answer"]) for a in raw)
-        if not answers and ann.get("multiple_choice_answer") is not None:
-            answers = (str(ann["multiple_choice_answer"]),)
-        out[str(ann["question_id"])] = (str(ann.get("image_id")), answers, ann.get("answer_type"))
+        qid, entry = _vqav2_annotation(ann, where)
+        if qid in out:  # a dict would keep the last silently: which answers are right is the user's call
+            raise BlitextError(f"{where}: question_id {qid} is annotated again (first at "
+                               f"annotations[{first_row[qid]}]); keep one annotation per question, remove the other")
+        out[qid], first_row[qid] = entry, row
     return out
+
+
+def _vqav2_annotation(ann: Any, where: str) -> tuple[str, tuple[str, tuple[str, ...], str | None]]:
+    """One annotation: (question_id, (image_id, human answers, answer_type))."""
+    if not isinstance(ann, dict) or "question_id" not in ann:
+        raise BlitextError(f"{where}: expected {{\"question_id\", \"answers\", ...}}, got {_short(ann)}")
+    raw = ann.get("answers") or []
+    if not isinstance(raw, list) or not all(isinstance(a, dict) and "answer" in a for a in raw):
+        raise BlitextError(f"{where}: \"answers\" must be a list of {{\"answer\": ...}}, got {_short(raw)}")
+    answers = tuple(str(a["answer"]) for a in raw)
+    if not answers and ann.get("multiple_choice_answer") is not None:
+        answers = (str(ann["multiple_choice_answer"]),)
+    return str(ann["question_id"]), (str(ann.get("image_id")), answers, ann.get("answer_type"))
+
+
+def _refuse_repeated_questions(records: list[VQARecord], path: Path) -> None:
+    """A question listed twice would be scored twice, weighting it double in the accuracy."""
+    first: dict[str, int] = {}
+    for row, r in enumerate(records):
+        earlier = first.setdefault(r.question_id, row)
+        if earlier != row:
+            raise BlitextError(f"{path} questions[{row}]: question_id {r.question_id} is listed again (first at "
+                               f"questions[{earlier}]); each question must appear once: remove the repeat")
 
 
 def _vqav2_record(q: Any, answers: dict | None, check: _RefChecker, where: str,
