@@ -152,6 +152,17 @@ def test_plain_image_folder_lists_images_sorted_with_path_ids(tmp_path):
     assert read_image_set(tmp_path).records == records  # stable across runs
 
 
+def test_plain_folder_images_sharing_a_stem_keep_their_extension_in_the_id(tmp_path):
+    # x.jpg and x.png both had the id "x": the folder could not be read, and a folder has no ids to fix.
+    for name in ["x.jpg", "x.png", "y.png", "sub/x.gif", "x.jpg.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    records = read_image_set(tmp_path).records
+    # only the colliding files change; "x.jpg.png" (stem "x.jpg") then collides with x.jpg's new id
+    assert [(r.id, r.image) for r in records] == [
+        ("sub/x", "sub/x.gif"), ("x.jpg", "x.jpg"), ("x.jpg.png", "x.jpg.png"), ("x.png", "x.png"), ("y", "y.png")]
+
+
 def test_empty_folder_and_unknown_file_are_refused_with_the_accepted_formats(tmp_path):
     with pytest.raises(BlitextError, match="found no captions.jsonl.*expected one of"):
         read_image_set(tmp_path)

@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import tarfile
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -279,16 +280,33 @@ def _add_row(groups: _Grouper, check: _RefChecker, row: dict, where: str) -> Non
 
 def _read_image_folder(folder: Path, root: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[ImageRecord]:
     check, groups = _RefChecker(root), _Grouper()
+    found = []
     for path in sorted(folder.rglob("*"), key=lambda p: p.as_posix()):
         relative = path.relative_to(folder)
         # Hidden folders are editor/VCS clutter (.ipynb_checkpoints), not dataset images.
         if path.suffix.lower() not in extensions or any(p.startswith(".") for p in relative.parts):
             continue
-        if not path.is_file():
-            continue
-        image = check(os.path.relpath(path, root), str(path))
-        groups.add(_id_from_path(image), image, [], {}, str(path))
+        if path.is_file():
+            found.append((check(os.path.relpath(path, root), str(path)), str(path)))
+    for image_id, (image, where) in zip(_folder_ids([image for image, _ in found]), found):
+        groups.add(image_id, image, [], {}, where)
     return groups.records()
+
+
+def _folder_ids(images: list[str]) -> list[str]:
+    """Ids for a plain folder: the path without its extension, except where that would give two
+    files one id (x.jpg, x.png): those keep their extension. A folder has no other way to name
+    them, and the files that do not collide keep the ids (and cache rows) they always had.
+    Repeated because a kept extension can meet another file's stem ("x.jpg" of x.jpg.png);
+    it ends, as full paths are unique."""
+    full: set[str] = set()
+    while True:
+        ids = [image if image in full else _id_from_path(image) for image in images]
+        seen = Counter(ids)
+        clash = {image for image, i in zip(images, ids) if seen[i] > 1} - full
+        if not clash:
+            return ids
+        full |= clash
 
 
 # ---------------------------------------------------------------- webdataset shards
