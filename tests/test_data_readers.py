@@ -121,6 +121,25 @@ def test_malformed_jsonl_line_is_named(tmp_path):
         read_image_set(tmp_path)
 
 
+@pytest.mark.parametrize("name, lines", [
+    ("captions.jsonl", ['{"image": "a.png", "caption": "one"}', '{"image": "b.png", "caption": "two"}',
+                        '{"image": "c.png", "caption": "caf\u00e9"}']),
+    ("captions.csv", ["image,caption", "a.png,one", "c.png,caf\u00e9"]),
+    ("ann.json", ['[{"image": "a.png", "caption": "one"},', '{"image": "b.png", "caption": "two"},',
+                  '{"image": "c.png", "caption": "caf\u00e9"}]']),
+])
+def test_caption_file_not_utf8_names_line_and_byte(tmp_path, name, lines):
+    text = "\n".join(lines) + "\n"
+    path = tmp_path / name
+    path.write_bytes(text.encode("latin-1"))  # \u00e9 -> the lone byte 0xe9
+    offset = text.encode("latin-1").index(b"\xe9")
+    with pytest.raises(BlitextError) as e:
+        read_image_set(path if name.endswith(".json") else tmp_path)
+    line = len(lines)
+    assert f"{path} line {line} (byte offset {offset}): byte 0xe9 is not UTF-8" in str(e.value)
+    assert "re-save" in str(e.value) and "UTF-8" in str(e.value)
+
+
 def test_csv_folder_with_quoted_commas_and_optional_id(tmp_path):
     with open(tmp_path / "captions.csv", "w", newline="") as f:
         writer = csv.writer(f)

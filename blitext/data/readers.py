@@ -174,9 +174,22 @@ def _load_json(path: Path) -> Any:
         raise BlitextError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
                            f"fix or re-create the file") from None
     except UnicodeDecodeError:
-        raise BlitextError(f"{path}: not UTF-8 text; save it as UTF-8 JSON") from None
+        raise _not_utf8(path) from None
     except OSError as e:
         raise BlitextError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _not_utf8(path: Path) -> BlitextError:
+    """Where the first non-UTF-8 byte is: a text-mode read reports offsets inside its buffer,
+    not the file, so the bytes are decoded again here (only on this error path)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return BlitextError(f"{path} line {line} (byte offset {e.start}): byte 0x{data[e.start]:02x} is not UTF-8; "
+                            f"re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+    return BlitextError(f"{path}: not UTF-8 text; re-save the file as UTF-8")
 
 
 # ---------------------------------------------------------------- caption files
@@ -231,7 +244,7 @@ def _read_jsonl(path: Path, root: Path) -> list[ImageRecord]:
                 if line.strip():
                     _add_row(groups, check, _parse_jsonl_line(line, f"{path} line {lineno}"), f"{path} line {lineno}")
     except UnicodeDecodeError:
-        raise BlitextError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+        raise _not_utf8(path) from None
     return groups.records()
 
 
@@ -263,7 +276,7 @@ def _read_csv(path: Path, root: Path) -> list[ImageRecord]:
     except csv.Error as e:
         raise BlitextError(f"{path}: malformed CSV ({e}); fix the file") from None
     except UnicodeDecodeError:
-        raise BlitextError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+        raise _not_utf8(path) from None
     return groups.records()
 
 
