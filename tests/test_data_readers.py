@@ -102,6 +102,39 @@ def test_json_of_unknown_shape_is_refused(tmp_path):
         read_image_set(write_json(tmp_path / "x.json", {"foo": 1}))
 
 
+def test_blank_captions_are_counted_in_every_format(tmp_path):
+    lavis = write_json(tmp_path / "lavis.json", [{"image": "a.png", "caption": ["a cat", "  "]},
+                                                 {"image": "b.png", "caption": ""}])
+    coco = write_json(tmp_path / "coco.json", {"images": [{"id": 1, "file_name": "a.png"}],
+                                               "annotations": [{"image_id": 1, "caption": " \n"},
+                                                               {"image_id": 1, "caption": "a cat"}]})
+    vatex = write_json(tmp_path / "vatex.json", [{"videoID": "v1", "enCap": ["a dog runs", ""], "chCap": []}])
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "captions.jsonl").write_text('{"image": "a.png", "caption": "\\t"}\n')
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "captions.csv").write_text("image,caption\na.png, \nb.png,a dog\n")
+    shard = make_shard(tmp_path / "s" / "0.tar", [("0", {"png": png_bytes(), "txt": b" \n"}),
+                                                  ("1", {"png": png_bytes()})])  # no .txt: no caption, not blank
+    counts = {p.name: read_image_set(p).blank_captions
+              for p in (lavis, coco, vatex, tmp_path / "j", tmp_path / "c", shard)}
+    assert counts == {"lavis.json": 2, "coco.json": 1, "vatex.json": 1, "j": 1, "c": 1, "0.tar": 1}
+    assert read_image_set(lavis).records[0].captions == ("a cat",)  # keys <id>#k count kept captions, as before
+
+
+def test_blank_captions_are_reported_once_by_the_callers(tmp_path, monkeypatch):
+    from blitext.data import pairs
+    from blitext.data.text import read_sentences
+
+    first = write_json(tmp_path / "a.json", [{"image": "a.png", "caption": ["a cat", " ", ""]}])
+    second = write_json(tmp_path / "b.json", [{"image": "b.png", "caption": ["", "a dog"]}])
+    said = []
+    monkeypatch.setattr(pairs, "say", said.append)
+    read = pairs.read_pairs([str(first), str(second)], None, lambda image_id: True)
+    assert read.texts == ["a cat", "a dog"] and read.blank == 3
+    assert said == [f"3 blank captions skipped in {first}, {second}"]
+    assert read_sentences([str(first), str(second)]).counts["empty skipped"] == 3  # train-pformer prints it
+
+
 # ---------------------------------------------------------------- folders
 
 def test_jsonl_folder_with_and_without_ids(tmp_path):

@@ -15,6 +15,7 @@ import torch
 
 from blitext.cache import FeatureCache
 from blitext.config import default_cache_root
+from blitext.console import say
 from blitext.data.images import load_image
 from blitext.data.readers import read_image_set
 from blitext.data.text import caption_key, expand_paths
@@ -29,6 +30,7 @@ class Pairs:
     texts: list[str]
     image_refs: dict[str, tuple[Path, str]]  # image id -> (root, reference), for --online
     skipped: int = 0                         # captions whose image has no features (failed extraction)
+    blank: int = 0                           # blank captions the readers skipped (reported once)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -47,13 +49,13 @@ def default_captions(features: FeatureCache | None) -> list[str]:
 
 
 def read_pairs(caption_files: list[str], image_root: str | None, has_image) -> Pairs:
-    keys, image_ids, texts, refs, skipped = [], [], [], {}, 0
-    for path in expand_paths(caption_files):
+    keys, image_ids, texts, refs, skipped, blank = [], [], [], {}, 0, 0
+    paths = expand_paths(caption_files)
+    for path in paths:
         image_set = read_image_set(path, image_root)
+        blank += image_set.blank_captions
         for rec in image_set.records:
-            for k, caption in enumerate(rec.captions):
-                if not caption.strip():
-                    continue
+            for k, caption in enumerate(rec.captions):  # the readers dropped (and counted) blank ones
                 if not has_image(rec.id):
                     skipped += 1
                     continue
@@ -61,10 +63,12 @@ def read_pairs(caption_files: list[str], image_root: str | None, has_image) -> P
                 image_ids.append(rec.id)
                 texts.append(caption.strip())
                 refs[rec.id] = (image_set.root, rec.image)
+    if blank:
+        say(f"{blank} blank caption{'s' if blank != 1 else ''} skipped in {', '.join(map(str, paths))}")
     if not keys:
         raise BlitextError(f"no caption in {caption_files} has an image in the features: were they made from "
                            f"the same data? ({skipped} captions without features)")
-    return Pairs(keys, image_ids, texts, refs, skipped)
+    return Pairs(keys, image_ids, texts, refs, skipped, blank)
 
 
 class CachedFeatures:

@@ -56,13 +56,13 @@ def read_image_set(path: str | Path, image_root: str | Path | None = None) -> Im
     root = Path(image_root) if image_root else path.parent
     suffix = path.suffix.lower()
     if suffix == ".json":
-        return ImageSet(root, _read_caption_json(path, root), str(path))
+        return _image_set(root, _read_caption_json(path, root), str(path))
     if suffix == ".jsonl":
-        return ImageSet(root, _read_jsonl(path, root), str(path))
+        return _image_set(root, _read_jsonl(path, root), str(path))
     if suffix == ".csv":
-        return ImageSet(root, _read_csv(path, root), str(path))
+        return _image_set(root, _read_csv(path, root), str(path))
     if suffix == ".tar":
-        return ImageSet(root, _read_tar_shards([path], root), str(path))
+        return _image_set(root, _read_tar_shards([path], root), str(path))
     raise BlitextError(f"{path}: unsupported dataset format {suffix or '(no extension)'!r}; "
                        f"expected one of: {ACCEPTED_FORMATS}")
 
@@ -70,10 +70,10 @@ def read_image_set(path: str | Path, image_root: str | Path | None = None) -> Im
 def _read_folder(folder: Path, root: Path) -> ImageSet:
     for name, read in (("captions.jsonl", _read_jsonl), ("captions.csv", _read_csv)):
         if (folder / name).is_file():
-            return ImageSet(root, read(folder / name, root), str(folder / name))
+            return _image_set(root, read(folder / name, root), str(folder / name))
     tars = sorted(folder.glob("*.tar"))
     if tars:
-        return ImageSet(root, _read_tar_shards(tars, root), str(folder))
+        return _image_set(root, _read_tar_shards(tars, root), str(folder))
     # a folder of images, else a folder of videos (captions then come from a separate file)
     records = _read_image_folder(folder, root) or _read_image_folder(folder, root, VIDEO_EXTENSIONS)
     if not records:
@@ -83,6 +83,12 @@ def _read_folder(folder: Path, root: Path) -> ImageSet:
 
 
 # ---------------------------------------------------------------- shared helpers
+
+def _image_set(root: Path, read: tuple[list[ImageRecord], int], source: str) -> ImageSet:
+    """A reader's (records, blank captions skipped) as the ImageSet callers get."""
+    records, blank = read
+    return ImageSet(root, records, source, blank_captions=blank)
+
 
 class _RefChecker:
     """Normalises image references and refuses any that would leave the dataset root."""
@@ -116,40 +122,50 @@ def _tar_part(ref: str) -> str | None:
 
 
 class _Grouper:
-    """Collects captions per image id in first-seen order; one id may name only one image."""
+    """Collects captions per image id in first-seen order; one id may name only one image.
+    Blank captions are dropped here and counted, for the callers to report."""
 
     def __init__(self):
         self._images: dict[str, tuple[str, list[str], dict, str]] = {}
+        self.blank = 0
 
     def add(self, image_id: str, image: str, captions: list[str], meta: dict, where: str) -> None:
         entry = self._images.get(image_id)
         if entry is None:
-            self._images[image_id] = (image, list(captions), dict(meta), where)
+            self._images[image_id] = (image, self._kept(captions), dict(meta), where)
             return
         if entry[0] != image:
             raise BlitextError(f"id {image_id!r} names two different images: {entry[0]!r} ({entry[3]}) and "
                                f"{image!r} ({where}); give each image its own id")
-        entry[1].extend(captions)
+        entry[1].extend(self._kept(captions))
 
     def add_captions(self, image_id: str, captions: list[str], where: str) -> None:
         if image_id not in self._images:
             raise BlitextError(f"{where}: image_id {image_id!r} is not listed in \"images\"; "
                                f"add the image or remove the annotation")
-        self._images[image_id][1].extend(captions)
+        self._images[image_id][1].extend(self._kept(captions))
 
-    def records(self) -> list[ImageRecord]:
-        return [ImageRecord(id=i, image=img, captions=tuple(caps), meta=meta)
-                for i, (img, caps, meta, _where) in self._images.items()]
+    def _kept(self, captions: list[str]) -> list[str]:
+        kept = [c.strip() for c in captions if c.strip()]
+        self.blank += len(captions) - len(kept)
+        return kept
+
+    def result(self) -> tuple[list[ImageRecord], int]:
+        """(records, blank captions skipped): what the readers hand to ImageSet."""
+        records = [ImageRecord(id=i, image=img, captions=tuple(caps), meta=meta)
+                   for i, (img, caps, meta, _where) in self._images.items()]
+        return records, self.blank
 
 
 def _captions(value: Any, where: str) -> list[str]:
-    """A caption field may be one string or a list of strings (LAVIS eval files); blanks dropped."""
+    """A caption field may be one string or a list of strings (LAVIS eval files); blanks are
+    kept here for the _Grouper to drop and count."""
     if value is None:
         return []
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, list) or not all(isinstance(c, str) for c in values):
         raise BlitextError(f"{where}: \"caption\" must be a string or a list of strings, got {_short(value)}")
-    return [c.strip() for c in values if c.strip()]
+    return values
 
 
 def _id_from_path(ref: str) -> str:
@@ -194,7 +210,7 @@ def _not_utf8(path: Path) -> BlitextError:
 
 # ---------------------------------------------------------------- caption files
 
-def _read_caption_json(path: Path, root: Path) -> list[ImageRecord]:
+def _read_caption_json(path: Path, root: Path) -> tuple[list[ImageRecord], int]:
     data = _load_json(path)
     if is_vatex(data):
         return read_vatex(path, data)
@@ -208,7 +224,7 @@ def _read_caption_json(path: Path, root: Path) -> list[ImageRecord]:
                        f"got a {type(data).__name__}{keys}")
 
 
-def _read_lavis_list(path: Path, data: list, root: Path) -> list[ImageRecord]:
+def _read_lavis_list(path: Path, data: list, root: Path) -> tuple[list[ImageRecord], int]:
     check, groups = _RefChecker(root), _Grouper()
     for row, entry in enumerate(data):
         where = f"{path} entry {row}"
@@ -218,10 +234,10 @@ def _read_lavis_list(path: Path, data: list, root: Path) -> list[ImageRecord]:
         image_id = str(entry["image_id"]) if entry.get("image_id") is not None else _id_from_path(image)
         meta = {k: v for k, v in entry.items() if k not in _LAVIS_KEYS}
         groups.add(image_id, image, _captions(entry.get("caption"), where), meta, where)
-    return groups.records()
+    return groups.result()
 
 
-def _read_coco(path: Path, data: dict, root: Path) -> list[ImageRecord]:
+def _read_coco(path: Path, data: dict, root: Path) -> tuple[list[ImageRecord], int]:
     check, groups = _RefChecker(root), _Grouper()
     for row, image in enumerate(data["images"]):
         where = f"{path} images[{row}]"
@@ -233,10 +249,10 @@ def _read_coco(path: Path, data: dict, root: Path) -> list[ImageRecord]:
         if not isinstance(ann, dict) or "image_id" not in ann:
             raise BlitextError(f"{where}: expected {{\"image_id\", \"caption\"}}, got {_short(ann)}")
         groups.add_captions(str(ann["image_id"]), _captions(ann.get("caption"), where), where)
-    return groups.records()
+    return groups.result()
 
 
-def _read_jsonl(path: Path, root: Path) -> list[ImageRecord]:
+def _read_jsonl(path: Path, root: Path) -> tuple[list[ImageRecord], int]:
     check, groups = _RefChecker(root), _Grouper()
     try:
         with open(path, encoding="utf-8") as f:
@@ -245,7 +261,7 @@ def _read_jsonl(path: Path, root: Path) -> list[ImageRecord]:
                     _add_row(groups, check, _parse_jsonl_line(line, f"{path} line {lineno}"), f"{path} line {lineno}")
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
-    return groups.records()
+    return groups.result()
 
 
 def _parse_jsonl_line(line: str, where: str) -> dict:
@@ -258,7 +274,7 @@ def _parse_jsonl_line(line: str, where: str) -> dict:
     return entry
 
 
-def _read_csv(path: Path, root: Path) -> list[ImageRecord]:
+def _read_csv(path: Path, root: Path) -> tuple[list[ImageRecord], int]:
     check, groups = _RefChecker(root), _Grouper()
     try:
         with open(path, encoding="utf-8", newline="") as f:
@@ -277,7 +293,7 @@ def _read_csv(path: Path, root: Path) -> list[ImageRecord]:
         raise BlitextError(f"{path}: malformed CSV ({e}); fix the file") from None
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
-    return groups.records()
+    return groups.result()
 
 
 def _add_row(groups: _Grouper, check: _RefChecker, row: dict, where: str) -> None:
@@ -303,7 +319,7 @@ def _read_image_folder(folder: Path, root: Path, extensions: tuple[str, ...] = I
             found.append((check(os.path.relpath(path, root), str(path)), str(path)))
     for image_id, (image, where) in zip(_folder_ids([image for image, _ in found]), found):
         groups.add(image_id, image, [], {}, where)
-    return groups.records()
+    return groups.result()[0]
 
 
 def _folder_ids(images: list[str]) -> list[str]:
@@ -333,7 +349,7 @@ def _read_tar_glob(pattern: str, image_root: str | Path | None) -> ImageSet:
         raise BlitextError(f"{pattern}: a glob must match only .tar shards, but it also matches {not_tar[:3]}; "
                            f"narrow it, e.g. shards/*.tar")
     root = Path(image_root) if image_root else _glob_base(pattern)
-    return ImageSet(root, _read_tar_shards(matches, root), pattern)
+    return _image_set(root, _read_tar_shards(matches, root), pattern)
 
 
 def _glob_base(pattern: str) -> Path:
@@ -346,19 +362,19 @@ def _glob_base(pattern: str) -> Path:
     return Path(*parts) if parts else Path(".")
 
 
-def _read_tar_shards(tars: list[Path], root: Path) -> list[ImageRecord]:
+def _read_tar_shards(tars: list[Path], root: Path) -> tuple[list[ImageRecord], int]:
     check, groups = _RefChecker(root), _Grouper()
     for tar_path in tars:
         tar_ref = check(os.path.relpath(tar_path, root), str(tar_path))
         for key, member, caption, json_key in _tar_samples(tar_path):
             where = f"{tar_path}#{member}"
-            captions = [caption.strip()] if caption and caption.strip() else []
+            captions = [caption] if caption is not None else []
             groups.add(json_key or key, f"{tar_ref}#{member}", captions, {}, where)
-    records = groups.records()
+    records, blank = groups.result()
     if not records:
         raise BlitextError(f"{', '.join(map(str, tars[:3]))}: no samples with an image member "
                            f"({', '.join(TAR_IMAGE_EXTENSIONS)}); expected img2dataset-style shards")
-    return records
+    return records, blank
 
 
 def _tar_samples(tar_path: Path) -> list[tuple[str, str, str | None, str | None]]:

@@ -35,6 +35,7 @@ class ImageSet:
     root: Path                     # image references are resolved relative to this folder
     records: list[ImageRecord]     # one per unique image, captions grouped; file order (stable)
     source: str                    # what was read (a file, folder or glob), for messages and provenance
+    blank_captions: int = 0        # blank captions skipped while reading; callers report them
 
     def __len__(self) -> int:
         return len(self.records)

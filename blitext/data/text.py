@@ -73,7 +73,9 @@ def read_sentences(patterns: list[str] | str, bad_bytes: str = "error") -> TextC
 
 
 def _read_caption_json(path: Path, corpus: TextCorpus) -> None:
-    for record in read_image_set(path).records:
+    image_set = read_image_set(path)
+    corpus.counts["empty skipped"] += image_set.blank_captions  # the reader dropped them; report them
+    for record in image_set.records:
         for k, caption in enumerate(record.captions):
             if caption.strip():
                 corpus.add(caption_key(record.id, k), caption.strip())

@@ -157,10 +157,11 @@ def is_vatex(data) -> bool:
     return isinstance(data, list) and bool(data) and isinstance(data[0], dict) and "videoID" in data[0]
 
 
-def read_vatex(path: Path, data: list) -> list[ImageRecord]:
+def read_vatex(path: Path, data: list) -> tuple[list[ImageRecord], int]:
     """English captions only; id = videoID; the video is `<videoID>.mp4` under the root
-    (any other video extension is found at decode time, see `video_path`)."""
-    records, seen = [], set()
+    (any other video extension is found at decode time, see `video_path`). Returns the records
+    and the number of blank captions skipped."""
+    records, seen, blank = [], set(), 0
     for row, entry in enumerate(data):
         where = f"{path} entry {row}"
         if not isinstance(entry, dict) or not isinstance(entry.get("videoID"), str) or not entry["videoID"].strip():
@@ -174,5 +175,7 @@ def read_vatex(path: Path, data: list) -> list[ImageRecord]:
             raise BlitextError(f"{where}: \"enCap\" must be a list of strings, got {str(captions)[:80]}")
         if PurePosixPath(video_id).is_absolute() or ".." in PurePosixPath(video_id).parts:
             raise BlitextError(f"{where}: videoID {video_id!r} is a path leaving the dataset root; fix the file")
-        records.append(ImageRecord(video_id, f"{video_id}.mp4", tuple(c.strip() for c in captions if c.strip())))
-    return records
+        kept = tuple(c.strip() for c in captions if c.strip())
+        blank += len(captions) - len(kept)
+        records.append(ImageRecord(video_id, f"{video_id}.mp4", kept))
+    return records, blank
