@@ -19,12 +19,15 @@ def data_prepare_cmd(
     name: str = typer.Argument(..., help="easy-vqa | tuxpaint | fashion-mnist | moving-shapes (videos)"),
     out_root: Optional[Path] = typer.Option(None, "--out-root", help="[default: cache/data]"),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N images per split."),
+    install: bool = typer.Option(False, "--install", help="Let blitext run `apt-get install` (as root) when "
+                                 "tuxpaint's or fashion-mnist's Debian package is missing; without it, it "
+                                 "prints the command instead."),
 ):
     """Write an embedded data set as standard caption JSON (+ VQA JSON) and images."""
     from blitext.console import say
     from blitext.data.prepare import prepare_dataset
 
-    folder = prepare_dataset(name, out_root, limit=limit)
+    folder = prepare_dataset(name, out_root, limit=limit, install=install)
     say(f"[green]prepared[/] {name} in {folder}")
 
 

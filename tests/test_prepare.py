@@ -207,14 +207,21 @@ def test_fashion_mnist_truncated_idx_is_named(tmp_path):
     ("tuxpaint", "TUXPAINT_STAMPS", "tuxpaint-stamps-default"),
     ("fashion-mnist", "FASHION_MNIST_DIR", "dataset-fashion-mnist"),
 ])
-def test_missing_package_when_not_root_names_the_apt_command(tmp_path, monkeypatch, name, constant, package):
+@pytest.mark.parametrize("root", [False, True])
+def test_missing_package_without_install_names_the_apt_command_and_runs_nothing(tmp_path, monkeypatch, name,
+                                                                                constant, package, root):
+    ran = []
     monkeypatch.setattr(prepare, constant, tmp_path / "absent")
-    monkeypatch.setattr(prepare.os, "geteuid", lambda: 1000)
-    with pytest.raises(BlitextError, match=re.escape(f"`sudo apt-get install -y --no-install-recommends {package}`")):
+    monkeypatch.setattr(prepare.os, "geteuid", lambda: 0 if root else 1000)
+    monkeypatch.setattr(prepare, "_can_install_packages", lambda: root)
+    monkeypatch.setattr(prepare, "_run_apt", lambda command: ran.append(command) or True)
+    command = f"{'' if root else 'sudo '}apt-get install --no-install-recommends {package}"
+    with pytest.raises(BlitextError, match=re.escape(f"run `{command}`, or pass --install")) as e:
         prepare_dataset(name, tmp_path / "out")
+    assert ran == [] and "\n" not in str(e.value)  # even as root, nothing is installed unasked
 
 
-def test_missing_package_as_root_runs_apt_get(tmp_path, monkeypatch):
+def test_install_runs_apt_get(tmp_path, monkeypatch):
     stamps = tmp_path / "stamps"
     ran = []
 
@@ -226,9 +233,42 @@ def test_missing_package_as_root_runs_apt_get(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "TUXPAINT_STAMPS", stamps)
     monkeypatch.setattr(prepare, "_can_install_packages", lambda: True)
     monkeypatch.setattr(prepare, "_run_apt", fake_apt)
-    folder = prepare_dataset("tuxpaint", tmp_path / "out")
+    folder = prepare_dataset("tuxpaint", tmp_path / "out", install=True)
     assert ran == [["apt-get", "install", "-y", "--no-install-recommends", "tuxpaint-stamps-default"]]
     assert read_image_set(folder / "captions.json").records[0].captions == ("A bear.",)
+
+
+def test_install_when_not_root_says_to_run_it_with_sudo(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "TUXPAINT_STAMPS", tmp_path / "absent")
+    monkeypatch.setattr(prepare, "_can_install_packages", lambda: False)
+    monkeypatch.setattr(prepare, "_run_apt", lambda command: pytest.fail("apt-get must not run"))
+    with pytest.raises(BlitextError, match=re.escape("--install needs root and apt-get: run "
+                                                     "`sudo apt-get install --no-install-recommends "
+                                                     "tuxpaint-stamps-default`")):
+        prepare_dataset("tuxpaint", tmp_path / "out", install=True)
+
+
+def test_data_prepare_cli_installs_only_with_install_flag(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from blitext.cli.main import app
+
+    stamps, ran = tmp_path / "stamps", []
+
+    def fake_apt(command):
+        ran.append(command)
+        write_stamp(stamps, "animals/bear", "A bear.\n")
+        return True
+
+    monkeypatch.setattr(prepare, "TUXPAINT_STAMPS", stamps)
+    monkeypatch.setattr(prepare, "_can_install_packages", lambda: True)
+    monkeypatch.setattr(prepare, "_run_apt", fake_apt)
+    refused = CliRunner().invoke(app, ["data", "prepare", "tuxpaint", "--out-root", str(tmp_path / "out")])
+    assert refused.exit_code == 2 and ran == []
+    assert "or pass --install" in " ".join(refused.output.split())
+    done = CliRunner().invoke(app, ["data", "prepare", "tuxpaint", "--out-root", str(tmp_path / "out"), "--install"])
+    assert done.exit_code == 0, done.output
+    assert ran == [["apt-get", "install", "-y", "--no-install-recommends", "tuxpaint-stamps-default"]]
 
 
 def test_bad_source_folder_is_refused(tmp_path):

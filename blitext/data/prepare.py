@@ -44,7 +44,7 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 @dataclass(frozen=True)
 class _Dataset:
-    find_source: Callable[[Path | None], Path]    # given source (or None) -> folder to read
+    find_source: Callable[[Path | None, bool], Path]  # (given source or None, install allowed) -> folder to read
     build: Callable[[Path, Path, int | None], dict]  # (source, out folder, limit) -> counts
     about: str
 
@@ -54,8 +54,11 @@ def list_datasets() -> list[str]:
 
 
 def prepare_dataset(name: str, out_root: Path | None = None, limit: int | None = None,
-                    source: Path | None = None) -> Path:
-    """Build dataset `name` under `out_root/name` (once) and return that folder."""
+                    source: Path | None = None, install: bool = False) -> Path:
+    """Build dataset `name` under `out_root/name` (once) and return that folder.
+
+    install=True lets a Debian data set's missing package be installed with apt-get (as root);
+    without it a missing package is an error naming the command to run."""
     dataset = _DATASETS.get(name)
     if dataset is None:
         raise BlitextError(f"unknown dataset {name!r}; blitext can prepare: {', '.join(_DATASETS)}")
@@ -67,7 +70,7 @@ def prepare_dataset(name: str, out_root: Path | None = None, limit: int | None =
               "blitext_version": __version__}
     if _marker_matches(final, wanted):
         return final
-    src = dataset.find_source(Path(source) if source is not None else None)
+    src = dataset.find_source(Path(source) if source is not None else None, install)
     tmp = out_root / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -101,22 +104,30 @@ def _move_into_place(tmp: Path, final: Path) -> None:
 
 # ---------------------------------------------------------------- Debian packages
 
-def _ensure_debian_package(package: str, path: Path, what: str) -> Path:
-    """Return `path`, installing `package` first when we are root with apt-get; else say how."""
+def _ensure_debian_package(package: str, path: Path, what: str, install: bool) -> Path:
+    """Return `path`; when it is missing, install `package` only if asked to (install=True,
+    `data prepare --install`): changing the system is the user's decision, not a side effect."""
     if path.is_dir():
         return path
-    install = ["apt-get", "install", "-y", "--no-install-recommends", package]
+    command = f"apt-get install --no-install-recommends {package}"
+    sudo = "" if hasattr(os, "geteuid") and os.geteuid() == 0 else "sudo "
+    if not install:
+        raise BlitextError(f"{path} not found: {what} come from the Debian package {package}: "
+                           f"run `{sudo}{command}`, or pass --install to have blitext run it (as root)")
     if not _can_install_packages():
-        raise BlitextError(
-            f"{path} not found: {what} come from the Debian package {package}. Install it with "
-            f"`sudo {' '.join(install)}`, or unpack it without installing (`apt-get download {package} && "
-            f"dpkg -x {package}_*.deb DIR`) and pass that DIR as the source")
-    if not _run_apt(install):
-        _run_apt(["apt-get", "update"])  # fresh containers have empty package lists
-        _run_apt(install)
+        raise BlitextError(f"{path} not found and --install needs root and apt-get: run `sudo {command}` yourself")
+    _install_debian_package(package)
     if not path.is_dir():
-        raise BlitextError(f"{path} still not found after `{' '.join(install)}`; run it by hand and read its errors")
+        raise BlitextError(f"{path} still not found after `{command}`; run it by hand and read its errors")
     return path
+
+
+def _install_debian_package(package: str) -> None:
+    """apt-get install, refreshing the package lists once if that fails (fresh containers have none)."""
+    install = ["apt-get", "install", "-y", "--no-install-recommends", package]
+    if not _run_apt(install):
+        _run_apt(["apt-get", "update"])
+        _run_apt(install)
 
 
 def unpack_debian_package(package: str, dest: Path) -> Path:
@@ -168,9 +179,9 @@ def _run_apt(command: list[str]) -> bool:
 
 # ---------------------------------------------------------------- Tux Paint stamps
 
-def _find_tuxpaint(source: Path | None) -> Path:
+def _find_tuxpaint(source: Path | None, install: bool = False) -> Path:
     if source is None:
-        return _ensure_debian_package("tuxpaint-stamps-default", TUXPAINT_STAMPS, "Tux Paint stamps")
+        return _ensure_debian_package("tuxpaint-stamps-default", TUXPAINT_STAMPS, "Tux Paint stamps", install)
     # Accept the stamps folder itself, or a `dpkg -x` tree holding usr/share/tuxpaint/stamps.
     for stamps in (source / "usr" / "share" / "tuxpaint" / "stamps", source / "stamps", source):
         if stamps.is_dir():
@@ -224,9 +235,9 @@ FASHION_MNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot")
 
 
-def _find_fashion_mnist(source: Path | None) -> Path:
+def _find_fashion_mnist(source: Path | None, install: bool = False) -> Path:
     if source is None:
-        return _ensure_debian_package("dataset-fashion-mnist", FASHION_MNIST_DIR, "Fashion-MNIST's files")
+        return _ensure_debian_package("dataset-fashion-mnist", FASHION_MNIST_DIR, "Fashion-MNIST's files", install)
     for folder in (source / "usr" / "share" / "datasets" / "fashion-mnist", source):
         if (folder / FASHION_MNIST_FILES["train"][0]).is_file():
             return folder
@@ -283,10 +294,11 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 _DATASETS = {
-    "easy-vqa": _Dataset(find_easy_vqa, build_easy_vqa, "easy-VQA shapes with composed captions and real VQA"),
+    "easy-vqa": _Dataset(lambda source, _install: find_easy_vqa(source), build_easy_vqa,
+                         "easy-VQA shapes with composed captions and real VQA"),
     "tuxpaint": _Dataset(_find_tuxpaint, _build_tuxpaint, "Tux Paint stamps with human English captions"),
     "fashion-mnist": _Dataset(_find_fashion_mnist, _build_fashion_mnist, "Fashion-MNIST with templated captions"),
     # generated, so there is no source to find; the marker records what made it
-    "moving-shapes": _Dataset(lambda _source: Path("generated by blitext.data.moving_shapes"),
+    "moving-shapes": _Dataset(lambda _source, _install: Path("generated by blitext.data.moving_shapes"),
                               build_moving_shapes, "generated .mp4 clips of a shape moving, with captions"),
 }
