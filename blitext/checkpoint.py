@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from blitext.atomic import publish, read_json, write_json
+from blitext.cache.manifest import same_identity
 from blitext.errors import BlitextError
 
 LATEST = "latest"
@@ -86,7 +87,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     path = Path(path)
     state = read_json(path / "state.json")
     for key, want in (expect or {}).items():
-        if state.get(key) != want:
+        if not same_identity(state.get(key), want):
             raise BlitextError(f"{path} was trained with {key}={state.get(key)!r}; this run has {want!r}: "
                                f"use the same models and settings, or start a new run (another --out)")
     weights = load_file(path / "model.safetensors")

@@ -84,6 +84,14 @@ def test_mismatched_producer_is_refused_with_both_named(tmp_path):
     assert "enc@0123" in text and "clip@9999" in text and "336" in text and "re-run extract-features" in text
 
 
+def test_encoder_named_by_another_path_is_the_same_producer(tmp_path):
+    # Caches made before the encoder's resolved path was recorded hold the string the user typed.
+    build(tmp_path / "c", random_rows(2), producer={**PRODUCER, "encoder": "./models/enc"})
+    FeatureCache(tmp_path / "c", expect={**PRODUCER, "encoder": "/home/u/models/enc"})  # same fingerprint
+    with pytest.raises(BlitextError, match="fingerprint=enc@0123.*fingerprint=enc@4567"):
+        FeatureCache(tmp_path / "c", expect={**PRODUCER, "encoder": "/home/u/models/enc", "fingerprint": "enc@4567"})
+
+
 def test_unfinished_cache_is_not_readable(tmp_path):
     plan = CachePlan(tmp_path / "c", "image-features", PRODUCER, ["a", "b"], 1)
     start_or_resume(plan)

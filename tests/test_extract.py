@@ -98,6 +98,20 @@ def test_cache_from_another_encoder_or_preprocessing_is_refused(tmp_path, vision
     assert "48" in str(e.value) and "re-run extract-features" in str(e.value)
 
 
+def test_one_encoder_folder_named_relatively_and_absolutely_is_one_encoder(tmp_path, vision_folders, monkeypatch):
+    vit = vision_folders["vit"]
+    data = write_image_folder(tmp_path / "imgs", 4)
+    out = tmp_path / "c"
+    base = dict(data=str(data), out=str(out), batch_size=2, shard_size=2, num_workers=0)
+    monkeypatch.chdir(vit.parent)
+    extract_features(ExtractConfig(vision_encoder=f"./{vit.name}", **base))
+    assert FeatureCache(out).producer["encoder"] == str(vit.resolve())  # loadable again from any folder
+    extract_features(ExtractConfig(vision_encoder=str(vit), **base))    # the same encoder: nothing to redo
+    FeatureCache(out, expect=load_vision_encoder(str(vit)).producer())
+    monkeypatch.chdir(vit)
+    assert load_vision_encoder(".").producer() == load_vision_encoder(str(vit)).producer()
+
+
 def run_cli(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "blitext"), *args], capture_output=True, text=True, **kw)
 

@@ -94,3 +94,39 @@ def test_bundled_models_are_real(session_cache, monkeypatch):
     out = llm.model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in llm.tokenizer.decode(out[0, ids.input_ids.shape[1]:])
     assert load_llm("smollm2-135m").fingerprint == llm.fingerprint  # the converted folder is reused
+
+
+def test_stage_2_init_accepts_stage_1_features_named_by_another_path(tmp_path):
+    """Stage 1 recorded the encoder as typed ("./vit", before resolved paths were recorded)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from blitext.models.adapter_checkpoint import load_init
+
+    model = torch.nn.Linear(2, 2)
+    folder = tmp_path / "run" / "final"
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    stage_1 = {"encoder": "./vit", "fingerprint": "vit@0123", "preprocessing": {"resize": 32}}
+    (folder / "state.json").write_text(json.dumps({
+        "qformer_config": {}, "features_producer": stage_1, "llm_fingerprint": "opt@1",
+        "prompts_producer": None, "resume_config": {"stage": 1}, "step": 3}))
+    identity = {"features_producer": {**stage_1, "encoder": "/models/vit"}, "llm_fingerprint": "opt@1",
+                "prompts_producer": None}
+    load_init(str(folder.parent), model, identity)
+    with pytest.raises(BlitextError, match="other visual features"):
+        load_init(str(folder.parent), model, {**identity, "features_producer": {**stage_1, "fingerprint": "vit@9"}})
+    with pytest.raises(BlitextError, match="other visual features"):  # a field stage 1 lacks still differs
+        load_init(str(folder.parent), model, {**identity, "features_producer": {**stage_1, "pooling": "mean"}})
+
+
+def test_resume_accepts_features_whose_encoder_was_named_by_another_path(tmp_path):
+    from blitext.checkpoint import load_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    made = {"encoder": "./vit", "fingerprint": "vit@0123", "preprocessing": {"resize": 32}}
+    path = save_checkpoint(tmp_path / "run", 1, model, None, {"features_producer": made, "step": 1})
+    load_checkpoint(path, model, expect={"features_producer": {**made, "encoder": "/models/vit"}})
+    with pytest.raises(BlitextError, match="was trained with features_producer"):
+        load_checkpoint(path, model, expect={"features_producer": {**made, "fingerprint": "vit@9"}})

@@ -42,9 +42,24 @@ def describe(producer: dict) -> str:
 
 
 def producer_mismatch(found: dict, expected: dict) -> dict[str, tuple[Any, Any]]:
-    """Fields of `expected` whose value in `found` differs: {field: (found, expected)}."""
+    """Fields of `expected` whose value in `found` differs: {field: (found, expected)}.
+
+    The encoder's name is where its folder was given ("./enc", "/abs/enc"; caches made before
+    the resolved path was recorded hold what the user typed): with equal fingerprints (folder
+    name + weight bytes) it is the same encoder, so that difference alone is not a mismatch."""
     found, expected = normalised(found), normalised(expected)
-    return {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
+    diff = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
+    if "encoder" in diff and "fingerprint" not in diff and expected.get("fingerprint"):
+        del diff["encoder"]
+    return diff
+
+
+def same_identity(recorded: Any, wanted: Any) -> bool:
+    """For a checkpoint's recorded identity: equal, or two producers that differ only where the
+    encoder folder was named (see producer_mismatch), checked both ways."""
+    if isinstance(recorded, dict) and isinstance(wanted, dict):
+        return not producer_mismatch(recorded, wanted) and not producer_mismatch(wanted, recorded)
+    return recorded == wanted
 
 
 def require_producer(found: dict, expected: dict, where: Path, fix: str) -> None:

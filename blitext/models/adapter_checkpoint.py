@@ -13,6 +13,7 @@ import torch
 
 from blitext.atomic import read_json
 from blitext.cache import FeatureCache
+from blitext.cache.manifest import same_identity
 from blitext.checkpoint import latest_checkpoint
 from blitext.console import say
 from blitext.errors import BlitextError
@@ -47,7 +48,7 @@ def load_init(init: str, model: QFormer, identity: dict) -> None:
     folder = adapter_folder(init)
     state = read_json(folder / "state.json")
     for key, what in (("features_producer", "visual features"), ("llm_fingerprint", "LLM")):
-        if state.get(key) != identity[key]:
+        if not same_identity(state.get(key), identity[key]):
             raise BlitextError(f"--init {folder} was trained on other {what} ({state.get(key)}) than this run "
                                f"({identity[key]}): stage 2 must use stage 1's {what}")
     if state.get("prompts_producer") and identity["prompts_producer"] and \

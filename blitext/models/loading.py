@@ -72,9 +72,10 @@ def resolve_hf_path(name: str, what: str) -> Path:
 
 
 def display_name(name: str) -> str:
-    """A folder's own name (not its full path), so a moved model keeps its fingerprint."""
+    """A folder's own name (not its full path), so a moved model keeps its fingerprint.
+    Made absolute first, so "." or ".." give the folder's name rather than "" or ".."."""
     path = Path(name).expanduser()
-    return path.name if path.exists() else name
+    return Path(os.path.abspath(path)).name if path.exists() else name
 
 
 def _quiet_transformers() -> None:
@@ -185,5 +186,8 @@ def load_vision_encoder(name: str, device: str = "cpu"):
         encoder = vision.EfficientNetLiteEncoder(weights, name, fingerprint(name, weights))
     else:
         path = resolve_hf_path(name, "vision encoder")
-        encoder = vision.HFVisionEncoder.from_folder(path, name, fingerprint(display_name(name), path))
+        # A folder is recorded by its resolved path: "./enc" and "/abs/enc" name one encoder, and an
+        # adaptor can load it again from any working directory. A hub id stays as it was given.
+        recorded = str(path.resolve()) if Path(name).expanduser().exists() else name
+        encoder = vision.HFVisionEncoder.from_folder(path, recorded, fingerprint(display_name(name), path))
     return _freeze(encoder).to(device)
