@@ -7,7 +7,8 @@ tokens, length penalty -1. Generation stops at the end-of-text marker the adapto
 trained to emit ("\\n"), which a small chat-tuned LLM otherwise talks past.
 
 `generate_texts` works on visual tokens from any source (an image, a feature cache), so the
-evaluation commands share it.
+evaluation commands share it; `generate_from_text` runs the same path with a text's embeddings
+where the soft prompts go (eval vqa's text ceiling).
 """
 from __future__ import annotations
 
@@ -52,31 +53,55 @@ def generate_texts(adapter: LoadedAdapter, llm, features: torch.Tensor, feature_
     """One generation per row of features (B, T, D); texts are the text prompts (questions filled in)."""
     device = next(llm.model.parameters()).device
     prompts = adapter.model.prompts(features.to(device).float(), None if feature_mask is None else feature_mask.to(device))
-    embeds, mask = left_padded_inputs(llm, prompts, texts)
-    eos = stop_token_ids(llm.tokenizer, adapter.end_of_text)
+    return generate_after(llm, prompts, texts, settings, adapter.end_of_text)
+
+
+@torch.inference_mode()
+def generate_from_text(llm, contexts: list[str], texts: list[str], settings: GenerationSettings,
+                       end_of_text: str) -> list[str]:
+    """generate_texts with a text in place of each row's soft prompts: the LLM's own embeddings of
+    the context's tokens fill the prompts' slot, so padding, decoding and the stop marker are the
+    adaptor's own (eval vqa's text ceiling: the caption as text instead of the image)."""
+    embed = llm.model.get_input_embeddings()
+    prefixes = [embed(_token_ids(llm, context, embed.weight.device)) for context in contexts]
+    return generate_after(llm, prefixes, texts, settings, end_of_text)
+
+
+@torch.inference_mode()
+def generate_after(llm, prefixes: torch.Tensor | list[torch.Tensor], texts: list[str], settings: GenerationSettings,
+                   end_of_text: str) -> list[str]:
+    """Decode from [pads][prefix embeddings (n_i, d)][text] per row; the output is cut at end_of_text."""
+    embeds, mask = left_padded_inputs(llm, prefixes, texts)
     out = llm.model.generate(inputs_embeds=embeds, attention_mask=mask, num_beams=settings.num_beams,
                              max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
-                             length_penalty=settings.length_penalty, do_sample=False, eos_token_id=eos,
+                             length_penalty=settings.length_penalty, do_sample=False,
+                             eos_token_id=stop_token_ids(llm.tokenizer, end_of_text),
                              pad_token_id=llm.tokenizer.pad_token_id)
     decoded = llm.tokenizer.batch_decode(out, skip_special_tokens=True)
-    return [t.split(adapter.end_of_text)[0].strip() if adapter.end_of_text else t.strip() for t in decoded]
+    return [t.split(end_of_text)[0].strip() if end_of_text else t.strip() for t in decoded]
 
 
-def left_padded_inputs(llm, prompts: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N, d) input embeddings [pads][soft prompts][text] and their (B, N) mask. Padding goes
-    before the soft prompts, so every row's real sequence ends at the last position, where
-    generation continues."""
+def left_padded_inputs(llm, prompts: torch.Tensor | list[torch.Tensor],
+                       texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, d) input embeddings [pads][soft prompts][text] and their (B, N) mask; prompts is (B, P, d)
+    or one (P_i, d) per row. Padding goes before the soft prompts, so every row's real sequence ends
+    at the last position, where generation continues."""
     embed = llm.model.get_input_embeddings()
-    rows = []
-    for p, text in zip(prompts, texts):
-        ids = llm.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0].to(p.device) if text \
-            else torch.zeros(0, dtype=torch.long, device=p.device)
-        rows.append(torch.cat([p.to(embed.weight.dtype), embed(ids)]))
+    device = embed.weight.device
+    rows = [torch.cat([p.to(device, embed.weight.dtype), embed(_token_ids(llm, text, device))])
+            for p, text in zip(prompts, texts)]
     longest = max(len(r) for r in rows)
-    pad = embed(torch.tensor([llm.tokenizer.pad_token_id], device=prompts.device))[0]
+    pad = embed(torch.tensor([llm.tokenizer.pad_token_id], device=device))[0]
     embeds = torch.stack([torch.cat([pad.expand(longest - len(r), -1), r]) for r in rows])
-    mask = torch.stack([torch.arange(longest, device=prompts.device) >= longest - len(r) for r in rows]).long()
+    mask = torch.stack([torch.arange(longest, device=device) >= longest - len(r) for r in rows]).long()
     return embeds, mask
+
+
+def _token_ids(llm, text: str, device) -> torch.Tensor:
+    """The text's token ids without special tokens (none for an empty text)."""
+    if not text:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return llm.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0].to(device)
 
 
 # ---------------------------------------------------------------- the command
