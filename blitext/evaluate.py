@@ -9,7 +9,10 @@ sections 4-5 give the settings and the metrics' semantics:
 - caption: one caption per image with the caption settings ("a photo of", beam 5, 8..30
   new tokens), scored by pycocoevalcap's BLEU / METEOR / ROUGE-L / CIDEr / SPICE.
 - vqa: zero-shot answers ("Question: {} Short answer:", beam 5, 1..10 tokens, length
-  penalty -1); VQAv2 / OK-VQA accuracy overall and per answer type, GQA exact match.
+  penalty -1); VQAv2 / OK-VQA accuracy overall and per answer type, GQA exact match. Beside
+  it, the text ceiling: the same LLM, prompt and decoding given each image's human caption as
+  text instead of the soft prompts (what the adaptor could reach if its prompts carried the
+  caption perfectly), and the majority-answer base rate it must clear to mean anything.
 - retrieval: ITC similarity of every image-text pair, then each query's top k=128 re-scored
   with ITM + ITC and ranked by that, as LAVIS's BLIP-2 `compute_sim_matrix`: the ITM score is
   the positive-class logit averaged over the query outputs (not a softmax), the ITC term the
@@ -19,6 +22,7 @@ sections 4-5 give the settings and the metrics' semantics:
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +39,14 @@ from blitext.data.text import caption_key
 from blitext.data.vqa import read_vqa
 from blitext.distributed import pick_device
 from blitext.errors import BlitextError
-from blitext.generate import GenerationSettings, generate_texts
+from blitext.generate import GenerationSettings, generate_from_text, generate_texts
 from blitext.metrics import exact_match, rerank_top_k, retrieval_recall, vqa_summary
 
 ITM_PAIRS_PER_CALL = 256  # (image, text) pairs per ITM forward in retrieval's re-ranking
+CEILING = "text ceiling (caption as text)"  # labels of the columns / rows beside a VQA score
+BASE_RATE = "majority answer"
+CEILING_SEPARATOR = "\n"  # after the caption, before the VQA prompt: the caption is a line of its own
+CEILING_MARGIN = 10.0     # points above the base rate below which the ceiling says the LLM cannot answer
 
 
 @dataclass
@@ -61,6 +69,7 @@ class EvalConfig:
     meteor: str = "auto"               # caption: auto (run when Java is there) | java (run or fail) | off
     spice: str = "auto"                # caption: as meteor; SPICE also needs Stanford models downloaded
     official_gt_quirk: bool = False    # vqa: normalise ground truth as the official script does (punctuation only)
+    captions: str | None = None        # vqa: the images' captions (text ceiling); default captions_<split>.json beside data
     k: int = 128                       # retrieval: candidates per query re-scored with ITM (BLIP-2: 128)
 
 
@@ -110,12 +119,13 @@ def eval_vqa(config: EvalConfig) -> dict:
     settings = _settings(config, "vqa")
     if "{}" not in settings.prompt:
         raise BlitextError(f"--prompt {settings.prompt!r} has no {{}} for the question: e.g. 'Question: {{}} Answer:'")
+    captions = question_captions(config, records)  # before generating: a wrong --captions fails at once
     texts = [settings.prompt.format(r.question) for r in records]
     answers = _generate(ev, llm, settings, [r.image_id for r in records], texts, "question")
-    write_json(ev.out / "predictions.json",
-               [{"question_id": _coco_id(r.question_id), "answer": a} for r, a in zip(records, answers)])
+    _write_answers(ev.out / "predictions.json", records, answers)
     metrics = _vqa_metrics(records, answers, config.official_gt_quirk)
-    return _finish(ev, metrics, {"questions": len(records)}, settings)
+    return _finish(ev, metrics, {"questions": len(records)}, settings,
+                   **_ceiling_and_base_rate(ev, llm, settings, records, texts, captions))
 
 
 def eval_retrieval(config: EvalConfig) -> dict:
@@ -204,6 +214,95 @@ def _generate(ev: Evaluation, llm, settings: GenerationSettings, image_ids: list
     return outputs
 
 
+def _write_answers(path: Path, records, answers: list[str]) -> None:
+    write_json(path, [{"question_id": _coco_id(r.question_id), "answer": a} for r, a in zip(records, answers)])
+
+
+# ---------------------------------------------------------------- VQA's text ceiling
+
+def question_captions(config: EvalConfig, records) -> tuple[list[str] | None, str]:
+    """(each question's caption: its image's first non-blank one, the caption file), or (None, why
+    there are none). A --captions file that cannot be read is an error; a missing default is not."""
+    path = Path(config.captions) if config.captions else default_captions(Path(config.data))
+    if path is None:
+        return None, (f"no captions: pass --captions (no captions_<split>.json beside {config.data}, <split> "
+                      f"a _-separated part of its name)")
+    try:
+        by_id = {r.id: next((c.strip() for c in r.captions if c.strip()), "") for r in read_image_set(path).records}
+    except BlitextError as e:
+        if config.captions:
+            raise BlitextError(f"--captions: {e}") from None
+        return None, f"cannot read {path}: {e}"
+    missing = [r.image_id for r in records if not by_id.get(r.image_id)]
+    if missing:
+        return None, (f"{len(missing)} of {len(records)} questions are about images with no caption in {path} "
+                      f"(first: {missing[0]!r})")
+    return [by_id[r.image_id] for r in records], str(path)
+
+
+def default_captions(questions: Path) -> Path | None:
+    """captions_<part>.json beside the questions file for the first _-separated part of its name
+    that has one: vqa_test_questions.json -> captions_test.json (blitext data prepare's layout)."""
+    for part in questions.stem.split("_"):
+        if part and (questions.parent / f"captions_{part}.json").is_file():
+            return questions.parent / f"captions_{part}.json"
+    return None
+
+
+def _ceiling_and_base_rate(ev: Evaluation, llm, settings: GenerationSettings, records, texts: list[str],
+                           captions: tuple[list[str] | None, str]) -> dict:
+    """metrics.json's text_ceiling, base_rate and ceiling_verdict."""
+    if not any(r.answers for r in records):
+        return {"text_ceiling": {"unavailable": "the questions have no answers to score it against"}}
+    ceiling = _text_ceiling(ev, llm, settings, records, texts, captions)
+    base = _vqa_metrics(records, majority_answers(records), ev.config.official_gt_quirk)
+    return {"text_ceiling": ceiling, "base_rate": base, "ceiling_verdict": ceiling_verdict(ceiling, base)}
+
+
+def _text_ceiling(ev: Evaluation, llm, settings: GenerationSettings, records, texts: list[str],
+                  captions: tuple[list[str] | None, str]) -> dict:
+    """The same LLM, prompt and decoding with [caption + separator] where the soft prompts go,
+    scored as the adaptor's answers; ceiling_predictions.json holds its answers."""
+    if captions[0] is None:
+        return {"unavailable": captions[1]}
+    contexts, source = [c + CEILING_SEPARATOR for c in captions[0]], captions[1]
+    bs, answers = ev.config.batch_size, []
+    with progress_bar(len(records), "eval vqa: text ceiling", "question") as advance:
+        for start in range(0, len(records), bs):
+            answers += generate_from_text(llm, contexts[start:start + bs], texts[start:start + bs], settings,
+                                          ev.adapter.end_of_text)
+            advance(len(contexts[start:start + bs]))
+    _write_answers(ev.out / "ceiling_predictions.json", records, answers)
+    return {"metrics": _vqa_metrics(records, answers, ev.config.official_gt_quirk), "questions": len(records),
+            "captions": source, "separator": CEILING_SEPARATOR,
+            "format": "{caption}" + CEILING_SEPARATOR + settings.prompt}
+
+
+def majority_answers(records) -> list[str]:
+    """Each question answered with its answer type's most common answer (the majority of each
+    question's human answers, counted over the questions of that type): the base rate a model
+    reaches knowing only the question's type."""
+    majority = [Counter(r.answers).most_common(1)[0][0] for r in records]
+    by_type: dict = {}
+    for r, answer in zip(records, majority):
+        by_type.setdefault(r.answer_type, Counter())[answer] += 1
+    return [by_type[r.answer_type].most_common(1)[0][0] for r in records]
+
+
+def ceiling_verdict(ceiling: dict, base: dict) -> dict | None:
+    """{"near_floor", "line"}: does the ceiling clear the base rate by CEILING_MARGIN points (None
+    without a ceiling)? Below it the adaptor's VQA score is noise around what the LLM can do at all."""
+    if "metrics" not in ceiling:
+        return None
+    top, floor = ceiling["metrics"]["accuracy"], base["accuracy"]
+    if top < floor + CEILING_MARGIN:
+        return {"near_floor": True, "line": f"the LLM cannot answer these questions even from the caption as text "
+                f"({top:.1f} against {floor:.1f} for always giving the majority answer): the VQA score cannot "
+                f"show anything about the adaptor"}
+    return {"near_floor": False, "line": f"the LLM answers {top:.1f} from the caption as text, {top - floor:.1f} "
+            f"points above the majority answer's {floor:.1f}: the VQA score can show what the prompts carry"}
+
+
 def _vqa_metrics(records, answers: list[str], official_gt_quirk: bool) -> dict:
     """VQAv2 accuracy when questions carry several human answers, GQA exact match when one, none
     when the file has no answers (test-dev: predictions.json goes to the evaluation server)."""
@@ -242,11 +341,23 @@ def _finish(ev: Evaluation, metrics: dict, counts: dict, settings: GenerationSet
               "features": str(ev.cache.root), "data": ev.config.data, "provenance": provenance(ev.config)}
     write_json(ev.out / "metrics.json", record)
     sizes = ", ".join(f"{k} {v}" for k, v in counts.items())
-    print_metrics(f"eval {ev.task}: {Path(ev.config.data).name} ({sizes})", metrics)
+    print_metrics(f"eval {ev.task}: {Path(ev.config.data).name} ({sizes})", metrics, beside_scores(record))
     for name, why in extra.get("unavailable", {}).items():
         say(f"[yellow]{name} not computed[/]: {why}")
-    say(f"[green]written[/] {ev.out}/metrics.json and predictions.json")
+    ceiling = extra.get("text_ceiling", {})
+    if "unavailable" in ceiling:
+        say(f"[yellow]{CEILING} not computed[/]: {ceiling['unavailable']}")
+    if verdict := extra.get("ceiling_verdict"):
+        say(f"[{'yellow' if verdict['near_floor'] else 'green'}]text ceiling[/]: {verdict['line']}")
+    also = " and ceiling_predictions.json" if "metrics" in ceiling else ""
+    say(f"[green]written[/] {ev.out}/metrics.json, predictions.json{also}")
     return record
+
+
+def beside_scores(record: dict) -> dict[str, dict]:
+    """A VQA evaluation's text ceiling and majority-answer base rate, by label ({} for the others)."""
+    found = {CEILING: (record.get("text_ceiling") or {}).get("metrics"), BASE_RATE: record.get("base_rate")}
+    return {label: metrics for label, metrics in found.items() if metrics}
 
 
 # ---------------------------------------------------------------- retrieval scores
@@ -311,13 +422,20 @@ class RetrievalScorer:
 
 # ---------------------------------------------------------------- tables
 
-def print_metrics(title: str, metrics: dict) -> None:
+def print_metrics(title: str, metrics: dict, beside: dict[str, dict] | None = None) -> None:
+    """One row per metric; `beside` adds a column per labelled set of the same metrics (VQA's ceiling)."""
     from rich.table import Table
 
-    table = Table("metric", "value", title=title)
-    for name, value in _flatten(metrics).items():
-        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+    beside = beside or {}
+    columns = [_flatten(metrics), *(_flatten(m) for m in beside.values())]
+    table = Table("metric", "adaptor" if beside else "value", *beside, title=title)
+    for name in dict.fromkeys(k for column in columns for k in column):
+        table.add_row(name, *(_cell(column.get(name)) for column in columns))
     console.print(table)
+
+
+def _cell(value) -> str:
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -348,7 +466,8 @@ def metrics_files(path: Path) -> list[Path]:
 def compare_runs(paths: list[Path]) -> tuple[list[list], list[str]]:
     """Every numeric metric side by side: rows [eval, metric, value per path (None if absent)],
     columns ["eval", "metric", label per path]. An eval is `<task>-<data name>`, so the same
-    evaluation of several runs lines up on one row."""
+    evaluation of several runs lines up on one row. VQA evaluations add their text ceiling's
+    and base rate's metrics as rows "text ceiling (caption as text)/accuracy", ...."""
     if not paths:
         raise BlitextError("compare needs metrics files or run folders")
     labels = _labels([Path(p) for p in paths])
@@ -362,7 +481,7 @@ def compare_runs(paths: list[Path]) -> tuple[list[list], list[str]]:
             name = record.get("eval") or file.parent.name
             name = f"{name} ({file.parent.name})" if name in seen else name
             seen.add(name)
-            for metric, value in _flatten(record["metrics"]).items():
+            for metric, value in _flatten({**record["metrics"], **beside_scores(record)}).items():
                 values.setdefault((name, metric), {})[column] = value
     rows = [[name, metric, *(by_column.get(c) for c in range(len(paths)))]
             for (name, metric), by_column in values.items()]
@@ -384,5 +503,5 @@ def print_compare(rows: list[list], columns: list[str]) -> None:
 
     table = Table(*columns, title="blitext compare")
     for row in rows:
-        table.add_row(*(("-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)) for v in row))
+        table.add_row(*(_cell(v) for v in row))
     console.print(table)

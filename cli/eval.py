@@ -89,13 +89,15 @@ def vqa_cmd(
     min_new_tokens: Optional[int] = MinOpt,
     length_penalty: Optional[float] = PenaltyOpt,
     official_gt_quirk: Optional[bool] = typer.Option(None, "--official-gt-quirk/--no-official-gt-quirk", help="Normalise ground-truth answers as the official script (punctuation only). [default: no]"),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="Caption JSON (LAVIS / COCO) of the questions' images, for the text ceiling: the same LLM, prompt and decoding given each image's first caption as text instead of the adaptor's prompts. \\[default: captions_<split>.json beside the questions file, e.g. vqa_test_questions.json -> captions_test.json; none there: the ceiling is reported unavailable]"),
     config: Optional[Path] = ConfigOpt,
 ):
-    """Zero-shot VQA accuracy (VQAv2 / OK-VQA, per answer type) or GQA exact match of a stage-2 adaptor."""
+    """Zero-shot VQA accuracy (VQAv2 / OK-VQA, per answer type) or GQA exact match of a stage-2 adaptor,
+    beside the text ceiling (the caption as text) and the majority-answer base rate."""
     _run("vqa", config, adapter=adapter, features=features, data=data, annotations=annotations, out=out,
          limit=limit, batch_size=batch_size, device=device, llm=llm, prompt=prompt, num_beams=num_beams,
          max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, length_penalty=length_penalty,
-         official_gt_quirk=official_gt_quirk)
+         official_gt_quirk=official_gt_quirk, captions=captions)
 
 
 @eval_app.command("retrieval")

@@ -17,8 +17,12 @@ from blitext.cli.eval import compare_cmd, eval_app
 from blitext.data.readers import read_image_set
 from blitext.data.text import caption_key
 from blitext.errors import BlitextError
-from blitext.evaluate import EvalConfig, compare_runs, eval_caption, eval_retrieval, eval_vqa
+from blitext.evaluate import (CEILING, EvalConfig, ceiling_verdict, compare_runs, default_captions, eval_caption,
+                               eval_retrieval, eval_vqa)
 from blitext.extract import ExtractConfig, extract_features
+from blitext.generate import GenerationSettings, generate_from_text, generate_texts
+from blitext.models.adapter_checkpoint import LoadedAdapter
+from blitext.models.loading import load_llm
 from blitext.metrics import caption_scores, exact_match, vqa_accuracy
 from test_adapter import config, world  # noqa: F401
 
@@ -104,6 +108,149 @@ def test_vqa_accuracy_equals_the_hand_computation_and_gqa_exact_match(tmp_path, 
     hits = [exact_match(p["answer"], gqa[p["question_id"]]["answer"]) for p in read(tmp_path / "gqa" / "predictions.json")]
     assert g["metrics"]["accuracy"] == pytest.approx(100 * sum(hits) / len(hits)) == pytest.approx(50)
     assert set(g["metrics"]["per_answer_type"]) == {"query", "verify"}
+
+
+# ---------------------------------------------------------------- VQA's text ceiling
+
+# Human answers with known majorities: per type, "red" (other), "yes" (yes/no), "2" (number)
+# win, so the majority-answer base rate can be computed by hand.
+CEILING_ANSWERS = [["red"] * 10, ["circle"] * 8 + ["red"] * 2, ["yes"] * 10, ["2"] * 10, ["yes"] * 7 + ["no"] * 3,
+                   ["2"] * 6 + ["4"] * 4]
+HAND_MAJORITY = {"other": "red", "yes/no": "yes", "number": "2"}
+
+
+def prepared_vqa(folder: Path, world, captions: bool = True) -> Path:  # noqa: F811
+    """blitext data prepare's layout: vqa_test_questions.json (+ annotations), captions_test.json beside it."""
+    questions, annotations = write_vqav2(folder, CEILING_ANSWERS)
+    questions.rename(folder / "vqa_test_questions.json")
+    annotations.rename(folder / "vqa_test_annotations.json")
+    if captions:
+        (folder / "captions_test.json").write_text(Path(world["captions"]).read_text())
+    return folder / "vqa_test_questions.json"
+
+
+def test_vqa_text_ceiling_answers_from_each_questions_caption(tmp_path, world, runs):  # noqa: F811
+    questions = prepared_vqa(tmp_path / "data", world)
+    (tmp_path / "data" / "captions_train.json").write_text("[]")  # another split's file: not the one read
+    out = tmp_path / "eval"
+    result = eval_vqa(common(world, runs, data=str(questions), annotations=str(questions.parent / "vqa_test_annotations.json"),
+                             out=str(out)))
+    assert read(out / "metrics.json") == result
+    ceiling = result["text_ceiling"]
+    assert ceiling["questions"] == N_IMAGES and ceiling["captions"] == str(tmp_path / "data" / "captions_test.json")
+    assert ceiling["format"] == "{caption}\nQuestion: {} Short answer:"
+
+    # The ceiling's answers are the LLM's own from [caption of the question's image + "\n"][prompt], with
+    # eval's settings and batches, and are scored like the adaptor's.
+    llm = load_llm(str(world["llm"]))
+    settings = GenerationSettings.for_task("vqa", num_beams=2, max_new_tokens=4, min_new_tokens=1)
+    contexts = [f"a {['red', 'blue'][i % 2]} {['circle', 'square'][(i // 2) % 2]}\n" for i in range(N_IMAGES)]
+    texts = [f"Question: {QUESTIONS[i % 3]} Short answer:" for i in range(N_IMAGES)]
+    direct = [a for s in (0, 4) for a in generate_from_text(llm, contexts[s:s + 4], texts[s:s + 4], settings, "\n")]
+    ceiling_answers = [p["answer"] for p in read(out / "ceiling_predictions.json")]
+    assert ceiling_answers == direct
+    accs = [vqa_accuracy(a, CEILING_ANSWERS[i]) for i, a in enumerate(ceiling_answers)]
+    assert ceiling["metrics"]["accuracy"] == pytest.approx(100 * sum(accs) / N_IMAGES)
+    assert set(ceiling["metrics"]["per_answer_type"]) == set(TYPES)
+    adaptor = [p["answer"] for p in read(out / "predictions.json")]  # predictions.json stays the adaptor's
+    assert result["metrics"]["accuracy"] == pytest.approx(
+        100 * sum(vqa_accuracy(a, CEILING_ANSWERS[i]) for i, a in enumerate(adaptor)) / N_IMAGES)
+
+    base = [vqa_accuracy(HAND_MAJORITY[t], CEILING_ANSWERS[i]) for i, t in enumerate(TYPES)]
+    assert result["base_rate"]["accuracy"] == pytest.approx(100 * sum(base) / N_IMAGES)
+    assert result["base_rate"]["accuracy"] < 100  # q1's majority (circle) is not its type's (red)
+    near_floor = ceiling["metrics"]["accuracy"] < result["base_rate"]["accuracy"] + 10
+    assert result["ceiling_verdict"]["near_floor"] == near_floor
+    assert ("cannot answer these questions even from the caption" in result["ceiling_verdict"]["line"]) == near_floor
+
+    rows, _ = compare_runs([out])  # the ceiling and base rate are rows of compare (the demo prints these)
+    table = {r[1]: r[2] for r in rows}
+    assert table[f"{CEILING}/accuracy"] == ceiling["metrics"]["accuracy"]
+    assert table[f"{CEILING}/per_answer_type/yes/no"] == ceiling["metrics"]["per_answer_type"]["yes/no"]
+    assert table["majority answer/accuracy"] == result["base_rate"]["accuracy"]
+    assert table["accuracy"] == result["metrics"]["accuracy"]
+
+
+def test_generate_from_text_is_the_adaptor_path_with_the_captions_embeddings(world):  # noqa: F811
+    """The ceiling's generation is generate_texts' own, with the caption's token embeddings where
+    the soft prompts go, and equals the LLM reading the caption and the prompt as plain tokens."""
+    llm = load_llm(str(world["llm"]))
+    settings = GenerationSettings.for_task("vqa", num_beams=2, max_new_tokens=4, min_new_tokens=1)
+    contexts, texts = ["a red circle\n", "a red square\n"], ["Question: is it red? Short answer:"] * 2
+    ids = [llm.tokenizer(c, add_special_tokens=False, return_tensors="pt").input_ids[0] for c in contexts]
+    assert len(ids[0]) == len(ids[1]) and not torch.equal(ids[0], ids[1])  # one (B, P) tensor of prompts
+    embeds = llm.model.get_input_embeddings()(torch.stack(ids)).detach()
+
+    class CaptionPrompts(torch.nn.Module):
+        def prompts(self, features, mask):
+            return embeds
+
+    adapter = LoadedAdapter(CaptionPrompts(), None, {"config": {"end_of_text": "\n"}}, "test", Path("."))
+    from_text = generate_from_text(llm, contexts, texts, settings, "\n")
+    assert generate_texts(adapter, llm, torch.zeros(2, 1, 4), None, texts, settings) == from_text
+    for context, text, answer in zip(contexts, texts, from_text):  # as plain input ids, one at a time
+        tokens = llm.tokenizer(context, add_special_tokens=False).input_ids + \
+            llm.tokenizer(text, add_special_tokens=False).input_ids
+        out = llm.model.generate(torch.tensor([tokens]), attention_mask=torch.ones(1, len(tokens), dtype=torch.long),
+                                 num_beams=2, max_new_tokens=4, min_new_tokens=1, length_penalty=-1.0, do_sample=False,
+                                 eos_token_id=[llm.tokenizer("\n", add_special_tokens=False).input_ids[-1],
+                                               llm.tokenizer.eos_token_id], pad_token_id=llm.tokenizer.pad_token_id)
+        new = llm.tokenizer.decode(out[0, len(tokens):], skip_special_tokens=True)
+        assert new.split("\n")[0].strip() == answer
+
+
+def test_vqa_text_ceiling_unavailable_says_why(tmp_path, world, runs):  # noqa: F811
+    questions = prepared_vqa(tmp_path / "data", world, captions=False)
+    annotations = str(questions.parent / "vqa_test_annotations.json")
+    result = eval_vqa(common(world, runs, data=str(questions), annotations=annotations, out=str(tmp_path / "none")))
+    assert "no captions: pass --captions" in result["text_ceiling"]["unavailable"]
+    assert result["ceiling_verdict"] is None and not (tmp_path / "none" / "ceiling_predictions.json").exists()
+    assert result["metrics"]["accuracy"] >= 0 and result["base_rate"]["accuracy"] > 0  # the rest is still scored
+
+    partial = tmp_path / "five.json"  # img5 has no caption
+    partial.write_text(json.dumps([e for e in read(world["captions"]) if e["image_id"] != "img5"]))
+    result = eval_vqa(common(world, runs, data=str(questions), annotations=annotations, captions=str(partial),
+                             out=str(tmp_path / "five")))
+    assert result["text_ceiling"] == {"unavailable": f"1 of {N_IMAGES} questions are about images with no "
+                                                     f"caption in {partial} (first: 'img5')"}
+    with pytest.raises(BlitextError, match="--captions: .*nowhere.json does not exist"):
+        eval_vqa(common(world, runs, data=str(questions), captions=str(tmp_path / "nowhere.json"),
+                        out=str(tmp_path / "x")))
+
+
+def test_ceiling_verdict_needs_10_points_above_the_base_rate():
+    base = {"accuracy": 40.0}
+    assert ceiling_verdict({"metrics": {"accuracy": 49.9}}, base)["near_floor"]
+    assert "cannot show anything about the adaptor" in ceiling_verdict({"metrics": {"accuracy": 49.9}}, base)["line"]
+    assert not ceiling_verdict({"metrics": {"accuracy": 50.0}}, base)["near_floor"]
+    assert ceiling_verdict({"unavailable": "no captions"}, base) is None
+
+
+def test_default_captions_are_the_questions_split(tmp_path):
+    (tmp_path / "vqa_test_questions.json").write_text("{}")
+    assert default_captions(tmp_path / "vqa_test_questions.json") is None
+    for split in ("train", "test", "val"):
+        (tmp_path / f"captions_{split}.json").write_text("[]")
+    assert default_captions(tmp_path / "vqa_test_questions.json") == tmp_path / "captions_test.json"
+    assert default_captions(tmp_path / "vqa_val_questions.json") == tmp_path / "captions_val.json"
+    assert default_captions(tmp_path / "questions.json") is None
+
+
+def test_cli_vqa_prints_the_ceiling_beside_the_score(tmp_path, world, runs):  # noqa: F811
+    app = typer.Typer()
+    app.add_typer(eval_app, name="eval")
+    questions = prepared_vqa(tmp_path / "data", world, captions=False)
+    help_text = CliRunner().invoke(app, ["eval", "vqa", "--help"], env={"COLUMNS": "250"}).output
+    help_text = " ".join(help_text.replace("│", " ").split())  # the option table wraps its lines
+    assert "--captions" in help_text and "[default: captions_<split>.json beside the questions file" in help_text
+    r = CliRunner().invoke(app, ["eval", "vqa", "--adapter", str(runs["s2"]), "--features", str(world["features"]),
+                                 "--data", str(questions), "--annotations", str(tmp_path / "data" / "vqa_test_annotations.json"),
+                                 "--captions", str(world["captions"]), "--num-beams", "1", "--max-new-tokens", "2",
+                                 "--device", "cpu", "--out", str(tmp_path / "out")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    metrics = read(tmp_path / "out" / "metrics.json")
+    assert metrics["text_ceiling"]["captions"] == str(world["captions"])
+    assert CEILING in r.output and "majority answer" in r.output and metrics["ceiling_verdict"]["line"][:40] in r.output
 
 
 # ---------------------------------------------------------------- retrieval
