@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from blitext.atomic import read_json
 from blitext.cache import CachePlan, FeatureCache, ShardWriter
+from blitext.cache.manifest import PROMPT_KINDS
 from blitext.cache.jobs import run_sharded_job
 from blitext.cache.verify import cache_info
 from blitext.checkpoint import latest_checkpoint
@@ -165,9 +166,7 @@ class PromptCache:
     def __init__(self, root: str | Path, expect: dict | None = None):
         self.root = Path(root)
         fix = "re-run build-prompts with this run's P-Former and LLM, or pass the matching --prompts"
-        self.cache = FeatureCache(self.root, expect=expect, fix=fix)
-        if self.cache.kind != "prompts":
-            raise BlitextError(f"{self.root} is a {self.cache.kind} cache, not a prompt cache (build-prompts makes those)")
+        self.cache = FeatureCache(self.root, expect=expect, fix=fix, kinds=PROMPT_KINDS)
         self.store = self.cache.producer["store"]
         self.head = self._load_head() if self.store == "compact" else None
 

@@ -55,6 +55,8 @@ def print_cache_summary(summary: dict) -> None:
         ("failed inputs", str(summary["failed"])),
         ("row shape / dtype", f"{summary['row_shape']} {summary['dtype']}"),
         ("shards", str(summary["shards"])),
+        ("row checksums", "Fletcher-32, checked on read" if summary.get("row_checksum")
+         else "none (written before rows carried checksums; `cache verify` checks the shards' sha256)"),
         ("on disk", f"{summary['bytes_on_disk'] / 2**20:,.1f} MiB ({summary['bytes_per_row']:,.0f} B/row, "
                     f"{100 * (summary['overhead'] or 0):+.2f}% vs raw)"),
     ]
@@ -89,13 +91,15 @@ def cache_verify_cmd(
     path: Path = typer.Argument(..., help="A cache folder."),
     no_checksums: bool = typer.Option(False, "--no-checksums", help="Skip sha256 (faster)."),
 ):
-    """Check every shard: opens, datasets present, checksums, counts, no NaN/inf."""
+    """Check every shard: opens, datasets present, sha256 and row checksums, counts, no NaN/inf."""
     from blitext.cache.verify import verify_cache
     from blitext.console import console
 
     report = verify_cache(path, checksums=not no_checksums)
     for problem in report.problems:
         console.print(f"[red]problem[/] {problem}", highlight=False)
+    for note in report.notes:
+        console.print(f"[yellow]note[/] {note}", highlight=False)
     status = "[green]ok[/]" if report.ok else f"[red]{len(report.problems)} problem(s)[/]"
     console.print(f"{path}: {report.shards_ok} shard(s) ok, {report.checked_rows:,} rows checked: {status}")
     if not report.ok:

@@ -16,6 +16,25 @@ FORMAT = "blitext-cache/1"
 MANIFEST = "manifest.json"
 RUN = "run.json"
 
+FEATURE_KINDS = ("image-features", "video-features")
+PROMPT_KINDS = ("prompts",)
+KIND_NAMES = {  # for the line naming a cache given where another kind is wanted
+    "image-features": "an image-feature cache (made by extract-features)",
+    "video-features": "a video-feature cache (made by extract-features --modality video or import-features)",
+    "prompts": "a prompt cache (made by build-prompts)",
+}
+WANTED = {
+    FEATURE_KINDS: "--features wants a feature cache (made by extract-features, or import-features for videos)",
+    PROMPT_KINDS: "--prompts wants a prompt cache (made by build-prompts)",
+}
+
+
+def require_kind(root: Path, kind: str, kinds: tuple[str, ...]) -> None:
+    if kind not in kinds:
+        named = KIND_NAMES.get(kind, f"a {kind!r} cache")
+        wanted = WANTED.get(kinds, f"a {' or '.join(kinds)} cache is wanted here")
+        raise BlitextError(f"{root} is {named}; {wanted}")
+
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.h5"

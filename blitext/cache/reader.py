@@ -2,11 +2,17 @@
 
 HDF5 files are opened lazily in the process that reads them (a handle opened before a
 DataLoader fork is not safe to share), so a FeatureCache can be handed to workers as is.
+
+Rows are checked on read: a shard whose size differs from the manifest's, whose HDF5
+metadata is damaged, or a row whose Fletcher-32 checksum fails is one BlitextError line
+naming the shard (and row), never a traceback or silently wrong numbers.
 """
 from __future__ import annotations
 
+import functools
 import mmap
 import os
+import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -14,16 +20,36 @@ import h5py
 import numpy as np
 import torch
 
-from blitext.cache.manifest import load_manifest, require_producer
+from blitext.cache.manifest import FEATURE_KINDS, load_manifest, require_kind, require_producer, sidecar_name
 from blitext.errors import BlitextError
+
+# What h5py raises for a damaged file: HDF5's errors map onto these (a broken B-tree is a
+# RuntimeError from chunk_iter, an unreadable object header a KeyError, a bad datatype a ValueError).
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+
+_open_caches: "weakref.WeakSet[FeatureCache]" = weakref.WeakSet()
+
+
+def _forget_handles_after_fork() -> None:
+    for cache in list(_open_caches):
+        cache._forget_handles()
+
+
+# A forked DataLoader worker must not use the parent's HDF5 handles; resetting them once at the
+# fork keeps a check out of every read (os.getpid() per read is a system call).
+os.register_at_fork(after_in_child=_forget_handles_after_fork)
 
 
 class FeatureCache:
     """A finished cache: `cache[key]` -> np.ndarray row (fixed (T, D) or variable (T_i, D))."""
 
-    def __init__(self, root: str | Path, expect: dict | None = None, fix: str = "re-run the command that made it"):
+    def __init__(self, root: str | Path, expect: dict | None = None, fix: str = "re-run the command that made it",
+                 kinds: tuple[str, ...] | None = FEATURE_KINDS):
+        """`kinds`: the cache kinds this reader accepts (feature caches by default; None: any)."""
         self.root = Path(root)
         self.manifest = load_manifest(self.root)
+        if kinds is not None:
+            require_kind(self.root, self.kind, kinds)
         if expect:
             require_producer(self.producer, expect, self.root, fix)
         self.variable_length = bool(self.manifest["variable_length"])
@@ -31,8 +57,8 @@ class FeatureCache:
         for s, shard in enumerate(self.manifest["shards"]):
             for r, key in enumerate(shard["keys"]):
                 self.index[key] = (s, r)
-        self._files: dict[int, h5py.File] = {}
-        self._pid = None
+        self._forget_handles()
+        _open_caches.add(self)
 
     # ------------------------------------------------------------ metadata
     @property
@@ -41,7 +67,7 @@ class FeatureCache:
 
     @property
     def kind(self) -> str:
-        return self.manifest["kind"]
+        return self.manifest.get("kind", "?")
 
     @property
     def keys(self) -> list[str]:
@@ -58,26 +84,58 @@ class FeatureCache:
         return key in self.index
 
     # ------------------------------------------------------------ reading
-    def _shard(self, shard: int) -> "_Shard":
-        if self._pid != os.getpid():  # forked into a worker: the parent's handles are not ours
-            self._files, self._pid = {}, os.getpid()
-        if shard not in self._files:
-            path = self.root / self.manifest["shards"][shard]["file"]
-            try:
-                self._files[shard] = _Shard(path, self.variable_length)
-            except OSError as e:
-                raise BlitextError(f"cannot open cache shard {path}: {e}; run `blitext cache verify {self.root}`") from None
-        return self._files[shard]
+    def _forget_handles(self) -> None:
+        """Shards open on first read; never closed here (after a fork they are the parent's)."""
+        shards = self.manifest["shards"]
+        self._files: list[_Shard | None] = [None] * len(shards)
+        # per shard, as in _Shard.mapped: a row's byte offset in the memory map, or -1 (read through HDF5)
+        self._mapped: list[list[int]] = [[-1] * s["rows"] for s in shards]
+        self._views: list = [None] * len(shards)
 
-    def _locate(self, key: str) -> tuple[int, int]:
+    def _shard(self, shard: int) -> "_Shard":
+        reader = self._files[shard]
+        if reader is None:
+            reader = self._open(shard)
+            if len(reader.mapped) != len(self._mapped[shard]):
+                reader.close()
+                raise self._damaged(shard, f"holds {len(reader.mapped)} rows, the manifest says {len(self._mapped[shard])}")
+            self._files[shard], self._mapped[shard], self._views[shard] = reader, reader.mapped, reader.view
+        return reader
+
+    def _open(self, shard: int) -> "_Shard":
+        entry = self.manifest["shards"][shard]
+        path = self.root / entry["file"]
         try:
-            return self.index[key]
-        except KeyError:
-            raise BlitextError(f"key {key!r} is not in the cache {self.root} ({len(self)} rows)") from None
+            size = path.stat().st_size
+        except OSError as e:
+            raise self._damaged(shard, f"cannot be opened ({e.strerror})") from None
+        if size != entry["bytes"]:
+            raise self._damaged(shard, f"is {size:,} bytes, the manifest says {entry['bytes']:,} (truncated or replaced)")
+        try:
+            return _Shard(path, self.variable_length)
+        except H5_ERRORS as e:
+            raise self._damaged(shard, f"does not open as a cache shard ({_first_line(e)})") from None
+
+    def _damaged(self, shard: int, what: str) -> BlitextError:
+        """One line: which shard (and row) is damaged, how to confirm it and how to rebuild it."""
+        name = self.manifest["shards"][shard]["file"]
+        return BlitextError(
+            f"cache shard {self.root / name} {what}; run `blitext cache verify {self.root}`, then rebuild it: "
+            f"delete {name} and {sidecar_name(shard)} there and run the command that made the cache again "
+            f"(it redoes only the missing shards)")
 
     def __getitem__(self, key: str) -> np.ndarray:
-        shard, row = self._locate(key)
-        return self._shard(shard).row(row)
+        try:
+            shard, row = self.index[key]
+        except KeyError:
+            raise BlitextError(f"key {key!r} is not in the cache {self.root} ({len(self)} rows)") from None
+        start = self._mapped[shard][row]
+        if start >= 0:  # the hot path: a checked row, copied out of the memory map
+            return self._views[shard](start).copy()
+        try:
+            return self._shard(shard).read(row)
+        except H5_ERRORS as e:
+            raise self._damaged(shard, f"row {row} (key {key!r}) fails its check ({_first_line(e)})") from None
 
     def get_many(self, keys: Sequence[str]) -> list[np.ndarray]:
         return [self[k] for k in keys]
@@ -90,43 +148,67 @@ class FeatureCache:
         return CacheDataset(self, list(keys) if keys is not None else self.keys)
 
     def close(self) -> None:
-        for shard in self._files.values():
+        for shard in filter(None, self._files):
             shard.close()
-        self._files = {}
+        self._forget_handles()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_files"], state["_pid"] = {}, None  # handles never travel to other processes
+        for name in ("_files", "_mapped", "_views"):  # handles never travel to other processes
+            del state[name]
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._forget_handles()
+        _open_caches.add(self)
 
 
 class _Shard:
     """One open shard. Uncompressed one-row chunks sit at fixed byte offsets in the file, so
     after one pass over HDF5's chunk index a row is a plain slice of a memory map: h5py's
-    per-read selection costs far more than copying a 100 KB row (bench/cache_read.py)."""
+    per-read selection costs far more than copying a 100 KB row (bench/cache_read.py).
+
+    A row's first read in this process goes through HDF5, which checks its Fletcher-32
+    checksum; later reads of it come from the memory map of the same, now checked, bytes.
+    Computing a checksum costs as much as the copy itself, so checking every read would halve
+    the read rate. Shards written without checksums are read unchecked."""
 
     def __init__(self, path: Path, variable_length: bool):
         self.file = h5py.File(path, "r")
-        self.data = self.file["data"] if "data" in self.file else None
+        self.data = self.file.get("data")
+        if self.data is not None and not isinstance(self.data, h5py.Dataset):
+            raise ValueError("'data' is not a dataset")
         self.offsets = self.file["offsets"][:] if variable_length else None  # (N + 1,) row starts
-        self.starts = _chunk_starts(self.data) if self.data is not None and not variable_length else None
-        self.map = _map_file(path) if self.starts is not None else None
-        if self.data is not None:  # h5py attribute lookups are slow: read them once
-            self.shape, self.dtype = self.data.shape[1:], self.data.dtype
-            self.count = int(np.prod(self.shape))
+        starts = _chunk_starts(self.data) if self.data is not None and not variable_length else None
+        self.map = _map_file(path) if starts is not None else None
+        self.starts = None if starts is None else starts.tolist()  # Python ints: the cheapest to index
+        rows = 0 if self.data is None else len(self.offsets) - 1 if variable_length else self.data.shape[0]
+        # byte offset of each row read from the map; -1: read through HDF5 (to be checked, or not mapped)
+        self.mapped = list(self.starts) if self.starts is not None and not self.data.fletcher32 else [-1] * rows
+        # the row at byte offset `start` of the map: np.ndarray(shape, dtype, map, start)
+        self.view = functools.partial(np.ndarray, self.data.shape[1:], self.data.dtype, self.map) \
+            if self.map is not None else None
 
-    def row(self, r: int) -> np.ndarray:
-        if self.starts is not None:
-            row = np.frombuffer(self.map, self.dtype, self.count, int(self.starts[r]))
-            return row.reshape(self.shape).copy()
+    def read(self, r: int) -> np.ndarray:
+        """A row through HDF5, which checks its checksum (where it has one); a mapped row is
+        read from the map from then on."""
         if self.offsets is not None:
             return self.data[self.offsets[r]:self.offsets[r + 1]]
-        return self.data[r]
+        row = self.data[r]
+        if self.starts is not None:
+            self.mapped[r] = self.starts[r]
+        return row
 
     def close(self) -> None:
         if self.map is not None:
             self.map.close()
         self.file.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().strip("'\"")
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _map_file(path: Path) -> mmap.mmap:
@@ -136,13 +218,17 @@ def _map_file(path: Path) -> mmap.mmap:
 
 def _chunk_starts(data: h5py.Dataset) -> np.ndarray | None:
     """Byte offset of each row's chunk, or None when rows are not stored raw one per chunk."""
-    if data.chunks is None or data.chunks[0] != 1 or data.chunks[1:] != data.shape[1:] or data.compression:
+    if data.chunks is None or data.chunks[0] != 1 or data.chunks[1:] != data.shape[1:]:
+        return None
+    if data.compression or data.shuffle or data.scaleoffset is not None:  # Fletcher-32 keeps the bytes as they are
         return None
     starts = np.full(data.shape[0], -1, dtype=np.int64)
+    size = data.dtype.itemsize * int(np.prod(data.chunks)) + 4 * data.fletcher32  # the checksum follows the row
 
     def record(info) -> None:
-        if info.filter_mask == 0:
-            starts[info.chunk_offset[0]] = info.byte_offset
+        row = info.chunk_offset[0]
+        if info.filter_mask == 0 and info.size == size and 0 <= row < len(starts):
+            starts[row] = info.byte_offset
 
     data.id.chunk_iter(record)
     return starts if (starts >= 0).all() else None

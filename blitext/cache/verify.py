@@ -1,4 +1,9 @@
-"""`blitext cache info` and `blitext cache verify`: a summary, and a full integrity check."""
+"""`blitext cache info` and `blitext cache verify`: a summary, and a full integrity check.
+
+Shards written since rows carry HDF5's Fletcher-32 checksum are also checked row by row
+(HDF5 checks it as verify reads every row); older shards have none: verify checks them by
+their sha256 as before and notes that reads cannot check their rows.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,8 +12,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from blitext.cache.manifest import load_manifest
 from blitext.atomic import sha256_file
+from blitext.cache.manifest import load_manifest
+from blitext.cache.reader import H5_ERRORS
 
 SCAN_ROWS = 256  # rows read at a time when scanning for NaN/inf
 
@@ -26,6 +32,7 @@ def cache_info(root: str | Path) -> dict:
         "bytes_on_disk": on_disk, "raw_bytes": raw,
         "bytes_per_row": on_disk / max(1, m["count"]), "overhead": on_disk / raw - 1 if raw else None,
         "failures": m["failed"], "provenance": m.get("provenance", {}),
+        "row_checksum": m.get("row_checksum"),
     }
 
 
@@ -46,6 +53,15 @@ class VerifyReport:
     checked_rows: int = 0
     shards_ok: int = 0
     problems: list[str] = field(default_factory=list)
+    unchecked_shards: list[str] = field(default_factory=list)  # written without row checksums
+
+    @property
+    def notes(self) -> list[str]:
+        if not self.unchecked_shards:
+            return []
+        return [f"{len(self.unchecked_shards)} shard(s) (e.g. {self.unchecked_shards[0]}) were written before rows "
+                f"carried checksums: verify checks them by sha256, but reads cannot check their rows; rebuild "
+                f"the cache (the same command with a new --out) to have every read checked"]
 
     @property
     def ok(self) -> bool:
@@ -59,7 +75,7 @@ def verify_cache(root: str | Path, checksums: bool = True) -> VerifyReport:
     report = VerifyReport(root)
     seen: set[str] = set()
     for shard in m["shards"]:
-        problems = _verify_shard(root, shard, m, checksums)
+        problems = _verify_shard(root, shard, m, checksums, report)
         dup = seen.intersection(shard["keys"])
         if dup:
             problems.append(f"{shard['file']}: {len(dup)} key(s) also in an earlier shard, e.g. {sorted(dup)[0]!r}")
@@ -72,7 +88,7 @@ def verify_cache(root: str | Path, checksums: bool = True) -> VerifyReport:
     return report
 
 
-def _verify_shard(root: Path, shard: dict, m: dict, checksums: bool) -> list[str]:
+def _verify_shard(root: Path, shard: dict, m: dict, checksums: bool, report: VerifyReport) -> list[str]:
     path = root / shard["file"]
     name = shard["file"]
     if not path.is_file():
@@ -83,12 +99,12 @@ def _verify_shard(root: Path, shard: dict, m: dict, checksums: bool) -> list[str
         return [f"{name}: checksum mismatch (file changed or corrupt)"]
     try:
         with h5py.File(path, "r") as f:
-            return _verify_contents(f, shard, m)
-    except OSError as e:
-        return [f"{name}: does not open as HDF5 ({e})"]
+            return _verify_contents(f, shard, m, report)
+    except H5_ERRORS as e:  # damaged HDF5 metadata raises any of these, not only OSError
+        return [f"{name}: does not open as HDF5 ({type(e).__name__}: {e})"]
 
 
-def _verify_contents(f: h5py.File, shard: dict, m: dict) -> list[str]:
+def _verify_contents(f: h5py.File, shard: dict, m: dict, report: VerifyReport) -> list[str]:
     name = shard["file"]
     expected = ["keys"] + (["data"] if shard["rows"] else []) + (["offsets"] if m["variable_length"] else [])
     missing = [d for d in expected if d not in f]
@@ -100,15 +116,36 @@ def _verify_contents(f: h5py.File, shard: dict, m: dict) -> list[str]:
     if not shard["rows"]:
         return []
     data = f["data"]
+    if not data.fletcher32:
+        report.unchecked_shards.append(name)
     rows = len(f["offsets"]) - 1 if m["variable_length"] else data.shape[0]
     if rows != shard["rows"]:
         return [f"{name}: {rows} rows, manifest says {shard['rows']}"]
-    bad = _non_finite_rows(data)
-    return [f"{name}: {bad} block(s) hold NaN or inf values"] if bad else []
+    non_finite, damaged = _scan(data)
+    problems = [f"{name}: {non_finite} block(s) hold NaN or inf values"] if non_finite else []
+    if damaged:
+        problems.append(f"{name}: {len(damaged)} data row(s) fail their Fletcher-32 checksum "
+                        f"(first: row {damaged[0]}): the file is damaged; delete it and its .json sidecar and "
+                        f"run the command that made the cache again to rebuild it")
+    return problems
 
 
-def _non_finite_rows(data: h5py.Dataset) -> int:
-    bad = 0
+def _scan(data: h5py.Dataset) -> tuple[int, list[int]]:
+    """(blocks holding NaN or inf, rows HDF5 refuses to read: their checksum fails)."""
+    non_finite, damaged = 0, []
     for start in range(0, data.shape[0], SCAN_ROWS):
-        bad += not np.isfinite(data[start:start + SCAN_ROWS]).all()
+        try:
+            non_finite += not np.isfinite(data[start:start + SCAN_ROWS]).all()
+        except H5_ERRORS:
+            damaged.extend(_unreadable_rows(data, range(start, min(start + SCAN_ROWS, data.shape[0]))))
+    return non_finite, damaged
+
+
+def _unreadable_rows(data: h5py.Dataset, rows: range) -> list[int]:
+    bad = []
+    for r in rows:
+        try:
+            data[r]
+        except H5_ERRORS:
+            bad.append(r)
     return bad

@@ -1,0 +1,171 @@
+"""Faults (issue 11): damaged shards are refused on read, a full disk or an unwritable folder is one
+line and resumes to the same bytes, checkpoints are swapped in atomically and refused when damaged,
+and a cache of the wrong kind is named."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import blitext.atomic
+import blitext.cache.writer
+from blitext.cache import CachePlan, FeatureCache, ShardWriter, finalize, pending_shards, start_or_resume
+from blitext.cache.manifest import shard_name, sidecar_name
+from blitext.cache.verify import cache_info, verify_cache
+from blitext.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from blitext.cli.main import app
+from blitext.console import rank_logger
+from blitext.errors import BlitextError
+from blitext.prompts import PromptCache
+from conftest import make_llm_folder, make_vision_folder
+from test_extract import shard_bytes, write_image_folder
+
+BIN = Path(sys.executable).parent
+PRODUCER = {"encoder": "enc", "fingerprint": "enc@0123"}
+
+
+def build(root: Path, n: int = 6, shard_size: int = 3, kind: str = "image-features", producer=PRODUCER,
+          shape=(4, 6), provenance=None) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    rows = {f"img-{i}": rng.standard_normal(shape).astype(np.float16) for i in range(n)}
+    plan = CachePlan(root, kind, producer, list(rows), shard_size, provenance=provenance or {})
+    start_or_resume(plan)
+    for s in pending_shards(plan):
+        with ShardWriter(plan, s) as w:
+            keys = plan.keys[plan.shard_range(s).start:plan.shard_range(s).stop]
+            w.add(keys, np.stack([rows[k] for k in keys]))
+    finalize(plan)
+    return rows
+
+
+def chunk_offsets(shard: Path) -> list[int]:
+    with h5py.File(shard, "r") as f:
+        found = []
+        f["data"].id.chunk_iter(lambda info: found.append(info.byte_offset))
+    return found
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    return " ".join(result.output.split())  # rich wraps long lines on narrow terminals
+
+
+# ---------------------------------------------------------------- item 1: rows are checked on read
+
+def test_a_flipped_byte_in_a_row_is_refused_on_read(tmp_path):
+    rows = build(tmp_path / "c")
+    shard = tmp_path / "c" / shard_name(1)
+    flip_byte(shard, chunk_offsets(shard)[1] + 5)  # row 1 of shard 1 = img-4
+    cache = FeatureCache(tmp_path / "c")
+    for key in ("img-0", "img-3", "img-5"):
+        assert np.array_equal(cache[key], rows[key])
+    with pytest.raises(BlitextError) as e:
+        cache.get_batch(["img-3", "img-4"])
+    text = str(e.value)
+    assert str(shard) in text and "row 1" in text and "'img-4'" in text
+    assert "blitext cache verify" in text and sidecar_name(1) in text and "\n" not in text
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["row_checksum"] == "fletcher32" and all(s["row_checksum"] for s in manifest["shards"])
+    with h5py.File(shard, "r") as f:
+        assert f["data"].fletcher32 and f["data"].chunks == (1, 4, 6)  # one row per chunk: a checksum per row
+    report = verify_cache(tmp_path / "c", checksums=False)  # without the sha256 the row checksum still tells
+    assert any(shard.name in p and "row 1" in p and "Fletcher-32" in p for p in report.problems)
+
+
+def test_a_checked_row_is_read_from_the_memory_map_afterwards(tmp_path):
+    rows = build(tmp_path / "c", n=3)
+    cache = FeatureCache(tmp_path / "c")
+    assert np.array_equal(cache["img-1"], rows["img-1"])  # first read: through HDF5, checked
+    reader = cache._shard(0)
+    assert reader.mapped == [-1, reader.starts[1], -1]  # only the checked row reads from the map
+    assert np.array_equal(cache["img-1"], rows["img-1"])  # from the map
+
+
+def strip_row_checksums(root: Path) -> None:
+    """Rewrite a cache as blitext wrote it before rows carried checksums."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        path = root / entry["file"]
+        with h5py.File(path, "r") as f:
+            data, keys = f["data"][:], f["keys"][:]
+        path.unlink()
+        with h5py.File(path, "w", libver=("earliest", "v110")) as f:
+            f.create_dataset("data", data=data, chunks=(1, *data.shape[1:]), track_times=False)
+            f.create_dataset("keys", data=keys, dtype=h5py.string_dtype(), track_times=False)
+        entry.pop("row_checksum")
+        entry["bytes"], entry["sha256"] = path.stat().st_size, blitext.atomic.sha256_file(path)
+    manifest.pop("row_checksum")
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_cache_written_before_row_checksums_stays_readable(tmp_path):
+    rows = build(tmp_path / "c")
+    strip_row_checksums(tmp_path / "c")
+    cache = FeatureCache(tmp_path / "c")
+    assert all(np.array_equal(cache[k], rows[k]) for k in rows)
+    assert cache._shard(0).mapped == cache._shard(0).starts  # every row from the map, unchecked
+    report = verify_cache(tmp_path / "c")
+    assert report.ok and len(report.unchecked_shards) == 2
+    assert "reads cannot check their rows" in report.notes[0] and "rebuild" in report.notes[0]
+    assert cache_info(tmp_path / "c")["row_checksum"] is None
+    result = CliRunner().invoke(app, ["cache", "verify", str(tmp_path / "c")])
+    assert result.exit_code == 0 and "note" in result.output
+
+
+# ---------------------------------------------------------------- item 2: damaged metadata
+
+def test_damaged_hdf5_metadata_is_one_line(tmp_path):
+    build(tmp_path / "c")
+    shard = tmp_path / "c" / shard_name(0)
+    raw = bytearray(shard.read_bytes())
+    tree = raw.index(b"TREE\x01")  # the chunk index (a B-tree of type 1); h5py raised RuntimeError from chunk_iter
+    raw[tree:tree + 16] = b"\xee" * 16
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(BlitextError) as e:
+        FeatureCache(tmp_path / "c")["img-0"]
+    assert str(shard) in str(e.value) and "does not open as a cache shard" in str(e.value)
+    assert "blitext cache verify" in str(e.value)
+    assert not verify_cache(tmp_path / "c", checksums=False).ok
+
+
+def test_a_truncated_shard_is_one_line(tmp_path):
+    build(tmp_path / "c")
+    shard = tmp_path / "c" / shard_name(1)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(BlitextError, match="truncated or replaced") as e:
+        FeatureCache(tmp_path / "c")["img-4"]
+    assert str(shard) in str(e.value)
+
+
+# ---------------------------------------------------------------- item 7: a cache of the wrong kind
+
+def test_a_prompt_cache_given_as_features_is_named(tmp_path):
+    producer = {"pformer": "p@1", "llm": "opt@1", "store": "full", "n_prompt": 2, "d_llm": 8}
+    build(tmp_path / "prompts", kind="prompts", producer=producer, shape=(2, 8))
+    result = CliRunner().invoke(app, ["train-adapter", "--stage", "1", "--features", str(tmp_path / "prompts"),
+                                      "--w-align", "0", "--device", "cpu"])
+    text = one_line_error(result)
+    assert f"{tmp_path / 'prompts'} is a prompt cache (made by build-prompts)" in text
+    assert "--features wants a feature cache (made by extract-features" in text
+
+    build(tmp_path / "features")
+    with pytest.raises(BlitextError, match="is an image-feature cache .*--prompts wants a prompt cache"):
+        PromptCache(tmp_path / "features")
