@@ -1,11 +1,44 @@
-"""Atomic file writes: a file is visible under its name only once complete (temp, fsync, rename)."""
+"""Atomic file writes: a file is visible under its name only once complete (temp, fsync, rename).
+
+Writing faults (a full disk, a folder that is not writable) become one `BlitextError` line
+naming the folder and what to do (`writing`), never a traceback.
+"""
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from blitext.errors import BlitextError
+
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+RESUME = "run the same command again to resume"
+
+
+def write_failure(folder: Path, e: OSError, then: str = RESUME) -> BlitextError:
+    """The one line for an OSError met while writing under `folder`."""
+    if e.errno in NO_SPACE:
+        return BlitextError(f"no space left on the device holding {folder}: free some space there "
+                            f"(or pass another --out), then {then}")
+    if e.errno in NOT_WRITABLE:
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(folder) else ""
+        return BlitextError(f"{folder} is not writable: {e.strerror or e}{where}; make it writable "
+                            f"or pass another --out, then {then}")
+    return BlitextError(f"writing in {folder} failed: {e.strerror or e}; check the disk, then {then}")
+
+
+@contextlib.contextmanager
+def writing(folder: Path, then: str = RESUME) -> Iterator[None]:
+    """Turns an OSError raised inside into `write_failure`'s one line."""
+    try:
+        yield
+    except OSError as e:
+        raise write_failure(folder, e, then) from None
 
 
 def fsync_file(path: Path) -> None:
@@ -16,23 +49,27 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+fsync_dir = fsync_file  # a folder's entries (renames) are made durable by fsyncing the folder itself
+
+
 def publish(tmp: Path, final: Path) -> None:
     """fsync `tmp`, rename it to `final`, fsync the folder so the rename survives a crash."""
     fsync_file(tmp)
     os.replace(tmp, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(final.parent)
 
 
 def write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    publish(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        publish(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a full disk must not leave half a file behind
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -11,6 +12,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
+from blitext.atomic import writing
 from blitext.distributed import dist_info
 
 console = Console(stderr=True)
@@ -49,13 +51,24 @@ def progress_bar(total: int, description: str, unit: str) -> Iterator:
         yield advance
 
 
+class _LogFile(logging.FileHandler):
+    """A log file whose write failures (a full disk) are dropped silently: logging would print
+    a traceback for each line, and the write that matters (a shard, a checkpoint) reports the
+    fault in one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)
+
+
 def rank_logger(name: str, log_dir: Path) -> logging.Logger:
     """A logger writing to `log_dir/<name>.rank<r>.log` (every rank keeps its own file)."""
     info = dist_info()
-    log_dir.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger(f"blitext.{name}.{log_dir}.{info.rank}")
     if not logger.handlers:
-        handler = logging.FileHandler(log_dir / f"{name}.rank{info.rank}.log")
+        with writing(log_dir.parent):
+            log_dir.mkdir(parents=True, exist_ok=True)
+            handler = _LogFile(log_dir / f"{name}.rank{info.rank}.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

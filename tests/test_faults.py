@@ -155,6 +155,125 @@ def test_a_truncated_shard_is_one_line(tmp_path):
     assert str(shard) in str(e.value)
 
 
+# ---------------------------------------------------------------- items 3-5: full disk, unwritable folder
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return make_vision_folder("vit", tmp_path_factory.mktemp("vision") / "vit")
+
+
+def extract_args(data: Path, vit: Path, out: Path) -> list[str]:
+    return ["extract-features", "--data", str(data), "--vision-encoder", str(vit), "--batch-size", "2",
+            "--shard-size", "4", "--num-workers", "0", "--device", "cpu", "--out", str(out)]
+
+
+class FullDisk:
+    """Stands in for `open` in the cache writer: the files it opens take `budget` bytes in all,
+    then every write fails with ENOSPC, as on a full disk."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def __call__(self, path, mode="r", *args, **kw):
+        return _OnDisk(open(path, mode, *args, **kw), self, path)
+
+
+class _OnDisk:
+    def __init__(self, f, disk: FullDisk, path):
+        self.f, self.disk, self.path = f, disk, path
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if size > self.disk.budget:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        self.disk.budget -= size
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_full_disk_during_extraction_is_one_line_and_resumes_to_the_same_bytes(tmp_path, vit, monkeypatch):
+    data = write_image_folder(tmp_path / "imgs", 12)
+    runner = CliRunner()
+    fresh = runner.invoke(app, extract_args(data, vit, tmp_path / "fresh"))
+    assert fresh.exit_code == 0, fresh.output
+    one_shard = (tmp_path / "fresh" / shard_name(0)).stat().st_size
+    full = FullDisk(int(1.5 * one_shard))  # the disk fills in the middle of the second shard
+    monkeypatch.setattr(blitext.cache.writer, "open", full, raising=False)
+    out = tmp_path / "out"
+    text = one_line_error(runner.invoke(app, extract_args(data, vit, out)))
+    assert f"no space left on the device holding {out}" in text and "run the same command again" in text
+    assert not list(out.glob(".*tmp*")), "the temp shard is removed"
+    assert (out / sidecar_name(0)).exists() and not (out / sidecar_name(1)).exists()
+    monkeypatch.undo()  # space freed
+    resumed = runner.invoke(app, extract_args(data, vit, out))
+    assert resumed.exit_code == 0, resumed.output
+    assert shard_bytes(out) == shard_bytes(tmp_path / "fresh")
+
+
+def test_a_write_failing_below_python_does_not_crash(tmp_path, vit):
+    """A real write failure inside HDF5's own I/O (the file-size limit stands in for a full disk:
+    the writes fail with EFBIG): the process used to die with a segmentation fault (exit 139)."""
+    data = write_image_folder(tmp_path / "imgs", 12)
+    out = tmp_path / "out"
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (12_000, 12_000))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(BIN / "blitext"), *extract_args(data, vit, out)], capture_output=True, text=True,
+                          preexec_fn=limit_file_size, env=env, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and f"writing in {out} failed" in " ".join(proc.stderr.split())
+    assert not list(out.glob(".*tmp*"))
+    resumed = subprocess.run([str(BIN / "blitext"), *extract_args(data, vit, out)], capture_output=True, text=True,
+                             env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert FeatureCache(out).keys == [f"img{i:03d}" for i in range(12)]
+
+
+def refuse_writes_under(monkeypatch, folder: Path) -> None:
+    """mkdir under `folder` fails as in a read-only folder (tests run as root, whom chmod does not stop)."""
+    real = Path.mkdir
+
+    def mkdir(self, *args, **kw):
+        if self == folder or folder in self.parents:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self, *args, **kw)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+def test_an_unwritable_cache_folder_is_one_line(tmp_path, vit, monkeypatch):
+    data = write_image_folder(tmp_path / "imgs", 4)
+    locked = tmp_path / "locked"
+    refuse_writes_under(monkeypatch, locked)
+    text = one_line_error(CliRunner().invoke(app, extract_args(data, vit, locked / "cache")))
+    assert f"{locked / 'cache'} is not writable" in text and "another --out" in text
+
+
+def test_an_unwritable_log_folder_is_one_line(tmp_path, monkeypatch):
+    refuse_writes_under(monkeypatch, tmp_path / "run" / "logs")
+    with pytest.raises(BlitextError, match="is not writable"):
+        rank_logger("extract", tmp_path / "run" / "logs")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a chmod 0o555 folder anyway; the injected "
+                                               "PermissionError test above covers it")
+def test_a_read_only_folder_is_one_line(tmp_path, vit):
+    data = write_image_folder(tmp_path / "imgs", 4)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        text = one_line_error(CliRunner().invoke(app, extract_args(data, vit, locked / "cache")))
+        assert "is not writable" in text
+    finally:
+        locked.chmod(0o755)
+
+
 # ---------------------------------------------------------------- item 7: a cache of the wrong kind
 
 def test_a_prompt_cache_given_as_features_is_named(tmp_path):

@@ -6,12 +6,14 @@ then its JSON sidecar (keys, failures, checksum) is written the same way: a shar
 done only when both exist, so a resume redoes exactly the unfinished ones.
 
 Rows carry HDF5's Fletcher-32 checksum (one per chunk, and a fixed row is one chunk), which
-readers check.
+readers check. A full disk or an unwritable folder is one BlitextError line naming the cache
+folder; the temp shard is removed, and the same command resumes once the fault is fixed.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +21,7 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
-from blitext.atomic import publish, read_json, sha256_file, write_json
+from blitext.atomic import publish, read_json, sha256_file, write_json, write_failure, writing
 from blitext.cache.manifest import FORMAT, MANIFEST, RUN, normalised, require_producer, shard_name, sidecar_name
 from blitext.errors import BlitextError
 
@@ -84,8 +86,9 @@ def start_or_resume(plan: CachePlan, write: bool = True) -> None:
         raise BlitextError(f"{run_file} is missing (rank 0 should have written it)")
     if plan.root.exists() and any(plan.root.iterdir()):
         raise BlitextError(f"{plan.root} exists and is not a blitext cache: choose an empty or new --out")
-    plan.root.mkdir(parents=True, exist_ok=True)
-    write_json(run_file, plan.run_record())
+    with writing(plan.root):
+        plan.root.mkdir(parents=True, exist_ok=True)
+        write_json(run_file, plan.run_record())
 
 
 def shard_done(plan: CachePlan, index: int) -> bool:
@@ -102,12 +105,71 @@ def shard_done(plan: CachePlan, index: int) -> bool:
 def pending_shards(plan: CachePlan, rank: int = 0, world: int = 1) -> list[int]:
     """This rank's shards that are not finished; removes the temp files a killed run left."""
     pending = []
-    for i in range(rank, plan.num_shards, world):
-        for stale in plan.root.glob(f".{shard_name(i)}.tmp*"):
-            stale.unlink(missing_ok=True)
-        if not shard_done(plan, i):
-            pending.append(i)
+    with writing(plan.root):
+        for i in range(rank, plan.num_shards, world):
+            for stale in plan.root.glob(f".{shard_name(i)}.tmp*"):
+                stale.unlink(missing_ok=True)
+            if not shard_done(plan, i):
+                pending.append(i)
     return pending
+
+
+class _Sink:
+    """The temp shard as HDF5 writes it, through h5py's file-object driver.
+
+    HDF5 cannot recover from a failed write: after a full disk, closing the file crashed the
+    process (exit 139). So HDF5 never sees one: the first OSError is kept, later I/O is
+    skipped as if done, and the ShardWriter raises the kept error once HDF5 let go of the file.
+    """
+
+    def __init__(self, path: Path):
+        self.file = open(path, "w+b")
+        self.error: OSError | None = None
+        self.pos = self.end = 0  # tracked for HDF5 once the file is no longer written
+
+    def _do(self, op, *args, fallback=None):
+        if self.error is None:
+            try:
+                return op(*args)
+            except OSError as e:
+                self.error = e
+        return fallback
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = self.end if whence == os.SEEK_END else pos
+        return self._do(self.file.seek, pos, whence, fallback=self.pos)
+
+    def tell(self) -> int:
+        return self._do(self.file.tell, fallback=self.pos)
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        self._do(self.file.write, data)
+        self.pos += size
+        self.end = max(self.end, self.pos)
+        return size
+
+    def readinto(self, buf) -> int:
+        view = memoryview(buf).cast("B")
+        got = self._do(self.file.readinto, view, fallback=0) or 0
+        view[got:] = bytes(len(view) - got)
+        self.pos += len(view)
+        return len(view)
+
+    def read(self, size: int = -1) -> bytes:  # h5py takes an object with read and seek as a file
+        buf = bytearray(max(0, size))
+        return bytes(buf[:self.readinto(buf)])
+
+    def truncate(self, size: int | None = None) -> int:
+        return self._do(self.file.truncate, size, fallback=size)
+
+    def flush(self) -> None:
+        self._do(self.file.flush)
+
+    def close(self) -> None:
+        self._do(self.file.close)  # flushes: the last buffered bytes can meet a full disk too
+        with suppress(OSError):
+            self.file.close()  # after an error: the unwritten buffer is dropped, the file closed
 
 
 class ShardWriter:
@@ -124,12 +186,23 @@ class ShardWriter:
         self.data: h5py.Dataset | None = None
 
     def __enter__(self) -> "ShardWriter":
-        # libver pinned and no timestamps: the same rows give the same bytes (resume == fresh run).
-        # Chunks of 4 KiB and more start on 64-byte boundaries: copying a row out of the memory
-        # map is 10% faster from a cache-line-aligned start (the checksum's 4 bytes misalign it).
-        self.file = h5py.File(self.tmp, "w", libver=("earliest", "v110"),
-                              alignment_threshold=4096, alignment_interval=64)
+        with writing(self.plan.root):
+            self.sink = _Sink(self.tmp)
+        try:
+            # libver pinned and no timestamps: the same rows give the same bytes (resume == fresh run).
+            # Chunks of 4 KiB and more start on 64-byte boundaries: copying a row out of the memory
+            # map is 10% faster from a cache-line-aligned start (the checksum's 4 bytes misalign it).
+            self.file = h5py.File(self.sink, "w", libver=("earliest", "v110"),
+                                  alignment_threshold=4096, alignment_interval=64)
+            self._check_sink()
+        except BaseException as e:
+            self.__exit__(type(e), e, e.__traceback__)
+            raise
         return self
+
+    def _check_sink(self) -> None:
+        if self.sink.error is not None:
+            raise write_failure(self.plan.root, self.sink.error)
 
     def add(self, keys: Sequence[str], rows: np.ndarray | Sequence[np.ndarray]) -> None:
         if len(keys) == 0:
@@ -144,6 +217,7 @@ class ShardWriter:
             n = len(self.keys)
             self.data[n:n + len(keys)] = rows
             self.keys.extend(keys)
+        self._check_sink()
 
     def fail(self, key: str, source: str, reason: str) -> None:
         self.failed.append({"key": key, "input": source, "reason": reason})
@@ -171,14 +245,25 @@ class ShardWriter:
         self.lengths.append(len(row))
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.file.close()
-            self.tmp.unlink(missing_ok=True)
-            return
-        self._write_index()
-        self.file.close()
-        publish(self.tmp, self.final)
-        write_json(self.plan.root / sidecar_name(self.index), self.sidecar())
+        try:
+            try:
+                if exc_type is None:
+                    self._write_index()
+            finally:
+                if self.file is not None:
+                    self.file.close()  # cannot fail on I/O: the sink keeps write errors from HDF5
+                self.sink.close()
+            if exc_type is None:
+                self._publish()
+        finally:
+            with suppress(OSError):  # published, or removed: a failed shard leaves nothing behind
+                self.tmp.unlink(missing_ok=True)
+
+    def _publish(self) -> None:
+        self._check_sink()
+        with writing(self.plan.root):
+            publish(self.tmp, self.final)
+            write_json(self.plan.root / sidecar_name(self.index), self.sidecar())
 
     def _write_index(self) -> None:
         if self.data is not None and not self.plan.variable_length:
@@ -219,7 +304,8 @@ def finalize(plan: CachePlan) -> dict:
         "shards": shards,
         "failed": failed,
     }
-    write_json(plan.root / MANIFEST, manifest)
+    with writing(plan.root):
+        write_json(plan.root / MANIFEST, manifest)
     return manifest
 
 
