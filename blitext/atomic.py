@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -52,11 +53,46 @@ def fsync_file(path: Path) -> None:
 fsync_dir = fsync_file  # a folder's entries (renames) are made durable by fsyncing the folder itself
 
 
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder`, the folder last."""
+    for path in sorted(Path(folder).rglob("*"), reverse=True):  # children before their folders
+        fsync_file(path)
+    fsync_file(folder)
+
+
 def publish(tmp: Path, final: Path) -> None:
     """fsync `tmp`, rename it to `final`, fsync the folder so the rename survives a crash."""
     fsync_file(tmp)
     os.replace(tmp, final)
     fsync_dir(final.parent)
+
+
+def aside_name(final: Path) -> Path:
+    """Where `replace_folder` keeps the folder it replaces until the new one is in place."""
+    return final.with_name(f".{final.name}.old")
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Put the finished folder `tmp` (fsynced) at `final`. An existing `final` is renamed
+    aside first and deleted last, so a complete copy exists at every moment: under `final`,
+    or (between the two renames) at `aside_name(final)`, which readers fall back to."""
+    aside = aside_name(final)
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)  # left by an earlier crash; `final` is complete
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove_folder(folder: Path) -> None:
+    """Delete a folder so that a kill midway never leaves a partial one under its name."""
+    if not folder.exists():
+        return
+    doomed = folder.with_name(f".{folder.name}.del")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def write_text(path: Path, text: str) -> None:

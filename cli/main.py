@@ -21,6 +21,14 @@ app.add_typer(data_app, name="data")
 app.add_typer(cache_app, name="cache")
 
 
+def write_out(path: Path, text: str) -> None:
+    """An --out report, written whole or not at all (temp file, fsync, rename)."""
+    from blitext.atomic import write_text, writing
+
+    with writing(path.parent, then="run the command again"):
+        write_text(path, text)
+
+
 # ------------------------------------------------------------------ extract-features
 from blitext.extract import ExtractConfig  # noqa: E402  (after the app, so --help stays readable above)
 
@@ -203,7 +211,7 @@ def check_prompts_cmd(
                            threshold, k, examples, backend)
     console.print(format_report(report), highlight=False, markup=False)
     if out:
-        out.write_text(json.dumps(dataclasses.asdict(report), indent=1))
+        write_out(out, json.dumps(dataclasses.asdict(report), indent=1))
 
 
 # ------------------------------------------------------------------ train-adapter
@@ -311,7 +319,7 @@ def generate_cmd(
         table.add_row(r["image"], r["text"])
     console.print(table)
     if out:
-        out.write_text(json.dumps(results, indent=1))
+        write_out(out, json.dumps(results, indent=1))
 
 
 # ------------------------------------------------------------------ plot

@@ -274,6 +274,105 @@ def test_a_read_only_folder_is_one_line(tmp_path, vit):
         locked.chmod(0o755)
 
 
+# ---------------------------------------------------------------- item 6: checkpoints and --out files
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 3)
+
+
+def test_checkpoint_files_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or real_replace(a, b))
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    final = save_checkpoint(tmp_path, 1, model, optimizer, {"config": {}})
+    swap = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(final))
+    synced = {Path(e[1]).name for e in events[:swap] if e[0] == "fsync"}
+    assert {"model.safetensors", "optimizer.pt", "state.json", events[swap][1].split("/")[-1]} <= synced
+
+
+def test_resaving_a_step_always_leaves_a_complete_checkpoint(tmp_path, monkeypatch):
+    model = tiny_model()
+    save_checkpoint(tmp_path, 2, model, None, {"v": 1})
+    real_replace, seen = os.replace, []
+
+    def replace(a, b):
+        found = latest_checkpoint(tmp_path)  # what a reader (or a resume after a kill right here) finds
+        seen.append(found is not None and (found / "model.safetensors").is_file())
+        return real_replace(a, b)
+    monkeypatch.setattr(os, "replace", replace)
+    save_checkpoint(tmp_path, 2, model, None, {"v": 2})
+    assert len(seen) >= 3 and all(seen)  # (state.json,) set aside, swap in, point `latest`
+
+    def killed_between_the_renames(a, b):
+        if Path(a).name.startswith(".step-0000002.tmp"):
+            raise KeyboardInterrupt  # as a kill after the old folder was set aside
+        return real_replace(a, b)
+    monkeypatch.setattr(os, "replace", killed_between_the_renames)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, model, None, {"v": 3})
+    monkeypatch.undo()
+    found = latest_checkpoint(tmp_path)
+    assert found is not None and load_checkpoint(found, tiny_model())["v"] == 2
+    save_checkpoint(tmp_path, 3, model, None, {"v": 4})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000002", "step-0000003"]
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path):
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path, 1, model, optimizer, {})
+    second = save_checkpoint(tmp_path, 2, model, optimizer, {})
+    weights = second / "model.safetensors"
+    flip_byte(weights, weights.stat().st_size - 3)  # inside a tensor: safetensors itself would load it
+    with pytest.raises(BlitextError) as e:
+        load_checkpoint(second, tiny_model(), torch.optim.AdamW(tiny_model().parameters()))
+    assert str(second) in str(e.value) and "sha256" in str(e.value)
+    assert "--resume " + str(tmp_path / "checkpoints" / "step-0000001") in str(e.value)
+    (second / "state.json").write_text("{")  # a damaged state.json
+    with pytest.raises(BlitextError, match="state.json"):
+        load_checkpoint(second, tiny_model())
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_one(tmp_path, monkeypatch):
+    model = tiny_model()
+    save_checkpoint(tmp_path, 1, model, None, {})
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(BlitextError, match=f"no space left on the device holding {tmp_path}.*--resume latest"):
+        save_checkpoint(tmp_path, 2, model, None, {})
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path).name == "step-0000001"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000001"]
+
+
+def test_check_prompts_out_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    llm = make_llm_folder("opt", tmp_path / "opt")
+    producer = {"pformer": "p@1", "llm": "opt@1", "store": "full", "n_prompt": 2, "d_llm": 32}
+    build(tmp_path / "prompts", n=4, kind="prompts", producer=producer, shape=(2, 32), provenance={"llm": str(llm)})
+    out = tmp_path / "report.json"
+    out.write_text("the previous report")
+    args = ["check-prompts", "--prompts", str(tmp_path / "prompts"), "--out", str(out)]
+
+    def full(tmp, final):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+    monkeypatch.setattr(blitext.atomic, "publish", full)
+    text = one_line_error(CliRunner().invoke(app, args))
+    assert f"no space left on the device holding {tmp_path}" in text
+    assert out.read_text() == "the previous report" and not list(tmp_path.glob(".report.json.tmp*"))
+    monkeypatch.undo()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["n_vectors"] == 4 * 2
+
+
 # ---------------------------------------------------------------- item 7: a cache of the wrong kind
 
 def test_a_prompt_cache_given_as_features_is_named(tmp_path):
