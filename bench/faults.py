@@ -1,0 +1,467 @@
+"""Injects faults into every phase and checks each is survived without losing work.
+
+    python bench/faults.py [--kills 2] [--seed 0]
+
+A fault is survived when the job either finished correctly after the same command was run
+again (a cache identical byte for byte, final weights identical tensor for tensor, to an
+uninterrupted run), or was refused with one clear line (exit 2, no traceback). Rows or steps
+lost: rows of the reference cache missing or different after the resume, steps of the
+reference run missing or with another loss; for a refused fault, the damaged rows the job
+read without noticing (0 when refused).
+
+Faults: kill -9 at seeded random points of extract-features, train-pformer and both
+train-adapter stages, then resume; a full disk (ENOSPC injected into the cache writer's
+file, and into a checkpoint's write); an unwritable cache folder (EACCES injected at mkdir);
+flipped bits in every row of a shard, damaged HDF5 metadata, a truncated shard (each given
+to train-adapter); a damaged checkpoint given to --resume latest. Run as root, it also
+fills a real 1 MiB tmpfs and writes into a read-only mount.
+
+Tiny random models as in tests/conftest.py; every process runs one intra-op thread (the
+condition for byte equality between runs). Writes results/faults.json with the git commit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
+from common import write_result  # noqa: E402
+
+BLITEXT = Path(sys.executable).parent / "blitext"
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 160, 60)}
+SHAPES = ("circle", "square")
+
+# A process that injects one fault into `blitext` (argv: FAULT ARG, then the command line).
+DRIVER = r'''
+import errno, os, sys
+from pathlib import Path
+fault, arg, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+ENOSPC = lambda path: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+if fault == "enospc-shard":  # the cache writer's files hold `arg` bytes in all, then the disk is full
+    import blitext.cache.writer as writer
+    budget = [int(arg)]
+    class OnDisk:
+        def __init__(self, f, path): self.f, self.path = f, path
+        def write(self, data):
+            size = memoryview(data).nbytes
+            if size > budget[0]:
+                raise ENOSPC(self.path)
+            budget[0] -= size
+            return self.f.write(data)
+        def __getattr__(self, name): return getattr(self.f, name)
+    writer.open = lambda path, mode="r", *a, **kw: OnDisk(open(path, mode, *a, **kw), path)
+elif fault == "enospc-checkpoint":  # the `arg`-th checkpoint's weights meet a full disk
+    calls, real = [0], Path.write_bytes
+    def write_bytes(self, data):
+        if self.name == "model.safetensors":
+            calls[0] += 1
+            if calls[0] >= int(arg):
+                raise ENOSPC(self)
+        return real(self, data)
+    Path.write_bytes = write_bytes
+elif fault == "eacces-mkdir":  # folders under `arg` cannot be created (read-only parent)
+    real_mkdir, locked = Path.mkdir, Path(arg)
+    def mkdir(self, *a, **kw):
+        if self == locked or locked in self.parents:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_mkdir(self, *a, **kw)
+    Path.mkdir = mkdir
+from blitext.cli.main import app
+app(args, prog_name="blitext")
+'''
+
+
+# ---------------------------------------------------------------- the world: tiny models and data
+
+def make_world(root: Path) -> dict:
+    import torch
+    from PIL import Image, ImageDraw
+
+    from conftest import make_bert_folder, make_llm_folder, make_vision_folder
+
+    torch.manual_seed(0)
+    models = {"vit": make_vision_folder("vit", root / "vit"), "opt": make_llm_folder("opt", root / "opt"),
+              "bert": make_bert_folder(root / "bert")}
+    (root / "data" / "images").mkdir(parents=True)
+    entries = []
+    for i in range(96):
+        colour, shape = list(COLOURS)[i % 3], SHAPES[(i // 3) % 2]
+        image = Image.new("RGB", (32, 32), "white")
+        draw = ImageDraw.Draw(image)
+        (draw.ellipse if shape == "circle" else draw.rectangle)((4 + i % 5, 4, 26, 26 - i % 3), fill=COLOURS[colour])
+        image.save(root / "data" / "images" / f"{i}.png")
+        entries.append({"image": f"images/{i}.png", "image_id": f"img{i}", "caption": [f"a {colour} {shape}"]})
+    captions = root / "data" / "captions_train.json"
+    captions.write_text(json.dumps(entries))
+    return {**{k: str(v) for k, v in models.items()}, "captions": str(captions), "root": root}
+
+
+def commands(w: dict) -> dict:
+    """Each phase's command line without --out (and without --resume)."""
+    root = w["root"]
+    return {
+        "extract-features": ["extract-features", "--data", w["captions"], "--vision-encoder", w["vit"],
+                             "--batch-size", "2", "--shard-size", "4", "--num-workers", "0", "--device", "cpu"],
+        "train-pformer": ["train-pformer", "--text", w["captions"], "--llm", w["opt"], "--text-encoder", w["bert"],
+                          "--n-prompt", "4", "--batch-size", "4", "--max-steps", "60", "--warmup-steps", "2",
+                          "--save-every", "3", "--heldout", "2", "--sample-every", "1000", "--device", "cpu"],
+        "build-prompts": ["build-prompts", "--pformer", str(root / "ref" / "train-pformer"),
+                          "--captions", w["captions"], "--batch-size", "8", "--shard-size", "16", "--device", "cpu"],
+        "adapter stage 1": ["train-adapter", "--stage", "1", "--features", str(root / "ref" / "extract-features"),
+                            "--prompts", str(root / "ref" / "build-prompts"), "--captions", w["captions"],
+                            "--text-encoder", w["bert"], "--llm", w["opt"], "--batch-size", "4", "--max-steps", "36",
+                            "--warmup-steps", "2", "--save-every", "3", "--log-every", "1", "--device", "cpu"],
+        "adapter stage 2": ["train-adapter", "--stage", "2", "--features", str(root / "ref" / "extract-features"),
+                            "--prompts", str(root / "ref" / "build-prompts"), "--captions", w["captions"],
+                            "--init", str(root / "ref" / "adapter stage 1"), "--text-encoder", w["bert"],
+                            "--llm", w["opt"], "--batch-size", "4", "--max-steps", "36", "--warmup-steps", "2",
+                            "--save-every", "3", "--log-every", "1", "--device", "cpu"],
+    }
+
+
+def env(cache_root: Path) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "BLITEXT_CACHE": str(cache_root),
+            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
+
+
+def run(args: list[str], e: dict, fault: tuple[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", DRIVER, *fault, *args] if fault else [str(BLITEXT), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout)
+
+
+# ---------------------------------------------------------------- comparing with the uninterrupted run
+
+def is_cache(phase: str) -> bool:
+    return phase in ("extract-features", "build-prompts")
+
+
+def rows_lost(ref: Path, got: Path) -> int:
+    """Rows of the reference cache missing from `got` or not equal byte for byte."""
+    from blitext.cache import FeatureCache
+    from blitext.errors import BlitextError
+
+    a = FeatureCache(ref, kinds=None)
+    try:
+        b = FeatureCache(got, kinds=None)
+    except BlitextError:  # not finished: every row is missing
+        return len(a)
+    return sum(1 for k in a.keys if k not in b or a[k].tobytes() != b[k].tobytes())
+
+
+def same_cache(ref: Path, got: Path) -> bool:
+    names = sorted(p.name for p in ref.glob("shard-*.h5"))
+    return names == sorted(p.name for p in got.glob("shard-*.h5")) and \
+        all((ref / n).read_bytes() == (got / n).read_bytes() for n in names)
+
+
+def steps_lost(ref: Path, got: Path) -> int:
+    """Steps of the reference run missing from `got`'s metrics or logged with another loss."""
+    def losses(run: Path) -> dict:
+        path = run / "metrics.jsonl"
+        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+        return {m["step"]: m.get("loss") for m in lines if "loss" in m}
+    a, b = losses(ref), losses(got)
+    return sum(1 for step, loss in a.items() if b.get(step) != loss)
+
+
+def same_weights(ref: Path, got: Path) -> bool:
+    from safetensors.torch import load_file
+
+    path = got / "final" / "model.safetensors"
+    if not path.exists():
+        return False
+    a, b = load_file(ref / "final" / "model.safetensors"), load_file(path)
+    return a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def identical(phase: str, ref: Path, got: Path) -> tuple[bool, int]:
+    """(identical to the reference, rows or steps lost)."""
+    if is_cache(phase):
+        return same_cache(ref, got), rows_lost(ref, got)
+    return same_weights(ref, got), steps_lost(ref, got)
+
+
+def one_line_refusal(proc: subprocess.CompletedProcess) -> tuple[bool, str]:
+    out = proc.stdout + proc.stderr
+    lines = [x for x in out.splitlines() if "error:" in x]
+    ok = proc.returncode == 2 and "Traceback" not in out and len(lines) == 1
+    return ok, lines[0].strip() if lines else out.strip()[-300:]
+
+
+# ---------------------------------------------------------------- faults
+
+def timed_reference(phase: str, cmd: list[str], out: Path, e: dict) -> float:
+    """Runs the phase uninterrupted; returns the seconds from its first to its last write of work
+    (kills are drawn in that span, not in model loading or the interpreter's exit)."""
+    proc = subprocess.Popen([str(BLITEXT), *cmd, "--out", str(out)], env=e, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    started = wait_for(lambda: started_work(phase, out), proc)
+    finished = wait_for(lambda: finished_work(phase, out), proc)
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"reference {phase} failed:\n{err[-3000:]}")
+    return finished - started
+
+
+def started_work(phase: str, out: Path) -> bool:
+    """The cache's run.json, or a trainer's first logged step."""
+    if is_cache(phase):
+        return (out / "run.json").exists()
+    metrics = out / "metrics.jsonl"
+    return metrics.exists() and metrics.stat().st_size > 0
+
+
+def finished_work(phase: str, out: Path) -> bool:
+    """The cache's manifest, or a trainer's exported final weights."""
+    return (out / "manifest.json").exists() if is_cache(phase) else (out / "final" / "state.json").exists()
+
+
+def wait_for(ready, proc, timeout: float = 300) -> float:
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    return time.perf_counter()
+
+
+def kill_fault(phase: str, cmd: list[str], ref: Path, out: Path, work_s: float, rng: random.Random, e: dict) -> dict:
+    proc = subprocess.Popen([str(BLITEXT), *cmd, "--out", str(out)], env=e, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_for(lambda: started_work(phase, out), proc)
+    delay = rng.uniform(0.02, 0.98) * work_s
+    time.sleep(delay)
+    alive = proc.poll() is None
+    proc.kill()
+    proc.wait()
+    progress = progress_of(phase, out)
+    resumed = run([*cmd, "--out", str(out), *([] if is_cache(phase) else ["--resume", "latest"])], e)
+    same, lost = identical(phase, ref, out) if resumed.returncode == 0 else (False, None)
+    return {"fault": "kill -9", "phase": phase, "injected": alive, "survived": resumed.returncode == 0 and same,
+            "lost": lost, "detail": f"after {delay:.2f} s of work ({progress}); resumed exit {resumed.returncode}, "
+                                    f"{'identical' if same else 'DIFFERENT'} to the uninterrupted run"
+            + ("" if resumed.returncode == 0 else f": {resumed.stderr[-300:]}")}
+
+
+def progress_of(phase: str, out: Path) -> str:
+    if is_cache(phase):
+        return f"{len(list(out.glob('shard-*.json')))} shard(s) done"
+    latest = out / "checkpoints" / "latest"
+    return f"checkpoint {latest.read_text().strip()}" if latest.exists() else "no checkpoint yet"
+
+
+def write_fault(name: str, phase: str, cmd: list[str], ref: Path, out: Path, fault: tuple[str, str] | None,
+                e: dict, expect: str, resume: list[str] = (), before=None, after=None) -> dict:
+    """A fault while writing: refused in one line naming the folder, nothing half-written left,
+    then (fault gone) the same command finishes identical to the uninterrupted run."""
+    if before:
+        before()
+    first = run([*cmd, "--out", str(out)], e, fault)
+    refused, line = one_line_refusal(first)
+    leftovers = [p.name for p in out.rglob("*") if ".tmp" in p.name] if out.exists() else []
+    if after:
+        after()
+    again = run([*cmd, "--out", str(out), *resume], e)
+    same, lost = identical(phase, ref, out) if again.returncode == 0 else (False, None)
+    survived = refused and expect in line and not leftovers and again.returncode == 0 and same
+    return {"fault": name, "phase": phase, "injected": True, "survived": survived, "lost": lost,
+            "detail": f"{line[:220]} | temp files left: {len(leftovers)} | rerun exit {again.returncode}, "
+                      f"{'identical' if same else 'DIFFERENT'}"}
+
+
+def damaged_cache_fault(name: str, w: dict, cmds: dict, damage, e: dict, tmp: Path) -> dict:
+    """A damaged feature cache given to train-adapter: refused naming the shard; then the repair
+    the message names (delete the shard and its sidecar, run extract-features again)."""
+    ref = tmp / "ref" / "extract-features"
+    copy = tmp / name.replace(" ", "-")
+    shutil.copytree(ref, copy)
+    shard, damaged_rows = damage(copy)
+    cmd = list(cmds["adapter stage 1"])
+    cmd[cmd.index("--features") + 1] = str(copy)
+    first = run([*cmd, "--out", str(tmp / f"{copy.name}-run")], e)
+    refused, line = one_line_refusal(first)
+    verify = run(["cache", "verify", str(copy)], e)
+    (copy / shard).unlink(missing_ok=True)
+    (copy / shard.replace(".h5", ".json")).unlink(missing_ok=True)
+    repair = run([*cmds["extract-features"], "--out", str(copy)], e)
+    repaired = repair.returncode == 0 and same_cache(ref, copy)
+    return {"fault": name, "phase": "adapter stage 1", "injected": True, "survived": refused and shard in line,
+            "lost": 0 if refused else (damaged_rows if first.returncode == 0 else None),
+            "detail": f"{line[:220]} | cache verify exit {verify.returncode} | repaired by deleting {shard} "
+                      f"and re-running extract-features: {'identical' if repaired else 'NOT identical'}"}
+
+
+def flip_rows(cache: Path) -> tuple[str, int]:
+    """One bit flipped in every row of shard 1 (row data, not metadata)."""
+    import h5py
+
+    shard = cache / "shard-00001.h5"
+    with h5py.File(shard, "r") as f:
+        starts = []
+        f["data"].id.chunk_iter(lambda info: starts.append(info.byte_offset))
+    raw = bytearray(shard.read_bytes())
+    for s in starts:
+        raw[s + 101] ^= 0x04
+    shard.write_bytes(bytes(raw))
+    return shard.name, len(starts)
+
+
+def break_metadata(cache: Path) -> tuple[str, int]:
+    shard = cache / "shard-00002.h5"
+    raw = bytearray(shard.read_bytes())
+    tree = raw.index(b"TREE\x01")  # the chunk index
+    raw[tree:tree + 16] = b"\xee" * 16
+    shard.write_bytes(bytes(raw))
+    return shard.name, 4
+
+
+def truncate(cache: Path) -> tuple[str, int]:
+    shard = cache / "shard-00003.h5"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return shard.name, 4
+
+
+def damaged_checkpoint_fault(cmds: dict, tmp: Path, e: dict) -> dict:
+    """Bytes flipped inside the latest checkpoint's weights: --resume latest refuses, naming the
+    checkpoint before it; resuming from that one finishes identical to the uninterrupted run."""
+    ref = tmp / "ref" / "train-pformer"
+    run_dir = tmp / "damaged-checkpoint"
+    shutil.copytree(ref, run_dir)
+    ckpt = run_dir / "checkpoints"
+    latest = ckpt / (ckpt / "latest").read_text().strip()
+    weights = latest / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-5] ^= 0x01  # inside a tensor: the file still parses
+    weights.write_bytes(bytes(raw))
+    cmd = cmds["train-pformer"]
+    first = run([*cmd, "--out", str(run_dir), "--resume", "latest"], e)
+    refused, line = one_line_refusal(first)
+    earlier = sorted(p for p in ckpt.glob("step-*") if p.name < latest.name)[-1]
+    again = run([*cmd, "--out", str(run_dir), "--resume", str(earlier)], e)
+    same = again.returncode == 0 and same_weights(ref, run_dir)
+    return {"fault": "damaged checkpoint", "phase": "train-pformer", "injected": True,
+            "survived": refused and earlier.name in line, "lost": 0 if refused else None,
+            "detail": f"{line[:220]} | --resume {earlier.name}: exit {again.returncode}, "
+                      f"{'identical' if same else 'DIFFERENT'}; steps lost {steps_lost(ref, run_dir)}"}
+
+
+def mount(args: list[str]) -> bool:
+    return subprocess.run(["mount", *args], capture_output=True).returncode == 0
+
+
+def real_disk_faults(cmds: dict, tmp: Path, e: dict) -> list[dict]:
+    """As root: a real tmpfs that fills during extraction (made larger after: space freed), and a
+    read-only tmpfs (made writable after)."""
+    results = []
+    ref = tmp / "ref" / "extract-features"
+    small, ro = tmp / "small-disk", tmp / "ro-disk"
+    small.mkdir()
+    ro.mkdir()
+    page = os.sysconf("SC_PAGE_SIZE")
+    pages = -(-3 * (ref / "shard-00000.h5").stat().st_size // page) + 8  # ~3 shards, + sidecars, run.json, log
+    if os.geteuid() != 0 or not mount(["-t", "tmpfs", "-o", f"size={pages * page}", "tmpfs", str(small)]):
+        return results
+    try:
+        results.append(write_fault("disk full (real tmpfs)", "extract-features", cmds["extract-features"], ref,
+                                   small / "cache", None, e, "no space left",
+                                   after=lambda: mount(["-o", "remount,size=64m", str(small)])))
+    finally:
+        subprocess.run(["umount", str(small)])
+    if mount(["-t", "tmpfs", "-o", "ro,size=64m", "tmpfs", str(ro)]):
+        try:
+            results.append(write_fault("read-only mount (real)", "extract-features", cmds["extract-features"], ref,
+                                       ro / "cache", None, e, "is not writable",
+                                       after=lambda: mount(["-o", "remount,rw", str(ro)])))
+        finally:
+            subprocess.run(["umount", str(ro)])
+    return results
+
+
+# ---------------------------------------------------------------- main
+
+def git_commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return head + ("+dirty" if dirty else "")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kills", type=int, default=3, help="kill -9 trials per phase")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    rng = random.Random(args.seed)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=ROOT / "cache", prefix="faults-") as tmp:
+        tmp = Path(tmp)
+        w = make_world(tmp)
+        e = env(tmp / "cache-root")
+        cmds = commands(w)
+        work = {}
+        for phase in ("extract-features", "train-pformer", "build-prompts", "adapter stage 1", "adapter stage 2"):
+            work[phase] = timed_reference(phase, cmds[phase], tmp / "ref" / phase, e)
+            print(f"reference {phase}: {work[phase]:.1f} s of work", flush=True)
+        results = []
+
+        def add(result: dict) -> None:
+            results.append(result)
+            print(row(result), flush=True)
+
+        for phase in ("extract-features", "train-pformer", "adapter stage 1", "adapter stage 2"):
+            for k in range(args.kills):
+                add(kill_fault(phase, cmds[phase], tmp / "ref" / phase, tmp / f"kill-{phase.replace(' ', '-')}-{k}",
+                               work[phase], rng, e))
+        one_shard = (tmp / "ref" / "extract-features" / "shard-00000.h5").stat().st_size
+        add(write_fault("disk full (injected)", "extract-features", cmds["extract-features"],
+                        tmp / "ref" / "extract-features", tmp / "enospc-cache",
+                        ("enospc-shard", str(int(2.5 * one_shard))), e, "no space left"))
+        add(write_fault("disk full at a checkpoint (injected)", "train-pformer", cmds["train-pformer"],
+                        tmp / "ref" / "train-pformer", tmp / "enospc-run", ("enospc-checkpoint", "4"), e,
+                        "no space left", resume=["--resume", "latest"]))
+        add(write_fault("unwritable folder (injected)", "extract-features", cmds["extract-features"],
+                        tmp / "ref" / "extract-features", tmp / "locked" / "cache",
+                        ("eacces-mkdir", str(tmp / "locked")), e, "is not writable"))
+        for name, damage in (("flipped bits in a shard", flip_rows), ("damaged shard metadata", break_metadata),
+                             ("truncated shard", truncate)):
+            add(damaged_cache_fault(name, w, cmds, damage, e, tmp))
+        add(damaged_checkpoint_fault(cmds, tmp, e))
+        for result in real_disk_faults(cmds, tmp, e):
+            add(result)
+    injected = [r for r in results if r["injected"]]
+    lost = [r["lost"] for r in injected if r["lost"] is not None]
+    summary = {"injected": len(injected), "survived": sum(r["survived"] for r in injected),
+               "lost": sum(lost), "lost_unknown": sum(r["lost"] is None for r in injected)}
+    print_table(results, summary)
+    write_result("faults", {"command": "python bench/faults.py", "git_commit": git_commit(), "seed": args.seed,
+                            "kills_per_phase": args.kills, "minutes": round((time.perf_counter() - started) / 60, 1),
+                            "reference_work_seconds": {k: round(v, 2) for k, v in work.items()},
+                            "summary": summary, "faults": results})
+
+
+def row(r: dict) -> str:
+    lost = "?" if r["lost"] is None else str(r["lost"])
+    return (f"{r['fault']:38s} {r['phase']:17s} {'yes' if r['injected'] else 'missed':7s} "
+            f"{'yes' if r['survived'] else 'NO':9s} {lost:5s} {r['detail']}")
+
+
+def print_table(results: list[dict], summary: dict) -> None:
+    print(f"\n{'fault':38s} {'phase':17s} {'injected':7s} {'survived':9s} {'lost':5s} detail")
+    for r in results:
+        print(row(r))
+    print(f"\n{summary['injected']} faults injected, {summary['survived']} survived, "
+          f"{summary['lost']} rows/steps lost" + (f" ({summary['lost_unknown']} unknown)" if summary["lost_unknown"] else ""))
+
+
+if __name__ == "__main__":
+    main()
