@@ -42,7 +42,7 @@ from blitext.data.compose import compositional_captions
 from blitext.data.prepare import list_datasets, prepare_dataset
 from blitext.data.readers import read_image_set, write_lavis_json
 from blitext.data.text import WORDNET_DIR, read_sentences, wordnet_examples
-from blitext.demo import print_prompt_check, stage2_schedule, train_once
+from blitext.demo import print_prompt_check, train_once
 from blitext.errors import BlitextError
 from blitext.evaluate import EvalConfig, eval_caption, eval_vqa
 from blitext.extract import ExtractConfig, extract_features
@@ -59,6 +59,12 @@ TRAIN_KEYS = ("images_per_split", "heldout_images", "pformer_steps", "pformer_ba
               "stage1_steps", "stage1_lr", "stage2_steps", "stage2_lr", "stage2_llm_proj_lr_scale",
               "stage2_max_grad_norm", "batch_size", "seed")
 
+
+
+def stage2_schedule(c) -> dict:
+    """ablate's small-batch stage-2 settings (bench/stage2_lr.py measured them; the demo has its own recipe)."""
+    return dict(max_steps=c.stage2_steps, warmup_steps=max(1, c.stage2_steps // 10), batch_size=c.batch_size // 2,
+                lr=c.stage2_lr, llm_proj_lr_scale=c.stage2_llm_proj_lr_scale, max_grad_norm=c.stage2_max_grad_norm)
 
 @dataclass
 class AblateConfig:

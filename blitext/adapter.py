@@ -52,6 +52,8 @@ class AdapterConfig:
     captions: list[str] = field(default_factory=list)  # caption JSON; default: the features' prepared data, train split
     w_align: float | None = None        # alignment weight; default 10 in stage 1, 100 in stage 2 (paper)
     init: str | None = None             # stage 2: the stage-1 run (or checkpoint) to start from
+    align_steps: int = 0                # steps of L_align alone (no other loss, no LLM) before the stage's own
+                                        # losses, fresh AdamW moments after them: the video path's order (paper: 0)
     out: str | None = None              # run folder; default <cache root>/runs/adapter/stage<N>-w<W>
     online: bool = False                # encode the images inside the loop (no feature cache)
     vision_encoder: str | None = None   # default: the features cache's encoder; --online: the bundled one
@@ -59,14 +61,16 @@ class AdapterConfig:
     text_encoder: str = DEFAULT_TEXT_ENCODER  # Q-Former initialisation (paper: bert-base-uncased)
     llm: str = DEFAULT_LLM              # the frozen LLM (stage 2 runs it; stage 1 needs its width)
     num_query: int | None = None        # default: the prompt cache's n_prompt, else 32 (paper)
-    cross_attention_frequency: int = 2
+    cross_attention_frequency: int = 2  # a cross-attention to the visual tokens every N layers (paper: 2)
+    num_layers: int | None = None       # keep the text encoder's first N layers (default: all; bert-base: 12)
+    dropout: float | None = None        # the Q-Former's hidden and attention dropout (default: the encoder's, 0.1)
     embed_dim: int = 256
     max_text_len: int = 32
     end_of_text: str = "\n"             # appended to stage-2 targets, as the P-Former's (the LLM learns to stop)
     temp: float = 0.07
     label_smoothing: float = 0.1
     epochs: int = 10
-    max_steps: int | None = None        # overrides epochs
+    max_steps: int | None = None        # overrides epochs (0: the alignment phase alone)
     batch_size: int = 1024              # global batch (paper), split across ranks
     lr: float = 1e-4
     llm_proj_lr_scale: float = 1.0      # llm_proj's rate / lr (paper: one rate); small-batch stage 2 needs more
@@ -98,12 +102,19 @@ class AdapterConfig:
         if self.w_align > 0 and not self.prompts:
             raise BlitextError(f"--w-align {self.w_align:g} needs reference prompts: pass --prompts CACHE "
                                f"(blitext build-prompts makes it), or --w-align 0 for plain BLIP-2")
+        if self.align_steps < 0 or (self.align_steps and self.w_align == 0):
+            raise BlitextError(f"--align-steps {self.align_steps} trains L_align alone: it needs --w-align above 0 "
+                               f"and --prompts, and cannot be negative")
+        if self.max_steps is not None and self.max_steps + self.align_steps < 1:
+            raise BlitextError(f"--max-steps {self.max_steps} leaves nothing to train: pass a positive --max-steps "
+                               f"(or --align-steps)")
         if not self.online and not self.features:
             raise BlitextError("train-adapter reads cached features: pass --features CACHE "
                                "(blitext extract-features makes it), or --online to encode images in the loop")
 
 
-RESUME_KEYS = ("stage", "w_align", "text_encoder", "llm", "num_query", "cross_attention_frequency", "embed_dim",
+RESUME_KEYS = ("stage", "w_align", "align_steps", "text_encoder", "llm", "num_query", "cross_attention_frequency",
+               "num_layers", "dropout", "embed_dim",
                "max_text_len", "end_of_text", "batch_size", "lr", "llm_proj_lr_scale", "min_lr", "max_grad_norm",
                "warmup_steps", "seed", "epochs", "max_steps")
 
@@ -113,9 +124,10 @@ def default_run_dir(config: AdapterConfig) -> Path:
 
 
 def total_steps(config: AdapterConfig, n_pairs: int) -> int:
-    if config.max_steps:
-        return config.max_steps
-    return max(1, config.epochs * (n_pairs // config.batch_size))
+    """The alignment phase's steps (if any) plus the stage's own."""
+    if config.max_steps is not None:  # 0 with --align-steps: a run of the alignment phase alone
+        return config.align_steps + config.max_steps
+    return config.align_steps + max(1, config.epochs * (n_pairs // config.batch_size))
 
 
 # ---------------------------------------------------------------- entry point
@@ -197,6 +209,11 @@ def _setup(config: AdapterConfig, device: str) -> Setup:
         raise BlitextError(f"--num-query {num_query} but the reference prompts have {prompts.producer['n_prompt']} "
                            f"slots: L_align compares them slot by slot; use --num-query {prompts.producer['n_prompt']}")
     text_encoder = load_text_encoder(config.text_encoder)
+    if config.num_layers:
+        keep_first_layers(text_encoder.model, config.num_layers, config.text_encoder)
+    if config.dropout is not None:  # from_text_encoder copies the encoder's rates into the Q-Former's config
+        text_encoder.model.config.hidden_dropout_prob = text_encoder.model.config.attention_probs_dropout_prob = \
+            config.dropout
     tokenizer = qformer_tokenizer(text_encoder.tokenizer)
     torch.manual_seed(config.seed)  # the new parts' initialisation (queries, cross-attention, heads)
     model = QFormer.from_text_encoder(text_encoder.model, tokenizer, source.width, num_query, d_llm,
@@ -206,6 +223,15 @@ def _setup(config: AdapterConfig, device: str) -> Setup:
                 "prompts_producer": prompts.producer if prompts else None,
                 "resume_config": {k: getattr(config, k) for k in RESUME_KEYS}}
     return Setup(model, tokenizer, source, pairs, prompts, llm, identity)
+
+
+def keep_first_layers(encoder, n: int, name: str) -> None:
+    """Cut a BERT-style encoder to its first n layers (a shallower Q-Former from the same start)."""
+    have = encoder.config.num_hidden_layers
+    if not 0 < n <= have:
+        raise BlitextError(f"--num-layers {n}: the text encoder {name} has {have} layers; pass 1..{have}")
+    encoder.encoder.layer = encoder.encoder.layer[:n]
+    encoder.config.num_hidden_layers = n
 
 
 def prompt_cache(config: AdapterConfig, pairs: Pairs) -> PromptCache | None:
@@ -256,8 +282,9 @@ class StepLosses(torch.nn.Module):
 class AdapterLoop:
     def __init__(self, config: AdapterConfig, model: QFormer, setup: Setup, device: str, info, metrics, log):
         self.c, self.model, self.s = config, model, setup
-        step_losses = StepLosses(model, self.stage1_losses if config.stage == 1 else self.stage2_losses)
-        self.forward = DistributedDataParallel(step_losses) if info.world > 1 else step_losses
+        step_losses = StepLosses(model, self.losses)
+        self.forward = DistributedDataParallel(step_losses, find_unused_parameters=config.align_steps > 0) \
+            if info.world > 1 else step_losses
         self.device, self.info, self.metrics, self.log = device, info, metrics, log
         self.tokenizer = setup.tokenizer
         self.llm_tokenizer = setup.llm.tokenizer if setup.llm else None
@@ -278,7 +305,7 @@ class AdapterLoop:
         pairs = self.s.pairs
         batch = {"features": self.s.source.read([pairs.image_ids[i] for i in rows])}
         if self.s.prompts is not None:
-            batch["reference"] = self.s.prompts.get_batch([pairs.keys[i] for i in rows])
+            batch["reference"] = self.s.prompts.rows([pairs.keys[i] for i in rows])
         return batch
 
     def run(self, start: int, steps: int, run: Path, optimizer, state: dict) -> None:
@@ -301,15 +328,23 @@ class AdapterLoop:
         finally:
             prefetch.close()
 
+    def phase(self, step: int, steps: int) -> tuple[str, int, int]:
+        """(name, first step, length) of the phase `step` is in: "align" (L_align alone) or the stage's own."""
+        align = self.c.align_steps
+        return ("align", 0, align) if step < align else (f"stage{self.c.stage}", align, steps - align)
+
     def train_step(self, step: int, steps: int, batch: dict) -> dict[str, float]:
         c = self.c
-        set_lr(self.optimizer, lr_at(step, steps, c.lr, c.min_lr, c.warmup_steps, c.warmup_start_lr))
+        name, start, length = self.phase(step, steps)
+        if step == start and step > 0:
+            self.optimizer.state.clear()  # a new phase is a new training: x w_align moments would mis-scale it
+        set_lr(self.optimizer, lr_at(step - start, length, c.lr, c.min_lr, c.warmup_steps, c.warmup_start_lr))
         index = self.batch_indices(step)
         features, feature_mask = self.s.source.encode(batch["features"], self.device)
-        reference = batch.get("reference")
+        reference = None if self.s.prompts is None else self.s.prompts.expand(batch["reference"])
         torch.manual_seed(step_seed(c.seed, step, self.info.rank))  # dropout of this step
         with self.autocast:
-            losses = self.forward(step, index, features, feature_mask, reference)
+            losses = self.forward(name, step, index, features, feature_mask, reference)
             total = sum(v * (c.w_align if k == "align" else 1.0) for k, v in losses.items())
         optimizer_step(self.optimizer, total, c.max_grad_norm)
         with torch.no_grad():  # BLIP clamps the parameter itself, not only inside the loss
@@ -325,6 +360,12 @@ class AdapterLoop:
             with torch.no_grad():
                 return alignment_loss(self.model.llm_proj(query_output.detach()), reference)
         return alignment_loss(self.model.llm_proj(query_output), reference)
+
+    def losses(self, phase: str, step: int, index: list[int], features, feature_mask, reference) -> dict:
+        if phase == "align":  # only llm_proj(queries) and the references: no text branch, no LLM
+            return {"align": self._align(self.model.query_output(features, feature_mask), reference)}
+        losses = self.stage1_losses if self.c.stage == 1 else self.stage2_losses
+        return losses(step, index, features, feature_mask, reference)
 
     def stage1_losses(self, step: int, index: list[int], features, feature_mask, reference) -> dict:
         c, model, world, rank = self.c, self.model, self.info.world, self.info.rank

@@ -98,10 +98,11 @@ def eval_caption(config: EvalConfig) -> dict:
     hyps = _generate(ev, llm, settings, ids, [settings.prompt] * len(ids), "image")
     refs = {r.id: [c for c in r.captions if c.strip()] for r in records}
 
-    from blitext.metrics import caption_scores  # pycocoevalcap (and Java lookups) only when captions are scored
+    from blitext.metrics import caption_exact_match, caption_scores  # pycocoevalcap only when captions are scored
 
     scores = caption_scores(refs, dict(zip(ids, hyps)), config.tokenizer, config.meteor, config.spice)
     metrics = {k: v for k, v in scores.as_dict().items() if isinstance(v, float)}
+    metrics["exact_match"] = caption_exact_match(refs, dict(zip(ids, hyps)))
     write_json(ev.out / "predictions.json", [{"image_id": _coco_id(i), "caption": h} for i, h in zip(ids, hyps)])
     return _finish(ev, metrics, {"images": len(ids)}, settings, unavailable=scores.unavailable,
                    tokenizer=scores.tokenizer)

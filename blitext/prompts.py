@@ -198,10 +198,16 @@ class PromptCache:
     @torch.no_grad()  # not inference_mode: the rows are constants inside a loss that is differentiated
     def get_batch(self, keys: list[str]) -> torch.Tensor:
         """(B, n_prompt, d_llm) float32, with no gradient: references are constants."""
-        rows = torch.from_numpy(np.stack(self.cache.get_many(keys))).float()
-        if self.head is None:
-            return rows
-        return self.head(rows)
+        return self.expand(self.rows(keys))
+
+    def rows(self, keys: list[str]) -> torch.Tensor:
+        """The stored rows alone (I/O only: a trainer's prefetch thread reads these)."""
+        return torch.from_numpy(np.stack(self.cache.get_many(keys))).float()
+
+    def expand(self, rows: torch.Tensor) -> torch.Tensor:
+        """Stored rows -> prompts. Compact rows run the P-Former's head: trainers call this on their
+        own thread, since matmuls on two threads at once add in a varying order (runs would differ)."""
+        return rows if self.head is None else self.head(rows)
 
 
 class _Head(torch.nn.Module):

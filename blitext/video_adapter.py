@@ -217,7 +217,7 @@ class VideoLoop:
         rows = rank_slice(index, self.info.rank, self.info.world)
         batch = {"index": index, "features": self.s.source.read([self.s.pairs.image_ids[i] for i in rows])}
         if self.s.prompts is not None:
-            batch["reference"] = self.s.prompts.get_batch([self.s.pairs.keys[i] for i in rows])
+            batch["reference"] = self.s.prompts.rows([self.s.pairs.keys[i] for i in rows])
         return batch
 
     def run(self, start: int, steps: int, run: Path, optimizer, state: dict) -> None:
@@ -249,7 +249,8 @@ class VideoLoop:
         torch.manual_seed(step_seed(c.seed, step, self.info.rank))  # dropout of this step
         weights = phase.weights(c.w_align)
         with self.autocast:
-            losses = self.forward(phase.name, batch["index"], features, mask, batch.get("reference"))
+            reference = None if self.s.prompts is None else self.s.prompts.expand(batch["reference"])
+            losses = self.forward(phase.name, batch["index"], features, mask, reference)
             total = sum(v * weights[k] for k, v in losses.items())
         optimizer_step(self.optimizer, total, c.max_grad_norm)
         return mean_over_ranks({**losses, "loss": total})

@@ -249,7 +249,10 @@ def train_adapter_cmd(
     modality: str = typer.Option("image", "--modality", help="image: the Q-Former (stages 1, 2); video: the Transformer adaptor over segment features (--num-query = prompt slots)."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="Video: sequential (L_align alone, then LM alone: paper) | joint (LM + w L_align)."),
     align_epochs: Optional[int] = typer.Option(None, "--align-epochs", help="Video, sequential: epochs of the alignment phase. [default: 10]"),
-    align_steps: Optional[int] = typer.Option(None, "--align-steps", help="Video, sequential: steps of the alignment phase (overrides --align-epochs)."),
+    align_steps: Optional[int] = typer.Option(None, "--align-steps", help="Steps of L_align alone (no LLM) before the stage's own losses. Image: " + default_of(AdapterConfig, "align_steps") + "; video, sequential: overrides --align-epochs."),
+    num_layers: Optional[int] = typer.Option(None, "--num-layers", help="Image: keep the text encoder's first N layers in the Q-Former. [default: all]"),
+    cross_attention_frequency: Optional[int] = typer.Option(None, "--cross-attention-frequency", help="Image: cross-attention to the visual tokens every N layers. " + default_of(AdapterConfig, "cross_attention_frequency")),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Image: the Q-Former's hidden and attention dropout. [default: the text encoder's]"),
     config: Optional[Path] = ConfigOpt,
 ):
     """Train the Q-Former adaptor (or, with --modality video, the video Transformer) from cached features and prompts (resumable; runs under torchrun)."""
@@ -264,19 +267,20 @@ def train_adapter_cmd(
                    text_encoder=text_encoder, llm=llm, num_query=num_query, batch_size=batch_size,
                    epochs=epochs, max_steps=max_steps, lr=lr, llm_proj_lr_scale=llm_proj_lr_scale,
                    max_grad_norm=max_grad_norm, warmup_steps=warmup_steps, seed=seed,
-                   save_every=save_every, log_every=log_every, device=device, resume=resume)
-    video = dict(schedule=schedule, align_epochs=align_epochs, align_steps=align_steps)
+                   save_every=save_every, log_every=log_every, device=device, resume=resume, align_steps=align_steps)
+    video = dict(schedule=schedule, align_epochs=align_epochs)
+    image = dict(num_layers=num_layers, cross_attention_frequency=cross_attention_frequency, dropout=dropout)
     if modality == "video":  # image-only options given here are refused as unknown keys
         from blitext.video_adapter import VideoAdapterConfig, train_video_adapter
 
         options["num_slots"] = options.pop("num_query")
-        cfg = resolve_config(VideoAdapterConfig, config, **options, **video)
+        cfg = resolve_config(VideoAdapterConfig, config, **options, **video, **image)  # image-only ones: unknown keys
         say(f"[green]video adaptor written to[/] {train_video_adapter(cfg)}")
         return
     if modality != "image" or any(v is not None for v in video.values()):
-        raise BlitextError(f"--modality must be image or video (got {modality!r}); --schedule, --align-epochs and "
-                           f"--align-steps need --modality video")
-    cfg = resolve_config(AdapterConfig, config, **options)
+        raise BlitextError(f"--modality must be image or video (got {modality!r}); --schedule and --align-epochs "
+                           f"need --modality video")
+    cfg = resolve_config(AdapterConfig, config, **options, **image)
     say(f"[green]adaptor written to[/] {train_adapter(cfg)}")
 
 

@@ -10,13 +10,18 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from blitext.adapter import AdapterConfig, train_adapter
+from blitext.cache import FeatureCache
 from blitext.cli.main import app
 from blitext.data.prepare import prepare_dataset
 from blitext.demo import DemoConfig
 from blitext.extract import ExtractConfig, extract_features
+from blitext.losses import prompt_lm_loss
+from blitext.models.adapter_checkpoint import load_adapter
+from blitext.models.loading import load_llm
 from blitext.pformer import PFormerConfig, train_pformer
 from blitext.prompts import BuildPromptsConfig, build_prompts
 from blitext.training import read_metrics
@@ -49,16 +54,55 @@ def test_adapter_losses_go_down_on_real_cached_features(session_cache, monkeypat
     for key in ("itc", "itm", "itg", "align"):
         first, last = first_vs_last(losses(tmp_path / "s1", key))
         assert last < first, (key, first, last)
-    # Stage 2 at the demo's small-batch settings (llm_proj at 20x the rate, clipping): one rate
-    # for all and no clipping made the LM loss rise here (bench/stage2_lr.py).
+    # Stage 2 at the demo's settings (its dropout, rate and clipping)
     demo = DemoConfig()
     train_adapter(AdapterConfig(stage=2, out=str(tmp_path / "s2"), init=str(tmp_path / "s1"), max_steps=40,
-                                warmup_steps=2, batch_size=8, lr=demo.stage2_lr,
-                                llm_proj_lr_scale=demo.stage2_llm_proj_lr_scale,
+                                warmup_steps=2, batch_size=8, lr=demo.stage2_lr, dropout=demo.dropout,
                                 max_grad_norm=demo.stage2_max_grad_norm, **common))
     first, last = first_vs_last(losses(tmp_path / "s2", "lm"))
     assert last < first - 0.5, (first, last)
     assert all(math.isfinite(v) for v in losses(tmp_path / "s2", "align"))
+
+
+def test_a_trained_adaptor_captions_its_training_images_in_eval_mode(session_cache, monkeypatch, tmp_path):
+    """A small overfit case at the demo's recipe, run as users run it: the adaptor loaded as
+    `generate` loads it (eval mode) has the loss it trained to on its training pairs, and greedy
+    `blitext generate` writes each training image's caption. With MiniLM's dropout of 0.1, the demo's
+    trained adaptors had an eval-mode loss 10 times their train-mode loss and captions that derailed."""
+    monkeypatch.setenv("BLITEXT_CACHE", str(session_cache))
+    data = prepare_dataset("easy-vqa", out_root=tmp_path / "data", limit=64)
+    features = tmp_path / "features"
+    extract_features(ExtractConfig(data=str(data), out=str(features)))
+    entries = json.loads((data / "captions_train.json").read_text())[:32]
+    captions = data / "captions_overfit.json"
+    captions.write_text(json.dumps(entries))
+    demo, run = DemoConfig(), tmp_path / "s2"
+    train_adapter(AdapterConfig(stage=2, w_align=0, features=str(features), captions=[str(captions)], out=str(run),
+                                num_query=demo.n_prompt, num_layers=demo.num_layers, dropout=demo.dropout,
+                                cross_attention_frequency=demo.cross_attention_frequency, batch_size=demo.batch_size,
+                                max_steps=150, warmup_steps=15, lr=demo.stage2_lr,
+                                max_grad_norm=demo.stage2_max_grad_norm,
+                                log_every=1, save_every=1000))
+
+    adapter = load_adapter(run)
+    assert not adapter.model.training  # as generate and eval run it
+    llm = load_llm(adapter.llm_name)
+    texts = [e["caption"][0] if isinstance(e["caption"], list) else e["caption"] for e in entries]
+    tgt = llm.tokenizer([t + "\n" for t in texts], padding=True, add_special_tokens=False, return_tensors="pt")
+    rows = FeatureCache(features).get_batch([e["image_id"] for e in entries])[0].float()
+    with torch.no_grad():
+        eval_loss = float(prompt_lm_loss(llm.model, adapter.model.prompts(rows), tgt.input_ids, tgt.attention_mask))
+        adapter.model.train()
+        train_loss = float(prompt_lm_loss(llm.model, adapter.model.prompts(rows), tgt.input_ids, tgt.attention_mask))
+    assert eval_loss < 0.1 and abs(eval_loss - train_loss) < 0.02, (eval_loss, train_loss, losses(run, "lm")[-3:])
+
+    out = tmp_path / "generated.json"
+    g = CliRunner().invoke(app, ["generate", "--adapter", str(run), "--images", str(captions), "--prompt", "",
+                                 "--num-beams", "1", "--min-new-tokens", "1", "--max-new-tokens", "8",
+                                 "--out", str(out)])
+    assert g.exit_code == 0, g.output[-2000:]
+    written = [r["text"] for r in json.loads(out.read_text())]
+    assert written == texts
 
 
 def test_demo_smoke_runs_every_phase(session_cache, monkeypatch):
@@ -74,4 +118,4 @@ def test_demo_smoke_runs_every_phase(session_cache, monkeypatch):
     assert (work / "stage1-curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second run reuses every finished phase
     again = CliRunner().invoke(app, ["demo", "--smoke"])
-    assert again.exit_code == 0 and again.output.count("reusing") >= 5, again.output[-2000:]
+    assert again.exit_code == 0 and again.output.count("reusing") >= 4, again.output[-2000:]

@@ -215,3 +215,15 @@ def _spice(gts: dict, res: dict) -> float:
         raise BlitextError(f"SPICE (java -jar spice-1.0.jar) failed with exit {e.returncode}: "
                            f"pass spice='off' to go on without it") from None
     return float(score)
+
+
+def caption_exact_match(refs: dict[Hashable, list[str]], hyps: dict[Hashable, str]) -> float:
+    """Share of images whose caption equals one of its references once both are lower-cased, their
+    punctuation dropped and their spaces collapsed: for short templated captions ("a red circle"),
+    where n-gram metrics hide whether the whole caption is right."""
+    _check_pairs(refs, hyps)
+    return sum(_plain(hyps[k]) in {_plain(r) for r in refs[k]} for k in hyps) / len(hyps)
+
+
+def _plain(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
