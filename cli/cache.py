@@ -22,12 +22,19 @@ def data_prepare_cmd(
     install: bool = typer.Option(False, "--install", help="Let blitext run `apt-get install` (as root) when "
                                  "tuxpaint's or fashion-mnist's Debian package is missing; without it, it "
                                  "prints the command instead."),
+    withhold: Optional[list[str]] = typer.Option(None, "--withhold", help="easy-vqa: keep this colour x shape "
+                                                 "combination out of the train images (repeatable, e.g. 'red circle'; "
+                                                 "'default' = red circle, blue rectangle, green triangle, yellow "
+                                                 "circle, gray triangle, brown rectangle)."),
+    test_limit: Optional[int] = typer.Option(None, "--test-limit", help="easy-vqa: at most N test images. "
+                                             "\\[default: --limit]"),
 ):
     """Write an embedded data set as standard caption JSON (+ VQA JSON) and images."""
     from blitext.console import say
     from blitext.data.prepare import prepare_dataset
 
-    folder = prepare_dataset(name, out_root, limit=limit, install=install)
+    folder = prepare_dataset(name, out_root, limit=limit, install=install, withhold=tuple(withhold or ()),
+                             test_limit=test_limit)
     say(f"[green]prepared[/] {name} in {folder}")
 
 

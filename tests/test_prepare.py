@@ -12,6 +12,7 @@ from PIL import Image
 
 from blitext.data import prepare
 from blitext.data.images import load_image
+from blitext.data.easy_vqa import ALL_CAPTIONS_FILE, DEFAULT_WITHHELD
 from blitext.data.prepare import list_datasets, prepare_dataset
 from blitext.data.readers import read_image_set
 from blitext.data.vqa import read_vqa
@@ -94,6 +95,35 @@ def test_easy_vqa_second_call_does_not_rebuild_but_a_new_limit_does(easy_vqa_dir
     assert json.loads(marker.read_text())["limit"] == 5
     assert sorted(p.name for p in easy_vqa_dir.parent.iterdir()) == ["easy-vqa"]  # no temp folders left
     prepare_dataset("easy-vqa", easy_vqa_dir.parent, limit=20)  # leave it as the fixture made it
+
+
+def test_easy_vqa_withheld_combinations_never_reach_the_train_images(tmp_path):
+    if not EASY_VQA_INSTALLED:
+        pytest.skip("easy-vqa is not installed")
+    folder = prepare_dataset("easy-vqa", tmp_path, limit=40, withhold=("default", "teal circle"), test_limit=60)
+    withheld = {tuple(n.split()) for n in (*DEFAULT_WITHHELD, "teal circle")}
+    train = json.loads((folder / "captions_train.json").read_text())
+    assert len(train) == 40 and not any((e["color"], e["shape"]) in withheld for e in train)
+    kept = {e["image_id"] for e in train}
+    questions = read_vqa(folder / "vqa_train_questions.json", folder / "vqa_train_annotations.json")
+    assert {q.image_id for q in questions} == kept  # no question about a withheld image either
+    test = json.loads((folder / "captions_test.json").read_text())
+    seen = json.loads((folder / "captions_test_seen.json").read_text())
+    held = json.loads((folder / "captions_test_withheld.json").read_text())
+    assert len(test) == 60 and len(seen) + len(held) == 60 and held
+    assert all((e["color"], e["shape"]) in withheld for e in held)
+    assert not any((e["color"], e["shape"]) in withheld for e in seen)
+    every = (folder / ALL_CAPTIONS_FILE).read_text().splitlines()  # the P-Former's text: every combination
+    assert len(every) == 24 and {f"a {c} {s}" for c, s in withheld} <= set(every)
+    marker = json.loads((folder / "prepared.json").read_text())
+    assert marker["counts"]["withheld"] == sorted(" ".join(p) for p in withheld)
+    assert marker["counts"]["train"]["withheld_images_skipped"] > 0
+    assert prepare_dataset("easy-vqa", tmp_path, limit=40, withhold=("default", "teal circle"),
+                           test_limit=60) == folder  # reused
+    with pytest.raises(BlitextError, match="name a colour and a shape"):
+        prepare_dataset("easy-vqa", tmp_path / "x", limit=4, withhold=("purple circle",))
+    with pytest.raises(BlitextError, match="apply to easy-vqa only"):
+        prepare_dataset("tuxpaint", tmp_path / "y", withhold=("default",))
 
 
 # ---------------------------------------------------------------- Tux Paint (fake of the Debian layout)

@@ -22,6 +22,11 @@ EASY_VQA_COLOURS = {  # the exact RGB values easy-VQA paints its shapes with (ch
     "gray": (128, 128, 128), "teal": (0, 128, 128), "brown": (165, 42, 42), "yellow": (255, 255, 0),
 }
 EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+# The default withheld split: 6 of the 24 colour x shape combinations, each colour and each shape
+# still seen in other combinations, so a withheld caption is a new combination of known words.
+DEFAULT_WITHHELD = ("red circle", "blue rectangle", "green triangle", "yellow circle", "gray triangle",
+                    "brown rectangle")
+ALL_CAPTIONS_FILE = "captions_all_combinations.txt"  # text only: every combination, for the P-Former
 
 
 def find_easy_vqa(source: Path | None) -> Path:
@@ -38,27 +43,70 @@ def find_easy_vqa(source: Path | None) -> Path:
     return data
 
 
-def build_easy_vqa(data: Path, out: Path, limit: int | None) -> dict:
-    return {split: _build_easy_vqa_split(data / split, split, out, limit) for split in ("train", "test")}
+def build_easy_vqa(data: Path, out: Path, limit: int | None, withhold: tuple[str, ...] = (),
+                   test_limit: int | None = None) -> dict:
+    """Both splits; with `withhold` ("red circle", ...) those combinations never appear among the
+    train images, the test captions are also written apart as seen / withheld, and a text file of
+    every combination is written for the P-Former (the text that covers what the pairs lack)."""
+    withheld = parse_withheld(withhold)
+    counts = {"train": _build_easy_vqa_split(data / "train", "train", out, limit, withheld),
+              "test": _build_easy_vqa_split(data / "test", "test", out, test_limit or limit, set())}
+    if withheld:
+        _write_seen_and_withheld(out, withheld, counts)
+        (out / ALL_CAPTIONS_FILE).write_text("".join(f"a {c} {s}\n" for c in EASY_VQA_COLOURS
+                                                     for s in EASY_VQA_SHAPES))
+        counts["withheld"] = sorted(" ".join(pair) for pair in withheld)
+    return counts
 
 
-def _build_easy_vqa_split(split_dir: Path, split: str, out: Path, limit: int | None) -> dict:
+def parse_withheld(names: tuple[str, ...] | list[str]) -> set[tuple[str, str]]:
+    """("red circle", ...) -> {("red", "circle"), ...}; "default" stands for DEFAULT_WITHHELD."""
+    names = [n for name in names for n in (DEFAULT_WITHHELD if name == "default" else [name])]
+    pairs = set()
+    for name in names:
+        words = name.lower().split()
+        if len(words) != 2 or words[0] not in EASY_VQA_COLOURS or words[1] not in EASY_VQA_SHAPES:
+            raise BlitextError(f"--withhold {name!r}: name a colour and a shape, e.g. 'red circle' "
+                               f"(colours: {', '.join(EASY_VQA_COLOURS)}; shapes: {', '.join(EASY_VQA_SHAPES)}), "
+                               f"or 'default' for {', '.join(DEFAULT_WITHHELD)}")
+        pairs.add((words[0], words[1]))
+    if len(pairs) >= len(EASY_VQA_COLOURS) * len(EASY_VQA_SHAPES):
+        raise BlitextError("--withhold names every colour x shape combination: keep at least one for training")
+    return pairs
+
+
+def _write_seen_and_withheld(out: Path, withheld: set[tuple[str, str]], counts: dict) -> None:
+    """captions_test_seen.json and captions_test_withheld.json: the test images split by combination."""
+    entries = json.loads((out / "captions_test.json").read_text())
+    for part, keep in (("seen", False), ("withheld", True)):
+        chosen = [e for e in entries if ((e["color"], e["shape"]) in withheld) == keep]
+        (out / f"captions_test_{part}.json").write_text(json.dumps(chosen))
+        counts["test"][f"{part}_images"] = len(chosen)
+
+
+def _build_easy_vqa_split(split_dir: Path, split: str, out: Path, limit: int | None,
+                          withheld: set[tuple[str, str]]) -> dict:
     questions = _easy_vqa_questions(split_dir / "questions.json")
     image_ids = sorted(int(p.stem) for p in (split_dir / "images").glob("*.png") if p.stem.isdigit())
     orphans = sorted({i for _q, _a, i in questions} - set(image_ids))
     if orphans:
         raise BlitextError(f"{split_dir / 'questions.json'}: questions refer to images missing from "
                            f"{split_dir / 'images'} (ids {orphans[:5]}); reinstall easy-vqa")
-    keep = image_ids[:limit] if limit else image_ids  # the lowest ids: the same subset every time
     asked = defaultdict(list)
     for index, (question, answer, image_id) in enumerate(questions):
         asked[image_id].append((index, question, answer))
     (out / "images" / split).mkdir(parents=True)
-    records, vqa = [], []
-    for image_id in keep:
+    records, vqa, dropped = [], [], 0
+    for image_id in image_ids:  # the lowest ids (not withheld): the same subset every time
+        if limit and len(records) == limit:
+            break
+        colour, shape = _describe_easy_vqa_image(split_dir / "images" / f"{image_id}.png",
+                                                 [(q, a) for _i, q, a in asked[image_id]])
+        if (colour, shape) in withheld:
+            dropped += 1
+            continue
         ref = f"images/{split}/{image_id}.png"
         shutil.copyfile(split_dir / "images" / f"{image_id}.png", out / ref)
-        colour, shape = _describe_easy_vqa_image(out / ref, [(q, a) for _i, q, a in asked[image_id]])
         records.append(ImageRecord(f"{split}-{image_id}", ref, (f"a {colour} {shape}",),
                                    {"color": colour, "shape": shape}))
         # Each question has one answer; repeating it as VQAv2's 10 human answers makes VQAv2's
@@ -69,7 +117,7 @@ def _build_easy_vqa_split(split_dir: Path, split: str, out: Path, limit: int | N
     write_lavis_json(out / f"captions_{split}.json", records)
     write_vqa_json(out / f"vqa_{split}_questions.json", out / f"vqa_{split}_annotations.json",
                    [r for _index, r in sorted(vqa, key=lambda pair: pair[0])])
-    return {"images": len(records), "questions": len(vqa)}
+    return {"images": len(records), "questions": len(vqa), **({"withheld_images_skipped": dropped} if withheld else {})}
 
 
 def _easy_vqa_questions(path: Path) -> list[tuple[str, str, int]]:

@@ -54,11 +54,14 @@ def list_datasets() -> list[str]:
 
 
 def prepare_dataset(name: str, out_root: Path | None = None, limit: int | None = None,
-                    source: Path | None = None, install: bool = False) -> Path:
+                    source: Path | None = None, install: bool = False, withhold: tuple[str, ...] = (),
+                    test_limit: int | None = None) -> Path:
     """Build dataset `name` under `out_root/name` (once) and return that folder.
 
     install=True lets a Debian data set's missing package be installed with apt-get (as root);
-    without it a missing package is an error naming the command to run."""
+    without it a missing package is an error naming the command to run. easy-vqa only:
+    `withhold` keeps colour x shape combinations ("red circle", or "default") out of the train
+    images, `test_limit` sets the test images apart from `limit` (the train images)."""
     dataset = _DATASETS.get(name)
     if dataset is None:
         raise BlitextError(f"unknown dataset {name!r}; blitext can prepare: {', '.join(_DATASETS)}")
@@ -66,8 +69,13 @@ def prepare_dataset(name: str, out_root: Path | None = None, limit: int | None =
         raise BlitextError(f"limit must be a positive number of images, got {limit!r}")
     out_root = Path(out_root) if out_root is not None else default_cache_root() / "data"
     final = out_root / name
+    options = {k: v for k, v in (("withhold", tuple(withhold)), ("test_limit", test_limit)) if v}
+    if options and name != "easy-vqa":
+        raise BlitextError(f"{' and '.join(options)} apply to easy-vqa only, not {name}")
+    if test_limit is not None and (not isinstance(test_limit, int) or test_limit < 1):
+        raise BlitextError(f"test_limit must be a positive number of images, got {test_limit!r}")
     wanted = {"name": name, "limit": limit, "source": str(source) if source is not None else None,
-              "blitext_version": __version__}
+              "blitext_version": __version__, **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
     if _marker_matches(final, wanted):
         return final
     src = dataset.find_source(Path(source) if source is not None else None, install)
@@ -75,7 +83,7 @@ def prepare_dataset(name: str, out_root: Path | None = None, limit: int | None =
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        counts = dataset.build(src, tmp, limit)
+        counts = dataset.build(src, tmp, limit, **options)
         write_json(tmp / MARKER, {**wanted, "read_from": str(src), "counts": counts})
         _move_into_place(tmp, final)
     finally:
