@@ -36,7 +36,7 @@ from blitext.losses import (TEMP_MAX, TEMP_MIN, alignment_loss, itc_loss, itg_lo
 from blitext.models.adapter_checkpoint import adapter_weights, load_init
 from blitext.models.fingerprint import fingerprint
 from blitext.models.loading import display_name, llm_path, load_llm, load_text_encoder, load_vision_encoder
-from blitext.models.qformer import QFormer, qformer_tokenizer, unilm_mask
+from blitext.models.qformer import QFormer, keep_first_layers, qformer_tokenizer, unilm_mask
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER, DEFAULT_VISION_ENCODER
 from blitext.prompts import PromptCache
 from blitext.training import (Prefetcher, adamw, global_batch, llm_proj_groups, lr_at, mean_over_ranks, open_run,
@@ -223,15 +223,6 @@ def _setup(config: AdapterConfig, device: str) -> Setup:
                 "prompts_producer": prompts.producer if prompts else None,
                 "resume_config": {k: getattr(config, k) for k in RESUME_KEYS}}
     return Setup(model, tokenizer, source, pairs, prompts, llm, identity)
-
-
-def keep_first_layers(encoder, n: int, name: str) -> None:
-    """Cut a BERT-style encoder to its first n layers (a shallower Q-Former from the same start)."""
-    have = encoder.config.num_hidden_layers
-    if not 0 < n <= have:
-        raise BlitextError(f"--num-layers {n}: the text encoder {name} has {have} layers; pass 1..{have}")
-    encoder.encoder.layer = encoder.encoder.layer[:n]
-    encoder.config.num_hidden_layers = n
 
 
 def prompt_cache(config: AdapterConfig, pairs: Pairs) -> PromptCache | None:

@@ -3,13 +3,17 @@
 Like the paper's Table 4 in miniature, on easy-VQA and the bundled models (EfficientNet-Lite0,
 MiniLM, SmolLM2-135M): prepare the data, cache the image features, train the P-Former on the
 caption text, cache the reference prompts, then train the Q-Former twice with the same seed
-and steps - the baseline (w1 = w2 = 0, plain BLIP-2) and P-Former alignment (w1 = 10,
-w2 = 100) - and evaluate both: zero-shot VQA on easy-VQA's real test questions and
-captioning of the test images. Prints the side-by-side table and a few generations, writes
-PNG loss curves. Every finished phase is reused when run again; an interrupted one resumes.
+and stage-2 steps - the baseline (w1 = w2 = 0: the frozen LLM's loss alone) and P-Former
+alignment (w1 = 10: a stage 1 of L_align alone; w2 = 100 beside the LLM's loss in stage 2) -
+and evaluate both: greedy captions of test images (exact match, COCO metrics) and zero-shot
+VQA on easy-VQA's real test questions beside its text ceiling. Prints the side-by-side table,
+one verdict line per comparison, example captions, and writes PNG loss curves. Every finished
+phase is reused when run again; an interrupted one resumes.
 
-Sized for a 2-core CPU (under 20 minutes); `--scale` multiplies the training steps and the
-evaluation sizes, `--smoke` runs every phase with a handful of steps (for tests and CI).
+DemoConfig is a documented small-scale recipe (bench/demo_recipe.py, README); the paper's
+defaults stay in AdapterConfig. Sized for a 2-core CPU (under 20 minutes); `--scale`
+multiplies the training steps and the evaluation sizes, `--smoke` runs every phase with a
+handful of steps (for tests and CI).
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ from blitext.config import default_cache_root
 from blitext.console import console, say
 from blitext.data.compose import compositional_captions
 from blitext.data.prepare import prepare_dataset
-from blitext.evaluate import EvalConfig, compare_runs, eval_caption, eval_vqa, print_compare
+from blitext.compare import compare_runs, print_compare
+from blitext.evaluate import EvalConfig, eval_caption, eval_vqa
 from blitext.extract import ExtractConfig, extract_features
 from blitext.models.loading import load_llm
 from blitext.pformer import PFormerConfig, train_pformer
@@ -176,9 +181,7 @@ def evaluate_variant(stage2: Path, features: Path, data: Path, c: DemoConfig) ->
     zero-shot VQA with the paper's settings and its text ceiling. Each evaluation is reused once written."""
     vqa_dir, cap_dir = stage2 / "eval" / "vqa-easy-vqa", stage2 / "eval" / "caption-easy-vqa"
     if not (cap_dir / "metrics.json").is_file():
-        eval_caption(EvalConfig(adapter=str(stage2), features=str(features), data=str(data / "captions_test.json"),
-                                out=str(cap_dir), limit=c.caption_images, prompt="", num_beams=1, min_new_tokens=1,
-                                max_new_tokens=12))
+        eval_caption(caption_eval(stage2, features, data, c, cap_dir))
     if not (vqa_dir / "metrics.json").is_file():
         eval_vqa(EvalConfig(adapter=str(stage2), features=str(features), data=str(data / "vqa_test_questions.json"),
                             annotations=str(data / "vqa_test_annotations.json"), out=str(vqa_dir),
@@ -189,21 +192,31 @@ def evaluate_variant(stage2: Path, features: Path, data: Path, c: DemoConfig) ->
             "ceiling_verdict": vqa.get("ceiling_verdict")}
 
 
+def caption_eval(stage2: Path, features: Path, data: Path, c: DemoConfig, out: Path) -> EvalConfig:
+    """The demo's captioning of test images: greedy, the empty prompt, 1..12 new tokens."""
+    return EvalConfig(adapter=str(stage2), features=str(features), data=str(data / "captions_test.json"),
+                      out=str(out), limit=c.caption_images, prompt="", num_beams=1, min_new_tokens=1,
+                      max_new_tokens=12)
+
+
 def report(work: Path, runs: dict, results: dict, features: Path, data: Path, c: DemoConfig) -> None:
     """What a person reads first: the table, one verdict line per comparison, examples, then the curves."""
     rows, columns = compare_runs([s2 for _, s2 in runs.values()])
     print_compare(rows, [*columns[:2], *runs])
-    for line in verdicts(results, c):
+    for line in verdicts(results, runs, c):
         say(line)
     _examples(runs, data, c)
     _curves(work, runs)
 
 
-def verdicts(results: dict, c: DemoConfig) -> list[str]:
-    """One line per comparison: captions (exact match and CIDEr) and VQA (against its text ceiling)."""
+def verdicts(results: dict, runs: dict, c: DemoConfig) -> list[str]:
+    """One line per comparison: stage 2's start, captions (exact match, CIDEr), VQA (against its ceiling)."""
+    start = {name: first_lm_loss(s2) for name, (_, s2) in runs.items()}
     cap = {name: r["caption-easy-vqa"] for name, r in results.items()}
     p, b = cap["pformer"], cap["baseline"]
-    lines = [f"captions: P-Former {p['exact_match']:.2f} vs baseline {b['exact_match']:.2f} exact match, "
+    lines = [f"stage 2 starts at LM loss {start['pformer']:.2f} (P-Former) vs {start['baseline']:.2f} (baseline), "
+             f"mean of its first 5 steps: what L_align alone taught before the LLM ever ran",
+             f"captions: P-Former {p['exact_match']:.2f} vs baseline {b['exact_match']:.2f} exact match, "
              f"CIDEr {p['CIDEr']:.2f} vs {b['CIDEr']:.2f} ({c.caption_images} test images, one seed: {c.seed}; "
              f"over seeds see README)"]
     vqa = {name: r["vqa-easy-vqa"]["accuracy"] for name, r in results.items()}
@@ -211,6 +224,13 @@ def verdicts(results: dict, c: DemoConfig) -> list[str]:
     lines.append(f"VQA: P-Former {vqa['pformer']:.1f} vs baseline {vqa['baseline']:.1f} ({c.vqa_questions} questions); "
                  + (verdict.get("line") or "no text ceiling available"))
     return lines
+
+
+def first_lm_loss(run: Path, steps: int = 5) -> float:
+    from blitext.training import read_metrics
+
+    lm = [m["lm"] for m in read_metrics(run / "metrics.jsonl") if "lm" in m][:steps]
+    return sum(lm) / len(lm)
 
 
 def _examples(runs: dict, data: Path, c: DemoConfig) -> None:

@@ -22,7 +22,8 @@ from blitext.config import default_cache_root
 from blitext.console import console, say
 from blitext.data.prepare import prepare_dataset
 from blitext.demo import print_prompt_check, settings_digest, train_once
-from blitext.evaluate import EvalConfig, compare_runs, eval_caption, print_compare
+from blitext.compare import compare_runs, print_compare
+from blitext.evaluate import EvalConfig, eval_caption
 from blitext.extract_video import VideoExtractConfig, extract_video_features
 from blitext.pformer import PFormerConfig, train_pformer
 from blitext.prompts import BuildPromptsConfig, build_prompts

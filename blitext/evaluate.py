@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from blitext.models.adapter_checkpoint import LoadedAdapter, load_adapter, load_llm_for_generation
-from blitext.atomic import read_json, write_json
+from blitext.atomic import write_json
+from blitext.compare import BASE_RATE, CEILING, beside_scores, print_metrics
 from blitext.cache import FeatureCache
 from blitext.config import provenance, to_jsonable
-from blitext.console import console, progress_bar, say
+from blitext.console import progress_bar, say
 from blitext.data.readers import read_image_set
 from blitext.data.text import caption_key
 from blitext.data.vqa import read_vqa
@@ -43,8 +44,6 @@ from blitext.generate import GenerationSettings, generate_from_text, generate_te
 from blitext.metrics import exact_match, rerank_top_k, retrieval_recall, vqa_summary
 
 ITM_PAIRS_PER_CALL = 256  # (image, text) pairs per ITM forward in retrieval's re-ranking
-CEILING = "text ceiling (caption as text)"  # labels of the columns / rows beside a VQA score
-BASE_RATE = "majority answer"
 CEILING_SEPARATOR = "\n"  # after the caption, before the VQA prompt: the caption is a line of its own
 CEILING_MARGIN = 10.0     # points above the base rate below which the ceiling says the LLM cannot answer
 
@@ -355,12 +354,6 @@ def _finish(ev: Evaluation, metrics: dict, counts: dict, settings: GenerationSet
     return record
 
 
-def beside_scores(record: dict) -> dict[str, dict]:
-    """A VQA evaluation's text ceiling and majority-answer base rate, by label ({} for the others)."""
-    found = {CEILING: (record.get("text_ceiling") or {}).get("metrics"), BASE_RATE: record.get("base_rate")}
-    return {label: metrics for label, metrics in found.items() if metrics}
-
-
 # ---------------------------------------------------------------- retrieval scores
 
 class RetrievalScorer:
@@ -422,87 +415,3 @@ class RetrievalScorer:
 
 
 # ---------------------------------------------------------------- tables
-
-def print_metrics(title: str, metrics: dict, beside: dict[str, dict] | None = None) -> None:
-    """One row per metric; `beside` adds a column per labelled set of the same metrics (VQA's ceiling)."""
-    from rich.table import Table
-
-    beside = beside or {}
-    columns = [_flatten(metrics), *(_flatten(m) for m in beside.values())]
-    table = Table("metric", "adaptor" if beside else "value", *beside, title=title)
-    for name in dict.fromkeys(k for column in columns for k in column):
-        table.add_row(name, *(_cell(column.get(name)) for column in columns))
-    console.print(table)
-
-
-def _cell(value) -> str:
-    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves only, nested keys joined by "/" (per_answer_type/other)."""
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[prefix + key] = value
-    return out
-
-
-def metrics_files(path: Path) -> list[Path]:
-    """A metrics.json, a folder holding one, or a run folder with eval/*/metrics.json."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if (path / "metrics.json").is_file():
-        return [path / "metrics.json"]
-    found = sorted(path.glob("eval/*/metrics.json")) + sorted(path.glob("*/eval/*/metrics.json"))
-    if not found:
-        raise BlitextError(f"{path} holds no metrics.json (nor eval/*/metrics.json): pass an eval output folder "
-                           f"or a run folder that `blitext eval` wrote into")
-    return found
-
-
-def compare_runs(paths: list[Path]) -> tuple[list[list], list[str]]:
-    """Every numeric metric side by side: rows [eval, metric, value per path (None if absent)],
-    columns ["eval", "metric", label per path]. An eval is `<task>-<data name>`, so the same
-    evaluation of several runs lines up on one row. VQA evaluations add their text ceiling's
-    and base rate's metrics as rows "text ceiling (caption as text)/accuracy", ...."""
-    if not paths:
-        raise BlitextError("compare needs metrics files or run folders")
-    labels = _labels([Path(p) for p in paths])
-    values: dict[tuple[str, str], dict[int, float]] = {}
-    for column, path in enumerate(paths):
-        seen: set[str] = set()
-        for file in metrics_files(Path(path)):
-            record = read_json(file)
-            if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
-                raise BlitextError(f"{file} is not a blitext eval metrics.json (no \"metrics\" table)")
-            name = record.get("eval") or file.parent.name
-            name = f"{name} ({file.parent.name})" if name in seen else name
-            seen.add(name)
-            for metric, value in _flatten({**record["metrics"], **beside_scores(record)}).items():
-                values.setdefault((name, metric), {})[column] = value
-    rows = [[name, metric, *(by_column.get(c) for c in range(len(paths)))]
-            for (name, metric), by_column in values.items()]
-    return rows, ["eval", "metric", *labels]
-
-
-def _labels(paths: list[Path]) -> list[str]:
-    """The shortest path tails that tell the paths apart (runA/final vs runB/final -> runA/final ...)."""
-    parts = [(p.parent if p.is_file() else p).resolve().parts for p in paths]
-    for n in range(1, max(len(p) for p in parts) + 1):
-        labels = ["/".join(p[-n:]) for p in parts]
-        if len(set(labels)) == len(labels):
-            return labels
-    return [str(p) for p in paths]
-
-
-def print_compare(rows: list[list], columns: list[str]) -> None:
-    from rich.table import Table
-
-    table = Table(*columns, title="blitext compare")
-    for row in rows:
-        table.add_row(*(_cell(v) for v in row))
-    console.print(table)

@@ -121,6 +121,6 @@ def retrieval_cmd(
 @user_errors
 def compare_cmd(runs: list[Path] = typer.Argument(..., help="metrics.json files, eval folders or run folders (eval/*/metrics.json).")):
     """Every numeric metric of several evaluations side by side."""
-    from blitext.evaluate import compare_runs, print_compare
+    from blitext.compare import compare_runs, print_compare
 
     print_compare(*compare_runs(runs))

@@ -195,6 +195,44 @@ def test_resume_replays_exactly(tmp_path, world, monkeypatch):
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
 
 
+def test_alignment_phase_runs_first_and_resumes_exactly_across_its_end(tmp_path, world, monkeypatch):
+    """--align-steps: L_align alone first (nothing else computed, the text branch untouched), then the
+    stage's own losses with fresh moments; a run stopped after the boundary resumes to the same weights."""
+    train_adapter(config(world, tmp_path / "a", align_steps=2, max_steps=4))
+    lines = step_lines(tmp_path / "a")
+    assert [set(m) >= {"itc", "itm", "itg"} for m in lines] == [False, False, True, True, True, True]
+    assert all("align" in m for m in lines)
+    real = AdapterLoop.train_step
+
+    def interrupted(self, step, steps, batch):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(self, step, steps, batch)
+
+    monkeypatch.setattr(AdapterLoop, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(config(world, tmp_path / "b", align_steps=2, max_steps=4))
+    monkeypatch.setattr(AdapterLoop, "train_step", real)
+    train_adapter(config(world, tmp_path / "b", align_steps=2, max_steps=4, resume="latest"))
+    assert [m["loss"] for m in step_lines(tmp_path / "b")] == [m["loss"] for m in lines]
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    # a stage 1 of the alignment phase alone, and the refusals
+    train_adapter(config(world, tmp_path / "c", align_steps=3, max_steps=0))
+    assert [set(m) & {"itc", "align"} for m in step_lines(tmp_path / "c")] == [{"align"}] * 3
+    encoder = load_text_encoder(str(world["bert"]))
+    torch.manual_seed(42)  # as train-adapter seeds the new parts
+    init = QFormer.from_text_encoder(encoder.model, qformer_tokenizer(encoder.tokenizer), 32, N_PROMPT, 32,
+                                     embed_dim=16).state_dict()
+    aligned = weights(tmp_path / "c")
+    for untouched in ("itm_head.weight", "text_proj.weight", "embeddings.word_embeddings.weight"):
+        assert torch.equal(aligned[untouched], init[untouched]), untouched  # only queries and llm_proj learn
+    assert not torch.equal(aligned["llm_proj.weight"], init["llm_proj.weight"])
+    with pytest.raises(BlitextError, match="needs --w-align above 0"):
+        config(world, tmp_path / "d", align_steps=3, w_align=0)
+    with pytest.raises(BlitextError, match="nothing to train"):
+        config(world, tmp_path / "d", max_steps=0)
+
+
 def test_two_rank_ddp_matches_one_process(tmp_path, world):
     for stage, init in ((1, None), (2, tmp_path / "one1")):
         one = tmp_path / f"one{stage}"

@@ -17,8 +17,8 @@ from blitext.cli.eval import compare_cmd, eval_app
 from blitext.data.readers import read_image_set
 from blitext.data.text import caption_key
 from blitext.errors import BlitextError
-from blitext.evaluate import (CEILING, EvalConfig, ceiling_verdict, compare_runs, default_captions, eval_caption,
-                               eval_retrieval, eval_vqa)
+from blitext.compare import CEILING, compare_runs
+from blitext.evaluate import EvalConfig, ceiling_verdict, default_captions, eval_caption, eval_retrieval, eval_vqa
 from blitext.extract import ExtractConfig, extract_features
 from blitext.generate import GenerationSettings, generate_from_text, generate_texts
 from blitext.models.adapter_checkpoint import LoadedAdapter
@@ -60,7 +60,19 @@ def test_caption_eval_scores_equal_caption_scores_on_its_predictions(world, runs
     refs = {r.id: list(r.captions) for r in read_image_set(world["captions"]).records[:N_IMAGES]}
     direct = caption_scores(refs, {p["image_id"]: p["caption"] for p in predictions}, "python", "off", "off")
     expected = {k: v for k, v in direct.as_dict().items() if isinstance(v, float)}
-    assert metrics["metrics"] == expected and set(expected) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"}
+    assert set(expected) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"}
+    exact = sum(p["caption"].lower().strip(" .") in [c.lower() for c in refs[p["image_id"]]] for p in predictions)
+    assert metrics["metrics"] == {**expected, "exact_match": exact / N_IMAGES}
+
+
+def test_caption_exact_match_ignores_case_punctuation_and_spaces():
+    from blitext.metrics import caption_exact_match
+
+    refs = {"a": ["A red circle."], "b": ["a blue square", "the blue square"], "c": ["a red circle"]}
+    assert caption_exact_match(refs, {"a": "a  red Circle", "b": "The blue square!", "c": "a red circle on top"}) \
+        == pytest.approx(2 / 3)
+    with pytest.raises(BlitextError, match="no generated caption"):
+        caption_exact_match(refs, {"a": "a red circle"})
 
 
 # ---------------------------------------------------------------- VQA

@@ -168,6 +168,15 @@ class QFormer(nn.Module):
         self.load_state_dict(loaded, strict=False)
 
 
+def keep_first_layers(encoder, n: int, name: str) -> None:
+    """Cut a BERT-style encoder to its first n layers (a shallower Q-Former from the same start)."""
+    have = encoder.config.num_hidden_layers
+    if not 0 < n <= have:
+        raise BlitextError(f"--num-layers {n}: the text encoder {name} has {have} layers; pass 1..{have}")
+    encoder.encoder.layer = encoder.encoder.layer[:n]
+    encoder.config.num_hidden_layers = n
+
+
 def _text_ffn(name: str) -> bool:
     return ".intermediate." in name or (".output." in name and ".attention." not in name
                                         and ".crossattention." not in name)
