@@ -89,6 +89,19 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
 
 
+def stop_at_step(monkeypatch, stop: int):
+    """Make AdapterLoop raise KeyboardInterrupt (as Ctrl-C) when it reaches step `stop`; returns the real step."""
+    real = AdapterLoop.train_step
+
+    def interrupted(self, step, steps, batch):
+        if step == stop:
+            raise KeyboardInterrupt
+        return real(self, step, steps, batch)
+
+    monkeypatch.setattr(AdapterLoop, "train_step", interrupted)
+    return real
+
+
 # ---------------------------------------------------------------- pieces
 
 def test_unilm_mask_on_a_small_case():
@@ -174,14 +187,7 @@ def test_w_align_zero_equals_a_run_without_prompts(tmp_path, world):
 
 def test_resume_replays_exactly(tmp_path, world, monkeypatch):
     train_adapter(config(world, tmp_path / "a", max_steps=6))
-    real = AdapterLoop.train_step
-
-    def interrupted(self, step, steps, batch):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(self, step, steps, batch)
-
-    monkeypatch.setattr(AdapterLoop, "train_step", interrupted)
+    real = stop_at_step(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train_adapter(config(world, tmp_path / "b", max_steps=6))
     monkeypatch.setattr(AdapterLoop, "train_step", real)
@@ -202,14 +208,7 @@ def test_alignment_phase_runs_first_and_resumes_exactly_across_its_end(tmp_path,
     lines = step_lines(tmp_path / "a")
     assert [set(m) >= {"itc", "itm", "itg"} for m in lines] == [False, False, True, True, True, True]
     assert all("align" in m for m in lines)
-    real = AdapterLoop.train_step
-
-    def interrupted(self, step, steps, batch):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(self, step, steps, batch)
-
-    monkeypatch.setattr(AdapterLoop, "train_step", interrupted)
+    real = stop_at_step(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train_adapter(config(world, tmp_path / "b", align_steps=2, max_steps=4))
     monkeypatch.setattr(AdapterLoop, "train_step", real)
