@@ -91,7 +91,7 @@ def run_demo(config: DemoConfig) -> dict:
         say(f"[bold]7/8 evaluate {name}[/]: captions of test images (greedy), zero-shot VQA with its text ceiling")
         results[name] = evaluate_variant(s2, features, data, c)
     say(f"[bold]8/8 results[/] ({(time.perf_counter() - started) / 60:.1f} min)")
-    report(work, runs, results, features, data, c)
+    report(work, runs, results, data, c)
     write_json(work / "results.json", results)
     say(f"[green]demo finished[/] in {(time.perf_counter() - started) / 60:.1f} min: runs, evaluations and curves in {work}")
     return results
@@ -199,7 +199,7 @@ def caption_eval(stage2: Path, features: Path, data: Path, c: DemoConfig, out: P
                       max_new_tokens=12)
 
 
-def report(work: Path, runs: dict, results: dict, features: Path, data: Path, c: DemoConfig) -> None:
+def report(work: Path, runs: dict, results: dict, data: Path, c: DemoConfig) -> None:
     """What a person reads first: the table, one verdict line per comparison, examples, then the curves."""
     rows, columns = compare_runs([s2 for _, s2 in runs.values()])
     print_compare(rows, [*columns[:2], *runs])
