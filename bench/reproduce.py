@@ -99,12 +99,25 @@ def summarise(records: list[dict]) -> dict:
                       for k, v in cells.items()}, "paired_sign_test": tests}
 
 
+def commit_of_this_checkout(smoke: bool) -> str:
+    """HEAD's short hash, refused when tracked files differ from it: the records name the code that ran."""
+    here = Path(__file__).parent
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True, cwd=here).stdout.strip()
+    if dirty and not smoke:
+        sys.exit(f"error: tracked files differ from HEAD ({dirty.splitlines()[0].strip()} ...); "
+                 "commit or stash them so the records name the code that ran")
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=here).stdout.strip()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200, 500])
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     ap.add_argument("--smoke", action="store_true", help="a few steps and images: checks the script, not the claim")
     a = ap.parse_args()
+    commit = commit_of_this_checkout(a.smoke)  # at the start: the study runs for over an hour
     torch.use_deterministic_algorithms(True)
     c = SMOKE if a.smoke else DemoConfig()
     test_images = 24 if a.smoke else TEST_IMAGES
@@ -124,8 +137,6 @@ def main() -> None:
                     records.append({"w1": w1, "w2": w2, "paired_images": size, "split": split, "seed": seed,
                                     **score(s2, features, data, cs, split)})
                     print(records[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
     for r in records:
         r["commit"] = commit
     result = {"commit": commit, "command": "python bench/reproduce.py " + " ".join(sys.argv[1:]), "records": records,
