@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
 from pformer_speed import matmul_peak  # noqa: E402
 
-from blitext.adapter import AdapterConfig, AdapterLoop, _setup, train_adapter  # noqa: E402
+from blitext.adapter.image import AdapterConfig, AdapterLoop, _setup, train_adapter  # noqa: E402
 from blitext.data.prepare import prepare_dataset  # noqa: E402
 from blitext.distributed import dist_info  # noqa: E402
-from blitext.extract import ExtractConfig, extract_features  # noqa: E402
+from blitext.features.image import ExtractConfig, extract_features  # noqa: E402
 from blitext.training import adamw, read_metrics  # noqa: E402
 
 ROOT = Path(__file__).parent.parent

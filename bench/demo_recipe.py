@@ -32,8 +32,8 @@ from blitext.atomic import read_json  # noqa: E402
 from blitext.config import default_cache_root  # noqa: E402
 from blitext.data.pairs import read_pairs  # noqa: E402
 from blitext.cache import FeatureCache  # noqa: E402
-from blitext.demo import VARIANTS, DemoConfig, caption_eval, prepare_caches, settings_digest, train_variant  # noqa: E402
-from blitext.evaluate import eval_caption  # noqa: E402
+from blitext.recipes.demo import VARIANTS, DemoConfig, caption_eval, prepare_caches, settings_digest, train_variant  # noqa: E402
+from blitext.evaluation.evaluate import eval_caption  # noqa: E402
 from blitext.losses import prompt_lm_loss  # noqa: E402
 from blitext.models.adapter_checkpoint import load_adapter  # noqa: E402
 from blitext.models.loading import load_llm  # noqa: E402

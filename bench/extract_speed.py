@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
 
 from blitext.data.prepare import prepare_dataset  # noqa: E402
-from blitext.extract import ExtractConfig, extract_features, plan_items  # noqa: E402
+from blitext.features.image import ExtractConfig, extract_features, plan_items  # noqa: E402
 from blitext.data.images import load_image  # noqa: E402
 from blitext.models.loading import load_vision_encoder  # noqa: E402
 

@@ -92,7 +92,7 @@ def extraction(root: Path) -> dict:
 
     from blitext.data.readers import write_lavis_json
     from blitext.data.records import ImageRecord
-    from blitext.extract import ExtractConfig, extract_features
+    from blitext.features.image import ExtractConfig, extract_features
     from blitext.models.loading import load_vision_encoder
 
     folder = vit_g_folder(root)
@@ -132,7 +132,7 @@ def extraction_breakdown(root: Path, encoder, n: int) -> dict:
 
     from blitext.cache import CachePlan, ShardWriter
     from blitext.cache.writer import start_or_resume
-    from blitext.extract import ExtractConfig, DecodedImages, collate_decoded, plan_items
+    from blitext.features.image import ExtractConfig, DecodedImages, collate_decoded, plan_items
 
     items = plan_items(ExtractConfig(data=str(root / "captions.json")))
     loader = DataLoader(DecodedImages(items, encoder.preprocess, 89_478_485), batch_size=64,
@@ -190,7 +190,7 @@ def texts(n: int) -> list[str]:
 def pformer_step(llm, peak: float, batch: int = 4 if SMOKE else 64) -> dict:
     from blitext.distributed import dist_info
     from blitext.models.pformer import PFormer
-    from blitext.pformer import Batcher, PFormerConfig, Split, TrainLoop
+    from blitext.pformer.train import Batcher, PFormerConfig, Split, TrainLoop
     from blitext.training import adamw
 
     bert, tok = bert_base()
@@ -217,7 +217,7 @@ class MemorySource:
 
 
 def adapter_steps(llm, peak: float, batch1: int = 4 if SMOKE else 128, batch2: int = 4 if SMOKE else 64) -> dict:
-    from blitext.adapter import AdapterConfig, AdapterLoop, Setup
+    from blitext.adapter.image import AdapterConfig, AdapterLoop, Setup
     from blitext.data.pairs import Pairs
     from blitext.distributed import dist_info
     from blitext.models.qformer import QFormer, qformer_tokenizer

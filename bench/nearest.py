@@ -3,11 +3,11 @@
     python bench/nearest.py [--repeats 3] [--budget 10] [--queries 32 256 2048 8192]
 
 For each vocabulary (SmolLM2 49,152 x 576, OPT-2.7B 50,272 x 2560, BERT 30,522 x 768) and
-number of prompt vectors (examples x 32 slots), times blitext.nearest.nearest_rows(k=1,
+number of prompt vectors (examples x 32 slots), times blitext.pformer.nearest.nearest_rows(k=1,
 metric="l2") with each backend: the two interleaved, best of --repeats (fewer for cells past
 --budget seconds), each call paying what a caller pays (FAISS builds its index per call).
 Checks the two agree, writes bench/results/nearest.json and prints the size rule that
-follows; blitext.nearest.choose_backend carries that rule. About 2.5 minutes on 2 cores.
+follows; blitext.pformer.nearest.choose_backend carries that rule. About 2.5 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
 
-from blitext.nearest import choose_backend, nearest_rows  # noqa: E402
+from blitext.pformer.nearest import choose_backend, nearest_rows  # noqa: E402
 
 CLEAR_WIN = 0.85  # FAISS must take under 85% of torch's time to count as faster (timings here vary ~15%)
 VOCABS = {"smollm2-135m": (49_152, 576), "opt-2.7b": (50_272, 2560), "bert-base": (30_522, 768)}

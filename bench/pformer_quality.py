@@ -27,9 +27,9 @@ from common import write_result  # noqa: E402
 from blitext.data.compose import compositional_captions, paraphrase  # noqa: E402
 from blitext.metrics.llm import teacher_forced_accuracy  # noqa: E402
 from blitext.models.loading import load_llm  # noqa: E402
-from blitext.pformer import PFormerConfig, generate_from_prompts, split_corpus, train_pformer  # noqa: E402
+from blitext.pformer.train import PFormerConfig, generate_from_prompts, split_corpus, train_pformer  # noqa: E402
 from blitext.data.text import read_sentences  # noqa: E402
-from blitext.prompts import load_pformer  # noqa: E402
+from blitext.pformer.prompts import load_pformer  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 

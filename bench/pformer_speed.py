@@ -27,10 +27,10 @@ from blitext.data.compose import compositional_captions  # noqa: E402
 from blitext.losses import vocab_loss  # noqa: E402
 from blitext.models.loading import load_llm, load_text_encoder  # noqa: E402
 from blitext.models.pformer import PFormer  # noqa: E402
-from blitext.pformer import Batcher, PFormerConfig, Split, TrainLoop  # noqa: E402
+from blitext.pformer.train import Batcher, PFormerConfig, Split, TrainLoop  # noqa: E402
 from blitext.training import adamw  # noqa: E402
 from blitext.distributed import dist_info  # noqa: E402
-from blitext.prompts import BuildPromptsConfig, build_prompts  # noqa: E402
+from blitext.pformer.prompts import BuildPromptsConfig, build_prompts  # noqa: E402
 from blitext.checkpoint import save_checkpoint  # noqa: E402
 from blitext.cache.verify import cache_info  # noqa: E402
 

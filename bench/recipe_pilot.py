@@ -17,11 +17,11 @@ from pathlib import Path
 import torch, torch.nn.functional as F
 from blitext.cache import FeatureCache
 from blitext.data.pairs import read_pairs
-from blitext.prompts import PromptCache
+from blitext.pformer.prompts import PromptCache
 from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.qformer import QFormer, qformer_tokenizer
 from blitext.losses import prompt_lm_loss, alignment_loss
-from blitext.pformer import generate_from_prompts
+from blitext.pformer.train import generate_from_prompts
 from blitext.data.readers import read_image_set
 
 ap = argparse.ArgumentParser()

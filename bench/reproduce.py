@@ -7,7 +7,7 @@ easy-VQA is prepared with colour x shape combinations withheld from the paired t
 (`data prepare easy-vqa --withhold default`: 6 of 24), while the P-Former's text holds every
 combination (captions_all_combinations.txt plus the demo's compositional sentences). For each
 paired-data size and seed, Table 4's cells (0, 0) and (10, 100) train with the demo's recipe
-(blitext.demo.train_variant) and caption the same 500 test images, scored apart on the seen and
+(blitext.recipes.demo.train_variant) and caption the same 500 test images, scored apart on the seen and
 the withheld combinations (greedy exact match and CIDEr). One record per run and split goes to
 bench/results/reproduce.json (w1, w2, paired_images, split, seed, exact, cider, commit); the
 summary holds mean and std per cell and a paired sign test across (size, seed) per split.
@@ -33,11 +33,11 @@ from blitext.config import default_cache_root  # noqa: E402
 from blitext.data.compose import compositional_captions  # noqa: E402
 from blitext.data.easy_vqa import ALL_CAPTIONS_FILE  # noqa: E402
 from blitext.data.prepare import prepare_dataset  # noqa: E402
-from blitext.demo import SMOKE, VARIANTS, DemoConfig, train_once, train_variant  # noqa: E402
-from blitext.evaluate import EvalConfig, eval_caption  # noqa: E402
-from blitext.extract import ExtractConfig, extract_features  # noqa: E402
-from blitext.pformer import PFormerConfig, train_pformer  # noqa: E402
-from blitext.prompts import BuildPromptsConfig, build_prompts  # noqa: E402
+from blitext.recipes.demo import SMOKE, VARIANTS, DemoConfig, train_once, train_variant  # noqa: E402
+from blitext.evaluation.evaluate import EvalConfig, eval_caption  # noqa: E402
+from blitext.features.image import ExtractConfig, extract_features  # noqa: E402
+from blitext.pformer.train import PFormerConfig, train_pformer  # noqa: E402
+from blitext.pformer.prompts import BuildPromptsConfig, build_prompts  # noqa: E402
 
 SPLITS = ("seen", "withheld")
 TEST_IMAGES = 500

@@ -20,11 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
 
-from blitext.adapter import AdapterConfig, train_adapter  # noqa: E402
+from blitext.adapter.image import AdapterConfig, train_adapter  # noqa: E402
 from blitext.data.prepare import prepare_dataset  # noqa: E402
-from blitext.extract import ExtractConfig, extract_features  # noqa: E402
-from blitext.pformer import PFormerConfig, train_pformer  # noqa: E402
-from blitext.prompts import BuildPromptsConfig, build_prompts  # noqa: E402
+from blitext.features.image import ExtractConfig, extract_features  # noqa: E402
+from blitext.pformer.train import PFormerConfig, train_pformer  # noqa: E402
+from blitext.pformer.prompts import BuildPromptsConfig, build_prompts  # noqa: E402
 from blitext.training import read_metrics  # noqa: E402
 
 # (name, lr, llm_proj_lr_scale, max_grad_norm, w2)

@@ -31,10 +31,10 @@ from common import write_result  # noqa: E402
 from blitext.cache import FeatureCache  # noqa: E402
 from blitext.config import default_cache_root  # noqa: E402
 from blitext.data.pairs import read_pairs  # noqa: E402
-from blitext.demo_video import VideoDemoConfig, attribute_accuracy, caption_test_clips  # noqa: E402
+from blitext.recipes.demo_video import VideoDemoConfig, attribute_accuracy, caption_test_clips  # noqa: E402
 from blitext.models.adapter_checkpoint import load_adapter  # noqa: E402
-from blitext.prompts import PromptCache  # noqa: E402
-from blitext.video_adapter import VideoAdapterConfig, train_video_adapter  # noqa: E402
+from blitext.pformer.prompts import PromptCache  # noqa: E402
+from blitext.adapter.video import VideoAdapterConfig, train_video_adapter  # noqa: E402
 
 
 def demo_caches(c: VideoDemoConfig) -> tuple[Path, Path, Path]:

@@ -5,7 +5,7 @@
 The text ceiling is what the frozen LLM (SmolLM2-135M-Instruct, the demos' LLM) answers when the
 image's human caption is given as text where the adaptor's soft prompts go. Each variant here
 is a context (the caption, in the prompts' slot), a text prompt with the question and decoding
-settings; generation is eval vqa's own (blitext.generate.generate_from_text, stop at "\\n") and
+settings; generation is eval vqa's own (blitext.evaluation.generate.generate_from_text, stop at "\\n") and
 scoring is eval vqa's own (official VQA answer normalisation), on the first N test questions of
 an easy-VQA folder made by `blitext data prepare easy-vqa` (captions_test.json beside
 vqa_test_questions.json). A variant is "caption first" when the caption opens the LLM's input,
@@ -25,8 +25,8 @@ from common import write_result  # noqa: E402
 from blitext.config import default_cache_root  # noqa: E402
 from blitext.data.readers import read_image_set  # noqa: E402
 from blitext.data.vqa import read_vqa  # noqa: E402
-from blitext.evaluate import _vqa_metrics, majority_answers  # noqa: E402  (eval vqa's own scoring)
-from blitext.generate import VQA_PROMPT, GenerationSettings, generate_from_text  # noqa: E402
+from blitext.evaluation.evaluate import _vqa_metrics, majority_answers  # noqa: E402  (eval vqa's own scoring)
+from blitext.evaluation.generate import VQA_PROMPT, GenerationSettings, generate_from_text  # noqa: E402
 from blitext.models.loading import load_llm  # noqa: E402
 
 SMOLLM_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"

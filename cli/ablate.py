@@ -1,6 +1,6 @@
-"""`blitext ablate`: a thin typer command over blitext.ablate.run_ablation.
+"""`blitext ablate`: a thin typer command over blitext.recipes.ablate.run_ablation.
 
-cli/main.py registers it (`app.command("ablate")(ablate_cmd)`); blitext.ablate (torch,
+cli/main.py registers it (`app.command("ablate")(ablate_cmd)`); blitext.recipes.ablate (torch,
 transformers) loads only when the command runs.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def ablate_cmd(
     config: Optional[Path] = typer.Option(None, "--config", help="JSON or TOML file of AblateConfig values (command-line options win)."),
 ):
     """Table 4 (alignment weights w1, w2) and Table 6 (P-Former text size) of the paper on any data set."""
-    from blitext.ablate import SMOKE, AblateConfig, run_ablation
+    from blitext.recipes.ablate import SMOKE, AblateConfig, run_ablation
     from blitext.config import read_config_file, resolve_config
     from blitext.errors import BlitextError
 

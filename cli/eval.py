@@ -1,4 +1,4 @@
-"""`blitext eval caption|vqa|retrieval` and `blitext compare`: thin typer commands over blitext.evaluate.
+"""`blitext eval caption|vqa|retrieval` and `blitext compare`: thin typer commands over blitext.evaluation.evaluate.
 
 cli/main.py imports this module (`app.add_typer(eval_app, name="eval")`,
 `app.command("compare")(compare_cmd)`); the shared handler and options are in cli/common.py.
@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from blitext.cli.common import ConfigOpt, default_of, user_errors
-from blitext.evaluate import EvalConfig
+from blitext.evaluation.evaluate import EvalConfig
 
 eval_app = typer.Typer(no_args_is_help=True,
                        help="Score an adaptor from a feature cache: captioning, zero-shot VQA, image-text retrieval.")
@@ -36,7 +36,7 @@ PenaltyOpt = typer.Option(None, "--length-penalty", help="[default: 1 captions, 
 
 
 def _run(task: str, config: Optional[Path], **options) -> None:
-    from blitext import evaluate
+    from blitext.evaluation import evaluate
     from blitext.config import resolve_config
 
     options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
@@ -121,6 +121,6 @@ def retrieval_cmd(
 @user_errors
 def compare_cmd(runs: list[Path] = typer.Argument(..., help="metrics.json files, eval folders or run folders (eval/*/metrics.json).")):
     """Every numeric metric of several evaluations side by side."""
-    from blitext.compare import compare_runs, print_compare
+    from blitext.evaluation.compare import compare_runs, print_compare
 
     print_compare(*compare_runs(runs))

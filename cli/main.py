@@ -30,7 +30,7 @@ def write_out(path: Path, text: str) -> None:
 
 
 # ------------------------------------------------------------------ extract-features
-from blitext.extract import ExtractConfig  # noqa: E402  (after the app, so --help stays readable above)
+from blitext.features.image import ExtractConfig  # noqa: E402  (after the app, so --help stays readable above)
 
 
 @app.command("extract-features")
@@ -56,7 +56,7 @@ def extract_features_cmd(
 ):
     """Cache all patch tokens of a frozen image encoder, or per-segment video features (resumable; runs under torchrun)."""
     from blitext.config import resolve_config
-    from blitext.extract import extract_features
+    from blitext.features.image import extract_features
 
     common = dict(data=data, out=out and str(out), vision_encoder=vision_encoder,
                   image_root=image_root and str(image_root), batch_size=batch_size, shard_size=shard_size,
@@ -64,7 +64,7 @@ def extract_features_cmd(
     video = dict(fps=fps, segment_frames=segment_frames, segment_stride=segment_stride, max_segments=max_segments,
                  frames_per_segment=frames_per_segment)
     if modality == "video":
-        from blitext.extract_video import VideoExtractConfig, extract_video_features
+        from blitext.features.video import VideoExtractConfig, extract_video_features
 
         summary = extract_video_features(resolve_config(VideoExtractConfig, config, **common, **video))
     elif modality == "image":
@@ -93,7 +93,7 @@ def import_features_cmd(
 ):
     """Import released per-video features (.npy) into a feature cache, as extract-features --modality video writes."""
     from blitext.config import resolve_config
-    from blitext.import_features import ImportConfig, import_features
+    from blitext.features.imported import ImportConfig, import_features
 
     cfg = resolve_config(ImportConfig, None, folder=str(folder), out=out and str(out), data=captions and str(captions),
                          encoder=encoder, max_segments=max_segments, shard_size=shard_size)
@@ -101,7 +101,7 @@ def import_features_cmd(
 
 
 # ------------------------------------------------------------------ train-pformer
-from blitext.pformer import PFormerConfig  # noqa: E402
+from blitext.pformer.train import PFormerConfig  # noqa: E402
 
 
 @app.command("train-pformer")
@@ -130,7 +130,7 @@ def train_pformer_cmd(
     """Stage 0: train the P-Former on text alone against a frozen LLM (resumable; runs under torchrun)."""
     from blitext.config import resolve_config
     from blitext.console import say
-    from blitext.pformer import train_pformer
+    from blitext.pformer.train import train_pformer
 
     cfg = resolve_config(PFormerConfig, config, text=text or None, out=out and str(out), llm=llm,
                          text_encoder=text_encoder, n_prompt=n_prompt, contrast=contrast, batch_size=batch_size,
@@ -141,7 +141,7 @@ def train_pformer_cmd(
 
 
 # ------------------------------------------------------------------ build-prompts
-from blitext.prompts import BuildPromptsConfig  # noqa: E402
+from blitext.pformer.prompts import BuildPromptsConfig  # noqa: E402
 
 
 @app.command("build-prompts")
@@ -159,7 +159,7 @@ def build_prompts_cmd(
     """Cache the P-Former's reference prompt of every caption (resumable; runs under torchrun)."""
     from blitext.config import resolve_config
     from blitext.distributed import dist_info
-    from blitext.prompts import build_prompts
+    from blitext.pformer.prompts import build_prompts
 
     cfg = resolve_config(BuildPromptsConfig, config, pformer=pformer and str(pformer), captions=captions or None,
                          out=out and str(out), store=store, batch_size=batch_size, shard_size=shard_size, device=device)
@@ -189,10 +189,10 @@ def check_prompts_cmd(
     import dataclasses
     import json
 
-    from blitext.check_prompts import check_prompts, format_report
+    from blitext.pformer.check import check_prompts, format_report
     from blitext.console import console
     from blitext.models.loading import load_llm
-    from blitext.prompts import prompts_from_cache, prompts_from_pformer
+    from blitext.pformer.prompts import prompts_from_cache, prompts_from_pformer
 
     sources = [x is not None for x in (pformer, prompts, adapter)]
     if sum(sources) != 1 or (pformer is not None and not captions) or (adapter is not None and features is None):
@@ -215,7 +215,7 @@ def check_prompts_cmd(
 
 
 # ------------------------------------------------------------------ train-adapter
-from blitext.adapter import AdapterConfig  # noqa: E402
+from blitext.adapter.image import AdapterConfig  # noqa: E402
 
 
 @app.command("train-adapter")
@@ -256,7 +256,7 @@ def train_adapter_cmd(
     config: Optional[Path] = ConfigOpt,
 ):
     """Train the Q-Former adaptor (or, with --modality video, the video Transformer) from cached features and prompts (resumable; runs under torchrun)."""
-    from blitext.adapter import train_adapter
+    from blitext.adapter.image import train_adapter
     from blitext.config import resolve_config
     from blitext.console import say
 
@@ -271,7 +271,7 @@ def train_adapter_cmd(
     video = dict(schedule=schedule, align_epochs=align_epochs)
     image = dict(num_layers=num_layers, cross_attention_frequency=cross_attention_frequency, dropout=dropout)
     if modality == "video":  # image-only options given here are refused as unknown keys
-        from blitext.video_adapter import VideoAdapterConfig, train_video_adapter
+        from blitext.adapter.video import VideoAdapterConfig, train_video_adapter
 
         options["num_slots"] = options.pop("num_query")
         cfg = resolve_config(VideoAdapterConfig, config, **options, **video, **image)  # image-only ones: unknown keys
@@ -311,7 +311,7 @@ def generate_cmd(
 
     from blitext.config import resolve_config
     from blitext.console import console
-    from blitext.generate import GenerateConfig, run_generate
+    from blitext.evaluation.generate import GenerateConfig, run_generate
 
     cfg = resolve_config(GenerateConfig, None, adapter=str(adapter), images=images or None, question=question, prompt=prompt,
                          features=features and str(features), ids=ids or None,
@@ -381,12 +381,12 @@ def demo_cmd(
     import dataclasses
 
     if video:
-        from blitext.demo_video import SMOKE as VIDEO_SMOKE, VideoDemoConfig, run_video_demo
+        from blitext.recipes.demo_video import SMOKE as VIDEO_SMOKE, VideoDemoConfig, run_video_demo
 
         overrides = {k: v for k, v in (("clips_per_split", limit), ("scale", scale)) if v is not None}
         run_video_demo(dataclasses.replace(VIDEO_SMOKE if smoke else VideoDemoConfig(), **overrides))
         return
-    from blitext.demo import SMOKE, DemoConfig, run_demo
+    from blitext.recipes.demo import SMOKE, DemoConfig, run_demo
 
     config = SMOKE if smoke else DemoConfig()
     overrides = {k: v for k, v in (("images_per_split", limit), ("scale", scale)) if v is not None}

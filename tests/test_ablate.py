@@ -11,8 +11,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from blitext import ablate
-from blitext.ablate import SMOKE, AblateConfig, Cell, parse_grid, plan_cells, run_ablation
+from blitext.recipes import ablate
+from blitext.recipes.ablate import SMOKE, AblateConfig, Cell, parse_grid, plan_cells, run_ablation
 from blitext.data.text import wordnet_examples
 from blitext.errors import BlitextError
 

@@ -12,16 +12,16 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from blitext.adapter import AdapterConfig, AdapterLoop, train_adapter
+from blitext.adapter.image import AdapterConfig, AdapterLoop, train_adapter
 from blitext.models.adapter_checkpoint import LoadedAdapter, load_adapter
 from blitext.cli.main import app
 from blitext.errors import BlitextError
-from blitext.extract import ExtractConfig, extract_features
+from blitext.features.image import ExtractConfig, extract_features
 from blitext.losses import itm_negatives
 from blitext.models.loading import load_text_encoder
 from blitext.models.qformer import QFormer, qformer_tokenizer, unilm_mask
-from blitext.pformer import PFormerConfig, train_pformer
-from blitext.prompts import BuildPromptsConfig, build_prompts
+from blitext.pformer.train import PFormerConfig, train_pformer
+from blitext.pformer.prompts import BuildPromptsConfig, build_prompts
 from blitext.training import read_metrics
 from test_pformer_train import dropout_free_bert
 
@@ -329,7 +329,7 @@ def test_stage2_then_generate_and_check_prompts_from_the_cli(tmp_path, world):
 @pytest.mark.parametrize("kind", ["opt", "llama", "gpt2"])
 def test_batched_left_padded_generation_equals_one_at_a_time(kind, llm_folders, bert_folder):
     """A row's output must not depend on its neighbours: padding goes before the prompts and is masked."""
-    from blitext.generate import GenerationSettings, generate_texts
+    from blitext.evaluation.generate import GenerationSettings, generate_texts
     from blitext.models.loading import load_llm
 
     torch.manual_seed(0)

@@ -1,11 +1,11 @@
-"""blitext.check_prompts: distances of prompt vectors to the nearest token embedding, decoded."""
+"""blitext.pformer.check: distances of prompt vectors to the nearest token embedding, decoded."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from blitext.check_prompts import check_prompts, default_threshold, format_report, token_text
+from blitext.pformer.check import check_prompts, default_threshold, format_report, token_text
 from blitext.errors import BlitextError
 from conftest import make_tokenizer
 

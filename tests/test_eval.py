@@ -10,17 +10,17 @@ import torch.nn.functional as F
 import typer
 from typer.testing import CliRunner
 
-from blitext.adapter import train_adapter
+from blitext.adapter.image import train_adapter
 from blitext.models.adapter_checkpoint import load_adapter
 from blitext.cache import FeatureCache
 from blitext.cli.eval import compare_cmd, eval_app
 from blitext.data.readers import read_image_set
 from blitext.data.text import caption_key
 from blitext.errors import BlitextError
-from blitext.compare import CEILING, compare_runs
-from blitext.evaluate import EvalConfig, ceiling_verdict, default_captions, eval_caption, eval_retrieval, eval_vqa
-from blitext.extract import ExtractConfig, extract_features
-from blitext.generate import GenerationSettings, generate_from_text, generate_texts
+from blitext.evaluation.compare import CEILING, compare_runs
+from blitext.evaluation.evaluate import EvalConfig, ceiling_verdict, default_captions, eval_caption, eval_retrieval, eval_vqa
+from blitext.features.image import ExtractConfig, extract_features
+from blitext.evaluation.generate import GenerationSettings, generate_from_text, generate_texts
 from blitext.models.adapter_checkpoint import LoadedAdapter
 from blitext.models.loading import load_llm
 from blitext.metrics import caption_scores, exact_match, vqa_accuracy

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from blitext.cache import FeatureCache
 from blitext.cache.manifest import sidecar_name
 from blitext.errors import BlitextError
-from blitext.extract import ExtractConfig, extract_features
+from blitext.features.image import ExtractConfig, extract_features
 from blitext.models.loading import load_vision_encoder
 
 BIN = Path(sys.executable).parent

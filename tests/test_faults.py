@@ -27,7 +27,7 @@ from blitext.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from blitext.cli.main import app
 from blitext.console import rank_logger
 from blitext.errors import BlitextError
-from blitext.prompts import PromptCache
+from blitext.pformer.prompts import PromptCache
 from conftest import make_llm_folder, make_vision_folder
 from test_extract import shard_bytes, write_image_folder
 

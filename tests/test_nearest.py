@@ -1,4 +1,4 @@
-"""blitext.nearest: FAISS and torch agree, planted neighbours are found, bad inputs are refused."""
+"""blitext.pformer.nearest: FAISS and torch agree, planted neighbours are found, bad inputs are refused."""
 from __future__ import annotations
 
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from blitext.errors import BlitextError
-from blitext.nearest import choose_backend, nearest_rows
+from blitext.pformer.nearest import choose_backend, nearest_rows
 
 
 def random_data(n=64, v=1037, d=48, seed=0):
@@ -119,7 +119,7 @@ def test_torch_and_faiss_in_one_process(first):
     script = textwrap.dedent(f"""
         import {first}, {other}
         import numpy as np
-        from blitext.nearest import nearest_rows
+        from blitext.pformer.nearest import nearest_rows
         rng = np.random.default_rng(0)
         m = rng.standard_normal((5000, 64)).astype(np.float32)
         q = rng.standard_normal((300, 64)).astype(np.float32)

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import blitext.pformer
+import blitext.pformer.train
 from blitext.errors import BlitextError
 from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.pformer import PFormer
-from blitext.pformer import Batcher, PFormerConfig, TrainLoop, train_pformer
+from blitext.pformer.train import Batcher, PFormerConfig, TrainLoop, train_pformer
 from blitext.training import read_metrics
 from conftest import BERT_WORDS
 
@@ -205,13 +205,13 @@ def test_llm_weights_never_change(tmp_path, llm_folders, bert_folder, monkeypatc
     on_disk = {p.name: p.read_bytes() for p in llm_folder.iterdir() if p.is_file()}
     before = load_file(llm_folder / "model.safetensors")
     loaded = []  # the LLM object the trainer uses, kept to look at after training
-    real_load_llm = blitext.pformer.load_llm
+    real_load_llm = blitext.pformer.train.load_llm
 
     def keep_llm(*args, **kwargs):
         loaded.append(real_load_llm(*args, **kwargs))
         return loaded[-1]
 
-    monkeypatch.setattr(blitext.pformer, "load_llm", keep_llm)
+    monkeypatch.setattr(blitext.pformer.train, "load_llm", keep_llm)
 
     text = write_sentences(tmp_path / "text.txt", 16)
     run = tmp_path / "run"

@@ -13,17 +13,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from blitext.adapter import AdapterConfig, train_adapter
+from blitext.adapter.image import AdapterConfig, train_adapter
 from blitext.cache import FeatureCache
 from blitext.cli.main import app
 from blitext.data.prepare import prepare_dataset
-from blitext.demo import DemoConfig
-from blitext.extract import ExtractConfig, extract_features
+from blitext.recipes.demo import DemoConfig
+from blitext.features.image import ExtractConfig, extract_features
 from blitext.losses import prompt_lm_loss
 from blitext.models.adapter_checkpoint import load_adapter
 from blitext.models.loading import load_llm
-from blitext.pformer import PFormerConfig, train_pformer
-from blitext.prompts import BuildPromptsConfig, build_prompts
+from blitext.pformer.train import PFormerConfig, train_pformer
+from blitext.pformer.prompts import BuildPromptsConfig, build_prompts
 from blitext.training import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -15,14 +15,14 @@ from typer.testing import CliRunner
 from blitext.cache import CachePlan, FeatureCache, ShardWriter, finalize, pending_shards, start_or_resume
 from blitext.cli.main import app
 from blitext.errors import BlitextError
-from blitext.evaluate import EvalConfig, eval_caption
+from blitext.evaluation.evaluate import EvalConfig, eval_caption
 from blitext.models.adapter_checkpoint import load_adapter
 from blitext.models.loading import load_text_encoder
 from blitext.models.video_adapter import VideoAdapter, to_slots
-from blitext.pformer import PFormerConfig, train_pformer
-from blitext.prompts import BuildPromptsConfig, build_prompts
+from blitext.pformer.train import PFormerConfig, train_pformer
+from blitext.pformer.prompts import BuildPromptsConfig, build_prompts
 from blitext.training import read_metrics
-from blitext.video_adapter import VideoAdapterConfig, VideoLoop, train_video_adapter
+from blitext.adapter.video import VideoAdapterConfig, VideoLoop, train_video_adapter
 from conftest import make_tokenizer
 from test_pformer_train import dropout_free_bert
 
@@ -286,7 +286,7 @@ def test_video_demo_smoke_runs_every_phase_and_reuses_them(session_cache, monkey
 
 
 def test_attribute_accuracy_reads_the_first_colour_shape_and_direction_word(tmp_path):
-    from blitext.demo_video import attribute_accuracy
+    from blitext.recipes.demo_video import attribute_accuracy
 
     truth = [{"image_id": "a", "color": "red", "shape": "circle", "direction": "left", "caption": ["a red circle moves left"]},
              {"image_id": "b", "color": "blue", "shape": "square", "direction": "up", "caption": ["a blue square moves up"]}]

@@ -16,7 +16,7 @@ from blitext.data.prepare import prepare_dataset, unpack_debian_package
 from blitext.data.readers import read_image_set
 from blitext.data.video import decode_video, frames_per_window, segment_windows
 from blitext.errors import BadInputError, BlitextError
-from blitext.import_features import ImportConfig, import_features
+from blitext.features.imported import ImportConfig, import_features
 
 IMAGEIO_CLIPS = Path("usr/lib/python3/dist-packages/imageio/resources/images")
 

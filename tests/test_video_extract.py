@@ -17,7 +17,7 @@ from blitext.cache import FeatureCache
 from blitext.data.prepare import prepare_dataset
 from blitext.data.video import decode_video, segment_windows
 from blitext.errors import BlitextError
-from blitext.extract_video import VideoExtractConfig, extract_video_features
+from blitext.features.video import VideoExtractConfig, extract_video_features
 from blitext.models.i3d import InceptionI3d
 from blitext.models.video import Segmenting, load_video_encoder
 from conftest import make_vision_folder

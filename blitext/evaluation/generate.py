@@ -22,7 +22,7 @@ from blitext.data.images import load_image
 from blitext.data.readers import read_image_set
 from blitext.distributed import pick_device
 from blitext.errors import BlitextError
-from blitext.pformer import stop_token_ids
+from blitext.pformer.train import stop_token_ids
 
 CAPTION_PROMPT = "a photo of"
 VQA_PROMPT = "Question: {} Short answer:"

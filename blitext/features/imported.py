@@ -23,7 +23,7 @@ from blitext.console import RateLimitedWarnings, progress_bar, rank_logger, say
 from blitext.data.video import sample_evenly
 from blitext.distributed import DistInfo
 from blitext.errors import BadInputError, BlitextError
-from blitext.extract import print_failures
+from blitext.features.image import print_failures
 
 KIND = "video-features"
 

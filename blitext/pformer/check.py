@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from blitext.errors import BlitextError
-from blitext.nearest import as_float32_matrix, nearest_rows
+from blitext.pformer.nearest import as_float32_matrix, nearest_rows
 
 PERCENTILES = (5, 25, 50, 75, 95)
 THRESHOLD_SAMPLE = 1024  # embedding rows whose nearest-neighbour distance sets the default threshold

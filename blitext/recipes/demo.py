@@ -25,19 +25,19 @@ from pathlib import Path
 
 import torch
 
-from blitext.adapter import AdapterConfig, train_adapter
+from blitext.adapter.image import AdapterConfig, train_adapter
 from blitext.atomic import read_json, write_json, write_text
-from blitext.check_prompts import check_prompts, format_report
+from blitext.pformer.check import check_prompts, format_report
 from blitext.config import default_cache_root
 from blitext.console import console, say
 from blitext.data.compose import compositional_captions
 from blitext.data.prepare import prepare_dataset
-from blitext.compare import compare_runs, print_compare
-from blitext.evaluate import EvalConfig, eval_caption, eval_vqa
-from blitext.extract import ExtractConfig, extract_features
+from blitext.evaluation.compare import compare_runs, print_compare
+from blitext.evaluation.evaluate import EvalConfig, eval_caption, eval_vqa
+from blitext.features.image import ExtractConfig, extract_features
 from blitext.models.loading import load_llm
-from blitext.pformer import PFormerConfig, train_pformer
-from blitext.prompts import BuildPromptsConfig, build_prompts, prompts_from_cache
+from blitext.pformer.train import PFormerConfig, train_pformer
+from blitext.pformer.prompts import BuildPromptsConfig, build_prompts, prompts_from_cache
 
 VARIANTS = {"baseline": (0.0, 0.0), "pformer": (10.0, 100.0)}  # (w1, w2): Table 4's first and last rows
 

@@ -38,7 +38,7 @@ from blitext.models.fingerprint import fingerprint
 from blitext.models.loading import display_name, llm_path, load_llm, load_text_encoder, load_vision_encoder
 from blitext.models.qformer import QFormer, keep_first_layers, qformer_tokenizer, unilm_mask
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER, DEFAULT_VISION_ENCODER
-from blitext.prompts import PromptCache
+from blitext.pformer.prompts import PromptCache
 from blitext.training import (Prefetcher, adamw, global_batch, llm_proj_groups, lr_at, mean_over_ranks, open_run,
                               optimizer_step, rank_slice, require_batch_splits, set_lr, step_generator, step_seed,
                               token_share)

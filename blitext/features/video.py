@@ -22,7 +22,7 @@ from blitext.console import say
 from blitext.data.video import decode_video
 from blitext.distributed import run_distributed
 from blitext.errors import BadInputError, BlitextError
-from blitext.extract import Item, encoder_dtype, fill_cache, plan_items, shard_batches, write_batches
+from blitext.features.image import Item, encoder_dtype, fill_cache, plan_items, shard_batches, write_batches
 from blitext.models.registry import DEFAULT_VISION_ENCODER
 from blitext.models.video import I3D_PREFIX, Segmenting, load_video_encoder
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from blitext.models.adapter_checkpoint import LoadedAdapter, load_adapter, load_llm_for_generation
 from blitext.atomic import write_json
-from blitext.compare import BASE_RATE, CEILING, beside_scores, print_metrics
+from blitext.evaluation.compare import BASE_RATE, CEILING, beside_scores, print_metrics
 from blitext.cache import FeatureCache
 from blitext.config import provenance, to_jsonable
 from blitext.console import progress_bar, say
@@ -40,7 +40,7 @@ from blitext.data.text import caption_key
 from blitext.data.vqa import read_vqa
 from blitext.distributed import pick_device
 from blitext.errors import BlitextError
-from blitext.generate import GenerationSettings, generate_from_text, generate_texts
+from blitext.evaluation.generate import GenerationSettings, generate_from_text, generate_texts
 from blitext.metrics import exact_match, rerank_top_k, retrieval_recall, vqa_summary
 
 ITM_PAIRS_PER_CALL = 256  # (image, text) pairs per ITM forward in retrieval's re-ranking

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from blitext.adapter import AdapterConfig, train_adapter
+from blitext.adapter.image import AdapterConfig, train_adapter
 from blitext.atomic import read_json, write_json, write_text
 from blitext.config import default_cache_root, provenance
 from blitext.console import console, say
@@ -42,13 +42,13 @@ from blitext.data.compose import compositional_captions
 from blitext.data.prepare import list_datasets, prepare_dataset
 from blitext.data.readers import read_image_set, write_lavis_json
 from blitext.data.text import WORDNET_DIR, read_sentences, wordnet_examples
-from blitext.demo import print_prompt_check, train_once
+from blitext.recipes.demo import print_prompt_check, train_once
 from blitext.errors import BlitextError
-from blitext.evaluate import EvalConfig, eval_caption, eval_vqa
-from blitext.extract import ExtractConfig, extract_features
+from blitext.evaluation.evaluate import EvalConfig, eval_caption, eval_vqa
+from blitext.features.image import ExtractConfig, extract_features
 from blitext.models.registry import DEFAULT_VISION_ENCODER
-from blitext.pformer import PFormerConfig, train_pformer
-from blitext.prompts import BuildPromptsConfig, build_prompts
+from blitext.pformer.train import PFormerConfig, train_pformer
+from blitext.pformer.prompts import BuildPromptsConfig, build_prompts
 
 TABLE4_GRID = ((0.0, 0.0), (10.0, 0.0), (0.0, 100.0), (10.0, 100.0))  # the paper's (w1, w2) rows
 TEXT_SIZE_CELL = (10.0, 100.0)          # Table 6 trains each P-Former's adaptor with the default weights

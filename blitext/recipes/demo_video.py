@@ -21,13 +21,13 @@ from pathlib import Path
 from blitext.config import default_cache_root
 from blitext.console import console, say
 from blitext.data.prepare import prepare_dataset
-from blitext.demo import print_prompt_check, settings_digest, train_once
-from blitext.compare import compare_runs, print_compare
-from blitext.evaluate import EvalConfig, eval_caption
-from blitext.extract_video import VideoExtractConfig, extract_video_features
-from blitext.pformer import PFormerConfig, train_pformer
-from blitext.prompts import BuildPromptsConfig, build_prompts
-from blitext.video_adapter import VideoAdapterConfig, train_video_adapter
+from blitext.recipes.demo import print_prompt_check, settings_digest, train_once
+from blitext.evaluation.compare import compare_runs, print_compare
+from blitext.evaluation.evaluate import EvalConfig, eval_caption
+from blitext.features.video import VideoExtractConfig, extract_video_features
+from blitext.pformer.train import PFormerConfig, train_pformer
+from blitext.pformer.prompts import BuildPromptsConfig, build_prompts
+from blitext.adapter.video import VideoAdapterConfig, train_video_adapter
 
 VARIANTS = {"itg-only": 0.0, "pformer": 100.0}  # w_align: Table 7's two rows
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from blitext.adapter import StepLosses, prompt_cache, resume_run
+from blitext.adapter.image import StepLosses, prompt_cache, resume_run
 from blitext.cache import FeatureCache
 from blitext.checkpoint import export_final, save_checkpoint
 from blitext.config import default_cache_root, provenance, to_jsonable
