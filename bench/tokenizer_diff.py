@@ -1,11 +1,11 @@
 """How far the pure-Python PTB tokenizer (blitext.metrics.ptb) is from pycocoevalcap's Java one.
 
-Generates 400 varied captions (REFERENCE 5's test vector plus templated sentences with commas,
+Generates 400 varied captions (the test vector of docs/method.md#caption-metrics-test-vector plus templated sentences with commas,
 quotes, hyphens, numbers, possessives, parentheses, "n't", abbreviations with periods; the Python
 rules were tuned on these) and 300 held-out ones (random punctuation inserted into those, a seed
 not looked at while tuning), tokenises them both ways as pycocoevalcap would (punctuation tokens
 dropped) and counts the captions and tokens that differ; then scores a 100-image set built from
-them, and REFERENCE 5's vector, with each tokenizer and reports the score differences. Needs Java.
+them, and that test vector, with each tokenizer and reports the score differences. Needs Java.
 
     python bench/tokenizer_diff.py
 """

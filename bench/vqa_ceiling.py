@@ -32,7 +32,7 @@ from blitext.models.loading import load_llm  # noqa: E402
 SMOLLM_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 CHAT_CONTEXT = SMOLLM_SYSTEM + "<|im_start|>user\n{caption}\n"
 CHAT_PROMPT = "Question: {}\nAnswer with one or two words.<|im_end|>\n<|im_start|>assistant\n"
-BEAM = dict(num_beams=5, length_penalty=-1.0)  # eval vqa's defaults (REFERENCE 4), 1..10 new tokens
+BEAM = dict(num_beams=5, length_penalty=-1.0)  # eval vqa's defaults (docs/method.md#generation-settings), 1..10 new tokens
 GREEDY = dict(num_beams=1)
 VARIANTS = {  # name: (context with {caption}, text prompt with {} for the question, decoding)
     "paper, beam 5 (eval vqa's default)": ("{caption}\n", VQA_PROMPT, BEAM),

@@ -1,4 +1,4 @@
-"""blitext.metrics against REFERENCE 5's test vectors, pycocoevalcap itself, and hand-checked cases."""
+"""blitext.metrics against the test vector of docs/method.md#caption-metrics-test-vector, pycocoevalcap itself, and hand-checked cases."""
 from __future__ import annotations
 
 import shutil
@@ -13,7 +13,7 @@ from blitext.metrics import (caption_scores, coco_tokenize, exact_match, normali
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs Java (pycocoevalcap's jars)")
 
-# REFERENCE 5: computed with pycocoevalcap 1.2 and Java 17.
+# docs/method.md#caption-metrics-test-vector: computed with pycocoevalcap 1.2 and Java 17.
 VECTOR_REFS = {
     1: ["A man is riding a horse on the beach.", "A person rides a brown horse along the shore.",
         "A man on horseback at the ocean's edge."],

@@ -17,7 +17,7 @@ from blitext.data.readers import read_image_set
 from blitext.errors import BlitextError
 
 TEXT_KEYS = ("text", "caption", "sentence")
-WORDNET_DIR = Path("/usr/share/wordnet")  # Debian wordnet-base: data.noun/.verb/.adj/.adv (OFFLINE.md)
+WORDNET_DIR = Path("/usr/share/wordnet")  # Debian wordnet-base: data.noun/.verb/.adj/.adv
 
 
 def caption_key(image_id: str, index: int) -> str:

@@ -5,7 +5,7 @@ files), so captions join to video features by id exactly as they do to image fea
 Every way a video can be unusable (missing, empty, not a video, no video stream, no
 decodable frame) becomes a `BadInputError` naming the file, so a run records it and goes on.
 
-Segments follow I3D feature extraction for captioning (VATEX, REFERENCE.md section 3):
+Segments follow I3D feature extraction for captioning (VATEX, docs/method.md#video-features):
 the video is resampled to 25 fps and cut into stacks of 64 frames; a video yields at most 32
 segments.
 """

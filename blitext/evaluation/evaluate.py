@@ -3,8 +3,8 @@
 Every evaluation reads the visual tokens of the images it scores from a feature cache made
 by the encoder the adaptor was trained on (extract-features on the evaluation data), never
 images, and writes `<out>/metrics.json` (scores, settings, counts, provenance, the adaptor's
-fingerprint) and `<out>/predictions.json` in the official results format. REFERENCE.md
-sections 4-5 give the settings and the metrics' semantics:
+fingerprint) and `<out>/predictions.json` in the official results format. The settings
+are docs/method.md#generation-settings, the metrics' semantics docs/method.md#metrics:
 
 - caption: one caption per image with the caption settings ("a photo of", beam 5, 8..30
   new tokens), scored by pycocoevalcap's BLEU / METEOR / ROUGE-L / CIDEr / SPICE.
@@ -59,7 +59,7 @@ class EvalConfig:
     batch_size: int = 16               # images (or questions) per LLM generate call
     device: str = "auto"
     llm: str | None = None             # default: the LLM the adaptor was trained for
-    prompt: str | None = None          # generation overrides; None = REFERENCE.md 4's task defaults
+    prompt: str | None = None          # generation overrides; None = docs/method.md#generation-settings
     num_beams: int | None = None
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None

@@ -1,6 +1,6 @@
 """COCO caption metrics with pycocoevalcap 1.2's semantics: the numbers BLIP-2 and P-Former report.
 
-What is computed (REFERENCE 5): captions are lower-cased and tokenised by Stanford's
+What is computed (docs/method.md#caption-metrics): captions are lower-cased and tokenised by Stanford's
 PTBTokenizer, punctuation tokens are dropped, then pycocoevalcap's own scorers run:
 BLEU-1..4 (corpus level, "closest" reference length), METEOR 1.5 (Java), ROUGE-L (LCS F-measure,
 beta 1.2), CIDEr-D (idf from the references of the evaluated set, so a single image always
@@ -12,7 +12,7 @@ re-implementation for machines without Java. bench/tokenizer_diff.py measures ho
 they are (bench/results/tokenizer_diff.json, 2026-11-28): identical output on 400 of 400
 templated captions (4824 tokens; the rules were tuned on these) and on 300 of 300 held-out
 captions with random punctuation inserted (4140 tokens), so 0 difference in BLEU, ROUGE-L and
-CIDEr on a 100-image set and on REFERENCE 5's vector. Known gaps: rare slash/hyphen mixes
+CIDEr on a 100-image set and on docs/method.md#caption-metrics-test-vector. Known gaps: rare slash/hyphen mixes
 ("1/2-3" is one token here, two in the jar) and non-ASCII spacing or letters where Python's
 Unicode classes differ from Java's.
 

@@ -1,4 +1,4 @@
-"""Image-text retrieval recall as BLIP-2 evaluates it (REFERENCE 5), kept model-agnostic.
+"""Image-text retrieval recall as BLIP-2 evaluates it (docs/method.md#retrieval-recall), kept model-agnostic.
 
 BLIP-2 scores all pairs with ITC similarity, then re-scores each query's top k=128 candidates
 with ITM + ITC and ranks by that. The caller owns the model: it passes the ITC matrix and a

@@ -1,4 +1,4 @@
-"""P-Former: the text-only prompt generator of stage 0 (REFERENCE.md section 1).
+"""P-Former: the text-only prompt generator of stage 0 (docs/method.md#p-former-architecture).
 
 Follows the paper's "Bootstrapping Vision-Language Learning with Decoupled Language
 Pre-training": a BERT-style encoder reads a sentence, its [CLS] hidden state is the

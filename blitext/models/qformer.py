@@ -1,4 +1,4 @@
-"""BLIP-2's Q-Former as the image adaptor (REFERENCE.md section 2), on transformers' Blip2QFormerModel.
+"""BLIP-2's Q-Former as the image adaptor (docs/method.md#the-q-former-adaptor), on transformers' Blip2QFormerModel.
 
 transformers provides the architecture: the layers with their separate query/text
 feed-forward weights and cross-attention to the visual tokens every 2nd layer

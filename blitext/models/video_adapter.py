@@ -1,4 +1,4 @@
-"""The video adaptor of the paper's section 4.5 (REFERENCE.md section 3): a plain Transformer, no Q-Former.
+"""The video adaptor of the paper's section 4.5 (docs/method.md#video-adaptor): a plain Transformer, no Q-Former.
 
     segment features (B, T, D_in), mask (B, T)
       -> S prompt slots (B, S, D_in), slot mask (B, S)   zero-padded (T <= S) or mean-pooled in time (T > S)

@@ -119,7 +119,7 @@ def run_video_demo(config: VideoDemoConfig) -> dict:
 
 
 def caption_test_clips(run: Path, features: Path, data: Path, c: VideoDemoConfig) -> dict:
-    """REFERENCE 4's beam 5, but the empty text prompt the adaptor was trained under and 1..12 new
+    """docs/method.md#generation-settings' beam 5, but the empty text prompt the adaptor was trained under and 1..12 new
     tokens: the captions are 5 words, not COCO's 10-plus."""
     out = run / "eval" / "caption-moving-shapes"
     if not (out / "metrics.json").is_file():
