@@ -3,6 +3,7 @@
     records.py   ImageRecord / VQARecord / ImageSet: what every reader returns
     readers.py   read_image_set (LAVIS/COCO JSON, jsonl/csv folders, image folders, tar shards),
                  and the LAVIS caption writer
+    webdataset.py  img2dataset-style .tar shards: members grouped into samples (image, caption, key)
     vqa.py       read_vqa (VQAv2, OK-VQA, GQA) and the VQAv2 writer
     images.py    bytes from files or tar members, decoded to RGB; bad images -> BadInputError
     prepare.py   easy-vqa, tuxpaint, fashion-mnist, moving-shapes -> images/videos + caption/VQA JSON on disk

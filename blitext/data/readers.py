@@ -17,7 +17,6 @@ import csv
 import glob
 import json
 import os
-import tarfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -26,10 +25,10 @@ from typing import Any
 from blitext.atomic import write_json
 from blitext.data.records import ImageRecord, ImageSet
 from blitext.data.video import VIDEO_EXTENSIONS, is_vatex, read_vatex
+from blitext.data.webdataset import TAR_IMAGE_EXTENSIONS, tar_samples
 from blitext.errors import BlitextError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 ACCEPTED_FORMATS = (
     "a LAVIS/COCO-Karpathy caption .json ([{\"image\", \"caption\"}]); "
     "an official COCO captions .json ({\"images\", \"annotations\"}); "
@@ -366,7 +365,7 @@ def _read_tar_shards(tars: list[Path], root: Path) -> tuple[list[ImageRecord], i
     check, groups = _RefChecker(root), _Grouper()
     for tar_path in tars:
         tar_ref = check(os.path.relpath(tar_path, root), str(tar_path))
-        for key, member, caption, json_key in _tar_samples(tar_path):
+        for key, member, caption, json_key in tar_samples(tar_path):
             where = f"{tar_path}#{member}"
             captions = [caption] if caption is not None else []
             groups.add(json_key or key, f"{tar_ref}#{member}", captions, {}, where)
@@ -375,53 +374,6 @@ def _read_tar_shards(tars: list[Path], root: Path) -> tuple[list[ImageRecord], i
         raise BlitextError(f"{', '.join(map(str, tars[:3]))}: no samples with an image member "
                            f"({', '.join(TAR_IMAGE_EXTENSIONS)}); expected img2dataset-style shards")
     return records, blank
-
-
-def _tar_samples(tar_path: Path) -> list[tuple[str, str, str | None, str | None]]:
-    """(key, image member, caption, json "key") per sample; members grouped by basename."""
-    try:
-        with tarfile.open(tar_path) as tar:
-            samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-            for member in tar:
-                if member.isfile():
-                    key, ext = _split_member(member.name)
-                    samples.setdefault(key, {})[ext] = member
-            return [s for key, parts in samples.items() if (s := _tar_sample(tar, tar_path, key, parts))]
-    except (tarfile.TarError, OSError) as e:
-        raise BlitextError(f"{tar_path}: not a readable tar file ({e}); re-create the shard") from None
-
-
-def _split_member(name: str) -> tuple[str, str]:
-    """webdataset convention: the key is the path up to the first dot of the file name."""
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
-def _tar_sample(tar: tarfile.TarFile, tar_path: Path, key: str, parts: dict) -> tuple | None:
-    image = next((parts[e] for e in TAR_IMAGE_EXTENSIONS if e in parts), None)
-    if image is None:
-        return None
-    meta = {}
-    if "json" in parts:
-        meta = _tar_json(tar, parts["json"], f"{tar_path}#{parts['json'].name}")
-    caption = meta.get("caption") if isinstance(meta.get("caption"), str) else None
-    if "txt" in parts:
-        where = f"{tar_path}#{parts['txt'].name}"
-        try:
-            caption = tar.extractfile(parts["txt"]).read().decode("utf-8")
-        except UnicodeDecodeError:
-            raise BlitextError(f"{where}: caption is not UTF-8 text; re-create the shard") from None
-    json_key = meta.get("key")
-    return key, image.name, caption, (str(json_key) if json_key not in (None, "") else None)
-
-
-def _tar_json(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> dict:
-    try:
-        data = json.loads(tar.extractfile(member).read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BlitextError(f"{where}: not valid JSON ({e}); re-create the shard") from None
-    return data if isinstance(data, dict) else {}
 
 
 # ---------------------------------------------------------------- writer

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import re
 import time
@@ -37,14 +36,14 @@ from pathlib import Path
 from blitext.adapter.image import AdapterConfig, train_adapter
 from blitext.atomic import read_json, write_json, write_text
 from blitext.config import default_cache_root, provenance
-from blitext.console import console, say
+from blitext.console import say
 from blitext.data.compose import compositional_captions
 from blitext.data.prepare import list_datasets, prepare_dataset
 from blitext.data.readers import read_image_set, write_lavis_json
 from blitext.data.text import WORDNET_DIR, read_sentences, wordnet_examples
+from blitext.recipes.ablate_report import evaluate_run, report, score_columns, plot_curves
 from blitext.recipes.demo import print_prompt_check, train_once
 from blitext.errors import BlitextError
-from blitext.evaluation.evaluate import EvalConfig, eval_caption, eval_vqa
 from blitext.features.image import ExtractConfig, extract_features
 from blitext.models.registry import DEFAULT_VISION_ENCODER
 from blitext.pformer.train import PFormerConfig, train_pformer
@@ -52,13 +51,10 @@ from blitext.pformer.prompts import BuildPromptsConfig, build_prompts
 
 TABLE4_GRID = ((0.0, 0.0), (10.0, 0.0), (0.0, 100.0), (10.0, 100.0))  # the paper's (w1, w2) rows
 TEXT_SIZE_CELL = (10.0, 100.0)          # Table 6 trains each P-Former's adaptor with the default weights
-CAPTION_COLUMNS = (("Bleu_4", "BLEU-4"), ("CIDEr", "CIDEr"), ("ROUGE_L", "ROUGE-L"), ("METEOR", "METEOR"),
-                   ("SPICE", "SPICE"))
 # What makes two runs comparable: a run folder is reused only under the same values.
 TRAIN_KEYS = ("images_per_split", "heldout_images", "pformer_steps", "pformer_batch_size", "n_prompt",
               "stage1_steps", "stage1_lr", "stage2_steps", "stage2_lr", "stage2_llm_proj_lr_scale",
               "stage2_max_grad_norm", "batch_size", "seed")
-
 
 
 def stage2_schedule(c) -> dict:
@@ -91,7 +87,7 @@ class AblateConfig:
     vqa_questions: int = 120      # test questions answered zero-shot per run (0: no VQA)
     caption_images: int = 50      # images captioned per run (0: no captioning)
     caption_max_new_tokens: int = 16  # short captions (easy-VQA 3-4 tokens, Tux Paint one sentence)
-    num_beams: int | None = None  # generation beams; None = REFERENCE.md 4's 5 (SMOKE: 1, greedy)
+    num_beams: int | None = None  # generation beams; None = docs/method.md#generation-settings' 5 (SMOKE: 1, greedy)
     meteor: str = "auto"          # auto: METEOR when Java runs it | java | off
     seed: int = 42
     scale: float = 1.0            # multiplies every step count and evaluation size
@@ -339,45 +335,6 @@ def _adaptor(c: AblateConfig, work: Path, cell: Cell, features: Path, splits: Sp
     return s1, s2
 
 
-# ---------------------------------------------------------------- evaluation
-
-def evaluate_run(stage2: Path, features: Path, splits: Splits, c: AblateConfig) -> dict:
-    """VQA when the data has questions, captioning on the test or held-out images; reused when done."""
-    out, beams = {}, f"-beam{c.num_beams}" if c.num_beams else ""  # settings that change scores name the folder
-    if splits.vqa and c.vqa_questions > 0:
-        questions, answers = splits.vqa
-        out["vqa"] = _scores(stage2 / "eval" / f"vqa-{c.vqa_questions}{beams}", lambda d: eval_vqa(EvalConfig(
-            adapter=str(stage2), features=str(features), data=str(questions),
-            annotations=str(answers) if answers else None, out=str(d), limit=c.vqa_questions,
-            num_beams=c.num_beams)))
-    if c.caption_images > 0:
-        name = (f"caption-{splits.captions.stem.removeprefix('captions_')}-{c.caption_images}-"
-                f"{c.caption_max_new_tokens}t{beams}{'-no-meteor' if c.meteor == 'off' else ''}")
-        out["caption"] = _scores(stage2 / "eval" / name, lambda d: eval_caption(EvalConfig(
-            adapter=str(stage2), features=str(features), data=str(splits.captions), out=str(d),
-            limit=c.caption_images, prompt="", min_new_tokens=1, max_new_tokens=c.caption_max_new_tokens,
-            num_beams=c.num_beams, meteor=c.meteor)))
-    return out
-
-
-def _scores(folder: Path, run) -> dict:
-    if not (folder / "metrics.json").is_file():
-        run(folder)
-    else:
-        say(f"  reusing {folder}")
-    return read_json(folder / "metrics.json")["metrics"]
-
-
-def score_columns(metrics: dict) -> dict[str, float]:
-    """The table's columns: VQA accuracy (and per answer type), BLEU-4, CIDEr, ROUGE-L, METEOR, SPICE."""
-    out, vqa, caption = {}, metrics.get("vqa") or {}, metrics.get("caption") or {}
-    if "accuracy" in vqa:
-        out["VQA acc"] = vqa["accuracy"]
-    out.update({f"VQA {t}": v for t, v in sorted((vqa.get("per_answer_type") or {}).items())})
-    out.update({name: caption[key] for key, name in CAPTION_COLUMNS if caption.get(key) is not None})
-    return out
-
-
 # ---------------------------------------------------------------- the whole job
 
 def run_ablation(config: AblateConfig) -> dict:
@@ -407,8 +364,8 @@ def run_ablation(config: AblateConfig) -> dict:
               "n_extra": len(extra.sentences), "rows": rows,
               "counts": {"vqa_questions": c.vqa_questions, "caption_images": c.caption_images}}
     say("[bold]6/6 results[/]")
-    _report(work, result)
-    _curves(work, rows)
+    report(work, result)
+    plot_curves(work, rows)
     say(f"[green]ablation finished[/] in {(time.perf_counter() - started) / 60:.1f} min: {work}")
     return result
 
@@ -421,51 +378,3 @@ def _row(c: AblateConfig, cell: Cell, run: tuple[Path, Path], splits: Splits, n_
             "pformer_sentences": None if cell.extra is None else splits.n_paired + cell.extra,
             "paper_table": ", ".join(tables), "stage1": str(run[0]), "stage2": str(run[1]),
             "scores": score_columns(metrics), "metrics": metrics}
-
-
-# ---------------------------------------------------------------- the table
-
-def table_columns(rows: list[dict]) -> list[str]:
-    return list(dict.fromkeys(k for r in rows for k in r["scores"]))
-
-
-def _note(result: dict) -> str:
-    n = result["counts"]["vqa_questions"]
-    vqa = (f"VQA: accuracy x100 over {n} test questions (one standard error is up to "
-           f"{100 * math.sqrt(0.25 / n):.1f} points); " if result["vqa"] and n else "VQA: none (no VQA files); ")
-    return (vqa + f"captions: {result['caption_source']}, pycocoevalcap scores (x1). "
-            f"Extra P-Former text: {'; '.join(result['extra_text'])} ({result['n_extra']} sentences).")
-
-
-def _report(work: Path, result: dict) -> None:
-    from rich.table import Table
-
-    columns = table_columns(result["rows"])
-    head = ["w1", "w2", "P-Former text", "sentences", "paper table"]
-    table = Table(*head, *columns, title=f"ablation on {result['data']}", caption=_note(result))
-    lines = ["| " + " | ".join(head + columns) + " |", "|" + "---|" * (len(head) + len(columns))]
-    for r in result["rows"]:
-        cells = [f"{r['w1']:g}", f"{r['w2']:g}", r["pformer_text"], str(r["pformer_sentences"] or "-"),
-                 r["paper_table"] or "-", *(_fmt(r["scores"].get(k)) for k in columns)]
-        table.add_row(*cells)
-        lines.append("| " + " | ".join(cells) + " |")
-    console.print(table)
-    write_json(work / "ablation.json", result)
-    write_text(work / "ablation.md", f"# Ablation on {result['data']}\n\nRows: Table 4's (w1, w2) cells and "
-                f"Table 6's P-Former text sizes. {_note(result)}\n\n" + "\n".join(lines) + "\n")
-    say(f"  table: {work / 'ablation.md'}, {work / 'ablation.json'}")
-
-
-def _curves(work: Path, rows: list[dict]) -> None:
-    """Loss curves: every distinct stage-1 run, then every stage-2 run (PNG beside the table)."""
-    from blitext.plot import plot_runs
-
-    stage1 = list(dict.fromkeys(Path(r["stage1"]) for r in rows))
-    plot_runs(stage1, work / "stage1-curves.png", labels=[p.name for p in stage1])
-    png = plot_runs([Path(r["stage2"]) for r in rows], work / "stage2-curves.png",
-                    labels=[f"w1={r['w1']:g} w2={r['w2']:g} {r['pformer_text']}" for r in rows])
-    say(f"  loss curves: {work / 'stage1-curves.png'}, {png}")
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
