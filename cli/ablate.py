@@ -1,7 +1,6 @@
 """`blitext ablate`: a thin typer command over blitext.recipes.ablate.run_ablation.
 
-cli/main.py registers it (`app.command("ablate")(ablate_cmd)`); blitext.recipes.ablate (torch,
-transformers) loads only when the command runs.
+cli/main.py registers it (`app.command("ablate")(ablate_cmd)`); the help shows AblateConfig's defaults.
 """
 from __future__ import annotations
 
@@ -11,36 +10,38 @@ from typing import Optional
 
 import typer
 
-from blitext.cli.common import user_errors
+from blitext.cli.common import default_is, default_of, user_errors
+from blitext.recipes.ablate import AblateConfig
 
 
 @user_errors
 def ablate_cmd(
-    data: Optional[str] = typer.Option(None, "--data", help="easy-vqa | tuxpaint | fashion-mnist, a folder with captions_train.json or captions.json (+ captions_test.json, vqa_test_*.json), or a caption JSON. [default: easy-vqa]"),
-    features: Optional[Path] = typer.Option(None, "--features", help="Existing feature cache of the data's images. [default: extract into <cache>/features/]"),
-    grid: Optional[str] = typer.Option(None, "--grid", help='(w1, w2) cells, e.g. "0,0;10,100". [default: "0,0;10,0;0,100;10,100" (Table 4)]'),
-    text_sizes: Optional[bool] = typer.Option(None, "--text-sizes/--no-text-sizes", help="Table 6: a P-Former on the paired captions only against paired + extra text, each with a (10, 100) adaptor. [default: on]"),
-    extra_sizes: Optional[str] = typer.Option(None, "--extra-sizes", help='Table 6 with these extra-sentence counts, e.g. "0,500" (0 = paired only). [default: 0 and all]'),
-    extra_text: Optional[list[Path]] = typer.Option(None, "--extra-text", help="Extra sentence file for the P-Former (text, .jsonl, caption .json); repeat for several. [default: compositional captions + WordNet examples when wordnet-base is installed]"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Images per split when preparing a named data set (tuxpaint: in all). [default: 500]"),
-    heldout_images: Optional[int] = typer.Option(None, "--heldout-images", help="Without captions_test.json: train images kept out for captioning. [default: 100]"),
-    pformer_steps: Optional[int] = typer.Option(None, "--pformer-steps", help="[default: 200]"),
-    stage1_steps: Optional[int] = typer.Option(None, "--stage1-steps", help="[default: 50]"),
-    stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="[default: 120]"),
-    n_prompt: Optional[int] = typer.Option(None, "--n-prompt", help="Soft prompts = Q-Former queries. [default: 8]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Stage-1 batch; stage 2 uses half. [default: 16]"),
-    stage1_lr: Optional[float] = typer.Option(None, "--stage1-lr", help="[default: 1e-3]"),
-    stage2_lr: Optional[float] = typer.Option(None, "--stage2-lr", help="[default: 5e-5]"),
-    vqa_questions: Optional[int] = typer.Option(None, "--vqa-questions", help="Test questions per run (0: no VQA). [default: 120]"),
-    caption_images: Optional[int] = typer.Option(None, "--caption-images", help="Images captioned per run (0: none). [default: 50]"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="[default: 42]"),
-    scale: Optional[float] = typer.Option(None, "--scale", help="Multiply every step count and evaluation size."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder. [default: <cache>/runs/ablate/<data>-<sizes>-<hash>]"),
+    data: Optional[str] = typer.Option(None, "--data", help="easy-vqa | tuxpaint | fashion-mnist, a folder with captions_train.json or captions.json (+ captions_test.json, vqa_test_*.json), or a caption JSON. " + default_of(AblateConfig, "data")),
+    features: Optional[Path] = typer.Option(None, "--features", help="Existing feature cache of the data's images. " + default_is("extract into <cache>/features/")),
+    grid: Optional[str] = typer.Option(None, "--grid", help='(w1, w2) cells, e.g. "0,0;10,100". '
+                                + default_of(AblateConfig, "grid", fmt=lambda grid: '"' + ";".join(f"{w1:g},{w2:g}" for w1, w2 in grid) + '" (Table 4)')),
+    text_sizes: Optional[bool] = typer.Option(None, "--text-sizes/--no-text-sizes", help="Table 6: a P-Former on the paired captions only against paired + extra text, each with a (10, 100) adaptor. " + default_of(AblateConfig, "text_sizes")),
+    extra_sizes: Optional[str] = typer.Option(None, "--extra-sizes", help='Table 6 with these extra-sentence counts, e.g. "0,500" (0 = paired only). ' + default_is("0 and all")),
+    extra_text: Optional[list[Path]] = typer.Option(None, "--extra-text", help="Extra sentence file for the P-Former (text, .jsonl, caption .json); repeat for several. " + default_is("compositional captions + WordNet examples when wordnet-base is installed")),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Images per split when preparing a named data set (tuxpaint: in all). " + default_of(AblateConfig, "images_per_split")),
+    heldout_images: Optional[int] = typer.Option(None, "--heldout-images", help="Without captions_test.json: train images kept out for captioning. " + default_of(AblateConfig, "heldout_images")),
+    pformer_steps: Optional[int] = typer.Option(None, "--pformer-steps", help=default_of(AblateConfig, "pformer_steps")),
+    stage1_steps: Optional[int] = typer.Option(None, "--stage1-steps", help=default_of(AblateConfig, "stage1_steps")),
+    stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help=default_of(AblateConfig, "stage2_steps")),
+    n_prompt: Optional[int] = typer.Option(None, "--n-prompt", help="Soft prompts = Q-Former queries. " + default_of(AblateConfig, "n_prompt")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Stage-1 batch; stage 2 uses half. " + default_of(AblateConfig, "batch_size")),
+    stage1_lr: Optional[float] = typer.Option(None, "--stage1-lr", help=default_of(AblateConfig, "stage1_lr")),
+    stage2_lr: Optional[float] = typer.Option(None, "--stage2-lr", help=default_of(AblateConfig, "stage2_lr")),
+    vqa_questions: Optional[int] = typer.Option(None, "--vqa-questions", help="Test questions per run (0: no VQA). " + default_of(AblateConfig, "vqa_questions")),
+    caption_images: Optional[int] = typer.Option(None, "--caption-images", help="Images captioned per run (0: none). " + default_of(AblateConfig, "caption_images")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=default_of(AblateConfig, "seed")),
+    scale: Optional[float] = typer.Option(None, "--scale", help="Multiply every step count and evaluation size. " + default_of(AblateConfig, "scale")),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder. " + default_is("<cache>/runs/ablate/<data>-<sizes>-<hash>")),
     smoke: bool = typer.Option(False, "--smoke", help="Every phase with a handful of steps (a check that all runs, in minutes)."),
     config: Optional[Path] = typer.Option(None, "--config", help="JSON or TOML file of AblateConfig values (command-line options win)."),
 ):
     """Table 4 (alignment weights w1, w2) and Table 6 (P-Former text size) of the paper on any data set."""
-    from blitext.recipes.ablate import SMOKE, AblateConfig, run_ablation
+    from blitext.recipes.ablate import SMOKE, run_ablation
     from blitext.config import read_config_file, resolve_config
     from blitext.errors import BlitextError
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from blitext.cli.common import user_errors
+from blitext.cli.common import default_is, user_errors
 
 data_app = typer.Typer(no_args_is_help=True, help="Prepare the embedded data sets and read users' data.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature and prompt caches.")
@@ -17,7 +17,7 @@ cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature an
 @user_errors
 def data_prepare_cmd(
     name: str = typer.Argument(..., help="easy-vqa | tuxpaint | fashion-mnist | moving-shapes (videos)"),
-    out_root: Optional[Path] = typer.Option(None, "--out-root", help="[default: cache/data]"),
+    out_root: Optional[Path] = typer.Option(None, "--out-root", help=default_is("cache/data")),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N images per split."),
     install: bool = typer.Option(False, "--install", help="Let blitext run `apt-get install` (as root) when "
                                  "tuxpaint's or fashion-mnist's Debian package is missing; without it, it "
@@ -27,7 +27,7 @@ def data_prepare_cmd(
                                                  "'default' = red circle, blue rectangle, green triangle, yellow "
                                                  "circle, gray triangle, brown rectangle)."),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", help="easy-vqa: at most N test images. "
-                                             "\\[default: --limit]"),
+                                             + default_is("--limit")),
 ):
     """Write an embedded data set as standard caption JSON (+ VQA JSON) and images."""
     from blitext.console import say

@@ -1,10 +1,14 @@
 """What every `blitext` command shares: the user-error handler, --config, dataclass defaults in help."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
+from typing import Any, Callable
 
 import typer
+from rich.markup import escape
+from typer import core as typer_core
 
 from blitext.atomic import NO_SPACE, NOT_WRITABLE, write_failure
 from blitext.errors import BlitextError
@@ -12,11 +16,50 @@ from blitext.errors import BlitextError
 ConfigOpt = typer.Option(None, "--config", help="JSON or TOML file of config values (command-line options win).")
 
 
-def default_of(cls, name: str) -> str:
-    import dataclasses
+def literal(text: str) -> str:
+    """Help text that reaches the --help page as written. Typer renders help strings as rich markup,
+    where `[default: 5]` is a style tag and vanishes; rich's escape keeps it. Without rich
+    (TYPER_USE_RICH=0) click prints help verbatim, so the text stays as it is."""
+    rich_markup = getattr(typer_core, "HAS_RICH", True) and getattr(typer_core, "DEFAULT_MARKUP_MODE", "rich") == "rich"
+    return escape(text) if rich_markup else text
 
+
+def field_default(cls, name: str) -> Any:
+    """The default of dataclass field `name` (a default_factory is called)."""
     field = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return f"[default: {field.default}]"
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+def shown(value: Any) -> str:
+    """A default as --help writes it: True/False as on/off, anything else as str()."""
+    return "on" if value is True else "off" if value is False else str(value)
+
+
+def default_is(text: str) -> str:
+    """`[default: text]` for help, for defaults no dataclass field holds (derived at run time)."""
+    return literal(f"[default: {text}]")
+
+
+def default_of(cls, name: str, fmt: Callable[[Any], str] = shown, **variants: type | tuple[type, str]) -> str:
+    """`[default: X]` from the dataclass field cls.name, the one place the default is written.
+    variants, e.g. video=VideoExtractConfig or video=(VideoDemoConfig, "clips_per_split"), add
+    `; video: Y` where that config's default differs."""
+    text = fmt(field_default(cls, name))
+    for label, other in variants.items():
+        other_cls, other_name = other if isinstance(other, tuple) else (other, name)
+        value = fmt(field_default(other_cls, other_name))
+        if value != text:
+            text += f"; {label}: {value}"
+    return default_is(text)
+
+
+def generation_default(name: str) -> str:
+    """`[default: ...]` of a decoding setting (GenerationSettings), which differs between captions and answers."""
+    from blitext.evaluation.generate import GenerationSettings
+
+    caption, vqa = (getattr(GenerationSettings.for_task(task), name) for task in ("caption", "vqa"))
+    quote = (lambda v: f'"{v}"') if isinstance(caption, str) else str
+    return default_is(quote(caption) if caption == vqa else f"{quote(caption)} captions, {quote(vqa)} answers")
 
 
 def user_errors(fn):

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from blitext.cli.common import ConfigOpt, default_of, user_errors
+from blitext.cli.common import ConfigOpt, default_is, default_of, generation_default, user_errors
 from blitext.evaluation.evaluate import EvalConfig
 
 eval_app = typer.Typer(no_args_is_help=True,
@@ -23,16 +23,16 @@ def _default(name: str) -> str:
 
 AdapterOpt = typer.Option(None, "--adapter", help="train-adapter run folder, <run>/final or a checkpoint.")
 FeaturesOpt = typer.Option(None, "--features", help="Feature cache of the evaluation images (extract-features with the adaptor's encoder).")
-OutOpt = typer.Option(None, "--out", help="Output folder. [default: <run>/eval/<task>-<data name>]")
+OutOpt = typer.Option(None, "--out", help=f"Output folder. {default_is('<run>/eval/<task>-<data name>')}")
 LimitOpt = typer.Option(None, "--limit", help="Only the first N images (questions for vqa).")
 BatchOpt = typer.Option(None, "--batch-size", help=f"Images (questions) per generate call. {_default('batch_size')}")
-DeviceOpt = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N.")
-LLMOpt = typer.Option(None, "--llm", help="[default: the adaptor's LLM]")
-PromptOpt = typer.Option(None, "--prompt", help='Text prompt ("{}" = the question). [default: "a photo of" / "Question: {} Short answer:"]')
-BeamsOpt = typer.Option(None, "--num-beams", help="[default: 5]")
-MaxOpt = typer.Option(None, "--max-new-tokens", help="[default: 30 captions, 10 answers]")
-MinOpt = typer.Option(None, "--min-new-tokens", help="[default: 8 captions, 1 answers]")
-PenaltyOpt = typer.Option(None, "--length-penalty", help="[default: 1 captions, -1 answers]")
+DeviceOpt = typer.Option(None, "--device", help=f"auto | cpu | cuda | cuda:N. {_default('device')}")
+LLMOpt = typer.Option(None, "--llm", help=default_is("the adaptor's LLM"))
+PromptOpt = typer.Option(None, "--prompt", help='Text prompt ("{}" = the question). ' + generation_default("prompt"))
+BeamsOpt = typer.Option(None, "--num-beams", help=generation_default("num_beams"))
+MaxOpt = typer.Option(None, "--max-new-tokens", help=generation_default("max_new_tokens"))
+MinOpt = typer.Option(None, "--min-new-tokens", help=generation_default("min_new_tokens"))
+PenaltyOpt = typer.Option(None, "--length-penalty", help=generation_default("length_penalty"))
 
 
 def _run(task: str, config: Optional[Path], **options) -> None:
@@ -88,8 +88,8 @@ def vqa_cmd(
     max_new_tokens: Optional[int] = MaxOpt,
     min_new_tokens: Optional[int] = MinOpt,
     length_penalty: Optional[float] = PenaltyOpt,
-    official_gt_quirk: Optional[bool] = typer.Option(None, "--official-gt-quirk/--no-official-gt-quirk", help="Normalise ground-truth answers as the official script (punctuation only). [default: no]"),
-    captions: Optional[Path] = typer.Option(None, "--captions", help="Caption JSON (LAVIS / COCO) of the questions' images, for the text ceiling: the same LLM, prompt and decoding given each image's first caption as text instead of the adaptor's prompts. \\[default: captions_<split>.json beside the questions file, e.g. vqa_test_questions.json -> captions_test.json; none there: the ceiling is reported unavailable]"),
+    official_gt_quirk: Optional[bool] = typer.Option(None, "--official-gt-quirk/--no-official-gt-quirk", help=f"Normalise ground-truth answers as the official script (punctuation only). {_default('official_gt_quirk')}"),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="Caption JSON (LAVIS / COCO) of the questions' images, for the text ceiling: the same LLM, prompt and decoding given each image's first caption as text instead of the adaptor's prompts. " + default_is("captions_<split>.json beside the questions file, e.g. vqa_test_questions.json -> captions_test.json; none there: the ceiling is reported unavailable")),
     config: Optional[Path] = ConfigOpt,
 ):
     """Zero-shot VQA accuracy (VQAv2 / OK-VQA, per answer type) or GQA exact match of a stage-2 adaptor,

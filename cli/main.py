@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from blitext.cli.cache import cache_app, data_app, print_cache_summary
-from blitext.cli.common import ConfigOpt, default_of, user_errors
+from blitext.cli.common import ConfigOpt, default_is, default_of, generation_default, user_errors
 from blitext.errors import BlitextError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -31,27 +31,28 @@ def write_out(path: Path, text: str) -> None:
 
 # ------------------------------------------------------------------ extract-features
 from blitext.features.image import ExtractConfig  # noqa: E402  (after the app, so --help stays readable above)
+from blitext.features.video import VideoExtractConfig  # noqa: E402
 
 
 @app.command("extract-features")
 @user_errors
 def extract_features_cmd(
-    data: Optional[str] = typer.Option(None, "--data", help=f"Caption JSON, image folder, .tar shards or a prepared dataset name. {default_of(ExtractConfig, 'data')}"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Cache folder. [default: cache/features/<data>__<encoder>]"),
-    vision_encoder: Optional[str] = typer.Option(None, "--vision-encoder", help=f"Bundled name, local folder or HF id. {default_of(ExtractConfig, 'vision_encoder')}"),
+    data: Optional[str] = typer.Option(None, "--data", help=f"Caption JSON, image folder, .tar shards or a prepared dataset name. {default_of(ExtractConfig, 'data', video=VideoExtractConfig)}"),
+    out: Optional[Path] = typer.Option(None, "--out", help=f"Cache folder. {default_is('cache/features/<data>__<encoder>')}"),
+    vision_encoder: Optional[str] = typer.Option(None, "--vision-encoder", help=f"Bundled name, local folder or HF id. {default_of(ExtractConfig, 'vision_encoder', video=VideoExtractConfig)}"),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that relative image paths start from."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=default_of(ExtractConfig, "batch_size")),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", help=f"Rows per shard. {default_of(ExtractConfig, 'shard_size')}"),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", help=f"Decoding workers per rank. {default_of(ExtractConfig, 'num_workers')}"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16 (encoder weights)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=default_of(ExtractConfig, "batch_size", video=VideoExtractConfig)),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help=f"Rows per shard. {default_of(ExtractConfig, 'shard_size', video=VideoExtractConfig)}"),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help=f"Decoding workers per rank. {default_of(ExtractConfig, 'num_workers', video=VideoExtractConfig)}"),
+    precision: Optional[str] = typer.Option(None, "--precision", help=f"auto | fp32 | bf16 | fp16 (encoder weights). {default_of(ExtractConfig, 'precision', video=VideoExtractConfig)}"),
+    device: Optional[str] = typer.Option(None, "--device", help=f"auto | cpu | cuda | cuda:N. {default_of(ExtractConfig, 'device', video=VideoExtractConfig)}"),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
     modality: str = typer.Option("image", "--modality", help="image | video (video: --vision-encoder i3d:CKPT for I3D features, else an image encoder per frame)."),
-    fps: Optional[float] = typer.Option(None, "--fps", help="Video: resample to this rate. [default: 25]"),
-    segment_frames: Optional[int] = typer.Option(None, "--segment-frames", help="Video: frames per segment. [default: 64]"),
-    segment_stride: Optional[int] = typer.Option(None, "--segment-stride", help="Video: frames between segment starts. [default: 64]"),
-    max_segments: Optional[int] = typer.Option(None, "--max-segments", help="Video: at most N segments, spread evenly. [default: 32]"),
-    frames_per_segment: Optional[int] = typer.Option(None, "--frames-per-segment", help="Video with an image encoder: frames encoded per segment. [default: 8]"),
+    fps: Optional[float] = typer.Option(None, "--fps", help=f"Video: resample to this rate. {default_of(VideoExtractConfig, 'fps')}"),
+    segment_frames: Optional[int] = typer.Option(None, "--segment-frames", help=f"Video: frames per segment. {default_of(VideoExtractConfig, 'segment_frames')}"),
+    segment_stride: Optional[int] = typer.Option(None, "--segment-stride", help=f"Video: frames between segment starts. {default_of(VideoExtractConfig, 'segment_stride')}"),
+    max_segments: Optional[int] = typer.Option(None, "--max-segments", help=f"Video: at most N segments, spread evenly. {default_of(VideoExtractConfig, 'max_segments')}"),
+    frames_per_segment: Optional[int] = typer.Option(None, "--frames-per-segment", help=f"Video with an image encoder: frames encoded per segment. {default_of(VideoExtractConfig, 'frames_per_segment')}"),
     config: Optional[Path] = ConfigOpt,
 ):
     """Cache all patch tokens of a frozen image encoder, or per-segment video features (resumable; runs under torchrun)."""
@@ -81,19 +82,22 @@ def extract_features_cmd(
 
 
 # ------------------------------------------------------------------ import-features
+from blitext.features.imported import ImportConfig  # noqa: E402
+
+
 @app.command("import-features")
 @user_errors
 def import_features_cmd(
     folder: Path = typer.Argument(..., help="Folder of <video id>.npy files, each (1, T, D) or (T, D) (VATEX's I3D release)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Cache folder. [default: cache/features/<folder>__<encoder>]"),
+    out: Optional[Path] = typer.Option(None, "--out", help=f"Cache folder. {default_is('cache/features/<folder>__<encoder>')}"),
     captions: Optional[Path] = typer.Option(None, "--captions", help="The caption JSON of these videos (VATEX or LAVIS); train-adapter then finds it."),
-    encoder: Optional[str] = typer.Option(None, "--encoder", help="What made the features, recorded in the cache. [default: i3d-vatex]"),
-    max_segments: Optional[int] = typer.Option(None, "--max-segments", help="Longer rows keep N segments, spread evenly. [default: 32]"),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Videos per shard. [default: 1024]"),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help=f"What made the features, recorded in the cache. {default_of(ImportConfig, 'encoder')}"),
+    max_segments: Optional[int] = typer.Option(None, "--max-segments", help=f"Longer rows keep N segments, spread evenly. {default_of(ImportConfig, 'max_segments')}"),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help=f"Videos per shard. {default_of(ImportConfig, 'shard_size')}"),
 ):
     """Import released per-video features (.npy) into a feature cache, as extract-features --modality video writes."""
     from blitext.config import resolve_config
-    from blitext.features.imported import ImportConfig, import_features
+    from blitext.features.imported import import_features
 
     cfg = resolve_config(ImportConfig, None, folder=str(folder), out=out and str(out), data=captions and str(captions),
                          encoder=encoder, max_segments=max_segments, shard_size=shard_size)
@@ -108,11 +112,11 @@ from blitext.pformer.train import PFormerConfig  # noqa: E402
 @user_errors
 def train_pformer_cmd(
     text: Optional[list[str]] = typer.Option(None, "--text", help="Sentence file (plain text, .jsonl, caption .json) or glob; repeat for several."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder. [default: cache/runs/pformer/<llm>]"),
+    out: Optional[Path] = typer.Option(None, "--out", help=f"Run folder. {default_is('cache/runs/pformer/<llm>')}"),
     llm: Optional[str] = typer.Option(None, "--llm", help=f"Frozen LLM: bundled name, folder or HF id. {default_of(PFormerConfig, 'llm')}"),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help=f"BERT-family encoder to start from. {default_of(PFormerConfig, 'text_encoder')}"),
     n_prompt: Optional[int] = typer.Option(None, "--n-prompt", help=default_of(PFormerConfig, "n_prompt")),
-    contrast: Optional[str] = typer.Option(None, "--contrast", help="two-view (paper's SimCSE) | one-view (authors' code)."),
+    contrast: Optional[str] = typer.Option(None, "--contrast", help=f"two-view (paper's SimCSE) | one-view (authors' code). {default_of(PFormerConfig, 'contrast')}"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Global batch. {default_of(PFormerConfig, 'batch_size')}"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help=default_of(PFormerConfig, "epochs")),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N steps (overrides --epochs)."),
@@ -122,8 +126,8 @@ def train_pformer_cmd(
     heldout: Optional[int] = typer.Option(None, "--heldout", help=default_of(PFormerConfig, "heldout")),
     sample_every: Optional[int] = typer.Option(None, "--sample-every", help=default_of(PFormerConfig, "sample_every")),
     save_every: Optional[int] = typer.Option(None, "--save-every", help=default_of(PFormerConfig, "save_every")),
-    bad_bytes: Optional[str] = typer.Option(None, "--bad-bytes", help="error | replace (undecodable text)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    bad_bytes: Optional[str] = typer.Option(None, "--bad-bytes", help=f"error | replace (undecodable text). {default_of(PFormerConfig, 'bad_bytes')}"),
+    device: Optional[str] = typer.Option(None, "--device", help=f"auto | cpu | cuda | cuda:N. {default_of(PFormerConfig, 'device')}"),
     resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoints/step-N folder."),
     config: Optional[Path] = ConfigOpt,
 ):
@@ -149,11 +153,11 @@ from blitext.pformer.prompts import BuildPromptsConfig  # noqa: E402
 def build_prompts_cmd(
     pformer: Optional[Path] = typer.Option(None, "--pformer", help="train-pformer's run folder (or <run>/final, or a checkpoint)."),
     captions: Optional[list[str]] = typer.Option(None, "--captions", help="Caption .json (ids <image_id>#k), .jsonl or text; repeatable."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Cache folder. [default: cache/prompts/<data>__<pformer>]"),
+    out: Optional[Path] = typer.Option(None, "--out", help=f"Cache folder. {default_is('cache/prompts/<data>__<pformer>')}"),
     store: Optional[str] = typer.Option(None, "--store", help=f"compact ([CLS] + head) | full (prompts). {default_of(BuildPromptsConfig, 'store')}"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help=default_of(BuildPromptsConfig, "batch_size")),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help=default_of(BuildPromptsConfig, "shard_size")),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    device: Optional[str] = typer.Option(None, "--device", help=f"auto | cpu | cuda | cuda:N. {default_of(BuildPromptsConfig, 'device')}"),
     config: Optional[Path] = ConfigOpt,
 ):
     """Cache the P-Former's reference prompt of every caption (resumable; runs under torchrun)."""
@@ -177,9 +181,9 @@ def check_prompts_cmd(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="A prompt cache made by build-prompts."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A train-adapter run (with --features): the adaptor's prompts."),
     features: Optional[Path] = typer.Option(None, "--features", help="Feature cache to run the adaptor on."),
-    llm: Optional[str] = typer.Option(None, "--llm", help="The LLM whose embeddings to compare with. [default: the one the prompts were made for]"),
+    llm: Optional[str] = typer.Option(None, "--llm", help=f"The LLM whose embeddings to compare with. {default_is('the one the prompts were made for')}"),
     limit: int = typer.Option(256, "--limit", help="Examples to check."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="L2 distance counted as 'at a token'. [default: median nearest-neighbour distance between embedding rows]"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help=f"L2 distance counted as 'at a token'. {default_is('median nearest-neighbour distance between embedding rows')}"),
     k: int = typer.Option(3, "--k", help="Nearest tokens shown per slot."),
     examples: int = typer.Option(3, "--examples", help="Examples whose slots are decoded."),
     backend: str = typer.Option("auto", "--backend", help="auto | faiss | torch (nearest-row search)."),
@@ -216,43 +220,44 @@ def check_prompts_cmd(
 
 # ------------------------------------------------------------------ train-adapter
 from blitext.adapter.image import AdapterConfig  # noqa: E402
+from blitext.adapter.video import VideoAdapterConfig  # noqa: E402
 
 
 @app.command("train-adapter")
 @user_errors
 def train_adapter_cmd(
-    stage: Optional[int] = typer.Option(None, "--stage", help="1: ITC + ITM + ITG (+ w1 L_align); 2: frozen-LLM loss (+ w2 L_align)."),
+    stage: Optional[int] = typer.Option(None, "--stage", help=f"1: ITC + ITM + ITG (+ w1 L_align); 2: frozen-LLM loss (+ w2 L_align). {default_of(AdapterConfig, 'stage')}"),
     features: Optional[Path] = typer.Option(None, "--features", help="Feature cache (extract-features)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Reference prompt cache (build-prompts); needed when --w-align > 0."),
-    w_align: Optional[float] = typer.Option(None, "--w-align", help="Alignment weight; 0 = plain BLIP-2. [default: 10 in stage 1, 100 in stage 2]"),
+    w_align: Optional[float] = typer.Option(None, "--w-align", help="Alignment weight; 0 = plain BLIP-2. " + default_is(f"10 in stage 1, 100 in stage 2; video: {VideoAdapterConfig.w_align}")),
     init: Optional[Path] = typer.Option(None, "--init", help="Stage 2: the stage-1 run to start from."),
-    captions: Optional[list[str]] = typer.Option(None, "--captions", help="Caption JSON (image ids = feature keys). [default: the features' prepared data, train split]"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder. [default: cache/runs/adapter/stage<N>-w<W>]"),
+    captions: Optional[list[str]] = typer.Option(None, "--captions", help="Caption JSON (image ids = feature keys). " + default_is("the features' prepared data, train split")),
+    out: Optional[Path] = typer.Option(None, "--out", help=f"Run folder. {default_is('cache/runs/adapter/stage<N>-w<W>')}"),
     online: Optional[bool] = typer.Option(None, "--online/--cached", help="Run the vision encoder on the images in the loop instead of reading a cache."),
-    vision_encoder: Optional[str] = typer.Option(None, "--vision-encoder", help="[default: the features' encoder; --online: the bundled one]"),
+    vision_encoder: Optional[str] = typer.Option(None, "--vision-encoder", help=default_is("the features' encoder; --online: the bundled one")),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="--online: folder that relative image paths start from."),
-    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help=f"BERT-family encoder the Q-Former starts from. {default_of(AdapterConfig, 'text_encoder')}"),
-    llm: Optional[str] = typer.Option(None, "--llm", help=f"Frozen LLM. {default_of(AdapterConfig, 'llm')}"),
-    num_query: Optional[int] = typer.Option(None, "--num-query", help="Query tokens. [default: the prompts' n_prompt, else 32]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Global batch. {default_of(AdapterConfig, 'batch_size')}"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help=default_of(AdapterConfig, "epochs")),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help=f"BERT-family encoder the Q-Former starts from. {default_of(AdapterConfig, 'text_encoder', video=VideoAdapterConfig)}"),
+    llm: Optional[str] = typer.Option(None, "--llm", help=f"Frozen LLM. {default_of(AdapterConfig, 'llm', video=VideoAdapterConfig)}"),
+    num_query: Optional[int] = typer.Option(None, "--num-query", help="Query tokens. " + default_is("the prompts' n_prompt, else 32")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Global batch. {default_of(AdapterConfig, 'batch_size', video=VideoAdapterConfig)}"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=default_of(AdapterConfig, "epochs", video=VideoAdapterConfig)),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N steps (overrides --epochs)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help=default_of(AdapterConfig, "lr")),
-    llm_proj_lr_scale: Optional[float] = typer.Option(None, "--llm-proj-lr-scale", help="llm_proj's rate / --lr. " + default_of(AdapterConfig, "llm_proj_lr_scale")),
-    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Clip the gradient norm (small batches). [default: no clipping, as LAVIS]"),
-    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="[default: 5000 in stage 1, 2000 in stage 2]"),
-    seed: Optional[int] = typer.Option(None, "--seed", help=default_of(AdapterConfig, "seed")),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help=default_of(AdapterConfig, "save_every")),
-    log_every: Optional[int] = typer.Option(None, "--log-every", help=default_of(AdapterConfig, "log_every")),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    lr: Optional[float] = typer.Option(None, "--lr", help=default_of(AdapterConfig, "lr", video=VideoAdapterConfig)),
+    llm_proj_lr_scale: Optional[float] = typer.Option(None, "--llm-proj-lr-scale", help="llm_proj's rate / --lr. " + default_of(AdapterConfig, "llm_proj_lr_scale", video=VideoAdapterConfig)),
+    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Clip the gradient norm (small batches). " + default_is("no clipping, as LAVIS")),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help=default_is(f"5000 in stage 1, 2000 in stage 2; video: {VideoAdapterConfig.warmup_steps}")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=default_of(AdapterConfig, "seed", video=VideoAdapterConfig)),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help=default_of(AdapterConfig, "save_every", video=VideoAdapterConfig)),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help=default_of(AdapterConfig, "log_every", video=VideoAdapterConfig)),
+    device: Optional[str] = typer.Option(None, "--device", help=f"auto | cpu | cuda | cuda:N. {default_of(AdapterConfig, 'device', video=VideoAdapterConfig)}"),
     resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoints/step-N folder."),
     modality: str = typer.Option("image", "--modality", help="image: the Q-Former (stages 1, 2); video: the Transformer adaptor over segment features (--num-query = prompt slots)."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="Video: sequential (L_align alone, then LM alone: paper) | joint (LM + w L_align)."),
-    align_epochs: Optional[int] = typer.Option(None, "--align-epochs", help="Video, sequential: epochs of the alignment phase. [default: 10]"),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help=f"Video: sequential (L_align alone, then LM alone: paper) | joint (LM + w L_align). {default_of(VideoAdapterConfig, 'schedule')}"),
+    align_epochs: Optional[int] = typer.Option(None, "--align-epochs", help=f"Video, sequential: epochs of the alignment phase. {default_of(VideoAdapterConfig, 'align_epochs')}"),
     align_steps: Optional[int] = typer.Option(None, "--align-steps", help="Steps of L_align alone (no LLM) before the stage's own losses. Image: " + default_of(AdapterConfig, "align_steps") + "; video, sequential: overrides --align-epochs."),
-    num_layers: Optional[int] = typer.Option(None, "--num-layers", help="Image: keep the text encoder's first N layers in the Q-Former. [default: all]"),
+    num_layers: Optional[int] = typer.Option(None, "--num-layers", help="Image: keep the text encoder's first N layers in the Q-Former. " + default_is("all")),
     cross_attention_frequency: Optional[int] = typer.Option(None, "--cross-attention-frequency", help="Image: cross-attention to the visual tokens every N layers. " + default_of(AdapterConfig, "cross_attention_frequency")),
-    dropout: Optional[float] = typer.Option(None, "--dropout", help="Image: the Q-Former's hidden and attention dropout. [default: the text encoder's]"),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Image: the Q-Former's hidden and attention dropout. " + default_is("the text encoder's")),
     config: Optional[Path] = ConfigOpt,
 ):
     """Train the Q-Former adaptor (or, with --modality video, the video Transformer) from cached features and prompts (resumable; runs under torchrun)."""
@@ -285,23 +290,26 @@ def train_adapter_cmd(
 
 
 # ------------------------------------------------------------------ generate
+from blitext.evaluation.generate import GenerateConfig  # noqa: E402
+
+
 @app.command("generate")
 @user_errors
 def generate_cmd(
     adapter: Path = typer.Option(..., "--adapter", help="A stage-2 train-adapter run (or <run>/final)."),
     images: Optional[list[str]] = typer.Option(None, "--images", help="Image file, folder, caption JSON or .tar shards; repeatable."),
     features: Optional[Path] = typer.Option(None, "--features", help="Instead of --images: a feature cache made by the adaptor's encoder (videos: extract-features --modality video)."),
-    ids: Optional[list[str]] = typer.Option(None, "--ids", help="With --features: the rows (image / video ids) to use; repeatable. [default: every row]"),
+    ids: Optional[list[str]] = typer.Option(None, "--ids", help=f"With --features: the rows (image / video ids) to use; repeatable. {default_is('every row')}"),
     question: Optional[str] = typer.Option(None, "--question", help="Answer this question about each image."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help='Text prompt ("{}" = the question). [default: "a photo of" / "Question: {} Short answer:"]'),
-    num_beams: Optional[int] = typer.Option(None, "--num-beams", help="[default: 5]"),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="[default: 30 captions, 10 answers]"),
-    min_new_tokens: Optional[int] = typer.Option(None, "--min-new-tokens", help="[default: 8 captions, 1 answers]"),
-    length_penalty: Optional[float] = typer.Option(None, "--length-penalty", help="[default: 1 captions, -1 answers]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help='Text prompt ("{}" = the question). ' + generation_default("prompt")),
+    num_beams: Optional[int] = typer.Option(None, "--num-beams", help=generation_default("num_beams")),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help=generation_default("max_new_tokens")),
+    min_new_tokens: Optional[int] = typer.Option(None, "--min-new-tokens", help=generation_default("min_new_tokens")),
+    length_penalty: Optional[float] = typer.Option(None, "--length-penalty", help=generation_default("length_penalty")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=default_of(GenerateConfig, "batch_size")),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
-    llm: Optional[str] = typer.Option(None, "--llm", help="[default: the adaptor's LLM]"),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    llm: Optional[str] = typer.Option(None, "--llm", help=default_is("the adaptor's LLM")),
+    device: Optional[str] = typer.Option(None, "--device", help=f"auto | cpu | cuda | cuda:N. {default_of(GenerateConfig, 'device')}"),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
 ):
     """Captions (or answers, with --question) from a trained adaptor and its frozen LLM."""
@@ -311,7 +319,7 @@ def generate_cmd(
 
     from blitext.config import resolve_config
     from blitext.console import console
-    from blitext.evaluation.generate import GenerateConfig, run_generate
+    from blitext.evaluation.generate import run_generate
 
     cfg = resolve_config(GenerateConfig, None, adapter=str(adapter), images=images or None, question=question, prompt=prompt,
                          features=features and str(features), ids=ids or None,
@@ -331,8 +339,8 @@ def generate_cmd(
 @user_errors
 def plot_cmd(
     runs: list[Path] = typer.Argument(..., help="Run folders (or metrics.jsonl files); several go on one figure."),
-    out: Optional[Path] = typer.Option(None, "--out", help="PNG path. [default: <run>/metrics.png for one run, ./runs.png for several]"),
-    keys: Optional[str] = typer.Option(None, "--keys", help="Comma-separated metrics to plot, in order. [default: every loss term]"),
+    out: Optional[Path] = typer.Option(None, "--out", help=f"PNG path. {default_is('<run>/metrics.png for one run, ./runs.png for several')}"),
+    keys: Optional[str] = typer.Option(None, "--keys", help=f"Comma-separated metrics to plot, in order. {default_is('every loss term')}"),
     smooth: int = typer.Option(1, "--smooth", help="Moving-average window over logged points."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated legend names, one per run."),
 ):
@@ -369,11 +377,15 @@ def models_cmd():
 
 
 # ------------------------------------------------------------------ demo
+from blitext.recipes.demo import DemoConfig  # noqa: E402
+from blitext.recipes.demo_video import VideoDemoConfig  # noqa: E402
+
+
 @app.command("demo")
 @user_errors
 def demo_cmd(
-    limit: Optional[int] = typer.Option(None, "--limit", help="Images per split of easy-VQA. [default: 500]"),
-    scale: Optional[float] = typer.Option(None, "--scale", help="Multiply every step count and evaluation size (longer, better runs)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Images per split of easy-VQA. " + default_of(DemoConfig, "images_per_split", video=(VideoDemoConfig, "clips_per_split"))),
+    scale: Optional[float] = typer.Option(None, "--scale", help="Multiply every step count and evaluation size (longer, better runs). " + default_of(DemoConfig, "scale", video=VideoDemoConfig)),
     smoke: bool = typer.Option(False, "--smoke", help="Every phase with a handful of steps (a check that all runs, in minutes)."),
     video: bool = typer.Option(False, "--video", help="The video variant instead: moving-shapes clips, the Transformer adaptor, LM only against P-Former alignment (--limit = clips per split)."),
 ):
@@ -381,12 +393,12 @@ def demo_cmd(
     import dataclasses
 
     if video:
-        from blitext.recipes.demo_video import SMOKE as VIDEO_SMOKE, VideoDemoConfig, run_video_demo
+        from blitext.recipes.demo_video import SMOKE as VIDEO_SMOKE, run_video_demo
 
         overrides = {k: v for k, v in (("clips_per_split", limit), ("scale", scale)) if v is not None}
         run_video_demo(dataclasses.replace(VIDEO_SMOKE if smoke else VideoDemoConfig(), **overrides))
         return
-    from blitext.recipes.demo import SMOKE, DemoConfig, run_demo
+    from blitext.recipes.demo import SMOKE, run_demo
 
     config = SMOKE if smoke else DemoConfig()
     overrides = {k: v for k, v in (("images_per_split", limit), ("scale", scale)) if v is not None}
