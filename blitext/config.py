@@ -9,7 +9,7 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
+import tomllib
 import types
 import typing
 from pathlib import Path
@@ -17,11 +17,6 @@ from typing import Any, TypeVar
 
 from blitext import __version__
 from blitext.errors import BlitextError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10: tomli, the package tomllib was taken from (same API)
-    import tomli as tomllib
 
 C = TypeVar("C")
 
