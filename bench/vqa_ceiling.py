@@ -6,9 +6,10 @@ The text ceiling is what the frozen LLM (SmolLM2-135M-Instruct, the demos' LLM) 
 image's human caption is given as text where the adaptor's soft prompts go. Each variant here
 is a context (the caption, in the prompts' slot), a text prompt with the question and decoding
 settings; generation is eval vqa's own (blitext.evaluation.generate.generate_from_text, stop at "\\n") and
-scoring is eval vqa's own (official VQA answer normalisation), on the first N test questions of
-an easy-VQA folder made by `blitext data prepare easy-vqa` (captions_test.json beside
-vqa_test_questions.json). A variant is "caption first" when the caption opens the LLM's input,
+scoring is eval vqa's own with --vqa-normalise both (the rule its recorded results used; easy-VQA's
+answers are words that normalisation leaves as they are, so the official rule scores the same), on
+the first N test questions of an easy-VQA folder made by `blitext data prepare easy-vqa`
+(captions_test.json beside vqa_test_questions.json). A variant is "caption first" when the caption opens the LLM's input,
 as the soft prompts do in eval vqa; only such a format can be used by the adaptor as it is.
 Writes bench/results/vqa_ceiling.json.
 """
@@ -25,7 +26,7 @@ from common import write_result  # noqa: E402
 from blitext.config import default_cache_root  # noqa: E402
 from blitext.data.readers import read_image_set  # noqa: E402
 from blitext.data.vqa import read_vqa  # noqa: E402
-from blitext.evaluation.evaluate import _vqa_metrics, majority_answers  # noqa: E402  (eval vqa's own scoring)
+from blitext.evaluation.score import majority_answers, vqa_metrics  # noqa: E402  (eval vqa's own scoring)
 from blitext.evaluation.generate import VQA_PROMPT, GenerationSettings, generate_from_text  # noqa: E402
 from blitext.models.loading import load_llm  # noqa: E402
 
@@ -57,7 +58,7 @@ def main() -> None:
     captions = {r.id: next(c for c in r.captions if c.strip()) for r in caption_set.records}
     llm = load_llm("smollm2-135m")
     check_chat_template(llm)
-    base = _vqa_metrics(records, majority_answers(records), official_gt_quirk=False)
+    base = vqa_metrics(records, majority_answers(records), "both")
     results = {}
     for name, (context, prompt, decoding) in VARIANTS.items():
         settings = GenerationSettings.for_task("vqa", prompt=prompt, **decoding)
@@ -69,7 +70,7 @@ def main() -> None:
                                                settings, "\n")]
         results[name] = {"context": context, "prompt": prompt, "settings": vars(settings),
                          "caption_first": context.startswith("{caption}"),
-                         "metrics": _vqa_metrics(records, answers, official_gt_quirk=False),
+                         "metrics": vqa_metrics(records, answers, "both"),
                          "blank_answers": sum(not a.strip() for a in answers),
                          "examples": [[r.question, captions[r.image_id], r.answers[0], a]
                                       for r, a in list(zip(records, answers))[:6]],

@@ -88,7 +88,7 @@ def vqa_cmd(
     max_new_tokens: Optional[int] = MaxOpt,
     min_new_tokens: Optional[int] = MinOpt,
     length_penalty: Optional[float] = PenaltyOpt,
-    official_gt_quirk: Optional[bool] = typer.Option(None, "--official-gt-quirk/--no-official-gt-quirk", help=f"Normalise ground-truth answers as the official script (punctuation only). {_default('official_gt_quirk')}"),
+    vqa_normalise: Optional[str] = typer.Option(None, "--vqa-normalise", help=f"Ground-truth answers: official (the official script: punctuation step only, when the humans disagree; numbers as in papers) | both (normalised as the prediction). {_default('vqa_normalise')}"),
     captions: Optional[Path] = typer.Option(None, "--captions", help="Caption JSON (LAVIS / COCO) of the questions' images, for the text ceiling: the same LLM, prompt and decoding given each image's first caption as text instead of the adaptor's prompts. " + default_is("captions_<split>.json beside the questions file, e.g. vqa_test_questions.json -> captions_test.json; none there: the ceiling is reported unavailable")),
     config: Optional[Path] = ConfigOpt,
 ):
@@ -97,7 +97,7 @@ def vqa_cmd(
     _run("vqa", config, adapter=adapter, features=features, data=data, annotations=annotations, out=out,
          limit=limit, batch_size=batch_size, device=device, llm=llm, prompt=prompt, num_beams=num_beams,
          max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, length_penalty=length_penalty,
-         official_gt_quirk=official_gt_quirk, captions=captions)
+         vqa_normalise=vqa_normalise, captions=captions)
 
 
 @eval_app.command("retrieval")

@@ -160,36 +160,42 @@ def test_vqa_normalisation(raw, normalised):
     assert normalize_answer(raw) == normalised
 
 
-def test_vqa_normalises_both_sides_by_default():
-    assert vqa_accuracy("Two.", ["2"] * 10) == 1.0
-    assert vqa_accuracy("two", ["two"] * 10) == 1.0
+def test_vqa_both_rule_normalises_both_sides():
+    assert vqa_accuracy("Two.", ["2"] * 10, normalise="both") == 1.0
+    assert vqa_accuracy("two", ["two"] * 10, normalise="both") == 1.0
 
 
-def test_vqa_official_quirk_leaves_ground_truth_unnormalised():
+def test_vqa_official_rule_is_the_default_and_leaves_ground_truth_unnormalised():
     # The prediction becomes "2"; unanimous answers are compared untouched, so "two" never matches.
-    assert vqa_accuracy("two", ["two"] * 10, official_gt_quirk=True) == 0.0
+    assert vqa_accuracy("two", ["two"] * 10) == vqa_accuracy("two", ["two"] * 10, normalise="official") == 0.0
+    assert vqa_accuracy("Two.", ["2"] * 10) == 1.0  # the prediction is always normalised
     # When the humans disagree they get the punctuation step only: still no number words.
-    assert vqa_accuracy("two", ["two"] * 9 + ["2"], official_gt_quirk=True) == pytest.approx(0.3)
+    assert vqa_accuracy("two", ["two"] * 9 + ["2"]) == pytest.approx(0.3)
     # and that step turns "yes!" into "yes " (trailing space), which no prediction equals.
-    assert vqa_accuracy("yes", ["yes!"] * 9 + ["no"], official_gt_quirk=True) == 0.0
-    assert vqa_accuracy("yes", ["yes!"] * 9 + ["no"]) == 1.0
+    assert vqa_accuracy("yes", ["yes!"] * 9 + ["no"]) == 0.0
+    assert vqa_accuracy("yes", ["yes!"] * 9 + ["no"], normalise="both") == 1.0
+    with pytest.raises(BlitextError, match=r"--vqa-normalise.*'quirk' is unknown: use official .* or both"):
+        vqa_accuracy("yes", ["yes"] * 10, normalise="quirk")
 
 
 def test_vqa_summary_overall_and_per_answer_type():
     records = [{"prediction": "yes", "answers": ["yes"] * 10, "answer_type": "yes/no"},
                {"prediction": "no", "answers": ["yes"] * 10, "answer_type": "yes/no"},
                {"prediction": "3", "answers": ["three"] * 2 + ["four"] * 8, "answer_type": "number"}]
-    summary = vqa_summary(records)
+    summary = vqa_summary(records, normalise="both")  # "three" is "3" once normalised
     assert summary["overall"] == pytest.approx(100 * (1 + 0 + 0.6) / 3)
     assert summary["per_answer_type"] == pytest.approx({"yes/no": 50.0, "number": 60.0})
     assert summary["count"] == 3
+    official = vqa_summary(records)  # the official rule keeps the human answers' "three": no match
+    assert official["overall"] == pytest.approx(100 * 1 / 3)
+    assert official["per_answer_type"] == pytest.approx({"yes/no": 50.0, "number": 0.0})
 
 
 def test_gqa_exact_match():
     assert exact_match("The Dog.", "dog") == 1.0
     assert exact_match("cat", "dog") == 0.0
-    assert exact_match("t-shirt", "t-shirt") == 1.0
-    assert exact_match("t-shirt", "t-shirt", official_gt_quirk=True) == 0.0  # LAVIS: "t shirt" != "t-shirt"
+    assert exact_match("t-shirt", "t-shirt", normalise="both") == 1.0
+    assert exact_match("t-shirt", "t-shirt") == 0.0  # official (LAVIS): "t shirt" != "t-shirt"
     with pytest.raises(BlitextError, match="exact_match"):
         vqa_accuracy("dog", ["dog"])
 
@@ -269,7 +275,7 @@ def test_vqa_bare_string_answers_are_one_answer_not_characters():
         vqa_accuracy("two", "two")
     with pytest.raises(BlitextError, match="VQA record 0.*one answer 'two'"):
         vqa_summary([{"prediction": "two", "answers": "two"}])
-    assert vqa_accuracy("two", ("two",) * 10) == 1.0
+    assert vqa_accuracy("two", ("2",) * 10) == 1.0
 
 
 def test_vqa_none_prediction_and_empty_ks_are_named():

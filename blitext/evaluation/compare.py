@@ -22,13 +22,14 @@ def beside_scores(record: dict) -> dict[str, dict]:
     return {label: metrics for label, metrics in found.items() if metrics}
 
 
-def print_metrics(title: str, metrics: dict, beside: dict[str, dict] | None = None) -> None:
-    """One row per metric; `beside` adds a column per labelled set of the same metrics (VQA's ceiling)."""
+def print_metrics(title: str, metrics: dict, beside: dict[str, dict] | None = None, label: str = "adaptor") -> None:
+    """One row per metric; `beside` adds a column per labelled set of the same metrics (VQA's ceiling),
+    the metrics' own column then being `label`."""
     from rich.table import Table
 
     beside = beside or {}
     columns = [_flatten(metrics), *(_flatten(m) for m in beside.values())]
-    table = Table("metric", "adaptor" if beside else "value", *beside, title=title)
+    table = Table("metric", label if beside else "value", *beside, title=title)
     for name in dict.fromkeys(k for column in columns for k in column):
         table.add_row(name, *(_cell(column.get(name)) for column in columns))
     console.print(table)

@@ -9,7 +9,8 @@ are docs/method.md#generation-settings, the metrics' semantics docs/method.md#me
 - caption: one caption per image with the caption settings ("a photo of", beam 5, 8..30
   new tokens), scored by pycocoevalcap's BLEU / METEOR / ROUGE-L / CIDEr / SPICE.
 - vqa: zero-shot answers ("Question: {} Short answer:", beam 5, 1..10 tokens, length
-  penalty -1); VQAv2 / OK-VQA accuracy overall and per answer type, GQA exact match. Beside
+  penalty -1); VQAv2 / OK-VQA accuracy overall and per answer type, GQA exact match (the
+  ground truth as the official script treats it, or --vqa-normalise both). Beside
   it, the text ceiling: the same LLM, prompt and decoding given each image's human caption as
   text instead of the soft prompts (what the adaptor could reach if its prompts carried the
   caption perfectly), and the majority-answer base rate it must clear to mean anything.
@@ -18,11 +19,12 @@ are docs/method.md#generation-settings, the metrics' semantics docs/method.md#me
   the positive-class logit averaged over the query outputs (not a softmax), the ITC term the
   raw cosine (no temperature). Needs the stage-1 heads, which every adaptor checkpoint holds.
 
+The metric steps (references, metrics, ids) are blitext.evaluation.score's, which `blitext score`
+runs on any system's predictions: scoring eval's predictions.json gives its metrics.
 `compare_runs` puts the numbers of several metrics.json files side by side.
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +39,13 @@ from blitext.config import provenance, to_jsonable
 from blitext.console import progress_bar, say
 from blitext.data.readers import read_image_set
 from blitext.data.text import caption_key
-from blitext.data.vqa import read_vqa
 from blitext.distributed import pick_device
 from blitext.errors import BlitextError
 from blitext.evaluation.generate import GenerationSettings, generate_from_text, generate_texts
-from blitext.metrics import exact_match, rerank_top_k, retrieval_recall, vqa_summary
+from blitext.evaluation.score import (ScoreConfig, caption_metrics, caption_references, coco_id, majority_answers,
+                                      vqa_metrics, vqa_records)
+from blitext.metrics import rerank_top_k, retrieval_recall
+from blitext.metrics.vqa import check_normalisation
 
 ITM_PAIRS_PER_CALL = 256  # (image, text) pairs per ITM forward in retrieval's re-ranking
 CEILING_SEPARATOR = "\n"  # after the caption, before the VQA prompt: the caption is a line of its own
@@ -64,10 +68,10 @@ class EvalConfig:
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None
     length_penalty: float | None = None
-    tokenizer: str = "auto"            # caption: PTB tokenizer, auto | java | python
-    meteor: str = "auto"               # caption: auto (run when Java is there) | java (run or fail) | off
-    spice: str = "auto"                # caption: as meteor; SPICE also needs Stanford models downloaded
-    official_gt_quirk: bool = False    # vqa: normalise ground truth as the official script does (punctuation only)
+    tokenizer: str = ScoreConfig.tokenizer   # caption: PTB tokenizer, auto | java | python (score's defaults)
+    meteor: str = ScoreConfig.meteor         # caption: auto (run when Java is there) | java (run or fail) | off
+    spice: str = ScoreConfig.spice           # caption: as meteor; SPICE also needs Stanford models downloaded
+    vqa_normalise: str = ScoreConfig.vqa_normalise  # vqa: official (the script's ground truth) | both (both sides)
     captions: str | None = None        # vqa: the images' captions (text ceiling); default captions_<split>.json beside data
     k: int = 128                       # retrieval: candidates per query re-scored with ITM (BLIP-2: 128)
 
@@ -89,32 +93,22 @@ def eval_caption(config: EvalConfig) -> dict:
     """Caption every image of `data` that the cache holds; COCO caption metrics against its captions."""
     ev = _open(config, "caption")
     llm = load_llm_for_generation(ev.adapter, ev.config.llm, ev.device)
-    records = [r for r in read_image_set(config.data).records if any(c.strip() for c in r.captions)]
-    records = records[:config.limit] if config.limit else records
-    ids = [r.id for r in records]
+    refs = caption_references(config.data, config.limit)
+    ids = list(refs)
     _require_features(ev, ids)
     settings = _settings(config, "caption")
     hyps = _generate(ev, llm, settings, ids, [settings.prompt] * len(ids), "image")
-    refs = {r.id: [c for c in r.captions if c.strip()] for r in records}
-
-    from blitext.metrics import caption_exact_match, caption_scores  # pycocoevalcap only when captions are scored
-
-    scores = caption_scores(refs, dict(zip(ids, hyps)), config.tokenizer, config.meteor, config.spice)
-    metrics = {k: v for k, v in scores.as_dict().items() if isinstance(v, float)}
-    metrics["exact_match"] = caption_exact_match(refs, dict(zip(ids, hyps)))
-    write_json(ev.out / "predictions.json", [{"image_id": _coco_id(i), "caption": h} for i, h in zip(ids, hyps)])
-    return _finish(ev, metrics, {"images": len(ids)}, settings, unavailable=scores.unavailable,
-                   tokenizer=scores.tokenizer)
+    metrics, extra = caption_metrics(refs, dict(zip(ids, hyps)), config.tokenizer, config.meteor, config.spice)
+    write_json(ev.out / "predictions.json", [{"image_id": coco_id(i), "caption": h} for i, h in zip(ids, hyps)])
+    return _finish(ev, metrics, {"images": len(ids)}, settings, **extra)
 
 
 def eval_vqa(config: EvalConfig) -> dict:
     """Zero-shot answers to every question; VQAv2 accuracy (10 human answers) or GQA exact match (one)."""
+    normalise = check_normalisation(config.vqa_normalise)  # before loading or generating anything
     ev = _open(config, "vqa")
     llm = load_llm_for_generation(ev.adapter, ev.config.llm, ev.device)
-    records = read_vqa(config.data, config.annotations)
-    records = records[:config.limit] if config.limit else records
-    if not records:
-        raise BlitextError(f"{config.data} holds no questions")
+    records = vqa_records(config.data, config.annotations, config.limit)
     _require_features(ev, [r.image_id for r in records])
     settings = _settings(config, "vqa")
     if "{}" not in settings.prompt:
@@ -123,8 +117,8 @@ def eval_vqa(config: EvalConfig) -> dict:
     texts = [settings.prompt.format(r.question) for r in records]
     answers = _generate(ev, llm, settings, [r.image_id for r in records], texts, "question")
     _write_answers(ev.out / "predictions.json", records, answers)
-    metrics = _vqa_metrics(records, answers, config.official_gt_quirk)
-    return _finish(ev, metrics, {"questions": len(records)}, settings,
+    metrics = vqa_metrics(records, answers, normalise)
+    return _finish(ev, metrics, {"questions": len(records)}, settings, answer_normalisation=normalise,
                    **_ceiling_and_base_rate(ev, llm, settings, records, texts, captions))
 
 
@@ -215,7 +209,7 @@ def _generate(ev: Evaluation, llm, settings: GenerationSettings, image_ids: list
 
 
 def _write_answers(path: Path, records, answers: list[str]) -> None:
-    write_json(path, [{"question_id": _coco_id(r.question_id), "answer": a} for r, a in zip(records, answers)])
+    write_json(path, [{"question_id": coco_id(r.question_id), "answer": a} for r, a in zip(records, answers)])
 
 
 # ---------------------------------------------------------------- VQA's text ceiling
@@ -255,7 +249,7 @@ def _ceiling_and_base_rate(ev: Evaluation, llm, settings: GenerationSettings, re
     if not any(r.answers for r in records):
         return {"text_ceiling": {"unavailable": "the questions have no answers to score it against"}}
     ceiling = _text_ceiling(ev, llm, settings, records, texts, captions)
-    base = _vqa_metrics(records, majority_answers(records), ev.config.official_gt_quirk)
+    base = vqa_metrics(records, majority_answers(records), ev.config.vqa_normalise)
     return {"text_ceiling": ceiling, "base_rate": base, "ceiling_verdict": ceiling_verdict(ceiling, base)}
 
 
@@ -273,20 +267,9 @@ def _text_ceiling(ev: Evaluation, llm, settings: GenerationSettings, records, te
                                           ev.adapter.end_of_text)
             advance(len(contexts[start:start + bs]))
     _write_answers(ev.out / "ceiling_predictions.json", records, answers)
-    return {"metrics": _vqa_metrics(records, answers, ev.config.official_gt_quirk), "questions": len(records),
+    return {"metrics": vqa_metrics(records, answers, ev.config.vqa_normalise), "questions": len(records),
             "captions": source, "separator": CEILING_SEPARATOR,
             "format": "{caption}" + CEILING_SEPARATOR + settings.prompt}
-
-
-def majority_answers(records) -> list[str]:
-    """Each question answered with its answer type's most common answer (the majority of each
-    question's human answers, counted over the questions of that type): the base rate a model
-    reaches knowing only the question's type."""
-    majority = [Counter(r.answers).most_common(1)[0][0] for r in records]
-    by_type: dict = {}
-    for r, answer in zip(records, majority):
-        by_type.setdefault(r.answer_type, Counter())[answer] += 1
-    return [by_type[r.answer_type].most_common(1)[0][0] for r in records]
 
 
 def ceiling_verdict(ceiling: dict, base: dict) -> dict | None:
@@ -303,36 +286,6 @@ def ceiling_verdict(ceiling: dict, base: dict) -> dict | None:
             f"points above the majority answer's {floor:.1f}: the VQA score can show what the prompts carry"}
 
 
-def _vqa_metrics(records, answers: list[str], official_gt_quirk: bool) -> dict:
-    """VQAv2 accuracy when questions carry several human answers, GQA exact match when one, none
-    when the file has no answers (test-dev: predictions.json goes to the evaluation server)."""
-    counts = {len(r.answers) for r in records}
-    if counts == {0}:
-        say("[yellow]no answers in the data[/] (pass --annotations for VQAv2): only predictions.json is written")
-        return {}
-    if 0 in counts or (1 in counts and len(counts) > 1):
-        bad = next(r for r in records if len(r.answers) != max(counts) or not r.answers)
-        raise BlitextError(f"question {bad.question_id} has {len(bad.answers)} answers while others have "
-                           f"{max(counts)}: every question needs its human answers (10 in VQAv2, 1 in GQA)")
-    if counts == {1}:  # GQA
-        hits = [(r.answer_type, exact_match(a, r.answers[0], official_gt_quirk)) for r, a in zip(records, answers)]
-        types = sorted({t for t, _ in hits if t is not None})
-        per_type = {t: 100 * _mean([h for u, h in hits if u == t]) for t in types}
-        return {"accuracy": 100 * _mean([h for _, h in hits]), "per_answer_type": per_type}
-    summary = vqa_summary([{"prediction": a, "answers": r.answers, "answer_type": r.answer_type}
-                           for r, a in zip(records, answers)], official_gt_quirk)
-    return {"accuracy": summary["overall"], "per_answer_type": summary["per_answer_type"]}
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def _coco_id(value: str) -> int | str:
-    """Ids as the official results formats write them: integers when they are plain integers."""
-    return int(value) if value.isdigit() and str(int(value)) == value else value
-
-
 def _finish(ev: Evaluation, metrics: dict, counts: dict, settings: GenerationSettings | None, **extra) -> dict:
     """Write metrics.json, print the table, return what was written."""
     record = {"task": ev.task, "eval": f"{ev.task}-{Path(ev.config.data).stem}", "metrics": metrics, **extra,
@@ -344,6 +297,8 @@ def _finish(ev: Evaluation, metrics: dict, counts: dict, settings: GenerationSet
     print_metrics(f"eval {ev.task}: {Path(ev.config.data).name} ({sizes})", metrics, beside_scores(record))
     for name, why in extra.get("unavailable", {}).items():
         say(f"[yellow]{name} not computed[/]: {why}")
+    if "answer_normalisation" in extra:
+        say(f"answer normalisation: {extra['answer_normalisation']} (--vqa-normalise official|both)")
     ceiling = extra.get("text_ceiling", {})
     if "unavailable" in ceiling:
         say(f"[yellow]{CEILING} not computed[/]: {ceiling['unavailable']}")

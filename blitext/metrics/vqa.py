@@ -5,9 +5,12 @@ Normalisation of an answer: newlines and tabs to spaces, strip; the punctuation 
 case; number words to digits; articles dropped; the contractions map. One question's accuracy:
 for each of the n human answers, min(1, matches among the other n-1 / 3), averaged.
 
-The official script normalises only the prediction: a ground-truth answer gets the punctuation
-step alone, and only when the humans disagree, so "two" against ten "two" scores 0 there.
-blitext normalises both sides by default; official_gt_quirk=True reproduces the script.
+Two rules for the ground truth (`normalise`), the prediction always getting every step:
+- "official" (the default, so numbers compare with papers): the ground truth as the official
+  script treats it. A human answer gets the punctuation step alone, and only when the humans
+  disagree; unanimous answers are compared untouched, so "two" against ten "two" scores 0.
+  GQA's answer is compared untouched (LAVIS's GQA code).
+- "both": the ground truth gets every step too, as the prediction does.
 """
 from __future__ import annotations
 
@@ -55,6 +58,17 @@ PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", 
 PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: "(?!<=" is a lookahead, so every period not before a digit goes
 COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 PERIOD_STRIP_COUNT = re.UNICODE  # sic: the script passes re.UNICODE (32) as sub()'s count
+NORMALISATIONS = ("official", "both")  # the ground-truth rules (module docstring)
+DEFAULT_NORMALISATION = "official"  # the one place the default rule is written
+
+
+def check_normalisation(normalise: str) -> str:
+    """The rule, or a named error for anything else (checked before a long run starts)."""
+    if normalise not in NORMALISATIONS:
+        raise BlitextError(f"answer normalisation (--vqa-normalise) {normalise!r} is unknown: use official (the "
+                           f"official VQA script's ground truth, numbers as in papers) or both (ground truth "
+                           f"normalised as the prediction is)")
+    return normalise
 
 
 def process_punctuation(text: str) -> str:
@@ -82,13 +96,14 @@ def normalize_answer(text: str) -> str:
     return process_digit_article(process_punctuation(text))
 
 
-def vqa_accuracy(prediction: str, answers: list[str] | str, official_gt_quirk: bool = False) -> float:
+def vqa_accuracy(prediction: str, answers: list[str] | str, normalise: str = DEFAULT_NORMALISATION) -> float:
     """Accuracy of one question, 0..1: mean over the human answers of min(1, matches among the others / 3).
 
     A bare string is one answer (not its characters); one answer is refused like ["two"], since
-    the leave-one-out rule would always score it 0. official_gt_quirk=True compares against the
-    answers as the official script does: untouched when all humans agree, else after the
-    punctuation step only."""
+    the leave-one-out rule would always score it 0. normalise="official" compares against the
+    answers as the official script does (untouched when all humans agree, else after the
+    punctuation step only); "both" normalises them fully."""
+    check_normalisation(normalise)
     _require_text(prediction, "the prediction")
     answers = _answer_list(answers)
     if len(answers) < 2:
@@ -96,7 +111,7 @@ def vqa_accuracy(prediction: str, answers: list[str] | str, official_gt_quirk: b
         raise BlitextError(f"vqa_accuracy needs the human answers of a question (10 in VQAv2 and OK-VQA), got "
                            f"{got}: for one-answer datasets such as GQA use exact_match")
     predicted = normalize_answer(prediction)
-    if not official_gt_quirk:
+    if normalise == "both":
         truth = [normalize_answer(a) for a in answers]
     elif len(set(answers)) > 1:
         truth = [process_punctuation(a) for a in answers]
@@ -128,27 +143,29 @@ def _answer_list(answers) -> list[str]:
     return list(answers)
 
 
-def exact_match(prediction: str, answer: str, official_gt_quirk: bool = False) -> float:
+def exact_match(prediction: str, answer: str, normalise: str = DEFAULT_NORMALISATION) -> float:
     """GQA accuracy of one question: 1.0 when the normalised prediction equals the answer.
 
-    The official (LAVIS) GQA code normalises only the prediction; official_gt_quirk=True does that."""
+    The official (LAVIS) GQA code normalises only the prediction ("official"); "both" normalises the answer too."""
+    check_normalisation(normalise)
     _require_text(prediction, "the prediction")
     _require_text(answer, "the answer")
-    truth = answer if official_gt_quirk else normalize_answer(answer)
+    truth = normalize_answer(answer) if normalise == "both" else answer
     return float(normalize_answer(prediction) == truth)
 
 
-def vqa_summary(records: Iterable[Mapping], official_gt_quirk: bool = False) -> dict:
+def vqa_summary(records: Iterable[Mapping], normalise: str = DEFAULT_NORMALISATION) -> dict:
     """Overall and per-answer-type accuracy x100, as the official script reports (unrounded).
 
     records: {"prediction": str, "answers": [str, ...], "answer_type": str (optional)}."""
+    check_normalisation(normalise)
     overall: list[float] = []
     by_type: dict[str, list[float]] = defaultdict(list)
     for n, r in enumerate(records):
         if "prediction" not in r or "answers" not in r:
             raise BlitextError(f"VQA record {n} has keys {sorted(r)}: each needs 'prediction' and 'answers'")
         try:
-            acc = vqa_accuracy(r["prediction"], r["answers"], official_gt_quirk)
+            acc = vqa_accuracy(r["prediction"], r["answers"], normalise)
         except BlitextError as e:
             raise BlitextError(f"VQA record {n}: {e}") from None
         overall.append(acc)
