@@ -34,7 +34,6 @@ from blitext.data.pairs import read_pairs  # noqa: E402
 from blitext.cache import FeatureCache  # noqa: E402
 from blitext.recipes.demo import VARIANTS, DemoConfig, caption_eval, prepare_caches, settings_digest, train_variant  # noqa: E402
 from blitext.evaluation.evaluate import eval_caption  # noqa: E402
-from blitext.losses import prompt_lm_loss  # noqa: E402
 from blitext.models.adapter_checkpoint import load_adapter  # noqa: E402
 from blitext.models.loading import load_llm  # noqa: E402
 
@@ -59,18 +58,15 @@ def train_vs_eval_loss(s2: Path, features: Path, data: Path, n: int = 32) -> dic
     """The frozen LLM's loss on the first n training pairs, the adaptor in eval mode and in train mode."""
     adapter = load_adapter(s2)
     llm = load_llm(adapter.llm_name)
-    llm.tokenizer.padding_side = "right"
     cache = FeatureCache(features)
     pairs = read_pairs([str(data / "captions_train.json")], None, lambda i: i in cache)
     rows = cache.get_batch(pairs.image_ids[:n])[0].float()
-    tgt = llm.tokenizer([t + "\n" for t in pairs.texts[:n]], padding=True, add_special_tokens=False,
-                        return_tensors="pt")
+    tgt = llm.lm_batch(pairs.texts[:n], "\n", 10**6)
     losses = {}
     for mode in ("eval", "train"):
         adapter.model.train(mode == "train")
         torch.manual_seed(0)
-        losses[f"{mode}_mode_loss"] = float(prompt_lm_loss(llm.model, adapter.model.prompts(rows), tgt.input_ids,
-                                                           tgt.attention_mask))
+        losses[f"{mode}_mode_loss"] = float(llm.lm_loss(adapter.model.prompts(rows), tgt))
     return losses
 
 

@@ -160,7 +160,8 @@ def llm_2_7b():
     """OPT-2.7B's shape, random, bf16, frozen, with a real BPE tokenizer (SmolLM2's, ids < 49,152)."""
     import transformers as tf
 
-    from blitext.models.loading import LoadedLLM, _freeze
+    from blitext.models.llm import CausalLM
+    from blitext.models.loading import _freeze
 
     cfg = tf.OPTConfig(hidden_size=2560, ffn_dim=10240, num_hidden_layers=layers(32), num_attention_heads=32,
                        vocab_size=50272, word_embed_proj_dim=2560, max_position_embeddings=2048)
@@ -169,7 +170,7 @@ def llm_2_7b():
     tokenizer = tf.AutoTokenizer.from_pretrained(ASSETS / "llm-tokenizer")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedLLM(_freeze(model), tokenizer, "opt-2.7b-shape", "opt-2.7b-shape@random", Path("."))
+    return CausalLM(_freeze(model), tokenizer, "opt-2.7b-shape", "opt-2.7b-shape@random", Path("."))
 
 
 def bert_base():
@@ -199,7 +200,7 @@ def pformer_step(llm, peak: float, batch: int = 4 if SMOKE else 64) -> dict:
     optimizer = adamw(pformer.parameters(), config.lr, config.weight_decay)
     sentences = texts(batch * 8)
     split = Split([str(i) for i in range(len(sentences))], sentences, sentences[:4])
-    loop = TrainLoop(config, pformer, pformer, llm, optimizer, Batcher(tok, llm.tokenizer, config), split, DEVICE,
+    loop = TrainLoop(config, pformer, pformer, llm, optimizer, Batcher(tok, llm, config), split, DEVICE,
                      dist_info(), None, logging.getLogger("bench"))
     reset_memory()
     step = timed_cuda(lambda: loop.train_step(1, 100))

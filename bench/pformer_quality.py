@@ -66,10 +66,8 @@ def evaluate(pformer, llm, heldout: list[str], config: PFormerConfig) -> dict:
     tok = pformer.tokenizer
     enc = tok(heldout, padding=True, return_tensors="pt")
     out = pformer.model(enc.input_ids, enc.attention_mask)
-    llm.tokenizer.padding_side = "right"
-    tgt = llm.tokenizer([s + config.end_of_text for s in heldout], padding=True, add_special_tokens=False,
-                        return_tensors="pt")
-    accuracy = teacher_forced_accuracy(llm.model, out.prompts, tgt.input_ids, tgt.attention_mask)
+    tgt = llm.lm_batch(heldout, config.end_of_text, 10**6)
+    accuracy = teacher_forced_accuracy(llm, out.prompts, tgt)
     greedy = generate_from_prompts(llm, out.prompts, config.end_of_text, config.max_text_len)
     exact = sum(g == s for g, s in zip(greedy, heldout)) / len(heldout)
     word_acc = sum(sum(a == b for a, b in zip(g.split(), s.split())) / len(s.split())

@@ -65,11 +65,11 @@ def main() -> None:
                            warmup_steps=0, heldout=4)
     llm, enc = load_llm(config.llm), load_text_encoder(config.text_encoder)
     torch.manual_seed(0)
-    pformer = PFormer(enc.model, llm.model.get_input_embeddings().weight.shape[1], config.n_prompt)
+    pformer = PFormer(enc.model, llm.width, config.n_prompt)
     optimizer = adamw(pformer.parameters(), config.lr, config.weight_decay)
     texts = sentences(args.batch_size * (args.steps + 2))
     split = Split([str(i) for i in range(len(texts))], texts, texts[:4])
-    loop = TrainLoop(config, pformer, pformer, llm, optimizer, Batcher(enc.tokenizer, llm.tokenizer, config),
+    loop = TrainLoop(config, pformer, pformer, llm, optimizer, Batcher(enc.tokenizer, llm, config),
                      split, "cpu", dist_info(), None, logging.getLogger("bench"))
     loop.train_step(0, 100)  # warm-up
     with FlopCounterMode(display=False) as counter:
@@ -85,7 +85,7 @@ def main() -> None:
     step = sorted(step_times)[len(step_times) // 2]
     peak = sorted(peaks)[len(peaks) // 2]
     vocab_s = vocab_share(pformer, llm, args.batch_size, args.n_prompt)
-    tokens = loop.batcher.targets(texts[:args.batch_size])["attention_mask"].sum(1).float().mean()
+    tokens = loop.batcher.targets(texts[:args.batch_size]).loss_mask.sum(1).float().mean()
     result = {
         "command": "python bench/pformer_speed.py", "batch_size": args.batch_size, "n_prompt": args.n_prompt,
         "mean_target_tokens": round(float(tokens), 1), "llm": llm.fingerprint, "text_encoder": enc.fingerprint,
@@ -103,7 +103,7 @@ def main() -> None:
 
 def vocab_share(pformer, llm, batch: int, n_prompt: int, repeats: int = 5) -> float:
     """Seconds of the vocabulary loss forward + backward on one step's prompts."""
-    emb = llm.model.get_input_embeddings().weight.detach()
+    emb = llm.embedding_table
     prompts = torch.randn(batch, n_prompt, emb.shape[1], requires_grad=True)
 
     def run():

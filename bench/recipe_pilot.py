@@ -20,7 +20,7 @@ from blitext.data.pairs import read_pairs
 from blitext.pformer.prompts import PromptCache
 from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.qformer import QFormer, qformer_tokenizer
-from blitext.losses import prompt_lm_loss, alignment_loss
+from blitext.losses import alignment_loss
 from blitext.pformer.train import generate_from_prompts
 from blitext.data.readers import read_image_set
 
@@ -51,7 +51,6 @@ data = root / "data/easy-vqa-500/easy-vqa"
 pairs = read_pairs([str(data / "captions_train.json")], None, lambda i: i in feats)
 prompts = PromptCache(root / "prompts" / "easy-vqa-500__demo-easy-vqa-500-8x200")
 llm = load_llm("smollm2-135m")
-tok = llm.tokenizer; tok.padding_side = "right"
 te = load_text_encoder("all-minilm-l6-v2")
 cfg = copy.deepcopy(te.model.config)
 te_model = te.model
@@ -67,7 +66,7 @@ if a.fresh:
     model = fresh
 model.train_only(2, True)
 params = [p for p in model.parameters() if p.requires_grad]
-emb = llm.model.get_input_embeddings().weight
+emb = llm.embedding_table
 print(f"{a.name}: trainable {sum(p.numel() for p in params)/1e6:.1f}M", flush=True)
 
 def batch(step, n=a.bs):
@@ -77,8 +76,7 @@ def batch(step, n=a.bs):
     return idx, f.float(), prompts.get_batch([pairs.keys[i] for i in idx]).float()
 
 def lm_loss(pr, idx):
-    t = tok([pairs.texts[i] + "\n" for i in idx], padding=True, add_special_tokens=False, return_tensors="pt")
-    return prompt_lm_loss(llm.model, pr, t.input_ids, t.attention_mask)
+    return llm.lm_loss(pr, llm.lm_batch([pairs.texts[i] for i in idx], "\n", 10**6))
 
 def opt_for(lr, scale):
     proj = {id(p) for p in model.llm_proj.parameters()}

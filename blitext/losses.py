@@ -1,6 +1,6 @@
-"""Every loss of blitext, in one place, by the stage that uses it (REFERENCE.md sections 1, 2).
+"""Every loss of blitext, in one place, by the stage that uses it (docs/method.md#losses-at-a-glance).
 
-- Frozen LLM:  prompt_lm_loss (P-Former L_lm and the stage-2 captioning loss).
+- Frozen LLM:  text_lm_loss (P-Former L_lm and the stage-2 captioning loss).
 - P-Former (stage 0):  contrastive_loss (L_contrast, SimCSE), vocab_loss (L_vocab) and its
   nearest_embedding_rows search.
 - Adaptor (stages 1, 2):  itc_loss, itm_negatives + itm_loss, itg_loss (BLIP-2's stage 1),
@@ -10,8 +10,6 @@ Losses are plain functions of tensors (and the frozen LLM): the trainers own the
 the weights (w1, w2) and the optimisers.
 """
 from __future__ import annotations
-
-import inspect
 
 import torch
 import torch.distributed as dist
@@ -31,45 +29,12 @@ TEMP_MIN, TEMP_MAX = 0.001, 0.5
 
 # ---------------------------------------------------------------- frozen LLM
 
-def prompt_lm_loss(llm, prompts: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the frozen LLM on the text, with the soft prompts prepended.
-
-    prompts (B, P, D) go before the LLM's embeddings of input_ids (B, L, right-padded);
-    only text tokens are predicted (the last prompt slot predicts the first text token),
-    prompt slots and padding carry no loss. Mean over the batch's text tokens. The LLM is
-    frozen (requires_grad False) and gets no gradient; the prompts do.
-    """
-    logits = prompted_text_logits(llm, prompts, input_ids, attention_mask)  # (B*L, V)
-    targets = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)  # (B, L)
-    return F.cross_entropy(_at_least_fp32(logits), targets.flatten(), ignore_index=IGNORE_INDEX)
-
-
-def prompted_text_logits(llm, prompts: torch.Tensor, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor) -> torch.Tensor:
-    """The LLM's logits (B*L, V) for the text tokens input_ids (B, L), with prompts (B, P, D)
-    prepended: row b*L + t predicts input_ids[b, t]."""
-    B, P, _ = prompts.shape
-    L = input_ids.shape[1]
-    text_embeds = llm.get_input_embeddings()(input_ids)  # (B, L, D)
-    inputs_embeds = torch.cat([prompts.to(text_embeds.dtype), text_embeds], dim=1)  # (B, P+L, D)
-    mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)  # (B, P+L)
-    return _text_logits(llm, inputs_embeds, mask, L)
-
-
-def _text_logits(llm, inputs_embeds: torch.Tensor, mask: torch.Tensor, L: int) -> torch.Tensor:
-    """Logits (B*L, V) of the L positions that predict text tokens, the vocabulary projection
-    applied to those positions only, flattened: transformers' logits_to_keep slices a 3-D
-    tensor first, which runs the 49k x d projection as a slow batched matmul (13% of a
-    P-Former step here). Models that post-process their logits take their own path."""
-    head = llm.get_output_embeddings()
-    base = getattr(llm, "base_model", llm)
-    if head is None or base is llm or getattr(llm.config, "final_logit_softcapping", None):
-        kwargs = {"logits_to_keep": L + 1} if "logits_to_keep" in inspect.signature(llm.forward).parameters else {}
-        logits = llm(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs).logits
-        return logits[:, -(L + 1):-1].flatten(0, 1)
-    hidden = base(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state  # (B, P+L, D)
-    return head(hidden[:, -(L + 1):-1].flatten(0, 1))  # (B*L, V)
+def text_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the frozen LLM's logits (N, V) for its target tokens (N,): P-Former L_lm and
+    the stage-2 captioning loss. Positions labelled IGNORE_INDEX (prompt slots, a text prefix,
+    padding) carry no loss; mean over the rest. blitext.models.llm computes the logits, after the
+    soft prompts, for either family of LLM."""
+    return F.cross_entropy(_at_least_fp32(logits), targets, ignore_index=IGNORE_INDEX)
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -211,8 +211,7 @@ def check_prompts_cmd(
 
         ids, vectors, llm_name = prompts_from_adapter(adapter, features, limit)
     model = load_llm(llm or llm_name)
-    report = check_prompts(vectors, model.model.get_input_embeddings().weight.detach(), model.tokenizer, ids,
-                           threshold, k, examples, backend)
+    report = check_prompts(vectors, model.embedding_table, model.tokenizer, ids, threshold, k, examples, backend)
     console.print(format_report(report), highlight=False, markup=False)
     if out:
         write_out(out, json.dumps(dataclasses.asdict(report), indent=1))

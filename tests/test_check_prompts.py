@@ -140,7 +140,7 @@ def test_real_smollm2_embedding(session_cache, monkeypatch):
 
     monkeypatch.setenv("BLITEXT_CACHE", str(session_cache))
     llm = load_llm("smollm2-135m")
-    embedding = llm.model.get_input_embeddings().weight                      # (49152, 576)
+    embedding = llm.embedding_table                                          # (49152, 576)
     token_ids = llm.tokenizer(["The capital of France is Paris.\n"], return_tensors="pt").input_ids  # (1, P)
     torch.manual_seed(0)
     prompts = embedding[token_ids].detach() + 0.005 * torch.randn(*token_ids.shape, 576)

@@ -191,7 +191,7 @@ def test_generate_from_text_is_the_adaptor_path_with_the_captions_embeddings(wor
     contexts, texts = ["a red circle\n", "a red square\n"], ["Question: is it red? Short answer:"] * 2
     ids = [llm.tokenizer(c, add_special_tokens=False, return_tensors="pt").input_ids[0] for c in contexts]
     assert len(ids[0]) == len(ids[1]) and not torch.equal(ids[0], ids[1])  # one (B, P) tensor of prompts
-    embeds = llm.model.get_input_embeddings()(torch.stack(ids)).detach()
+    embeds = llm.embed(torch.stack(ids)).detach()
 
     class CaptionPrompts(torch.nn.Module):
         def prompts(self, features, mask):

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from blitext.errors import BlitextError
-from blitext.losses import (alignment_loss, contrastive_loss, nearest_embedding_rows, prompt_lm_loss,
-                            vocab_loss)
+from blitext.losses import alignment_loss, contrastive_loss, nearest_embedding_rows, vocab_loss
+from blitext.models.llm import LMBatch
 from blitext.models.loading import load_llm
 
 
@@ -157,10 +157,9 @@ def test_alignment_loss_value_gradient_and_shape_error():
 def _lm_loss_by_hand(llm, prompts, texts: list[list[int]]) -> float:
     """Each sample alone, unpadded: sum of -log p(token) at each text position, over all tokens."""
     total, count = 0.0, 0
-    embed = llm.get_input_embeddings()
     for b, ids in enumerate(texts):
-        seq = torch.cat([prompts[b], embed(torch.tensor(ids))])[None]  # (1, P+L_b, D)
-        logp = torch.log_softmax(llm(inputs_embeds=seq).logits[0].double(), dim=-1)  # (P+L_b, V)
+        seq = torch.cat([prompts[b], llm.embed(torch.tensor(ids))])[None]  # (1, P+L_b, D)
+        logp = torch.log_softmax(llm.model(inputs_embeds=seq).logits[0].double(), dim=-1)  # (P+L_b, V)
         P = prompts.shape[1]
         for j, token in enumerate(ids):
             total -= logp[P + j - 1, token].item()
@@ -170,17 +169,18 @@ def _lm_loss_by_hand(llm, prompts, texts: list[list[int]]) -> float:
 
 @pytest.mark.parametrize("kind", ["opt", "llama", "gpt2"])
 def test_prompt_lm_loss_matches_hand_computation(llm_folders, kind):
-    llm = load_llm(str(llm_folders[kind])).model
+    llm = load_llm(str(llm_folders[kind]))
     torch.manual_seed(0)
-    D = llm.get_input_embeddings().weight.shape[1]
+    D = llm.width
     prompts = torch.randn(2, 3, D, requires_grad=True)  # (B, P, D)
     texts = [[5, 17, 40, 8, 2], [11, 60]]
     input_ids = torch.tensor([[5, 17, 40, 8, 2], [11, 60, 0, 0, 0]])  # right padding with an arbitrary id
     attention_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
-    loss = prompt_lm_loss(llm, prompts, input_ids, attention_mask)
+    loss = llm.lm_loss(prompts, LMBatch({"input_ids": input_ids, "attention_mask": attention_mask,
+                                         "loss_mask": attention_mask}))
     with torch.no_grad():
         expected = _lm_loss_by_hand(llm, prompts, texts)
     assert loss.item() == pytest.approx(expected, rel=1e-4)
     loss.backward()
     assert prompts.grad is not None and prompts.grad.abs().sum() > 0
-    assert all(p.grad is None for p in llm.parameters())
+    assert all(p.grad is None for p in llm.model.parameters())

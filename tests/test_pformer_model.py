@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blitext.losses import contrastive_loss, prompt_lm_loss, vocab_loss
+from blitext.losses import contrastive_loss, vocab_loss
 from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.pformer import PFormer
 
@@ -77,15 +77,15 @@ def test_gradients_reach_encoder_and_head(text_encoder):
 def test_stage0_loss_trains_pformer_only(text_encoder, llm_folders):
     """L_lm + L_contrast (two views) + L_vocab: every P-Former weight gets a gradient, the LLM none."""
     llm = load_llm(str(llm_folders["opt"]))
-    embedding = llm.model.get_input_embeddings().weight  # (V, d_llm)
+    embedding = llm.embedding_table  # (V, d_llm)
     pformer = PFormer(text_encoder.model, d_llm=embedding.shape[1], n_prompt=8).train()
     captions = ["a red circle", "two dogs play in the grass", "a blue square moves left"]
     enc = text_encoder.tokenizer(captions, padding=True, return_tensors="pt")
-    target = llm.tokenizer([c + "\n" for c in captions], padding=True, return_tensors="pt")
+    target = llm.lm_batch(captions, "\n", 32)
 
     view1 = pformer(enc["input_ids"], enc["attention_mask"])
     view2 = pformer(enc["input_ids"], enc["attention_mask"])  # another dropout mask: the SimCSE positive
-    loss = (prompt_lm_loss(llm.model, view1.prompts, target["input_ids"], target["attention_mask"])
+    loss = (llm.lm_loss(view1.prompts, target)
             + contrastive_loss(view1.text_feat, view2.text_feat, pformer.temp)
             + vocab_loss(view1.prompts, embedding))
     loss.backward()

@@ -186,16 +186,16 @@ def test_truncation_counts_only_texts_that_lost_tokens(llm_folders, bert_folder)
     from transformers import AutoTokenizer
 
     enc = AutoTokenizer.from_pretrained(bert_folder)
-    llm = load_llm(str(llm_folders["opt"])).tokenizer  # as the trainer has it (pad = eos)
+    llm = load_llm(str(llm_folders["opt"]))  # as the trainer has it (pad = eos)
     text = " ".join(WORDS[:10])
     n_enc = len(enc(text).input_ids)  # [CLS] + 10 words + [SEP]
-    n_llm = len(llm(text + "\n", add_special_tokens=False).input_ids)
+    n_llm = len(llm.tokenizer(text + "\n", add_special_tokens=False).input_ids)
     assert 4 < min(n_enc, n_llm) - 1
     for max_len in (n_enc, n_enc - 1, n_llm, n_llm - 1):
         batcher = Batcher(enc, llm, PFormerConfig(max_text_len=max_len))
         t = batcher.encoder_inputs([text, "a red"])
         g = batcher.targets([text, "a red"])
-        assert (t.input_ids.shape[1], g.input_ids.shape[1]) == (min(n_enc, max_len), min(n_llm, max_len))
+        assert (t.input_ids.shape[1], g.tensors["input_ids"].shape[1]) == (min(n_enc, max_len), min(n_llm, max_len))
         assert dict(batcher.truncated) == {"encoder": int(n_enc > max_len), "target": int(n_llm > max_len)}, max_len
 
 

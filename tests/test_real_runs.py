@@ -19,7 +19,6 @@ from blitext.cli.main import app
 from blitext.data.prepare import prepare_dataset
 from blitext.recipes.demo import DemoConfig
 from blitext.features.image import ExtractConfig, extract_features
-from blitext.losses import prompt_lm_loss
 from blitext.models.adapter_checkpoint import load_adapter
 from blitext.models.loading import load_llm
 from blitext.pformer.train import PFormerConfig, train_pformer
@@ -88,12 +87,12 @@ def test_a_trained_adaptor_captions_its_training_images_in_eval_mode(session_cac
     assert not adapter.model.training  # as generate and eval run it
     llm = load_llm(adapter.llm_name)
     texts = [e["caption"][0] if isinstance(e["caption"], list) else e["caption"] for e in entries]
-    tgt = llm.tokenizer([t + "\n" for t in texts], padding=True, add_special_tokens=False, return_tensors="pt")
+    tgt = llm.lm_batch(texts, "\n", 10**6)
     rows = FeatureCache(features).get_batch([e["image_id"] for e in entries])[0].float()
     with torch.no_grad():
-        eval_loss = float(prompt_lm_loss(llm.model, adapter.model.prompts(rows), tgt.input_ids, tgt.attention_mask))
+        eval_loss = float(llm.lm_loss(adapter.model.prompts(rows), tgt))
         adapter.model.train()
-        train_loss = float(prompt_lm_loss(llm.model, adapter.model.prompts(rows), tgt.input_ids, tgt.attention_mask))
+        train_loss = float(llm.lm_loss(adapter.model.prompts(rows), tgt))
     assert eval_loss < 0.1 and abs(eval_loss - train_loss) < 0.02, (eval_loss, train_loss, losses(run, "lm")[-3:])
 
     out = tmp_path / "generated.json"

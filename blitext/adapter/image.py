@@ -1,9 +1,11 @@
 """Phase 2: `blitext train-adapter` - BLIP-2's Q-Former, stages 1 and 2, from the caches.
 
 Stage 1 = ITC + ITM + ITG + w1 * L_align (the LLM is never run: only `llm_proj` and the
-reference prompts are needed); stage 2 = the frozen LLM's loss on caption + end-of-text +
-w2 * L_align, starting from stage 1's Q-Former and `llm_proj` (`--init`). REFERENCE.md
-section 2; w1 = 10, w2 = 100 as the paper; `--w-align 0` is plain BLIP-2 on the same path.
+reference prompts are needed); stage 2 = the frozen LLM's loss on caption + end-of-text
+(an encoder-decoder LLM: BLIP-2's prefix LM, the caption split at a random word, the first
+part into T5's encoder, the rest its decoder's target) + w2 * L_align, starting from stage 1's Q-Former and `llm_proj` (`--init`). See
+docs/method.md#stage-1-itc-itm-itg-and-alignment and docs/method.md#stage-2-language-modelling-and-alignment;
+w1 = 10, w2 = 100 as the paper; `--w-align 0` is plain BLIP-2 on the same path.
 
 Training reads cached visual tokens (extract-features) by image id and cached reference
 prompts (build-prompts) by caption key, never images; `--online` runs the frozen vision
@@ -24,18 +26,19 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from blitext.adapter.common import StepLosses, prompt_cache, resume_run
 from blitext.cache import FeatureCache
-from blitext.checkpoint import export_final, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from blitext.checkpoint import export_final, save_checkpoint
 from blitext.config import default_cache_root, provenance, to_jsonable
 from blitext.console import progress_bar, say
 from blitext.data.pairs import CachedFeatures, OnlineFeatures, Pairs, default_captions, read_pairs
 from blitext.distributed import barrier, run_distributed
 from blitext.errors import BlitextError
-from blitext.losses import (TEMP_MAX, TEMP_MIN, alignment_loss, itc_loss, itg_loss, itm_loss, itm_negatives,
-                            prompt_lm_loss)
+from blitext.losses import TEMP_MAX, TEMP_MIN, alignment_loss, itc_loss, itg_loss, itm_loss, itm_negatives
 from blitext.models.adapter_checkpoint import adapter_weights, load_init
 from blitext.models.fingerprint import fingerprint
-from blitext.models.loading import display_name, llm_path, load_llm, load_text_encoder, load_vision_encoder
+from blitext.models.loading import (display_name, llm_family, llm_path, llm_width, load_llm, load_text_encoder,
+                                    load_vision_encoder)
 from blitext.models.qformer import QFormer, keep_first_layers, qformer_tokenizer, unilm_mask
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER, DEFAULT_VISION_ENCODER
 from blitext.pformer.prompts import PromptCache
@@ -199,11 +202,9 @@ def _setup(config: AdapterConfig, device: str) -> Setup:
     prompts = prompt_cache(config, pairs)
     llm = load_llm(config.llm, device=device) if config.stage == 2 else None
     llm_fp = llm.fingerprint if llm else fingerprint(display_name(config.llm), llm_path(config.llm))
-    if prompts is not None and prompts.producer["llm"] != llm_fp:
-        raise BlitextError(f"the prompts in {config.prompts} were built for {prompts.producer['llm']}, but this run's "
-                           f"LLM is {llm_fp}: build prompts with a P-Former trained for --llm {config.llm}, or pass "
-                           f"--llm matching the prompts")
-    d_llm = llm.model.get_input_embeddings().weight.shape[1] if llm else _llm_width(config.llm)
+    if prompts is not None:
+        prompts.require_llm(llm_fp, llm.family if llm else llm_family(config.llm), config.llm)
+    d_llm = llm.width if llm else llm_width(config.llm)
     num_query = config.num_query or (prompts.producer["n_prompt"] if prompts else 32)
     if prompts is not None and num_query != prompts.producer["n_prompt"]:
         raise BlitextError(f"--num-query {num_query} but the reference prompts have {prompts.producer['n_prompt']} "
@@ -225,50 +226,7 @@ def _setup(config: AdapterConfig, device: str) -> Setup:
     return Setup(model, tokenizer, source, pairs, prompts, llm, identity)
 
 
-def prompt_cache(config: AdapterConfig, pairs: Pairs) -> PromptCache | None:
-    if not config.prompts:
-        return None
-    cache = PromptCache(config.prompts)
-    missing = [k for k in pairs.keys if k not in cache]
-    if missing:
-        raise BlitextError(f"{len(missing)} of {len(pairs)} captions have no reference prompt in {config.prompts} "
-                           f"(first: {missing[0]!r}); build-prompts must run on the same caption files")
-    return cache
-
-
-def _llm_width(name: str) -> int:
-    """The LLM's embedding width, from its config alone (stage 1 never loads the weights)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(llm_path(name), local_files_only=True)
-    width = getattr(config, "hidden_size", None) or getattr(config, "word_embed_proj_dim", None) or config.n_embd
-    return int(getattr(config, "word_embed_proj_dim", None) or width)  # OPT's embeddings may be narrower
-
-
-def resume_run(run: Path, config: AdapterConfig, model, optimizer, identity: dict) -> int:
-    path = resolve_resume(run, config.resume)
-    if path is None:
-        if config.resume is None and latest_checkpoint(run) is not None:
-            raise BlitextError(f"{run} already holds a run; pass --resume latest to continue it or another --out")
-        return 0
-    state = load_checkpoint(path, model, optimizer, expect=identity)
-    say(f"resuming from {path} (step {state['step']})")
-    return int(state["step"])
-
-
 # ---------------------------------------------------------------- the loop
-
-class StepLosses(torch.nn.Module):
-    """One stage's losses as the forward of a module that owns the Q-Former: DDP syncs the
-    gradients of what its wrapped forward used, so every pass of the step runs inside it."""
-
-    def __init__(self, qformer: QFormer, losses):
-        super().__init__()
-        self.qformer, self.losses = qformer, losses
-
-    def forward(self, *args):
-        return self.losses(*args)
-
 
 class AdapterLoop:
     def __init__(self, config: AdapterConfig, model: QFormer, setup: Setup, device: str, info, metrics, log):
@@ -278,9 +236,6 @@ class AdapterLoop:
             if info.world > 1 else step_losses
         self.device, self.info, self.metrics, self.log = device, info, metrics, log
         self.tokenizer = setup.tokenizer
-        self.llm_tokenizer = setup.llm.tokenizer if setup.llm else None
-        if self.llm_tokenizer is not None:
-            self.llm_tokenizer.padding_side = "right"
         self.autocast = torch.autocast("cuda", torch.bfloat16) if (
             config.precision in ("auto", "bf16") and device.startswith("cuda")) else torch.autocast("cpu", enabled=False)
         # Which pairs count as matches inside a batch: same image or identical caption text.
@@ -396,13 +351,12 @@ class AdapterLoop:
 
     def stage2_losses(self, step: int, index: list[int], features, feature_mask, reference) -> dict:
         c, rows = self.c, rank_slice(list(range(len(index))), self.info.rank, self.info.world)
-        texts = [self.s.pairs.texts[index[r]] + c.end_of_text for r in rows]
-        tgt = self.llm_tokenizer(texts, padding=True, truncation=True, max_length=c.max_text_len,
-                                 add_special_tokens=False, return_tensors="pt").to(self.device)
+        draws = torch.rand(len(index), generator=step_generator(c.seed, step))[rows]  # T5's split words, any world
+        tgt = self.s.llm.training_batch([self.s.pairs.texts[index[r]] for r in rows], draws, c.end_of_text,
+                                        c.max_text_len).to(self.device)
         query = self.model.query_output(features, feature_mask)
         prompts = self.model.llm_proj(query)  # (B, Q, d_llm)
-        lm = prompt_lm_loss(self.s.llm.model, prompts, tgt.input_ids, tgt.attention_mask) \
-            * token_share(tgt.attention_mask, self.info.world)
+        lm = self.s.llm.lm_loss(prompts, tgt) * token_share(tgt.loss_mask, self.info.world)
         align = self._align(query, reference)
         return {"lm": lm} if align is None else {"lm": lm, "align": align}
 

@@ -1,4 +1,4 @@
-"""Phase 2 for videos: `blitext train-adapter --modality video` - the Transformer adaptor (REFERENCE.md 3).
+"""Phase 2 for videos: `blitext train-adapter --modality video` - the Transformer adaptor (docs/method.md#video-path).
 
 The paper's schedule (section 4.5) is the default, as two phases of one run: L_align alone
 (x w_align = 100) for 10 epochs - the LLM is never run, only `llm_proj` and the reference
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from blitext.adapter.image import StepLosses, prompt_cache, resume_run
+from blitext.adapter.common import StepLosses, prompt_cache, resume_run
 from blitext.cache import FeatureCache
 from blitext.checkpoint import export_final, save_checkpoint
 from blitext.config import default_cache_root, provenance, to_jsonable
@@ -32,13 +32,14 @@ from blitext.console import progress_bar, say
 from blitext.data.pairs import CachedFeatures, default_captions, read_pairs
 from blitext.distributed import barrier, run_distributed
 from blitext.errors import BlitextError
-from blitext.losses import alignment_loss, prompt_lm_loss
+from blitext.losses import alignment_loss
 from blitext.models.adapter_checkpoint import adapter_weights
 from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER
 from blitext.models.video_adapter import VideoAdapter
 from blitext.training import (Prefetcher, adamw, global_batch, llm_proj_groups, lr_at, mean_over_ranks, open_run,
-                              optimizer_step, rank_slice, require_batch_splits, set_lr, step_seed, token_share)
+                              optimizer_step, rank_slice, require_batch_splits, set_lr, step_generator, step_seed,
+                              token_share)
 
 SCHEDULES = ("sequential", "joint")
 
@@ -177,17 +178,15 @@ def _setup(config: VideoAdapterConfig, device: str) -> Setup:
     pairs = read_pairs(config.captions or default_captions(features), None, lambda video_id: video_id in source)
     prompts = prompt_cache(config, pairs)
     llm = load_llm(config.llm, device=device)
-    if prompts is not None and prompts.producer["llm"] != llm.fingerprint:
-        raise BlitextError(f"the prompts in {config.prompts} were built for {prompts.producer['llm']}, but this run's "
-                           f"LLM is {llm.fingerprint}: build prompts with a P-Former trained for --llm {config.llm}")
+    if prompts is not None:
+        prompts.require_llm(llm.fingerprint, llm.family, config.llm)
     num_slots = config.num_slots or (prompts.producer["n_prompt"] if prompts else 32)
     if prompts is not None and num_slots != prompts.producer["n_prompt"]:
         raise BlitextError(f"--num-query {num_slots} but the reference prompts have {prompts.producer['n_prompt']} "
                            f"slots: L_align compares them slot by slot; use --num-query {prompts.producer['n_prompt']}")
     text_encoder = load_text_encoder(config.text_encoder)
     torch.manual_seed(config.seed)  # the new layers' initialisation (input_proj, llm_proj)
-    model = VideoAdapter.from_text_encoder(text_encoder.model, source.width, num_slots,
-                                         llm.model.get_input_embeddings().weight.shape[1])
+    model = VideoAdapter.from_text_encoder(text_encoder.model, source.width, num_slots, llm.width)
     identity = {"features_producer": source.producer, "llm_fingerprint": llm.fingerprint,
                 "text_encoder_fingerprint": text_encoder.fingerprint,
                 "prompts_producer": prompts.producer if prompts else None,
@@ -203,8 +202,6 @@ class VideoLoop:
         step_losses = StepLosses(setup.model, self.losses)
         self.forward = DistributedDataParallel(step_losses) if info.world > 1 else step_losses
         self.device, self.info, self.metrics, self.log = device, info, metrics, log
-        self.llm_tokenizer = setup.llm.tokenizer
-        self.llm_tokenizer.padding_side = "right"
         self.autocast = torch.autocast("cuda", torch.bfloat16) if (
             config.precision in ("auto", "bf16") and device.startswith("cuda")) else torch.autocast("cpu", enabled=False)
 
@@ -215,7 +212,8 @@ class VideoLoop:
         """One step's I/O (run ahead in the prefetch thread): this rank's features and reference prompts."""
         index = global_batch(step, len(self.s.pairs), self.c.batch_size, self.c.seed)
         rows = rank_slice(index, self.info.rank, self.info.world)
-        batch = {"index": index, "features": self.s.source.read([self.s.pairs.image_ids[i] for i in rows])}
+        batch = {"index": index, "features": self.s.source.read([self.s.pairs.image_ids[i] for i in rows]),
+                 "draws": torch.rand(len(index), generator=step_generator(self.c.seed, step))}  # T5's split words
         if self.s.prompts is not None:
             batch["reference"] = self.s.prompts.rows([self.s.pairs.keys[i] for i in rows])
         return batch
@@ -250,23 +248,21 @@ class VideoLoop:
         weights = phase.weights(c.w_align)
         with self.autocast:
             reference = None if self.s.prompts is None else self.s.prompts.expand(batch["reference"])
-            losses = self.forward(phase.name, batch["index"], features, mask, reference)
+            losses = self.forward(phase.name, batch["index"], batch["draws"], features, mask, reference)
             total = sum(v * weights[k] for k, v in losses.items())
         optimizer_step(self.optimizer, total, c.max_grad_norm)
         return mean_over_ranks({**losses, "loss": total})
 
-    def losses(self, phase: str, index: list[int], features, mask, reference) -> dict:
-        """This rank's loss terms: LM on caption + end-of-text (not in the alignment phase), L_align
-        to the reference prompts (with no graph when its weight is 0)."""
+    def losses(self, phase: str, index: list[int], draws: torch.Tensor, features, mask, reference) -> dict:
+        """This rank's loss terms: LM on caption + end-of-text (T5: prefix LM, as the image stage 2;
+        not in the alignment phase), L_align to the reference prompts (with no graph when its weight is 0)."""
         prompts = self.model.prompts(features, mask)  # (B, S, d_llm)
         out = {}
         if phase != "align":
-            rows = rank_slice(index, self.info.rank, self.info.world)
-            texts = [self.s.pairs.texts[i] + self.c.end_of_text for i in rows]
-            tgt = self.llm_tokenizer(texts, padding=True, truncation=True, max_length=self.c.max_text_len,
-                                     add_special_tokens=False, return_tensors="pt").to(self.device)
-            out["lm"] = prompt_lm_loss(self.s.llm.model, prompts, tgt.input_ids, tgt.attention_mask) \
-                * token_share(tgt.attention_mask, self.info.world)
+            rows = rank_slice(list(range(len(index))), self.info.rank, self.info.world)
+            tgt = self.s.llm.training_batch([self.s.pairs.texts[index[r]] for r in rows], draws[rows],
+                                            self.c.end_of_text, self.c.max_text_len).to(self.device)
+            out["lm"] = self.s.llm.lm_loss(prompts, tgt) * token_share(tgt.loss_mask, self.info.world)
         if reference is not None:
             trained = phase != "lm" and self.c.w_align > 0
             with torch.set_grad_enabled(trained and torch.is_grad_enabled()):

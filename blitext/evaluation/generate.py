@@ -1,10 +1,12 @@
 """`blitext generate`: captions (or answers) from a trained adaptor and its frozen LLM.
 
-The LLM reads [left padding][the adaptor's soft prompts][the text prompt] and writes with
-transformers' generate. Defaults are REFERENCE.md section 4's: captions with "a photo of",
+A causal LLM reads [left padding][the adaptor's soft prompts][the text prompt], an encoder-decoder
+LLM's encoder [soft prompts][text prompt </s>] (LAVIS's blip2_t5), and writes with transformers'
+generate (blitext.models.llm). Defaults are docs/method.md#generation-settings: captions with "a photo of",
 beam 5, 8..30 new tokens; questions as "Question: {} Short answer:", beam 5, 1..10 new
-tokens, length penalty -1. Generation stops at the end-of-text marker the adaptor was
-trained to emit ("\\n"), which a small chat-tuned LLM otherwise talks past.
+tokens, length penalty -1, for either family (LAVIS's T5 models use the same). Generation stops
+at the end-of-text marker the adaptor was trained to emit ("\\n"; T5's </s>), which a small
+chat-tuned LLM otherwise talks past.
 
 `generate_texts` works on visual tokens from any source (an image, a feature cache), so the
 evaluation commands share it; `generate_from_text` runs the same path with a text's embeddings
@@ -22,7 +24,7 @@ from blitext.data.images import load_image
 from blitext.data.readers import read_image_set
 from blitext.distributed import pick_device
 from blitext.errors import BlitextError
-from blitext.pformer.train import stop_token_ids
+from blitext.models.llm import FrozenLLM
 
 CAPTION_PROMPT = "a photo of"
 VQA_PROMPT = "Question: {} Short answer:"
@@ -31,7 +33,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 @dataclass
 class GenerationSettings:
-    """One task's decoding settings (REFERENCE.md section 4 by default)."""
+    """One task's decoding settings (docs/method.md#generation-settings by default)."""
     prompt: str = CAPTION_PROMPT       # "{}" is replaced by the question
     num_beams: int = 5
     max_new_tokens: int = 30
@@ -48,60 +50,30 @@ class GenerationSettings:
 
 
 @torch.inference_mode()
-def generate_texts(adapter: LoadedAdapter, llm, features: torch.Tensor, feature_mask: torch.Tensor | None,
+def generate_texts(adapter: LoadedAdapter, llm: FrozenLLM, features: torch.Tensor, feature_mask: torch.Tensor | None,
                    texts: list[str], settings: GenerationSettings) -> list[str]:
     """One generation per row of features (B, T, D); texts are the text prompts (questions filled in)."""
-    device = next(llm.model.parameters()).device
+    device = llm.device
     prompts = adapter.model.prompts(features.to(device).float(), None if feature_mask is None else feature_mask.to(device))
     return generate_after(llm, prompts, texts, settings, adapter.end_of_text)
 
 
 @torch.inference_mode()
-def generate_from_text(llm, contexts: list[str], texts: list[str], settings: GenerationSettings,
+def generate_from_text(llm: FrozenLLM, contexts: list[str], texts: list[str], settings: GenerationSettings,
                        end_of_text: str) -> list[str]:
     """generate_texts with a text in place of each row's soft prompts: the LLM's own embeddings of
     the context's tokens fill the prompts' slot, so padding, decoding and the stop marker are the
     adaptor's own (eval vqa's text ceiling: the caption as text instead of the image)."""
-    embed = llm.model.get_input_embeddings()
-    prefixes = [embed(_token_ids(llm, context, embed.weight.device)) for context in contexts]
-    return generate_after(llm, prefixes, texts, settings, end_of_text)
+    return generate_after(llm, [llm.embed_text(context) for context in contexts], texts, settings, end_of_text)
 
 
 @torch.inference_mode()
-def generate_after(llm, prefixes: torch.Tensor | list[torch.Tensor], texts: list[str], settings: GenerationSettings,
-                   end_of_text: str) -> list[str]:
-    """Decode from [pads][prefix embeddings (n_i, d)][text] per row; the output is cut at end_of_text."""
-    embeds, mask = left_padded_inputs(llm, prefixes, texts)
-    out = llm.model.generate(inputs_embeds=embeds, attention_mask=mask, num_beams=settings.num_beams,
-                             max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
-                             length_penalty=settings.length_penalty, do_sample=False,
-                             eos_token_id=stop_token_ids(llm.tokenizer, end_of_text),
-                             pad_token_id=llm.tokenizer.pad_token_id)
-    decoded = llm.tokenizer.batch_decode(out, skip_special_tokens=True)
-    return [t.split(end_of_text)[0].strip() if end_of_text else t.strip() for t in decoded]
-
-
-def left_padded_inputs(llm, prompts: torch.Tensor | list[torch.Tensor],
-                       texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N, d) input embeddings [pads][soft prompts][text] and their (B, N) mask; prompts is (B, P, d)
-    or one (P_i, d) per row. Padding goes before the soft prompts, so every row's real sequence ends
-    at the last position, where generation continues."""
-    embed = llm.model.get_input_embeddings()
-    device = embed.weight.device
-    rows = [torch.cat([p.to(device, embed.weight.dtype), embed(_token_ids(llm, text, device))])
-            for p, text in zip(prompts, texts)]
-    longest = max(len(r) for r in rows)
-    pad = embed(torch.tensor([llm.tokenizer.pad_token_id], device=device))[0]
-    embeds = torch.stack([torch.cat([pad.expand(longest - len(r), -1), r]) for r in rows])
-    mask = torch.stack([torch.arange(longest, device=device) >= longest - len(r) for r in rows]).long()
-    return embeds, mask
-
-
-def _token_ids(llm, text: str, device) -> torch.Tensor:
-    """The text's token ids without special tokens (none for an empty text)."""
-    if not text:
-        return torch.zeros(0, dtype=torch.long, device=device)
-    return llm.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0].to(device)
+def generate_after(llm: FrozenLLM, prefixes: torch.Tensor | list[torch.Tensor], texts: list[str],
+                   settings: GenerationSettings, end_of_text: str) -> list[str]:
+    """Decode from each row's prefix embeddings (n_i, d) and its text prompt, as the LLM's family
+    reads them (blitext.models.llm); the output is cut where the LLM stops."""
+    return llm.generate(prefixes, texts, end_of_text, settings.max_new_tokens, num_beams=settings.num_beams,
+                        min_new_tokens=settings.min_new_tokens, length_penalty=settings.length_penalty)
 
 
 # ---------------------------------------------------------------- the command

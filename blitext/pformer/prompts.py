@@ -27,6 +27,7 @@ from blitext.data.text import read_sentences
 from blitext.distributed import run_distributed
 from blitext.errors import BlitextError
 from blitext.models.fingerprint import fingerprint
+from blitext.models.llm import CAUSAL
 from blitext.models.loading import load_text_encoder
 from blitext.models.pformer import PFormer
 
@@ -94,9 +95,12 @@ class BuildPromptsConfig:
 
 
 def prompt_producer(pformer: LoadedPFormer, store: str) -> dict:
-    return {"pformer": pformer.fingerprint, "llm": pformer.llm_fingerprint, "store": store,
-            "n_prompt": pformer.model.n_prompt, "d_llm": pformer.model.d_llm,
-            "max_text_len": pformer.state["config"]["max_text_len"]}
+    producer = {"pformer": pformer.fingerprint, "llm": pformer.llm_fingerprint, "store": store,
+                "n_prompt": pformer.model.n_prompt, "d_llm": pformer.model.d_llm,
+                "max_text_len": pformer.state["config"]["max_text_len"]}
+    family = pformer.state.get("llm_family", CAUSAL)  # P-Formers from before T5 support: causal
+    # recorded only when not causal, so a causal cache's producer stays what it was before T5 support
+    return producer if family == CAUSAL else {**producer, "llm_family": family}
 
 
 def default_prompts_out(config: BuildPromptsConfig, pformer: LoadedPFormer) -> Path:
@@ -181,6 +185,19 @@ class PromptCache:
     @property
     def producer(self) -> dict:
         return self.cache.producer
+
+    def require_llm(self, llm_fingerprint: str, family: str, llm: str) -> None:
+        """Refuse prompts a P-Former made for another LLM, in one line naming the cache and the fix:
+        the prompts live in that LLM's embedding space (and, across families, were learnt through
+        another way of reading them)."""
+        made, made_family = self.producer["llm"], self.producer.get("llm_family", CAUSAL)
+        if made == llm_fingerprint:
+            return
+        article = "an" if made_family[0] in "aeiou" else "a"
+        kinds = f" ({article} {made_family} LLM; this run's is {family})" if made_family != family else ""
+        raise BlitextError(f"the prompts in {self.root} were built for {made}{kinds}, but this run's LLM is "
+                           f"{llm_fingerprint}: build prompts with a P-Former trained for --llm {llm}, or pass "
+                           f"--llm matching the prompts")
 
     @property
     def keys(self) -> list[str]:

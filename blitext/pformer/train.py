@@ -1,6 +1,6 @@
 """Stage 0: `blitext train-pformer` - learn, from text alone, the ideal soft prompt of a sentence.
 
-Follows REFERENCE.md section 1: loss = L_lm + L_contrast + L_vocab against a frozen LLM, 25%
+Follows docs/method.md#stage-0-the-p-former: loss = L_lm + L_contrast + L_vocab against a frozen LLM, 25%
 of the encoder's input tokens masked, two-view SimCSE by default (the authors' one-view
 variant as an option), AdamW with linear warm-up and cosine decay; paper values as defaults.
 
@@ -25,8 +25,9 @@ from blitext.console import progress_bar, say
 from blitext.data.text import TextCorpus, read_sentences
 from blitext.distributed import barrier, run_distributed
 from blitext.errors import BlitextError
-from blitext.losses import TEMP_MAX, TEMP_MIN, contrastive_loss, prompt_lm_loss, vocab_loss
+from blitext.losses import TEMP_MAX, TEMP_MIN, contrastive_loss, vocab_loss
 from blitext.metrics.llm import teacher_forced_accuracy
+from blitext.models.llm import FrozenLLM, LMBatch
 from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.pformer import PFormer
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER
@@ -42,7 +43,8 @@ class PFormerConfig:
     text_encoder: str = DEFAULT_TEXT_ENCODER  # initialisation of the encoder (paper: bert-base-uncased)
     n_prompt: int = 32                  # soft prompts per sentence (paper: 32, as BLIP-2's queries)
     max_text_len: int = 32              # tokens, for the encoder input and the LLM target; longer text is truncated
-    end_of_text: str = "\n"             # appended to every target: the LLM learns to stop (paper's OPT setup)
+    end_of_text: str = "\n"             # appended to every target: the LLM learns to stop (paper's OPT setup);
+                                        # an encoder-decoder LLM (T5) ends every text with its </s> instead
     mask_prob: float = 0.25             # denoising: share of encoder input tokens replaced by [MASK]
     contrast: str = "two-view"          # "two-view" SimCSE (paper) or "one-view" (authors' code: positive = itself)
     contrast_dim: int = 256
@@ -102,11 +104,10 @@ def split_corpus(corpus: TextCorpus, heldout: int, seed: int) -> Split:
 
 
 class Batcher:
-    """Tokenises sentences for the encoder (masked) and as LLM targets (text + end-of-text)."""
+    """Tokenises sentences for the encoder (masked) and as the frozen LLM's targets."""
 
-    def __init__(self, enc_tokenizer, llm_tokenizer, config: PFormerConfig):
-        self.enc, self.llm, self.config = enc_tokenizer, llm_tokenizer, config
-        self.llm.padding_side = "right"
+    def __init__(self, enc_tokenizer, llm: FrozenLLM, config: PFormerConfig):
+        self.enc, self.llm, self.config = enc_tokenizer, llm, config
         self.truncated = Counter()
 
     def encoder_inputs(self, texts: list[str]) -> dict:
@@ -115,13 +116,18 @@ class Batcher:
         self.truncated["encoder"] += self._longer(self.enc(texts).input_ids)
         return t
 
-    def targets(self, texts: list[str]) -> dict:
-        # No BOS: the soft prompts are the prefix; the target is text + end-of-text.
-        texts = [s + self.config.end_of_text for s in texts]
-        t = self.llm(texts, padding=True, truncation=True, max_length=self.config.max_text_len,
-                     add_special_tokens=False, return_tensors="pt")
-        self.truncated["target"] += self._longer(self.llm(texts, add_special_tokens=False).input_ids)
-        return t
+    def targets(self, texts: list[str], generator: torch.Generator | None = None) -> LMBatch:
+        """The LLM's targets. With a generator, a training step's: an encoder-decoder LLM reads a random
+        first part of each sentence and learns the rest, as the authors' pformer_t5. Without one, the
+        whole sentences after the prompts alone (held-out accuracy)."""
+        c = self.config
+        if generator is None:
+            batch = self.llm.lm_batch(texts, c.end_of_text, c.max_text_len)
+        else:
+            draws = torch.rand(len(texts), generator=generator)
+            batch = self.llm.training_batch(texts, draws, c.end_of_text, c.max_text_len, longer_prefix=True)
+        self.truncated["target"] += batch.truncated
+        return batch
 
     def _longer(self, untruncated_ids: list[list[int]]) -> int:
         """How many texts lost tokens: longer than max_text_len before truncation (one of exactly
@@ -163,7 +169,7 @@ def _train(config: PFormerConfig, device: str, info) -> Path:
     text_encoder = load_text_encoder(config.text_encoder, device=device)
     if text_encoder.tokenizer.mask_token_id is None:
         raise BlitextError(f"text encoder {config.text_encoder!r} has no [MASK] token; use a BERT-family encoder")
-    d_llm = llm.model.get_input_embeddings().weight.shape[1]
+    d_llm = llm.width
     torch.manual_seed(config.seed)  # the new head's initialisation
     pformer = PFormer(text_encoder.model, d_llm, config.n_prompt, config.contrast_dim, config.temp).to(device)
     optimizer = adamw(pformer.parameters(), config.lr, config.weight_decay)
@@ -175,10 +181,10 @@ def _train(config: PFormerConfig, device: str, info) -> Path:
     say(f"train-pformer: {len(split.train):,} sentences ({corpus.counts['empty skipped']} empty lines skipped), "
         f"{steps:,} steps of {config.batch_size}, {pformer.n_prompt} prompts -> {llm.fingerprint} on {device}")
     metrics, log = open_run(run, info, start, "train-pformer")
-    batcher = Batcher(text_encoder.tokenizer, llm.tokenizer, config)
+    batcher = Batcher(text_encoder.tokenizer, llm, config)
     batcher.truncated.update(truncated)  # counts run on from the checkpoint, as an uninterrupted run's would
     state = {**identity, "config": to_jsonable(config), "text_encoder": config.text_encoder, "llm": config.llm,
-             "n_prompt": config.n_prompt, "d_llm": d_llm, "contrast_dim": config.contrast_dim,
+             "llm_family": llm.family, "n_prompt": config.n_prompt, "d_llm": d_llm, "contrast_dim": config.contrast_dim,
              "provenance": provenance(config), "corpus_counts": dict(corpus.counts)}
     loop = TrainLoop(config, model, pformer, llm, optimizer, batcher, split, device, info, metrics, log)
     loop.run(start, steps, run, state)
@@ -207,7 +213,7 @@ class TrainLoop:
         self.c, self.model, self.pformer, self.llm = config, model, pformer, llm
         self.optimizer, self.batcher, self.split = optimizer, batcher, split
         self.device, self.info, self.metrics, self.log = device, info, metrics, log
-        self.embedding = llm.model.get_input_embeddings().weight.detach()  # (V, d_llm), frozen codebook
+        self.embedding = llm.embedding_table  # (V, d_llm), frozen codebook
         self.autocast = torch.autocast("cuda", torch.bfloat16) if (
             config.precision in ("auto", "bf16") and device.startswith("cuda")) else torch.autocast("cpu", enabled=False)
 
@@ -233,14 +239,15 @@ class TrainLoop:
         set_lr(self.optimizer, lr_at(step, steps, c.lr, c.min_lr, c.warmup_steps, c.warmup_start_lr))
         texts = [self.split.train[i] for i in global_batch(step, len(self.split.train), c.batch_size, c.seed)]
         enc = self.batcher.encoder_inputs(texts)
-        masked = self.batcher.masked(enc, step_generator(c.seed, step))          # (B_global, L)
+        generator = step_generator(c.seed, step)
+        masked = self.batcher.masked(enc, generator)                              # (B_global, L)
         rows = rank_slice(list(range(len(texts))), self.info.rank, self.info.world)
         ids, att = masked[rows].to(self.device), enc["attention_mask"][rows].to(self.device)
-        tgt = self.batcher.targets(texts)  # the global batch too: truncations counted for every rank's sentences
-        tgt_ids, tgt_att = tgt["input_ids"][rows].to(self.device), tgt["attention_mask"][rows].to(self.device)
+        # the global batch too: truncations counted (and T5's split words drawn) for every rank's sentences
+        tgt = self.batcher.targets(texts, generator).rows(rows).to(self.device)
         torch.manual_seed(step_seed(c.seed, step, self.info.rank))                # dropout of this step
         with self.autocast:
-            losses = self.losses(ids, att, tgt_ids, tgt_att)
+            losses = self.losses(ids, att, tgt)
             total = c.w_lm * losses["lm"] + c.w_contrast * losses["contrast"] + c.w_vocab * losses["vocab"]
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -249,7 +256,7 @@ class TrainLoop:
             self.pformer.temp.clamp_(TEMP_MIN, TEMP_MAX)
         return mean_over_ranks({**losses, "loss": total})  # what is logged is the global batch's, not rank 0's
 
-    def losses(self, ids, att, tgt_ids, tgt_att) -> dict[str, torch.Tensor]:
+    def losses(self, ids, att, tgt: LMBatch) -> dict[str, torch.Tensor]:
         b = ids.shape[0]
         two_view = self.c.contrast == "two-view"
         if two_view:  # SimCSE: the same sentences twice in one pass; dropout makes the two views differ
@@ -259,7 +266,7 @@ class TrainLoop:
         z_a = out.text_feat[:b]
         z_b = out.text_feat[b:] if two_view else z_a
         return {
-            "lm": prompt_lm_loss(self.llm.model, prompts, tgt_ids, tgt_att) * token_share(tgt_att, self.info.world),
+            "lm": self.llm.lm_loss(prompts, tgt) * token_share(tgt.loss_mask, self.info.world),
             "contrast": contrastive_loss(z_a, z_b, self.pformer.temp, self.c.label_smoothing),
             "vocab": vocab_loss(prompts, self.embedding),
         }
@@ -280,9 +287,7 @@ class TrainLoop:
         texts = self.split.heldout
         enc = self.batcher.encoder_inputs(texts)
         prompts = self.pformer(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)).prompts
-        tgt = self.batcher.targets(texts)
-        accuracy = teacher_forced_accuracy(self.llm.model, prompts, tgt["input_ids"].to(self.device),
-                                           tgt["attention_mask"].to(self.device))
+        accuracy = teacher_forced_accuracy(self.llm, prompts, self.batcher.targets(texts).to(self.device))
         shown = generate_from_prompts(self.llm, prompts[:self.c.n_samples], self.c.end_of_text, self.c.max_text_len)
         self.pformer.train()
         lines = [f"  [dim]{t!r}[/] -> {g!r}" for t, g in zip(texts, shown)]
@@ -292,21 +297,7 @@ class TrainLoop:
             self.metrics.write({"step": step - 1, "heldout_token_accuracy": accuracy, "samples": list(zip(texts, shown))})
 
 
-def stop_token_ids(tokenizer, end_of_text: str) -> list[int]:
-    """Token ids that end generation: the end-of-text marker's token and the tokenizer's EOS."""
-    ids = tokenizer(end_of_text, add_special_tokens=False).input_ids
-    stops = [ids[-1]] if len(ids) == 1 else []
-    if tokenizer.eos_token_id is not None:
-        stops.append(tokenizer.eos_token_id)
-    return stops
-
-
 @torch.no_grad()
-def generate_from_prompts(llm, prompts: torch.Tensor, end_of_text: str, max_new_tokens: int) -> list[str]:
-    """Greedy text the frozen LLM writes from soft prompts alone, cut at the end-of-text marker."""
-    attention = torch.ones(prompts.shape[:2], dtype=torch.long, device=prompts.device)
-    out = llm.model.generate(inputs_embeds=prompts, attention_mask=attention, max_new_tokens=max_new_tokens,
-                             do_sample=False, num_beams=1, eos_token_id=stop_token_ids(llm.tokenizer, end_of_text),
-                             pad_token_id=llm.tokenizer.pad_token_id)
-    texts = llm.tokenizer.batch_decode(out, skip_special_tokens=True)
-    return [t.split(end_of_text)[0].strip() if end_of_text else t.strip() for t in texts]
+def generate_from_prompts(llm: FrozenLLM, prompts: torch.Tensor, end_of_text: str, max_new_tokens: int) -> list[str]:
+    """Greedy text the frozen LLM writes from soft prompts alone, cut where it stops."""
+    return llm.generate(prompts, [""] * len(prompts), end_of_text, max_new_tokens)

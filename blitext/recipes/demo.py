@@ -170,15 +170,15 @@ def print_prompt_check(prompts: Path) -> None:
     """check-prompts' report on the first 64 reference prompts (one example decoded)."""
     keys, vectors, llm_name = prompts_from_cache(prompts, 64)
     llm = load_llm(llm_name)
-    report = check_prompts(vectors, llm.model.get_input_embeddings().weight.detach(), llm.tokenizer, keys,
-                           n_examples=1)
+    report = check_prompts(vectors, llm.embedding_table, llm.tokenizer, keys, n_examples=1)
     say(format_report(report))
 
 
 def evaluate_variant(stage2: Path, features: Path, data: Path, c: DemoConfig) -> dict:
-    """Captions of test images, greedy with the empty prompt the adaptor was trained under (REFERENCE's
-    "a photo of", beam 5, 8..30 tokens are for COCO-length captions; easy-VQA's are 3-4 tokens), and
-    zero-shot VQA with the paper's settings and its text ceiling. Each evaluation is reused once written."""
+    """Captions of test images, greedy with the empty prompt the adaptor was trained under (the
+    "a photo of", beam 5, 8..30 tokens of docs/method.md#generation-settings are for COCO-length
+    captions; easy-VQA's are 3-4 tokens), and zero-shot VQA with the paper's settings and its text
+    ceiling. Each evaluation is reused once written."""
     vqa_dir, cap_dir = stage2 / "eval" / "vqa-easy-vqa", stage2 / "eval" / "caption-easy-vqa"
     if not (cap_dir / "metrics.json").is_file():
         eval_caption(caption_eval(stage2, features, data, c, cap_dir))
