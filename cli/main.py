@@ -359,6 +359,11 @@ from blitext.cli.eval import compare_cmd, eval_app  # noqa: E402
 app.add_typer(eval_app, name="eval")
 app.command("compare")(compare_cmd)
 
+# ------------------------------------------------------------------ score
+from blitext.cli.score import score_app  # noqa: E402
+
+app.add_typer(score_app, name="score")
+
 # ------------------------------------------------------------------ ablate
 from blitext.cli.ablate import ablate_cmd  # noqa: E402
 

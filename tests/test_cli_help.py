@@ -22,6 +22,7 @@ from blitext.adapter.video import VideoAdapterConfig
 from blitext.cli.main import app
 from blitext.evaluation.evaluate import EvalConfig
 from blitext.evaluation.generate import GenerateConfig, GenerationSettings
+from blitext.evaluation.score import ScoreConfig
 from blitext.features.image import ExtractConfig
 from blitext.features.imported import ImportConfig
 from blitext.features.video import VideoExtractConfig
@@ -40,7 +41,7 @@ CONFIGS = {
     "extract-features": ExtractConfig, "import-features": ImportConfig, "train-pformer": PFormerConfig,
     "build-prompts": BuildPromptsConfig, "train-adapter": AdapterConfig, "generate": GenerateConfig,
     "eval caption": EvalConfig, "eval vqa": EvalConfig, "eval retrieval": EvalConfig, "ablate": AblateConfig,
-    "demo": DemoConfig,
+    "demo": DemoConfig, "score caption": ScoreConfig, "score vqa": ScoreConfig,
 }
 
 

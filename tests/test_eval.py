@@ -23,7 +23,7 @@ from blitext.features.image import ExtractConfig, extract_features
 from blitext.evaluation.generate import GenerationSettings, generate_from_text, generate_texts
 from blitext.models.adapter_checkpoint import LoadedAdapter
 from blitext.models.loading import load_llm
-from blitext.metrics import caption_scores, exact_match, vqa_accuracy
+from blitext.metrics import caption_scores, exact_match, normalize_answer, vqa_accuracy
 from test_adapter import config, world  # noqa: F401
 
 FAST = dict(num_beams=2, max_new_tokens=4, min_new_tokens=1, batch_size=4, device="cpu")  # tiny decoding
@@ -99,8 +99,9 @@ def test_vqa_accuracy_equals_the_hand_computation_and_gqa_exact_match(tmp_path, 
     predicted = [p["answer"] for p in read(tmp_path / "first" / "predictions.json")]
     assert len(predicted) == N_IMAGES
 
-    # Image i's question gets i of 10 humans agreeing with the model (decoding is deterministic).
-    answers = [[predicted[i]] * i + ["zzqx"] * (10 - i) for i in range(N_IMAGES)]
+    # Image i's question gets i of 10 humans agreeing with the model (decoding is deterministic),
+    # in normalised form: the official rule compares the humans' answers (nearly) as written.
+    answers = [[normalize_answer(predicted[i])] * i + ["zzqx"] * (10 - i) for i in range(N_IMAGES)]
     questions, annotations = write_vqav2(tmp_path / "vqa", answers)
     result = eval_vqa(common(world, runs, data=str(questions), annotations=str(annotations), out=str(tmp_path / "vqa2")))
     predictions = read(tmp_path / "vqa2" / "predictions.json")
@@ -113,7 +114,7 @@ def test_vqa_accuracy_equals_the_hand_computation_and_gqa_exact_match(tmp_path, 
         mine = [a for a, u in zip(accs, TYPES) if u == t]
         assert result["metrics"]["per_answer_type"][t] == pytest.approx(100 * sum(mine) / len(mine))
 
-    gqa = {f"g{i}": {"imageId": f"img{i}", "question": QUESTIONS[i % 3], "answer": predicted[i] if i % 2 else "zzqx",
+    gqa = {f"g{i}": {"imageId": f"img{i}", "question": QUESTIONS[i % 3], "answer": normalize_answer(predicted[i]) if i % 2 else "zzqx",
                      "types": {"structural": "query" if i < 3 else "verify"}} for i in range(N_IMAGES)}
     (tmp_path / "gqa.json").write_text(json.dumps(gqa))
     g = eval_vqa(common(world, runs, data=str(tmp_path / "gqa.json"), out=str(tmp_path / "gqa")))
