@@ -115,8 +115,9 @@ class FrozenLLM:
         return self.embedding_table.device
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
-        """Each text's token ids, without special tokens (none for an empty text)."""
-        return [self.tokenizer(t, add_special_tokens=False).input_ids if t else [] for t in texts]
+        """Each text's token ids, without special tokens (none for an empty text); one batched call,
+        as a trainer's batch of hundreds of sentences is tokenised every step."""
+        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False).input_ids] if texts else []
 
     def embed_text(self, text: str) -> torch.Tensor:
         """(n, D) the embeddings of the text's tokens: a text where the soft prompts go (eval's ceiling)."""
