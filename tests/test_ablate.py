@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from blitext.recipes import ablate
+from blitext.recipes import ablate, ablate_report
 from blitext.recipes.ablate import SMOKE, AblateConfig, Cell, parse_grid, plan_cells, run_ablation
 from blitext.data.text import wordnet_examples
 from blitext.errors import BlitextError
@@ -110,6 +110,7 @@ def test_ablation_smoke_shares_stage1_and_reuses_everything(session_cache, monke
     table = [line for line in (work / "ablation.md").read_text().splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(rows) and "VQA acc" in table[0]
 
-    for name in ("train_pformer", "train_adapter", "eval_vqa", "eval_caption"):
-        monkeypatch.setattr(ablate, name, _refuse(name))
+    for module, name in ((ablate, "train_pformer"), (ablate, "train_adapter"), (ablate_report, "eval_vqa"),
+                         (ablate_report, "eval_caption")):
+        monkeypatch.setattr(module, name, _refuse(name))
     assert run_ablation(SMOKE)["rows"] == rows
