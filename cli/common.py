@@ -84,3 +84,11 @@ def user_errors(fn):
             console.print("[yellow]interrupted[/]: finished shards are kept; run the same command again to resume")
             raise typer.Exit(130)
     return wrapper
+
+
+def write_out(path: Path, text: str) -> None:
+    """An --out report, written whole or not at all (temp file, fsync, rename)."""
+    from blitext.atomic import write_text, writing
+
+    with writing(path.parent, then="run the command again"):
+        write_text(path, text)
