@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from blitext.cli.common import default_is, default_of, user_errors
-from blitext.recipes.ablate import AblateConfig
+from blitext.recipes.ablate_config import AblateConfig
 
 
 @user_errors
@@ -41,7 +41,8 @@ def ablate_cmd(
     config: Optional[Path] = typer.Option(None, "--config", help="JSON or TOML file of AblateConfig values (command-line options win)."),
 ):
     """Table 4 (alignment weights w1, w2) and Table 6 (P-Former text size) of the paper on any data set."""
-    from blitext.recipes.ablate import SMOKE, run_ablation
+    from blitext.recipes.ablate import run_ablation
+    from blitext.recipes.ablate_config import SMOKE
     from blitext.config import read_config_file, resolve_config
     from blitext.errors import BlitextError
 

@@ -12,13 +12,14 @@ import typer
 from typer.testing import CliRunner
 
 from blitext.recipes import ablate, ablate_report
-from blitext.recipes.ablate import SMOKE, AblateConfig, Cell, parse_grid, plan_cells, run_ablation
+from blitext.recipes.ablate import plan_cells, run_ablation
+from blitext.recipes.ablate_config import SMOKE, TABLE4_GRID, AblateConfig, Cell, parse_grid
 from blitext.data.text import wordnet_examples
 from blitext.errors import BlitextError
 
 
 def test_grid_parses_and_rejects_bad_cells():
-    assert parse_grid("0,0; 10,0;0,100;10,100") == list(ablate.TABLE4_GRID)
+    assert parse_grid("0,0; 10,0;0,100;10,100") == list(TABLE4_GRID)
     assert AblateConfig(grid=[[0, 100], "10,0"]).grid == [(0.0, 100.0), (10.0, 0.0)]
     for bad in ("0", "0,x", "-1,0", ""):
         with pytest.raises(BlitextError):

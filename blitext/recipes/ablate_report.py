@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from blitext.atomic import read_json, write_json, write_text
 from blitext.console import console, say
 from blitext.evaluation.evaluate import EvalConfig, eval_caption, eval_vqa
-
-if TYPE_CHECKING:
-    from blitext.recipes.ablate import AblateConfig, Splits
+from blitext.recipes.ablate_config import AblateConfig, Splits
 
 CAPTION_COLUMNS = (("Bleu_4", "BLEU-4"), ("CIDEr", "CIDEr"), ("ROUGE_L", "ROUGE-L"), ("METEOR", "METEOR"),
                    ("SPICE", "SPICE"))
