@@ -2,6 +2,7 @@
 when image-text pairs are scarce.
 
     python bench/reproduce.py [--sizes 50 100 200 500] [--seeds 42 1 2] [--smoke]
+    python bench/reproduce.py --table      # README's table from bench/results/reproduce.json
 
 easy-VQA is prepared with colour x shape combinations withheld from the paired train images
 (`data prepare easy-vqa --withhold default`: 6 of 24), while the P-Former's text holds every
@@ -99,6 +100,34 @@ def summarise(records: list[dict]) -> dict:
                       for k, v in cells.items()}, "paired_sign_test": tests}
 
 
+def markdown_table(result: dict) -> str:
+    """README's table from a reproduce.json: exact match mean +- sample std over seeds (CIDEr mean
+    beside it) per paired-data size and split, then the paired sign test per split."""
+    def cell(size: int, split: str, w: tuple[float, float]) -> str:
+        runs = [r for r in result["records"] if (r["paired_images"], r["split"], (r["w1"], r["w2"])) == (size, split, w)]
+        if not runs:
+            return "-"
+        exact, cider = [r["exact"] for r in runs], [r["cider"] for r in runs]
+        spread = statistics.stdev(exact) if len(exact) > 1 else 0.0
+        return f"{statistics.mean(exact):.3f} ± {spread:.3f} ({statistics.mean(cider):.2f})"
+    sizes = sorted({r["paired_images"] for r in result["records"]})
+    seeds = sorted({r["seed"] for r in result["records"]})
+    head = ["paired images"] + [f"{split}: {name} ({w1:g},{w2:g})" for split in SPLITS
+                                for name, (w1, w2) in VARIANTS.items()]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for size in sizes:
+        lines.append("| " + " | ".join([str(size)] + [cell(size, split, w) for split in SPLITS
+                                                      for w in VARIANTS.values()]) + " |")
+    lines.append("")
+    lines.append(f"Exact match, mean ± sample std over seeds {', '.join(map(str, seeds))} (CIDEr mean in brackets); "
+                 f"commit {result['commit']}.")
+    for split, t in result["summary"]["paired_sign_test"].items():
+        lines.append(f"- {split}: P-Former better in {t['pformer_better']} of {t['pairs']} (size, seed) pairs, "
+                     f"baseline in {t['baseline_better']}, {t['ties']} ties; mean difference "
+                     f"{t['mean_difference']:+.3f}; two-sided sign test p = {t['sign_test_p']:.3g}")
+    return "\n".join(lines)
+
+
 def commit_of_this_checkout(smoke: bool) -> str:
     """HEAD's short hash, refused when tracked files differ from it: the records name the code that ran."""
     here = Path(__file__).parent
@@ -116,7 +145,11 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200, 500])
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     ap.add_argument("--smoke", action="store_true", help="a few steps and images: checks the script, not the claim")
+    ap.add_argument("--table", action="store_true", help="print README's table from bench/results/reproduce.json")
     a = ap.parse_args()
+    if a.table:
+        print(markdown_table(read_json(Path(__file__).parent / "results" / "reproduce.json")))
+        return
     commit = commit_of_this_checkout(a.smoke)  # at the start: the study runs for over an hour
     torch.use_deterministic_algorithms(True)
     c = SMOKE if a.smoke else DemoConfig()
