@@ -183,7 +183,8 @@ from blitext.evaluation.generate import GenerateConfig  # noqa: E402
 @user_errors
 def generate_cmd(
     adapter: Path = typer.Option(..., "--adapter", help="A stage-2 train-adapter run (or <run>/final)."),
-    images: Optional[list[str]] = typer.Option(None, "--images", help="Image file, folder, caption JSON or .tar shards; repeatable."),
+    images: Optional[list[str]] = typer.Option(None, "--images", help="Image files, a folder, a glob ('photos/*.jpg'), a caption JSON or .tar shards; several paths may follow it."),
+    more_images: Optional[list[str]] = typer.Argument(None, metavar="[IMAGES]...", help="More of what --images takes (a shell glob's expansion, for example)."),
     features: Optional[Path] = typer.Option(None, "--features", help="Instead of --images: a feature cache made by the adaptor's encoder (videos: extract-features --modality video)."),
     ids: Optional[list[str]] = typer.Option(None, "--ids", help=f"With --features: the rows (image / video ids) to use; repeatable. {default_is('every row')}"),
     question: Optional[str] = typer.Option(None, "--question", help="Answer this question about each image."),
@@ -207,6 +208,7 @@ def generate_cmd(
     from blitext.console import console
     from blitext.evaluation.generate import run_generate
 
+    images = [*(images or []), *(more_images or [])]
     cfg = resolve_config(GenerateConfig, None, adapter=str(adapter), images=images or None, question=question, prompt=prompt,
                          features=features and str(features), ids=ids or None,
                          num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,

@@ -14,6 +14,7 @@ where the soft prompts go (eval vqa's text ceiling).
 """
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,20 +105,30 @@ class ImageRef:
 
 
 def image_refs(inputs: list[str], limit: int | None) -> list[ImageRef]:
-    """Single image files as given; anything else read as a dataset (folder, caption JSON, tars)."""
+    """Image files as given or matched by a glob; anything else read as a dataset (folder,
+    caption JSON, .tar shards or a glob of them)."""
     refs: list[ImageRef] = []
     for item in inputs:
-        path = Path(item)
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            refs.append(ImageRef(path.name, path.parent, path.name))
-        elif path.exists() or "*" in item:
-            image_set = read_image_set(item)
-            refs.extend(ImageRef(r.id, image_set.root, r.image) for r in image_set.records)
-        else:
-            raise BlitextError(f"--images {item!r}: no such file or folder")
+        refs.extend(_refs_of(item))
     if not refs:
         raise BlitextError("generate needs images: pass --images FILE... (or a folder / caption JSON), or --features CACHE")
     return refs[:limit] if limit else refs
+
+
+def _refs_of(item: str) -> list[ImageRef]:
+    path = Path(item)
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        return [ImageRef(path.name, path.parent, path.name)]
+    if not path.exists() and glob.has_magic(item):
+        matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+        if not matches:
+            raise BlitextError(f"--images {item!r}: the glob matches no files; check the pattern")
+        if all(p.suffix.lower() in IMAGE_SUFFIXES for p in matches):
+            return [ImageRef(p.name, p.parent, p.name) for p in matches]
+    if path.exists() or glob.has_magic(item):
+        image_set = read_image_set(item)
+        return [ImageRef(r.id, image_set.root, r.image) for r in image_set.records]
+    raise BlitextError(f"--images {item!r}: no such file or folder")
 
 
 def run_generate(config: GenerateConfig) -> list[dict]:
