@@ -59,6 +59,9 @@ def generation_default(name: str) -> str:
 
     caption, vqa = (getattr(GenerationSettings.for_task(task), name) for task in ("caption", "vqa"))
     quote = (lambda v: f'"{v}"') if isinstance(caption, str) else str
+    if name in ("prompt", "min_new_tokens", "max_new_tokens"):  # captions follow --settings
+        return default_is(f"captions: the run's (--settings run), {quote(caption)} with --settings paper; "
+                          f"{quote(vqa)} answers")
     return default_is(quote(caption) if caption == vqa else f"{quote(caption)} captions, {quote(vqa)} answers")
 
 

@@ -54,6 +54,7 @@ def caption_cmd(
     batch_size: Optional[int] = BatchOpt,
     device: Optional[str] = DeviceOpt,
     llm: Optional[str] = LLMOpt,
+    settings: Optional[str] = typer.Option(None, "--settings", help="run (the text prompt, none, and caption length the adaptor trained with; older runs: paper) | paper (\"a photo of\", beam 5, 8..30 tokens). " + _default("settings")),
     prompt: Optional[str] = PromptOpt,
     num_beams: Optional[int] = BeamsOpt,
     max_new_tokens: Optional[int] = MaxOpt,
@@ -66,7 +67,7 @@ def caption_cmd(
 ):
     """COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) of a stage-2 adaptor's captions."""
     _run("caption", config, adapter=adapter, features=features, data=data, out=out, limit=limit,
-         batch_size=batch_size, device=device, llm=llm, prompt=prompt, num_beams=num_beams,
+         batch_size=batch_size, device=device, llm=llm, settings=settings, prompt=prompt, num_beams=num_beams,
          max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, length_penalty=length_penalty,
          tokenizer=tokenizer, meteor=meteor, spice=spice)
 

@@ -188,6 +188,7 @@ def generate_cmd(
     features: Optional[Path] = typer.Option(None, "--features", help="Instead of --images: a feature cache made by the adaptor's encoder (videos: extract-features --modality video)."),
     ids: Optional[list[str]] = typer.Option(None, "--ids", help=f"With --features: the rows (image / video ids) to use; repeatable. {default_is('every row')}"),
     question: Optional[str] = typer.Option(None, "--question", help="Answer this question about each image."),
+    settings: Optional[str] = typer.Option(None, "--settings", help="Captions: run (the text prompt, none, and caption length the adaptor trained with; older runs: paper) | paper (\"a photo of\", beam 5, 8..30 tokens). " + default_of(GenerateConfig, "settings")),
     prompt: Optional[str] = typer.Option(None, "--prompt", help='Text prompt ("{}" = the question). ' + generation_default("prompt")),
     num_beams: Optional[int] = typer.Option(None, "--num-beams", help=generation_default("num_beams")),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help=generation_default("max_new_tokens")),
@@ -209,7 +210,8 @@ def generate_cmd(
     from blitext.evaluation.generate import run_generate
 
     images = [*(images or []), *(more_images or [])]
-    cfg = resolve_config(GenerateConfig, None, adapter=str(adapter), images=images or None, question=question, prompt=prompt,
+    cfg = resolve_config(GenerateConfig, None, adapter=str(adapter), images=images or None, question=question,
+                         settings=settings, prompt=prompt,
                          features=features and str(features), ids=ids or None,
                          num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                          length_penalty=length_penalty, batch_size=batch_size, limit=limit, llm=llm, device=device)

@@ -289,7 +289,7 @@ def test_online_encoder_matches_the_cache(tmp_path, world):
             assert b[k] == pytest.approx(a[k], rel=2e-2), k
 
 
-def test_stage2_then_generate_and_check_prompts_from_the_cli(tmp_path, world):
+def test_stage2_then_generate_and_check_prompts_from_the_cli(tmp_path, world, monkeypatch):
     runner = CliRunner()
     common = ["--features", str(world["features"]), "--prompts", str(world["prompts"]), "--text-encoder",
               str(world["bert"]), "--llm", str(world["llm"]), "--batch-size", "4", "--max-steps", "2",
@@ -324,6 +324,34 @@ def test_stage2_then_generate_and_check_prompts_from_the_cli(tmp_path, world):
     check = runner.invoke(app, ["check-prompts", "--adapter", str(tmp_path / "s2"), "--features",
                                 str(world["features"]), "--limit", "4"])
     assert check.exit_code == 0, check.output
+
+    # captions default to what the run trained on: no text prompt, its captions' token length
+    from transformers import AutoTokenizer
+
+    from blitext.cache import FeatureCache
+    from blitext.data.pairs import read_pairs
+    from blitext.evaluation import generate
+
+    record = json.loads((tmp_path / "s2" / "final" / "state.json").read_text())["generation"]
+    cache = FeatureCache(world["features"])
+    texts = read_pairs([str(world["captions"])], None, lambda image_id: image_id in cache).texts
+    tokenizer = AutoTokenizer.from_pretrained(world["llm"])
+    longest = max(len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts)
+    assert record == {"prompt": "", "caption_tokens_max": longest, "caption_tokens_p95": record["caption_tokens_p95"],
+                      "captions_counted": len(texts)} and 1 <= record["caption_tokens_p95"] <= longest
+    used = []
+    monkeypatch.setattr(generate, "generate_texts", lambda adapter, llm, f, m, texts, settings:
+                        used.append((texts, settings)) or [""] * len(texts))
+    for extra in ([], ["--settings", "paper"]):
+        g = runner.invoke(app, ["generate", "--adapter", str(tmp_path / "s2"), "--images", str(images / "0.png"),
+                                "--device", "cpu", *extra])
+        assert g.exit_code == 0, g.output
+    (run_texts, run), (paper_texts, paper) = used
+    assert run_texts == [""] and (run.min_new_tokens, run.max_new_tokens) == (1, longest + max(2, longest // 4))
+    assert paper_texts == ["a photo of"] and (paper.min_new_tokens, paper.max_new_tokens) == (8, 30)
+    bad = runner.invoke(app, ["generate", "--adapter", str(tmp_path / "s2"), "--images", str(images / "0.png"),
+                              "--settings", "coco"])
+    assert bad.exit_code == 2 and "--settings 'coco'" in bad.output
 
 
 @pytest.mark.parametrize("kind", ["opt", "llama", "gpt2"])

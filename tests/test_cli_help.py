@@ -177,22 +177,25 @@ EXPECTED = {
     "generate": {
         "--batch-size": default(GenerateConfig, "batch_size"),
         "--num-beams": f"[default: {GenerationSettings().num_beams}]",
-        "--max-new-tokens": f"[default: {GenerationSettings().max_new_tokens} captions, "
-                            f"{GenerationSettings.for_task('vqa').max_new_tokens} answers]",
-        "--prompt": f'[default: "{GenerationSettings().prompt}" captions, "{GenerationSettings.for_task("vqa").prompt}" answers]',
+        "--max-new-tokens": f"[default: captions: the run's (--settings run), {GenerationSettings().max_new_tokens} with "
+                            f"--settings paper; {GenerationSettings.for_task('vqa').max_new_tokens} answers]",
+        "--prompt": f'[default: captions: the run\'s (--settings run), "{GenerationSettings().prompt}" with --settings paper; '
+                    f'"{GenerationSettings.for_task("vqa").prompt}" answers]',
+        "--settings": default(GenerateConfig, "settings"),
         "--llm": "[default: the adaptor's LLM]",
     },
     "eval caption": {
         "--batch-size": default(EvalConfig, "batch_size"),
         "--device": default(EvalConfig, "device"),
         "--meteor": default(EvalConfig, "meteor"),
+        "--settings": default(EvalConfig, "settings"),
         "--num-beams": f"[default: {GenerationSettings().num_beams}]",
         "--out": "[default: <run>/eval/<task>-<data name>]",
     },
     "eval vqa": {
         "--batch-size": default(EvalConfig, "batch_size"),
-        "--min-new-tokens": f"[default: {GenerationSettings().min_new_tokens} captions, "
-                            f"{GenerationSettings.for_task('vqa').min_new_tokens} answers]",
+        "--min-new-tokens": f"[default: captions: the run's (--settings run), {GenerationSettings().min_new_tokens} with "
+                            f"--settings paper; {GenerationSettings.for_task('vqa').min_new_tokens} answers]",
         "--captions": "[default: captions_<split>.json beside the questions file",
     },
     "eval retrieval": {

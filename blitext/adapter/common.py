@@ -46,3 +46,13 @@ class StepLosses(torch.nn.Module):
 
     def forward(self, *args):
         return self.losses(*args)
+
+
+def caption_record(llm, texts: list[str], sample: int = 10_000) -> dict:
+    """What generation should default to for this run's captions: the text prompt it trained with
+    (none: the soft prompts alone) and its captions' length in the LLM's tokens, from an evenly
+    spaced sample (tokenising millions of captions for one number is not worth minutes)."""
+    picked = texts[::max(1, len(texts) // sample)][:sample]
+    lengths = sorted(len(ids) for ids in llm.token_ids(picked)) or [0]
+    return {"prompt": "", "caption_tokens_max": lengths[-1],
+            "caption_tokens_p95": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))], "captions_counted": len(picked)}

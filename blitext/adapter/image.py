@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from blitext.adapter.common import StepLosses, prompt_cache, resume_run
+from blitext.adapter.common import StepLosses, caption_record, prompt_cache, resume_run
 from blitext.cache import FeatureCache
 from blitext.checkpoint import export_final, save_checkpoint
 from blitext.config import default_cache_root, provenance, to_jsonable
@@ -172,6 +172,8 @@ def _train(config: AdapterConfig, device: str, info) -> Path:
     metrics, log = open_run(run, info, start, "train-adapter")
     state = {**setup.identity, "config": to_jsonable(config), "provenance": provenance(config),
              **model.describe(), "pairs": len(setup.pairs)}
+    if setup.llm is not None:  # what generate and eval default to for this adaptor's captions
+        state["generation"] = caption_record(setup.llm, setup.pairs.texts)
     loop = AdapterLoop(config, model, setup, device, info, metrics, log)
     loop.run(start, steps, run, optimizer, state)
     final = run / "final"

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from blitext.adapter.common import StepLosses, prompt_cache, resume_run
+from blitext.adapter.common import StepLosses, caption_record, prompt_cache, resume_run
 from blitext.cache import FeatureCache
 from blitext.checkpoint import export_final, save_checkpoint
 from blitext.config import default_cache_root, provenance, to_jsonable
@@ -159,6 +159,8 @@ def _train(config: VideoAdapterConfig, device: str, info) -> Path:
     metrics, log = open_run(run, info, start, "train-adapter")
     state = {**s.identity, "modality": "video", "config": to_jsonable(config), "provenance": provenance(config),
              **model.describe(), "pairs": len(s.pairs), "phases": [p.__dict__ for p in phases]}
+    if s.llm is not None:  # what generate and eval default to for this adaptor's captions
+        state["generation"] = caption_record(s.llm, s.pairs.texts)
     loop = VideoLoop(config, s, phases, device, info, metrics, log)
     loop.run(start, steps, run, optimizer, state)
     if info.is_main:

@@ -41,7 +41,7 @@ from blitext.data.readers import read_image_set
 from blitext.data.text import caption_key
 from blitext.distributed import pick_device
 from blitext.errors import BlitextError
-from blitext.evaluation.generate import GenerationSettings, generate_from_text, generate_texts
+from blitext.evaluation.generate import GenerationSettings, generate_from_text, generate_texts, trained_settings
 from blitext.evaluation.score import (ScoreConfig, caption_metrics, caption_references, coco_id, majority_answers,
                                       vqa_metrics, vqa_records)
 from blitext.metrics import rerank_top_k, retrieval_recall
@@ -64,6 +64,7 @@ class EvalConfig:
     device: str = "auto"
     llm: str | None = None             # default: the LLM the adaptor was trained for
     prompt: str | None = None          # generation overrides; None = docs/method.md#generation-settings
+    settings: str = "run"              # captions: run (the adaptor's training prompt and caption length) | paper
     num_beams: int | None = None
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None
@@ -96,7 +97,7 @@ def eval_caption(config: EvalConfig) -> dict:
     refs = caption_references(config.data, config.limit)
     ids = list(refs)
     _require_features(ev, ids)
-    settings = _settings(config, "caption")
+    settings = _settings(config, "caption", ev.adapter)
     hyps = _generate(ev, llm, settings, ids, [settings.prompt] * len(ids), "image")
     metrics, extra = caption_metrics(refs, dict(zip(ids, hyps)), config.tokenizer, config.meteor, config.spice)
     write_json(ev.out / "predictions.json", [{"image_id": coco_id(i), "caption": h} for i, h in zip(ids, hyps)])
@@ -110,7 +111,7 @@ def eval_vqa(config: EvalConfig) -> dict:
     llm = load_llm_for_generation(ev.adapter, ev.config.llm, ev.device)
     records = vqa_records(config.data, config.annotations, config.limit)
     _require_features(ev, [r.image_id for r in records])
-    settings = _settings(config, "vqa")
+    settings = _settings(config, "vqa", ev.adapter)
     if "{}" not in settings.prompt:
         raise BlitextError(f"--prompt {settings.prompt!r} has no {{}} for the question: e.g. 'Question: {{}} Answer:'")
     captions = question_captions(config, records)  # before generating: a wrong --captions fails at once
@@ -186,8 +187,9 @@ def _require_features(ev: Evaluation, image_ids: list[str]) -> None:
                            f"are listed in its manifest), or pass the cache made from it")
 
 
-def _settings(config: EvalConfig, task: str) -> GenerationSettings:
-    settings = GenerationSettings.for_task(task, prompt=config.prompt, num_beams=config.num_beams,
+def _settings(config: EvalConfig, task: str, adapter: LoadedAdapter) -> GenerationSettings:
+    settings = GenerationSettings.for_task(task, trained_settings(adapter, config.settings), prompt=config.prompt,
+                                           num_beams=config.num_beams,
                                            max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
                                            length_penalty=config.length_penalty)
     if settings.min_new_tokens > settings.max_new_tokens:

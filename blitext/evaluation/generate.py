@@ -42,12 +42,34 @@ class GenerationSettings:
     length_penalty: float = 1.0
 
     @classmethod
-    def for_task(cls, task: str, **overrides) -> "GenerationSettings":
+    def for_task(cls, task: str, trained: dict | None = None, **overrides) -> "GenerationSettings":
+        """The task's settings: captions follow what the run trained on (`trained`, the state's
+        "generation" record: its text prompt, none, and its captions' token length) when given,
+        else the paper's COCO settings; given overrides win."""
         base = cls(VQA_PROMPT, 5, 10, 1, -1.0) if task == "vqa" else cls()
+        if task == "caption" and trained:
+            longest = trained["caption_tokens_max"]
+            base.prompt, base.min_new_tokens = trained["prompt"], 1
+            base.max_new_tokens = longest + max(2, longest // 4)  # room for the end marker and a longer caption
         for key, value in overrides.items():
             if value is not None:
                 setattr(base, key, value)
         return base
+
+
+SETTINGS = ("run", "paper")  # captions: as the run trained (older runs: paper) | the paper's COCO settings
+
+
+def trained_settings(adapter: LoadedAdapter, settings: str) -> dict | None:
+    """The run's caption record for `settings` "run" (None for runs older than the record, or "paper")."""
+    require_settings(settings)
+    return adapter.state.get("generation") if settings == "run" else None
+
+
+def require_settings(settings: str) -> None:
+    if settings not in SETTINGS:
+        raise BlitextError(f"--settings {settings!r}: use run (the prompt and caption length the adaptor trained "
+                           f"with) or paper (\"a photo of\", beam 5, 8..30 tokens)")
 
 
 @torch.inference_mode()
@@ -86,7 +108,9 @@ class GenerateConfig:
     features: str | None = None        # instead of images: a feature cache (video adaptors read only these)
     ids: list[str] = field(default_factory=list)  # with features: the rows to use; default every row
     question: str | None = None        # answer this question about every image (VQA settings)
-    prompt: str | None = None          # text prompt; default "a photo of" / "Question: {} Short answer:"
+    prompt: str | None = None          # text prompt; default: --settings' (VQA: "Question: {} Short answer:")
+    settings: str = "run"              # captions: run (the adaptor's training prompt, none, and caption length;
+                                       # runs older than that record: paper) | paper ("a photo of", 8..30 tokens)
     num_beams: int | None = None
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None
@@ -135,11 +159,13 @@ def run_generate(config: GenerateConfig) -> list[dict]:
     """[{"image", "question"?, "text"}] for every image, in order."""
     if not config.adapter:
         raise BlitextError("generate needs --adapter RUN (a train-adapter stage-2 run)")
+    require_settings(config.settings)
     device = pick_device(config.device)
     adapter = load_adapter(config.adapter, device)
     llm = load_llm_for_generation(adapter, config.llm, device)
     task = "vqa" if config.question else "caption"
-    settings = GenerationSettings.for_task(task, prompt=config.prompt, num_beams=config.num_beams,
+    settings = GenerationSettings.for_task(task, trained_settings(adapter, config.settings), prompt=config.prompt,
+                                           num_beams=config.num_beams,
                                            max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
                                            length_penalty=config.length_penalty)
     text = settings.prompt.format(config.question) if config.question else settings.prompt
