@@ -3,6 +3,7 @@ when image-text pairs are scarce.
 
     python bench/reproduce.py [--sizes 50 100 200 500] [--seeds 42 1 2] [--smoke]
     python bench/reproduce.py --table      # README's table from bench/results/reproduce.json
+    python bench/reproduce.py --cells 0,0 10,0 --sizes 50 100 --name reproduce-stage1-only   # a lever
 
 easy-VQA is prepared with colour x shape combinations withheld from the paired train images
 (`data prepare easy-vqa --withhold default`: 6 of 24), while the P-Former's text holds every
@@ -83,48 +84,67 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n)
 
 
+BASELINE = VARIANTS["baseline"]
+
+
+def cell_name(w: tuple[float, float]) -> str:
+    return next((name for name, v in VARIANTS.items() if v == w), "cell") + f" ({w[0]:g},{w[1]:g})"
+
+
+def paired_test(records: list[dict], split: str, cell: tuple[float, float]) -> dict:
+    """`cell` against the baseline (0, 0) on the same (size, seed): wins, losses and the sign test."""
+    pairs = {}
+    for r in (r for r in records if r["split"] == split):
+        pairs.setdefault((r["paired_images"], r["seed"]), {})[(r["w1"], r["w2"])] = r["exact"]
+    diffs = [v[cell] - v[BASELINE] for v in pairs.values() if cell in v and BASELINE in v]
+    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    return {"pairs": len(diffs), "cell_better": wins, "baseline_better": losses, "ties": len(diffs) - wins - losses,
+            "sign_test_p": sign_test(wins, losses), "mean_difference": statistics.mean(diffs) if diffs else None}
+
+
+def cells_of(records: list[dict]) -> list[tuple[float, float]]:
+    return sorted({(r["w1"], r["w2"]) for r in records})
+
+
 def summarise(records: list[dict]) -> dict:
-    cells, tests = {}, {}
+    """Mean and sample std per (split, size, cell) over seeds; every cell's paired test against (0, 0)."""
+    groups = {}
     for r in records:
-        cells.setdefault(f"{r['split']} n={r['paired_images']} ({r['w1']:g},{r['w2']:g})", []).append(r["exact"])
-    for split in SPLITS:
-        pairs = {}
-        for r in (r for r in records if r["split"] == split):
-            pairs.setdefault((r["paired_images"], r["seed"]), {})[(r["w1"], r["w2"])] = r["exact"]
-        diffs = [v[VARIANTS["pformer"]] - v[VARIANTS["baseline"]] for v in pairs.values() if len(v) == 2]
-        wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-        tests[split] = {"pairs": len(diffs), "pformer_better": wins, "baseline_better": losses,
-                        "ties": len(diffs) - wins - losses, "sign_test_p": sign_test(wins, losses),
-                        "mean_difference": statistics.mean(diffs) if diffs else None}
-    return {"cells": {k: {"mean": statistics.mean(v), "std": statistics.pstdev(v), "runs": len(v)}
-                      for k, v in cells.items()}, "paired_sign_test": tests}
+        groups.setdefault(f"{r['split']} n={r['paired_images']} ({r['w1']:g},{r['w2']:g})", []).append(r["exact"])
+    tests = {cell_name(cell): {split: paired_test(records, split, cell) for split in SPLITS}
+             for cell in cells_of(records) if cell != BASELINE}
+    return {"cells": {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                          "runs": len(v)} for k, v in groups.items()}, "paired_sign_test": tests}
 
 
 def markdown_table(result: dict) -> str:
-    """README's table from a reproduce.json: exact match mean +- sample std over seeds (CIDEr mean
-    beside it) per paired-data size and split, then the paired sign test per split."""
-    def cell(size: int, split: str, w: tuple[float, float]) -> str:
-        runs = [r for r in result["records"] if (r["paired_images"], r["split"], (r["w1"], r["w2"])) == (size, split, w)]
+    """README's table from a result file: exact match mean +- sample std over seeds (CIDEr mean
+    beside it) per paired-data size, split and cell, then each cell's paired sign test against (0, 0)."""
+    records = result["records"]
+
+    def entry(size: int, split: str, w: tuple[float, float]) -> str:
+        runs = [r for r in records if (r["paired_images"], r["split"], (r["w1"], r["w2"])) == (size, split, w)]
         if not runs:
             return "-"
         exact, cider = [r["exact"] for r in runs], [r["cider"] for r in runs]
         spread = statistics.stdev(exact) if len(exact) > 1 else 0.0
         return f"{statistics.mean(exact):.3f} ± {spread:.3f} ({statistics.mean(cider):.2f})"
-    sizes = sorted({r["paired_images"] for r in result["records"]})
-    seeds = sorted({r["seed"] for r in result["records"]})
-    head = ["paired images"] + [f"{split}: {name} ({w1:g},{w2:g})" for split in SPLITS
-                                for name, (w1, w2) in VARIANTS.items()]
+    cells, sizes = cells_of(records), sorted({r["paired_images"] for r in records})
+    seeds = sorted({r["seed"] for r in records})
+    head = ["paired images"] + [f"{split}: {cell_name(w)}" for split in SPLITS for w in cells]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for size in sizes:
-        lines.append("| " + " | ".join([str(size)] + [cell(size, split, w) for split in SPLITS
-                                                      for w in VARIANTS.values()]) + " |")
-    lines.append("")
-    lines.append(f"Exact match, mean ± sample std over seeds {', '.join(map(str, seeds))} (CIDEr mean in brackets); "
-                 f"commit {result['commit']}.")
-    for split, t in result["summary"]["paired_sign_test"].items():
-        lines.append(f"- {split}: P-Former better in {t['pformer_better']} of {t['pairs']} (size, seed) pairs, "
-                     f"baseline in {t['baseline_better']}, {t['ties']} ties; mean difference "
-                     f"{t['mean_difference']:+.3f}; two-sided sign test p = {t['sign_test_p']:.3g}")
+        lines.append("| " + " | ".join([str(size)] + [entry(size, split, w) for split in SPLITS for w in cells]) + " |")
+    commits = sorted({r.get("commit", result.get("commit")) for r in records})
+    lines += ["", f"Exact match, mean ± sample std over seeds {', '.join(map(str, seeds))} (CIDEr mean in brackets); "
+                  f"commit {', '.join(commits)}."]
+    for w in cells:
+        for split in SPLITS if w != BASELINE else ():
+            t = paired_test(records, split, w)
+            if t["pairs"]:
+                lines.append(f"- {split}, {cell_name(w)} against baseline (0,0): better in {t['cell_better']} of "
+                             f"{t['pairs']} (size, seed) pairs, worse in {t['baseline_better']}, {t['ties']} ties; "
+                             f"mean difference {t['mean_difference']:+.3f}; two-sided sign test p = {t['sign_test_p']:.3g}")
     return "\n".join(lines)
 
 
@@ -145,12 +165,16 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200, 500])
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     ap.add_argument("--smoke", action="store_true", help="a few steps and images: checks the script, not the claim")
-    ap.add_argument("--table", action="store_true", help="print README's table from bench/results/reproduce.json")
+    ap.add_argument("--cells", nargs="+", default=["0,0", "10,100"],
+                    help="(w1, w2) cells to train, as w1,w2; (0,0) is the baseline every other cell is tested against")
+    ap.add_argument("--name", default="reproduce", help="results file: bench/results/<name>.json")
+    ap.add_argument("--table", action="store_true", help="print README's table from bench/results/<name>.json")
     a = ap.parse_args()
     if a.table:
-        print(markdown_table(read_json(Path(__file__).parent / "results" / "reproduce.json")))
+        print(markdown_table(read_json(Path(__file__).parent / "results" / f"{a.name}.json")))
         return
     commit = commit_of_this_checkout(a.smoke)  # at the start: the study runs for over an hour
+    cells = [tuple(float(w) for w in cell.split(",")) for cell in a.cells]
     torch.use_deterministic_algorithms(True)
     c = SMOKE if a.smoke else DemoConfig()
     test_images = 24 if a.smoke else TEST_IMAGES
@@ -164,7 +188,8 @@ def main() -> None:
                                          out=str(prompts)))
         for seed in a.seeds:
             cs = replace(c, seed=seed)
-            for name, (w1, w2) in VARIANTS.items():
+            for w1, w2 in cells:
+                name = next((n for n, v in VARIANTS.items() if v == (w1, w2)), f"w1_{w1:g}-w2_{w2:g}")
                 _, s2 = train_variant(cs, name, w1, w2, features, prompts, data, root / f"n{size}-seed{seed}")
                 for split in SPLITS:
                     records.append({"w1": w1, "w2": w2, "paired_images": size, "split": split, "seed": seed,
@@ -177,7 +202,7 @@ def main() -> None:
     if a.smoke:  # checks the script, not the claim: nothing goes to bench/results
         print(result)
     else:
-        write_result("reproduce", result)
+        write_result(a.name, result)
 
 
 if __name__ == "__main__":
