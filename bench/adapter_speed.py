@@ -48,7 +48,7 @@ def step_rates(run: Path, skip: int = 2) -> tuple[list[float], list[float]]:
 
 def stage1_ratio(work: Path, data: Path, features: Path, args) -> dict:
     base = AdapterConfig(stage=1, features=str(features), captions=[str(data / "captions_train.json")], w_align=0.0,
-                         num_query=8, batch_size=args.batch_size, max_steps=args.steps, warmup_steps=1, log_every=1,
+                         n_prompt=8, batch_size=args.batch_size, max_steps=args.steps, warmup_steps=1, log_every=1,
                          save_every=10_000, device="cpu")
     cached, online, waits = [], [], []
     for r in range(args.rounds):
@@ -71,7 +71,7 @@ def stage1_ratio(work: Path, data: Path, features: Path, args) -> dict:
 
 def stage2_mfu(data: Path, features: Path, args) -> dict:
     config = AdapterConfig(stage=2, features=str(features), captions=[str(data / "captions_train.json")], w_align=0.0,
-                           num_query=8, batch_size=args.batch_size, max_steps=100, warmup_steps=1, device="cpu")
+                           n_prompt=8, batch_size=args.batch_size, max_steps=100, warmup_steps=1, device="cpu")
     setup = _setup(config, "cpu")
     model = setup.model
     model.train_only(2, False)

@@ -54,7 +54,7 @@ def train(c: VideoDemoConfig, features: Path, prompts: Path, data: Path, out: Pa
     shutil.rmtree(out, ignore_errors=True)
     train_video_adapter(VideoAdapterConfig(
         features=str(features), prompts=str(prompts), captions=[str(data / "captions_train.json")], w_align=w_align,
-        out=str(out), num_slots=c.n_prompt, max_steps=lm or None, epochs=0, align_steps=align, batch_size=c.batch_size,
+        out=str(out), n_prompt=c.n_prompt, max_steps=lm or None, epochs=0, align_steps=align, batch_size=c.batch_size,
         lr=c.lr, llm_proj_lr_scale=c.llm_proj_lr_scale, max_grad_norm=c.max_grad_norm,
         warmup_steps=max(1, c.lm_steps // 10), seed=c.seed, save_every=100000, log_every=1, device="cpu"))
     return out

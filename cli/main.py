@@ -124,7 +124,7 @@ def train_adapter_cmd(
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="--online: folder that relative image paths start from."),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help=f"BERT-family encoder the Q-Former starts from. {default_of(AdapterConfig, 'text_encoder', video=VideoAdapterConfig)}"),
     llm: Optional[str] = typer.Option(None, "--llm", help=f"Frozen LLM. {default_of(AdapterConfig, 'llm', video=VideoAdapterConfig)}"),
-    num_query: Optional[int] = typer.Option(None, "--num-query", help="Query tokens. " + default_is("the prompts' n_prompt, else 32")),
+    n_prompt: Optional[int] = typer.Option(None, "--n-prompt", help="Soft prompts: the Q-Former's queries (video: slots); must equal the prompt cache's. " + default_is("the prompt cache's n_prompt, else 32")),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Global batch. {default_of(AdapterConfig, 'batch_size', video=VideoAdapterConfig)}"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help=default_of(AdapterConfig, "epochs", video=VideoAdapterConfig)),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N steps (overrides --epochs)."),
@@ -137,7 +137,7 @@ def train_adapter_cmd(
     log_every: Optional[int] = typer.Option(None, "--log-every", help=default_of(AdapterConfig, "log_every", video=VideoAdapterConfig)),
     device: Optional[str] = typer.Option(None, "--device", help=f"auto | cpu | cuda | cuda:N. {default_of(AdapterConfig, 'device', video=VideoAdapterConfig)}"),
     resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoints/step-N folder."),
-    modality: str = typer.Option("image", "--modality", help="image: the Q-Former (stages 1, 2); video: the Transformer adaptor over segment features (--num-query = prompt slots)."),
+    modality: str = typer.Option("image", "--modality", help="image: the Q-Former (stages 1, 2); video: the Transformer adaptor over segment features."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help=f"Video: sequential (L_align alone, then LM alone: paper) | joint (LM + w L_align). {default_of(VideoAdapterConfig, 'schedule')}"),
     align_epochs: Optional[int] = typer.Option(None, "--align-epochs", help=f"Video, sequential: epochs of the alignment phase. {default_of(VideoAdapterConfig, 'align_epochs')}"),
     align_steps: Optional[int] = typer.Option(None, "--align-steps", help="Steps of L_align alone (no LLM) before the stage's own losses. Image: " + default_of(AdapterConfig, "align_steps") + "; video, sequential: overrides --align-epochs."),
@@ -155,7 +155,7 @@ def train_adapter_cmd(
                    prompts=prompts and str(prompts), w_align=w_align, init=init and str(init),
                    captions=captions or None, out=out and str(out), online=online,
                    vision_encoder=vision_encoder, image_root=image_root and str(image_root),
-                   text_encoder=text_encoder, llm=llm, num_query=num_query, batch_size=batch_size,
+                   text_encoder=text_encoder, llm=llm, n_prompt=n_prompt, batch_size=batch_size,
                    epochs=epochs, max_steps=max_steps, lr=lr, llm_proj_lr_scale=llm_proj_lr_scale,
                    max_grad_norm=max_grad_norm, warmup_steps=warmup_steps, seed=seed,
                    save_every=save_every, log_every=log_every, device=device, resume=resume, align_steps=align_steps)
@@ -164,7 +164,6 @@ def train_adapter_cmd(
     if modality == "video":  # image-only options given here are refused as unknown keys
         from blitext.adapter.video import VideoAdapterConfig, train_video_adapter
 
-        options["num_slots"] = options.pop("num_query")
         cfg = resolve_config(VideoAdapterConfig, config, **options, **video, **image)  # image-only ones: unknown keys
         say(f"[green]video adaptor written to[/] {train_video_adapter(cfg)}")
         return

@@ -164,14 +164,14 @@ def test_stage1_writes_every_loss_and_a_whole_checkpoint(tmp_path, world):
     m = lines[0]
     assert m["loss"] == pytest.approx(m["itc"] + m["itm"] + m["itg"] + 10 * m["align"], rel=1e-5)  # w1 = 10
     adapter = load_adapter(run)
-    assert adapter.model.num_query == N_PROMPT and adapter.tokenizer.bos_token == "[DEC]"
+    assert adapter.model.n_prompt == N_PROMPT and adapter.tokenizer.bos_token == "[DEC]"
     assert "embeddings.word_embeddings.weight" in weights(run)  # a stage-1 checkpoint holds the text branch
 
 
 def test_w_align_zero_equals_a_run_without_prompts(tmp_path, world):
     # the same queries as the prompts' slots (without prompts the default is the paper's 32)
     train_adapter(config(world, tmp_path / "zero", w_align=0.0))
-    train_adapter(config(world, tmp_path / "none", w_align=0.0, prompts=None, num_query=N_PROMPT))
+    train_adapter(config(world, tmp_path / "none", w_align=0.0, prompts=None, n_prompt=N_PROMPT))
     assert_same_weights(weights(tmp_path / "zero"), weights(tmp_path / "none"))
     zero, none = step_lines(tmp_path / "zero"), step_lines(tmp_path / "none")
     assert [m["loss"] for m in zero] == [m["loss"] for m in none]
@@ -180,7 +180,7 @@ def test_w_align_zero_equals_a_run_without_prompts(tmp_path, world):
     assert torch.equal(init, weights(tmp_path / "zero")["llm_proj.weight"])  # llm_proj untouched in stage 1
     # and in stage 2, from each stage-1 run
     train_adapter(config(world, tmp_path / "zero2", stage=2, w_align=0.0, init=str(tmp_path / "zero")))
-    train_adapter(config(world, tmp_path / "none2", stage=2, w_align=0.0, prompts=None, num_query=N_PROMPT,
+    train_adapter(config(world, tmp_path / "none2", stage=2, w_align=0.0, prompts=None, n_prompt=N_PROMPT,
                          init=str(tmp_path / "none")))
     assert_same_weights(weights(tmp_path / "zero2"), weights(tmp_path / "none2"))
 
@@ -263,8 +263,8 @@ def test_mismatched_caches_are_refused(tmp_path, world, llm_folders, vision_fold
         train_adapter(config(world, tmp_path / "llama", llm=str(llm_folders["llama"])))
     with pytest.raises(BlitextError, match="this run expects"):  # features of the ViT, run names CLIP
         train_adapter(config(world, tmp_path / "clip", vision_encoder=str(vision_folders["clip"])))
-    with pytest.raises(BlitextError, match="--num-query 3 but the reference prompts have 4"):
-        train_adapter(config(world, tmp_path / "q3", num_query=3))
+    with pytest.raises(BlitextError, match="--n-prompt 3 but the reference prompts have 4"):
+        train_adapter(config(world, tmp_path / "q3", n_prompt=3))
     with pytest.raises(BlitextError, match="needs reference prompts"):
         config(world, tmp_path / "np", prompts=None)
     # stage 2 from a stage-1 run on other features

@@ -77,7 +77,7 @@ def test_a_trained_adaptor_captions_its_training_images_in_eval_mode(session_cac
     captions.write_text(json.dumps(entries))
     demo, run = DemoConfig(), tmp_path / "s2"
     train_adapter(AdapterConfig(stage=2, w_align=0, features=str(features), captions=[str(captions)], out=str(run),
-                                num_query=demo.n_prompt, num_layers=demo.num_layers, dropout=demo.dropout,
+                                n_prompt=demo.n_prompt, num_layers=demo.num_layers, dropout=demo.dropout,
                                 cross_attention_frequency=demo.cross_attention_frequency, batch_size=demo.batch_size,
                                 max_steps=150, warmup_steps=15, lr=demo.stage2_lr,
                                 max_grad_norm=demo.stage2_max_grad_norm,

@@ -119,7 +119,7 @@ def test_padded_segments_change_nothing_in_real_outputs(bert_folder):
         # the Transformer itself: a row's real segments give the same outputs with any amount of padding
         short = model.segment_output(feats[:1, :3])
         padded = model.segment_output(feats[:1], mask[:1])[:, :3]
-    assert batched.shape == (3, 6, 32) and model.num_query == 6
+    assert batched.shape == (3, 6, 32) and model.n_prompt == 6
     for i in range(3):
         torch.testing.assert_close(batched[i:i + 1], alone[i], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(padded, short, rtol=1e-5, atol=1e-5)
@@ -179,7 +179,7 @@ def test_lm_only_baseline_and_joint_schedule(tmp_path, world):
     base = step_lines(tmp_path / "base")
     assert [m["phase"] for m in base] == ["lm"] * 3  # no alignment phase at weight 0
     assert all(m["loss"] == pytest.approx(m["lm"], rel=1e-6) and m["align"] > 0 for m in base)
-    train_video_adapter(config(world, tmp_path / "none", w_align=0.0, prompts=None, num_slots=N_PROMPT))
+    train_video_adapter(config(world, tmp_path / "none", w_align=0.0, prompts=None, n_prompt=N_PROMPT))
     assert [m["loss"] for m in step_lines(tmp_path / "none")] == [m["loss"] for m in base]  # prompts only measured
     w1, w2 = weights(tmp_path / "base"), weights(tmp_path / "none")
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
@@ -217,8 +217,8 @@ def test_resume_across_the_phase_boundary_replays_exactly(tmp_path, world, monke
 def test_mismatched_caches_are_refused(tmp_path, world, llm_folders):
     with pytest.raises(BlitextError, match="were built for"):  # prompts made for the OPT, run for Llama
         train_video_adapter(config(world, tmp_path / "llama", llm=str(llm_folders["llama"])))
-    with pytest.raises(BlitextError, match="--num-query 3 but the reference prompts have 4"):
-        train_video_adapter(config(world, tmp_path / "q3", num_slots=3))
+    with pytest.raises(BlitextError, match="--n-prompt 3 but the reference prompts have 4"):
+        train_video_adapter(config(world, tmp_path / "q3", n_prompt=3))
     image = write_video_cache(tmp_path / "image-features", [f"v{i}" for i in range(16)],
                               {"encoder": "vit", "fingerprint": "vit@1"})
     with pytest.raises(BlitextError, match="holds image features"):

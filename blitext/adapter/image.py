@@ -63,7 +63,7 @@ class AdapterConfig:
     image_root: str | None = None       # --online: where relative image paths start
     text_encoder: str = DEFAULT_TEXT_ENCODER  # Q-Former initialisation (paper: bert-base-uncased)
     llm: str = DEFAULT_LLM              # the frozen LLM (stage 2 runs it; stage 1 needs its width)
-    num_query: int | None = None        # default: the prompt cache's n_prompt, else 32 (paper)
+    n_prompt: int | None = None         # soft prompts = Q-Former queries; default: the prompt cache's, else 32 (paper)
     cross_attention_frequency: int = 2  # a cross-attention to the visual tokens every N layers (paper: 2)
     num_layers: int | None = None       # keep the text encoder's first N layers (default: all; bert-base: 12)
     dropout: float | None = None        # the Q-Former's hidden and attention dropout (default: the encoder's, 0.1)
@@ -116,7 +116,7 @@ class AdapterConfig:
                                "(blitext extract-features makes it), or --online to encode images in the loop")
 
 
-RESUME_KEYS = ("stage", "w_align", "align_steps", "text_encoder", "llm", "num_query", "cross_attention_frequency",
+RESUME_KEYS = ("stage", "w_align", "align_steps", "text_encoder", "llm", "n_prompt", "cross_attention_frequency",
                "num_layers", "dropout", "embed_dim",
                "max_text_len", "end_of_text", "batch_size", "lr", "llm_proj_lr_scale", "min_lr", "max_grad_norm",
                "warmup_steps", "seed", "epochs", "max_steps")
@@ -167,7 +167,7 @@ def _train(config: AdapterConfig, device: str, info) -> Path:
         raise BlitextError(f"{len(setup.pairs)} image-caption pairs < batch_size {config.batch_size}; lower --batch-size")
     say(f"train-adapter stage {config.stage}: {len(setup.pairs):,} pairs"
         + (f" ({setup.pairs.skipped} captions without features skipped)" if setup.pairs.skipped else "")
-        + f", {steps:,} steps of {config.batch_size}, w_align {config.w_align:g}, {model.num_query} queries, "
+        + f", {steps:,} steps of {config.batch_size}, w_align {config.w_align:g}, {model.n_prompt} queries, "
         f"{len(trainable)} trainable tensors, {'online encoder' if config.online else 'cached features'} on {device}")
     metrics, log = open_run(run, info, start, "train-adapter")
     state = {**setup.identity, "config": to_jsonable(config), "provenance": provenance(config),
@@ -207,10 +207,10 @@ def _setup(config: AdapterConfig, device: str) -> Setup:
     if prompts is not None:
         prompts.require_llm(llm_fp, llm.family if llm else llm_family(config.llm), config.llm)
     d_llm = llm.width if llm else llm_width(config.llm)
-    num_query = config.num_query or (prompts.producer["n_prompt"] if prompts else 32)
-    if prompts is not None and num_query != prompts.producer["n_prompt"]:
-        raise BlitextError(f"--num-query {num_query} but the reference prompts have {prompts.producer['n_prompt']} "
-                           f"slots: L_align compares them slot by slot; use --num-query {prompts.producer['n_prompt']}")
+    n_prompt = config.n_prompt or (prompts.producer["n_prompt"] if prompts else 32)
+    if prompts is not None and n_prompt != prompts.producer["n_prompt"]:
+        raise BlitextError(f"--n-prompt {n_prompt} but the reference prompts have {prompts.producer['n_prompt']} "
+                           f"slots: L_align compares them slot by slot; use --n-prompt {prompts.producer['n_prompt']}")
     text_encoder = load_text_encoder(config.text_encoder)
     if config.num_layers:
         keep_first_layers(text_encoder.model, config.num_layers, config.text_encoder)
@@ -219,7 +219,7 @@ def _setup(config: AdapterConfig, device: str) -> Setup:
             config.dropout
     tokenizer = qformer_tokenizer(text_encoder.tokenizer)
     torch.manual_seed(config.seed)  # the new parts' initialisation (queries, cross-attention, heads)
-    model = QFormer.from_text_encoder(text_encoder.model, tokenizer, source.width, num_query, d_llm,
+    model = QFormer.from_text_encoder(text_encoder.model, tokenizer, source.width, n_prompt, d_llm,
                                       config.cross_attention_frequency, config.embed_dim)
     identity = {"features_producer": source.producer, "llm_fingerprint": llm_fp,
                 "text_encoder_fingerprint": text_encoder.fingerprint,
@@ -336,7 +336,7 @@ class AdapterLoop:
         itm_ids = torch.cat([ids, ids[has_image], all_ids[neg_text[has_text]]])
         itm_att = torch.cat([att, att[has_image], all_att[neg_text[has_text]]])
         itm_feats = torch.cat([features, all_features[neg_image[has_image]], features[has_text]])
-        q = self.model.num_query
+        q = self.model.n_prompt
         joint = model.joint_output(itm_ids, itm_feats, torch.cat([itm_att.new_ones(len(itm_ids), q), itm_att], 1))
         itm_logits = self.model.itm_head(joint[:, :q]).mean(1)  # (3B', 2)
         labels = torch.cat([torch.ones(len(ids)), torch.zeros(len(itm_ids) - len(ids))]).long().to(self.device)

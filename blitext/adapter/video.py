@@ -55,7 +55,7 @@ class VideoAdapterConfig:
     out: str | None = None              # run folder; default <cache root>/runs/video-adapter/<schedule>-w<W>
     text_encoder: str = DEFAULT_TEXT_ENCODER  # the Transformer's initialisation (paper: a BERT-base)
     llm: str = DEFAULT_LLM              # the frozen LLM
-    num_slots: int | None = None        # prompt slots; default: the prompt cache's n_prompt, else 32 (paper)
+    n_prompt: int | None = None         # soft prompts (slots); default: the prompt cache's, else 32 (paper)
     max_text_len: int = 32
     end_of_text: str = "\n"             # appended to LM targets, as the P-Former's (the LLM learns to stop)
     epochs: int = 10                    # LM phase (the joint schedule's only phase); paper: 10
@@ -92,7 +92,7 @@ class VideoAdapterConfig:
                                "(blitext extract-features --modality video or import-features makes it)")
 
 
-RESUME_KEYS = ("schedule", "w_align", "text_encoder", "llm", "num_slots", "max_text_len", "end_of_text", "epochs",
+RESUME_KEYS = ("schedule", "w_align", "text_encoder", "llm", "n_prompt", "max_text_len", "end_of_text", "epochs",
                "max_steps", "align_epochs", "align_steps", "batch_size", "lr", "llm_proj_lr_scale", "max_grad_norm",
                "min_lr", "warmup_steps", "seed")
 
@@ -155,7 +155,7 @@ def _train(config: VideoAdapterConfig, device: str, info) -> Path:
     say(f"train-adapter --modality video: {len(s.pairs):,} pairs"
         + (f" ({s.pairs.skipped} captions without features skipped)" if s.pairs.skipped else "")
         + f", phases {', '.join(f'{p.name} {p.steps:,}' for p in phases)} steps of {config.batch_size}, "
-        f"w_align {config.w_align:g}, {model.num_slots} slots, on {device}")
+        f"w_align {config.w_align:g}, {model.n_prompt} slots, on {device}")
     metrics, log = open_run(run, info, start, "train-adapter")
     state = {**s.identity, "modality": "video", "config": to_jsonable(config), "provenance": provenance(config),
              **model.describe(), "pairs": len(s.pairs), "phases": [p.__dict__ for p in phases]}
@@ -182,13 +182,13 @@ def _setup(config: VideoAdapterConfig, device: str) -> Setup:
     llm = load_llm(config.llm, device=device)
     if prompts is not None:
         prompts.require_llm(llm.fingerprint, llm.family, config.llm)
-    num_slots = config.num_slots or (prompts.producer["n_prompt"] if prompts else 32)
-    if prompts is not None and num_slots != prompts.producer["n_prompt"]:
-        raise BlitextError(f"--num-query {num_slots} but the reference prompts have {prompts.producer['n_prompt']} "
-                           f"slots: L_align compares them slot by slot; use --num-query {prompts.producer['n_prompt']}")
+    n_prompt = config.n_prompt or (prompts.producer["n_prompt"] if prompts else 32)
+    if prompts is not None and n_prompt != prompts.producer["n_prompt"]:
+        raise BlitextError(f"--n-prompt {n_prompt} but the reference prompts have {prompts.producer['n_prompt']} "
+                           f"slots: L_align compares them slot by slot; use --n-prompt {prompts.producer['n_prompt']}")
     text_encoder = load_text_encoder(config.text_encoder)
     torch.manual_seed(config.seed)  # the new layers' initialisation (input_proj, llm_proj)
-    model = VideoAdapter.from_text_encoder(text_encoder.model, source.width, num_slots, llm.width)
+    model = VideoAdapter.from_text_encoder(text_encoder.model, source.width, n_prompt, llm.width)
     identity = {"features_producer": source.producer, "llm_fingerprint": llm.fingerprint,
                 "text_encoder_fingerprint": text_encoder.fingerprint,
                 "prompts_producer": prompts.producer if prompts else None,

@@ -353,7 +353,7 @@ class RetrievalScorer:
     def itm(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         """ITM scores of (image index, text index) pairs of the same shape: mean over the Q query
         outputs of itm_head's positive logit, as BLIP-2's compute_itm."""
-        q, flat_i, flat_t, out = self.model.num_query, images.flatten(), texts.flatten(), []
+        q, flat_i, flat_t, out = self.model.n_prompt, images.flatten(), texts.flatten(), []
         for s in range(0, len(flat_i), ITM_PAIRS_PER_CALL):
             i, t = flat_i[s:s + ITM_PAIRS_PER_CALL], flat_t[s:s + ITM_PAIRS_PER_CALL]
             features, mask = self._features([self.image_ids[n] for n in i.tolist()])  # (P, T, D)

@@ -60,7 +60,7 @@ def load_init(init: str, model: QFormer, identity: dict) -> None:
     bad = [k for k, v in weights.items() if k not in own or own[k].shape != v.shape]
     if bad or set(own) - set(weights):
         raise BlitextError(f"--init {folder} does not fit this Q-Former ({(bad or sorted(set(own) - set(weights)))[:3]}); "
-                           f"use the same --text-encoder, --num-query, --num-layers and --cross-attention-frequency "
+                           f"use the same --text-encoder, --n-prompt, --num-layers and --cross-attention-frequency "
                            f"as stage 1")
     model.load_state_dict(weights)
     say(f"stage 2 starts from {folder} (stage {state['resume_config']['stage']}, step {state['step']})")

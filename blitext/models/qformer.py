@@ -59,6 +59,11 @@ class QFormer(nn.Module):
         return self.query_tokens.shape[1]
 
     @property
+    def n_prompt(self) -> int:
+        """Soft prompts per image (one per query), as every adaptor names it."""
+        return self.num_query
+
+    @property
     def d_llm(self) -> int:
         return self.llm_proj.out_features
 

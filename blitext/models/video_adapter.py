@@ -31,7 +31,7 @@ class VideoAdapter(nn.Module):
         h = config.hidden_size
         if num_slots > config.max_position_embeddings:
             raise BlitextError(f"{num_slots} prompt slots > the encoder's {config.max_position_embeddings} "
-                               f"positions: lower --num-query")
+                               f"positions: lower --n-prompt")
         self.config, self.num_slots = config, num_slots
         self.input_proj = nn.Linear(d_in, h)
         self.transformer = BertModel(config, add_pooling_layer=False)
@@ -39,7 +39,8 @@ class VideoAdapter(nn.Module):
         self.llm_proj = nn.Linear(h, d_llm)
 
     @property
-    def num_query(self) -> int:  # the name the image adaptor's callers use for "prompt slots"
+    def n_prompt(self) -> int:
+        """Soft prompts per video (the slots), as every adaptor names it."""
         return self.num_slots
 
     @property

@@ -209,7 +209,7 @@ def _adaptor(c: AblateConfig, work: Path, cell: Cell, features: Path, splits: Sp
              prompts: dict[int, Path]) -> tuple[Path, Path]:
     """Stage 1 with w1 (shared by the cells of equal w1 and P-Former), then stage 2 with w2 from it."""
     ref = prompts.get(cell.extra)
-    base = AdapterConfig(features=str(features), captions=[str(splits.train)], w_align=0.0, num_query=c.n_prompt,
+    base = AdapterConfig(features=str(features), captions=[str(splits.train)], w_align=0.0, n_prompt=c.n_prompt,
                          seed=c.seed, save_every=max(10, c.stage1_steps // 2), log_every=1)
     s1 = work / (f"stage1-w1_{cell.w1:g}" + (f"-{_label(cell.extra)}" if cell.w1 else ""))
     say(f"[bold]stage 1, w1 = {cell.w1:g}[/] ({s1.name})")

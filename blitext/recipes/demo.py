@@ -129,7 +129,7 @@ def train_variant(c: DemoConfig, name: str, w1: float, w2: float, features: Path
     """Stage 1 is L_align alone (the video path's order; ITC/ITM/ITG are left to `blitext ablate`), so at
     w1 = 0 there is nothing to train and stage 2 starts from MiniLM; stage 2 is the LLM's loss + w2 L_align."""
     base = AdapterConfig(features=str(features), prompts=str(prompts), captions=[str(data / "captions_train.json")],
-                         num_query=c.n_prompt, num_layers=c.num_layers,
+                         n_prompt=c.n_prompt, num_layers=c.num_layers,
                          cross_attention_frequency=c.cross_attention_frequency, dropout=c.dropout, seed=c.seed,
                          batch_size=c.batch_size, log_every=1)
     s1 = None

@@ -99,7 +99,7 @@ def run_video_demo(config: VideoDemoConfig) -> dict:
         run = runs[name] = work / name
         train_once(run, lambda resume: train_video_adapter(VideoAdapterConfig(
             features=str(features), prompts=str(prompts), captions=[train_captions], w_align=w, out=str(run),
-            num_slots=c.n_prompt, max_steps=c.lm_steps, align_steps=c.align_steps, batch_size=c.batch_size, lr=c.lr,
+            n_prompt=c.n_prompt, max_steps=c.lm_steps, align_steps=c.align_steps, batch_size=c.batch_size, lr=c.lr,
             llm_proj_lr_scale=c.llm_proj_lr_scale, max_grad_norm=c.max_grad_norm,
             warmup_steps=max(1, c.lm_steps // 10), seed=c.seed, save_every=max(10, c.lm_steps // 2), log_every=1,
             resume=resume)))
