@@ -72,7 +72,19 @@ def score(s2: Path, features: Path, data: Path, c: DemoConfig, split: str) -> di
         eval_caption(EvalConfig(adapter=str(s2), features=str(features), data=str(data / f"captions_test_{split}.json"),
                                 out=str(out), prompt="", num_beams=1, min_new_tokens=1, max_new_tokens=12))
     metrics = read_json(out / "metrics.json")["metrics"]
-    return {"exact": metrics["exact_match"], "cider": metrics["CIDEr"]}
+    return {"exact": metrics["exact_match"], "cider": metrics["CIDEr"],
+            **attributes_named(read_json(out / "predictions.json"), data / f"captions_test_{split}.json"),
+            "trained_commit": read_json(s2 / "final" / "state.json")["provenance"]["git_commit"][:7]}
+
+
+def attributes_named(predictions: list[dict], captions: Path) -> dict:
+    """Share of captions that name the image's colour and its shape (easy-VQA's records say both):
+    exact match alone cannot tell a variant that gets the shape and misses the colour from one that
+    misses both."""
+    truth = {r["image_id"]: (r["color"], r["shape"]) for r in read_json(captions)}
+    words = [(truth[p["image_id"]], set(p["caption"].lower().split())) for p in predictions]
+    return {"colour_named": sum(colour in w for (colour, _), w in words) / len(words),
+            "shape_named": sum(shape in w for (_, shape), w in words) / len(words)}
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -135,9 +147,22 @@ def markdown_table(result: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for size in sizes:
         lines.append("| " + " | ".join([str(size)] + [entry(size, split, w) for split in SPLITS for w in cells]) + " |")
+    if all("colour_named" in r for r in records):
+        head = ["paired images"] + [f"withheld: {what} named, {cell_name(w)}" for what in ("colour", "shape") for w in cells]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for size in sizes:
+            row = [str(size)]
+            for what in ("colour", "shape"):
+                for w in cells:
+                    runs = [r[f"{what}_named"] for r in records if (r["paired_images"], r["split"], (r["w1"], r["w2"]))
+                            == (size, "withheld", w)]
+                    row.append(f"{statistics.mean(runs):.2f}" if runs else "-")
+            lines.append("| " + " | ".join(row) + " |")
     commits = sorted({r.get("commit", result.get("commit")) for r in records})
+    trained = sorted({r["trained_commit"] for r in records if "trained_commit" in r})
     lines += ["", f"Exact match, mean ± sample std over seeds {', '.join(map(str, seeds))} (CIDEr mean in brackets); "
-                  f"commit {', '.join(commits)}."]
+                  f"scored at commit {', '.join(commits)}"
+                  + (f", trained at {', '.join(trained)}." if trained else ".")]
     for w in cells:
         for split in SPLITS if w != BASELINE else ():
             t = paired_test(records, split, w)
