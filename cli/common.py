@@ -95,3 +95,11 @@ def write_out(path: Path, text: str) -> None:
 
     with writing(path.parent, then="run the command again"):
         write_text(path, text)
+
+
+def call_with_config(fn, cls, config_file: Path | None, options: dict):
+    """fn(cls's config): its defaults < the --config file < the given options (paths as strings)."""
+    from blitext.config import resolve_config
+
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    return fn(resolve_config(cls, config_file, **options))

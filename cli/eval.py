@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from blitext.cli.common import ConfigOpt, default_is, default_of, generation_default, user_errors
+from blitext.cli.common import ConfigOpt, call_with_config, default_is, default_of, generation_default, user_errors
 from blitext.evaluation.evaluate import EvalConfig
 
 eval_app = typer.Typer(no_args_is_help=True,
@@ -37,10 +37,8 @@ PenaltyOpt = typer.Option(None, "--length-penalty", help=generation_default("len
 
 def _run(task: str, config: Optional[Path], **options) -> None:
     from blitext.evaluation import evaluate
-    from blitext.config import resolve_config
 
-    options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
-    getattr(evaluate, f"eval_{task}")(resolve_config(EvalConfig, config, **options))
+    call_with_config(getattr(evaluate, f"eval_{task}"), EvalConfig, config, options)
 
 
 @eval_app.command("caption")

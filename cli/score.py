@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from blitext.cli.common import ConfigOpt, default_is, default_of, user_errors
+from blitext.cli.common import ConfigOpt, call_with_config, default_is, default_of, user_errors
 from blitext.evaluation.score import ScoreConfig
 
 score_app = typer.Typer(no_args_is_help=True,
@@ -26,11 +26,9 @@ LimitOpt = typer.Option(None, "--limit", help="Only the first N images (question
 
 
 def _run(task: str, config: Optional[Path], **options) -> None:
-    from blitext.config import resolve_config
     from blitext.evaluation import score
 
-    options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
-    getattr(score, f"score_{task}")(resolve_config(ScoreConfig, config, **options))
+    call_with_config(getattr(score, f"score_{task}"), ScoreConfig, config, options)
 
 
 @score_app.command("caption")

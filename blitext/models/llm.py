@@ -157,14 +157,18 @@ class FrozenLLM:
                  min_new_tokens: int | None = None, length_penalty: float = 1.0) -> list[str]:
         """One text per row: the LLM reads the row's prefix embeddings (B, P, D) or [(P_i, D)] (soft
         prompts, or a text's embeddings) then its text prompt; the output is cut where it should stop."""
-        raise NotImplementedError
-
-    def _generate(self, embeds, mask, end_of_text, **settings) -> list[str]:
-        settings = {k: v for k, v in settings.items() if v is not None}
+        embeds, mask = self.generation_inputs(prefixes, texts)
+        settings = {k: v for k, v in dict(max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                          min_new_tokens=min_new_tokens, length_penalty=length_penalty).items()
+                    if v is not None}
         out = self.model.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False,
                                   eos_token_id=self.stop_token_ids(end_of_text),
                                   pad_token_id=self.tokenizer.pad_token_id, **settings)
         return [self.cut(t, end_of_text) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def generation_inputs(self, prefixes, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, D) embeddings and (B, N) mask that generate hands the model: the family's layout."""
+        raise NotImplementedError
 
 
 class CausalLM(FrozenLLM):
@@ -224,11 +228,8 @@ class CausalLM(FrozenLLM):
     def cut(self, text: str, end_of_text: str) -> str:
         return text.split(end_of_text)[0].strip() if end_of_text else text.strip()
 
-    def generate(self, prefixes, texts, end_of_text, max_new_tokens, num_beams=1, min_new_tokens=None,
-                 length_penalty=1.0):
-        embeds, mask = self.left_padded(prefixes, texts)
-        return self._generate(embeds, mask, end_of_text, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                              min_new_tokens=min_new_tokens, length_penalty=length_penalty)
+    def generation_inputs(self, prefixes, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.left_padded(prefixes, texts)
 
     def left_padded(self, prefixes, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N, D) [pads][prefix][text] and its (B, N) mask: padding goes first, so every row's real
@@ -283,11 +284,8 @@ class EncoderDecoderLM(FrozenLLM):
     def stop_token_ids(self, end_of_text: str) -> list[int]:
         return [self.tokenizer.eos_token_id]
 
-    def generate(self, prefixes, texts, end_of_text, max_new_tokens, num_beams=1, min_new_tokens=None,
-                 length_penalty=1.0):
-        embeds, mask = self.encoder_inputs(prefixes, texts)
-        return self._generate(embeds, mask, end_of_text, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                              min_new_tokens=min_new_tokens, length_penalty=length_penalty)
+    def generation_inputs(self, prefixes, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder_inputs(prefixes, texts)
 
     def encoder_inputs(self, prefixes, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N, D) [prefix][text </s>][pads] and its (B, N) mask (the encoder reads both ways, so
