@@ -2,9 +2,10 @@
 
 A causal LLM reads [left padding][the adaptor's soft prompts][the text prompt], an encoder-decoder
 LLM's encoder [soft prompts][text prompt </s>] (LAVIS's blip2_t5), and writes with transformers'
-generate (blitext.models.llm). Defaults are docs/method.md#generation-settings: captions with "a photo of",
-beam 5, 8..30 new tokens; questions as "Question: {} Short answer:", beam 5, 1..10 new
-tokens, length penalty -1, for either family (LAVIS's T5 models use the same). Generation stops
+generate (blitext.models.llm). Captions follow what the run trained on (no text prompt, its
+captions' length; `--settings run`); otherwise, and with `--settings paper`, the defaults are
+docs/method.md#generation-settings: captions with "a photo of", beam 5, 8..30 new tokens;
+questions as "Question: {} Short answer:", beam 5, 1..10 new tokens, length penalty -1, for either family (LAVIS's T5 models use the same). Generation stops
 at the end-of-text marker the adaptor was trained to emit ("\\n"; T5's </s>), which a small
 chat-tuned LLM otherwise talks past.
 
@@ -22,14 +23,13 @@ import torch
 
 from blitext.models.adapter_checkpoint import LoadedAdapter, adapter_encoder, load_adapter, load_llm_for_generation
 from blitext.data.images import load_image
-from blitext.data.readers import read_image_set
+from blitext.data.readers import IMAGE_EXTENSIONS, read_image_set
 from blitext.distributed import pick_device
 from blitext.errors import BlitextError
 from blitext.models.llm import FrozenLLM
 
 CAPTION_PROMPT = "a photo of"
 VQA_PROMPT = "Question: {} Short answer:"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass
@@ -141,13 +141,13 @@ def image_refs(inputs: list[str], limit: int | None) -> list[ImageRef]:
 
 def _refs_of(item: str) -> list[ImageRef]:
     path = Path(item)
-    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+    if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
         return [ImageRef(path.name, path.parent, path.name)]
     if not path.exists() and glob.has_magic(item):
         matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
         if not matches:
             raise BlitextError(f"--images {item!r}: the glob matches no files; check the pattern")
-        if all(p.suffix.lower() in IMAGE_SUFFIXES for p in matches):
+        if all(p.suffix.lower() in IMAGE_EXTENSIONS for p in matches):
             return [ImageRef(p.name, p.parent, p.name) for p in matches]
     if path.exists() or glob.has_magic(item):
         image_set = read_image_set(item)
