@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from blitext.cli.common import ConfigOpt, call_with_config, default_is, default_of, generation_default, user_errors
+from blitext.cli.score import MeteorOpt, SpiceOpt, TokenizerOpt
 from blitext.evaluation.evaluate import EvalConfig
 
 eval_app = typer.Typer(no_args_is_help=True,
@@ -58,9 +59,9 @@ def caption_cmd(
     max_new_tokens: Optional[int] = MaxOpt,
     min_new_tokens: Optional[int] = MinOpt,
     length_penalty: Optional[float] = PenaltyOpt,
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=f"PTB tokenizer: auto | java | python. {_default('tokenizer')}"),
-    meteor: Optional[str] = typer.Option(None, "--meteor", help=f"auto | java | off (Java). {_default('meteor')}"),
-    spice: Optional[str] = typer.Option(None, "--spice", help=f"auto | java | off (Java + Stanford models). {_default('spice')}"),
+    tokenizer: Optional[str] = TokenizerOpt,
+    meteor: Optional[str] = MeteorOpt,
+    spice: Optional[str] = SpiceOpt,
     config: Optional[Path] = ConfigOpt,
 ):
     """COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) of a stage-2 adaptor's captions."""

@@ -23,6 +23,10 @@ def _default(name: str) -> str:
 
 OutOpt = typer.Option(None, "--out", help=f"Folder for metrics.json. {default_is('score-<task>-<data name> beside the predictions')}")
 LimitOpt = typer.Option(None, "--limit", help="Only the first N images (questions) of --data, as eval --limit N.")
+# caption metrics' options, shared with eval caption (whose defaults are ScoreConfig's)
+TokenizerOpt = typer.Option(None, "--tokenizer", help=f"PTB tokenizer: auto | java | python. {_default('tokenizer')}")
+MeteorOpt = typer.Option(None, "--meteor", help=f"auto | java | off (Java). {_default('meteor')}")
+SpiceOpt = typer.Option(None, "--spice", help=f"auto | java | off (Java + Stanford models). {_default('spice')}")
 
 
 def _run(task: str, config: Optional[Path], **options) -> None:
@@ -38,9 +42,9 @@ def caption_cmd(
     data: Optional[str] = typer.Option(None, "--data", help="Caption JSON (LAVIS / COCO) or folder: the images and their reference captions (as eval caption)."),
     out: Optional[Path] = OutOpt,
     limit: Optional[int] = LimitOpt,
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=f"PTB tokenizer: auto | java | python. {_default('tokenizer')}"),
-    meteor: Optional[str] = typer.Option(None, "--meteor", help=f"auto | java | off (Java). {_default('meteor')}"),
-    spice: Optional[str] = typer.Option(None, "--spice", help=f"auto | java | off (Java + Stanford models). {_default('spice')}"),
+    tokenizer: Optional[str] = TokenizerOpt,
+    meteor: Optional[str] = MeteorOpt,
+    spice: Optional[str] = SpiceOpt,
     config: Optional[Path] = ConfigOpt,
 ):
     """COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE, exact match) of any system's captions."""
