@@ -99,8 +99,17 @@ def sign_test(wins: int, losses: int) -> float:
 BASELINE = VARIANTS["baseline"]
 
 
-def cell_name(w: tuple[float, float]) -> str:
-    return next((name for name, v in VARIANTS.items() if v == w), "cell") + f" ({w[0]:g},{w[1]:g})"
+def cell_name(w: tuple[float, float], align_loss: str = "mse") -> str:
+    return next((name for name, v in VARIANTS.items() if v == w), "cell") + f" ({w[0]:g},{w[1]:g})" + (
+        f" {align_loss}" if align_loss != "mse" and w != BASELINE else "")
+
+
+def variant_name(w1: float, w2: float, align_loss: str) -> str:
+    """The run folder's name: the demo's variant names for its cells with the paper's L_align."""
+    if (w1, w2) == BASELINE:
+        return "baseline"
+    name = next((n for n, v in VARIANTS.items() if v == (w1, w2)), f"w1_{w1:g}-w2_{w2:g}")
+    return name if align_loss == "mse" else f"{name}-{align_loss}"
 
 
 def paired_test(records: list[dict], split: str, cell: tuple[float, float]) -> dict:
@@ -114,6 +123,11 @@ def paired_test(records: list[dict], split: str, cell: tuple[float, float]) -> d
             "sign_test_p": sign_test(wins, losses), "mean_difference": statistics.mean(diffs) if diffs else None}
 
 
+def align_of(records: list[dict]) -> dict[tuple[float, float], str]:
+    """Each cell's L_align form (records older than the option used the paper's MSE)."""
+    return {(r["w1"], r["w2"]): r.get("align_loss", "mse") for r in records}
+
+
 def cells_of(records: list[dict]) -> list[tuple[float, float]]:
     return sorted({(r["w1"], r["w2"]) for r in records})
 
@@ -123,7 +137,8 @@ def summarise(records: list[dict]) -> dict:
     groups = {}
     for r in records:
         groups.setdefault(f"{r['split']} n={r['paired_images']} ({r['w1']:g},{r['w2']:g})", []).append(r["exact"])
-    tests = {cell_name(cell): {split: paired_test(records, split, cell) for split in SPLITS}
+    align = align_of(records)
+    tests = {cell_name(cell, align[cell]): {split: paired_test(records, split, cell) for split in SPLITS}
              for cell in cells_of(records) if cell != BASELINE}
     return {"cells": {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
                           "runs": len(v)} for k, v in groups.items()}, "paired_sign_test": tests}
@@ -142,13 +157,14 @@ def markdown_table(result: dict) -> str:
         spread = statistics.stdev(exact) if len(exact) > 1 else 0.0
         return f"{statistics.mean(exact):.3f} ± {spread:.3f} ({statistics.mean(cider):.2f})"
     cells, sizes = cells_of(records), sorted({r["paired_images"] for r in records})
+    align = align_of(records)
     seeds = sorted({r["seed"] for r in records})
-    head = ["paired images"] + [f"{split}: {cell_name(w)}" for split in SPLITS for w in cells]
+    head = ["paired images"] + [f"{split}: {cell_name(w, align[w])}" for split in SPLITS for w in cells]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for size in sizes:
         lines.append("| " + " | ".join([str(size)] + [entry(size, split, w) for split in SPLITS for w in cells]) + " |")
     if all("colour_named" in r for r in records):
-        head = ["paired images"] + [f"withheld: {what} named, {cell_name(w)}" for what in ("colour", "shape") for w in cells]
+        head = ["paired images"] + [f"withheld: {what} named, {cell_name(w, align[w])}" for what in ("colour", "shape") for w in cells]
         lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for size in sizes:
             row = [str(size)]
@@ -167,7 +183,7 @@ def markdown_table(result: dict) -> str:
         for split in SPLITS if w != BASELINE else ():
             t = paired_test(records, split, w)
             if t["pairs"]:
-                lines.append(f"- {split}, {cell_name(w)} against baseline (0,0): better in {t['cell_better']} of "
+                lines.append(f"- {split}, {cell_name(w, align[w])} against baseline (0,0): better in {t['cell_better']} of "
                              f"{t['pairs']} (size, seed) pairs, worse in {t['baseline_better']}, {t['ties']} ties; "
                              f"mean difference {t['mean_difference']:+.3f}; two-sided sign test p = {t['sign_test_p']:.3g}")
     return "\n".join(lines)
@@ -192,6 +208,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="a few steps and images: checks the script, not the claim")
     ap.add_argument("--cells", nargs="+", default=["0,0", "10,100"],
                     help="(w1, w2) cells to train, as w1,w2; (0,0) is the baseline every other cell is tested against")
+    ap.add_argument("--align-loss", default="mse", choices=("mse", "centred"),
+                    help="L_align of every cell but the baseline (train-adapter --align-loss)")
     ap.add_argument("--name", default="reproduce", help="results file: bench/results/<name>.json")
     ap.add_argument("--table", action="store_true", help="print README's table from bench/results/<name>.json")
     a = ap.parse_args()
@@ -214,11 +232,12 @@ def main() -> None:
         for seed in a.seeds:
             cs = replace(c, seed=seed)
             for w1, w2 in cells:
-                name = next((n for n, v in VARIANTS.items() if v == (w1, w2)), f"w1_{w1:g}-w2_{w2:g}")
-                _, s2 = train_variant(cs, name, w1, w2, features, prompts, data, root / f"n{size}-seed{seed}")
+                name = variant_name(w1, w2, a.align_loss)
+                align = "mse" if (w1, w2) == BASELINE else a.align_loss  # the baseline never aligns
+                _, s2 = train_variant(cs, name, w1, w2, features, prompts, data, root / f"n{size}-seed{seed}", align)
                 for split in SPLITS:
-                    records.append({"w1": w1, "w2": w2, "paired_images": size, "split": split, "seed": seed,
-                                    **score(s2, features, data, cs, split)})
+                    records.append({"w1": w1, "w2": w2, "align_loss": align, "paired_images": size, "split": split,
+                                    "seed": seed, **score(s2, features, data, cs, split)})
                     print(records[-1], flush=True)
     for r in records:
         r["commit"] = commit

@@ -142,6 +142,12 @@ def alignment_loss(prompts: torch.Tensor, reference: torch.Tensor) -> torch.Tens
 
     Unnormalised, averaged over all elements; the reference is a constant (no gradient).
     """
+    _require_same_shape(prompts, reference)
+    prompts = _at_least_fp32(prompts)
+    return F.mse_loss(prompts, reference.detach().to(device=prompts.device, dtype=prompts.dtype))
+
+
+def _require_same_shape(prompts: torch.Tensor, reference: torch.Tensor) -> None:
     if prompts.shape != reference.shape:
         raise BlitextError(
             f"alignment loss: the adaptor's prompts have shape {tuple(prompts.shape)} but the reference "
@@ -149,8 +155,33 @@ def alignment_loss(prompts: torch.Tensor, reference: torch.Tensor) -> torch.Tens
             f"were built for another LLM or P-Former: rebuild them (build-prompts) with this run's LLM, "
             f"or set n_prompt to match"
         )
-    prompts = _at_least_fp32(prompts)
-    return F.mse_loss(prompts, reference.detach().to(device=prompts.device, dtype=prompts.dtype))
+
+
+ALIGN_LOSSES = ("mse", "centred")  # mse: the paper's L_align; centred: its shared and per-image parts apart
+
+
+def reference_scales(reference: torch.Tensor) -> dict[str, float]:
+    """The references' mean prompt's mean square and their between-caption variance (N, P, D):
+    the sizes the centred alignment divides its two parts by."""
+    reference = reference.float()
+    mean = reference.mean(0)
+    return {"mean_square": mean.pow(2).mean().item(), "spread_square": (reference - mean).pow(2).mean().item()}
+
+
+def centred_alignment_loss(prompts: torch.Tensor, reference: torch.Tensor, mean_square: float,
+                           spread_square: float) -> torch.Tensor:
+    """L_align split into the batch's mean prompt and each image's deviation from it, each over its
+    size in the references (reference_scales), so the part that tells captions apart weighs as much
+    as the part every caption shares. With the paper's MSE the shared part dominates when the
+    references barely vary (docs/method.md#centred-alignment): an adaptor that writes the one mean
+    prompt for every image scores nearly as well as one that follows the image. The batch is this
+    rank's share of it. Averaged over elements; the reference is a constant."""
+    _require_same_shape(prompts, reference)
+    p = _at_least_fp32(prompts)
+    r = reference.detach().to(device=p.device, dtype=p.dtype)
+    p_mean, r_mean = p.mean(0, keepdim=True), r.mean(0, keepdim=True)
+    return F.mse_loss(p_mean, r_mean) / max(mean_square, 1e-12) + \
+        F.mse_loss(p - p_mean, r - r_mean) / max(spread_square, 1e-12)
 
 
 def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor | float,

@@ -144,6 +144,7 @@ def train_adapter_cmd(
     num_layers: Optional[int] = typer.Option(None, "--num-layers", help="Image: keep the text encoder's first N layers in the Q-Former. " + default_is("all")),
     cross_attention_frequency: Optional[int] = typer.Option(None, "--cross-attention-frequency", help="Image: cross-attention to the visual tokens every N layers. " + default_of(AdapterConfig, "cross_attention_frequency")),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Image: the Q-Former's hidden and attention dropout. " + default_is("the text encoder's")),
+    align_loss: Optional[str] = typer.Option(None, "--align-loss", help="Image: mse (the paper's L_align) | centred (its shared and per-image parts, each over its size in the references). " + default_of(AdapterConfig, "align_loss")),
     config: Optional[Path] = ConfigOpt,
 ):
     """Train the Q-Former adaptor (or, with --modality video, the video Transformer) from cached features and prompts (resumable; runs under torchrun)."""
@@ -160,7 +161,8 @@ def train_adapter_cmd(
                    max_grad_norm=max_grad_norm, warmup_steps=warmup_steps, seed=seed,
                    save_every=save_every, log_every=log_every, device=device, resume=resume, align_steps=align_steps)
     video = dict(schedule=schedule, align_epochs=align_epochs)
-    image = dict(num_layers=num_layers, cross_attention_frequency=cross_attention_frequency, dropout=dropout)
+    image = dict(num_layers=num_layers, cross_attention_frequency=cross_attention_frequency, dropout=dropout,
+                 align_loss=align_loss)
     if modality == "video":  # image-only options given here are refused as unknown keys
         from blitext.adapter.video import VideoAdapterConfig, train_video_adapter
 

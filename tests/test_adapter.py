@@ -185,6 +185,21 @@ def test_w_align_zero_equals_a_run_without_prompts(tmp_path, world):
     assert_same_weights(weights(tmp_path / "zero2"), weights(tmp_path / "none2"))
 
 
+def test_centred_alignment_trains_on_its_own_loss_and_resumes_only_as_itself(tmp_path, world):
+    train_adapter(config(world, tmp_path / "c", align_loss="centred", align_steps=2, max_steps=0))
+    state = json.loads((tmp_path / "c" / "final" / "state.json").read_text())
+    assert state["resume_config"]["align_loss"] == "centred"
+    assert set(state["align_scales"]) == {"mean_square", "spread_square"} and state["align_scales"]["spread_square"] > 0
+    centred = step_lines(tmp_path / "c")
+    train_adapter(config(world, tmp_path / "m", align_steps=2, max_steps=0))
+    mse = step_lines(tmp_path / "m")
+    assert centred[0]["align"] > 10 * mse[0]["align"]  # each part over its size: no longer a hundredth of a unit
+    with pytest.raises(BlitextError, match="align_loss"):
+        train_adapter(config(world, tmp_path / "c", align_steps=2, max_steps=0, resume="latest"))
+    with pytest.raises(BlitextError, match="--align-loss 'cosine'"):
+        config(world, tmp_path / "x", align_loss="cosine")
+
+
 def test_resume_replays_exactly(tmp_path, world, monkeypatch):
     train_adapter(config(world, tmp_path / "a", max_steps=6))
     real = stop_at_step(monkeypatch, 3)

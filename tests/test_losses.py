@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from blitext.errors import BlitextError
-from blitext.losses import alignment_loss, contrastive_loss, nearest_embedding_rows, vocab_loss
+from blitext.losses import (alignment_loss, centred_alignment_loss, contrastive_loss, nearest_embedding_rows,
+                            reference_scales, vocab_loss)
 from blitext.models.llm import LMBatch
 from blitext.models.loading import load_llm
 
@@ -150,6 +151,27 @@ def test_alignment_loss_value_gradient_and_shape_error():
     torch.testing.assert_close(prompts.grad, 2 * (prompts.detach() - reference.detach()) / 4)
     with pytest.raises(BlitextError, match=r"\(1, 2, 2\).*\(1, 2, 3\)"):
         alignment_loss(prompts, torch.zeros(1, 2, 3))
+
+
+def test_centred_alignment_weighs_what_tells_captions_apart():
+    torch.manual_seed(0)
+    shared = torch.randn(1, 2, 8)
+    reference = shared + 0.1 * torch.randn(16, 2, 8)  # mostly one constant, as a small P-Former's references
+    scales = reference_scales(reference)
+    mean = reference.mean(0)
+    assert scales == pytest.approx({"mean_square": mean.pow(2).mean().item(),
+                                    "spread_square": (reference - mean).pow(2).mean().item()})
+    assert centred_alignment_loss(reference, reference, **scales).item() == pytest.approx(0.0, abs=1e-7)
+    collapsed = mean.expand_as(reference).clone().requires_grad_()  # the one mean prompt for every image
+    # the paper's MSE calls it nearly perfect (a hundredth of the prompts' size); centred, its whole spread is missing
+    assert alignment_loss(collapsed, reference).item() < 0.02 * reference.pow(2).mean().item()
+    loss = centred_alignment_loss(collapsed, reference, **scales)
+    assert loss.item() == pytest.approx(1.0, rel=1e-5)
+    loss.backward()
+    by_hand = -2 * (reference - mean) / reference.numel() / scales["spread_square"]  # the mean part is matched
+    torch.testing.assert_close(collapsed.grad, by_hand)
+    with pytest.raises(BlitextError, match=r"\(16, 2, 8\).*\(16, 2, 3\)"):
+        centred_alignment_loss(collapsed, torch.zeros(16, 2, 3), **scales)
 
 
 # ---------------------------------------------------------------- frozen LLM

@@ -1,6 +1,7 @@
 """What the image and the video adaptor trainers share: the prompt cache, resuming, the DDP step."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ from blitext.checkpoint import latest_checkpoint, load_checkpoint, resolve_resum
 from blitext.console import say
 from blitext.data.pairs import Pairs
 from blitext.errors import BlitextError
+from blitext.losses import ALIGN_LOSSES, alignment_loss, centred_alignment_loss, reference_scales
 from blitext.pformer.prompts import PromptCache
 
 
@@ -22,6 +24,23 @@ def prompt_cache(config, pairs: Pairs) -> PromptCache | None:
         raise BlitextError(f"{len(missing)} of {len(pairs)} captions have no reference prompt in {config.prompts} "
                            f"(first: {missing[0]!r}); build-prompts must run on the same caption files")
     return cache
+
+
+def require_align_loss(name: str) -> None:
+    if name not in ALIGN_LOSSES:
+        raise BlitextError(f"--align-loss {name!r}: use mse (the paper's L_align) or centred (its shared and "
+                           f"per-image parts, each over its size in the references)")
+
+
+def alignment(name: str, prompts: PromptCache | None, pairs: Pairs, sample: int = 4096) -> tuple:
+    """(L_align as a function of (prompts, reference), the reference scales it uses or None). The
+    centred form's scales come from an evenly spaced sample of the run's references: at the
+    paper's scale reading millions of (32, 2560) prompts for two numbers is not worth minutes."""
+    if name == "mse" or prompts is None:
+        return alignment_loss, None
+    keys = pairs.keys[::max(1, len(pairs.keys) // sample)][:sample]
+    scales = reference_scales(prompts.get_batch(keys))
+    return partial(centred_alignment_loss, **scales), scales
 
 
 def resume_run(run: Path, config, model, optimizer, identity: dict) -> int:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from blitext.adapter.common import StepLosses, caption_record, prompt_cache, resume_run
+from blitext.adapter.common import StepLosses, alignment, caption_record, prompt_cache, require_align_loss, resume_run
 from blitext.cache import FeatureCache
 from blitext.checkpoint import export_final, save_checkpoint
 from blitext.config import default_cache_root, provenance, to_jsonable
@@ -34,7 +34,7 @@ from blitext.console import progress_bar, say
 from blitext.data.pairs import CachedFeatures, OnlineFeatures, Pairs, default_captions, read_pairs
 from blitext.distributed import barrier, run_distributed
 from blitext.errors import BlitextError
-from blitext.losses import TEMP_MAX, TEMP_MIN, alignment_loss, itc_loss, itg_loss, itm_loss, itm_negatives
+from blitext.losses import TEMP_MAX, TEMP_MIN, itc_loss, itg_loss, itm_loss, itm_negatives
 from blitext.models.adapter_checkpoint import adapter_weights, load_init
 from blitext.models.fingerprint import fingerprint
 from blitext.models.loading import (display_name, llm_family, llm_path, llm_width, load_llm, load_text_encoder,
@@ -54,6 +54,7 @@ class AdapterConfig:
     prompts: str | None = None          # reference prompts from build-prompts; needed when w_align > 0
     captions: list[str] = field(default_factory=list)  # caption JSON; default: the features' prepared data, train split
     w_align: float | None = None        # alignment weight; default 10 in stage 1, 100 in stage 2 (paper)
+    align_loss: str = "mse"             # mse (paper) | centred: shared and per-image parts, each over its size
     init: str | None = None             # stage 2: the stage-1 run (or checkpoint) to start from
     align_steps: int = 0                # steps of L_align alone (no other loss, no LLM) before the stage's own
                                         # losses, fresh AdamW moments after them: the video path's order (paper: 0)
@@ -105,6 +106,7 @@ class AdapterConfig:
         if self.w_align > 0 and not self.prompts:
             raise BlitextError(f"--w-align {self.w_align:g} needs reference prompts: pass --prompts CACHE "
                                f"(blitext build-prompts makes it), or --w-align 0 for plain BLIP-2")
+        require_align_loss(self.align_loss)
         if self.align_steps < 0 or (self.align_steps and self.w_align == 0):
             raise BlitextError(f"--align-steps {self.align_steps} trains L_align alone: it needs --w-align above 0 "
                                f"and --prompts, and cannot be negative")
@@ -116,7 +118,7 @@ class AdapterConfig:
                                "(blitext extract-features makes it), or --online to encode images in the loop")
 
 
-RESUME_KEYS = ("stage", "w_align", "align_steps", "text_encoder", "llm", "n_prompt", "cross_attention_frequency",
+RESUME_KEYS = ("stage", "w_align", "align_loss", "align_steps", "text_encoder", "llm", "n_prompt", "cross_attention_frequency",
                "num_layers", "dropout", "embed_dim",
                "max_text_len", "end_of_text", "batch_size", "lr", "llm_proj_lr_scale", "min_lr", "max_grad_norm",
                "warmup_steps", "seed", "epochs", "max_steps")
@@ -150,6 +152,7 @@ class Setup:
     prompts: PromptCache | None
     llm: object | None
     identity: dict
+    align: object       # L_align(prompts, reference), the --align-loss form
 
 
 def _train(config: AdapterConfig, device: str, info) -> Path:
@@ -221,11 +224,12 @@ def _setup(config: AdapterConfig, device: str) -> Setup:
     torch.manual_seed(config.seed)  # the new parts' initialisation (queries, cross-attention, heads)
     model = QFormer.from_text_encoder(text_encoder.model, tokenizer, source.width, n_prompt, d_llm,
                                       config.cross_attention_frequency, config.embed_dim)
+    align, scales = alignment(config.align_loss, prompts, pairs)
     identity = {"features_producer": source.producer, "llm_fingerprint": llm_fp,
                 "text_encoder_fingerprint": text_encoder.fingerprint,
                 "prompts_producer": prompts.producer if prompts else None,
-                "resume_config": {k: getattr(config, k) for k in RESUME_KEYS}}
-    return Setup(model, tokenizer, source, pairs, prompts, llm, identity)
+                "resume_config": {k: getattr(config, k) for k in RESUME_KEYS}, "align_scales": scales}
+    return Setup(model, tokenizer, source, pairs, prompts, llm, identity, align)
 
 
 # ---------------------------------------------------------------- the loop
@@ -306,8 +310,8 @@ class AdapterLoop:
             return None
         if self.c.w_align == 0:
             with torch.no_grad():
-                return alignment_loss(self.model.llm_proj(query_output.detach()), reference)
-        return alignment_loss(self.model.llm_proj(query_output), reference)
+                return self.s.align(self.model.llm_proj(query_output.detach()), reference)
+        return self.s.align(self.model.llm_proj(query_output), reference)
 
     def losses(self, phase: str, step: int, index: list[int], features, feature_mask, reference) -> dict:
         if phase == "align":  # only llm_proj(queries) and the references: no text branch, no LLM

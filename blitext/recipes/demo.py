@@ -125,13 +125,13 @@ def prepare_caches(c: DemoConfig) -> tuple[Path, Path, Path]:
 
 
 def train_variant(c: DemoConfig, name: str, w1: float, w2: float, features: Path, prompts: Path, data: Path,
-                  work: Path) -> tuple[Path | None, Path]:
+                  work: Path, align_loss: str = "mse") -> tuple[Path | None, Path]:
     """Stage 1 is L_align alone (the video path's order; ITC/ITM/ITG are left to `blitext ablate`), so at
     w1 = 0 there is nothing to train and stage 2 starts from MiniLM; stage 2 is the LLM's loss + w2 L_align."""
     base = AdapterConfig(features=str(features), prompts=str(prompts), captions=[str(data / "captions_train.json")],
                          n_prompt=c.n_prompt, num_layers=c.num_layers,
                          cross_attention_frequency=c.cross_attention_frequency, dropout=c.dropout, seed=c.seed,
-                         batch_size=c.batch_size, log_every=1)
+                         batch_size=c.batch_size, log_every=1, align_loss=align_loss)
     s1 = None
     if w1 > 0:
         say(f"[bold]5/8 {name}: stage 1[/] ({c.align_steps} steps of {w1:g} x L_align alone: the LLM never runs)")
