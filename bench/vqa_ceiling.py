@@ -5,7 +5,7 @@
 The text ceiling is what the frozen LLM (SmolLM2-135M-Instruct, the demos' LLM) answers when the
 image's human caption is given as text where the adaptor's soft prompts go. Each variant here
 is a context (the caption, in the prompts' slot), a text prompt with the question and decoding
-settings; generation is eval vqa's own (blitext.evaluation.generate.generate_from_text, stop at "\\n") and
+settings; generation is eval vqa's own (blitext.evaluation.decoding.generate_from_text, stop at "\\n") and
 scoring is eval vqa's own with --vqa-normalise both (the rule its recorded results used; easy-VQA's
 answers are words that normalisation leaves as they are, so the official rule scores the same), on
 the first N test questions of an easy-VQA folder made by `blitext data prepare easy-vqa`
@@ -27,7 +27,7 @@ from blitext.config import default_cache_root  # noqa: E402
 from blitext.data.readers import read_image_set  # noqa: E402
 from blitext.data.vqa import read_vqa  # noqa: E402
 from blitext.evaluation.score import majority_answers, vqa_metrics  # noqa: E402  (eval vqa's own scoring)
-from blitext.evaluation.generate import VQA_PROMPT, GenerationSettings, generate_from_text  # noqa: E402
+from blitext.evaluation.decoding import VQA_PROMPT, GenerationSettings, generate_from_text  # noqa: E402
 from blitext.models.loading import load_llm  # noqa: E402
 
 SMOLLM_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"

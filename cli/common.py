@@ -55,7 +55,7 @@ def default_of(cls, name: str, fmt: Callable[[Any], str] = shown, **variants: ty
 
 def generation_default(name: str) -> str:
     """`[default: ...]` of a decoding setting (GenerationSettings), which differs between captions and answers."""
-    from blitext.evaluation.generate import GenerationSettings
+    from blitext.evaluation.decoding import GenerationSettings
 
     caption, vqa = (getattr(GenerationSettings.for_task(task), name) for task in ("caption", "vqa"))
     quote = (lambda v: f'"{v}"') if isinstance(caption, str) else str

@@ -345,7 +345,7 @@ def test_stage2_then_generate_and_check_prompts_from_the_cli(tmp_path, world, mo
 
     from blitext.cache import FeatureCache
     from blitext.data.pairs import read_pairs
-    from blitext.evaluation import generate
+    from blitext.evaluation import decoding
 
     record = json.loads((tmp_path / "s2" / "final" / "state.json").read_text())["generation"]
     cache = FeatureCache(world["features"])
@@ -355,7 +355,7 @@ def test_stage2_then_generate_and_check_prompts_from_the_cli(tmp_path, world, mo
     assert record == {"prompt": "", "caption_tokens_max": longest, "caption_tokens_p95": record["caption_tokens_p95"],
                       "captions_counted": len(texts)} and 1 <= record["caption_tokens_p95"] <= longest
     used = []
-    monkeypatch.setattr(generate, "generate_texts", lambda adapter, llm, f, m, texts, settings:
+    monkeypatch.setattr(decoding, "generate_texts", lambda adapter, llm, f, m, texts, settings:
                         used.append((texts, settings)) or [""] * len(texts))
     for extra in ([], ["--settings", "paper"]):
         g = runner.invoke(app, ["generate", "--adapter", str(tmp_path / "s2"), "--images", str(images / "0.png"),
@@ -372,7 +372,7 @@ def test_stage2_then_generate_and_check_prompts_from_the_cli(tmp_path, world, mo
 @pytest.mark.parametrize("kind", ["opt", "llama", "gpt2"])
 def test_batched_left_padded_generation_equals_one_at_a_time(kind, llm_folders, bert_folder):
     """A row's output must not depend on its neighbours: padding goes before the prompts and is masked."""
-    from blitext.evaluation.generate import GenerationSettings, generate_texts
+    from blitext.evaluation.decoding import GenerationSettings, generate_texts
     from blitext.models.loading import load_llm
 
     torch.manual_seed(0)

@@ -21,7 +21,8 @@ from blitext.adapter.image import AdapterConfig
 from blitext.adapter.video import VideoAdapterConfig
 from blitext.cli.main import app
 from blitext.evaluation.evaluate import EvalConfig
-from blitext.evaluation.generate import GenerateConfig, GenerationSettings
+from blitext.evaluation.decoding import GenerationSettings
+from blitext.evaluation.generate import GenerateConfig
 from blitext.evaluation.score import ScoreConfig
 from blitext.features.image import ExtractConfig
 from blitext.features.imported import ImportConfig

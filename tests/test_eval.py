@@ -20,7 +20,7 @@ from blitext.errors import BlitextError
 from blitext.evaluation.compare import CEILING, compare_runs
 from blitext.evaluation.evaluate import EvalConfig, ceiling_verdict, default_captions, eval_caption, eval_retrieval, eval_vqa
 from blitext.features.image import ExtractConfig, extract_features
-from blitext.evaluation.generate import GenerationSettings, generate_from_text, generate_texts
+from blitext.evaluation.decoding import GenerationSettings, generate_from_text, generate_texts
 from blitext.models.adapter_checkpoint import LoadedAdapter
 from blitext.models.loading import load_llm
 from blitext.metrics import caption_scores, exact_match, normalize_answer, vqa_accuracy

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import blitext
 from blitext.cache import CachePlan, FeatureCache, ShardWriter, finalize, pending_shards, start_or_resume
 from blitext.cli.main import app
 from blitext.errors import BlitextError
@@ -167,7 +168,14 @@ def test_paper_schedule_losses_go_down_then_generate_and_eval(tmp_path, world):
                             "--ids", "v7", "--prompt", "", "--max-new-tokens", "4", "--min-new-tokens", "1",
                             "--num-beams", "2", "--device", "cpu", "--out", str(out)])
     assert g.exit_code == 0, g.output
-    assert [r["image"] for r in json.loads(out.read_text())] == ["v0", "v7"]
+    generated = json.loads(out.read_text())
+    assert [r["image"] for r in generated] == ["v0", "v7"]
+    model = blitext.load(run, device="cpu")  # the Python API: one (T, D) tensor per clip, unpadded
+    clips = [feats[0][mask[0]], feats[1][mask[1]]]
+    assert model.caption(clips, prompt="", max_new_tokens=4, min_new_tokens=1, num_beams=2) == \
+        [r["text"] for r in generated]
+    with pytest.raises(BlitextError, match="one \\(T, D\\) tensor per clip"):
+        model.caption(world["root"] / "x.png")
     result = eval_caption(EvalConfig(adapter=str(run), features=str(world["features"]), data=str(world["captions"]),
                                      limit=6, batch_size=4, device="cpu", prompt="", num_beams=2, max_new_tokens=4,
                                      min_new_tokens=1, tokenizer="python", meteor="off", spice="off"))

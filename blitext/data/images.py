@@ -119,7 +119,7 @@ def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
                             f"is over the limit of {max_pixels:,}; raise max_pixels if the image is genuine")
     try:
         image.load()  # the first frame only, for animated GIF/PNG/WebP
-        return _to_rgb(image, name)
+        return to_rgb(image, name)
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadInputError(f"{name}: truncated or corrupt image ({image.format}: {e})") from None
 
@@ -142,7 +142,7 @@ def _open_header(data: bytes, name: str) -> Image.Image:
         raise BadInputError(f"{name}: corrupt image header ({e})") from None
 
 
-def _to_rgb(image: Image.Image, name: str) -> Image.Image:
+def to_rgb(image: Image.Image, name: str) -> Image.Image:
     """Convert any PIL mode to RGB as it would be displayed; always returns a new image."""
     mode = image.mode
     if mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode == "P" and "transparency" in image.info):

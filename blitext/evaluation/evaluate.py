@@ -41,8 +41,8 @@ from blitext.data.readers import read_image_set
 from blitext.data.text import caption_key
 from blitext.distributed import pick_device
 from blitext.errors import BlitextError
-from blitext.evaluation.generate import (GenerationSettings, generate_from_text, generate_texts, require_settings,
-                                        trained_settings)
+from blitext.evaluation.decoding import (GenerationSettings, generate_from_text, generate_texts, require_settings,
+                                         trained_settings)
 from blitext.evaluation.score import (ScoreConfig, caption_metrics, caption_references, coco_id, majority_answers,
                                       vqa_metrics, vqa_records)
 from blitext.metrics import rerank_top_k, retrieval_recall

@@ -88,6 +88,10 @@ class LoadedAdapter:
         return self.state["config"]["end_of_text"]
 
     @property
+    def is_video(self) -> bool:
+        return "video_adapter" in self.state
+
+    @property
     def stage(self) -> int:
         """2 when the prompts were trained on the LLM's loss (a video run's LM or joint phase counts)."""
         if "video_adapter" in self.state:
