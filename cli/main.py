@@ -256,6 +256,11 @@ from blitext.cli.score import score_app  # noqa: E402
 
 app.add_typer(score_app, name="score")
 
+# ------------------------------------------------------------------ export
+from blitext.cli.export import export_cmd  # noqa: E402
+
+app.command("export")(export_cmd)
+
 # ------------------------------------------------------------------ ablate
 from blitext.cli.ablate import ablate_cmd  # noqa: E402
 

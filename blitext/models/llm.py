@@ -157,14 +157,19 @@ class FrozenLLM:
                  min_new_tokens: int | None = None, length_penalty: float = 1.0) -> list[str]:
         """One text per row: the LLM reads the row's prefix embeddings (B, P, D) or [(P_i, D)] (soft
         prompts, or a text's embeddings) then its text prompt; the output is cut where it should stop."""
+        out = self.generate_ids(prefixes, texts, end_of_text, max_new_tokens, num_beams, min_new_tokens, length_penalty)
+        return [self.cut(t, end_of_text) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def generate_ids(self, prefixes, texts: list[str], end_of_text: str, max_new_tokens: int, num_beams: int = 1,
+                     min_new_tokens: int | None = None, length_penalty: float = 1.0) -> torch.Tensor:
+        """`generate`'s new token ids (B, N), padded after a row stops (what an export must reproduce)."""
         embeds, mask = self.generation_inputs(prefixes, texts)
         settings = {k: v for k, v in dict(max_new_tokens=max_new_tokens, num_beams=num_beams,
                                           min_new_tokens=min_new_tokens, length_penalty=length_penalty).items()
                     if v is not None}
-        out = self.model.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False,
-                                  eos_token_id=self.stop_token_ids(end_of_text),
-                                  pad_token_id=self.tokenizer.pad_token_id, **settings)
-        return [self.cut(t, end_of_text) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return self.model.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False,
+                                   eos_token_id=self.stop_token_ids(end_of_text),
+                                   pad_token_id=self.tokenizer.pad_token_id, **settings)
 
     def generation_inputs(self, prefixes, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N, D) embeddings and (B, N) mask that generate hands the model: the family's layout."""
