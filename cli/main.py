@@ -116,7 +116,7 @@ def train_adapter_cmd(
     features: Optional[Path] = typer.Option(None, "--features", help="Feature cache (extract-features)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Reference prompt cache (build-prompts); needed when --w-align > 0."),
     w_align: Optional[float] = typer.Option(None, "--w-align", help="Alignment weight; 0 = plain BLIP-2. " + default_is(f"10 in stage 1, 100 in stage 2; video: {VideoAdapterConfig.w_align}")),
-    init: Optional[Path] = typer.Option(None, "--init", help="Stage 2: the stage-1 run to start from."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from: a run (stage 2: its stage-1 run), a BLIP-2 transformers folder (Salesforce/blip2-* layout) or LAVIS's blip2_pretrained.pth."),
     captions: Optional[list[str]] = typer.Option(None, "--captions", help="Caption JSON (image ids = feature keys). " + default_is("the features' prepared data, train split")),
     out: Optional[Path] = typer.Option(None, "--out", help=f"Run folder. {default_is('cache/runs/adapter/stage<N>-w<W>')}"),
     online: Optional[bool] = typer.Option(None, "--online/--cached", help="Run the vision encoder on the images in the loop instead of reading a cache."),

@@ -55,7 +55,7 @@ class AdapterConfig:
     captions: list[str] = field(default_factory=list)  # caption JSON; default: the features' prepared data, train split
     w_align: float | None = None        # alignment weight; default 10 in stage 1, 100 in stage 2 (paper)
     align_loss: str = "mse"             # mse (paper) | centred: shared and per-image parts, each over its size
-    init: str | None = None             # stage 2: the stage-1 run (or checkpoint) to start from
+    init: str | None = None             # a run (stage 2: its stage 1) or released BLIP-2 weights to start from
     align_steps: int = 0                # steps of L_align alone (no other loss, no LLM) before the stage's own
                                         # losses, fresh AdamW moments after them: the video path's order (paper: 0)
     out: str | None = None              # run folder; default <cache root>/runs/adapter/stage<N>-w<W>
@@ -164,7 +164,7 @@ def _train(config: AdapterConfig, device: str, info) -> Path:
     optimizer = adamw(llm_proj_groups(model, config.llm_proj_lr_scale), config.lr, config.weight_decay)
     start = resume_run(run, config, model, optimizer, setup.identity)
     if start == 0 and config.init:
-        load_init(config.init, model, setup.identity)
+        load_init(config.init, model, setup.identity, config.stage)
     steps = total_steps(config, len(setup.pairs))
     if len(setup.pairs) < config.batch_size:
         raise BlitextError(f"{len(setup.pairs)} image-caption pairs < batch_size {config.batch_size}; lower --batch-size")

@@ -41,10 +41,17 @@ def adapter_folder(path: str | Path) -> Path:
                        f"train-adapter); pass its run folder or <run>/final")
 
 
-def load_init(init: str, model: QFormer, identity: dict) -> None:
-    """Stage 2 starts from stage 1's Q-Former and llm_proj: same features, same LLM width, same queries."""
+def load_init(init: str, model: QFormer, identity: dict, stage: int = 2) -> None:
+    """Start from another run's Q-Former and llm_proj (stage 2 from stage 1: same features, same LLM
+    width, same queries), or from released BLIP-2 weights (blitext.models.released)."""
     from safetensors.torch import load_file
 
+    from blitext.models.released import load_released, released_weights
+
+    released = released_weights(init)
+    if released is not None:
+        load_released(model, *released, stage)
+        return
     folder = adapter_folder(init)
     state = read_json(folder / "state.json")
     for key, what in (("features_producer", "visual features"), ("llm_fingerprint", "LLM")):
