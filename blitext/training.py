@@ -6,6 +6,7 @@ with no RNG state to save.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,9 +19,11 @@ from typing import Callable
 import torch
 import torch.distributed
 
+from blitext.config import to_jsonable
 from blitext.console import rank_logger
 from blitext.distributed import barrier
 from blitext.errors import BlitextError
+from blitext.trackers import Trackers
 
 
 def lr_at(step: int, total: int, lr: float, min_lr: float, warmup_steps: int, warmup_start_lr: float) -> float:
@@ -163,8 +166,8 @@ class MetricsLog:
     """metrics.jsonl: one line per logged step. On resume, lines past the resumed step are
     dropped first, so a killed-and-resumed run has each step exactly once."""
 
-    def __init__(self, path: Path, resume_step: int | None = None):
-        self.path = Path(path)
+    def __init__(self, path: Path, resume_step: int | None = None, trackers=None):
+        self.path, self.trackers = Path(path), trackers
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
@@ -177,18 +180,40 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(record)
+
+    def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
+
+
+@contextlib.contextmanager
+def tracking(metrics: MetricsLog | None):
+    """Close the run's trackers when its loop ends, finished or interrupted (a resumed run's W&B
+    session continues the same run)."""
+    try:
+        yield
+    finally:
+        if metrics is not None:
+            metrics.close()
 
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def open_run(run: Path, info, start: int, name: str):
+def open_run(run: Path, info, start: int, name: str, config=None):
     """(rank 0's metrics log or None, this rank's logger) of a run folder rank 0 creates; a
-    resumed run's metrics log drops lines past `start`, which the run writes again."""
+    resumed run's metrics log drops lines past `start`, which the run writes again. The config's
+    `report_to` trackers (blitext.trackers) get every line too."""
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
     barrier()
-    metrics = MetricsLog(run / "metrics.jsonl", resume_step=start if start else None) if info.is_main else None
+    metrics = None
+    if info.is_main:
+        report_to = getattr(config, "report_to", None) or []
+        trackers = Trackers(report_to, run, name, to_jsonable(config), start) if report_to else None
+        metrics = MetricsLog(run / "metrics.jsonl", resume_step=start if start else None, trackers=trackers)
     return metrics, rank_logger(name, run / "logs")
 

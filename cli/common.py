@@ -16,6 +16,7 @@ from blitext.errors import BlitextError
 ConfigOpt = typer.Option(None, "--config", help="JSON or TOML file of config values (command-line options win).")
 
 
+
 def literal(text: str) -> str:
     """Help text that reaches the --help page as written. Typer renders help strings as rich markup,
     where `[default: 5]` is a style tag and vanishes; rich's escape keeps it. Without rich
@@ -103,3 +104,6 @@ def call_with_config(fn, cls, config_file: Path | None, options: dict):
 
     options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
     return fn(resolve_config(cls, config_file, **options))
+
+
+ReportToOpt = typer.Option(None, "--report-to", help="Also log every metrics.jsonl line to tensorboard (<run>/tensorboard) or wandb (offline, <run>/wandb); repeatable; optional packages. " + default_is("none"))

@@ -34,6 +34,7 @@ from blitext.console import progress_bar, say
 from blitext.data.pairs import CachedFeatures, OnlineFeatures, Pairs, default_captions, read_pairs
 from blitext.distributed import barrier, run_distributed
 from blitext.errors import BlitextError
+from blitext.trackers import require_trackers
 from blitext.losses import TEMP_MAX, TEMP_MIN, itc_loss, itg_loss, itm_loss, itm_negatives
 from blitext.models.adapter_checkpoint import adapter_weights, load_init
 from blitext.models.fingerprint import fingerprint
@@ -44,7 +45,7 @@ from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER, DEFAULT_V
 from blitext.pformer.prompts import PromptCache
 from blitext.training import (Prefetcher, adamw, global_batch, llm_proj_groups, lr_at, mean_over_ranks, open_run,
                               optimizer_step, rank_slice, require_batch_splits, set_lr, step_generator, step_seed,
-                              token_share)
+                              token_share, tracking)
 
 
 @dataclass
@@ -89,10 +90,13 @@ class AdapterConfig:
     prefetch: int = 2                   # batches read ahead in a background thread
     decode_threads: int = 2             # --online: image decoding threads
     precision: str = "auto"             # auto: bf16 autocast on GPU, fp32 on CPU
+    report_to: list[str] = field(default_factory=list)  # tensorboard | wandb (optional), beside metrics.jsonl
     device: str = "auto"
     resume: str | None = None           # "latest" or a checkpoints/step-N folder
 
     def __post_init__(self) -> None:
+        self.report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        require_trackers(self.report_to)
         if self.stage not in (1, 2):
             raise BlitextError(f"--stage must be 1 or 2, got {self.stage}")
         if isinstance(self.captions, str):
@@ -172,13 +176,14 @@ def _train(config: AdapterConfig, device: str, info) -> Path:
         + (f" ({setup.pairs.skipped} captions without features skipped)" if setup.pairs.skipped else "")
         + f", {steps:,} steps of {config.batch_size}, w_align {config.w_align:g}, {model.n_prompt} queries, "
         f"{len(trainable)} trainable tensors, {'online encoder' if config.online else 'cached features'} on {device}")
-    metrics, log = open_run(run, info, start, "train-adapter")
+    metrics, log = open_run(run, info, start, "train-adapter", config)
     state = {**setup.identity, "config": to_jsonable(config), "provenance": provenance(config),
              **model.describe(), "pairs": len(setup.pairs)}
     if setup.llm is not None:  # what generate and eval default to for this adaptor's captions
         state["generation"] = caption_record(setup.llm, setup.pairs.texts)
     loop = AdapterLoop(config, model, setup, device, info, metrics, log)
-    loop.run(start, steps, run, optimizer, state)
+    with tracking(metrics):
+        loop.run(start, steps, run, optimizer, state)
     final = run / "final"
     if info.is_main:
         save_checkpoint(run, steps, model, None, state, keep=2, weights=adapter_weights(model),

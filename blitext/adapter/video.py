@@ -32,6 +32,7 @@ from blitext.console import progress_bar, say
 from blitext.data.pairs import CachedFeatures, default_captions, read_pairs
 from blitext.distributed import barrier, run_distributed
 from blitext.errors import BlitextError
+from blitext.trackers import require_trackers
 from blitext.losses import alignment_loss
 from blitext.models.adapter_checkpoint import adapter_weights
 from blitext.models.loading import load_llm, load_text_encoder
@@ -39,7 +40,7 @@ from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER
 from blitext.models.video_adapter import VideoAdapter
 from blitext.training import (Prefetcher, adamw, global_batch, llm_proj_groups, lr_at, mean_over_ranks, open_run,
                               optimizer_step, rank_slice, require_batch_splits, set_lr, step_generator, step_seed,
-                              token_share)
+                              token_share, tracking)
 
 SCHEDULES = ("sequential", "joint")
 
@@ -74,10 +75,13 @@ class VideoAdapterConfig:
     log_every: int = 10                 # steps between metrics.jsonl lines
     prefetch: int = 2                   # batches read ahead in a background thread
     precision: str = "auto"             # auto: bf16 autocast on GPU, fp32 on CPU
+    report_to: list[str] = field(default_factory=list)  # tensorboard | wandb (optional), beside metrics.jsonl
     device: str = "auto"
     resume: str | None = None           # "latest" or a checkpoints/step-N folder
 
     def __post_init__(self) -> None:
+        self.report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        require_trackers(self.report_to)
         if isinstance(self.captions, str):
             self.captions = [self.captions]
         if self.schedule not in SCHEDULES:
@@ -156,13 +160,14 @@ def _train(config: VideoAdapterConfig, device: str, info) -> Path:
         + (f" ({s.pairs.skipped} captions without features skipped)" if s.pairs.skipped else "")
         + f", phases {', '.join(f'{p.name} {p.steps:,}' for p in phases)} steps of {config.batch_size}, "
         f"w_align {config.w_align:g}, {model.n_prompt} slots, on {device}")
-    metrics, log = open_run(run, info, start, "train-adapter")
+    metrics, log = open_run(run, info, start, "train-adapter", config)
     state = {**s.identity, "modality": "video", "config": to_jsonable(config), "provenance": provenance(config),
              **model.describe(), "pairs": len(s.pairs), "phases": [p.__dict__ for p in phases]}
     if s.llm is not None:  # what generate and eval default to for this adaptor's captions
         state["generation"] = caption_record(s.llm, s.pairs.texts)
     loop = VideoLoop(config, s, phases, device, info, metrics, log)
-    loop.run(start, steps, run, optimizer, state)
+    with tracking(metrics):
+        loop.run(start, steps, run, optimizer, state)
     if info.is_main:
         save_checkpoint(run, steps, model, None, state, keep=2, weights=adapter_weights(model))
         export_final(run)

@@ -25,6 +25,7 @@ from blitext.console import progress_bar, say
 from blitext.data.text import TextCorpus, read_sentences
 from blitext.distributed import barrier, run_distributed
 from blitext.errors import BlitextError
+from blitext.trackers import require_trackers
 from blitext.losses import TEMP_MAX, TEMP_MIN, contrastive_loss, vocab_loss
 from blitext.metrics.llm import teacher_forced_accuracy
 from blitext.models.llm import FrozenLLM, LMBatch
@@ -32,7 +33,7 @@ from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.pformer import PFormer
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER
 from blitext.training import (adamw, global_batch, lr_at, mean_over_ranks, open_run, rank_slice, require_batch_splits,
-                              set_lr, step_generator, step_seed, token_share)
+                              set_lr, step_generator, step_seed, token_share, tracking)
 
 
 @dataclass
@@ -69,10 +70,13 @@ class PFormerConfig:
     log_every: int = 10                 # steps between metrics.jsonl lines
     bad_bytes: str = "error"            # undecodable text: "error" names file and line, "replace" counts them
     precision: str = "auto"             # auto: bf16 autocast on GPU, fp32 on CPU
+    report_to: list[str] = field(default_factory=list)  # tensorboard | wandb (optional), beside metrics.jsonl
     device: str = "auto"
     resume: str | None = None           # "latest" or a checkpoints/step-N folder
 
     def __post_init__(self) -> None:
+        self.report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        require_trackers(self.report_to)
         if self.contrast not in ("two-view", "one-view"):
             raise BlitextError(f"contrast must be 'two-view' or 'one-view', got {self.contrast!r}")
         if isinstance(self.text, str):
@@ -180,14 +184,15 @@ def _train(config: PFormerConfig, device: str, info) -> Path:
     steps = total_steps(config, len(split.train))
     say(f"train-pformer: {len(split.train):,} sentences ({corpus.counts['empty skipped']} empty lines skipped), "
         f"{steps:,} steps of {config.batch_size}, {pformer.n_prompt} prompts -> {llm.fingerprint} on {device}")
-    metrics, log = open_run(run, info, start, "train-pformer")
+    metrics, log = open_run(run, info, start, "train-pformer", config)
     batcher = Batcher(text_encoder.tokenizer, llm, config)
     batcher.truncated.update(truncated)  # counts run on from the checkpoint, as an uninterrupted run's would
     state = {**identity, "config": to_jsonable(config), "text_encoder": config.text_encoder, "llm": config.llm,
              "llm_family": llm.family, "n_prompt": config.n_prompt, "d_llm": d_llm, "contrast_dim": config.contrast_dim,
              "provenance": provenance(config), "corpus_counts": dict(corpus.counts)}
     loop = TrainLoop(config, model, pformer, llm, optimizer, batcher, split, device, info, metrics, log)
-    loop.run(start, steps, run, state)
+    with tracking(metrics):
+        loop.run(start, steps, run, state)
     final = run / "final"
     if info.is_main:
         save_checkpoint(run, steps, pformer, None, {**state, "truncated": dict(batcher.truncated)}, keep=2)
