@@ -21,6 +21,7 @@ from blitext.models.loading import load_vision_encoder
 from conftest import make_tokenizer
 from test_adapter import N_PROMPT, write_images
 from test_pformer_train import dropout_free_bert
+from test_t5 import make_t5_folder
 
 
 def exact_vocab_gpt2(folder):
@@ -47,7 +48,8 @@ def blip2_world(tmp_path_factory, vision_folders, llm_folders, bert_folder) -> d
     s1 = root / "s1"
     train_adapter(AdapterConfig(**common, stage=1, max_steps=3, llm=str(llm_folders["opt"]), out=str(s1)))
     runs = {"s1": s1}
-    for name, llm in (("opt", llm_folders["opt"]), ("gpt2-exact", exact_vocab_gpt2(root / "gpt2-exact"))):
+    t5 = make_t5_folder(root / "t5")
+    for name, llm in (("opt", llm_folders["opt"]), ("gpt2-exact", exact_vocab_gpt2(root / "gpt2-exact")), ("t5", t5)):
         runs[name] = root / f"s2-{name}"
         train_adapter(AdapterConfig(**common, stage=2, max_steps=3, llm=str(llm), out=str(runs[name]),
                                     init=str(s1) if name == "opt" else None))
@@ -55,7 +57,7 @@ def blip2_world(tmp_path_factory, vision_folders, llm_folders, bert_folder) -> d
             "images": [Image.open(root / "data" / "images" / f"{i}.png") for i in range(4)]}
 
 
-@pytest.mark.parametrize("llm", ["opt", "gpt2-exact"])
+@pytest.mark.parametrize("llm", ["opt", "gpt2-exact", "t5"])
 def test_stage2_exports_to_blip2_for_conditional_generation_with_the_same_token_ids(tmp_path, blip2_world, llm):
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
@@ -68,7 +70,9 @@ def test_stage2_exports_to_blip2_for_conditional_generation_with_the_same_token_
     inputs = processor(images=images, text=[""] * len(images), return_tensors="pt")
     with torch.no_grad():
         # the run's settings and stop tokens travel in generation_config.json; Blip2 hands generate_kwargs on
-        hf_ids = hf.generate(**inputs, generation_config=hf.generation_config)[:, inputs["input_ids"].shape[1]:]
+        hf_ids = hf.generate(**inputs, generation_config=hf.generation_config)
+    if not hf.config.text_config.is_encoder_decoder:  # a causal LLM's output starts with its input ids
+        hf_ids = hf_ids[:, inputs["input_ids"].shape[1]:]
 
     model = blitext.load(run, device="cpu")
     features, _ = model.visual_tokens(images)
@@ -86,8 +90,12 @@ def test_stage2_exports_to_blip2_for_conditional_generation_with_the_same_token_
     assert texts == model.caption(images)
     image_id = hf.config.image_token_index
     assert processor.tokenizer.convert_ids_to_tokens(image_id) == "<image>"
-    assert (hf.generation_config.suppress_tokens == [image_id]) == (llm == "gpt2-exact")  # only a new row
-    assert inputs["input_ids"][0].tolist() == [image_id] * N_PROMPT  # no BOS after the prompts
+    new_row = image_id >= model.llm.model.get_input_embeddings().weight.shape[0]
+    assert new_row or llm != "gpt2-exact"
+    assert (hf.generation_config.suppress_tokens == [image_id]) == new_row  # only a new row is suppressed
+    after = inputs["input_ids"][0, N_PROMPT:].tolist()
+    assert inputs["input_ids"][0, :N_PROMPT].tolist() == [image_id] * N_PROMPT
+    assert after == ([processor.tokenizer.eos_token_id] if llm == "t5" else [])  # T5: "</s>"; causal: no BOS
 
 
 def test_stage1_exports_to_blip2_for_image_text_retrieval_with_the_same_scores(tmp_path, blip2_world):
