@@ -28,19 +28,23 @@ def to_hf(name: str) -> str | None:
     """blitext -> transformers; None for blitext-only parts."""
     if name.startswith(BLITEXT_ONLY):
         return None
-    for ours, theirs in TO_HF.items():
-        if name.startswith(ours):
-            return theirs + name[len(ours):]
-    raise KeyError(f"no transformers name for the Q-Former weight {name!r}")
+    renamed = _swap_prefix(name, TO_HF.items())
+    if renamed is None:
+        raise KeyError(f"no transformers name for the Q-Former weight {name!r}")
+    return renamed
 
 
 def from_hf(name: str) -> str | None:
     """transformers -> blitext; None for the frozen parts."""
     if name.startswith(HF_FROZEN):
         return None
-    for ours, theirs in TO_HF.items():
-        if name.startswith(theirs):
-            return ours + name[len(theirs):]
+    return _swap_prefix(name, ((theirs, ours) for ours, theirs in TO_HF.items()))
+
+
+def _swap_prefix(name: str, pairs) -> str | None:
+    for old, new in pairs:
+        if name.startswith(old):
+            return new + name[len(old):]
     return None
 
 

@@ -100,13 +100,9 @@ def _lavis_state(path: Path) -> dict[str, torch.Tensor]:
 
 def _safetensors_state(path: Path) -> dict[str, torch.Tensor]:
     """The folder's adaptor tensors only (a BLIP-2's LLM is gigabytes that --init never needs)."""
-    from safetensors import safe_open
+    from blitext.models.loading import folder_tensors
 
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise BlitextError(f"--init {path}: no .safetensors weights in the folder; save it with save_pretrained")
-    state = {}
-    for f in files:
-        with safe_open(f, framework="pt") as st:
-            state.update({k: st.get_tensor(k) for k in st.keys() if from_hf(k) is not None})
-    return state
+    try:
+        return folder_tensors(path, lambda k: from_hf(k) is not None)
+    except BlitextError as e:
+        raise BlitextError(f"--init {e}") from None

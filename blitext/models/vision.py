@@ -162,15 +162,9 @@ class HFVisionEncoder(VisionEncoder):
 
 def _load_prefixed(module: nn.Module, path: Path, prefix: str) -> None:
     """Load only `prefix*` tensors of a composite checkpoint (no need to read a whole BLIP-2's LLM)."""
-    from safetensors import safe_open
+    from blitext.models.loading import folder_tensors
 
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise BlitextError(f"{path} holds no .safetensors weights; convert the checkpoint with save_pretrained")
-    state = {}
-    for f in files:
-        with safe_open(f, framework="pt") as st:
-            state.update({k[len(prefix):]: st.get_tensor(k) for k in st.keys() if k.startswith(prefix)})
+    state = folder_tensors(path, lambda k: k.startswith(prefix), lambda k: k[len(prefix):])
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing:
         raise BlitextError(f"{path}: vision weights missing for {missing[:3]}... (prefix {prefix!r}); is it a full checkpoint?")
