@@ -52,15 +52,6 @@ def llm_proj_groups(model: torch.nn.Module, llm_proj_lr_scale: float) -> list[di
             {"params": list(model.llm_proj.parameters()), "lr_scale": llm_proj_lr_scale}]
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float | None) -> None:
-    """Backward and one update, the gradient's global norm clipped first when `max_grad_norm` is set."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
-    optimizer.step()
-
-
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

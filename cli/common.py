@@ -107,3 +107,14 @@ def call_with_config(fn, cls, config_file: Path | None, options: dict):
 
 
 ReportToOpt = typer.Option(None, "--report-to", help="Also log every metrics.jsonl line to tensorboard (<run>/tensorboard) or wandb (offline, <run>/wandb); repeatable; optional packages. " + default_is("none"))
+
+
+def _run_default(name: str) -> str:
+    from blitext.loop import RunOptions
+
+    return default_of(RunOptions, name)
+
+
+PrecisionOpt = typer.Option(None, "--precision", help="auto (bf16 autocast on a GPU, fp32 on CPU) | fp32 | bf16 | fp16 (GPU, loss-scaled). " + _run_default("precision"))
+GradCheckpointingOpt = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing", help="Recompute the frozen LLM's activations in the backward pass instead of keeping them (less memory, about one more LLM forward a step; P-Former, stage 2, video). " + _run_default("grad_checkpointing"))
+

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from blitext.cli.cache import print_cache_summary
-from blitext.cli.common import ConfigOpt, ReportToOpt, default_is, default_of, user_errors, write_out
+from blitext.cli.common import (ConfigOpt, GradCheckpointingOpt, PrecisionOpt, ReportToOpt, default_is, default_of,
+                                 user_errors, write_out)
 from blitext.errors import BlitextError
 from blitext.pformer.train import PFormerConfig
 
@@ -34,6 +35,8 @@ def train_pformer_cmd(
     device: Optional[str] = typer.Option(None, "--device", help=f"auto | cpu | cuda | cuda:N. {default_of(PFormerConfig, 'device')}"),
     resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoints/step-N folder."),
     report_to: Optional[list[str]] = ReportToOpt,
+    precision: Optional[str] = PrecisionOpt,
+    grad_checkpointing: Optional[bool] = GradCheckpointingOpt,
     config: Optional[Path] = ConfigOpt,
 ):
     """Stage 0: train the P-Former on text alone against a frozen LLM (resumable; runs under torchrun)."""
@@ -45,7 +48,8 @@ def train_pformer_cmd(
                          text_encoder=text_encoder, n_prompt=n_prompt, contrast=contrast, batch_size=batch_size,
                          epochs=epochs, max_steps=max_steps, lr=lr, warmup_steps=warmup_steps, seed=seed,
                          heldout=heldout, sample_every=sample_every, save_every=save_every, bad_bytes=bad_bytes,
-                         device=device, resume=resume, report_to=report_to or None)
+                         device=device, resume=resume, report_to=report_to or None, precision=precision,
+                         grad_checkpointing=grad_checkpointing)
     say(f"[green]P-Former written to[/] {train_pformer(cfg)}")
 
 

@@ -60,10 +60,10 @@ def test_resume_gives_the_same_loss_sequence(tmp_path, llm_folders, bert_folder,
 
     real_step = TrainLoop.train_step
 
-    def interrupted(self, step, steps):
+    def interrupted(self, step, steps, batch=None):
         if step == 3:
             raise KeyboardInterrupt  # as Ctrl-C after step 2 trained and was logged, past checkpoint step-2
-        return real_step(self, step, steps)
+        return real_step(self, step, steps, batch)
 
     b = tmp_path / "b"
     monkeypatch.setattr(TrainLoop, "train_step", interrupted)

@@ -202,8 +202,8 @@ def test_resume_replays_exactly(tmp_path, t5world, monkeypatch):
     train_pformer(tiny_config(w["captions"], tmp_path / "a", w["llm"], w["bert"], **settings))
     real = TrainLoop.train_step
     monkeypatch.setattr(TrainLoop, "train_step",
-                        lambda self, step, steps: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3
-                        else real(self, step, steps))
+                        lambda self, step, steps, batch=None: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3
+                        else real(self, step, steps, batch))
     with pytest.raises(KeyboardInterrupt):
         train_pformer(tiny_config(w["captions"], tmp_path / "b", w["llm"], w["bert"], **settings))
     monkeypatch.setattr(TrainLoop, "train_step", real)

@@ -202,10 +202,10 @@ def test_resume_across_the_phase_boundary_replays_exactly(tmp_path, world, monke
     train_video_adapter(config(world, tmp_path / "a", save_every=3))
     real = VideoLoop.train_step
 
-    def interrupted(self, step, batch):
+    def interrupted(self, step, steps, batch):
         if step == 4:  # the last checkpoint is step 3: the alignment phase's end, AdamW's moments not yet reset
             raise KeyboardInterrupt
-        return real(self, step, batch)
+        return real(self, step, steps, batch)
 
     monkeypatch.setattr(VideoLoop, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):

@@ -1,13 +1,10 @@
-"""What the image and the video adaptor trainers share: the prompt cache, resuming, the DDP step."""
+"""What the image and the video adaptor trainers share: the prompt cache, L_align's form, the DDP step."""
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import torch
 
-from blitext.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume
-from blitext.console import say
 from blitext.data.pairs import Pairs
 from blitext.errors import BlitextError
 from blitext.losses import ALIGN_LOSSES, alignment_loss, centred_alignment_loss, reference_scales
@@ -41,18 +38,6 @@ def alignment(name: str, prompts: PromptCache | None, pairs: Pairs, sample: int 
     keys = pairs.keys[::max(1, len(pairs.keys) // sample)][:sample]
     scales = reference_scales(prompts.get_batch(keys))
     return partial(centred_alignment_loss, **scales), scales
-
-
-def resume_run(run: Path, config, model, optimizer, identity: dict) -> int:
-    """The step to start from: 0 for a new run, the checkpoint's step for --resume."""
-    path = resolve_resume(run, config.resume)
-    if path is None:
-        if config.resume is None and latest_checkpoint(run) is not None:
-            raise BlitextError(f"{run} already holds a run; pass --resume latest to continue it or another --out")
-        return 0
-    state = load_checkpoint(path, model, optimizer, expect=identity)
-    say(f"resuming from {path} (step {state['step']})")
-    return int(state["step"])
 
 
 class StepLosses(torch.nn.Module):

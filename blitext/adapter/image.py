@@ -18,7 +18,6 @@ so `--resume latest` continues exactly as an uninterrupted run.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,15 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from blitext.adapter.common import StepLosses, alignment, caption_record, prompt_cache, require_align_loss, resume_run
+from blitext.adapter.common import StepLosses, alignment, caption_record, prompt_cache, require_align_loss
 from blitext.cache import FeatureCache
-from blitext.checkpoint import export_final, save_checkpoint
 from blitext.config import default_cache_root, provenance, to_jsonable
-from blitext.console import progress_bar, say
+from blitext.console import say
 from blitext.data.pairs import CachedFeatures, OnlineFeatures, Pairs, default_captions, read_pairs
-from blitext.distributed import barrier, run_distributed
+from blitext.distributed import run_distributed
 from blitext.errors import BlitextError
-from blitext.trackers import require_trackers
 from blitext.losses import TEMP_MAX, TEMP_MIN, itc_loss, itg_loss, itm_loss, itm_negatives
 from blitext.models.adapter_checkpoint import adapter_weights, load_init
 from blitext.models.fingerprint import fingerprint
@@ -42,14 +39,14 @@ from blitext.models.loading import (display_name, llm_family, llm_path, llm_widt
                                     load_vision_encoder)
 from blitext.models.qformer import QFormer, keep_first_layers, qformer_tokenizer, unilm_mask
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER, DEFAULT_VISION_ENCODER
+from blitext.loop import RunOptions, TrainerLoop, finish_run, resume_run
 from blitext.pformer.prompts import PromptCache
-from blitext.training import (Prefetcher, adamw, global_batch, llm_proj_groups, lr_at, mean_over_ranks, open_run,
-                              optimizer_step, rank_slice, require_batch_splits, set_lr, step_generator, step_seed,
-                              token_share, tracking)
+from blitext.training import (adamw, global_batch, llm_proj_groups, lr_at, mean_over_ranks, open_run, rank_slice,
+                              require_batch_splits, set_lr, step_generator, step_seed, token_share, tracking)
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(RunOptions):
     stage: int = 1                      # 1: ITC + ITM + ITG (+ w1 L_align); 2: frozen-LLM loss (+ w2 L_align)
     features: str | None = None         # feature cache from extract-features (not needed with --online)
     prompts: str | None = None          # reference prompts from build-prompts; needed when w_align > 0
@@ -85,18 +82,11 @@ class AdapterConfig:
     warmup_start_lr: float = 1e-6
     weight_decay: float = 0.05
     seed: int = 42
-    save_every: int = 1000
-    log_every: int = 10
     prefetch: int = 2                   # batches read ahead in a background thread
     decode_threads: int = 2             # --online: image decoding threads
-    precision: str = "auto"             # auto: bf16 autocast on GPU, fp32 on CPU
-    report_to: list[str] = field(default_factory=list)  # tensorboard | wandb (optional), beside metrics.jsonl
-    device: str = "auto"
-    resume: str | None = None           # "latest" or a checkpoints/step-N folder
 
     def __post_init__(self) -> None:
-        self.report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
-        require_trackers(self.report_to)
+        super().__post_init__()
         if self.stage not in (1, 2):
             raise BlitextError(f"--stage must be 1 or 2, got {self.stage}")
         if isinstance(self.captions, str):
@@ -166,7 +156,7 @@ def _train(config: AdapterConfig, device: str, info) -> Path:
     model = setup.model.to(device)
     trainable = model.train_only(config.stage, config.w_align > 0)
     optimizer = adamw(llm_proj_groups(model, config.llm_proj_lr_scale), config.lr, config.weight_decay)
-    start = resume_run(run, config, model, optimizer, setup.identity)
+    start, _ = resume_run(run, config, model, optimizer, setup.identity)
     if start == 0 and config.init:
         load_init(config.init, model, setup.identity, config.stage)
     steps = total_steps(config, len(setup.pairs))
@@ -184,13 +174,7 @@ def _train(config: AdapterConfig, device: str, info) -> Path:
     loop = AdapterLoop(config, model, setup, device, info, metrics, log)
     with tracking(metrics):
         loop.run(start, steps, run, optimizer, state)
-    final = run / "final"
-    if info.is_main:
-        save_checkpoint(run, steps, model, None, state, keep=2, weights=adapter_weights(model),
-                        extra=lambda folder: setup.tokenizer.save_pretrained(folder / "tokenizer"))
-        export_final(run)
-    barrier()
-    return final
+    return finish_run(run, steps, model, state, info, weights=adapter_weights(model), extra=loop.checkpoint_extra)
 
 
 def _setup(config: AdapterConfig, device: str) -> Setup:
@@ -211,6 +195,8 @@ def _setup(config: AdapterConfig, device: str) -> Setup:
         source.refs = pairs.image_refs
     prompts = prompt_cache(config, pairs)
     llm = load_llm(config.llm, device=device) if config.stage == 2 else None
+    if llm is not None and config.grad_checkpointing:
+        llm.checkpoint_layers()
     llm_fp = llm.fingerprint if llm else fingerprint(display_name(config.llm), llm_path(config.llm))
     if prompts is not None:
         prompts.require_llm(llm_fp, llm.family if llm else llm_family(config.llm), config.llm)
@@ -239,16 +225,13 @@ def _setup(config: AdapterConfig, device: str) -> Setup:
 
 # ---------------------------------------------------------------- the loop
 
-class AdapterLoop:
+class AdapterLoop(TrainerLoop):
     def __init__(self, config: AdapterConfig, model: QFormer, setup: Setup, device: str, info, metrics, log):
-        self.c, self.model, self.s = config, model, setup
+        super().__init__(config, model, device, info, metrics, log)
+        self.title, self.s, self.tokenizer = f"train-adapter stage {config.stage}", setup, setup.tokenizer
         step_losses = StepLosses(model, self.losses)
         self.forward = DistributedDataParallel(step_losses, find_unused_parameters=config.align_steps > 0) \
             if info.world > 1 else step_losses
-        self.device, self.info, self.metrics, self.log = device, info, metrics, log
-        self.tokenizer = setup.tokenizer
-        self.autocast = torch.autocast("cuda", torch.bfloat16) if (
-            config.precision in ("auto", "bf16") and device.startswith("cuda")) else torch.autocast("cpu", enabled=False)
         # Which pairs count as matches inside a batch: same image or identical caption text.
         self.image_group = _group_ids(setup.pairs.image_ids)
         self.text_group = _group_ids(setup.pairs.texts)
@@ -265,25 +248,14 @@ class AdapterLoop:
             batch["reference"] = self.s.prompts.rows([pairs.keys[i] for i in rows])
         return batch
 
-    def run(self, start: int, steps: int, run: Path, optimizer, state: dict) -> None:
-        self.optimizer = optimizer
-        prefetch = Prefetcher(self.load, range(start, steps), self.c.prefetch)
-        try:
-            with progress_bar(steps - start, f"train-adapter stage {self.c.stage}", "pair") as advance:
-                for step in range(start, steps):
-                    t = time.perf_counter()
-                    waited = prefetch.waited
-                    losses = self.train_step(step, steps, prefetch.next())
-                    took = time.perf_counter() - t
-                    timing = {"pairs_per_s": self.c.batch_size / took, "data_wait": (prefetch.waited - waited) / took}
-                    advance(1, status=" ".join(f"{k} {v:.3f}" for k, v in losses.items())
-                            + f" | wait {timing['data_wait']:.0%}")
-                    self.record(step, losses, timing)
-                    if (step + 1) % self.c.save_every == 0 and step + 1 < steps and self.info.is_main:
-                        save_checkpoint(run, step + 1, self.model, optimizer, state, weights=adapter_weights(self.model),
-                                        extra=lambda folder: self.tokenizer.save_pretrained(folder / "tokenizer"))
-        finally:
-            prefetch.close()
+    def record_fields(self, step: int) -> dict:
+        return {"temp": float(self.model.temp.detach())}
+
+    def checkpoint_weights(self):
+        return adapter_weights(self.model)
+
+    def checkpoint_extra(self, folder: Path) -> None:
+        self.tokenizer.save_pretrained(folder / "tokenizer")
 
     def phase(self, step: int, steps: int) -> tuple[str, int, int]:
         """(name, first step, length) of the phase `step` is in: "align" (L_align alone) or the stage's own."""
@@ -303,7 +275,7 @@ class AdapterLoop:
         with self.autocast:
             losses = self.forward(name, step, index, features, feature_mask, reference)
             total = sum(v * (c.w_align if k == "align" else 1.0) for k, v in losses.items())
-        optimizer_step(self.optimizer, total, c.max_grad_norm)
+        self.precision.step(self.optimizer, total, c.max_grad_norm)
         with torch.no_grad():  # BLIP clamps the parameter itself, not only inside the loss
             self.model.temp.clamp_(TEMP_MIN, TEMP_MAX)
         return mean_over_ranks({**losses, "loss": total})
@@ -376,13 +348,6 @@ class AdapterLoop:
         img = torch.tensor([self.image_group[i] for i in index])
         txt = torch.tensor([self.text_group[i] for i in index])
         return (img[rows, None] == img[None]) | (txt[rows, None] == txt[None])
-
-    def record(self, step: int, losses: dict, timing: dict) -> None:
-        if self.metrics is None or (step + 1) % self.c.log_every and step != 0:
-            return
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.metrics.write({"step": step, "lr": lr, **losses, **timing, "temp": float(self.model.temp.detach())})
-        self.log.info("step %d lr %.2e %s %s", step, lr, losses, timing)
 
 
 def _group_ids(values: list[str]) -> list[int]:

@@ -17,36 +17,33 @@ ranks, randomness a function of (seed, step, rank), so `--resume latest` is exac
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from blitext.adapter.common import StepLosses, caption_record, prompt_cache, resume_run
+from blitext.adapter.common import StepLosses, caption_record, prompt_cache
 from blitext.cache import FeatureCache
-from blitext.checkpoint import export_final, save_checkpoint
 from blitext.config import default_cache_root, provenance, to_jsonable
-from blitext.console import progress_bar, say
+from blitext.console import say
 from blitext.data.pairs import CachedFeatures, default_captions, read_pairs
-from blitext.distributed import barrier, run_distributed
+from blitext.distributed import run_distributed
 from blitext.errors import BlitextError
-from blitext.trackers import require_trackers
 from blitext.losses import alignment_loss
+from blitext.loop import RunOptions, TrainerLoop, finish_run, resume_run
 from blitext.models.adapter_checkpoint import adapter_weights
 from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER
 from blitext.models.video_adapter import VideoAdapter
-from blitext.training import (Prefetcher, adamw, global_batch, llm_proj_groups, lr_at, mean_over_ranks, open_run,
-                              optimizer_step, rank_slice, require_batch_splits, set_lr, step_generator, step_seed,
-                              token_share, tracking)
+from blitext.training import (adamw, global_batch, llm_proj_groups, lr_at, mean_over_ranks, open_run, rank_slice,
+                              require_batch_splits, set_lr, step_generator, step_seed, token_share, tracking)
 
 SCHEDULES = ("sequential", "joint")
 
 
 @dataclass
-class VideoAdapterConfig:
+class VideoAdapterConfig(RunOptions):
     features: str = ""                  # video feature cache (extract-features --modality video, import-features)
     prompts: str | None = None          # reference prompts from build-prompts; needed when w_align > 0
     captions: list[str] = field(default_factory=list)  # caption JSON; default: the features' prepared data, train split
@@ -71,17 +68,10 @@ class VideoAdapterConfig:
     warmup_steps: int = 200             # per phase; the paper gives none for video: a tenth of a VATEX phase
     warmup_start_lr: float = 1e-6
     weight_decay: float = 0.05
-    save_every: int = 1000              # steps between resumable checkpoints
-    log_every: int = 10                 # steps between metrics.jsonl lines
     prefetch: int = 2                   # batches read ahead in a background thread
-    precision: str = "auto"             # auto: bf16 autocast on GPU, fp32 on CPU
-    report_to: list[str] = field(default_factory=list)  # tensorboard | wandb (optional), beside metrics.jsonl
-    device: str = "auto"
-    resume: str | None = None           # "latest" or a checkpoints/step-N folder
 
     def __post_init__(self) -> None:
-        self.report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
-        require_trackers(self.report_to)
+        super().__post_init__()
         if isinstance(self.captions, str):
             self.captions = [self.captions]
         if self.schedule not in SCHEDULES:
@@ -151,7 +141,7 @@ def _train(config: VideoAdapterConfig, device: str, info) -> Path:
     run = Path(config.out) if config.out else default_run_dir(config)
     model = s.model.to(device)
     optimizer = adamw(llm_proj_groups(model, config.llm_proj_lr_scale), config.lr, config.weight_decay)
-    start = resume_run(run, config, model, optimizer, s.identity)
+    start, _ = resume_run(run, config, model, optimizer, s.identity)
     if len(s.pairs) < config.batch_size:
         raise BlitextError(f"{len(s.pairs)} video-caption pairs < batch_size {config.batch_size}; lower --batch-size")
     phases = plan_phases(config, len(s.pairs))
@@ -168,11 +158,7 @@ def _train(config: VideoAdapterConfig, device: str, info) -> Path:
     loop = VideoLoop(config, s, phases, device, info, metrics, log)
     with tracking(metrics):
         loop.run(start, steps, run, optimizer, state)
-    if info.is_main:
-        save_checkpoint(run, steps, model, None, state, keep=2, weights=adapter_weights(model))
-        export_final(run)
-    barrier()
-    return run / "final"
+    return finish_run(run, steps, model, state, info, weights=adapter_weights(model))
 
 
 def _setup(config: VideoAdapterConfig, device: str) -> Setup:
@@ -185,6 +171,8 @@ def _setup(config: VideoAdapterConfig, device: str) -> Setup:
     pairs = read_pairs(config.captions or default_captions(features), None, lambda video_id: video_id in source)
     prompts = prompt_cache(config, pairs)
     llm = load_llm(config.llm, device=device)
+    if config.grad_checkpointing:
+        llm.checkpoint_layers()
     if prompts is not None:
         prompts.require_llm(llm.fingerprint, llm.family, config.llm)
     n_prompt = config.n_prompt or (prompts.producer["n_prompt"] if prompts else 32)
@@ -203,14 +191,14 @@ def _setup(config: VideoAdapterConfig, device: str) -> Setup:
 
 # ---------------------------------------------------------------- the loop
 
-class VideoLoop:
+class VideoLoop(TrainerLoop):
+    title = "train-adapter video"
+
     def __init__(self, config: VideoAdapterConfig, setup: Setup, phases: list[Phase], device: str, info, metrics, log):
-        self.c, self.s, self.model, self.phases = config, setup, setup.model, phases
+        super().__init__(config, setup.model, device, info, metrics, log)
+        self.s, self.phases = setup, phases
         step_losses = StepLosses(setup.model, self.losses)
         self.forward = DistributedDataParallel(step_losses) if info.world > 1 else step_losses
-        self.device, self.info, self.metrics, self.log = device, info, metrics, log
-        self.autocast = torch.autocast("cuda", torch.bfloat16) if (
-            config.precision in ("auto", "bf16") and device.startswith("cuda")) else torch.autocast("cpu", enabled=False)
 
     def phase_at(self, step: int) -> Phase:
         return next(p for p in reversed(self.phases) if step >= p.start)
@@ -225,26 +213,13 @@ class VideoLoop:
             batch["reference"] = self.s.prompts.rows([self.s.pairs.keys[i] for i in rows])
         return batch
 
-    def run(self, start: int, steps: int, run: Path, optimizer, state: dict) -> None:
-        self.optimizer = optimizer
-        prefetch = Prefetcher(self.load, range(start, steps), self.c.prefetch)
-        try:
-            with progress_bar(steps - start, "train-adapter video", "pair") as advance:
-                for step in range(start, steps):
-                    t, waited = time.perf_counter(), prefetch.waited
-                    losses = self.train_step(step, prefetch.next())
-                    took = time.perf_counter() - t
-                    timing = {"pairs_per_s": self.c.batch_size / took, "data_wait": (prefetch.waited - waited) / took}
-                    status = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
-                    advance(1, status=f"{self.phase_at(step).name}: {status} | wait {timing['data_wait']:.0%}")
-                    self.record(step, losses, timing)
-                    if (step + 1) % self.c.save_every == 0 and step + 1 < steps and self.info.is_main:
-                        save_checkpoint(run, step + 1, self.model, optimizer, state,
-                                        weights=adapter_weights(self.model))
-        finally:
-            prefetch.close()
+    def record_fields(self, step: int) -> dict:
+        return {"phase": self.phase_at(step).name}
 
-    def train_step(self, step: int, batch: dict) -> dict[str, float]:
+    def checkpoint_weights(self):
+        return adapter_weights(self.model)
+
+    def train_step(self, step: int, steps: int, batch: dict) -> dict[str, float]:
         c, phase = self.c, self.phase_at(step)
         if step == phase.start and step > 0:
             self.optimizer.state.clear()  # a new phase is a new training (module docstring)
@@ -257,7 +232,7 @@ class VideoLoop:
             reference = None if self.s.prompts is None else self.s.prompts.expand(batch["reference"])
             losses = self.forward(phase.name, batch["index"], batch["draws"], features, mask, reference)
             total = sum(v * weights[k] for k, v in losses.items())
-        optimizer_step(self.optimizer, total, c.max_grad_norm)
+        self.precision.step(self.optimizer, total, c.max_grad_norm)
         return mean_over_ranks({**losses, "loss": total})
 
     def losses(self, phase: str, index: list[int], draws: torch.Tensor, features, mask, reference) -> dict:
@@ -275,11 +250,3 @@ class VideoLoop:
             with torch.set_grad_enabled(trained and torch.is_grad_enabled()):
                 out["align"] = alignment_loss(prompts if trained else prompts.detach(), reference)
         return out
-
-    def record(self, step: int, losses: dict, timing: dict) -> None:
-        if self.metrics is None or (step + 1) % self.c.log_every and step != 0:
-            return
-        lr = self.optimizer.param_groups[0]["lr"]
-        phase = self.phase_at(step).name
-        self.metrics.write({"step": step, "phase": phase, "lr": lr, **losses, **timing})
-        self.log.info("step %d %s lr %.2e %s %s", step, phase, lr, losses, timing)

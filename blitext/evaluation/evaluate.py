@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from blitext.models.adapter_checkpoint import LoadedAdapter, load_adapter, load_llm_for_generation
 from blitext.atomic import write_json
-from blitext.evaluation.compare import BASE_RATE, CEILING, beside_scores, print_metrics
+from blitext.evaluation.compare import CEILING, beside_scores, print_metrics
 from blitext.cache import FeatureCache
 from blitext.config import provenance, to_jsonable
 from blitext.console import progress_bar, say

@@ -114,6 +114,28 @@ class FrozenLLM:
     def device(self) -> torch.device:
         return self.embedding_table.device
 
+    def checkpoint_layers(self) -> int:
+        """Recompute each layer's activations in the backward pass instead of keeping them: the
+        gradient that reaches the soft prompts through the frozen LLM then costs one layer's
+        activations, not all of them. transformers' own switch (gradient_checkpointing_enable)
+        acts only in train mode, which would turn the frozen LLM's dropout on; this wraps the same
+        layers (GradientCheckpointingLayer) in eval mode. Returns how many layers were wrapped."""
+        from torch.utils.checkpoint import checkpoint
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        def wrapped(forward):
+            def run(*args, **kwargs):
+                if not torch.is_grad_enabled():
+                    return forward(*args, **kwargs)
+                return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return run
+
+        layers = [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for layer in layers:
+            if not getattr(layer, "_blitext_checkpointed", False):
+                layer.forward, layer._blitext_checkpointed = wrapped(layer.forward), True
+        return len(layers)
+
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Each text's token ids, without special tokens (none for an empty text); one batched call,
         as a trainer's batch of hundreds of sentences is tokenised every step."""
@@ -216,9 +238,10 @@ class CausalLM(FrozenLLM):
         head, base = llm.get_output_embeddings(), getattr(llm, "base_model", llm)
         if head is None or base is llm or getattr(llm.config, "final_logit_softcapping", None):
             kwargs = {"logits_to_keep": L + 1} if "logits_to_keep" in inspect.signature(llm.forward).parameters else {}
-            logits = llm(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs).logits
+            logits = llm(inputs_embeds=inputs_embeds, attention_mask=mask, use_cache=False, **kwargs).logits
             return logits[:, -(L + 1):-1].flatten(0, 1)
-        hidden = base(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state  # (B, P+L, D)
+        # use_cache=False: no key/value cache to fill (a checkpointed layer's recompute would fill it twice)
+        hidden = base(inputs_embeds=inputs_embeds, attention_mask=mask, use_cache=False).last_hidden_state
         return head(hidden[:, -(L + 1):-1].flatten(0, 1))  # (B*L, V)
 
     def stop_token_ids(self, end_of_text: str) -> list[int]:
@@ -283,7 +306,7 @@ class EncoderDecoderLM(FrozenLLM):
         labels = t["target_ids"].masked_fill(batch.loss_mask == 0, IGNORE_INDEX)  # (B, L)
         decoder_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)  # start token, shifted right
         logits = self.model(inputs_embeds=inputs_embeds, attention_mask=mask, decoder_input_ids=decoder_ids,
-                            decoder_attention_mask=batch.loss_mask).logits  # (B, L, V)
+                            decoder_attention_mask=batch.loss_mask, use_cache=False).logits  # (B, L, V)
         return logits.flatten(0, 1), labels.flatten()
 
     def stop_token_ids(self, end_of_text: str) -> list[int]:

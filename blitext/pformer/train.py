@@ -11,7 +11,6 @@ from every rank. Every step's randomness is a function of (seed, step, rank), so
 """
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +18,12 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from blitext.checkpoint import export_final, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from blitext.config import default_cache_root, provenance, to_jsonable
-from blitext.console import progress_bar, say
+from blitext.console import say
 from blitext.data.text import TextCorpus, read_sentences
-from blitext.distributed import barrier, run_distributed
+from blitext.distributed import run_distributed
 from blitext.errors import BlitextError
-from blitext.trackers import require_trackers
+from blitext.loop import RunOptions, TrainerLoop, finish_run, resume_run
 from blitext.losses import TEMP_MAX, TEMP_MIN, contrastive_loss, vocab_loss
 from blitext.metrics.llm import teacher_forced_accuracy
 from blitext.models.llm import FrozenLLM, LMBatch
@@ -37,7 +35,7 @@ from blitext.training import (adamw, global_batch, lr_at, mean_over_ranks, open_
 
 
 @dataclass
-class PFormerConfig:
+class PFormerConfig(RunOptions):
     text: list[str] = field(default_factory=list)  # sentence files: plain text, .jsonl, caption .json; globs
     out: str | None = None              # run folder; default <cache root>/runs/pformer/<llm>
     llm: str = DEFAULT_LLM              # the frozen LLM the prompts are for (paper: OPT-2.7B)
@@ -66,17 +64,10 @@ class PFormerConfig:
     heldout: int = 64                   # sentences kept out of training, for samples and accuracy
     sample_every: int = 500             # steps between printed greedy reconstructions
     n_samples: int = 3
-    save_every: int = 1000              # steps between checkpoints (and one at the end)
-    log_every: int = 10                 # steps between metrics.jsonl lines
     bad_bytes: str = "error"            # undecodable text: "error" names file and line, "replace" counts them
-    precision: str = "auto"             # auto: bf16 autocast on GPU, fp32 on CPU
-    report_to: list[str] = field(default_factory=list)  # tensorboard | wandb (optional), beside metrics.jsonl
-    device: str = "auto"
-    resume: str | None = None           # "latest" or a checkpoints/step-N folder
 
     def __post_init__(self) -> None:
-        self.report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
-        require_trackers(self.report_to)
+        super().__post_init__()
         if self.contrast not in ("two-view", "one-view"):
             raise BlitextError(f"contrast must be 'two-view' or 'one-view', got {self.contrast!r}")
         if isinstance(self.text, str):
@@ -170,6 +161,8 @@ def _train(config: PFormerConfig, device: str, info) -> Path:
     if len(split.train) < config.batch_size:
         raise BlitextError(f"{len(split.train)} training sentences < batch_size {config.batch_size}; lower --batch-size")
     llm = load_llm(config.llm, device=device)
+    if config.grad_checkpointing:
+        llm.checkpoint_layers()
     text_encoder = load_text_encoder(config.text_encoder, device=device)
     if text_encoder.tokenizer.mask_token_id is None:
         raise BlitextError(f"text encoder {config.text_encoder!r} has no [MASK] token; use a BERT-family encoder")
@@ -179,67 +172,45 @@ def _train(config: PFormerConfig, device: str, info) -> Path:
     optimizer = adamw(pformer.parameters(), config.lr, config.weight_decay)
     identity = {"llm_fingerprint": llm.fingerprint, "text_encoder_fingerprint": text_encoder.fingerprint,
                 "resume_config": {k: getattr(config, k) for k in RESUME_KEYS}}
-    start, truncated = _resume(run, config, pformer, optimizer, identity)
+    start, resumed = resume_run(run, config, pformer, optimizer, identity)
     model = DistributedDataParallel(pformer) if info.world > 1 else pformer
     steps = total_steps(config, len(split.train))
     say(f"train-pformer: {len(split.train):,} sentences ({corpus.counts['empty skipped']} empty lines skipped), "
         f"{steps:,} steps of {config.batch_size}, {pformer.n_prompt} prompts -> {llm.fingerprint} on {device}")
     metrics, log = open_run(run, info, start, "train-pformer", config)
     batcher = Batcher(text_encoder.tokenizer, llm, config)
-    batcher.truncated.update(truncated)  # counts run on from the checkpoint, as an uninterrupted run's would
+    batcher.truncated.update(resumed.get("truncated", {}))  # counts run on, as an uninterrupted run's would
     state = {**identity, "config": to_jsonable(config), "text_encoder": config.text_encoder, "llm": config.llm,
              "llm_family": llm.family, "n_prompt": config.n_prompt, "d_llm": d_llm, "contrast_dim": config.contrast_dim,
              "provenance": provenance(config), "corpus_counts": dict(corpus.counts)}
     loop = TrainLoop(config, model, pformer, llm, optimizer, batcher, split, device, info, metrics, log)
     with tracking(metrics):
-        loop.run(start, steps, run, state)
-    final = run / "final"
-    if info.is_main:
-        save_checkpoint(run, steps, pformer, None, {**state, "truncated": dict(batcher.truncated)}, keep=2)
-        export_final(run)
-    barrier()
-    return final
+        loop.run(start, steps, run, optimizer, state)
+        if steps % config.sample_every or steps == start:  # not twice for the last step
+            loop.show_samples(steps)
+    return finish_run(run, steps, pformer, loop.checkpoint_state(state), info)
 
 
-def _resume(run: Path, config, pformer, optimizer, identity) -> tuple[int, dict]:
-    """(step to start from, truncation counts so far)."""
-    path = resolve_resume(run, config.resume)
-    if path is None:
-        if config.resume is None and latest_checkpoint(run) is not None:
-            raise BlitextError(f"{run} already holds a run; pass --resume latest to continue it or another --out")
-        return 0, {}
-    state = load_checkpoint(path, pformer, optimizer, expect=identity)
-    say(f"resuming from {path} (step {state['step']})")
-    return int(state["step"]), state.get("truncated", {})
+class TrainLoop(TrainerLoop):
+    title, unit, rate_name = "train-pformer", "sent", "sentences_per_s"
 
-
-class TrainLoop:
     def __init__(self, config, model, pformer, llm, optimizer, batcher, split, device, info, metrics, log):
-        self.c, self.model, self.pformer, self.llm = config, model, pformer, llm
+        super().__init__(config, pformer, device, info, metrics, log)
+        self.forward, self.pformer, self.llm = model, pformer, llm  # model: DDP-wrapped on several ranks
         self.optimizer, self.batcher, self.split = optimizer, batcher, split
-        self.device, self.info, self.metrics, self.log = device, info, metrics, log
         self.embedding = llm.embedding_table  # (V, d_llm), frozen codebook
-        self.autocast = torch.autocast("cuda", torch.bfloat16) if (
-            config.precision in ("auto", "bf16") and device.startswith("cuda")) else torch.autocast("cpu", enabled=False)
 
-    def run(self, start: int, steps: int, run: Path, state: dict) -> None:
-        per_rank = self.c.batch_size // self.info.world
-        with progress_bar(steps - start, "train-pformer", "sent") as advance:
-            for step in range(start, steps):
-                t = time.perf_counter()
-                losses = self.train_step(step, steps)
-                rate = self.c.batch_size / (time.perf_counter() - t)
-                advance(1, status=" ".join(f"{k} {v:.3f}" for k, v in losses.items()) + f" {rate:.1f} sent/s")
-                self.record(step, losses, rate, per_rank)
-                if (step + 1) % self.c.sample_every == 0:
-                    self.show_samples(step + 1)
-                if (step + 1) % self.c.save_every == 0 and step + 1 < steps and self.info.is_main:
-                    save_checkpoint(run, step + 1, self.pformer, self.optimizer,
-                                    {**state, "truncated": dict(self.batcher.truncated)})
-        if steps % self.c.sample_every or steps == start:  # not twice for the last step
-            self.show_samples(steps)
+    def record_fields(self, step: int) -> dict:
+        return {"temp": float(self.pformer.temp.detach())}
 
-    def train_step(self, step: int, steps: int) -> dict[str, float]:
+    def checkpoint_state(self, state: dict) -> dict:
+        return {**state, "truncated": dict(self.batcher.truncated)}
+
+    def after_step(self, step: int, steps: int) -> None:
+        if (step + 1) % self.c.sample_every == 0:
+            self.show_samples(step + 1)
+
+    def train_step(self, step: int, steps: int, batch=None) -> dict[str, float]:
         c = self.c
         set_lr(self.optimizer, lr_at(step, steps, c.lr, c.min_lr, c.warmup_steps, c.warmup_start_lr))
         texts = [self.split.train[i] for i in global_batch(step, len(self.split.train), c.batch_size, c.seed)]
@@ -254,9 +225,7 @@ class TrainLoop:
         with self.autocast:
             losses = self.losses(ids, att, tgt)
             total = c.w_lm * losses["lm"] + c.w_contrast * losses["contrast"] + c.w_vocab * losses["vocab"]
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        self.precision.step(self.optimizer, total, None)
         with torch.no_grad():  # as BLIP: a clamp only inside the loss would leave temp stuck past a bound
             self.pformer.temp.clamp_(TEMP_MIN, TEMP_MAX)
         return mean_over_ranks({**losses, "loss": total})  # what is logged is the global batch's, not rank 0's
@@ -266,7 +235,7 @@ class TrainLoop:
         two_view = self.c.contrast == "two-view"
         if two_view:  # SimCSE: the same sentences twice in one pass; dropout makes the two views differ
             ids, att = torch.cat([ids, ids]), torch.cat([att, att])
-        out = self.model(ids, att)
+        out = self.forward(ids, att)
         prompts = out.prompts[:b]                                                 # (B, P, d_llm)
         z_a = out.text_feat[:b]
         z_b = out.text_feat[b:] if two_view else z_a
@@ -275,14 +244,6 @@ class TrainLoop:
             "contrast": contrastive_loss(z_a, z_b, self.pformer.temp, self.c.label_smoothing),
             "vocab": vocab_loss(prompts, self.embedding),
         }
-
-    def record(self, step: int, losses: dict, rate: float, per_rank: int) -> None:
-        if self.metrics is None or (step + 1) % self.c.log_every and step != 0:
-            return
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.metrics.write({"step": step, "lr": lr, **losses, "sentences_per_s": rate,
-                            "temp": float(self.pformer.temp.detach())})
-        self.log.info("step %d lr %.2e %s %.1f sent/s", step, lr, losses, rate)
 
     @torch.no_grad()
     def show_samples(self, step: int) -> None:

@@ -1,0 +1,171 @@
+"""The trainer skeleton the P-Former, Q-Former (stages 1, 2) and video trainers share: resuming,
+the run's precision, the step loop (batches read ahead, a progress bar with rate and ETA, a
+metrics line every log_every steps, a checkpoint every save_every steps) and the final save.
+Each trainer subclasses `TrainerLoop` with its own `train_step` and, where it needs them, the
+hooks below; everything else is written here once.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from blitext.checkpoint import export_final, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from blitext.console import progress_bar, say
+from blitext.distributed import barrier
+from blitext.errors import BlitextError
+from blitext.trackers import require_trackers
+from blitext.training import Prefetcher
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class RunOptions:
+    """How a trainer runs, the same options for each (their configs extend this)."""
+    save_every: int = 1000              # steps between resumable checkpoints (and one at the end)
+    log_every: int = 10                 # steps between metrics.jsonl lines
+    precision: str = "auto"             # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (GPU)
+    grad_checkpointing: bool = False    # recompute the frozen LLM's activations in the backward pass
+    report_to: list[str] = field(default_factory=list)  # tensorboard | wandb (optional), beside metrics.jsonl
+    device: str = "auto"
+    resume: str | None = None           # "latest" or a checkpoints/step-N folder
+
+    def __post_init__(self) -> None:
+        self.report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        require_trackers(self.report_to)
+        require_precision(self.precision)
+
+
+def require_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise BlitextError(f"--precision {precision!r}: use auto (bf16 on a GPU, fp32 on CPU), fp32, bf16 or fp16 (GPU)")
+
+
+class Precision:
+    """The autocast a step's forward runs under, and fp16's loss scaler."""
+
+    def __init__(self, precision: str, device: str):
+        require_precision(precision)
+        cuda = str(device).startswith("cuda")
+        if precision == "fp16" and not cuda:
+            raise BlitextError("--precision fp16 needs a GPU (float16 autocast with loss scaling); on CPU use bf16 or fp32")
+        dtype = {"auto": torch.bfloat16 if cuda else None, "fp32": None, "bf16": torch.bfloat16,
+                 "fp16": torch.float16}[precision]
+        self.autocast = torch.autocast("cuda" if cuda else "cpu", dtype) if dtype else torch.autocast("cpu", enabled=False)
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float | None) -> None:
+        """Backward and one update, the gradient's global norm clipped first when `max_grad_norm` is set
+        (fp16: on the unscaled gradient, and a step with inf/nan gradients is skipped)."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        if max_grad_norm:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+def resume_run(run: Path, config, model, optimizer, identity: dict) -> tuple[int, dict]:
+    """(the step to start from, the checkpoint's state): 0 and {} for a new run."""
+    path = resolve_resume(run, config.resume)
+    if path is None:
+        if config.resume is None and latest_checkpoint(run) is not None:
+            raise BlitextError(f"{run} already holds a run; pass --resume latest to continue it or another --out")
+        return 0, {}
+    state = load_checkpoint(path, model, optimizer, expect=identity)
+    say(f"resuming from {path} (step {state['step']})")
+    return int(state["step"]), state
+
+
+def finish_run(run: Path, steps: int, model, state: dict, info, weights=None, extra=None) -> Path:
+    """The last checkpoint (no optimizer) published as `<run>/final`; every rank waits for it."""
+    if info.is_main:
+        save_checkpoint(run, steps, model, None, state, keep=2, weights=weights, extra=extra)
+        export_final(run)
+    barrier()
+    return run / "final"
+
+
+class TrainerLoop:
+    """Subclasses set `title`, `unit` and `rate_name`, and implement `train_step(step, steps, batch)`
+    returning the step's losses (floats, already averaged over ranks)."""
+    title = "train"
+    unit = "pair"
+    rate_name = "pairs_per_s"
+
+    def __init__(self, config, model, device: str, info, metrics, log):
+        self.c, self.model = config, model  # the unwrapped model checkpoints save
+        self.device, self.info, self.metrics, self.log = device, info, metrics, log
+        self.precision = Precision(config.precision, device)
+        self.autocast = self.precision.autocast
+
+    # ------------------------------------------------------------ hooks
+    def load(self, step: int):
+        """The step's I/O, run ahead in a thread (cache reads); None when the step reads nothing."""
+        return None
+
+    def train_step(self, step: int, steps: int, batch) -> dict[str, float]:
+        raise NotImplementedError
+
+    def record_fields(self, step: int) -> dict:
+        """More fields of the step's metrics line (the phase, the temperature)."""
+        return {}
+
+    def checkpoint_state(self, state: dict) -> dict:
+        """The state a checkpoint saves (the P-Former adds its truncation counts)."""
+        return state
+
+    def checkpoint_weights(self):
+        """What a checkpoint stores as model.safetensors (None: the trainable parameters)."""
+        return None
+
+    def checkpoint_extra(self, folder: Path) -> None:
+        """More files in a checkpoint (the Q-Former's tokenizer)."""
+
+    def after_step(self, step: int, steps: int) -> None:
+        """Run after each step's record (the P-Former's held-out samples)."""
+
+    # ------------------------------------------------------------ the loop
+    def run(self, start: int, steps: int, run: Path, optimizer, state: dict) -> None:
+        self.optimizer = optimizer
+        prefetch = Prefetcher(self.load, range(start, steps), getattr(self.c, "prefetch", 2))
+        try:
+            with progress_bar(steps - start, self.title, self.unit) as advance:
+                for step in range(start, steps):
+                    t, waited = time.perf_counter(), prefetch.waited
+                    losses = self.train_step(step, steps, prefetch.next())
+                    took = time.perf_counter() - t
+                    timing = {self.rate_name: self.c.batch_size / took, "data_wait": (prefetch.waited - waited) / took}
+                    advance(1, status=self.status(step, losses, timing))
+                    self.record(step, losses, timing)
+                    self.after_step(step, steps)
+                    if (step + 1) % self.c.save_every == 0 and step + 1 < steps and self.info.is_main:
+                        save_checkpoint(run, step + 1, self.model, optimizer, self.checkpoint_state(state),
+                                        weights=self.checkpoint_weights(), extra=self.checkpoint_extra)
+        finally:
+            prefetch.close()
+
+    def status(self, step: int, losses: dict, timing: dict) -> str:
+        phase = self.record_fields(step).get("phase")
+        return (f"{phase}: " if phase else "") + " ".join(f"{k} {v:.3f}" for k, v in losses.items()) + \
+            f" | wait {timing['data_wait']:.0%}"
+
+    def record(self, step: int, losses: dict, timing: dict) -> None:
+        if self.metrics is None or (step + 1) % self.c.log_every and step != 0:
+            return
+        lr = self.optimizer.param_groups[0]["lr"]
+        fields = self.record_fields(step)
+        self.metrics.write({"step": step, **{k: v for k, v in fields.items() if k == "phase"}, "lr": lr, **losses,
+                            **timing, **{k: v for k, v in fields.items() if k != "phase"}})
+        self.log.info("step %d lr %.2e %s %s %s", step, lr, fields, losses, timing)
