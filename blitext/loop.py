@@ -6,6 +6,7 @@ hooks below; everything else is written here once.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from blitext.console import progress_bar, say
 from blitext.distributed import barrier
 from blitext.errors import BlitextError
 from blitext.trackers import require_trackers
-from blitext.training import Prefetcher
+from blitext.training import Prefetcher, mean_over_ranks, rank_slice, token_share
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -25,6 +26,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 @dataclass
 class RunOptions:
     """How a trainer runs, the same options for each (their configs extend this)."""
+    accum_steps: int = 1                # micro-batches per step, gradients summed (LM loss: as one batch)
     save_every: int = 1000              # steps between resumable checkpoints (and one at the end)
     log_every: int = 10                 # steps between metrics.jsonl lines
     precision: str = "auto"             # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (GPU)
@@ -37,6 +39,8 @@ class RunOptions:
         self.report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
         require_trackers(self.report_to)
         require_precision(self.precision)
+        if self.accum_steps < 1:
+            raise BlitextError(f"--accum-steps {self.accum_steps}: pass 1 (no accumulation) or more")
 
 
 def require_precision(precision: str) -> None:
@@ -57,18 +61,18 @@ class Precision:
         self.autocast = torch.autocast("cuda" if cuda else "cpu", dtype) if dtype else torch.autocast("cpu", enabled=False)
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
-    def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float | None) -> None:
-        """Backward and one update, the gradient's global norm clipped first when `max_grad_norm` is set
-        (fp16: on the unscaled gradient, and a step with inf/nan gradients is skipped)."""
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def update(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> None:
+        """One update from the summed gradients, their global norm clipped first when `max_grad_norm`
+        is set (fp16: on the unscaled gradient, and a step with inf/nan gradients is skipped)."""
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
-            loss.backward()
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             return
-        self.scaler.scale(loss).backward()
         if max_grad_norm:
             self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -109,6 +113,55 @@ class TrainerLoop:
         self.device, self.info, self.metrics, self.log = device, info, metrics, log
         self.precision = Precision(config.precision, device)
         self.autocast = self.precision.autocast
+        self.accum, self.micro, self.step_tokens = config.accum_steps, 0, None
+
+    # ------------------------------------------------------------ accumulation (docs/method.md#memory-levers)
+    @property
+    def rank(self) -> int:
+        """The slice of the global batch the current micro-batch is: micro-batch m of rank r is slice
+        r * accum + m of rank_slice(..., world * accum), so a step's rows are the same at any accum."""
+        return self.info.rank * self.accum + self.micro
+
+    @property
+    def world(self) -> int:
+        return self.info.world * self.accum
+
+    def token_share(self, mask: torch.Tensor) -> torch.Tensor | float:
+        """`world` x this micro-batch's share of the step's loss tokens (training.token_share over
+        micro-batches too), so token-mean losses summed over micro-batches equal the whole batch's."""
+        if self.accum == 1:
+            return token_share(mask, self.info.world)
+        return mask.sum().float() * self.world / self.step_tokens
+
+    def accumulated(self, micro_step, local_rows: int, tokens, forward, max_grad_norm: float | None) -> dict:
+        """One optimizer step over `accum` micro-batches of this rank's `local_rows` rows:
+        `micro_step(rows)` returns (losses, total) for those rows (positions in the rank's share);
+        each total / accum is backpropagated, the gradients summed (DDP syncs on the last one).
+        `tokens`: this rank's LM-loss tokens over the whole step (None without an LM term), summed
+        over ranks for token_share. Returns the step's losses averaged over micro-batches and ranks."""
+        if self.accum > 1 and tokens is not None:
+            total_tokens = torch.as_tensor(tokens, dtype=torch.float32).clone()
+            if self.info.world > 1:
+                torch.distributed.all_reduce(total_tokens)
+            self.step_tokens = total_tokens
+        self.optimizer.zero_grad(set_to_none=True)
+        logged: dict[str, torch.Tensor] = {}
+        try:
+            for m in range(self.accum):
+                self.micro = m
+                rows = rank_slice(list(range(local_rows)), m, self.accum)
+                last = m == self.accum - 1
+                with (contextlib.nullcontext() if last or not hasattr(forward, "no_sync") else forward.no_sync()):
+                    with self.autocast:
+                        losses, total = micro_step(rows)
+                    self.precision.backward(total / self.accum if self.accum > 1 else total)
+                for k, v in {**losses, "loss": total}.items():
+                    v = v.detach() / self.accum if self.accum > 1 else v.detach()
+                    logged[k] = logged[k] + v if k in logged else v
+        finally:
+            self.micro = 0
+        self.precision.update(self.optimizer, max_grad_norm)
+        return mean_over_ranks(logged)
 
     # ------------------------------------------------------------ hooks
     def load(self, step: int):

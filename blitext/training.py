@@ -81,7 +81,8 @@ def global_batch(step: int, n: int, batch_size: int, seed: int) -> list[int]:
 def require_batch_splits(batch_size: int, world: int) -> None:
     """rank_slice gives every rank batch_size // world rows: a remainder would be dropped unseen."""
     if batch_size % world:
-        raise BlitextError(f"batch_size {batch_size} must divide by the number of ranks {world}")
+        raise BlitextError(f"batch_size {batch_size} must divide by the number of ranks x --accum-steps ({world}): "
+                           f"pass a --batch-size that does")
 
 
 def rank_slice(indices: list[int], rank: int, world: int) -> list[int]:

@@ -117,4 +117,5 @@ def _run_default(name: str) -> str:
 
 PrecisionOpt = typer.Option(None, "--precision", help="auto (bf16 autocast on a GPU, fp32 on CPU) | fp32 | bf16 | fp16 (GPU, loss-scaled). " + _run_default("precision"))
 GradCheckpointingOpt = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing", help="Recompute the frozen LLM's activations in the backward pass instead of keeping them (less memory, about one more LLM forward a step; P-Former, stage 2, video). " + _run_default("grad_checkpointing"))
+AccumStepsOpt = typer.Option(None, "--accum-steps", help="Split each step's batch into N micro-batches and sum their gradients: the LM loss equals the whole batch's; contrastive negatives (P-Former) come from each micro-batch; not for stage 1 (ITC/ITM). " + _run_default("accum_steps"))
 

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from blitext.cli.cache import cache_app, data_app, print_cache_summary
-from blitext.cli.common import (ConfigOpt, GradCheckpointingOpt, PrecisionOpt, ReportToOpt, default_is, default_of,
+from blitext.cli.common import (ConfigOpt, AccumStepsOpt, GradCheckpointingOpt, PrecisionOpt, ReportToOpt, default_is, default_of,
                                  generation_default, user_errors, write_out)
 from blitext.errors import BlitextError
 
@@ -141,6 +141,7 @@ def train_adapter_cmd(
     report_to: Optional[list[str]] = ReportToOpt,
     precision: Optional[str] = PrecisionOpt,
     grad_checkpointing: Optional[bool] = GradCheckpointingOpt,
+    accum_steps: Optional[int] = AccumStepsOpt,
     modality: str = typer.Option("image", "--modality", help="image: the Q-Former (stages 1, 2); video: the Transformer adaptor over segment features."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help=f"Video: sequential (L_align alone, then LM alone: paper) | joint (LM + w L_align). {default_of(VideoAdapterConfig, 'schedule')}"),
     align_epochs: Optional[int] = typer.Option(None, "--align-epochs", help=f"Video, sequential: epochs of the alignment phase. {default_of(VideoAdapterConfig, 'align_epochs')}"),
@@ -164,7 +165,8 @@ def train_adapter_cmd(
                    epochs=epochs, max_steps=max_steps, lr=lr, llm_proj_lr_scale=llm_proj_lr_scale,
                    max_grad_norm=max_grad_norm, warmup_steps=warmup_steps, seed=seed,
                    save_every=save_every, log_every=log_every, device=device, resume=resume, align_steps=align_steps,
-                   report_to=report_to or None, precision=precision, grad_checkpointing=grad_checkpointing)
+                   report_to=report_to or None, precision=precision, grad_checkpointing=grad_checkpointing,
+                   accum_steps=accum_steps)
     video = dict(schedule=schedule, align_epochs=align_epochs)
     image = dict(num_layers=num_layers, cross_attention_frequency=cross_attention_frequency, dropout=dropout,
                  align_loss=align_loss)

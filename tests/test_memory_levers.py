@@ -3,6 +3,8 @@ recomputed in backward: the same numbers) and --precision (bf16 autocast on CPU 
 a GPU); and the trainer skeleton they share."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -58,3 +60,48 @@ def test_precision_names_and_fp16_without_a_gpu_are_refused(tmp_path, world):  #
         Precision("fp16", "cpu")
     assert Precision("auto", "cpu").scaler is None and not Precision("auto", "cpu").autocast._enabled
     assert Precision("bf16", "cpu").autocast.fast_dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- --accum-steps
+
+def trained(run_config, train):
+    """(the logged lines, the final weights) of a run: after 3 AdamW steps the weights follow the
+    gradients' values, not only their signs (AdamW's first step is nearly sign(gradient))."""
+    train(run_config)
+    return lines(Path(run_config.out)), load_file(Path(run_config.out) / "final" / "model.safetensors")
+
+
+def test_stage2_accumulation_equals_the_whole_batch(tmp_path, world):  # noqa: F811
+    train_adapter(config(world, tmp_path / "s1", max_steps=1))
+    runs = {}
+    for n in (1, 2, 4):
+        runs[n] = trained(config(world, tmp_path / f"a{n}", stage=2, max_steps=3, batch_size=8,
+                                              init=str(tmp_path / "s1"), accum_steps=n), train_adapter)
+    (one, w1), (two, w2), (four, w4) = runs[1], runs[2], runs[4]
+    for other, w in ((two, w2), (four, w4)):
+        assert [m["lm"] for m in other] == pytest.approx([m["lm"] for m in one], rel=1e-5, abs=1e-6)
+        assert [m["align"] for m in other] == pytest.approx([m["align"] for m in one], rel=1e-5, abs=1e-7)
+        assert all(torch.allclose(w[k], w1[k], rtol=1e-5, atol=1e-6) for k in w1), \
+            max((w[k] - w1[k]).abs().max().item() for k in w1)
+
+
+def test_pformer_accumulation_equals_the_whole_batch_for_the_lm_loss(tmp_path, llm_folders, bert_folder):
+    text = write_sentences(tmp_path / "text.txt", 20)
+    logged = {}
+    for n in (1, 2):
+        # w_contrast 0: the contrastive loss takes its negatives from each micro-batch (docs)
+        cfg = tiny_config(text, tmp_path / f"p{n}", llm_folders["opt"], bert_folder, batch_size=8, max_steps=3,
+                          accum_steps=n, w_contrast=0.0)
+        logged[n] = trained(cfg, train_pformer)
+    (one, w1), (two, w2) = logged[1], logged[2]
+    assert [m["lm"] for m in two] == pytest.approx([m["lm"] for m in one], rel=1e-5)
+    assert all(torch.allclose(w2[k], w1[k], rtol=1e-5, atol=1e-6) for k in w1)
+
+
+def test_accumulation_refusals(tmp_path, world):  # noqa: F811
+    with pytest.raises(BlitextError, match="stage 1's ITC and ITM"):
+        config(world, tmp_path / "x", accum_steps=2)
+    with pytest.raises(BlitextError, match="--accum-steps 0"):
+        config(world, tmp_path / "x", stage=2, accum_steps=0)
+    with pytest.raises(BlitextError, match=r"ranks x --accum-steps \(3\)"):
+        train_adapter(config(world, tmp_path / "y", stage=2, max_steps=1, batch_size=4, accum_steps=3))

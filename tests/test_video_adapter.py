@@ -306,3 +306,14 @@ def test_attribute_accuracy_reads_the_first_colour_shape_and_direction_word(tmp_
         {"image_id": "b", "caption": "a red blue circle moves up"}]))  # first colour word is the wrong one
     acc = attribute_accuracy(tmp_path / "run", tmp_path)
     assert acc == {"color_accuracy": 0.5, "shape_accuracy": 0.0, "direction_accuracy": 1.0}
+
+
+def test_accumulated_lm_phase_equals_the_whole_batch(tmp_path, world):
+    runs = {}
+    for n in (1, 2):
+        train_video_adapter(config(world, tmp_path / f"a{n}", align_steps=2, max_steps=3, batch_size=8,
+                                   accum_steps=n, save_every=100))
+        runs[n] = (step_lines(tmp_path / f"a{n}"), weights(tmp_path / f"a{n}"))
+    (one, w1), (two, w2) = runs[1], runs[2]
+    assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-5)
+    assert all(torch.allclose(w2[k], w1[k], rtol=1e-5, atol=1e-6) for k in w1)

@@ -41,8 +41,8 @@ from blitext.models.qformer import QFormer, keep_first_layers, qformer_tokenizer
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER, DEFAULT_VISION_ENCODER
 from blitext.loop import RunOptions, TrainerLoop, finish_run, resume_run
 from blitext.pformer.prompts import PromptCache
-from blitext.training import (adamw, global_batch, llm_proj_groups, lr_at, mean_over_ranks, open_run, rank_slice,
-                              require_batch_splits, set_lr, step_generator, step_seed, token_share, tracking)
+from blitext.training import (adamw, global_batch, llm_proj_groups, lr_at, open_run, rank_slice, require_batch_splits,
+                              set_lr, step_generator, step_seed, tracking)
 
 
 @dataclass
@@ -101,6 +101,10 @@ class AdapterConfig(RunOptions):
             raise BlitextError(f"--w-align {self.w_align:g} needs reference prompts: pass --prompts CACHE "
                                f"(blitext build-prompts makes it), or --w-align 0 for plain BLIP-2")
         require_align_loss(self.align_loss)
+        if self.stage == 1 and self.accum_steps > 1:
+            raise BlitextError("--accum-steps applies to stage 2: stage 1's ITC and ITM draw their negatives from the "
+                               "whole batch, and accumulation would draw them from each micro-batch (a smaller "
+                               "contrastive batch); use more ranks or a smaller --batch-size for stage 1")
         if self.align_steps < 0 or (self.align_steps and self.w_align == 0):
             raise BlitextError(f"--align-steps {self.align_steps} trains L_align alone: it needs --w-align above 0 "
                                f"and --prompts, and cannot be negative")
@@ -150,7 +154,7 @@ class Setup:
 
 
 def _train(config: AdapterConfig, device: str, info) -> Path:
-    require_batch_splits(config.batch_size, info.world)
+    require_batch_splits(config.batch_size, info.world * config.accum_steps)
     setup = _setup(config, device)
     run = Path(config.out) if config.out else default_run_dir(config)
     model = setup.model.to(device)
@@ -272,13 +276,18 @@ class AdapterLoop(TrainerLoop):
         features, feature_mask = self.s.source.encode(batch["features"], self.device)
         reference = None if self.s.prompts is None else self.s.prompts.expand(batch["reference"])
         torch.manual_seed(step_seed(c.seed, step, self.info.rank))  # dropout of this step
-        with self.autocast:
-            losses = self.forward(name, step, index, features, feature_mask, reference)
-            total = sum(v * (c.w_align if k == "align" else 1.0) for k, v in losses.items())
-        self.precision.step(self.optimizer, total, c.max_grad_norm)
+        tokens = None
+        if self.accum > 1 and name == "stage2":
+            tokens = self.targets(step, index, self.info.rank, self.info.world).loss_mask.sum()
+
+        def micro(rows: list[int]):
+            pick = (lambda t: t) if self.accum == 1 else (lambda t: None if t is None else t[rows])
+            losses = self.forward(name, step, index, pick(features), pick(feature_mask), pick(reference))
+            return losses, sum(v * (c.w_align if k == "align" else 1.0) for k, v in losses.items())
+        logged = self.accumulated(micro, len(features), tokens, self.forward, c.max_grad_norm)
         with torch.no_grad():  # BLIP clamps the parameter itself, not only inside the loss
             self.model.temp.clamp_(TEMP_MIN, TEMP_MAX)
-        return mean_over_ranks({**losses, "loss": total})
+        return logged
 
     def _align(self, query_output: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor | None:
         """L_align on llm_proj(queries). At weight 0 it is only measured (no graph): the run then
@@ -297,7 +306,7 @@ class AdapterLoop(TrainerLoop):
         return losses(step, index, features, feature_mask, reference)
 
     def stage1_losses(self, step: int, index: list[int], features, feature_mask, reference) -> dict:
-        c, model, world, rank = self.c, self.model, self.info.world, self.info.rank
+        c, model, world, rank = self.c, self.model, self.world, self.rank
         texts = [self.s.pairs.texts[i] for i in index]
         tok = self.tokenizer(texts, padding="longest", truncation=True, max_length=c.max_text_len, return_tensors="pt")
         rows = rank_slice(list(range(len(index))), rank, world)
@@ -326,20 +335,24 @@ class AdapterLoop(TrainerLoop):
         dec_ids = ids.clone()
         dec_ids[:, 0] = self.tokenizer.bos_token_id  # [DEC] replaces [CLS]: the caption starts from the queries
         hidden = model.joint_output(dec_ids, features, unilm_mask(q, att), feature_mask)[:, q:]
-        itg = itg_loss(self.model.lm_logits(hidden), dec_ids, att, c.label_smoothing) * token_share(att[:, 1:], world)
+        itg = itg_loss(self.model.lm_logits(hidden), dec_ids, att, c.label_smoothing) * self.token_share(att[:, 1:])
 
         losses = {"itc": itc, "itm": itm, "itg": itg}
         align = self._align(query, reference)
         return losses if align is None else {**losses, "align": align}
 
-    def stage2_losses(self, step: int, index: list[int], features, feature_mask, reference) -> dict:
-        c, rows = self.c, rank_slice(list(range(len(index))), self.info.rank, self.info.world)
+    def targets(self, step: int, index: list[int], rank: int, world: int):
+        """Stage 2's LM targets of slice `rank` of `world` of the global batch (T5: split at drawn words)."""
+        c, rows = self.c, rank_slice(list(range(len(index))), rank, world)
         draws = torch.rand(len(index), generator=step_generator(c.seed, step))[rows]  # T5's split words, any world
-        tgt = self.s.llm.training_batch([self.s.pairs.texts[index[r]] for r in rows], draws, c.end_of_text,
-                                        c.max_text_len).to(self.device)
+        return self.s.llm.training_batch([self.s.pairs.texts[index[r]] for r in rows], draws, c.end_of_text,
+                                         c.max_text_len).to(self.device)
+
+    def stage2_losses(self, step: int, index: list[int], features, feature_mask, reference) -> dict:
+        tgt = self.targets(step, index, self.rank, self.world)
         query = self.model.query_output(features, feature_mask)
         prompts = self.model.llm_proj(query)  # (B, Q, d_llm)
-        lm = self.s.llm.lm_loss(prompts, tgt) * token_share(tgt.loss_mask, self.info.world)
+        lm = self.s.llm.lm_loss(prompts, tgt) * self.token_share(tgt.loss_mask)
         align = self._align(query, reference)
         return {"lm": lm} if align is None else {"lm": lm, "align": align}
 

@@ -36,8 +36,8 @@ from blitext.models.adapter_checkpoint import adapter_weights
 from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER
 from blitext.models.video_adapter import VideoAdapter
-from blitext.training import (adamw, global_batch, llm_proj_groups, lr_at, mean_over_ranks, open_run, rank_slice,
-                              require_batch_splits, set_lr, step_generator, step_seed, token_share, tracking)
+from blitext.training import (adamw, global_batch, llm_proj_groups, lr_at, open_run, rank_slice, require_batch_splits,
+                              set_lr, step_generator, step_seed, tracking)
 
 SCHEDULES = ("sequential", "joint")
 
@@ -136,7 +136,7 @@ class Setup:
 
 
 def _train(config: VideoAdapterConfig, device: str, info) -> Path:
-    require_batch_splits(config.batch_size, info.world)
+    require_batch_splits(config.batch_size, info.world * config.accum_steps)
     s = _setup(config, device)
     run = Path(config.out) if config.out else default_run_dir(config)
     model = s.model.to(device)
@@ -228,12 +228,23 @@ class VideoLoop(TrainerLoop):
         features, mask = self.s.source.encode(batch["features"], self.device)
         torch.manual_seed(step_seed(c.seed, step, self.info.rank))  # dropout of this step
         weights = phase.weights(c.w_align)
-        with self.autocast:
-            reference = None if self.s.prompts is None else self.s.prompts.expand(batch["reference"])
-            losses = self.forward(phase.name, batch["index"], batch["draws"], features, mask, reference)
-            total = sum(v * weights[k] for k, v in losses.items())
-        self.precision.step(self.optimizer, total, c.max_grad_norm)
-        return mean_over_ranks({**losses, "loss": total})
+        reference = None if self.s.prompts is None else self.s.prompts.expand(batch["reference"])
+        index, draws = batch["index"], batch["draws"]
+        tokens = None
+        if self.accum > 1 and phase.name != "align":
+            tokens = self.targets(index, draws, self.info.rank, self.info.world).loss_mask.sum()
+
+        def micro(rows: list[int]):
+            pick = (lambda t: t) if self.accum == 1 else (lambda t: None if t is None else t[rows])
+            losses = self.forward(phase.name, index, draws, pick(features), pick(mask), pick(reference))
+            return losses, sum(v * weights[k] for k, v in losses.items())
+        return self.accumulated(micro, len(features), tokens, self.forward, c.max_grad_norm)
+
+    def targets(self, index: list[int], draws: torch.Tensor, rank: int, world: int):
+        """LM targets (caption + end-of-text; T5: split at drawn words) of slice `rank` of `world`."""
+        rows = rank_slice(list(range(len(index))), rank, world)
+        return self.s.llm.training_batch([self.s.pairs.texts[index[r]] for r in rows], draws[rows],
+                                         self.c.end_of_text, self.c.max_text_len).to(self.device)
 
     def losses(self, phase: str, index: list[int], draws: torch.Tensor, features, mask, reference) -> dict:
         """This rank's loss terms: LM on caption + end-of-text (T5: prefix LM, as the image stage 2;
@@ -241,10 +252,8 @@ class VideoLoop(TrainerLoop):
         prompts = self.model.prompts(features, mask)  # (B, S, d_llm)
         out = {}
         if phase != "align":
-            rows = rank_slice(list(range(len(index))), self.info.rank, self.info.world)
-            tgt = self.s.llm.training_batch([self.s.pairs.texts[index[r]] for r in rows], draws[rows],
-                                            self.c.end_of_text, self.c.max_text_len).to(self.device)
-            out["lm"] = self.s.llm.lm_loss(prompts, tgt) * token_share(tgt.loss_mask, self.info.world)
+            tgt = self.targets(index, draws, self.rank, self.world)
+            out["lm"] = self.s.llm.lm_loss(prompts, tgt) * self.token_share(tgt.loss_mask)
         if reference is not None:
             trained = phase != "lm" and self.c.w_align > 0
             with torch.set_grad_enabled(trained and torch.is_grad_enabled()):

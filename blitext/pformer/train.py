@@ -30,8 +30,8 @@ from blitext.models.llm import FrozenLLM, LMBatch
 from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.pformer import PFormer
 from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER
-from blitext.training import (adamw, global_batch, lr_at, mean_over_ranks, open_run, rank_slice, require_batch_splits,
-                              set_lr, step_generator, step_seed, token_share, tracking)
+from blitext.training import (adamw, global_batch, lr_at, open_run, rank_slice, require_batch_splits, set_lr,
+                              step_generator, step_seed, tracking)
 
 
 @dataclass
@@ -154,7 +154,7 @@ def train_pformer(config: PFormerConfig) -> Path:
 def _train(config: PFormerConfig, device: str, info) -> Path:
     if not config.text:
         raise BlitextError("train-pformer needs sentences: pass --text FILE (plain text, .jsonl or caption .json)")
-    require_batch_splits(config.batch_size, info.world)
+    require_batch_splits(config.batch_size, info.world * config.accum_steps)
     run = Path(config.out) if config.out else default_run_dir(config)
     corpus = read_sentences(config.text, config.bad_bytes)
     split = split_corpus(corpus, config.heldout, config.seed)
@@ -217,18 +217,20 @@ class TrainLoop(TrainerLoop):
         enc = self.batcher.encoder_inputs(texts)
         generator = step_generator(c.seed, step)
         masked = self.batcher.masked(enc, generator)                              # (B_global, L)
-        rows = rank_slice(list(range(len(texts))), self.info.rank, self.info.world)
-        ids, att = masked[rows].to(self.device), enc["attention_mask"][rows].to(self.device)
         # the global batch too: truncations counted (and T5's split words drawn) for every rank's sentences
-        tgt = self.batcher.targets(texts, generator).rows(rows).to(self.device)
+        targets = self.batcher.targets(texts, generator)
+        own = rank_slice(list(range(len(texts))), self.info.rank, self.info.world)
         torch.manual_seed(step_seed(c.seed, step, self.info.rank))                # dropout of this step
-        with self.autocast:
-            losses = self.losses(ids, att, tgt)
-            total = c.w_lm * losses["lm"] + c.w_contrast * losses["contrast"] + c.w_vocab * losses["vocab"]
-        self.precision.step(self.optimizer, total, None)
+
+        def micro(_):  # the micro-batch is slice self.rank of self.world of the global batch
+            rows = rank_slice(list(range(len(texts))), self.rank, self.world)
+            ids, att = masked[rows].to(self.device), enc["attention_mask"][rows].to(self.device)
+            losses = self.losses(ids, att, targets.rows(rows).to(self.device))
+            return losses, c.w_lm * losses["lm"] + c.w_contrast * losses["contrast"] + c.w_vocab * losses["vocab"]
+        logged = self.accumulated(micro, len(own), targets.rows(own).loss_mask.sum(), self.forward, None)
         with torch.no_grad():  # as BLIP: a clamp only inside the loss would leave temp stuck past a bound
             self.pformer.temp.clamp_(TEMP_MIN, TEMP_MAX)
-        return mean_over_ranks({**losses, "loss": total})  # what is logged is the global batch's, not rank 0's
+        return logged  # what is logged is the global batch's, not rank 0's
 
     def losses(self, ids, att, tgt: LMBatch) -> dict[str, torch.Tensor]:
         b = ids.shape[0]
@@ -240,7 +242,7 @@ class TrainLoop(TrainerLoop):
         z_a = out.text_feat[:b]
         z_b = out.text_feat[b:] if two_view else z_a
         return {
-            "lm": self.llm.lm_loss(prompts, tgt) * token_share(tgt.loss_mask, self.info.world),
+            "lm": self.llm.lm_loss(prompts, tgt) * self.token_share(tgt.loss_mask),
             "contrast": contrastive_loss(z_a, z_b, self.pformer.temp, self.c.label_smoothing),
             "vocab": vocab_loss(prompts, self.embedding),
         }
