@@ -97,7 +97,7 @@ def conditional_generation(adapter: LoadedAdapter, encoder):
     _without_bos(tokenizer)
     processor = Blip2Processor(image_processor(encoder.preprocess), tokenizer, num_query_tokens=adapter.model.n_prompt)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    rows = llm.model.get_input_embeddings().weight.shape[0]
+    rows = llm.embedding_table.shape[0]
     suppress = []
     if image_id >= rows:  # the token needs a row of its own; nothing may ever write it
         llm.model.resize_token_embeddings(image_id + 1)
