@@ -214,3 +214,18 @@ def export_final(run_dir: Path) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def folder_tensors(path: Path, keep, rename=lambda name: name) -> dict[str, torch.Tensor]:
+    """The tensors of a model folder's .safetensors files whose names `keep` accepts, under
+    `rename(name)`, read one by one: a BLIP-2 folder's vision tower or Q-Former without its LLM."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise BlitextError(f"{path} holds no .safetensors weights; convert the checkpoint with save_pretrained")
+    state = {}
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            state.update({rename(k): st.get_tensor(k) for k in st.keys() if keep(k)})
+    return state

@@ -100,7 +100,7 @@ def _lavis_state(path: Path) -> dict[str, torch.Tensor]:
 
 def _safetensors_state(path: Path) -> dict[str, torch.Tensor]:
     """The folder's adaptor tensors only (a BLIP-2's LLM is gigabytes that --init never needs)."""
-    from blitext.models.loading import folder_tensors
+    from blitext.checkpoint import folder_tensors
 
     try:
         return folder_tensors(path, lambda k: from_hf(k) is not None)

@@ -162,7 +162,7 @@ class HFVisionEncoder(VisionEncoder):
 
 def _load_prefixed(module: nn.Module, path: Path, prefix: str) -> None:
     """Load only `prefix*` tensors of a composite checkpoint (no need to read a whole BLIP-2's LLM)."""
-    from blitext.models.loading import folder_tensors
+    from blitext.checkpoint import folder_tensors
 
     state = folder_tensors(path, lambda k: k.startswith(prefix), lambda k: k[len(prefix):])
     missing, unexpected = module.load_state_dict(state, strict=False)
