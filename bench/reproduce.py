@@ -39,7 +39,8 @@ from blitext.recipes.demo import SMOKE, VARIANTS, DemoConfig, train_once, train_
 from blitext.evaluation.evaluate import EvalConfig, eval_caption  # noqa: E402
 from blitext.features.image import ExtractConfig, extract_features  # noqa: E402
 from blitext.pformer.train import PFormerConfig, train_pformer  # noqa: E402
-from blitext.pformer.prompts import BuildPromptsConfig, build_prompts  # noqa: E402
+from blitext.pformer.check import between_example_spread  # noqa: E402
+from blitext.pformer.prompts import BuildPromptsConfig, PromptCache, build_prompts  # noqa: E402
 
 SPLITS = ("seen", "withheld")
 TEST_IMAGES = 500
@@ -53,17 +54,27 @@ def prepare(root: Path, size: int, test_images: int) -> tuple[Path, Path]:
     return data, features
 
 
-def pformer_for_every_combination(root: Path, data: Path, c: DemoConfig) -> Path:
+def contrast_suffix(w_contrast: float) -> str:
+    return "" if w_contrast == 1.0 else f"-c{w_contrast:g}"
+
+
+def pformer_for_every_combination(root: Path, data: Path, c: DemoConfig, w_contrast: float = 1.0) -> Path:
     """One P-Former for every size: its text is every combination, never the paired captions alone."""
     text = root / "data" / "pformer-text.txt"
     text.parent.mkdir(parents=True, exist_ok=True)
     text.write_text((data / ALL_CAPTIONS_FILE).read_text() + "\n".join(compositional_captions()) + "\n")
-    run = root / "pformer" / f"{c.n_prompt}x{c.pformer_steps}"
+    run = root / "pformer" / f"{c.n_prompt}x{c.pformer_steps}{contrast_suffix(w_contrast)}"
     train_once(run, lambda resume: train_pformer(PFormerConfig(
         text=[str(text)], out=str(run), n_prompt=c.n_prompt, batch_size=16, max_steps=c.pformer_steps,
         warmup_steps=max(1, c.pformer_steps // 7), sample_every=max(1, c.pformer_steps // 2), save_every=100,
-        heldout=32, seed=42, resume=resume)))
+        heldout=32, seed=42, resume=resume, w_contrast=w_contrast)))
     return run / "final"
+
+
+def reference_spread(prompts: Path) -> float:
+    """The reference prompts' between-caption spread as a share of their RMS (check-prompts' figure)."""
+    cache = PromptCache(prompts)
+    return round(between_example_spread(cache.get_batch(cache.keys).float()), 4)
 
 
 def score(s2: Path, features: Path, data: Path, c: DemoConfig, split: str) -> dict:
@@ -99,17 +110,17 @@ def sign_test(wins: int, losses: int) -> float:
 BASELINE = VARIANTS["baseline"]
 
 
-def cell_name(w: tuple[float, float], align_loss: str = "mse") -> str:
+def cell_name(w: tuple[float, float], variant: str = "") -> str:
     return next((name for name, v in VARIANTS.items() if v == w), "cell") + f" ({w[0]:g},{w[1]:g})" + (
-        f" {align_loss}" if align_loss != "mse" and w != BASELINE else "")
+        f" {variant}" if variant and w != BASELINE else "")
 
 
-def variant_name(w1: float, w2: float, align_loss: str) -> str:
+def variant_name(w1: float, w2: float, align_loss: str, w_contrast: float = 1.0) -> str:
     """The run folder's name: the demo's variant names for its cells with the paper's L_align."""
     if (w1, w2) == BASELINE:
         return "baseline"
     name = next((n for n, v in VARIANTS.items() if v == (w1, w2)), f"w1_{w1:g}-w2_{w2:g}")
-    return name if align_loss == "mse" else f"{name}-{align_loss}"
+    return (name if align_loss == "mse" else f"{name}-{align_loss}") + contrast_suffix(w_contrast)
 
 
 def paired_test(records: list[dict], split: str, cell: tuple[float, float]) -> dict:
@@ -124,8 +135,14 @@ def paired_test(records: list[dict], split: str, cell: tuple[float, float]) -> d
 
 
 def align_of(records: list[dict]) -> dict[tuple[float, float], str]:
-    """Each cell's L_align form (records older than the option used the paper's MSE)."""
-    return {(r["w1"], r["w2"]): r.get("align_loss", "mse") for r in records}
+    """Each cell's variant beyond its weights: L_align's form and the P-Former's contrastive weight
+    (records older than these options used the paper's MSE and weight 1)."""
+    def label(r: dict) -> str:
+        parts = [r.get("align_loss", "mse")] if r.get("align_loss", "mse") != "mse" else []
+        if r.get("pformer_w_contrast", 1.0) != 1.0:
+            parts.append(f"P-Former contrast x{r['pformer_w_contrast']:g}")
+        return ", ".join(parts)
+    return {(r["w1"], r["w2"]): label(r) for r in records}
 
 
 def cells_of(records: list[dict]) -> list[tuple[float, float]]:
@@ -210,6 +227,8 @@ def main() -> None:
                     help="(w1, w2) cells to train, as w1,w2; (0,0) is the baseline every other cell is tested against")
     ap.add_argument("--align-loss", default="mse", choices=("mse", "centred"),
                     help="L_align of every cell but the baseline (train-adapter --align-loss)")
+    ap.add_argument("--pformer-w-contrast", type=float, default=1.0,
+                    help="the P-Former's contrastive weight (its own run and prompt cache when not 1)")
     ap.add_argument("--name", default="reproduce", help="results file: bench/results/<name>.json")
     ap.add_argument("--table", action="store_true", help="print README's table from bench/results/<name>.json")
     a = ap.parse_args()
@@ -222,27 +241,30 @@ def main() -> None:
     c = SMOKE if a.smoke else DemoConfig()
     test_images = 24 if a.smoke else TEST_IMAGES
     root = default_cache_root() / "runs" / ("bench-reproduce-smoke" if a.smoke else "bench-reproduce")
-    records = []
+    records, spreads = [], {}
     for size in a.sizes:
         data, features = prepare(root, size, test_images)
-        pformer = pformer_for_every_combination(root, data, c)
-        prompts = root / "prompts" / f"withheld-{size}"
+        pformer = pformer_for_every_combination(root, data, c, a.pformer_w_contrast)
+        prompts = root / "prompts" / f"withheld-{size}{contrast_suffix(a.pformer_w_contrast)}"
         build_prompts(BuildPromptsConfig(pformer=str(pformer), captions=[str(data / "captions_train.json")],
                                          out=str(prompts)))
+        spreads[size] = reference_spread(prompts)
         for seed in a.seeds:
             cs = replace(c, seed=seed)
             for w1, w2 in cells:
-                name = variant_name(w1, w2, a.align_loss)
-                align = "mse" if (w1, w2) == BASELINE else a.align_loss  # the baseline never aligns
+                baseline = (w1, w2) == BASELINE  # never aligns: its P-Former and L_align's form do not matter
+                name = variant_name(w1, w2, a.align_loss, a.pformer_w_contrast)
+                align, contrast = ("mse", 1.0) if baseline else (a.align_loss, a.pformer_w_contrast)
                 _, s2 = train_variant(cs, name, w1, w2, features, prompts, data, root / f"n{size}-seed{seed}", align)
                 for split in SPLITS:
-                    records.append({"w1": w1, "w2": w2, "align_loss": align, "paired_images": size, "split": split,
-                                    "seed": seed, **score(s2, features, data, cs, split)})
+                    records.append({"w1": w1, "w2": w2, "align_loss": align, "pformer_w_contrast": contrast,
+                                    "paired_images": size, "split": split, "seed": seed,
+                                    **score(s2, features, data, cs, split)})
                     print(records[-1], flush=True)
     for r in records:
         r["commit"] = commit
     result = {"commit": commit, "command": "python bench/reproduce.py " + " ".join(sys.argv[1:]), "records": records,
-              "summary": summarise(records)}
+              "summary": summarise(records), "reference_spread_of_rms": spreads}
     if a.smoke:  # checks the script, not the claim: nothing goes to bench/results
         print(result)
     else:
