@@ -221,6 +221,7 @@ def adapter_steps(llm, peak: float, batch1: int = 4 if SMOKE else 128, batch2: i
     from blitext.adapter.image import AdapterConfig, AdapterLoop, Setup
     from blitext.data.pairs import Pairs
     from blitext.distributed import dist_info
+    from blitext.losses import alignment_loss
     from blitext.models.qformer import QFormer, qformer_tokenizer
     from blitext.training import adamw
 
@@ -233,14 +234,15 @@ def adapter_steps(llm, peak: float, batch1: int = 4 if SMOKE else 128, batch2: i
         model.train_only(stage, True)
         sentences = texts(batch * 4)
         pairs = Pairs([f"{i}#0" for i in range(len(sentences))], [str(i) for i in range(len(sentences))], sentences, {})
-        setup = Setup(model, tok, MemorySource(), pairs, None, llm if stage == 2 else None, {})
+        setup = Setup(model, tok, MemorySource(), pairs, None, llm if stage == 2 else None, {}, alignment_loss)
         loop = AdapterLoop(config, model, setup, DEVICE, dist_info(), None, logging.getLogger("bench"))
         loop.optimizer = adamw(model.parameters(), config.lr, config.weight_decay)
         data = {"features": (torch.randn(batch, 257, 1408, dtype=torch.float16), None),
                 "reference": torch.randn(batch, 32, 2560) * 0.02}
         reset_memory()
-        step = timed_cuda(lambda: loop.train_step(1, 100, data))
-        flops = flops_of(lambda: loop.train_step(2, 100, data))
+        train_step = loop.train_step
+        step = timed_cuda(lambda: train_step(1, 100, data))
+        flops = flops_of(lambda: train_step(2, 100, data))
         out.update({f"stage{stage}_batch": batch, f"stage{stage}_step_s": round(step, 4),
                     f"stage{stage}_pairs_per_s": round(batch / step, 1), f"stage{stage}_mfu": round(flops / step / peak, 3),
                     f"stage{stage}_peak_memory_gib": peak_memory_gib()})

@@ -12,9 +12,9 @@ on 32 training pairs the LLM's loss with the Q-Former in eval mode and in train 
 Appends one JSON line per evaluation to bench/results/recipe_pilot.jsonl. bench/demo_recipe.py
 then measures the chosen recipe with the real trainer over seeds.
 """
-import argparse, json, time, copy, math, sys
+import argparse, json, time, copy, math
 from pathlib import Path
-import torch, torch.nn.functional as F
+import torch
 from blitext.cache import FeatureCache
 from blitext.data.pairs import read_pairs
 from blitext.pformer.prompts import PromptCache
