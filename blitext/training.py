@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 import torch.distributed
 
+from blitext.atomic import publish
 from blitext.config import to_jsonable
 from blitext.console import rank_logger
 from blitext.distributed import barrier
@@ -167,7 +168,7 @@ class MetricsLog:
                     if line.strip() and json.loads(line).get("step", -1) < resume_step]
             tmp = self.path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            publish(tmp, self.path)  # fsynced before the rename: a crash leaves the old log or the new one
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
