@@ -206,6 +206,40 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+LEVER_FILES = ("reproduce", "reproduce-stage1-only", "reproduce-centred", "reproduce-contrast", "reproduce-w2")
+
+
+def levers_table(size: int = 50) -> str:
+    """README's lever table: every cell of every claim-study result file at `size` pairs, each
+    against the baseline on the same seeds (mean over seeds, sign test over them)."""
+    results = Path(__file__).parent / "results"
+    lines = ["| cell | seeds | seen exact | withheld exact | withheld colour named | vs baseline, seen | vs baseline, withheld |",
+             "|---|---|---|---|---|---|---|"]
+    baselines_shown = set()  # the baseline's seeds: a file over other seeds shows its own baseline row
+    for name in LEVER_FILES:
+        if not (results / f"{name}.json").is_file():
+            continue
+        records = [r for r in read_json(results / f"{name}.json")["records"] if r["paired_images"] == size]
+        labels = align_of(records)
+        for cell in cells_of(records):
+            seeds = frozenset(r["seed"] for r in records if (r["w1"], r["w2"]) == cell)
+            if cell == BASELINE and seeds in baselines_shown:
+                continue
+            runs = {split: [r for r in records if (r["w1"], r["w2"]) == cell and r["split"] == split] for split in SPLITS}
+            stat = lambda xs: f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.3f}"  # noqa: E731
+            row = [cell_name(cell, labels[cell]), str(len(runs["seen"])), stat([r["exact"] for r in runs["seen"]]),
+                   stat([r["exact"] for r in runs["withheld"]]),
+                   f"{statistics.mean(r['colour_named'] for r in runs['withheld']):.2f}"]
+            for split in SPLITS:
+                t = paired_test(records, split, cell) if cell != BASELINE else None
+                row.append("-" if not t or not t["pairs"] else
+                           f"{t['mean_difference']:+.3f}, {t['cell_better']}/{t['pairs']} better, p = {t['sign_test_p']:.2g}")
+            lines.append("| " + " | ".join(row) + " |")
+            if cell == BASELINE:
+                baselines_shown.add(seeds)
+    return "\n".join(lines)
+
+
 def commit_of_this_checkout(smoke: bool) -> str:
     """HEAD's short hash, refused when tracked files differ from it: the records name the code that ran."""
     here = Path(__file__).parent
@@ -231,7 +265,11 @@ def main() -> None:
                     help="the P-Former's contrastive weight (its own run and prompt cache when not 1)")
     ap.add_argument("--name", default="reproduce", help="results file: bench/results/<name>.json")
     ap.add_argument("--table", action="store_true", help="print README's table from bench/results/<name>.json")
+    ap.add_argument("--levers", action="store_true", help="print README's lever table (every result file, 50 pairs)")
     a = ap.parse_args()
+    if a.levers:
+        print(levers_table())
+        return
     if a.table:
         print(markdown_table(read_json(Path(__file__).parent / "results" / f"{a.name}.json")))
         return
