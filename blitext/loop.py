@@ -133,30 +133,34 @@ class TrainerLoop:
             return token_share(mask, self.info.world)
         return mask.sum().float() * self.world / self.step_tokens
 
-    def accumulated(self, micro_step, local_rows: int, tokens, forward, max_grad_norm: float | None) -> dict:
-        """One optimizer step over `accum` micro-batches of this rank's `local_rows` rows:
-        `micro_step(rows)` returns (losses, total) for those rows (positions in the rank's share);
+    def accumulated(self, micro_step, per_row: tuple, count_tokens, forward, max_grad_norm: float | None) -> dict:
+        """One optimizer step over `accum` micro-batches. `per_row` holds this rank's row tensors (or
+        None) for the step; `micro_step(*per_row of the micro-batch)` returns (losses, total), and
         each total / accum is backpropagated, the gradients summed (DDP syncs on the last one).
-        `tokens`: this rank's LM-loss tokens over the whole step (None without an LM term), summed
-        over ranks for token_share. Returns the step's losses averaged over micro-batches and ranks."""
-        if self.accum > 1 and tokens is not None:
-            total_tokens = torch.as_tensor(tokens, dtype=torch.float32).clone()
+        `count_tokens()`, called only when accumulating, gives this rank's LM-loss tokens over the
+        whole step (None without an LM term), summed over ranks for token_share. Returns the step's
+        losses averaged over micro-batches and ranks."""
+        tokens = count_tokens() if self.accum > 1 else None
+        if tokens is not None:
+            self.step_tokens = torch.as_tensor(tokens, dtype=torch.float32).clone()
             if self.info.world > 1:
-                torch.distributed.all_reduce(total_tokens)
-            self.step_tokens = total_tokens
+                torch.distributed.all_reduce(self.step_tokens)
         self.optimizer.zero_grad(set_to_none=True)
         logged: dict[str, torch.Tensor] = {}
         try:
             for m in range(self.accum):
                 self.micro = m
-                rows = rank_slice(list(range(local_rows)), m, self.accum)
+                part = per_row
+                if self.accum > 1 and per_row:
+                    rows = rank_slice(list(range(len(per_row[0]))), m, self.accum)
+                    part = tuple(None if t is None else t[rows] for t in per_row)
                 last = m == self.accum - 1
                 with (contextlib.nullcontext() if last or not hasattr(forward, "no_sync") else forward.no_sync()):
                     with self.autocast:
-                        losses, total = micro_step(rows)
-                    self.precision.backward(total / self.accum if self.accum > 1 else total)
+                        losses, total = micro_step(*part)
+                    self.precision.backward(total / self.accum)  # / 1 is exact: no accumulation, same bits
                 for k, v in {**losses, "loss": total}.items():
-                    v = v.detach() / self.accum if self.accum > 1 else v.detach()
+                    v = v.detach() / self.accum
                     logged[k] = logged[k] + v if k in logged else v
         finally:
             self.micro = 0

@@ -16,7 +16,6 @@ from blitext.errors import BlitextError
 ConfigOpt = typer.Option(None, "--config", help="JSON or TOML file of config values (command-line options win).")
 
 
-
 def literal(text: str) -> str:
     """Help text that reaches the --help page as written. Typer renders help strings as rich markup,
     where `[default: 5]` is a style tag and vanishes; rich's escape keeps it. Without rich

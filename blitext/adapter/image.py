@@ -276,15 +276,14 @@ class AdapterLoop(TrainerLoop):
         features, feature_mask = self.s.source.encode(batch["features"], self.device)
         reference = None if self.s.prompts is None else self.s.prompts.expand(batch["reference"])
         torch.manual_seed(step_seed(c.seed, step, self.info.rank))  # dropout of this step
-        tokens = None
-        if self.accum > 1 and name == "stage2":
-            tokens = self.targets(step, index, self.info.rank, self.info.world).loss_mask.sum()
 
-        def micro(rows: list[int]):
-            pick = (lambda t: t) if self.accum == 1 else (lambda t: None if t is None else t[rows])
-            losses = self.forward(name, step, index, pick(features), pick(feature_mask), pick(reference))
+        def micro(features, feature_mask, reference):
+            losses = self.forward(name, step, index, features, feature_mask, reference)
             return losses, sum(v * (c.w_align if k == "align" else 1.0) for k, v in losses.items())
-        logged = self.accumulated(micro, len(features), tokens, self.forward, c.max_grad_norm)
+
+        def lm_tokens():
+            return self.targets(step, index, self.info.rank, self.info.world).loss_mask.sum() if name == "stage2" else None
+        logged = self.accumulated(micro, (features, feature_mask, reference), lm_tokens, self.forward, c.max_grad_norm)
         with torch.no_grad():  # BLIP clamps the parameter itself, not only inside the loss
             self.model.temp.clamp_(TEMP_MIN, TEMP_MAX)
         return logged

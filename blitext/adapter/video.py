@@ -230,15 +230,15 @@ class VideoLoop(TrainerLoop):
         weights = phase.weights(c.w_align)
         reference = None if self.s.prompts is None else self.s.prompts.expand(batch["reference"])
         index, draws = batch["index"], batch["draws"]
-        tokens = None
-        if self.accum > 1 and phase.name != "align":
-            tokens = self.targets(index, draws, self.info.rank, self.info.world).loss_mask.sum()
 
-        def micro(rows: list[int]):
-            pick = (lambda t: t) if self.accum == 1 else (lambda t: None if t is None else t[rows])
-            losses = self.forward(phase.name, index, draws, pick(features), pick(mask), pick(reference))
+        def micro(features, mask, reference):
+            losses = self.forward(phase.name, index, draws, features, mask, reference)
             return losses, sum(v * weights[k] for k, v in losses.items())
-        return self.accumulated(micro, len(features), tokens, self.forward, c.max_grad_norm)
+
+        def lm_tokens():
+            return None if phase.name == "align" else \
+                self.targets(index, draws, self.info.rank, self.info.world).loss_mask.sum()
+        return self.accumulated(micro, (features, mask, reference), lm_tokens, self.forward, c.max_grad_norm)
 
     def targets(self, index: list[int], draws: torch.Tensor, rank: int, world: int):
         """LM targets (caption + end-of-text; T5: split at drawn words) of slice `rank` of `world`."""

@@ -219,15 +219,17 @@ class TrainLoop(TrainerLoop):
         masked = self.batcher.masked(enc, generator)                              # (B_global, L)
         # the global batch too: truncations counted (and T5's split words drawn) for every rank's sentences
         targets = self.batcher.targets(texts, generator)
-        own = rank_slice(list(range(len(texts))), self.info.rank, self.info.world)
         torch.manual_seed(step_seed(c.seed, step, self.info.rank))                # dropout of this step
 
-        def micro(_):  # the micro-batch is slice self.rank of self.world of the global batch
+        def micro():  # the micro-batch is slice self.rank of self.world of the global batch
             rows = rank_slice(list(range(len(texts))), self.rank, self.world)
             ids, att = masked[rows].to(self.device), enc["attention_mask"][rows].to(self.device)
             losses = self.losses(ids, att, targets.rows(rows).to(self.device))
             return losses, c.w_lm * losses["lm"] + c.w_contrast * losses["contrast"] + c.w_vocab * losses["vocab"]
-        logged = self.accumulated(micro, len(own), targets.rows(own).loss_mask.sum(), self.forward, None)
+
+        def lm_tokens():
+            return targets.rows(rank_slice(list(range(len(texts))), self.info.rank, self.info.world)).loss_mask.sum()
+        logged = self.accumulated(micro, (), lm_tokens, self.forward, None)
         with torch.no_grad():  # as BLIP: a clamp only inside the loss would leave temp stuck past a bound
             self.pformer.temp.clamp_(TEMP_MIN, TEMP_MAX)
         return logged  # what is logged is the global batch's, not rank 0's
