@@ -9,9 +9,11 @@
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from blitext.atomic import fsync_tree, replace_folder, writing
 from blitext.errors import BlitextError
 
 FORMATS = ("hf",)
@@ -38,6 +40,13 @@ def export_run(config: ExportConfig) -> tuple[Path, str]:
         raise BlitextError(f"{out} already exists and is not an empty folder: pass a new OUT folder")
     adapter = load_adapter(config.run)
     tower = None if adapter.is_video else blip2_tower(adapter)
-    if tower is not None:
-        return out, export_blip2(adapter, tower, out)
-    return out, export_adaptor(adapter, out)
+    kind, save = export_blip2(adapter, tower) if tower is not None else export_adaptor(adapter)
+    tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: a killed export leaves no OUT
+    shutil.rmtree(tmp, ignore_errors=True)
+    with writing(out.parent, then="run the same export again"):
+        save(tmp)
+        fsync_tree(tmp)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        replace_folder(tmp, out)
+    return out, kind

@@ -11,14 +11,13 @@ run it elsewhere.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from blitext.atomic import fsync_tree, replace_folder, write_json, writing
+from blitext.atomic import write_json
 from blitext.models.adapter_checkpoint import LoadedAdapter
 from blitext.models.qformer import QFormer
 from blitext.models.video_adapter import VideoAdapter
@@ -38,21 +37,17 @@ class BlitextAdaptor(nn.Module, PyTorchModelHubMixin, library_name="blitext"):
         return self.adaptor.prompts(features, mask)
 
 
-def export_adaptor(adapter: LoadedAdapter, out: Path) -> str:
+def export_adaptor(adapter: LoadedAdapter):
+    """("adaptor", a function writing safetensors, config.json and blitext_run.json into a folder)."""
     state = adapter.state
     model = BlitextAdaptor(description=adapter.model.describe(), vision_encoder=adapter.features_producer,
                            llm={"name": adapter.llm_name, "fingerprint": state["llm_fingerprint"]},
                            end_of_text=adapter.end_of_text, generation=state.get("generation"))
     model.adaptor.load_state_dict(adapter.model.state_dict())
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with writing(out.parent, then="run the same export again"):
-        model.save_pretrained(tmp)
-        write_json(tmp / "blitext_run.json", {"run": str(adapter.path), "stage": adapter.stage,
-                                              "adapter_fingerprint": adapter.fingerprint,
-                                              "provenance": state.get("provenance")})
-        fsync_tree(tmp)
-        if out.exists():
-            out.rmdir()
-        replace_folder(tmp, out)
-    return "adaptor"
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        write_json(folder / "blitext_run.json", {"run": str(adapter.path), "stage": adapter.stage,
+                                                 "adapter_fingerprint": adapter.fingerprint,
+                                                 "provenance": state.get("provenance")})
+    return "adaptor", save

@@ -16,19 +16,18 @@ head (its processor's tokenizer is the Q-Former's).
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from blitext.atomic import fsync_tree, replace_folder, writing
 from blitext.console import say
 from blitext.errors import BlitextError
 from blitext.evaluation.decoding import GenerationSettings, trained_settings
 from blitext.models.adapter_checkpoint import LoadedAdapter, load_llm_for_generation
 from blitext.models.blip2_layout import to_hf
 from blitext.models.loading import load_vision_encoder
+from blitext.models.qformer import text_ffn
 
 IMAGE_TOKEN = "<image>"
 
@@ -41,20 +40,15 @@ def blip2_tower(adapter: LoadedAdapter):
     return encoder if isinstance(getattr(encoder, "tower", None), Blip2VisionModel) else None
 
 
-def export_blip2(adapter: LoadedAdapter, encoder, out: Path) -> str:
-    """Write the run as a transformers BLIP-2 folder at `out`; returns the class name written."""
+def export_blip2(adapter: LoadedAdapter, encoder):
+    """(the transformers class name, a function writing the model and its processor into a folder)."""
     build = conditional_generation if adapter.stage == 2 else retrieval
     model, processor = build(adapter, encoder)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with writing(out.parent, then="run the same export again"):
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        fsync_tree(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked by export_run
-        replace_folder(tmp, out)
-    return type(model).__name__
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    return type(model).__name__, save
 
 
 def image_processor(preprocess):
@@ -83,10 +77,8 @@ def qformer_weights(adapter: LoadedAdapter, keep_text: bool) -> dict[str, torch.
 
 def _text_branch(hf_name: str) -> bool:
     """Weights only the text side uses: the word embeddings, the text feed-forward, ITC/ITM heads."""
-    if hf_name.startswith(("embeddings.", "vision_projection.", "text_projection.", "itm_head.")):
-        return True
-    return ".intermediate." in hf_name or (".output." in hf_name and ".attention." not in hf_name
-                                           and ".crossattention." not in hf_name)
+    return hf_name.startswith(("embeddings.", "vision_projection.", "text_projection.", "itm_head.")) or \
+        text_ffn(hf_name)
 
 
 def conditional_generation(adapter: LoadedAdapter, encoder):

@@ -120,7 +120,7 @@ class QFormer(nn.Module):
             if stage == 1:
                 p.requires_grad_(not name.startswith("llm_proj") or align)
             else:
-                p.requires_grad_(name.startswith(QUERY_PATH + ("llm_proj",)) and not _text_ffn(name))
+                p.requires_grad_(name.startswith(QUERY_PATH + ("llm_proj",)) and not text_ffn(name))
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
     # ------------------------------------------------------------ BERT initialisation
@@ -165,7 +165,7 @@ class QFormer(nn.Module):
             loaded["embeddings.position_embeddings.weight"] = (
                 loaded["embeddings.position_embeddings.weight"] + bert["embeddings.token_type_embeddings.weight"][0])
         for name in list(loaded):  # queries get their own feed-forward, starting as the text one (BLIP-2)
-            if _text_ffn(name):
+            if text_ffn(name):
                 loaded[name.replace(".intermediate.", ".intermediate_query.").replace(".output.", ".output_query.")] = loaded[name]
         missing = [n for n in own if n not in loaded and n.startswith("qformer.encoder") and "crossattention" not in n]
         if missing:
@@ -182,7 +182,7 @@ def keep_first_layers(encoder, n: int, name: str) -> None:
     encoder.config.num_hidden_layers = n
 
 
-def _text_ffn(name: str) -> bool:
+def text_ffn(name: str) -> bool:
     return ".intermediate." in name or (".output." in name and ".attention." not in name
                                         and ".crossattention." not in name)
 

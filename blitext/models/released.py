@@ -63,12 +63,12 @@ def load_released(model, weights: dict[str, torch.Tensor], source: str, stage: i
 
 
 def _needed(name: str, stage: int) -> bool:
-    from blitext.models.qformer import QUERY_PATH, _text_ffn
+    from blitext.models.qformer import QUERY_PATH, text_ffn
 
     if name.startswith(OPTIONAL) or name.endswith("position_ids"):
         return False
     if stage == 2:
-        return name.startswith(QUERY_PATH) and not _text_ffn(name)
+        return name.startswith(QUERY_PATH) and not text_ffn(name)
     return True
 
 
