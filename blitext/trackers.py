@@ -75,8 +75,8 @@ def _tensorboard(run: Path, start: int) -> _TensorBoard:
 
 
 class _WandB:
-    def __init__(self, wandb, session):
-        self.wandb, self.session = wandb, session
+    def __init__(self, session):
+        self.session = session
 
     def log(self, step: int, scalars: dict) -> None:
         self.session.log(scalars, step=step)
@@ -95,4 +95,4 @@ def _wandb(run: Path, job: str, config: dict) -> _WandB:
     id_file.write_text(run_id + "\n")
     session = wandb.init(project="blitext", name=f"{job} {run.name}", id=run_id, resume="allow", mode="offline",
                          dir=str(run), config=config)
-    return _WandB(wandb, session)
+    return _WandB(session)

@@ -53,13 +53,12 @@ def load_released(model, weights: dict[str, torch.Tensor], source: str, stage: i
                            f"missing); stage 1 needs Blip2ForImageTextRetrieval's (Salesforce/blip2-itm-vit-g) or "
                            f"LAVIS's blip2_pretrained.pth")
     proj = weights.get("llm_proj.weight")
-    take = {k: v for k, v in weights.items() if k in own and (not k.startswith("llm_proj.") or
-                                                               (proj is not None and proj.shape == own["llm_proj.weight"].shape))}
+    proj_fits = proj is not None and proj.shape == own["llm_proj.weight"].shape
+    take = {k: v for k, v in weights.items() if k in own and (proj_fits or not k.startswith("llm_proj."))}
     model.load_state_dict(take, strict=False)
     kept = sorted({k.split(".")[0] for k in own if k.startswith(OPTIONAL) and k not in take})
-    say(f"stage {stage} starts from {source}" + (f"; kept at their start: {', '.join(kept)}"
-                                                  + (" (another LLM's width)" if proj is not None and "llm_proj" in kept
-                                                     else "") if kept else ""))
+    why = " (another LLM's width)" if proj is not None and not proj_fits else ""
+    say(f"stage {stage} starts from {source}" + (f"; kept at their start: {', '.join(kept)}{why}" if kept else ""))
 
 
 def _needed(name: str, stage: int) -> bool:
