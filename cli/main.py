@@ -12,8 +12,8 @@ from typing import Optional
 import typer
 
 from blitext.cli.cache import cache_app, data_app, print_cache_summary
-from blitext.cli.common import (ConfigOpt, AccumStepsOpt, GradCheckpointingOpt, PrecisionOpt, ReportToOpt, default_is, default_of,
-                                 generation_default, user_errors, write_out)
+from blitext.cli.common import (AccumStepsOpt, ConfigOpt, GradCheckpointingOpt, PrecisionOpt, ReportToOpt, default_is,
+                                 default_of, generation_default, user_errors, write_out)
 from blitext.errors import BlitextError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,

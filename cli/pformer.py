@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from blitext.cli.cache import print_cache_summary
-from blitext.cli.common import (ConfigOpt, AccumStepsOpt, GradCheckpointingOpt, PrecisionOpt, ReportToOpt, default_is, default_of,
-                                 user_errors, write_out)
+from blitext.cli.common import (AccumStepsOpt, ConfigOpt, GradCheckpointingOpt, PrecisionOpt, ReportToOpt, default_is,
+                                 default_of, user_errors, write_out)
 from blitext.errors import BlitextError
 from blitext.pformer.train import PFormerConfig
 
@@ -50,8 +50,7 @@ def train_pformer_cmd(
                          epochs=epochs, max_steps=max_steps, lr=lr, warmup_steps=warmup_steps, seed=seed,
                          heldout=heldout, sample_every=sample_every, save_every=save_every, bad_bytes=bad_bytes,
                          device=device, resume=resume, report_to=report_to or None, precision=precision,
-                         grad_checkpointing=grad_checkpointing,
-                         accum_steps=accum_steps)
+                         grad_checkpointing=grad_checkpointing, accum_steps=accum_steps)
     say(f"[green]P-Former written to[/] {train_pformer(cfg)}")
 
 
