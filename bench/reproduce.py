@@ -134,7 +134,7 @@ def paired_test(records: list[dict], split: str, cell: tuple[float, float]) -> d
             "sign_test_p": sign_test(wins, losses), "mean_difference": statistics.mean(diffs) if diffs else None}
 
 
-def align_of(records: list[dict]) -> dict[tuple[float, float], str]:
+def variant_labels(records: list[dict]) -> dict[tuple[float, float], str]:
     """Each cell's variant beyond its weights: L_align's form and the P-Former's contrastive weight
     (records older than these options used the paper's MSE and weight 1)."""
     def label(r: dict) -> str:
@@ -154,8 +154,8 @@ def summarise(records: list[dict]) -> dict:
     groups = {}
     for r in records:
         groups.setdefault(f"{r['split']} n={r['paired_images']} ({r['w1']:g},{r['w2']:g})", []).append(r["exact"])
-    align = align_of(records)
-    tests = {cell_name(cell, align[cell]): {split: paired_test(records, split, cell) for split in SPLITS}
+    labels = variant_labels(records)
+    tests = {cell_name(cell, labels[cell]): {split: paired_test(records, split, cell) for split in SPLITS}
              for cell in cells_of(records) if cell != BASELINE}
     return {"cells": {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
                           "runs": len(v)} for k, v in groups.items()}, "paired_sign_test": tests}
@@ -174,14 +174,14 @@ def markdown_table(result: dict) -> str:
         spread = statistics.stdev(exact) if len(exact) > 1 else 0.0
         return f"{statistics.mean(exact):.3f} ± {spread:.3f} ({statistics.mean(cider):.2f})"
     cells, sizes = cells_of(records), sorted({r["paired_images"] for r in records})
-    align = align_of(records)
+    labels = variant_labels(records)
     seeds = sorted({r["seed"] for r in records})
-    head = ["paired images"] + [f"{split}: {cell_name(w, align[w])}" for split in SPLITS for w in cells]
+    head = ["paired images"] + [f"{split}: {cell_name(w, labels[w])}" for split in SPLITS for w in cells]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for size in sizes:
         lines.append("| " + " | ".join([str(size)] + [entry(size, split, w) for split in SPLITS for w in cells]) + " |")
     if all("colour_named" in r for r in records):
-        head = ["paired images"] + [f"withheld: {what} named, {cell_name(w, align[w])}" for what in ("colour", "shape") for w in cells]
+        head = ["paired images"] + [f"withheld: {what} named, {cell_name(w, labels[w])}" for what in ("colour", "shape") for w in cells]
         lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for size in sizes:
             row = [str(size)]
@@ -200,7 +200,7 @@ def markdown_table(result: dict) -> str:
         for split in SPLITS if w != BASELINE else ():
             t = paired_test(records, split, w)
             if t["pairs"]:
-                lines.append(f"- {split}, {cell_name(w, align[w])} against baseline (0,0): better in {t['cell_better']} of "
+                lines.append(f"- {split}, {cell_name(w, labels[w])} against baseline (0,0): better in {t['cell_better']} of "
                              f"{t['pairs']} (size, seed) pairs, worse in {t['baseline_better']}, {t['ties']} ties; "
                              f"mean difference {t['mean_difference']:+.3f}; two-sided sign test p = {t['sign_test_p']:.3g}")
     return "\n".join(lines)
@@ -220,7 +220,7 @@ def levers_table(size: int = 50) -> str:
         if not (results / f"{name}.json").is_file():
             continue
         records = [r for r in read_json(results / f"{name}.json")["records"] if r["paired_images"] == size]
-        labels = align_of(records)
+        labels = variant_labels(records)
         for cell in cells_of(records):
             seeds = frozenset(r["seed"] for r in records if (r["w1"], r["w2"]) == cell)
             if cell == BASELINE and seeds in baselines_shown:
