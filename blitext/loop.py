@@ -28,6 +28,8 @@ class RunOptions:
     """How a trainer runs, the same options for each (their configs extend this)."""
     accum_steps: int = 1                # micro-batches per step, gradients summed (LM loss: as one batch)
     save_every: int = 1000              # steps between resumable checkpoints (and one at the end)
+    snapshot_steps: list[int] = field(default_factory=list)  # also keep the weights after these steps, never
+                                        # pruned, in <run>/snapshots/ (a budget curve from one run's schedule)
     log_every: int = 10                 # steps between metrics.jsonl lines
     precision: str = "auto"             # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (GPU)
     grad_checkpointing: bool = False    # recompute the frozen LLM's activations in the backward pass
@@ -37,6 +39,9 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         self.report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        self.snapshot_steps = sorted({int(s) for s in self.snapshot_steps})
+        if any(s < 1 for s in self.snapshot_steps):
+            raise BlitextError(f"--snapshot-steps {self.snapshot_steps}: steps count from 1 (the weights after step N)")
         require_trackers(self.report_to)
         require_precision(self.precision)
         if self.accum_steps < 1:
@@ -90,6 +95,17 @@ def resume_run(run: Path, config, model, optimizer, identity: dict) -> tuple[int
     state = load_checkpoint(path, model, optimizer, expect=identity)
     say(f"resuming from {path} (step {state['step']})")
     return int(state["step"]), state
+
+
+def snapshot_root(run: Path) -> Path:
+    """Where --snapshot-steps keeps its weights: <run>/snapshots/checkpoints/step-N (save_checkpoint's layout)."""
+    return Path(run) / "snapshots"
+
+
+def snapshots(run: Path) -> dict[int, Path]:
+    """{step: folder} of a run's snapshots, in step order."""
+    folders = sorted((snapshot_root(run) / "checkpoints").glob("step-*"))
+    return {int(f.name.split("-")[1]): f for f in folders if f.is_dir()}
 
 
 def finish_run(run: Path, steps: int, model, state: dict, info, weights=None, extra=None) -> Path:
@@ -210,6 +226,9 @@ class TrainerLoop:
                     if (step + 1) % self.c.save_every == 0 and step + 1 < steps and self.info.is_main:
                         save_checkpoint(run, step + 1, self.model, optimizer, self.checkpoint_state(state),
                                         weights=self.checkpoint_weights(), extra=self.checkpoint_extra)
+                    if step + 1 in self.c.snapshot_steps and self.info.is_main:
+                        save_checkpoint(snapshot_root(run), step + 1, self.model, None, self.checkpoint_state(state),
+                                        keep=0, weights=self.checkpoint_weights(), extra=self.checkpoint_extra)
         finally:
             prefetch.close()
 

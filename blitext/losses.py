@@ -4,7 +4,8 @@
 - P-Former (stage 0):  contrastive_loss (L_contrast, SimCSE), vocab_loss (L_vocab) and its
   nearest_embedding_rows search.
 - Adaptor (stages 1, 2):  itc_loss, itm_negatives + itm_loss, itg_loss (BLIP-2's stage 1),
-  alignment_loss (L_align, to the P-Former's reference prompts).
+  alignment_loss (L_align, to the P-Former's reference prompts), and its options
+  centred_alignment_loss and contrastive_alignment_loss.
 
 Losses are plain functions of tensors (and the frozen LLM): the trainers own the models,
 the weights (w1, w2) and the optimisers.
@@ -157,12 +158,14 @@ def _require_same_shape(prompts: torch.Tensor, reference: torch.Tensor) -> None:
         )
 
 
-ALIGN_LOSSES = ("mse", "centred")  # mse: the paper's L_align; centred: its shared and per-image parts apart
+# mse: the paper's L_align; centred: its shared and per-image parts apart; contrastive: MSE over the
+# references' spread + InfoNCE "which caption's reference is this image's prompt nearest?"
+ALIGN_LOSSES = ("mse", "centred", "contrastive")
 
 
 def reference_scales(reference: torch.Tensor) -> dict[str, float]:
     """The references' mean prompt's mean square and their between-caption variance (N, P, D):
-    the sizes the centred alignment divides its two parts by."""
+    the sizes the centred and contrastive alignments divide by."""
     reference = reference.float()
     mean = reference.mean(0)
     return {"mean_square": mean.pow(2).mean().item(), "spread_square": (reference - mean).pow(2).mean().item()}
@@ -182,6 +185,32 @@ def centred_alignment_loss(prompts: torch.Tensor, reference: torch.Tensor, mean_
     p_mean, r_mean = p.mean(0, keepdim=True), r.mean(0, keepdim=True)
     return F.mse_loss(p_mean, r_mean) / max(mean_square, 1e-12) + \
         F.mse_loss(p - p_mean, r - r_mean) / max(spread_square, 1e-12)
+
+
+def contrastive_alignment_loss(prompts: torch.Tensor, reference: torch.Tensor, mean_prompt: torch.Tensor,
+                               spread_square: float, weight: float = 4.0, temp: float = 0.05) -> torch.Tensor:
+    """L_align that asks "which caption is this image's?" (docs/method.md#contrastive-alignment).
+
+    MSE(prompts, reference) over the references' between-caption variance, plus `weight` x an
+    InfoNCE over the batch: the cosine between each image's flattened prompts (B, P*D) and every
+    caption's reference, both minus the references' mean prompt (P, D), at temperature `temp`; the
+    target is the row's own reference, and other rows with an identical reference (the same
+    caption) are left out of the negatives. The paper's MSE is met by writing the references'
+    mean for every image when they barely vary; the InfoNCE term is not. The batch is this rank's
+    share of it; the reference and its mean are constants."""
+    _require_same_shape(prompts, reference)
+    p = _at_least_fp32(prompts)
+    r = reference.detach().to(device=p.device, dtype=p.dtype)
+    mean = mean_prompt.detach().to(device=p.device, dtype=p.dtype)
+    mse = F.mse_loss(p, r) / max(spread_square, 1e-12)
+    if weight == 0 or len(p) < 2:
+        return mse
+    pz = F.normalize((p - mean).flatten(1), dim=-1)  # (B, P*D)
+    rz = F.normalize((r - mean).flatten(1), dim=-1)  # (B, P*D)
+    flat = r.flatten(1)
+    same = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist") == 0  # (B, B): same caption
+    logits = (pz @ rz.T / temp).masked_fill(same & ~torch.eye(len(p), dtype=torch.bool, device=p.device), float("-inf"))
+    return mse + weight * F.cross_entropy(logits, torch.arange(len(p), device=p.device))
 
 
 def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor | float,

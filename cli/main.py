@@ -135,6 +135,7 @@ def train_adapter_cmd(
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help=default_is(f"5000 in stage 1, 2000 in stage 2; video: {VideoAdapterConfig.warmup_steps}")),
     seed: Optional[int] = typer.Option(None, "--seed", help=default_of(AdapterConfig, "seed", video=VideoAdapterConfig)),
     save_every: Optional[int] = typer.Option(None, "--save-every", help=default_of(AdapterConfig, "save_every", video=VideoAdapterConfig)),
+    snapshot_steps: Optional[list[int]] = typer.Option(None, "--snapshot-steps", help="Also keep the weights after step N (repeat the option), never pruned, in <run>/snapshots/: a budget curve from one run's schedule. " + default_is("none")),
     log_every: Optional[int] = typer.Option(None, "--log-every", help=default_of(AdapterConfig, "log_every", video=VideoAdapterConfig)),
     device: Optional[str] = typer.Option(None, "--device", help=f"auto | cpu | cuda | cuda:N. {default_of(AdapterConfig, 'device', video=VideoAdapterConfig)}"),
     resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoints/step-N folder."),
@@ -149,7 +150,9 @@ def train_adapter_cmd(
     num_layers: Optional[int] = typer.Option(None, "--num-layers", help="Image: keep the text encoder's first N layers in the Q-Former. " + default_is("all")),
     cross_attention_frequency: Optional[int] = typer.Option(None, "--cross-attention-frequency", help="Image: cross-attention to the visual tokens every N layers. " + default_of(AdapterConfig, "cross_attention_frequency")),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Image: the Q-Former's hidden and attention dropout. " + default_is("the text encoder's")),
-    align_loss: Optional[str] = typer.Option(None, "--align-loss", help="Image: mse (the paper's L_align) | centred (its shared and per-image parts, each over its size in the references). " + default_of(AdapterConfig, "align_loss")),
+    align_loss: Optional[str] = typer.Option(None, "--align-loss", help="Image: mse (the paper's L_align) | centred (its shared and per-image parts, each over its size in the references) | contrastive (MSE over the references' spread + InfoNCE against the batch's other captions). " + default_of(AdapterConfig, "align_loss")),
+    align_contrast_weight: Optional[float] = typer.Option(None, "--align-contrast-weight", help="Image, --align-loss contrastive: the InfoNCE term's weight. " + default_of(AdapterConfig, "align_contrast_weight")),
+    align_contrast_temp: Optional[float] = typer.Option(None, "--align-contrast-temp", help="Image, --align-loss contrastive: the InfoNCE temperature. " + default_of(AdapterConfig, "align_contrast_temp")),
     config: Optional[Path] = ConfigOpt,
 ):
     """Train the Q-Former adaptor (or, with --modality video, the video Transformer) from cached features and prompts (resumable; runs under torchrun)."""
@@ -164,12 +167,12 @@ def train_adapter_cmd(
                    text_encoder=text_encoder, llm=llm, n_prompt=n_prompt, batch_size=batch_size,
                    epochs=epochs, max_steps=max_steps, lr=lr, llm_proj_lr_scale=llm_proj_lr_scale,
                    max_grad_norm=max_grad_norm, warmup_steps=warmup_steps, seed=seed,
-                   save_every=save_every, log_every=log_every, device=device, resume=resume, align_steps=align_steps,
+                   save_every=save_every, snapshot_steps=snapshot_steps or None, log_every=log_every, device=device, resume=resume, align_steps=align_steps,
                    report_to=report_to or None, precision=precision, grad_checkpointing=grad_checkpointing,
                    accum_steps=accum_steps)
     video = dict(schedule=schedule, align_epochs=align_epochs)
     image = dict(num_layers=num_layers, cross_attention_frequency=cross_attention_frequency, dropout=dropout,
-                 align_loss=align_loss)
+                 align_loss=align_loss, align_contrast_weight=align_contrast_weight, align_contrast_temp=align_contrast_temp)
     if modality == "video":  # image-only options given here are refused as unknown keys
         from blitext.adapter.video import VideoAdapterConfig, train_video_adapter
 

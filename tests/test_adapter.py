@@ -334,8 +334,15 @@ def test_stage2_then_generate_and_check_prompts_from_the_cli(tmp_path, world, mo
     assert q.exit_code == 0, q.output
     assert len(json.loads(out.read_text())) == 3
 
-    refused = runner.invoke(app, ["generate", "--adapter", str(tmp_path / "s1"), "--images", str(images / "0.png")])
-    assert refused.exit_code == 2 and "stage-1 adaptor" in refused.output
+    # a stage 1 with L_align speaks to the LLM before it ever ran (captions from alignment alone);
+    # one without L_align has an llm_proj that never met the LLM, and is refused
+    aligned = runner.invoke(app, ["generate", "--adapter", str(tmp_path / "s1"), "--images", str(images / "0.png"),
+                                  "--max-new-tokens", "2", "--device", "cpu", "--out", str(tmp_path / "a1.json")])
+    assert aligned.exit_code == 0, aligned.output
+    r0 = runner.invoke(app, ["train-adapter", "--stage", "1", *common, "--w-align", "0", "--out", str(tmp_path / "s0")])
+    assert r0.exit_code == 0, r0.output
+    refused = runner.invoke(app, ["generate", "--adapter", str(tmp_path / "s0"), "--images", str(images / "0.png")])
+    assert refused.exit_code == 2 and "stage-1 adaptor trained without L_align" in refused.output
     check = runner.invoke(app, ["check-prompts", "--adapter", str(tmp_path / "s2"), "--features",
                                 str(world["features"]), "--limit", "4"])
     assert check.exit_code == 0, check.output

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from blitext.errors import BlitextError
-from blitext.losses import (alignment_loss, centred_alignment_loss, contrastive_loss, nearest_embedding_rows,
-                            reference_scales, vocab_loss)
+from blitext.losses import (alignment_loss, centred_alignment_loss, contrastive_alignment_loss, contrastive_loss,
+                            nearest_embedding_rows, reference_scales, vocab_loss)
 from blitext.models.llm import LMBatch
 from blitext.models.loading import load_llm
 
@@ -172,6 +173,27 @@ def test_centred_alignment_weighs_what_tells_captions_apart():
     torch.testing.assert_close(collapsed.grad, by_hand)
     with pytest.raises(BlitextError, match=r"\(16, 2, 8\).*\(16, 2, 3\)"):
         centred_alignment_loss(collapsed, torch.zeros(16, 2, 3), **scales)
+
+
+def test_contrastive_alignment_is_not_met_by_the_mean_prompt_and_masks_same_captions():
+    torch.manual_seed(0)
+    shared = torch.randn(1, 2, 8)
+    distinct = shared + 0.1 * torch.randn(6, 2, 8)
+    reference = torch.cat([distinct, distinct[:2]])  # rows 6, 7 repeat the captions of rows 0, 1
+    mean = reference.mean(0)
+    spread = reference_scales(reference)["spread_square"]
+    loss = partial(contrastive_alignment_loss, mean_prompt=mean, spread_square=spread, weight=4.0, temp=0.05)
+    collapsed = mean.expand_as(reference).clone()  # near the paper's MSE floor
+    assert alignment_loss(collapsed, reference).item() < 0.02 * reference.pow(2).mean().item()
+    perfect, shuffled = loss(reference, reference), loss(reference[[1, 2, 3, 4, 5, 0, 7, 6]], reference)
+    assert perfect.item() < 0.01  # its own reference: the InfoNCE is (near) 0 and so is the MSE
+    assert loss(collapsed + 1e-3 * torch.randn_like(collapsed), reference).item() > 4 * math.log(6) * 0.8
+    assert shuffled.item() > 10 * perfect.item()
+    # rows 0 and 6 hold the same caption: neither is the other's negative, so this prediction costs nothing more
+    swapped = reference[[6, 1, 2, 3, 4, 5, 0, 7]]
+    torch.testing.assert_close(loss(swapped, reference), perfect)
+    no_contrast = contrastive_alignment_loss(collapsed, reference, mean, spread, weight=0.0)
+    assert no_contrast.item() == pytest.approx(alignment_loss(collapsed, reference).item() / spread, rel=1e-5)
 
 
 # ---------------------------------------------------------------- frozen LLM

@@ -17,7 +17,7 @@ from blitext.adapter.image import AdapterConfig, train_adapter
 from blitext.cache import FeatureCache
 from blitext.cli.main import app
 from blitext.data.prepare import prepare_dataset
-from blitext.recipes.demo import DemoConfig
+from blitext.recipes.recipe import Recipe
 from blitext.features.image import ExtractConfig, extract_features
 from blitext.models.adapter_checkpoint import load_adapter
 from blitext.models.loading import load_llm
@@ -54,7 +54,7 @@ def test_adapter_losses_go_down_on_real_cached_features(session_cache, monkeypat
         first, last = first_vs_last(losses(tmp_path / "s1", key))
         assert last < first, (key, first, last)
     # Stage 2 at the demo's settings (its dropout, rate and clipping)
-    demo = DemoConfig()
+    demo = Recipe()
     train_adapter(AdapterConfig(stage=2, out=str(tmp_path / "s2"), init=str(tmp_path / "s1"), max_steps=40,
                                 warmup_steps=2, batch_size=8, lr=demo.stage2_lr, dropout=demo.dropout,
                                 max_grad_norm=demo.stage2_max_grad_norm, **common))
@@ -75,7 +75,7 @@ def test_a_trained_adaptor_captions_its_training_images_in_eval_mode(session_cac
     entries = json.loads((data / "captions_train.json").read_text())[:32]
     captions = data / "captions_overfit.json"
     captions.write_text(json.dumps(entries))
-    demo, run = DemoConfig(), tmp_path / "s2"
+    demo, run = Recipe(), tmp_path / "s2"
     train_adapter(AdapterConfig(stage=2, w_align=0, features=str(features), captions=[str(captions)], out=str(run),
                                 n_prompt=demo.n_prompt, num_layers=demo.num_layers, dropout=demo.dropout,
                                 cross_attention_frequency=demo.cross_attention_frequency, batch_size=demo.batch_size,
@@ -110,11 +110,17 @@ def test_demo_smoke_runs_every_phase(session_cache, monkeypatch):
     assert result.exit_code == 0, result.output[-3000:]
     work = next((session_cache / "runs" / "demo").iterdir())
     results = json.loads((work / "results.json").read_text())
-    assert set(results) == {"baseline", "pformer"}
-    for variant in results.values():
-        assert 0 <= variant["vqa-easy-vqa"]["accuracy"] <= 100
-        assert "CIDEr" in variant["caption-easy-vqa"]
-    assert (work / "stage1-curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(results["evaluations"]) == set(results["curves"]) == {"baseline", "pformer"}
+    for name, variant in results["evaluations"].items():
+        assert "CIDEr" in variant["caption-easy-vqa"] and "METEOR" in variant["caption-easy-vqa"]
+        steps = [p["step"] for p in results["curves"][name][0]]
+        assert steps == [0, 2, 4]  # after stage 1, the snapshot, the end
+        assert results["costs"][name]["llm_forward_pairs"] == 4 * 4  # stage 2's steps x batch: stage 1 runs no LLM
+    assert results["curves"]["baseline"][0][0]["untrained_llm_proj"]  # BLIP-2's stage 1 never trains llm_proj
+    assert "untrained_llm_proj" not in results["curves"]["pformer"][0][0]  # L_align did: the LLM read it
+    assert 0 <= results["ceiling"]["exact_match"] <= 1 and len(results["verdicts"]) == 4
+    for png in ("stage1-curves.png", "stage2-curves.png", "budget-curve.png"):
+        assert (work / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second run reuses every finished phase
     again = CliRunner().invoke(app, ["demo", "--smoke"])
     assert again.exit_code == 0 and again.output.count("reusing") >= 4, again.output[-2000:]

@@ -7,7 +7,8 @@ import torch
 
 from blitext.data.pairs import Pairs
 from blitext.errors import BlitextError
-from blitext.losses import ALIGN_LOSSES, alignment_loss, centred_alignment_loss, reference_scales
+from blitext.losses import (ALIGN_LOSSES, alignment_loss, centred_alignment_loss, contrastive_alignment_loss,
+                            reference_scales)
 from blitext.pformer.prompts import PromptCache
 
 
@@ -25,18 +26,25 @@ def prompt_cache(config, pairs: Pairs) -> PromptCache | None:
 
 def require_align_loss(name: str) -> None:
     if name not in ALIGN_LOSSES:
-        raise BlitextError(f"--align-loss {name!r}: use mse (the paper's L_align) or centred (its shared and "
-                           f"per-image parts, each over its size in the references)")
+        raise BlitextError(f"--align-loss {name!r}: use mse (the paper's L_align), centred (its shared and "
+                           f"per-image parts, each over its size in the references) or contrastive (MSE over the "
+                           f"references' spread + InfoNCE against the batch's other captions)")
 
 
-def alignment(name: str, prompts: PromptCache | None, pairs: Pairs, sample: int = 4096) -> tuple:
+def alignment(name: str, prompts: PromptCache | None, pairs: Pairs, sample: int = 4096,
+              contrast_weight: float = 4.0, contrast_temp: float = 0.05) -> tuple:
     """(L_align as a function of (prompts, reference), the reference scales it uses or None). The
-    centred form's scales come from an evenly spaced sample of the run's references: at the
-    paper's scale reading millions of (32, 2560) prompts for two numbers is not worth minutes."""
+    centred and contrastive forms' scales (and mean prompt) come from an evenly spaced sample of
+    the run's references: at the paper's scale reading millions of (32, 2560) prompts for a few
+    numbers is not worth minutes."""
     if name == "mse" or prompts is None:
         return alignment_loss, None
     keys = pairs.keys[::max(1, len(pairs.keys) // sample)][:sample]
-    scales = reference_scales(prompts.get_batch(keys))
+    sampled = prompts.get_batch(keys).float()
+    scales = reference_scales(sampled)
+    if name == "contrastive":
+        return partial(contrastive_alignment_loss, mean_prompt=sampled.mean(0), spread_square=scales["spread_square"],
+                       weight=contrast_weight, temp=contrast_temp), scales
     return partial(centred_alignment_loss, **scales), scales
 
 

@@ -52,7 +52,10 @@ class AdapterConfig(RunOptions):
     prompts: str | None = None          # reference prompts from build-prompts; needed when w_align > 0
     captions: list[str] = field(default_factory=list)  # caption JSON; default: the features' prepared data, train split
     w_align: float | None = None        # alignment weight; default 10 in stage 1, 100 in stage 2 (paper)
-    align_loss: str = "mse"             # mse (paper) | centred: shared and per-image parts, each over its size
+    align_loss: str = "mse"             # mse (paper) | centred: shared and per-image parts, each over its size |
+                                        # contrastive: MSE over the references' spread + InfoNCE over the batch
+    align_contrast_weight: float = 4.0  # contrastive: the InfoNCE term's weight beside the normalised MSE
+    align_contrast_temp: float = 0.05   # contrastive: the InfoNCE temperature (cosines of centred prompts)
     init: str | None = None             # a run (stage 2: its stage 1) or released BLIP-2 weights to start from
     align_steps: int = 0                # steps of L_align alone (no other loss, no LLM) before the stage's own
                                         # losses, fresh AdamW moments after them: the video path's order (paper: 0)
@@ -116,7 +119,7 @@ class AdapterConfig(RunOptions):
                                "(blitext extract-features makes it), or --online to encode images in the loop")
 
 
-RESUME_KEYS = ("stage", "w_align", "align_loss", "align_steps", "text_encoder", "llm", "n_prompt", "cross_attention_frequency",
+RESUME_KEYS = ("stage", "w_align", "align_loss", "align_contrast_weight", "align_contrast_temp", "align_steps", "text_encoder", "llm", "n_prompt", "cross_attention_frequency",
                "num_layers", "dropout", "embed_dim",
                "max_text_len", "end_of_text", "batch_size", "lr", "llm_proj_lr_scale", "min_lr", "max_grad_norm",
                "warmup_steps", "seed", "epochs", "max_steps")
@@ -219,7 +222,8 @@ def _setup(config: AdapterConfig, device: str) -> Setup:
     torch.manual_seed(config.seed)  # the new parts' initialisation (queries, cross-attention, heads)
     model = QFormer.from_text_encoder(text_encoder.model, tokenizer, source.width, n_prompt, d_llm,
                                       config.cross_attention_frequency, config.embed_dim)
-    align, scales = alignment(config.align_loss, prompts, pairs)
+    align, scales = alignment(config.align_loss, prompts, pairs, contrast_weight=config.align_contrast_weight,
+                              contrast_temp=config.align_contrast_temp)
     identity = {"features_producer": source.producer, "llm_fingerprint": llm_fp,
                 "text_encoder_fingerprint": text_encoder.fingerprint,
                 "prompts_producer": prompts.producer if prompts else None,

@@ -99,6 +99,14 @@ class LoadedAdapter:
         return "video_adapter" in self.state
 
     @property
+    def aligned(self) -> bool:
+        """Whether llm_proj was trained toward the P-Former's reference prompts for this LLM (w_align > 0):
+        then the prompts are meant for the LLM even before it ever ran (backward decoupling)."""
+        if "video_adapter" in self.state:
+            return any(p["name"] == "align" for p in self.state["phases"])
+        return float(self.state["resume_config"].get("w_align") or 0) > 0
+
+    @property
     def stage(self) -> int:
         """2 when the prompts were trained on the LLM's loss (a video run's LM or joint phase counts)."""
         if "video_adapter" in self.state:
@@ -126,14 +134,16 @@ def load_adapter(path: str | Path, device: str = "cpu") -> LoadedAdapter:
 
 
 def load_llm_for_generation(adapter: LoadedAdapter, llm_name: str | None, device: str):
-    """The frozen LLM the adaptor's prompts were trained for, refused if the prompts never met its loss."""
-    if adapter.stage != 2:
+    """The frozen LLM the adaptor's prompts were trained for, refused if they never met its loss nor
+    the P-Former's reference prompts (a stage-1 run with L_align writes captions from alignment alone)."""
+    if adapter.stage != 2 and not adapter.aligned:
         if "video_adapter" in adapter.state:
             raise BlitextError(f"{adapter.path} is a video run with only the alignment phase: its prompts never "
                                f"learned the LLM's loss; train the LM phase too (train-adapter --modality video "
                                f"with --epochs above 0)")
-        raise BlitextError(f"{adapter.path} is a stage-1 adaptor: its llm_proj never learned the LLM's loss; "
-                           f"pass a stage-2 run (train-adapter --stage 2 --init {adapter.path.parent})")
+        raise BlitextError(f"{adapter.path} is a stage-1 adaptor trained without L_align: its llm_proj never met "
+                           f"the LLM; pass a stage-2 run (train-adapter --stage 2 --init {adapter.path.parent}) "
+                           f"or a stage 1 with --w-align above 0")
     llm = load_llm(llm_name or adapter.llm_name, device=device)
     if llm.fingerprint != adapter.state["llm_fingerprint"]:
         raise BlitextError(f"{adapter.path} was trained for {adapter.state['llm_fingerprint']}, not {llm.fingerprint}: "

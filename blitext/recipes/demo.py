@@ -1,31 +1,30 @@
-"""`blitext demo`: the whole method end to end on the embedded default, baseline against P-Former.
+"""`blitext demo`: the whole method end to end on the embedded default: Table 4's first and last rows.
 
-Like the paper's Table 4 in miniature, on easy-VQA and the bundled models (EfficientNet-Lite0,
-MiniLM, SmolLM2-135M): prepare the data, cache the image features, train the P-Former on the
-caption text, cache the reference prompts, then train the Q-Former twice with the same seed
-and stage-2 steps - the baseline (w1 = w2 = 0: the frozen LLM's loss alone) and P-Former
-alignment (w1 = 10: a stage 1 of L_align alone; w2 = 100 beside the LLM's loss in stage 2) -
-and evaluate both: greedy captions of test images (exact match, COCO metrics) and zero-shot
-VQA on easy-VQA's real test questions beside its text ceiling. Prints the side-by-side table,
-one verdict line per comparison, example captions, and writes PNG loss curves. Every finished
-phase is reused when run again; an interrupted one resumes.
+On easy-VQA and the bundled models (EfficientNet-Lite0, MiniLM, SmolLM2-135M): prepare the data,
+cache the image features, train the P-Former on the caption text, cache the reference prompts,
+then train the Q-Former twice with the same seed, as the paper's Table 4 does:
+- BLIP-2 (w1 = w2 = 0): stage 1 of ITC + ITM + ITG, then stage 2 of the frozen LLM's loss;
+- P-Former (w1 = 10, w2 = 100): the same stage 1 + 10 x L_align, then stage 2 + 100 x L_align.
+The recipe (blitext.recipes.recipe) is the small-scale one that `ablate` and bench/ also train with.
 
-DemoConfig is a documented small-scale recipe (bench/demo_recipe.py, README); the paper's
-defaults stay in AdapterConfig. Sized for a 2-core CPU (under 20 minutes); `--scale`
-multiplies the training steps and the evaluation sizes, `--smoke` runs every phase with a
-handful of steps (for tests and CI).
+What it prints: the captions the LLM writes from the P-Former variant's stage-1 prompts (the LLM
+never ran in training: backward decoupling made visible) beside the human ones and the
+P-Former's own ceiling; the budget curve (exact match and CIDEr at stage-2 steps 0..200, from one
+run's snapshots) with each variant's cost; the side-by-side table after stage 2 and one verdict
+line per comparison. Every finished phase is reused when run again; an interrupted one resumes.
+Sized for a 2-core CPU (under 20 minutes); `--scale` multiplies the training steps and the
+evaluation sizes, `--smoke` runs every phase with a handful of steps (for tests and CI).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from blitext.adapter.image import AdapterConfig, train_adapter
 from blitext.atomic import read_json, write_json, write_text
 from blitext.pformer.check import check_prompts, format_report
 from blitext.config import default_cache_root
@@ -38,63 +37,63 @@ from blitext.features.image import ExtractConfig, extract_features
 from blitext.models.loading import load_llm
 from blitext.pformer.train import PFormerConfig, train_pformer
 from blitext.pformer.prompts import BuildPromptsConfig, build_prompts, prompts_from_cache
+from blitext.recipes import budget
+from blitext.recipes.recipe import Recipe, train_cell, train_once
 
 VARIANTS = {"baseline": (0.0, 0.0), "pformer": (10.0, 100.0)}  # (w1, w2): Table 4's first and last rows
+LABELS = {"baseline": "BLIP-2 (0, 0)", "pformer": "P-Former (10, 100)"}
 
 
 @dataclass
 class DemoConfig:
-    """The small-scale recipe (bench/demo_recipe.py measured it; the paper's defaults stay in AdapterConfig)."""
+    """What the demo runs: the data, the P-Former, the shared Q-Former recipe and the evaluation sizes."""
     images_per_split: int = 500   # easy-VQA train and test images used (4,000 / 1,000 exist); CPU-sized
     pformer_steps: int = 200      # P-Former steps at batch 16 (about 1.5 s each on 2 cores)
-    n_prompt: int = 8             # soft prompts per sentence = Q-Former queries (paper: 32; 8 keeps the CPU run short)
-    num_layers: int = 4           # the Q-Former keeps MiniLM's first 4 of 6 layers
-    cross_attention_frequency: int = 1  # cross-attention to the image in every layer (paper: every 2nd)
-    dropout: float = 0.0          # MiniLM's 0.1 taught prompts that worked only with noise on them (README)
-    align_steps: int = 400        # P-Former variant's stage 1: L_align alone (no LLM, ~0.3 s a step)
-    align_lr: float = 1e-3        # a fresh alignment tolerates a high rate
-    align_llm_proj_lr_scale: float = 10.0  # llm_proj at 10x: at 1x the alignment sat at the prompts' mean square
-    stage2_steps: int = 200       # stage-2 steps at batch_size (about 0.8 s each: the frozen LLM runs)
-    stage2_lr: float = 1e-4       # the paper's rate
-    stage2_max_grad_norm: float = 1.0  # clipping keeps the first steps at batch 16 from jumping
-    batch_size: int = 16
-    vqa_questions: int = 120      # easy-VQA test questions answered zero-shot per variant
-    caption_images: int = 100     # test images captioned per variant (greedy)
+    recipe: Recipe = field(default_factory=Recipe)  # the Q-Former's stages (shared with ablate and bench/)
+    vqa_questions: int = 0        # easy-VQA test questions answered zero-shot (0: skipped; SmolLM2 cannot
+                                  # answer them even from the caption as text, so the score shows nothing)
+    caption_images: int = 100     # test images captioned at each point of the budget curve (greedy)
     examples: int = 6             # test images whose captions are printed
     seed: int = 42
     scale: float = 1.0            # multiplies every step count and evaluation size
 
     def scaled(self) -> "DemoConfig":
         s = self.scale
-        return replace(self, pformer_steps=round(self.pformer_steps * s), align_steps=round(self.align_steps * s),
-                       stage2_steps=round(self.stage2_steps * s), vqa_questions=round(self.vqa_questions * s),
-                       caption_images=round(self.caption_images * s), scale=1.0)
+        return replace(self, pformer_steps=round(self.pformer_steps * s), recipe=self.recipe.scaled(s),
+                       vqa_questions=round(self.vqa_questions * s), caption_images=round(self.caption_images * s),
+                       scale=1.0)
 
 
-SMOKE = DemoConfig(images_per_split=48, pformer_steps=4, n_prompt=4, align_steps=3, stage2_steps=3, batch_size=4,
-                   vqa_questions=16, caption_images=8, examples=2)
+SMOKE = DemoConfig(images_per_split=48, pformer_steps=4, vqa_questions=0, caption_images=8, examples=2,
+                   recipe=Recipe(n_prompt=4, stage1_steps=3, stage2_steps=4, batch_size=4, stage1_warmup_steps=1,
+                                 stage2_warmup_steps=1, snapshot_steps=[2]))
 
 
 def run_demo(config: DemoConfig) -> dict:
-    """Every phase in order; returns the evaluation metrics of both variants."""
+    """Every phase in order; returns the curves, costs and evaluations of both variants."""
     torch.use_deterministic_algorithms(True)  # the same seed prints the same table (README: which kernels)
     c = config.scaled()
     started = time.perf_counter()
     data, features, prompts = prepare_caches(c)
+    r = c.recipe
     work = default_cache_root() / "runs" / "demo" / (
-        f"easy-vqa-{c.images_per_split}-{c.n_prompt}q-{c.pformer_steps}-{c.align_steps}-{c.stage2_steps}-"
+        f"easy-vqa-{c.images_per_split}-{r.n_prompt}q-{c.pformer_steps}-{r.stage1_steps}-{r.stage2_steps}-"
         f"{settings_digest(c)}")
-    runs = {name: train_variant(c, name, w1, w2, features, prompts, data, work)
-            for name, (w1, w2) in VARIANTS.items()}
-    results = {}
-    for name, (_, s2) in runs.items():
-        say(f"[bold]7/8 evaluate {name}[/]: captions of test images (greedy), zero-shot VQA with its text ceiling")
-        results[name] = evaluate_variant(s2, features, data, c)
+    runs = {}
+    for i, (name, (w1, w2)) in enumerate(VARIANTS.items()):
+        say(f"[bold]{5 + i}/8 {LABELS[name]}[/]")
+        runs[name] = train_cell(r, name, w1, w2, features, prompts, [str(data / "captions_train.json")], work, c.seed)
+    say("[bold]7/8 evaluate[/]: greedy captions of test images after stage 1 and along stage 2 (the budget curve)")
+    curves = {name: [budget.curve(s1, s2, features, data, c.caption_images)] for name, (s1, s2) in runs.items()}
+    costs = {name: budget.costs(s1, s2) for name, (s1, s2) in runs.items()}
+    results = {name: evaluate_variant(s2, features, data, c) for name, (_, s2) in runs.items()}
+    ceiling = reference_ceiling(data, prompts, c)
     say(f"[bold]8/8 results[/] ({(time.perf_counter() - started) / 60:.1f} min)")
-    report(work, runs, results, data, c)
-    write_json(work / "results.json", results)
+    summary = report(work, runs, results, curves, costs, ceiling, data, c)
+    write_json(work / "results.json", {"evaluations": results, "curves": curves, "costs": costs, "ceiling": ceiling,
+                                       **summary})
     say(f"[green]demo finished[/] in {(time.perf_counter() - started) / 60:.1f} min: runs, evaluations and curves in {work}")
-    return results
+    return {"evaluations": results, "curves": curves, "costs": costs, "ceiling": ceiling, **summary}
 
 
 def prepare_caches(c: DemoConfig) -> tuple[Path, Path, Path]:
@@ -108,11 +107,11 @@ def prepare_caches(c: DemoConfig) -> tuple[Path, Path, Path]:
     extract_features(ExtractConfig(data=str(data), out=str(features)))
 
     say("[bold]3/8 train the P-Former[/] on caption text, against the frozen SmolLM2-135M")
-    pformer = root / "runs" / "pformer" / f"demo-{tag}-{c.n_prompt}x{c.pformer_steps}"
+    pformer = pformer_run(c)
     text = root / "data" / "compositional.txt"
     write_text(text, "\n".join(compositional_captions()) + "\n")
     train_once(pformer, lambda resume: train_pformer(PFormerConfig(
-        text=[str(data / "captions_train.json"), str(text)], out=str(pformer), n_prompt=c.n_prompt, batch_size=16,
+        text=[str(data / "captions_train.json"), str(text)], out=str(pformer), n_prompt=c.recipe.n_prompt, batch_size=16,
         max_steps=c.pformer_steps, warmup_steps=max(1, c.pformer_steps // 7), sample_every=max(1, c.pformer_steps // 2),
         save_every=100, heldout=32, seed=c.seed, resume=resume)))
 
@@ -124,46 +123,11 @@ def prepare_caches(c: DemoConfig) -> tuple[Path, Path, Path]:
     return data, features, prompts
 
 
-def train_variant(c: DemoConfig, name: str, w1: float, w2: float, features: Path, prompts: Path, data: Path,
-                  work: Path, align_loss: str = "mse") -> tuple[Path | None, Path]:
-    """Stage 1 is L_align alone (the video path's order; ITC/ITM/ITG are left to `blitext ablate`), so at
-    w1 = 0 there is nothing to train and stage 2 starts from MiniLM; stage 2 is the LLM's loss + w2 L_align."""
-    base = AdapterConfig(features=str(features), prompts=str(prompts), captions=[str(data / "captions_train.json")],
-                         n_prompt=c.n_prompt, num_layers=c.num_layers,
-                         cross_attention_frequency=c.cross_attention_frequency, dropout=c.dropout, seed=c.seed,
-                         batch_size=c.batch_size, log_every=1, align_loss=align_loss)
-    s1 = None
-    if w1 > 0:
-        say(f"[bold]5/8 {name}: stage 1[/] ({c.align_steps} steps of {w1:g} x L_align alone: the LLM never runs)")
-        s1 = work / f"{name}-stage1"
-        train_once(s1, lambda resume: train_adapter(replace(
-            base, stage=1, w_align=w1, align_steps=c.align_steps, max_steps=0, lr=c.align_lr,
-            llm_proj_lr_scale=c.align_llm_proj_lr_scale, warmup_steps=max(1, c.align_steps // 10),
-            save_every=max(10, c.align_steps // 2), out=str(s1), resume=resume)))
-    else:
-        say(f"[bold]5/8 {name}: no stage 1[/] (w1 = 0: the demo's stage 1 is L_align alone)")
-    say(f"[bold]6/8 {name}: stage 2[/] (frozen-LLM loss + {w2:g} x L_align, {c.stage2_steps} steps)")
-    s2 = work / f"{name}-stage2"
-    train_once(s2, lambda resume: train_adapter(replace(
-        base, stage=2, w_align=w2, init=s1 and str(s1), out=str(s2), max_steps=c.stage2_steps, lr=c.stage2_lr,
-        warmup_steps=max(1, c.stage2_steps // 10), max_grad_norm=c.stage2_max_grad_norm,
-        save_every=max(10, c.stage2_steps // 2), resume=resume)))
-    return s1, s2
-
-
 def settings_digest(c) -> str:
     """Runs are reused only under the same training settings (the rates are not in the folder name)."""
     settings = {k: v for k, v in asdict(c).items()
                 if k not in ("vqa_questions", "caption_images", "caption_clips", "examples")}
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def train_once(run: Path, train) -> None:
-    """Train unless `<run>/final` exists; resume an interrupted run."""
-    if (run / "final").is_dir():
-        say(f"  reusing {run / 'final'}")
-        return
-    train("latest" if (run / "checkpoints").exists() else None)
 
 
 def print_prompt_check(prompts: Path) -> None:
@@ -174,86 +138,124 @@ def print_prompt_check(prompts: Path) -> None:
     say(format_report(report))
 
 
+def pformer_run(c: DemoConfig) -> Path:
+    return default_cache_root() / "runs" / "pformer" / f"demo-easy-vqa-{c.images_per_split}-{c.recipe.n_prompt}x{c.pformer_steps}"
+
+
+def reference_ceiling(data: Path, prompts: Path, c: DemoConfig) -> dict:
+    """The P-Former's own prompts of the test captions, read by the LLM (reused once written)."""
+    path = prompts / f"ceiling-{c.caption_images}.json"
+    if not path.is_file():
+        write_json(path, budget.reference_ceiling(pformer_run(c) / "final", data, c.caption_images))
+    return read_json(path)
+
+
 def evaluate_variant(stage2: Path, features: Path, data: Path, c: DemoConfig) -> dict:
-    """Captions of test images, greedy with the empty prompt the adaptor was trained under (the
-    "a photo of", beam 5, 8..30 tokens of docs/method.md#generation-settings are for COCO-length
-    captions; easy-VQA's are 3-4 tokens), and zero-shot VQA with the paper's settings and its text
-    ceiling. Each evaluation is reused once written."""
-    vqa_dir, cap_dir = stage2 / "eval" / "vqa-easy-vqa", stage2 / "eval" / "caption-easy-vqa"
-    if not (cap_dir / "metrics.json").is_file():
-        eval_caption(caption_eval(stage2, features, data, c, cap_dir))
-    if not (vqa_dir / "metrics.json").is_file():
-        eval_vqa(EvalConfig(adapter=str(stage2), features=str(features), data=str(data / "vqa_test_questions.json"),
-                            annotations=str(data / "vqa_test_annotations.json"), out=str(vqa_dir),
-                            limit=c.vqa_questions))
-    vqa = read_json(vqa_dir / "metrics.json")
-    return {cap_dir.name: read_json(cap_dir / "metrics.json")["metrics"], vqa_dir.name: vqa["metrics"],
-            "text_ceiling": vqa.get("text_ceiling"), "base_rate": vqa.get("base_rate"),
-            "ceiling_verdict": vqa.get("ceiling_verdict")}
+    """The final adaptor's captions with every COCO metric (the table; the budget curve's last point),
+    and zero-shot VQA with its text ceiling when asked for (vqa_questions > 0). Reused once written."""
+    out = {"caption-easy-vqa": budget.caption_metrics(stage2, features, data, c.caption_images, meteor="auto")}
+    if c.vqa_questions:
+        vqa_dir = stage2 / "eval" / "vqa-easy-vqa"
+        if not (vqa_dir / "metrics.json").is_file():
+            eval_vqa(EvalConfig(adapter=str(stage2), features=str(features), data=str(data / "vqa_test_questions.json"),
+                                annotations=str(data / "vqa_test_annotations.json"), out=str(vqa_dir),
+                                limit=c.vqa_questions))
+        vqa = read_json(vqa_dir / "metrics.json")
+        out |= {vqa_dir.name: vqa["metrics"], "text_ceiling": vqa.get("text_ceiling"),
+                "base_rate": vqa.get("base_rate"), "ceiling_verdict": vqa.get("ceiling_verdict")}
+    return out
 
 
-def caption_eval(stage2: Path, features: Path, data: Path, c: DemoConfig, out: Path) -> EvalConfig:
-    """The demo's captioning of test images: greedy, the empty prompt, 1..12 new tokens."""
-    return EvalConfig(adapter=str(stage2), features=str(features), data=str(data / "captions_test.json"),
-                      out=str(out), limit=c.caption_images, prompt="", num_beams=1, min_new_tokens=1,
-                      max_new_tokens=12)
-
-
-def report(work: Path, runs: dict, results: dict, data: Path, c: DemoConfig) -> None:
-    """What a person reads first: the table, one verdict line per comparison, examples, then the curves."""
+def report(work: Path, runs: dict, results: dict, curves: dict, costs: dict, ceiling: dict, data: Path,
+           c: DemoConfig) -> dict:
+    """What a person reads: captions from alignment alone, the budget curve and costs, the table after
+    stage 2, one verdict line per comparison, then the loss curves. Returns the verdicts."""
+    _alignment_alone(runs, curves, ceiling, data, c)
+    summ = budget.summary(curves)
+    png = budget.plot_curves(curves, work / "budget-curve.png", LABELS)
+    _budget_table(curves, costs)
     rows, columns = compare_runs([s2 for _, s2 in runs.values()])
-    print_compare(rows, [*columns[:2], *runs])
-    for line in verdicts(results, runs, c):
+    print_compare(rows, [*columns[:2], *(LABELS[n] for n in runs)])
+    lines = verdicts(results, curves, costs, ceiling, summ, c)
+    for line in lines:
         say(line)
-    _examples(runs, data, c)
+    say(f"  budget curve: {png}")
     _curves(work, runs)
+    return {"summary": summ, "verdicts": lines}
 
 
-def verdicts(results: dict, runs: dict, c: DemoConfig) -> list[str]:
-    """One line per comparison: stage 2's start, captions (exact match, CIDEr), VQA (against its ceiling)."""
-    start = {name: first_lm_loss(s2) for name, (_, s2) in runs.items()}
-    cap = {name: r["caption-easy-vqa"] for name, r in results.items()}
-    p, b = cap["pformer"], cap["baseline"]
-    lines = [f"stage 2 starts at LM loss {start['pformer']:.2f} (P-Former) vs {start['baseline']:.2f} (baseline), "
-             f"mean of its first 5 steps: what L_align alone taught before the LLM ever ran",
-             f"captions: P-Former {p['exact_match']:.2f} vs baseline {b['exact_match']:.2f} exact match, "
-             f"CIDEr {p['CIDEr']:.2f} vs {b['CIDEr']:.2f} ({c.caption_images} test images, one seed: {c.seed}; "
-             f"over seeds see README)"]
-    vqa = {name: r["vqa-easy-vqa"]["accuracy"] for name, r in results.items()}
-    verdict = results["pformer"].get("ceiling_verdict") or {}
-    lines.append(f"VQA: P-Former {vqa['pformer']:.1f} vs baseline {vqa['baseline']:.1f} ({c.vqa_questions} questions); "
-                 + (verdict.get("line") or "no text ceiling available"))
+def verdicts(results: dict, curves: dict, costs: dict, ceiling: dict, summ: dict, c: DemoConfig) -> list[str]:
+    """One line per comparison: alignment alone, the budget, the end of stage 2 (and VQA when run)."""
+    zero = {name: points[0][0] for name, points in curves.items()}
+    end = {name: points[0][-1] for name, points in curves.items()}
+    p, b = end["pformer"], end["baseline"]
+    lines = [f"alignment alone (stage 1, the LLM never ran): the LLM writes the exact caption of "
+             f"{zero['pformer']['exact_match']:.2f} of {c.caption_images} test images from the P-Former variant's "
+             f"prompts (ceiling: {ceiling['exact_match']:.2f} from the P-Former's own prompts; BLIP-2's stage 1 "
+             f"leaves llm_proj untrained: 0.00)",
+             "budget: " + budget.verdict(summ, LABELS) + f" (greedy, {c.caption_images} test images, seed {c.seed}; "
+             f"over 3 seeds: bench/budget.py); stage 1 costs no LLM pass: "
+             + ", ".join(f"{LABELS[n]} {k['llm_forward_pairs']:,} LLM passes / {k['pairs_seen']:,} pairs seen / "
+                         f"{(k['stage1']['seconds'] + k['stage2']['seconds']) / 60:.1f} min" for n, k in costs.items()),
+             f"after {end['pformer']['step']} stage-2 steps: P-Former {p['exact_match']:.2f} vs BLIP-2 "
+             f"{b['exact_match']:.2f} exact match, CIDEr {p['CIDEr']:.2f} vs {b['CIDEr']:.2f} (one seed: {c.seed})"]
+    if c.vqa_questions:
+        vqa = {name: r["vqa-easy-vqa"]["accuracy"] for name, r in results.items()}
+        verdict = results["pformer"].get("ceiling_verdict") or {}
+        lines.append(f"VQA: P-Former {vqa['pformer']:.1f} vs BLIP-2 {vqa['baseline']:.1f} ({c.vqa_questions} "
+                     f"questions); " + (verdict.get("line") or "no text ceiling available"))
+    else:
+        lines.append("VQA: not run (--vqa-questions 0): SmolLM2-135M answers easy-VQA's questions below the "
+                     "majority answer even given the caption as text, so its score cannot show anything")
     return lines
 
 
-def first_lm_loss(run: Path, steps: int = 5) -> float:
-    from blitext.training import read_metrics
-
-    lm = [m["lm"] for m in read_metrics(run / "metrics.jsonl") if "lm" in m][:steps]
-    return sum(lm) / len(lm)
-
-
-def _examples(runs: dict, data: Path, c: DemoConfig) -> None:
-    """A few test images: their human caption and each variant's caption."""
+def _alignment_alone(runs: dict, curves: dict, ceiling: dict, data: Path, c: DemoConfig) -> None:
+    """Test images: the human caption, what the LLM writes from the P-Former variant's stage-1 prompts
+    (no LLM step yet) and from the P-Former's own prompt of the human caption (the ceiling)."""
     from rich.table import Table
 
-    table = Table("test image", "human caption", *runs, title="example captions (test images)")
-    predictions = {name: {str(p["image_id"]): p["caption"] for p in
-                          read_json(s2 / "eval" / "caption-easy-vqa" / "predictions.json")}
-                   for name, (_, s2) in runs.items()}
+    predictions = _predictions(runs["pformer"][0] / "eval" / f"caption-easy-vqa-{c.caption_images}")
+    table = Table("test image", "human caption", "LLM reads the P-Former's prompt of it (ceiling)",
+                  "LLM reads the adaptor after stage 1 (no LLM step)",
+                  title=f"captions from alignment alone: {curves['pformer'][0][0]['exact_match']:.2f} exact "
+                        f"(ceiling {ceiling['exact_match']:.2f})")
     refs = read_json(data / "captions_test.json")
-    for entry in refs[:c.examples]:
-        image_id = str(entry["image_id"])
-        table.add_row(entry["image"], entry["caption"][0] if isinstance(entry["caption"], list) else entry["caption"],
-                      *(predictions[name].get(image_id, "-") for name in runs))
+    for entry, (_, ceiling_caption) in zip(refs[:c.examples], ceiling["examples"]):
+        human = entry["caption"][0] if isinstance(entry["caption"], list) else entry["caption"]
+        table.add_row(entry["image"], human, _marked(ceiling_caption, human),
+                      _marked(predictions.get(str(entry["image_id"]), "-"), human))
+    console.print(table)
+
+
+def _predictions(folder: Path) -> dict[str, str]:
+    return {str(p["image_id"]): p["caption"] for p in read_json(folder / "predictions.json")}
+
+
+def _marked(caption: str, human: str) -> str:
+    return caption if caption.strip().lower() == human.strip().lower() else f"[red]{caption}[/]"
+
+
+def _budget_table(curves: dict, costs: dict) -> None:
+    from rich.table import Table
+
+    steps = [p["step"] for p in curves["pformer"][0]]
+    table = Table("variant", *(f"step {s}" for s in steps), "LLM passes", "pairs seen", "stage 1 / 2 min",
+                  title="the budget curve: exact match (CIDEr) at each stage-2 step")
+    for name, runs in curves.items():
+        by_step = {p["step"]: p for p in runs[0]}
+        k = costs[name]
+        table.add_row(LABELS[name], *(f"{by_step[s]['exact_match']:.2f} ({by_step[s]['CIDEr']:.2f})" if s in by_step
+                                      else "-" for s in steps),
+                      f"{k['llm_forward_pairs']:,}", f"{k['pairs_seen']:,}",
+                      f"{k['stage1']['seconds'] / 60:.1f} / {k['stage2']['seconds'] / 60:.1f}")
     console.print(table)
 
 
 def _curves(work: Path, runs: dict) -> None:
     from blitext.plot import plot_runs
 
-    stage1 = {name: s1 for name, (s1, _) in runs.items() if s1 is not None}
-    if stage1:
-        say(f"  stage-1 curves: {plot_runs(list(stage1.values()), work / 'stage1-curves.png', labels=list(stage1))}")
+    stage1 = [s1 for s1, _ in runs.values()]
+    say(f"  stage-1 curves: {plot_runs(stage1, work / 'stage1-curves.png', labels=[LABELS[n] for n in runs])}")
     stage2 = [s2 for _, s2 in runs.values()]
-    say(f"  stage-2 curves: {plot_runs(stage2, work / 'stage2-curves.png', labels=list(runs))}")
+    say(f"  stage-2 curves: {plot_runs(stage2, work / 'stage2-curves.png', labels=[LABELS[n] for n in runs])}")

@@ -1,0 +1,71 @@
+"""Table 4's cells on the embedded recipe over seeds: captions from alignment alone, the budget curve
+and each cell's cost (issue: the method made visible).
+
+For each seed and cell (w1, w2), trains stage 1 (BLIP-2's ITC + ITM + ITG, + w1 x L_align) and
+stage 2 (LM + w2 x L_align) with blitext.recipes.recipe, the demo's code and settings, on the demo's
+caches (run `blitext demo` first, or this prepares them), then scores greedy captions of the test
+images at stage-2 steps 0 (after stage 1: the LLM never ran), the recipe's snapshots and the end.
+Also the ceiling: the P-Former's own reference prompts of the test captions, fed to the LLM.
+
+    python bench/budget.py --seeds 42 1 2                 # -> bench/results/budget.json
+    python bench/budget.py --seeds 42 --set stage2_warmup_steps=50 --name budget-warmup50
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import write_result  # noqa: E402
+
+from blitext.config import default_cache_root  # noqa: E402
+from blitext.recipes import budget  # noqa: E402
+from blitext.recipes.demo import VARIANTS, DemoConfig, prepare_caches, settings_digest  # noqa: E402
+from blitext.recipes.recipe import Recipe, train_cell  # noqa: E402
+
+
+def parse_set(items: list[str]) -> dict:
+    kinds = {f.name: f.type for f in fields(Recipe)}
+    out = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        if key not in kinds:
+            raise SystemExit(f"--set {key}: not a Recipe field ({', '.join(kinds)})")
+        out[key] = json.loads(value) if value[:1] in "[{" else type(getattr(Recipe(), key))(value)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
+    ap.add_argument("--cells", nargs="+", default=list(VARIANTS), help=f"of {list(VARIANTS)}")
+    ap.add_argument("--set", nargs="*", default=[], help="Recipe overrides, e.g. stage1_steps=800")
+    ap.add_argument("--images", type=int, default=100, help="test images captioned at each point")
+    ap.add_argument("--name", default="budget")
+    a = ap.parse_args()
+    c = DemoConfig()
+    recipe = replace(c.recipe, **parse_set(a.set))
+    data, features, prompts = prepare_caches(c)
+    work = default_cache_root() / "runs" / "budget" / settings_digest(recipe)
+    curves, costs, labels = {}, {}, {}
+    for cell in a.cells:
+        w1, w2 = VARIANTS[cell]
+        labels[cell] = f"{cell} ({w1:g}, {w2:g})"
+        for seed in a.seeds:
+            s1, s2 = train_cell(recipe, cell, w1, w2, features, prompts, [str(data / "captions_train.json")],
+                                work / f"seed{seed}", seed)
+            curves.setdefault(cell, []).append(budget.curve(s1, s2, features, data, a.images))
+            costs.setdefault(cell, []).append(budget.costs(s1, s2))
+    summ = budget.summary(curves)
+    line = budget.verdict(summ, labels)
+    print(line)
+    png = budget.plot_curves(curves, Path(__file__).parent / "results" / f"{a.name}.png", labels)
+    write_result(a.name, {"seeds": a.seeds, "recipe": recipe.__dict__, "curves": curves, "costs": costs,
+                          "summary": summ, "verdict": line, "plot": png.name, "images": a.images})
+
+
+if __name__ == "__main__":
+    main()

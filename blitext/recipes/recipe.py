@@ -1,0 +1,95 @@
+"""The embedded default's small-scale recipe, written once: `blitext demo`, `blitext ablate` and
+bench/reproduce.py train the Q-Former with it. The paper's defaults stay those of `train-adapter`
+(AdapterConfig); docs/results.md says what measured each choice here.
+
+Table 4 as the paper runs it: every cell trains BLIP-2's stage 1 (ITC + ITM + ITG, + w1 x L_align
+in the P-Former cells; the LLM never runs), then stage 2 (the frozen LLM's loss + w2 x L_align)
+from it. Stage 1's L_align is the contrastive form (docs/method.md#contrastive-alignment): with the
+paper's MSE, the small P-Former's references barely vary and the adaptor learns their mean, so the
+LLM reads one caption for every image. Stage 2's L_align is the paper's MSE.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from blitext.adapter.image import AdapterConfig
+
+
+@dataclass
+class Recipe:
+    """The Q-Former's small-scale settings (a 2-core CPU, 500 easy-VQA images)."""
+    n_prompt: int = 8                   # soft prompts = queries (paper: 32; 8 keeps the CPU run short)
+    num_layers: int = 4                 # MiniLM's first 4 of 6 layers
+    cross_attention_frequency: int = 1  # the image in every layer (paper: every 2nd)
+    dropout: float = 0.0                # at MiniLM's 0.1 the adaptor learned prompts that worked only with noise on them
+    batch_size: int = 16
+    stage1_steps: int = 400             # BLIP-2's stage 1 (+ w1 L_align): no LLM, so cheap
+    stage1_lr: float = 1e-4             # the paper's rate
+    stage1_llm_proj_lr_scale: float = 10.0  # llm_proj (trained by L_align alone in stage 1) at 10x
+    stage1_warmup_steps: int = 40
+    align_loss: str = "contrastive"     # stage 1's L_align form (stage 2: the paper's mse)
+    align_contrast_weight: float = 4.0
+    stage2_steps: int = 200             # the frozen LLM runs: about 1 s a step of 16 on 2 cores
+    stage2_lr: float = 1e-4             # the paper's rate
+    stage2_warmup_steps: int = 20
+    stage2_max_grad_norm: float = 1.0   # clipping keeps the first steps at batch 16 from jumping
+    snapshot_steps: list[int] = field(default_factory=lambda: [10, 25, 50, 100])  # the budget curve's points
+
+    def scaled(self, s: float) -> "Recipe":
+        return replace(self, stage1_steps=round(self.stage1_steps * s), stage2_steps=round(self.stage2_steps * s),
+                       stage1_warmup_steps=max(1, round(self.stage1_warmup_steps * s)),
+                       stage2_warmup_steps=max(1, round(self.stage2_warmup_steps * s)),
+                       snapshot_steps=sorted({max(1, round(x * s)) for x in self.snapshot_steps}))
+
+
+def adapter_base(r: Recipe, features: Path, prompts: Path | None, captions: list[str], seed: int) -> AdapterConfig:
+    """What both stages share."""
+    return AdapterConfig(features=str(features), prompts=prompts and str(prompts), captions=captions,
+                         n_prompt=r.n_prompt, num_layers=r.num_layers,
+                         cross_attention_frequency=r.cross_attention_frequency, dropout=r.dropout, seed=seed,
+                         batch_size=r.batch_size, log_every=1, w_align=0.0)
+
+
+def stage1_config(r: Recipe, base: AdapterConfig, w1: float, out: Path, resume: str | None) -> AdapterConfig:
+    """BLIP-2's stage 1 (ITC + ITM + ITG) + w1 x L_align (L_align only measured at w1 = 0)."""
+    return replace(base, stage=1, w_align=w1, align_loss=r.align_loss if w1 > 0 else "mse",
+                   align_contrast_weight=r.align_contrast_weight, max_steps=r.stage1_steps, lr=r.stage1_lr,
+                   llm_proj_lr_scale=r.stage1_llm_proj_lr_scale, warmup_steps=r.stage1_warmup_steps,
+                   save_every=max(10, r.stage1_steps // 2), out=str(out), resume=resume)
+
+
+def stage2_config(r: Recipe, base: AdapterConfig, w2: float, init: Path, out: Path, resume: str | None) -> AdapterConfig:
+    """The frozen LLM's loss + w2 x the paper's L_align (MSE), from stage 1, with the budget curve's snapshots."""
+    return replace(base, stage=2, w_align=w2, align_loss="mse", init=str(init), max_steps=r.stage2_steps,
+                   lr=r.stage2_lr, warmup_steps=r.stage2_warmup_steps, max_grad_norm=r.stage2_max_grad_norm,
+                   save_every=max(10, r.stage2_steps // 2), snapshot_steps=[s for s in r.snapshot_steps
+                                                                          if s < r.stage2_steps],
+                   out=str(out), resume=resume)
+
+
+def train_once(run: Path, train) -> None:
+    """Train unless `<run>/final` exists; resume an interrupted run."""
+    from blitext.console import say
+
+    if (run / "final").is_dir():
+        say(f"  reusing {run / 'final'}")
+        return
+    train("latest" if (run / "checkpoints").exists() else None)
+
+
+def train_cell(r: Recipe, name: str, w1: float, w2: float, features: Path, prompts: Path, captions: list[str],
+               work: Path, seed: int) -> tuple[Path, Path]:
+    """One Table 4 cell: stage 1 (ITC + ITM + ITG + w1 L_align), then stage 2 (LM + w2 L_align) from it.
+    Returns the two run folders (each reused once finished)."""
+    from blitext.adapter.image import train_adapter
+    from blitext.console import say
+
+    base = adapter_base(r, features, prompts, captions, seed)
+    s1, s2 = work / f"{name}-stage1", work / f"{name}-stage2"
+    say(f"[bold]{name}: stage 1[/] (BLIP-2's ITC + ITM + ITG" + (f" + {w1:g} x L_align ({r.align_loss})" if w1 else "")
+        + f", {r.stage1_steps} steps; the LLM never runs)")
+    train_once(s1, lambda resume: train_adapter(stage1_config(r, base, w1, s1, resume)))
+    say(f"[bold]{name}: stage 2[/] (frozen-LLM loss + {w2:g} x L_align, {r.stage2_steps} steps)")
+    train_once(s2, lambda resume: train_adapter(stage2_config(r, base, w2, s1, s2, resume)))
+    return s1, s2
