@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
 
-from blitext.config import default_cache_root  # noqa: E402
+from blitext.config import default_cache_root, git_commit  # noqa: E402
 from blitext.recipes import budget  # noqa: E402
 from blitext.recipes.demo import VARIANTS, DemoConfig, prepare_caches, settings_digest  # noqa: E402
 from blitext.recipes.recipe import Recipe, train_cell  # noqa: E402
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="Recipe overrides, e.g. stage1_steps=800")
     ap.add_argument("--images", type=int, default=100, help="test images captioned at each point")
     ap.add_argument("--name", default="budget")
+    ap.add_argument("--stage1-only", action="store_true", help="captions from alignment alone: no stage 2")
     a = ap.parse_args()
     c = DemoConfig()
     recipe = replace(c.recipe, **parse_set(a.set))
@@ -56,14 +57,17 @@ def main() -> None:
         labels[cell] = f"{cell} ({w1:g}, {w2:g})"
         for seed in a.seeds:
             s1, s2 = train_cell(recipe, cell, w1, w2, features, prompts, [str(data / "captions_train.json")],
-                                work / f"seed{seed}", seed)
+                                work / f"seed{seed}", seed, stage2=not a.stage1_only)
+            if a.stage1_only:
+                curves.setdefault(cell, []).append([{"step": 0, **budget.caption_point(s1, features, data, a.images)}])
+                continue
             curves.setdefault(cell, []).append(budget.curve(s1, s2, features, data, a.images))
             costs.setdefault(cell, []).append(budget.costs(s1, s2))
     summ = budget.summary(curves)
     line = budget.verdict(summ, labels)
     print(line)
     png = budget.plot_curves(curves, Path(__file__).parent / "results" / f"{a.name}.png", labels)
-    write_result(a.name, {"seeds": a.seeds, "recipe": recipe.__dict__, "curves": curves, "costs": costs,
+    write_result(a.name, {"commit": git_commit(), "command": " ".join(sys.argv), "seeds": a.seeds, "recipe": recipe.__dict__, "curves": curves, "costs": costs,
                           "summary": summ, "verdict": line, "plot": png.name, "images": a.images})
 
 

@@ -8,8 +8,8 @@ when image-text pairs are scarce.
 easy-VQA is prepared with colour x shape combinations withheld from the paired train images
 (`data prepare easy-vqa --withhold default`: 6 of 24), while the P-Former's text holds every
 combination (captions_all_combinations.txt plus the demo's compositional sentences). For each
-paired-data size and seed, Table 4's cells (0, 0) and (10, 100) train with the demo's recipe
-(blitext.recipes.demo.train_variant) and caption the same 500 test images, scored apart on the seen and
+paired-data size and seed, Table 4's cells (0, 0) and (10, 100) train with the embedded recipe the demo
+and ablate share (blitext.recipes.recipe.train_cell: BLIP-2's stage 1 + w1 L_align, then stage 2) and caption the same 500 test images, scored apart on the seen and
 the withheld combinations (greedy exact match and CIDEr). One record per run and split goes to
 bench/results/reproduce.json (w1, w2, paired_images, split, seed, exact, cider, commit); the
 summary holds mean and std per cell and a paired sign test across (size, seed) per split.
@@ -35,7 +35,8 @@ from blitext.config import default_cache_root  # noqa: E402
 from blitext.data.compose import compositional_captions  # noqa: E402
 from blitext.data.easy_vqa import ALL_CAPTIONS_FILE  # noqa: E402
 from blitext.data.prepare import prepare_dataset  # noqa: E402
-from blitext.recipes.demo import SMOKE, VARIANTS, DemoConfig, train_once, train_variant  # noqa: E402
+from blitext.recipes.demo import SMOKE, VARIANTS, DemoConfig, settings_digest  # noqa: E402
+from blitext.recipes.recipe import train_cell, train_once  # noqa: E402
 from blitext.evaluation.evaluate import EvalConfig, eval_caption  # noqa: E402
 from blitext.features.image import ExtractConfig, extract_features  # noqa: E402
 from blitext.pformer.train import PFormerConfig, train_pformer  # noqa: E402
@@ -63,9 +64,9 @@ def pformer_for_every_combination(root: Path, data: Path, c: DemoConfig, w_contr
     text = root / "data" / "pformer-text.txt"
     text.parent.mkdir(parents=True, exist_ok=True)
     text.write_text((data / ALL_CAPTIONS_FILE).read_text() + "\n".join(compositional_captions()) + "\n")
-    run = root / "pformer" / f"{c.n_prompt}x{c.pformer_steps}{contrast_suffix(w_contrast)}"
+    run = root / "pformer" / f"{c.recipe.n_prompt}x{c.pformer_steps}{contrast_suffix(w_contrast)}"
     train_once(run, lambda resume: train_pformer(PFormerConfig(
-        text=[str(text)], out=str(run), n_prompt=c.n_prompt, batch_size=16, max_steps=c.pformer_steps,
+        text=[str(text)], out=str(run), n_prompt=c.recipe.n_prompt, batch_size=16, max_steps=c.pformer_steps,
         warmup_steps=max(1, c.pformer_steps // 7), sample_every=max(1, c.pformer_steps // 2), save_every=100,
         heldout=32, seed=42, resume=resume, w_contrast=w_contrast)))
     return run / "final"
@@ -259,8 +260,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="a few steps and images: checks the script, not the claim")
     ap.add_argument("--cells", nargs="+", default=["0,0", "10,100"],
                     help="(w1, w2) cells to train, as w1,w2; (0,0) is the baseline every other cell is tested against")
-    ap.add_argument("--align-loss", default="mse", choices=("mse", "centred"),
-                    help="L_align of every cell but the baseline (train-adapter --align-loss)")
+    ap.add_argument("--align-loss", default=DemoConfig().recipe.align_loss, choices=("mse", "centred", "contrastive"),
+                    help="stage 1's L_align of every cell but the baseline (train-adapter --align-loss)")
     ap.add_argument("--pformer-w-contrast", type=float, default=1.0,
                     help="the P-Former's contrastive weight (its own run and prompt cache when not 1)")
     ap.add_argument("--name", default="reproduce", help="results file: bench/results/<name>.json")
@@ -293,7 +294,9 @@ def main() -> None:
                 baseline = (w1, w2) == BASELINE  # never aligns: its P-Former and L_align's form do not matter
                 name = variant_name(w1, w2, a.align_loss, a.pformer_w_contrast)
                 align, contrast = ("mse", 1.0) if baseline else (a.align_loss, a.pformer_w_contrast)
-                _, s2 = train_variant(cs, name, w1, w2, features, prompts, data, root / f"n{size}-seed{seed}", align)
+                recipe = replace(cs.recipe, align_loss=a.align_loss)
+                _, s2 = train_cell(recipe, name, w1, w2, features, prompts, [str(data / "captions_train.json")],
+                                   root / f"n{size}-seed{seed}-{settings_digest(recipe)}", seed)
                 for split in SPLITS:
                     records.append({"w1": w1, "w2": w2, "align_loss": align, "pformer_w_contrast": contrast,
                                     "paired_images": size, "split": split, "seed": seed,

@@ -12,6 +12,7 @@ import typer
 
 from blitext.cli.common import default_is, default_of, user_errors
 from blitext.recipes.ablate_config import AblateConfig
+from blitext.recipes.recipe import Recipe
 
 
 @user_errors
@@ -26,12 +27,12 @@ def ablate_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", help="Images per split when preparing a named data set (tuxpaint: in all). " + default_of(AblateConfig, "images_per_split")),
     heldout_images: Optional[int] = typer.Option(None, "--heldout-images", help="Without captions_test.json: train images kept out for captioning. " + default_of(AblateConfig, "heldout_images")),
     pformer_steps: Optional[int] = typer.Option(None, "--pformer-steps", help=default_of(AblateConfig, "pformer_steps")),
-    stage1_steps: Optional[int] = typer.Option(None, "--stage1-steps", help=default_of(AblateConfig, "stage1_steps")),
-    stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help=default_of(AblateConfig, "stage2_steps")),
-    n_prompt: Optional[int] = typer.Option(None, "--n-prompt", help="Soft prompts = Q-Former queries. " + default_of(AblateConfig, "n_prompt")),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Stage-1 batch; stage 2 uses half. " + default_of(AblateConfig, "batch_size")),
-    stage1_lr: Optional[float] = typer.Option(None, "--stage1-lr", help=default_of(AblateConfig, "stage1_lr")),
-    stage2_lr: Optional[float] = typer.Option(None, "--stage2-lr", help=default_of(AblateConfig, "stage2_lr")),
+    stage1_steps: Optional[int] = typer.Option(None, "--stage1-steps", help="Stage-1 steps (ITC + ITM + ITG + w1 L_align). " + default_of(Recipe, "stage1_steps")),
+    stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="Stage-2 steps (LM + w2 L_align). " + default_of(Recipe, "stage2_steps")),
+    n_prompt: Optional[int] = typer.Option(None, "--n-prompt", help="Soft prompts = Q-Former queries. " + default_of(Recipe, "n_prompt")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Both stages' batch. " + default_of(Recipe, "batch_size")),
+    stage1_lr: Optional[float] = typer.Option(None, "--stage1-lr", help="Stage 1's rate. " + default_of(Recipe, "stage1_lr")),
+    stage2_lr: Optional[float] = typer.Option(None, "--stage2-lr", help="Stage 2's rate. " + default_of(Recipe, "stage2_lr")),
     vqa_questions: Optional[int] = typer.Option(None, "--vqa-questions", help="Test questions per run (0: no VQA). " + default_of(AblateConfig, "vqa_questions")),
     caption_images: Optional[int] = typer.Option(None, "--caption-images", help="Images captioned per run (0: none). " + default_of(AblateConfig, "caption_images")),
     seed: Optional[int] = typer.Option(None, "--seed", help=default_of(AblateConfig, "seed")),
@@ -51,14 +52,17 @@ def ablate_cmd(
     sizes = _counts(extra_sizes) if extra_sizes else text_sizes
     options = dict(data=data, features=features and str(features), grid=grid, text_sizes=sizes,
                    extra_text=[str(p) for p in extra_text] if extra_text else None, images_per_split=limit,
-                   heldout_images=heldout_images, pformer_steps=pformer_steps, stage1_steps=stage1_steps,
-                   stage2_steps=stage2_steps, n_prompt=n_prompt, batch_size=batch_size, stage1_lr=stage1_lr,
-                   stage2_lr=stage2_lr,
+                   heldout_images=heldout_images, pformer_steps=pformer_steps,
                    vqa_questions=vqa_questions, caption_images=caption_images, seed=seed, scale=scale,
                    out=out and str(out))
+    recipe = dict(stage1_steps=stage1_steps, stage2_steps=stage2_steps, n_prompt=n_prompt, batch_size=batch_size,
+                  stage1_lr=stage1_lr, stage2_lr=stage2_lr)
     resolved = resolve_config(AblateConfig, config, **options)  # checks keys and types
     given = {*(read_config_file(config) if config else {}), *(k for k, v in options.items() if v is not None)}
-    run_ablation(dataclasses.replace(SMOKE if smoke else AblateConfig(), **{k: getattr(resolved, k) for k in given}))
+    base = SMOKE if smoke else AblateConfig()
+    chosen = dataclasses.replace(base, **{k: getattr(resolved, k) for k in given})
+    run_ablation(dataclasses.replace(chosen, recipe=dataclasses.replace(
+        chosen.recipe, **{k: v for k, v in recipe.items() if v is not None})))
 
 
 def _counts(text: str) -> list[int]:

@@ -74,7 +74,7 @@ def test_cli_maps_options_onto_the_config(monkeypatch):
                                       "--extra-text", "a.txt", "--stage2-steps", "5"])
     assert result.exit_code == 0, result.output
     assert seen == [replace(SMOKE, grid=[(0.0, 0.0), (10.0, 100.0)], text_sizes=[0, 50], extra_text=["a.txt"],
-                            stage2_steps=5)]
+                            recipe=replace(SMOKE.recipe, stage2_steps=5))]  # the demo's recipe, one field changed
     result = CliRunner().invoke(app, ["ablate", "--no-text-sizes", "--extra-sizes", "5"])
     assert result.exit_code == 2 and "contradict" in result.output
 

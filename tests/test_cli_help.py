@@ -31,6 +31,7 @@ from blitext.pformer.prompts import BuildPromptsConfig
 from blitext.pformer.train import PFormerConfig
 from blitext.recipes.ablate import AblateConfig
 from blitext.recipes.demo import DemoConfig
+from blitext.recipes.recipe import Recipe
 from blitext.recipes.demo_video import VideoDemoConfig
 
 WIDE = {"COLUMNS": "200"}
@@ -206,8 +207,8 @@ EXPECTED = {
         "--data": default(AblateConfig, "data"),
         "--limit": default(AblateConfig, "images_per_split"),
         "--pformer-steps": default(AblateConfig, "pformer_steps"),
-        "--stage1-lr": default(AblateConfig, "stage1_lr"),
-        "--stage2-lr": default(AblateConfig, "stage2_lr"),
+        "--stage1-lr": default(Recipe, "stage1_lr"),
+        "--stage2-lr": default(Recipe, "stage2_lr"),
         "--seed": default(AblateConfig, "seed"),
         "--scale": default(AblateConfig, "scale"),
         "--text-sizes": default(AblateConfig, "text_sizes"),
@@ -256,7 +257,7 @@ def _blitext(*args: str, **env: str) -> str:
 def test_python_m_blitext_help():
     top = _blitext("--help")
     assert "train-pformer" in top and "eval" in top
-    assert default(AblateConfig, "stage1_lr") in _blitext("ablate", "--help")
+    assert default(Recipe, "stage1_lr") in _blitext("ablate", "--help")
 
 
 def test_plain_help_without_rich_shows_no_escapes():

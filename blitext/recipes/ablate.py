@@ -33,9 +33,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from blitext.adapter.image import AdapterConfig, train_adapter
+from blitext.adapter.image import train_adapter
 from blitext.atomic import read_json, write_json, write_text
-from blitext.config import default_cache_root, provenance
+from blitext.config import default_cache_root, provenance, to_jsonable
 from blitext.console import say
 from blitext.data.compose import compositional_captions
 from blitext.data.prepare import list_datasets, prepare_dataset
@@ -43,17 +43,13 @@ from blitext.data.readers import read_image_set, write_lavis_json
 from blitext.data.text import WORDNET_DIR, read_sentences, wordnet_examples
 from blitext.recipes.ablate_config import TEXT_SIZE_CELL, TRAIN_KEYS, AblateConfig, Cell, Extra, Source, Splits
 from blitext.recipes.ablate_report import evaluate_run, report, score_columns, plot_curves
-from blitext.recipes.demo import print_prompt_check, train_once
+from blitext.recipes.demo import print_prompt_check
+from blitext.recipes.recipe import adapter_base, stage1_config, stage2_config, train_once
 from blitext.errors import BlitextError
 from blitext.features.image import ExtractConfig, extract_features
 from blitext.models.registry import DEFAULT_VISION_ENCODER
 from blitext.pformer.train import PFormerConfig, train_pformer
 from blitext.pformer.prompts import BuildPromptsConfig, build_prompts
-
-def stage2_schedule(c) -> dict:
-    """ablate's small-batch stage-2 settings (bench/stage2_lr.py measured them; the demo has its own recipe)."""
-    return dict(max_steps=c.stage2_steps, warmup_steps=max(1, c.stage2_steps // 10), batch_size=c.batch_size // 2,
-                lr=c.stage2_lr, llm_proj_lr_scale=c.stage2_llm_proj_lr_scale, max_grad_norm=c.stage2_max_grad_norm)
 
 def _source(c: AblateConfig, root: Path) -> Source:
     path = Path(c.data)
@@ -167,10 +163,10 @@ def _text_cells(c: AblateConfig, n_extra: int) -> list[Cell]:
 def _work(c: AblateConfig, src: Source, features: Path, extra: Extra, root: Path) -> Path:
     """The run folder; refuses one made with other settings (its runs would be reused as if equal)."""
     identity = {"data": src.tag, "features": features.name, "extra_text_sha1": extra.digest,
-                **{k: getattr(c, k) for k in TRAIN_KEYS}}
+                **{k: to_jsonable(getattr(c, k)) for k in TRAIN_KEYS}}
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     work = Path(c.out) if c.out else root / "runs" / "ablate" / (
-        f"{src.tag}-{c.n_prompt}q-{c.pformer_steps}-{c.stage1_steps}-{c.stage2_steps}-{digest}")
+        f"{src.tag}-{c.recipe.n_prompt}q-{c.pformer_steps}-{c.recipe.stage1_steps}-{c.recipe.stage2_steps}-{digest}")
     record = work / "ablate-config.json"
     if record.is_file() and read_json(record).get("identity") != identity:
         old = read_json(record).get("identity") or {}
@@ -190,7 +186,7 @@ def _pformer(c: AblateConfig, work: Path, splits: Splits, extra: Extra, n: int) 
     text = [str(splits.train)] + ([str(_extra_file(work, extra, n, c.seed))] if n else [])
     say(f"[bold]P-Former ({label})[/]: {splits.n_paired} paired captions + {n} extra sentences")
     train_once(run, lambda resume: train_pformer(PFormerConfig(
-        text=text, out=str(run), n_prompt=c.n_prompt, batch_size=c.pformer_batch_size, max_steps=c.pformer_steps,
+        text=text, out=str(run), n_prompt=c.recipe.n_prompt, batch_size=c.pformer_batch_size, max_steps=c.pformer_steps,
         warmup_steps=max(1, c.pformer_steps // 7), save_every=100,
         sample_every=max(1, c.pformer_steps // 2, min(c.pformer_steps, 20)),  # mid-run and at the end; SMOKE: end
         heldout=_pformer_heldout(splits), seed=c.seed, resume=resume)))
@@ -209,19 +205,14 @@ def _adaptor(c: AblateConfig, work: Path, cell: Cell, features: Path, splits: Sp
              prompts: dict[int, Path]) -> tuple[Path, Path]:
     """Stage 1 with w1 (shared by the cells of equal w1 and P-Former), then stage 2 with w2 from it."""
     ref = prompts.get(cell.extra)
-    base = AdapterConfig(features=str(features), captions=[str(splits.train)], w_align=0.0, n_prompt=c.n_prompt,
-                         seed=c.seed, save_every=max(10, c.stage1_steps // 2), log_every=1)
+    base = adapter_base(c.recipe, features, ref, [str(splits.train)], c.seed)
     s1 = work / (f"stage1-w1_{cell.w1:g}" + (f"-{_label(cell.extra)}" if cell.w1 else ""))
     say(f"[bold]stage 1, w1 = {cell.w1:g}[/] ({s1.name})")
-    train_once(s1, lambda resume: train_adapter(replace(
-        base, stage=1, w_align=cell.w1, prompts=str(ref) if cell.w1 else None, out=str(s1),
-        max_steps=c.stage1_steps, warmup_steps=max(1, c.stage1_steps // 10), batch_size=c.batch_size,
-        lr=c.stage1_lr, resume=resume)))
+    train_once(s1, lambda resume: train_adapter(stage1_config(
+        c.recipe, replace(base, prompts=base.prompts if cell.w1 else None), cell.w1, s1, resume)))
     s2 = work / (f"stage2-w1_{cell.w1:g}-w2_{cell.w2:g}" + (f"-{_label(cell.extra)}" if ref else ""))
     say(f"[bold]stage 2, w2 = {cell.w2:g}[/] ({s2.name}, from {s1.name})")
-    train_once(s2, lambda resume: train_adapter(replace(
-        base, stage=2, w_align=cell.w2, prompts=str(ref) if ref else None, init=str(s1), out=str(s2),
-        resume=resume, **stage2_schedule(c))))
+    train_once(s2, lambda resume: train_adapter(stage2_config(c.recipe, base, cell.w2, s1, s2, resume)))
     return s1, s2
 
 
@@ -230,8 +221,6 @@ def _adaptor(c: AblateConfig, work: Path, cell: Cell, features: Path, splits: Sp
 def run_ablation(config: AblateConfig) -> dict:
     """Every phase in order; returns (and writes to ablation.json) one row per run."""
     c, root, started = config.scaled(), default_cache_root(), time.perf_counter()
-    if c.batch_size < 2:
-        raise BlitextError(f"batch_size {c.batch_size}: stage 2 trains at half of it, so it must be at least 2")
     say(f"[bold]1/6 data[/] {c.data}")
     src = _source(c, root)
     say("[bold]2/6 features[/] (the bundled EfficientNet-Lite0 unless --features)")

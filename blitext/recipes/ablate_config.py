@@ -6,13 +6,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from blitext.errors import BlitextError
+from blitext.recipes.recipe import Recipe
 
 TABLE4_GRID = ((0.0, 0.0), (10.0, 0.0), (0.0, 100.0), (10.0, 100.0))  # the paper's (w1, w2) rows
 TEXT_SIZE_CELL = (10.0, 100.0)          # Table 6 trains each P-Former's adaptor with the default weights
 # What makes two runs comparable: a run folder is reused only under the same values.
-TRAIN_KEYS = ("images_per_split", "heldout_images", "pformer_steps", "pformer_batch_size", "n_prompt",
-              "stage1_steps", "stage1_lr", "stage2_steps", "stage2_lr", "stage2_llm_proj_lr_scale",
-              "stage2_max_grad_norm", "batch_size", "seed")
+TRAIN_KEYS = ("images_per_split", "heldout_images", "pformer_steps", "pformer_batch_size", "recipe", "seed")
+RECIPE_OPTIONS = ("n_prompt", "stage1_steps", "stage1_lr", "stage2_steps", "stage2_lr", "batch_size")  # CLI -> Recipe
 
 
 @dataclass
@@ -29,14 +29,7 @@ class AblateConfig:
     heldout_images: int = 100     # without captions_test.json: train images kept out for captioning
     pformer_steps: int = 200      # per P-Former, at pformer_batch_size (about 2.5 s a step on 2 cores)
     pformer_batch_size: int = 16
-    n_prompt: int = 8             # soft prompts = Q-Former queries (paper: 32; 8 keeps the CPU run short)
-    stage1_steps: int = 50        # Q-Former stage-1 steps at batch_size (about 2 s each)
-    stage1_lr: float = 1e-3       # stage 1 tolerates a high rate: ~50 steps, not the paper's 10 epochs of 4M pairs
-    stage2_steps: int = 120       # stage-2 steps at batch_size // 2 (about 1 s each: the frozen LLM runs)
-    stage2_lr: float = 5e-5       # body rate at batch 8: 1e-4 and above diverged here (paper: 1e-4 at batch 1024)
-    stage2_llm_proj_lr_scale: float = 20.0  # llm_proj at 20x: with it and clipping the LM loss fell 8.2 -> 5.0
-    stage2_max_grad_norm: float = 1.0       # in 40 steps, where one rate for all and no clipping rose to 9.1
-    batch_size: int = 16          # stage 1; stage 2 uses half (as the demo: more, smaller steps learned faster)
+    recipe: Recipe = field(default_factory=Recipe)  # the Q-Former's stages: the embedded recipe the demo trains with
     vqa_questions: int = 120      # test questions answered zero-shot per run (0: no VQA)
     caption_images: int = 50      # images captioned per run (0: no captioning)
     caption_max_new_tokens: int = 16  # short captions (easy-VQA 3-4 tokens, Tux Paint one sentence)
@@ -57,8 +50,8 @@ class AblateConfig:
 
     def scaled(self) -> "AblateConfig":
         s = self.scale
-        return replace(self, pformer_steps=round(self.pformer_steps * s), stage1_steps=round(self.stage1_steps * s),
-                       stage2_steps=round(self.stage2_steps * s), vqa_questions=round(self.vqa_questions * s),
+        return replace(self, pformer_steps=round(self.pformer_steps * s), recipe=self.recipe.scaled(s),
+                       vqa_questions=round(self.vqa_questions * s),
                        caption_images=round(self.caption_images * s), scale=1.0)
 
 
@@ -78,8 +71,9 @@ def _cell(value) -> tuple[float, float]:
     return w1, w2
 
 
-SMOKE = AblateConfig(images_per_split=48, heldout_images=8, pformer_steps=2, pformer_batch_size=8, n_prompt=4,
-                     stage1_steps=2, stage2_steps=2, batch_size=4, vqa_questions=8, caption_images=6,
+SMOKE = AblateConfig(images_per_split=48, heldout_images=8, pformer_steps=2, pformer_batch_size=8,
+                     recipe=Recipe(n_prompt=4, stage1_steps=2, stage2_steps=2, batch_size=4, stage1_warmup_steps=1,
+                                   stage2_warmup_steps=1, snapshot_steps=[]), vqa_questions=8, caption_images=6,
                      caption_max_new_tokens=8, num_beams=1, meteor="off")
 
 

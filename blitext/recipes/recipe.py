@@ -79,9 +79,9 @@ def train_once(run: Path, train) -> None:
 
 
 def train_cell(r: Recipe, name: str, w1: float, w2: float, features: Path, prompts: Path, captions: list[str],
-               work: Path, seed: int) -> tuple[Path, Path]:
+               work: Path, seed: int, stage2: bool = True) -> tuple[Path, Path]:
     """One Table 4 cell: stage 1 (ITC + ITM + ITG + w1 L_align), then stage 2 (LM + w2 L_align) from it.
-    Returns the two run folders (each reused once finished)."""
+    Returns the two run folders (each reused once finished; stage 2 only trained when asked)."""
     from blitext.adapter.image import train_adapter
     from blitext.console import say
 
@@ -90,6 +90,7 @@ def train_cell(r: Recipe, name: str, w1: float, w2: float, features: Path, promp
     say(f"[bold]{name}: stage 1[/] (BLIP-2's ITC + ITM + ITG" + (f" + {w1:g} x L_align ({r.align_loss})" if w1 else "")
         + f", {r.stage1_steps} steps; the LLM never runs)")
     train_once(s1, lambda resume: train_adapter(stage1_config(r, base, w1, s1, resume)))
-    say(f"[bold]{name}: stage 2[/] (frozen-LLM loss + {w2:g} x L_align, {r.stage2_steps} steps)")
-    train_once(s2, lambda resume: train_adapter(stage2_config(r, base, w2, s1, s2, resume)))
+    if stage2:
+        say(f"[bold]{name}: stage 2[/] (frozen-LLM loss + {w2:g} x L_align, {r.stage2_steps} steps)")
+        train_once(s2, lambda resume: train_adapter(stage2_config(r, base, w2, s1, s2, resume)))
     return s1, s2
