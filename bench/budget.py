@@ -15,15 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
 
-from blitext.config import default_cache_root, git_commit  # noqa: E402
+from blitext.config import git_commit  # noqa: E402
 from blitext.recipes import budget  # noqa: E402
-from blitext.recipes.demo import VARIANTS, DemoConfig, prepare_caches, settings_digest  # noqa: E402
+from blitext.recipes.demo import LABELS, VARIANTS, DemoConfig, demo_work, prepare_caches  # noqa: E402
 from blitext.recipes.recipe import Recipe, train_cell  # noqa: E402
 
 
@@ -48,16 +48,16 @@ def main() -> None:
     ap.add_argument("--stage1-only", action="store_true", help="captions from alignment alone: no stage 2")
     a = ap.parse_args()
     c = DemoConfig()
-    recipe = replace(c.recipe, **parse_set(a.set))
+    c = replace(c, recipe=replace(c.recipe, **parse_set(a.set)))
     data, features, prompts = prepare_caches(c)
-    work = default_cache_root() / "runs" / "budget" / settings_digest(recipe)
     curves, costs, labels = {}, {}, {}
     for cell in a.cells:
         w1, w2 = VARIANTS[cell]
-        labels[cell] = f"{cell} ({w1:g}, {w2:g})"
-        for seed in a.seeds:
-            s1, s2 = train_cell(recipe, cell, w1, w2, features, prompts, [str(data / "captions_train.json")],
-                                work / f"seed{seed}", seed, stage2=not a.stage1_only)
+        labels[cell] = LABELS[cell]
+        for seed in a.seeds:  # the demo's own runs at its seed; the same folders' layout at the others
+            cs = replace(c, seed=seed)
+            s1, s2 = train_cell(cs.recipe, cell, w1, w2, features, prompts, [str(data / "captions_train.json")],
+                                demo_work(cs), seed, stage2=not a.stage1_only)
             if a.stage1_only:
                 curves.setdefault(cell, []).append([{"step": 0, **budget.caption_point(s1, features, data, a.images)}])
                 continue
@@ -67,7 +67,7 @@ def main() -> None:
     line = budget.verdict(summ, labels)
     print(line)
     png = budget.plot_curves(curves, Path(__file__).parent / "results" / f"{a.name}.png", labels)
-    write_result(a.name, {"commit": git_commit(), "command": " ".join(sys.argv), "seeds": a.seeds, "recipe": recipe.__dict__, "curves": curves, "costs": costs,
+    write_result(a.name, {"commit": git_commit(), "command": " ".join(sys.argv), "seeds": a.seeds, "recipe": asdict(c.recipe), "curves": curves, "costs": costs,
                           "summary": summ, "verdict": line, "plot": png.name, "images": a.images})
 
 

@@ -32,7 +32,7 @@ def require_align_loss(name: str) -> None:
 
 
 def alignment(name: str, prompts: PromptCache | None, pairs: Pairs, sample: int = 4096,
-              contrast_weight: float = 4.0, contrast_temp: float = 0.05) -> tuple:
+              contrast_weight: float = 8.0, contrast_temp: float = 0.05) -> tuple:
     """(L_align as a function of (prompts, reference), the reference scales it uses or None). The
     centred and contrastive forms' scales (and mean prompt) come from an evenly spaced sample of
     the run's references: at the paper's scale reading millions of (32, 2560) prompts for a few

@@ -54,7 +54,8 @@ class AdapterConfig(RunOptions):
     w_align: float | None = None        # alignment weight; default 10 in stage 1, 100 in stage 2 (paper)
     align_loss: str = "mse"             # mse (paper) | centred: shared and per-image parts, each over its size |
                                         # contrastive: MSE over the references' spread + InfoNCE over the batch
-    align_contrast_weight: float = 4.0  # contrastive: the InfoNCE term's weight beside the normalised MSE
+    align_contrast_weight: float = 8.0  # contrastive: the InfoNCE term's weight beside the normalised MSE (4: 0.32,
+                                        # 8: 0.42, 16: 0.44 exact captions from alignment alone, docs/results.md)
     align_contrast_temp: float = 0.05   # contrastive: the InfoNCE temperature (cosines of centred prompts)
     init: str | None = None             # a run (stage 2: its stage 1) or released BLIP-2 weights to start from
     align_steps: int = 0                # steps of L_align alone (no other loss, no LLM) before the stage's own

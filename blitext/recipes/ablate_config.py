@@ -72,7 +72,7 @@ def _cell(value) -> tuple[float, float]:
 
 
 SMOKE = AblateConfig(images_per_split=48, heldout_images=8, pformer_steps=2, pformer_batch_size=8,
-                     recipe=Recipe(n_prompt=4, stage1_steps=2, stage2_steps=2, batch_size=4, stage1_warmup_steps=1,
+                     recipe=Recipe(n_prompt=4, align_steps=2, stage1_steps=2, stage2_steps=2, batch_size=4, stage1_warmup_steps=1,
                                    stage2_warmup_steps=1, snapshot_steps=[]), vqa_questions=8, caption_images=6,
                      caption_max_new_tokens=8, num_beams=1, meteor="off")
 

@@ -24,12 +24,13 @@ class Recipe:
     cross_attention_frequency: int = 1  # the image in every layer (paper: every 2nd)
     dropout: float = 0.0                # at MiniLM's 0.1 the adaptor learned prompts that worked only with noise on them
     batch_size: int = 16
-    stage1_steps: int = 400             # BLIP-2's stage 1 (+ w1 L_align): no LLM, so cheap
-    stage1_lr: float = 1e-4             # the paper's rate
-    stage1_llm_proj_lr_scale: float = 10.0  # llm_proj (trained by L_align alone in stage 1) at 10x
-    stage1_warmup_steps: int = 40
-    align_loss: str = "contrastive"     # stage 1's L_align form (stage 2: the paper's mse)
-    align_contrast_weight: float = 4.0
+    align_steps: int = 600              # P-Former cells: L_align alone before stage 1's own steps (no text branch,
+                                        # no LLM: about a fifth of a stage-1 step), as the paper's video schedule
+    stage1_steps: int = 100             # BLIP-2's stage 1 (ITC + ITM + ITG, + w1 L_align): no LLM
+    stage1_lr: float = 2e-4             # at 1e-3 the Q-Former collapsed: one query output for every slot and image
+    stage1_llm_proj_lr_scale: float = 10.0  # llm_proj at 10x: it must move the prompts to the references' place
+    stage1_warmup_steps: int = 20
+    align_loss: str = "contrastive"     # stage 1's L_align form (stage 2: the paper's mse); its weight: AdapterConfig's
     stage2_steps: int = 200             # the frozen LLM runs: about 1 s a step of 16 on 2 cores
     stage2_lr: float = 1e-4             # the paper's rate
     stage2_warmup_steps: int = 20
@@ -37,7 +38,8 @@ class Recipe:
     snapshot_steps: list[int] = field(default_factory=lambda: [10, 25, 50, 100])  # the budget curve's points
 
     def scaled(self, s: float) -> "Recipe":
-        return replace(self, stage1_steps=round(self.stage1_steps * s), stage2_steps=round(self.stage2_steps * s),
+        return replace(self, align_steps=round(self.align_steps * s), stage1_steps=round(self.stage1_steps * s),
+                       stage2_steps=round(self.stage2_steps * s),
                        stage1_warmup_steps=max(1, round(self.stage1_warmup_steps * s)),
                        stage2_warmup_steps=max(1, round(self.stage2_warmup_steps * s)),
                        snapshot_steps=sorted({max(1, round(x * s)) for x in self.snapshot_steps}))
@@ -52,11 +54,13 @@ def adapter_base(r: Recipe, features: Path, prompts: Path | None, captions: list
 
 
 def stage1_config(r: Recipe, base: AdapterConfig, w1: float, out: Path, resume: str | None) -> AdapterConfig:
-    """BLIP-2's stage 1 (ITC + ITM + ITG) + w1 x L_align (L_align only measured at w1 = 0)."""
+    """BLIP-2's stage 1 (ITC + ITM + ITG) + w1 x L_align (L_align only measured at w1 = 0), after
+    `align_steps` of L_align alone in the P-Former cells (fresh AdamW moments between the two)."""
     return replace(base, stage=1, w_align=w1, align_loss=r.align_loss if w1 > 0 else "mse",
-                   align_contrast_weight=r.align_contrast_weight, max_steps=r.stage1_steps, lr=r.stage1_lr,
+                   align_steps=r.align_steps if w1 > 0 else 0,
+                   max_steps=r.stage1_steps, lr=r.stage1_lr,
                    llm_proj_lr_scale=r.stage1_llm_proj_lr_scale, warmup_steps=r.stage1_warmup_steps,
-                   save_every=max(10, r.stage1_steps // 2), out=str(out), resume=resume)
+                   save_every=max(10, (r.align_steps + r.stage1_steps) // 2), out=str(out), resume=resume)
 
 
 def stage2_config(r: Recipe, base: AdapterConfig, w2: float, init: Path, out: Path, resume: str | None) -> AdapterConfig:
@@ -87,8 +91,9 @@ def train_cell(r: Recipe, name: str, w1: float, w2: float, features: Path, promp
 
     base = adapter_base(r, features, prompts, captions, seed)
     s1, s2 = work / f"{name}-stage1", work / f"{name}-stage2"
-    say(f"[bold]{name}: stage 1[/] (BLIP-2's ITC + ITM + ITG" + (f" + {w1:g} x L_align ({r.align_loss})" if w1 else "")
-        + f", {r.stage1_steps} steps; the LLM never runs)")
+    say(f"[bold]{name}: stage 1[/] (" + (f"{r.align_steps} steps of L_align ({r.align_loss}) alone, then " if w1 else "")
+        + f"{r.stage1_steps} of BLIP-2's ITC + ITM + ITG" + (f" + {w1:g} x L_align" if w1 else "")
+        + "; the LLM never runs)")
     train_once(s1, lambda resume: train_adapter(stage1_config(r, base, w1, s1, resume)))
     if stage2:
         say(f"[bold]{name}: stage 2[/] (frozen-LLM loss + {w2:g} x L_align, {r.stage2_steps} steps)")
