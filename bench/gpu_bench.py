@@ -75,12 +75,22 @@ def flops_of(fn) -> int:
     return counter.get_total_flops()
 
 
+def assert_tells_apart(outputs: torch.Tensor, what: str, least: float = 0.1) -> None:
+    """A random tower must give two different inputs different outputs, or what is timed is an artifact."""
+    gap = float((outputs[0].float() - outputs[1].float()).abs().max())
+    if not gap > least:
+        raise SystemExit(f"{what}: two different inputs give outputs {gap:.2g} apart (want > {least}); "
+                         f"its random weights are too small to stand for a trained model")
+
+
 def vit_g_folder(root: Path) -> Path:
     """EVA ViT-g's shape (BLIP-2's vision tower: 1408 wide, 39 layers, 224 px, patch 14 -> 257 tokens)."""
     import transformers as tf
 
+    # initializer_range 0.02 (BLIP-2's config defaults to 1e-10: features ~1e-5, subnormal in fp16,
+    # and the same for every image, so timings on them are not timings of real features)
     cfg = tf.Blip2VisionConfig(hidden_size=1408, intermediate_size=6144, num_hidden_layers=layers(39), num_attention_heads=16,
-                               image_size=224, patch_size=14)
+                               image_size=224, patch_size=14, initializer_range=0.02)
     with torch.device(DEVICE):
         model = tf.Blip2VisionModel(cfg).to(torch.bfloat16)
     model.save_pretrained(root / "vit-g-random")
@@ -99,6 +109,7 @@ def extraction(root: Path) -> dict:
     encoder = load_vision_encoder(str(folder), device=DEVICE).to(torch.bfloat16)
     pixels = torch.randn(8 if SMOKE else 256, 3, 224, 224, device=DEVICE, dtype=torch.bfloat16)
     with torch.inference_mode():
+        assert_tells_apart(encoder(pixels[:2]), "the random ViT-g")
         bare = timed_cuda(lambda: encoder(pixels))
     n = 64 if SMOKE else 1024
     (root / "images").mkdir()
@@ -167,6 +178,9 @@ def llm_2_7b():
                        vocab_size=50272, word_embed_proj_dim=2560, max_position_embeddings=2048)
     with torch.device(DEVICE):
         model = tf.OPTForCausalLM(cfg).to(torch.bfloat16)
+    with torch.inference_mode():  # two different soft prompts: different next-token logits
+        prompts = torch.randn(2, 4, 2560, device=DEVICE, dtype=torch.bfloat16)
+        assert_tells_apart(model(inputs_embeds=prompts).logits[:, -1], "the random OPT-2.7B", least=1e-2)
     tokenizer = tf.AutoTokenizer.from_pretrained(ASSETS / "llm-tokenizer")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from blitext.checkpoint import export_final, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from blitext.atomic import read_json
+from blitext.checkpoint import (STATE, export_final, latest_checkpoint, load_checkpoint, resolve_resume,
+                                 save_checkpoint)
 from blitext.console import progress_bar, say
 from blitext.distributed import barrier
 from blitext.errors import BlitextError
@@ -83,6 +85,16 @@ class Precision:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         self.scaler.step(optimizer)
         self.scaler.update()
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of fp16's loss scaler (its scale and growth count): a resume that
+        started again from 65,536 would skip steps to find again the scale the run had found."""
+        return {} if self.scaler is None else {"grad_scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The scaler as a checkpoint left it (checkpoints without one keep the fresh scaler)."""
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
 
 
 def resume_run(run: Path, config, model, optimizer, identity: dict) -> tuple[int, dict]:
@@ -212,6 +224,8 @@ class TrainerLoop:
     # ------------------------------------------------------------ the loop
     def run(self, start: int, steps: int, run: Path, optimizer, state: dict) -> None:
         self.optimizer = optimizer
+        if start > 0:  # resuming: the checkpoint resume_run loaded the weights and moments from
+            self.precision.load_state_dict(read_json(resolve_resume(run, self.c.resume) / STATE))
         prefetch = Prefetcher(self.load, range(start, steps), getattr(self.c, "prefetch", 2))
         try:
             with progress_bar(steps - start, self.title, self.unit) as advance:
@@ -224,7 +238,8 @@ class TrainerLoop:
                     self.record(step, losses, timing)
                     self.after_step(step, steps)
                     if (step + 1) % self.c.save_every == 0 and step + 1 < steps and self.info.is_main:
-                        save_checkpoint(run, step + 1, self.model, optimizer, self.checkpoint_state(state),
+                        save_checkpoint(run, step + 1, self.model, optimizer,
+                                        {**self.checkpoint_state(state), **self.precision.state_dict()},
                                         weights=self.checkpoint_weights(), extra=self.checkpoint_extra)
                     if step + 1 in self.c.snapshot_steps and self.info.is_main:
                         save_checkpoint(snapshot_root(run), step + 1, self.model, None, self.checkpoint_state(state),
