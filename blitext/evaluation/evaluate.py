@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from blitext.models.adapter_checkpoint import LoadedAdapter, load_adapter, load_llm_for_generation
-from blitext.atomic import write_json
+from blitext.atomic import check_out, write_json
 from blitext.evaluation.compare import CEILING, beside_scores, print_metrics
 from blitext.cache import FeatureCache
 from blitext.config import provenance, to_jsonable
@@ -161,6 +161,7 @@ def _open(config: EvalConfig, task: str) -> Evaluation:
         if not getattr(config, name):
             raise BlitextError(f"eval {task} needs --{name}")
     require_settings(config.settings)  # before any model loads
+    check_out(config.out)
     device = pick_device(config.device)
     adapter = load_adapter(config.adapter, device)
     encoder = adapter.features_producer.get("encoder")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from blitext.atomic import read_json
+from blitext.atomic import check_out, read_json
 from blitext.cache import CachePlan, FeatureCache, ShardWriter
 from blitext.cache.manifest import PROMPT_KINDS
 from blitext.cache.jobs import run_sharded_job
@@ -112,6 +112,7 @@ def default_prompts_out(config: BuildPromptsConfig, pformer: LoadedPFormer) -> P
 
 def build_prompts(config: BuildPromptsConfig) -> dict:
     """Write (or resume) a prompt cache; returns its summary. Runs under torchrun too."""
+    check_out(config.out)
     return run_distributed(config.device, lambda device, info: _build(config, device, info))
 
 
