@@ -42,6 +42,21 @@ def writing(folder: Path, then: str = RESUME) -> Iterator[None]:
         raise write_failure(folder, e, then) from None
 
 
+def check_out(out: str | Path | None, option: str = "--out") -> None:
+    """Refuse, before any work starts, an output folder that cannot be one: a file at its path
+    or above it, or a nearest existing folder that is not writable. Every phase calls this first,
+    so an hour of work is never lost to a bad `--out` (None: the phase's default folder)."""
+    if not out:
+        return
+    out = Path(out)
+    existing = next(p for p in (out, *out.parents) if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        where = "is a file" if existing == out else f"lies under {existing}, which is a file"
+        raise BlitextError(f"{option} {out} {where}: pass a folder (new, or one the same command wrote)")
+    if not os.access(existing, os.W_OK | os.X_OK):  # root passes this; its writes still report EROFS
+        raise BlitextError(f"{option} {out}: {existing} is not writable; make it writable or pass another {option}")
+
+
 def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -157,11 +157,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         if not same_identity(state.get(key), want):
             raise BlitextError(f"{path} was trained with {key}={state.get(key)!r}; this run has {want!r}: "
                                f"use the same models and settings, or start a new run (another --out)")
-    _check_digests(path, state.get("sha256") or {})
-    try:
-        weights = load_file(path / "model.safetensors")
-    except (OSError, SafetensorError) as e:
-        raise damaged(path, f"model.safetensors: {e}") from None
+    weights = load_weights(path, state)
     model = getattr(model, "module", model)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -171,6 +167,18 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if optimizer is not None and (path / "optimizer.pt").is_file():
         optimizer.load_state_dict(_load_optimizer(path))
     return state
+
+
+def load_weights(path: Path, state: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """A checkpoint folder's model.safetensors, after checking every file against the sha256
+    its state.json records: the one place a run's weights are read (resume, --init, generate,
+    eval, blitext.load, export, build-prompts), so damaged weights are never used."""
+    path = Path(path)
+    _check_digests(path, (state if state is not None else _read_state(path)).get("sha256") or {})
+    try:
+        return load_file(path / "model.safetensors")
+    except (OSError, SafetensorError) as e:
+        raise damaged(path, f"model.safetensors: {e}") from None
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -195,7 +203,11 @@ def _load_optimizer(path: Path) -> dict:
 
 
 def damaged(path: Path, why: str) -> BlitextError:
-    """One line: which checkpoint is damaged, why, and the checkpoint to resume from instead."""
+    """One line: which checkpoint is damaged, why, and the checkpoint to use instead."""
+    if path.name == "final":  # a copy of the run's last checkpoint
+        kept = sorted(p for p in (path.parent / "checkpoints").glob("step-*") if p.is_dir())
+        fix = f"pass the run's last checkpoint {kept[-1]} instead" if kept else "no checkpoint of the run is kept"
+        return BlitextError(f"checkpoint {path} is damaged ({why}): {fix}, or train the run again")
     earlier = sorted(p for p in path.parent.glob("step-*") if p.is_dir() and p.name < path.name)
     fix = (f"resume from the one before with --resume {earlier[-1]}" if earlier else "no earlier checkpoint is kept")
     return BlitextError(f"checkpoint {path} is damaged ({why}): {fix}, or start a new run (another --out)")

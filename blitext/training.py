@@ -7,6 +7,7 @@ with no RNG state to save.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -19,9 +20,10 @@ from typing import Callable
 import torch
 import torch.distributed
 
-from blitext.atomic import publish
+from blitext.atomic import publish, writing
+from blitext.checkpoint import RESUME_LATEST
 from blitext.config import to_jsonable
-from blitext.console import rank_logger
+from blitext.console import rank_logger, say
 from blitext.distributed import barrier
 from blitext.errors import BlitextError
 from blitext.trackers import Trackers
@@ -157,28 +159,63 @@ class Prefetcher:
 
 class MetricsLog:
     """metrics.jsonl: one line per logged step. On resume, lines past the resumed step are
-    dropped first, so a killed-and-resumed run has each step exactly once."""
+    dropped first, so a killed-and-resumed run has each step exactly once.
+
+    A line is appended whole or not at all: one os.write, and on a failure (a full disk) the
+    file is cut back to its previous size, so the run stops with one line and resumes later. A
+    torn last line (left by a kill mid-write, or by versions before this one) is dropped on resume."""
 
     def __init__(self, path: Path, resume_step: int | None = None, trackers=None):
         self.path, self.trackers = Path(path), trackers
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", -1) < resume_step]
+            kept = [line for line in _whole_lines(self.path) if json.loads(line).get("step", -1) < resume_step]
             tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            publish(tmp, self.path)  # fsynced before the rename: a crash leaves the old log or the new one
+            with writing(self.path.parent, then=RESUME_LATEST):
+                tmp.write_text("".join(line + "\n" for line in kept))
+                publish(tmp, self.path)  # fsynced before the rename: a crash leaves the old log or the new one
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode()
+        with writing(self.path.parent, then=RESUME_LATEST):
+            _append_whole(self.path, line)
         if self.trackers is not None:
             self.trackers.log(record)
 
     def close(self) -> None:
         if self.trackers is not None:
             self.trackers.close()
+
+
+def _append_whole(path: Path, line: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, line) != len(line):  # cut short: the disk filled mid-line
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        except OSError:
+            os.ftruncate(fd, size)  # shrinking needs no space: the file is as it was before the line
+            raise
+    finally:
+        os.close(fd)
+
+
+def _whole_lines(path: Path) -> list[str]:
+    """The log's lines; a torn last line is dropped with a message, a damaged line elsewhere refused."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            json.loads(line)
+        except ValueError:
+            if i < len(lines) - 1:
+                raise BlitextError(f"{path} line {i + 1} is damaged ({line[:40]!r}): delete that line, "
+                                   f"then {RESUME_LATEST}") from None
+            say(f"[yellow]dropped[/] the torn last line of {path} ({line[:40]!r}): a write was cut short; "
+                f"the resumed run logs that step again")
+            return lines[:-1]
+    return lines
 
 
 @contextlib.contextmanager
@@ -193,7 +230,7 @@ def tracking(metrics: MetricsLog | None):
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in _whole_lines(Path(path))]
 
 
 def open_run(run: Path, info, start: int, name: str, config=None):

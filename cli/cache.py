@@ -110,4 +110,4 @@ def cache_verify_cmd(
     status = "[green]ok[/]" if report.ok else f"[red]{len(report.problems)} problem(s)[/]"
     console.print(f"{path}: {report.shards_ok} shard(s) ok, {report.checked_rows:,} rows checked: {status}")
     if not report.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(2)  # as every other refusal

@@ -34,6 +34,8 @@ BeamsOpt = typer.Option(None, "--num-beams", help=generation_default("num_beams"
 MaxOpt = typer.Option(None, "--max-new-tokens", help=generation_default("max_new_tokens"))
 MinOpt = typer.Option(None, "--min-new-tokens", help=generation_default("min_new_tokens"))
 PenaltyOpt = typer.Option(None, "--length-penalty", help=generation_default("length_penalty"))
+SkipMissingOpt = typer.Option(None, "--skip-missing", help="Score the images the feature cache holds and print how "
+                              "many had no features, instead of refusing the data file.")
 
 
 def _run(task: str, config: Optional[Path], **options) -> None:
@@ -62,13 +64,14 @@ def caption_cmd(
     tokenizer: Optional[str] = TokenizerOpt,
     meteor: Optional[str] = MeteorOpt,
     spice: Optional[str] = SpiceOpt,
+    skip_missing: Optional[bool] = SkipMissingOpt,
     config: Optional[Path] = ConfigOpt,
 ):
     """COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) of a stage-2 adaptor's captions."""
     _run("caption", config, adapter=adapter, features=features, data=data, out=out, limit=limit,
          batch_size=batch_size, device=device, llm=llm, settings=settings, prompt=prompt, num_beams=num_beams,
          max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, length_penalty=length_penalty,
-         tokenizer=tokenizer, meteor=meteor, spice=spice)
+         tokenizer=tokenizer, meteor=meteor, spice=spice, skip_missing=skip_missing)
 
 
 @eval_app.command("vqa")
@@ -90,6 +93,7 @@ def vqa_cmd(
     length_penalty: Optional[float] = PenaltyOpt,
     vqa_normalise: Optional[str] = typer.Option(None, "--vqa-normalise", help=f"Ground-truth answers: official (the official script: punctuation step only, when the humans disagree; numbers as in papers) | both (normalised as the prediction). {_default('vqa_normalise')}"),
     captions: Optional[Path] = typer.Option(None, "--captions", help="Caption JSON (LAVIS / COCO) of the questions' images, for the text ceiling: the same LLM, prompt and decoding given each image's first caption as text instead of the adaptor's prompts. " + default_is("captions_<split>.json beside the questions file, e.g. vqa_test_questions.json -> captions_test.json; none there: the ceiling is reported unavailable")),
+    skip_missing: Optional[bool] = SkipMissingOpt,
     config: Optional[Path] = ConfigOpt,
 ):
     """Zero-shot VQA accuracy (VQAv2 / OK-VQA, per answer type) or GQA exact match of a stage-2 adaptor,
@@ -97,7 +101,7 @@ def vqa_cmd(
     _run("vqa", config, adapter=adapter, features=features, data=data, annotations=annotations, out=out,
          limit=limit, batch_size=batch_size, device=device, llm=llm, prompt=prompt, num_beams=num_beams,
          max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, length_penalty=length_penalty,
-         vqa_normalise=vqa_normalise, captions=captions)
+         vqa_normalise=vqa_normalise, captions=captions, skip_missing=skip_missing)
 
 
 @eval_app.command("retrieval")
@@ -111,11 +115,12 @@ def retrieval_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Images (texts) per ITC forward. {_default('batch_size')}"),
     device: Optional[str] = DeviceOpt,
     k: Optional[int] = typer.Option(None, "--k", help=f"Candidates per query re-scored with ITM. {_default('k')}"),
+    skip_missing: Optional[bool] = SkipMissingOpt,
     config: Optional[Path] = ConfigOpt,
 ):
     """Image<->text R@1/5/10: ITC for all pairs, ITM + ITC on each query's top k (BLIP-2); any stage."""
     _run("retrieval", config, adapter=adapter, features=features, data=data, out=out, limit=limit,
-         batch_size=batch_size, device=device, k=k)
+         batch_size=batch_size, device=device, k=k, skip_missing=skip_missing)
 
 
 @user_errors

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from blitext.atomic import check_out
 from blitext.adapter.common import StepLosses, alignment, caption_record, prompt_cache, require_align_loss
 from blitext.cache import FeatureCache
 from blitext.config import default_cache_root, provenance, to_jsonable
@@ -141,6 +142,7 @@ def total_steps(config: AdapterConfig, n_pairs: int) -> int:
 
 def train_adapter(config: AdapterConfig) -> Path:
     """Train (or resume) one adaptor stage; returns `<run>/final`."""
+    check_out(config.out)
     return run_distributed(config.device, lambda device, info: _train(config, device, info))
 
 

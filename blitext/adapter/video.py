@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from blitext.atomic import check_out
 from blitext.adapter.common import StepLosses, caption_record, prompt_cache
 from blitext.cache import FeatureCache
 from blitext.config import default_cache_root, provenance, to_jsonable
@@ -122,6 +123,7 @@ def default_run_dir(config: VideoAdapterConfig) -> Path:
 
 def train_video_adapter(config: VideoAdapterConfig) -> Path:
     """Train (or resume) the video adaptor through every phase; returns `<run>/final`."""
+    check_out(config.out)
     return run_distributed(config.device, lambda device, info: _train(config, device, info))
 
 

@@ -4,8 +4,9 @@ HDF5 files are opened lazily in the process that reads them (a handle opened bef
 DataLoader fork is not safe to share), so a FeatureCache can be handed to workers as is.
 
 Rows are checked on read: a shard whose size differs from the manifest's, whose HDF5
-metadata is damaged, or a row whose Fletcher-32 checksum fails is one BlitextError line
-naming the shard (and row), never a traceback or silently wrong numbers.
+metadata is damaged, a row whose chunk the shard's chunk index lost or moved (HDF5 would read
+it as zeros), or a row whose Fletcher-32 checksum fails is one BlitextError line naming the
+shard (and row), never a traceback or silently wrong numbers.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from blitext.cache.manifest import FEATURE_KINDS, load_manifest, require_kind, r
 from blitext.errors import BlitextError
 
 # What h5py raises for a damaged file: HDF5's errors map onto these (a broken B-tree is a
-# RuntimeError from chunk_iter, an unreadable object header a KeyError, a bad datatype a ValueError).
-H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+# RuntimeError from chunk_iter, an unreadable object header a KeyError, a bad datatype a ValueError,
+# an address past 2**63 an OverflowError).
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, OverflowError)
 
 _open_caches: "weakref.WeakSet[FeatureCache]" = weakref.WeakSet()
 
@@ -98,7 +100,9 @@ class FeatureCache:
             reader = self._open(shard)
             if len(reader.mapped) != len(self._mapped[shard]):
                 reader.close()
-                raise self._damaged(shard, f"holds {len(reader.mapped)} rows, the manifest says {len(self._mapped[shard])}")
+                # its size matched the manifest's: the bytes are there, the HDF5 metadata naming them is not
+                raise self._damaged(shard, f"has damaged metadata: it holds {len(reader.mapped)} rows, "
+                                           f"the manifest says {len(self._mapped[shard])}")
             self._files[shard], self._mapped[shard], self._views[shard] = reader, reader.mapped, reader.view
         return reader
 
@@ -134,6 +138,8 @@ class FeatureCache:
             return self._views[shard](start).copy()
         try:
             return self._shard(shard).read(row)
+        except DamagedRow as e:
+            raise self._damaged(shard, f"row {row} (key {key!r}) is damaged: {e}") from None
         except H5_ERRORS as e:
             raise self._damaged(shard, f"row {row} (key {key!r}) fails its check ({_first_line(e)})") from None
 
@@ -169,6 +175,10 @@ class _Shard:
     after one pass over HDF5's chunk index a row is a plain slice of a memory map: h5py's
     per-read selection costs far more than copying a 100 KB row (bench/cache_read.py).
 
+    That pass also checks the index against the layout written: a row whose chunk is absent,
+    or whose chunk address lies outside the file, is damaged (HDF5 would read an absent chunk
+    as the fill value, zeros, with no checksum to fail) and is refused when read.
+
     A row's first read in this process goes through HDF5, which checks its Fletcher-32
     checksum; later reads of it come from the memory map of the same, now checked, bytes.
     Computing a checksum costs as much as the copy itself, so checking every read would halve
@@ -180,10 +190,14 @@ class _Shard:
         if self.data is not None and not isinstance(self.data, h5py.Dataset):
             raise ValueError("'data' is not a dataset")
         self.offsets = self.file["offsets"][:] if variable_length else None  # (N + 1,) row starts
-        starts = _chunk_starts(self.data) if self.data is not None and not variable_length else None
-        self.map = _map_file(path) if starts is not None else None
-        self.starts = None if starts is None else starts.tolist()  # Python ints: the cheapest to index
         rows = 0 if self.data is None else len(self.offsets) - 1 if variable_length else self.data.shape[0]
+        self.zero_fill = self.data is not None and not np.asarray(self.data.fillvalue).any()
+        layout = chunk_layout(self.data, path.stat().st_size) if self.data is not None else None
+        # row -> why it cannot be used (its chunk is missing from the index, or lies outside the file)
+        self.damaged: dict[int, str] = layout.damaged_rows(self.offsets) if layout is not None else {}
+        starts = layout.row_starts() if layout is not None and not variable_length else None
+        self.map = _map_file(path) if starts is not None else None
+        self.starts = starts  # Python ints: the cheapest to index
         # byte offset of each row read from the map; -1: read through HDF5 (to be checked, or not mapped)
         self.mapped = list(self.starts) if self.starts is not None and not self.data.fletcher32 else [-1] * rows
         # the row at byte offset `start` of the map: np.ndarray(shape, dtype, map, start)
@@ -193,17 +207,40 @@ class _Shard:
     def read(self, r: int) -> np.ndarray:
         """A row through HDF5, which checks its checksum (where it has one); a mapped row is
         read from the map from then on."""
-        if self.offsets is not None:
-            return self.data[self.offsets[r]:self.offsets[r + 1]]
-        row = self.data[r]
+        if r in self.damaged:
+            raise DamagedRow(self.damaged[r])
+        first, stop = (int(self.offsets[r]), int(self.offsets[r + 1])) if self.offsets is not None else (r, r + 1)
+        row = self.data[first:stop] if self.offsets is not None else self.data[r]
+        if not self._written(row) and self._chunk_absent(first, stop):
+            raise DamagedRow("reads as the fill value: its chunk is missing from the shard's chunk index")
         if self.starts is not None:
             self.mapped[r] = self.starts[r]
         return row
+
+    def _written(self, row: np.ndarray) -> bool:
+        """Whether a row holds anything but the fill value (zeros): only a row read as all
+        zeros costs a look at the chunk index (a row written as zeros has its chunk, and reads).
+        Its bytes are tested, as 8-byte words: comparing float16 values costs 10x more."""
+        if row.size == 0 or not self.zero_fill:  # a fill value blitext does not write: untested
+            return True
+        flat = row.reshape(-1).view(np.uint8)
+        return bool((flat.view(np.uint64) if flat.size % 8 == 0 else flat).any())
+
+    def _chunk_absent(self, first: int, stop: int) -> bool:
+        per = self.data.chunks[0]
+        for start in range(first - first % per, stop, per):
+            if self.data.id.get_chunk_info_by_coord((start, *[0] * (self.data.ndim - 1))).byte_offset is None:
+                return True
+        return False
 
     def close(self) -> None:
         if self.map is not None:
             self.map.close()
         self.file.close()
+
+
+class DamagedRow(ValueError):
+    """A row the shard's chunk index does not hold where the layout written puts it."""
 
 
 def _first_line(e: BaseException) -> str:
@@ -216,22 +253,66 @@ def _map_file(path: Path) -> mmap.mmap:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
-def _chunk_starts(data: h5py.Dataset) -> np.ndarray | None:
-    """Byte offset of each row's chunk, or None when rows are not stored raw one per chunk."""
-    if data.chunks is None or data.chunks[0] != 1 or data.chunks[1:] != data.shape[1:]:
-        return None
-    if data.compression or data.shuffle or data.scaleoffset is not None:  # Fletcher-32 keeps the bytes as they are
-        return None
-    starts = np.full(data.shape[0], -1, dtype=np.int64)
-    size = data.dtype.itemsize * int(np.prod(data.chunks)) + 4 * data.fletcher32  # the checksum follows the row
+class ChunkLayout:
+    """Where the shard's chunk index puts each chunk of `data` along its rows (blitext writes
+    chunks that span whole rows: one row each, or 32 tokens of variable-length rows)."""
 
-    def record(info) -> None:
-        row = info.chunk_offset[0]
-        if info.filter_mask == 0 and info.size == size and 0 <= row < len(starts):
-            starts[row] = info.byte_offset
+    def __init__(self, data: h5py.Dataset, file_size: int):
+        self.per = data.chunks[0]  # rows (tokens) per chunk
+        self.count = -(-data.shape[0] // self.per)
+        self.address: list[int] = [-1] * self.count  # byte offset of chunk i; -1: none usable
+        self.why: dict[int, str] = {}  # chunk -> what is wrong with it
+        self.raw = _raw_rows(data)  # one uncompressed row per chunk: a row is a slice of the file
+        self.raw_size = data.dtype.itemsize * int(np.prod(data.chunks)) + 4 * data.fletcher32
+        self.sizes_raw = True
+        data.id.chunk_iter(lambda info: self._record(info, file_size))
+        for i in range(self.count):
+            if self.address[i] < 0:
+                self.why.setdefault(i, "its chunk is missing from the shard's chunk index")
 
-    data.id.chunk_iter(record)
-    return starts if (starts >= 0).all() else None
+    def _record(self, info, file_size: int) -> None:
+        index, rest = divmod(info.chunk_offset[0], self.per)
+        if rest or any(info.chunk_offset[1:]) or not 0 <= index < self.count:
+            return  # a chunk recorded where no row is: the row it belongs to shows up as missing
+        # compared as Python ints: a damaged address can exceed int64 (and overflow numpy)
+        if info.byte_offset is None or not 0 < info.byte_offset <= file_size - info.size:
+            self.why[index] = f"its chunk address {info.byte_offset} lies outside the file ({file_size:,} bytes)"
+        elif self.address[index] >= 0:
+            self.why[index] = "the shard's chunk index holds its chunk twice"
+        else:
+            self.address[index] = info.byte_offset
+            self.sizes_raw &= info.filter_mask == 0 and info.size == self.raw_size
+
+    def damaged_rows(self, offsets: np.ndarray | None) -> dict[int, str]:
+        """Rows touching a damaged chunk; `offsets`: variable-length rows' token starts (N + 1,)."""
+        if not self.why:
+            return {}
+        if offsets is None:
+            return {c * self.per + r: why for c, why in self.why.items() for r in range(self.per)}
+        rows = {}
+        for c, why in self.why.items():
+            first = int(np.searchsorted(offsets, c * self.per, side="right")) - 1
+            last = int(np.searchsorted(offsets, (c + 1) * self.per, side="left"))
+            rows.update({r: why for r in range(max(0, first), min(last, len(offsets) - 1))})
+        return rows
+
+    def row_starts(self) -> list[int] | None:
+        """Each row's byte offset in the file when rows are raw one per chunk (-1 for a damaged
+        row), else None (read through HDF5)."""
+        return list(self.address) if self.raw and self.sizes_raw else None
+
+
+def chunk_layout(data: h5py.Dataset, file_size: int) -> ChunkLayout | None:
+    """None for a layout blitext does not write (not chunked, or chunks split a row)."""
+    if data.chunks is None or data.chunks[1:] != data.shape[1:]:
+        return None
+    return ChunkLayout(data, file_size)
+
+
+def _raw_rows(data: h5py.Dataset) -> bool:
+    if data.chunks[0] != 1:
+        return False
+    return not (data.compression or data.shuffle or data.scaleoffset is not None)  # Fletcher-32 keeps the bytes
 
 
 def collate_rows(rows: Sequence[np.ndarray], variable_length: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

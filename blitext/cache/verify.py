@@ -14,7 +14,7 @@ import numpy as np
 
 from blitext.atomic import sha256_file
 from blitext.cache.manifest import load_manifest
-from blitext.cache.reader import H5_ERRORS
+from blitext.cache.reader import H5_ERRORS, chunk_layout
 
 SCAN_ROWS = 256  # rows read at a time when scanning for NaN/inf
 
@@ -95,13 +95,13 @@ def _verify_shard(root: Path, shard: dict, m: dict, checksums: bool, report: Ver
         return [f"{name}: missing"]
     if path.stat().st_size != shard["bytes"]:
         return [f"{name}: {path.stat().st_size} bytes, manifest says {shard['bytes']}"]
-    if checksums and sha256_file(path) != shard["sha256"]:
-        return [f"{name}: checksum mismatch (file changed or corrupt)"]
-    try:
+    mismatch = [f"{name}: checksum mismatch (file changed or corrupt)"] if checksums and \
+        sha256_file(path) != shard["sha256"] else []
+    try:  # on with a mismatch too: the rows below name what is damaged
         with h5py.File(path, "r") as f:
-            return _verify_contents(f, shard, m, report)
+            return mismatch + _verify_contents(f, shard, m, report)
     except H5_ERRORS as e:  # damaged HDF5 metadata raises any of these, not only OSError
-        return [f"{name}: does not open as HDF5 ({type(e).__name__}: {e})"]
+        return mismatch + [f"{name}: does not open as HDF5 ({type(e).__name__}: {e})"]
 
 
 def _verify_contents(f: h5py.File, shard: dict, m: dict, report: VerifyReport) -> list[str]:
@@ -121,6 +121,10 @@ def _verify_contents(f: h5py.File, shard: dict, m: dict, report: VerifyReport) -
     rows = len(f["offsets"]) - 1 if m["variable_length"] else data.shape[0]
     if rows != shard["rows"]:
         return [f"{name}: {rows} rows, manifest says {shard['rows']}"]
+    missing = _chunk_problems(data, f, m)
+    if missing:  # HDF5 would read those rows as zeros, with no checksum to fail
+        return [f"{name}: {len(missing)} row(s) are damaged (first: row {min(missing)}, {missing[min(missing)]}); "
+                f"delete it and its .json sidecar and run the command that made the cache again to rebuild it"]
     non_finite, damaged = _scan(data)
     problems = [f"{name}: {non_finite} block(s) hold NaN or inf values"] if non_finite else []
     if damaged:
@@ -128,6 +132,14 @@ def _verify_contents(f: h5py.File, shard: dict, m: dict, report: VerifyReport) -
                         f"(first: row {damaged[0]}): the file is damaged; delete it and its .json sidecar and "
                         f"run the command that made the cache again to rebuild it")
     return problems
+
+
+def _chunk_problems(data: h5py.Dataset, f: h5py.File, m: dict) -> dict[int, str]:
+    """Rows whose chunk the shard's chunk index lost or places outside the file."""
+    layout = chunk_layout(data, Path(f.filename).stat().st_size)
+    if layout is None:
+        return {}
+    return layout.damaged_rows(f["offsets"][:] if m["variable_length"] else None)
 
 
 def _scan(data: h5py.Dataset) -> tuple[int, list[int]]:

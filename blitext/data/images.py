@@ -3,8 +3,9 @@
 Every way an image can be unusable (missing, empty, not an image, truncated, a decompression
 bomb) becomes a `BadInputError` naming the file, so a run records it and moves on. Odd but
 valid images (greyscale, transparency, CMYK, 16-bit, float, animated) are converted to RGB
-the way a person would see them: transparency over white, 16-bit scaled rather than clipped,
-the first frame of an animation.
+the way a person would see them: turned upright by their EXIF orientation (phone photos are
+mostly stored sideways), transparency over white, 16-bit scaled rather than clipped, the first
+frame of an animation.
 
 Nothing here mutates PIL's process-wide settings (MAX_IMAGE_PIXELS, LOAD_TRUNCATED_IMAGES):
 DataLoader workers and other callers in the same process must not see them change.
@@ -18,11 +19,15 @@ import threading
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from blitext.errors import BadInputError
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default limit (about 9459 x 9459)
+# What every image-feature cache records of decoding (VisionEncoder.producer): caches made before
+# orientation was applied lack it, so their rows (of sideways photos) are told apart.
+DECODING = "exif orientation applied (PIL ImageOps.exif_transpose)"
+ORIENTATION = 0x0112  # the EXIF tag; 1 (or none): stored upright
 
 # (pid, tar path) -> (open TarFile, member name -> TarInfo, lock). The pid is in the key
 # because DataLoader workers fork: a handle inherited from the parent shares its file
@@ -144,6 +149,8 @@ def _open_header(data: bytes, name: str) -> Image.Image:
 
 def to_rgb(image: Image.Image, name: str) -> Image.Image:
     """Convert any PIL mode to RGB as it would be displayed; always returns a new image."""
+    if image.getexif().get(ORIENTATION, 1) != 1:  # the check alone: most images need no copy
+        image = ImageOps.exif_transpose(image)
     mode = image.mode
     if mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode == "P" and "transparency" in image.info):
         return _over_white(image.convert("RGBA"))

@@ -13,6 +13,7 @@ data, and data must not make blitext read /etc/passwd or a sibling project's fil
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import json
@@ -23,6 +24,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from blitext.atomic import write_json
+from blitext.console import say
 from blitext.data.records import ImageRecord, ImageSet
 from blitext.data.video import VIDEO_EXTENSIONS, is_vatex, read_vatex
 from blitext.data.webdataset import TAR_IMAGE_EXTENSIONS, tar_samples
@@ -112,6 +114,30 @@ class _RefChecker:
             raise BlitextError(f"{where}: image path {ref!r} is a symlink out of the dataset root {self.root} "
                                f"(to {real}); pass image_root= a folder holding the real files, or copy them in")
         return pure.as_posix() + ref[len(file_part):]
+
+
+class _BadRows:
+    """Every bad row of one file in one pass: each row's one-line error is kept and the reading
+    goes on; `done()` then stops the run, listing them all (one bad row: its own line)."""
+
+    def __init__(self, path: Path):
+        self.path, self.errors = path, []
+
+    @contextlib.contextmanager
+    def row(self):
+        try:
+            yield
+        except BlitextError as e:
+            self.errors.append(str(e))
+
+    def done(self) -> None:
+        if len(self.errors) == 1:
+            raise BlitextError(self.errors[0])
+        if self.errors:
+            for error in self.errors:
+                say(f"[red]bad row[/] {error}")
+            raise BlitextError(f"{self.path}: {len(self.errors)} rows cannot be used (each listed above; first: "
+                               f"{self.errors[0]}); fix them and run again")
 
 
 def _tar_part(ref: str) -> str | None:
@@ -224,42 +250,52 @@ def _read_caption_json(path: Path, root: Path) -> tuple[list[ImageRecord], int]:
 
 
 def _read_lavis_list(path: Path, data: list, root: Path) -> tuple[list[ImageRecord], int]:
-    check, groups = _RefChecker(root), _Grouper()
+    check, groups, bad = _RefChecker(root), _Grouper(), _BadRows(path)
     for row, entry in enumerate(data):
-        where = f"{path} entry {row}"
-        if not isinstance(entry, dict) or "image" not in entry:
-            raise BlitextError(f"{where}: expected an object with an \"image\" key, got {_short(entry)}")
-        image = check(entry["image"], where)
-        image_id = str(entry["image_id"]) if entry.get("image_id") is not None else _id_from_path(image)
-        meta = {k: v for k, v in entry.items() if k not in _LAVIS_KEYS}
-        groups.add(image_id, image, _captions(entry.get("caption"), where), meta, where)
+        with bad.row():
+            _add_lavis_entry(groups, check, entry, f"{path} entry {row}")
+    bad.done()
     return groups.result()
 
 
+def _add_lavis_entry(groups: _Grouper, check: _RefChecker, entry: Any, where: str) -> None:
+    if not isinstance(entry, dict) or "image" not in entry:
+        raise BlitextError(f"{where}: expected an object with an \"image\" key, got {_short(entry)}")
+    image = check(entry["image"], where)
+    image_id = str(entry["image_id"]) if entry.get("image_id") is not None else _id_from_path(image)
+    meta = {k: v for k, v in entry.items() if k not in _LAVIS_KEYS}
+    groups.add(image_id, image, _captions(entry.get("caption"), where), meta, where)
+
+
 def _read_coco(path: Path, data: dict, root: Path) -> tuple[list[ImageRecord], int]:
-    check, groups = _RefChecker(root), _Grouper()
+    check, groups, bad = _RefChecker(root), _Grouper(), _BadRows(path)
     for row, image in enumerate(data["images"]):
-        where = f"{path} images[{row}]"
-        if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
-            raise BlitextError(f"{where}: expected {{\"id\", \"file_name\"}}, got {_short(image)}")
-        groups.add(str(image["id"]), check(image["file_name"], where), [], {}, where)
+        with bad.row():
+            where = f"{path} images[{row}]"
+            if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+                raise BlitextError(f"{where}: expected {{\"id\", \"file_name\"}}, got {_short(image)}")
+            groups.add(str(image["id"]), check(image["file_name"], where), [], {}, where)
     for row, ann in enumerate(data.get("annotations") or []):
-        where = f"{path} annotations[{row}]"
-        if not isinstance(ann, dict) or "image_id" not in ann:
-            raise BlitextError(f"{where}: expected {{\"image_id\", \"caption\"}}, got {_short(ann)}")
-        groups.add_captions(str(ann["image_id"]), _captions(ann.get("caption"), where), where)
+        with bad.row():
+            where = f"{path} annotations[{row}]"
+            if not isinstance(ann, dict) or "image_id" not in ann:
+                raise BlitextError(f"{where}: expected {{\"image_id\", \"caption\"}}, got {_short(ann)}")
+            groups.add_captions(str(ann["image_id"]), _captions(ann.get("caption"), where), where)
+    bad.done()
     return groups.result()
 
 
 def _read_jsonl(path: Path, root: Path) -> tuple[list[ImageRecord], int]:
-    check, groups = _RefChecker(root), _Grouper()
+    check, groups, bad = _RefChecker(root), _Grouper(), _BadRows(path)
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
-                    _add_row(groups, check, _parse_jsonl_line(line, f"{path} line {lineno}"), f"{path} line {lineno}")
+                    with bad.row():
+                        _add_row(groups, check, _parse_jsonl_line(line, f"{path} line {lineno}"), f"{path} line {lineno}")
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
+    bad.done()
     return groups.result()
 
 
@@ -274,7 +310,7 @@ def _parse_jsonl_line(line: str, where: str) -> dict:
 
 
 def _read_csv(path: Path, root: Path) -> tuple[list[ImageRecord], int]:
-    check, groups = _RefChecker(root), _Grouper()
+    check, groups, bad = _RefChecker(root), _Grouper(), _BadRows(path)
     try:
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
@@ -283,15 +319,17 @@ def _read_csv(path: Path, root: Path) -> tuple[list[ImageRecord], int]:
                 raise BlitextError(f"{path} line 1: the header must name the columns image,caption "
                                    f"(and optionally id); found {header}")
             for row in reader:
-                where = f"{path} line {reader.line_num}"
-                if None in row or any(v is None for v in row.values()):
-                    raise BlitextError(f"{where}: has a different number of fields than the header {header}; "
-                                       f"quote captions that contain commas")
-                _add_row(groups, check, row, where)
+                with bad.row():
+                    where = f"{path} line {reader.line_num}"
+                    if None in row or any(v is None for v in row.values()):
+                        raise BlitextError(f"{where}: has a different number of fields than the header {header}; "
+                                           f"quote captions that contain commas")
+                    _add_row(groups, check, row, where)
     except csv.Error as e:
         raise BlitextError(f"{path}: malformed CSV ({e}); fix the file") from None
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
+    bad.done()
     return groups.result()
 
 

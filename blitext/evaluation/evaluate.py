@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from blitext.models.adapter_checkpoint import LoadedAdapter, load_adapter, load_llm_for_generation
-from blitext.atomic import write_json
+from blitext.atomic import check_out, write_json, writing
 from blitext.evaluation.compare import CEILING, beside_scores, print_metrics
 from blitext.cache import FeatureCache
 from blitext.config import provenance, to_jsonable
@@ -76,6 +76,7 @@ class EvalConfig:
     vqa_normalise: str = ScoreConfig.vqa_normalise  # vqa: official (the script's ground truth) | both (both sides)
     captions: str | None = None        # vqa: the images' captions (text ceiling); default captions_<split>.json beside data
     k: int = 128                       # retrieval: candidates per query re-scored with ITM (BLIP-2: 128)
+    skip_missing: bool = False         # score only the images the cache holds (the rest counted), not refuse
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Evaluation:
     cache: FeatureCache
     out: Path
     device: str
+    skipped: int = 0   # images of the data with no features, left out by --skip-missing
 
 
 # ---------------------------------------------------------------- the three tasks
@@ -96,12 +98,12 @@ def eval_caption(config: EvalConfig) -> dict:
     ev = _open(config, "caption")
     llm = load_llm_for_generation(ev.adapter, ev.config.llm, ev.device)
     refs = caption_references(config.data, config.limit)
-    ids = list(refs)
-    _require_features(ev, ids)
+    ids = _with_features(ev, list(refs))
+    refs = {i: refs[i] for i in ids}
     settings = _settings(config, "caption", ev.adapter)
     hyps = _generate(ev, llm, settings, ids, [settings.prompt] * len(ids), "image")
     metrics, extra = caption_metrics(refs, dict(zip(ids, hyps)), config.tokenizer, config.meteor, config.spice)
-    write_json(ev.out / "predictions.json", [{"image_id": coco_id(i), "caption": h} for i, h in zip(ids, hyps)])
+    _write(ev, "predictions.json", [{"image_id": coco_id(i), "caption": h} for i, h in zip(ids, hyps)])
     return _finish(ev, metrics, {"images": len(ids)}, settings, **extra)
 
 
@@ -111,14 +113,15 @@ def eval_vqa(config: EvalConfig) -> dict:
     ev = _open(config, "vqa")
     llm = load_llm_for_generation(ev.adapter, ev.config.llm, ev.device)
     records = vqa_records(config.data, config.annotations, config.limit)
-    _require_features(ev, [r.image_id for r in records])
+    kept = set(_with_features(ev, [r.image_id for r in records]))
+    records = [r for r in records if r.image_id in kept]
     settings = _settings(config, "vqa", ev.adapter)
     if "{}" not in settings.prompt:
         raise BlitextError(f"--prompt {settings.prompt!r} has no {{}} for the question: e.g. 'Question: {{}} Answer:'")
     captions = question_captions(config, records)  # before generating: a wrong --captions fails at once
     texts = [settings.prompt.format(r.question) for r in records]
     answers = _generate(ev, llm, settings, [r.image_id for r in records], texts, "question")
-    _write_answers(ev.out / "predictions.json", records, answers)
+    _write_answers(ev, "predictions.json", records, answers)
     metrics = vqa_metrics(records, answers, normalise)
     return _finish(ev, metrics, {"questions": len(records)}, settings, answer_normalisation=normalise,
                    **_ceiling_and_base_rate(ev, llm, settings, records, texts, captions))
@@ -132,8 +135,9 @@ def eval_retrieval(config: EvalConfig) -> dict:
                            f"which it has not; evaluate it with eval caption")
     records = [r for r in read_image_set(config.data).records if any(c.strip() for c in r.captions)]
     records = records[:config.limit] if config.limit else records
+    kept = set(_with_features(ev, [r.id for r in records]))
+    records = [r for r in records if r.id in kept]
     image_ids = [r.id for r in records]
-    _require_features(ev, image_ids)
     text_ids, texts, text_to_image = [], [], []
     for i, r in enumerate(records):
         for n, caption in enumerate(r.captions):
@@ -146,7 +150,7 @@ def eval_retrieval(config: EvalConfig) -> dict:
     metrics = retrieval_recall(i2t, text_to_image, sim_t2i=t2i.T)
     top_t = i2t.topk(min(10, len(texts)), dim=1).indices
     top_i = t2i.topk(min(10, len(image_ids)), dim=1).indices
-    write_json(ev.out / "predictions.json", {
+    _write(ev, "predictions.json", {
         "image_to_text": [{"image_id": i, "top10": [text_ids[j] for j in row]}
                           for i, row in zip(image_ids, top_t.tolist())],
         "text_to_image": [{"text_id": t, "text": x, "top10": [image_ids[j] for j in row]}
@@ -161,6 +165,7 @@ def _open(config: EvalConfig, task: str) -> Evaluation:
         if not getattr(config, name):
             raise BlitextError(f"eval {task} needs --{name}")
     require_settings(config.settings)  # before any model loads
+    check_out(config.out)
     device = pick_device(config.device)
     adapter = load_adapter(config.adapter, device)
     encoder = adapter.features_producer.get("encoder")
@@ -179,14 +184,22 @@ def default_eval_dir(adapter: LoadedAdapter, task: str, data: str) -> Path:
     return (folder.parent if folder.name == "final" else folder) / "eval" / name
 
 
-def _require_features(ev: Evaluation, image_ids: list[str]) -> None:
+def _with_features(ev: Evaluation, image_ids: list[str]) -> list[str]:
+    """The image ids to score: all of them, or with --skip-missing those the cache holds (the
+    others counted in ev.skipped and metrics.json)."""
     if not image_ids:
         raise BlitextError(f"{ev.config.data} holds no image with a caption (or no question) to evaluate")
     missing = sorted({i for i in image_ids if i not in ev.cache})
+    total = len(set(image_ids))
+    where = f"{len(missing)} of {total} images of {ev.config.data} have no features in {ev.cache.root} " \
+            f"(first: {missing[0]!r})" if missing else ""
+    if missing and (not ev.config.skip_missing or len(missing) == total):
+        raise BlitextError(f"{where}: extract-features on this data (failed images are listed in its manifest), "
+                           f"pass the cache made from it, or pass --skip-missing to score the others")
     if missing:
-        raise BlitextError(f"{len(missing)} of {len(set(image_ids))} images of {ev.config.data} have no features in "
-                           f"{ev.cache.root} (first: {missing[0]!r}): extract-features on this data (failed images "
-                           f"are listed in its manifest), or pass the cache made from it")
+        say(f"[yellow]skipped[/] {where}: scoring the other {total - len(missing)} (--skip-missing)")
+    ev.skipped = len(missing)
+    return [i for i in image_ids if i in ev.cache]
 
 
 def _settings(config: EvalConfig, task: str, adapter: LoadedAdapter) -> GenerationSettings:
@@ -212,8 +225,14 @@ def _generate(ev: Evaluation, llm, settings: GenerationSettings, image_ids: list
     return outputs
 
 
-def _write_answers(path: Path, records, answers: list[str]) -> None:
-    write_json(path, [{"question_id": coco_id(r.question_id), "answer": a} for r, a in zip(records, answers)])
+def _write_answers(ev: Evaluation, name: str, records, answers: list[str]) -> None:
+    _write(ev, name, [{"question_id": coco_id(r.question_id), "answer": a} for r, a in zip(records, answers)])
+
+
+def _write(ev: Evaluation, name: str, obj) -> None:
+    """A result file, whole or not at all; a full disk or unwritable --out is one line."""
+    with writing(ev.out, then="run the same eval again (with another --out, or after freeing space)"):
+        write_json(ev.out / name, obj)
 
 
 # ---------------------------------------------------------------- VQA's text ceiling
@@ -270,7 +289,7 @@ def _text_ceiling(ev: Evaluation, llm, settings: GenerationSettings, records, te
             answers += generate_from_text(llm, contexts[start:start + bs], texts[start:start + bs], settings,
                                           ev.adapter.end_of_text)
             advance(len(contexts[start:start + bs]))
-    _write_answers(ev.out / "ceiling_predictions.json", records, answers)
+    _write_answers(ev, "ceiling_predictions.json", records, answers)
     return {"metrics": vqa_metrics(records, answers, ev.config.vqa_normalise), "questions": len(records),
             "captions": source, "separator": CEILING_SEPARATOR,
             "format": "{caption}" + CEILING_SEPARATOR + settings.prompt}
@@ -292,11 +311,12 @@ def ceiling_verdict(ceiling: dict, base: dict) -> dict | None:
 
 def _finish(ev: Evaluation, metrics: dict, counts: dict, settings: GenerationSettings | None, **extra) -> dict:
     """Write metrics.json, print the table, return what was written."""
+    counts = {**counts, "skipped_no_features": ev.skipped} if ev.skipped else counts
     record = {"task": ev.task, "eval": f"{ev.task}-{Path(ev.config.data).stem}", "metrics": metrics, **extra,
               "counts": counts, "settings": to_jsonable(settings) if settings else None,
               "adapter": str(ev.adapter.path), "adapter_fingerprint": ev.adapter.fingerprint,
               "features": str(ev.cache.root), "data": ev.config.data, "provenance": provenance(ev.config)}
-    write_json(ev.out / "metrics.json", record)
+    _write(ev, "metrics.json", record)
     sizes = ", ".join(f"{k} {v}" for k, v in counts.items())
     print_metrics(f"eval {ev.task}: {Path(ev.config.data).name} ({sizes})", metrics, beside_scores(record))
     for name, why in extra.get("unavailable", {}).items():

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from blitext.atomic import sha256_file, write_json
+from blitext.atomic import check_out, sha256_file, write_json
 from blitext.config import provenance
 from blitext.console import say
 from blitext.data.readers import _load_json, _short, read_image_set
@@ -76,6 +76,7 @@ def _require(config: ScoreConfig, task: str) -> None:
     for name in ("predictions", "data"):
         if not getattr(config, name):
             raise BlitextError(f"score {task} needs --{name}")
+    check_out(config.out)
 
 
 def _finish(config: ScoreConfig, task: str, metrics: dict, counts: dict, **extra) -> dict:

@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from blitext.atomic import fsync_tree, replace_folder, writing
+from blitext.atomic import check_out, fsync_tree, replace_folder, writing
 from blitext.errors import BlitextError
 
 FORMATS = ("hf",)
@@ -35,6 +35,7 @@ def export_run(config: ExportConfig) -> tuple[Path, str]:
     if config.format not in FORMATS:
         raise BlitextError(f"--format {config.format!r}: use hf (transformers' BLIP-2 classes, or the adaptor "
                            f"as safetensors + config)")
+    check_out(config.out, "OUT")
     out = Path(config.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BlitextError(f"{out} already exists and is not an empty folder: pass a new OUT folder")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from blitext.atomic import check_out
 from blitext.cache import CachePlan, ShardWriter
 from blitext.cache.jobs import run_sharded_job
 from blitext.cache.verify import cache_info
@@ -133,6 +134,7 @@ def encoder_dtype(precision: str, device: str) -> torch.dtype:
 
 def extract_features(config: ExtractConfig) -> dict:
     """Run (or resume) one extraction; returns the cache summary. Call under torchrun for several ranks."""
+    check_out(config.out)
     return run_distributed(config.device, lambda device, info: _extract(config, device, info))
 
 

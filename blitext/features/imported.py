@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from blitext.atomic import check_out
 from blitext.cache import CachePlan, ShardWriter
 from blitext.cache.jobs import run_sharded_job
 from blitext.cache.verify import cache_info
@@ -105,6 +106,7 @@ def common_width(files: list[Path], folder: Path) -> int:
 
 def import_features(config: ImportConfig) -> dict:
     """Import (or resume importing) a folder of .npy features; returns the cache summary."""
+    check_out(config.out)
     folder = Path(config.folder).expanduser()
     files = npy_files(folder)
     keys = [video_key(folder, f) for f in files]

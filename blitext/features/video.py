@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from blitext.atomic import check_out
 from blitext.cache import CachePlan
 from blitext.config import default_cache_root, provenance
 from blitext.console import say
@@ -100,6 +101,7 @@ def default_out(config: VideoExtractConfig) -> Path:
 
 def extract_video_features(config: VideoExtractConfig) -> dict:
     """Run (or resume) one video extraction; returns the cache summary. Call under torchrun for several ranks."""
+    check_out(config.out)
     return run_distributed(config.device, lambda device, info: _extract(config, device, info))
 
 

@@ -14,7 +14,7 @@ import torch
 from blitext.atomic import read_json
 from blitext.cache import FeatureCache
 from blitext.cache.manifest import same_identity
-from blitext.checkpoint import latest_checkpoint
+from blitext.checkpoint import latest_checkpoint, load_weights
 from blitext.console import say
 from blitext.errors import BlitextError
 from blitext.models.fingerprint import fingerprint
@@ -44,8 +44,6 @@ def adapter_folder(path: str | Path) -> Path:
 def load_init(init: str, model: QFormer, identity: dict, stage: int = 2) -> None:
     """Start from another run's Q-Former and llm_proj (stage 2 from stage 1: same features, same LLM
     width, same queries), or from released BLIP-2 weights (blitext.models.released)."""
-    from safetensors.torch import load_file
-
     from blitext.models.released import load_released, released_weights
 
     released = released_weights(init)
@@ -62,7 +60,7 @@ def load_init(init: str, model: QFormer, identity: dict, stage: int = 2) -> None
             state["prompts_producer"]["pformer"] != identity["prompts_producer"]["pformer"]:
         raise BlitextError(f"--init {folder} was aligned to {state['prompts_producer']['pformer']} but --prompts "
                            f"come from {identity['prompts_producer']['pformer']}: use one P-Former for both stages")
-    weights = load_file(folder / "model.safetensors")
+    weights = load_weights(folder, state)
     own = model.state_dict()
     bad = [k for k, v in weights.items() if k not in own or own[k].shape != v.shape]
     if bad or set(own) - set(weights):
@@ -116,13 +114,12 @@ class LoadedAdapter:
 
 def load_adapter(path: str | Path, device: str = "cpu") -> LoadedAdapter:
     """A train-adapter checkpoint (either stage), in eval mode."""
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     folder = adapter_folder(path)
     state = read_json(folder / "state.json")
     model = (VideoAdapter if "video_adapter" in state else QFormer).from_description(state)
-    missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+    missing, unexpected = model.load_state_dict(load_weights(folder, state), strict=False)
     if missing or unexpected:
         raise BlitextError(f"{folder}/model.safetensors does not fit its own description: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}; the checkpoint is damaged")

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from blitext.data.images import DECODING
 from blitext.errors import BlitextError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -80,7 +81,8 @@ class VisionEncoder(nn.Module):
 
     def producer(self) -> dict:
         """What a feature cache records about its maker; caches are refused when this differs."""
-        return {"encoder": self.name, "fingerprint": self.fingerprint, "preprocessing": self.preprocess.to_dict()}
+        return {"encoder": self.name, "fingerprint": self.fingerprint, "decoding": DECODING,
+                "preprocessing": self.preprocess.to_dict()}
 
     @torch.inference_mode()
     def token_shape(self) -> tuple[int, int]:

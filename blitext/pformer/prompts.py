@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from blitext.atomic import read_json
+from blitext.atomic import check_out, read_json
 from blitext.cache import CachePlan, FeatureCache, ShardWriter
 from blitext.cache.manifest import PROMPT_KINDS
 from blitext.cache.jobs import run_sharded_job
 from blitext.cache.verify import cache_info
-from blitext.checkpoint import latest_checkpoint
+from blitext.checkpoint import latest_checkpoint, load_weights
 from blitext.config import default_cache_root, provenance
 from blitext.console import progress_bar, say
 from blitext.data.text import read_sentences
@@ -66,7 +66,7 @@ def load_pformer(path: str | Path, device: str = "cpu") -> LoadedPFormer:
         raise BlitextError(f"{folder} was trained from {state['text_encoder_fingerprint']} but "
                            f"{state['text_encoder']!r} here is {encoder.fingerprint}: provide the same text encoder")
     model = PFormer(encoder.model, state["d_llm"], state["n_prompt"], state["contrast_dim"])
-    missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+    missing, unexpected = model.load_state_dict(load_weights(folder, state), strict=False)
     if missing or unexpected:
         raise BlitextError(f"{folder}/model.safetensors does not fit a P-Former: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
@@ -112,6 +112,7 @@ def default_prompts_out(config: BuildPromptsConfig, pformer: LoadedPFormer) -> P
 
 def build_prompts(config: BuildPromptsConfig) -> dict:
     """Write (or resume) a prompt cache; returns its summary. Runs under torchrun too."""
+    check_out(config.out)
     return run_distributed(config.device, lambda device, info: _build(config, device, info))
 
 

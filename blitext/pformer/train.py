@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from blitext.atomic import check_out
 from blitext.config import default_cache_root, provenance, to_jsonable
 from blitext.console import say
 from blitext.data.text import TextCorpus, read_sentences
@@ -148,6 +149,7 @@ def default_run_dir(config: PFormerConfig) -> Path:
 
 def train_pformer(config: PFormerConfig) -> Path:
     """Train (or resume) a P-Former; returns the folder of the final weights (`<run>/final`)."""
+    check_out(config.out)
     return run_distributed(config.device, lambda device, info: _train(config, device, info))
 
 
