@@ -111,3 +111,15 @@ def cache_verify_cmd(
     console.print(f"{path}: {report.shards_ok} shard(s) ok, {report.checked_rows:,} rows checked: {status}")
     if not report.ok:
         raise typer.Exit(1)
+
+
+@cache_app.command("upgrade")
+@user_errors
+def cache_upgrade_cmd(path: Path = typer.Argument(..., help="A cache folder (made by any blitext).")):
+    """(Re)build a cache's key index and slim its manifest; readers then open it in O(shards)."""
+    from blitext.cache.keyindex import upgrade
+    from blitext.cache.manifest import load_manifest
+    from blitext.console import say
+
+    manifest = upgrade(path, load_manifest(path))
+    say(f"[green]upgraded[/] {path}: {manifest['index']['rows']:,} keys indexed")
