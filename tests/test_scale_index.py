@@ -107,3 +107,27 @@ def test_cache_upgrade_command_slims_an_old_manifest(tmp_path):
     manifest = load_manifest(tmp_path / "c")
     assert manifest["index"]["rows"] == 5 and all("keys" not in s for s in manifest["shards"])
     assert FeatureCache(tmp_path / "c").keys == list(rows)
+
+
+def _many(root, n=3000):
+    keys = [f"COCO_train2014_{i:012d}" for i in range(n)]
+    build(root, dict(zip(keys, np.arange(n, dtype=np.float16).reshape(n, 1, 1) * np.ones((1, 2, 2), np.float16))),
+          shard_size=1000)
+    return keys
+
+
+def test_every_key_of_a_larger_cache_is_found_and_others_are_not(tmp_path):
+    keys = _many(tmp_path / "c")
+    index = FeatureCache(tmp_path / "c").index
+    assert [index.locate(k) for k in keys] == list(range(len(keys)))
+    assert all(index.locate(k + "x") == -1 for k in keys[::7])
+    assert index.shard_row(2999) == (2, 999) and index.shard_row(1000) == (1, 0)
+
+
+def test_lookups_hold_when_hashes_are_not_uniform(tmp_path, monkeypatch):
+    """The search starts where a uniform hash would sit; skewed hashes fall back to the whole range."""
+    monkeypatch.setattr(keyindex, "hash_bytes", lambda key: int(key[-4:]) % 1500)  # small, repeated
+    keys = _many(tmp_path / "c")
+    index = FeatureCache(tmp_path / "c").index
+    assert [index.locate(k) for k in keys] == list(range(len(keys)))
+    assert index.locate("COCO_train2014_000000009999") == -1
