@@ -18,6 +18,10 @@ measured) is built once, then a fresh process measures:
   from the parent on write), without the pages of mapped files a worker alone read (USS counts
   those, though they are page cache the kernel can drop).
   `*_uss_mb` of the main process likewise.
+With --inputs N..., the readers of inputs instead: a LAVIS caption JSON of N images (one
+caption each) through the pair reader (what train-adapter holds per caption), and a text file
+of N sentences through read_sentences (what train-pformer and build-prompts hold): seconds and
+memory (USS growth) per entry, each in a fresh process.
 Goals (issue 20) at 10^7 rows: open < 1 s, RSS < 200 MB, worker USS < 50 MB, read and lookup
 rates within 10% of their 10^4-row values. Timings on a shared machine: compare runs made together.
 """
@@ -139,6 +143,28 @@ def _private_dirty(pid: int) -> float:
     return float("nan")
 
 
+def measure_inputs(folder: Path, n: int, reader: str) -> dict:
+    """Run in a fresh process: time and memory per entry of one input reader at n entries."""
+    import psutil
+
+    from blitext.data.pairs import read_pairs
+    from blitext.data.text import read_sentences
+
+    captions, text = folder / f"captions-{n}.json", folder / f"sentences-{n}.txt"
+    if not captions.is_file():
+        captions.write_text(json.dumps([{"image": f"images/COCO_train2014_{i:012d}.jpg", "image_id": f"COCO_train2014_{i:012d}",
+                                         "caption": f"a photo of thing number {i} on a table"} for i in range(n)]))
+        text.write_text("".join(f"a photo of thing number {i} on a table\n" for i in range(n)))
+    read = {"pairs": lambda: read_pairs([str(captions)], str(folder), lambda image_id: True),
+            "sentences": lambda: read_sentences([str(text)])}[reader]
+    me = psutil.Process()
+    gc.collect()
+    before, t0 = _uss(me), time.perf_counter()
+    held = read()  # noqa: F841  (held while its memory is measured)
+    return {f"{reader}_us_per_entry": round(1e6 * (time.perf_counter() - t0) / n, 2),
+            f"{reader}_bytes_per_entry": round((_uss(me) - before) * 2**20 / n)}
+
+
 def _count(batch) -> int:
     return len(batch)
 
@@ -151,12 +177,20 @@ def main(argv=None) -> None:
     ap.add_argument("--workdir", default=None, help="where the caches are built (default: a temp folder)")
     ap.add_argument("--note", default="", help="what else ran on the machine meanwhile (rates are shared-CPU figures)")
     ap.add_argument("--keep", action="store_true", help="keep the caches")
+    ap.add_argument("--inputs", type=int, nargs="*", default=None, help="measure the input readers at these sizes")
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one cache, in a fresh process
+    ap.add_argument("--measure-inputs", type=int, default=None, help=argparse.SUPPRESS)  # internal: likewise
+    ap.add_argument("--reader", default="pairs", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.measure:
         print(json.dumps(measure(Path(args.measure), args.pass_rows)))
         return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="blitext-scale-"))
+    if args.measure_inputs:
+        print(json.dumps(measure_inputs(work, args.measure_inputs, args.reader)))
+        return
+    if args.inputs:
+        return measure_all_inputs(work, args)
     results = []
     for n in args.sizes:
         root = work / f"rows-{n}"
@@ -170,6 +204,20 @@ def main(argv=None) -> None:
             shutil.rmtree(root)
     write_result("scale", {"note": args.note, "row_shape": list(ROW), "dtype": "float16", "shard_size": args.shard_size,
                            "reads": READS, "lookups": LOOKUPS, "sizes": results})
+
+
+def measure_all_inputs(work: Path, args) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for n in args.inputs:
+        figures = {"entries": n}
+        for reader in ("pairs", "sentences"):
+            line = subprocess.run([sys.executable, __file__, "--measure-inputs", str(n), "--reader", reader,
+                                   "--workdir", str(work)], check=True, capture_output=True, text=True).stdout
+            figures.update(json.loads(line.splitlines()[-1]))
+        results.append(figures)
+        print(json.dumps(figures), flush=True)
+    write_result("scale_inputs", {"note": args.note, "inputs": results})
 
 
 if __name__ == "__main__":
