@@ -48,9 +48,11 @@ def data_list_cmd():
 
 
 # ------------------------------------------------------------------ cache
-def print_cache_summary(summary: dict) -> None:
+def print_cache_summary(summary: dict, project: tuple[int, ...] | None = None) -> None:
     from rich.table import Table
 
+    from blitext.cache.manifest import load_manifest
+    from blitext.cache.storage import PROJECTED_ROWS, cache_bytes, projection_line
     from blitext.console import console
 
     table = Table(title=f"cache {summary['path']}", show_header=False)
@@ -67,11 +69,27 @@ def print_cache_summary(summary: dict) -> None:
         ("on disk", f"{summary['bytes_on_disk'] / 2**20:,.1f} MiB ({summary['bytes_per_row']:,.0f} B/row, "
                     f"{100 * (summary['overhead'] or 0):+.2f}% vs raw)"),
     ]
+    per_row = cache_bytes(summary["path"], load_manifest(summary["path"])["shards"]) / max(1, summary["rows"])
+    rows += [("per row, all files", f"{per_row:,.0f} B (shards, their sidecars, the key index)"),
+             ("projected", projection_line(per_row, project or PROJECTED_ROWS))]
     if "preprocessing" in producer:
         rows.insert(2, ("preprocessing", ", ".join(f"{k}={_rounded(v)}" for k, v in producer["preprocessing"].items())))
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
+
+
+def print_storage_plan(config) -> None:
+    """extract-features --dry-run: bytes per row and the projected size, nothing written."""
+    from blitext.cache.storage import PROJECTED_ROWS, human, projection_line
+    from blitext.console import say
+    from blitext.features.image import plan_storage
+
+    plan = plan_storage(config)
+    per_row, n = plan["bytes_per_row"], plan["images"]
+    say(f"dry run: {n:,} images -> rows of {plan['row_shape']} {plan['dtype']} from {plan['encoder']}")
+    say(f"about {per_row:,} B/row with checksum, key and index: {human(per_row * n)} for these {n:,} images")
+    say(f"projected: {projection_line(per_row, PROJECTED_ROWS)} (nothing written)")
 
 
 def _rounded(value):
@@ -82,12 +100,16 @@ def _rounded(value):
 
 @cache_app.command("info")
 @user_errors
-def cache_info_cmd(path: Path = typer.Argument(..., help="A cache folder.")):
-    """Summary: producer, counts, shapes, bytes on disk, failed inputs."""
+def cache_info_cmd(
+    path: Path = typer.Argument(..., help="A cache folder."),
+    rows: Optional[list[int]] = typer.Option(None, "--rows", help="Project the size of N rows (repeatable). "
+                                             "Default: 1,000,000, 4,000,000 and 129,000,000."),
+):
+    """Summary: producer, counts, shapes, bytes on disk and per row, projected sizes, failed inputs."""
     from blitext.cache.verify import cache_info
 
     summary = cache_info(path)
-    print_cache_summary(summary)
+    print_cache_summary(summary, tuple(rows or ()))
     for f in summary["failures"][:10]:
         typer.echo(f"  failed: {f['key']}: {f['reason']}")
 
@@ -111,3 +133,15 @@ def cache_verify_cmd(
     console.print(f"{path}: {report.shards_ok} shard(s) ok, {report.checked_rows:,} rows checked: {status}")
     if not report.ok:
         raise typer.Exit(2)  # as every other refusal
+
+
+@cache_app.command("upgrade")
+@user_errors
+def cache_upgrade_cmd(path: Path = typer.Argument(..., help="A cache folder (made by any blitext).")):
+    """(Re)build a cache's key index and slim its manifest; readers then open it in O(shards)."""
+    from blitext.cache.keyindex import upgrade
+    from blitext.cache.manifest import load_manifest
+    from blitext.console import say
+
+    manifest = upgrade(path, load_manifest(path))
+    say(f"[green]upgraded[/] {path}: {manifest['index']['rows']:,} keys indexed")

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from blitext.cli.cache import cache_app, data_app, print_cache_summary
+from blitext.cli.cache import cache_app, data_app, print_cache_summary, print_storage_plan
 from blitext.cli.common import (AccumStepsOpt, ConfigOpt, GradCheckpointingOpt, PrecisionOpt, ReportToOpt, default_is,
                                  default_of, generation_default, user_errors, write_out)
 from blitext.errors import BlitextError
@@ -46,6 +46,7 @@ def extract_features_cmd(
     segment_stride: Optional[int] = typer.Option(None, "--segment-stride", help=f"Video: frames between segment starts. {default_of(VideoExtractConfig, 'segment_stride')}"),
     max_segments: Optional[int] = typer.Option(None, "--max-segments", help=f"Video: at most N segments, spread evenly. {default_of(VideoExtractConfig, 'max_segments')}"),
     frames_per_segment: Optional[int] = typer.Option(None, "--frames-per-segment", help=f"Video with an image encoder: frames encoded per segment. {default_of(VideoExtractConfig, 'frames_per_segment')}"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Images: print bytes per row and the projected cache size, write nothing."),
     config: Optional[Path] = ConfigOpt,
 ):
     """Cache all patch tokens of a frozen image encoder, or per-segment video features (resumable; runs under torchrun)."""
@@ -65,6 +66,8 @@ def extract_features_cmd(
         given = [f"--{k.replace('_', '-')}" for k, v in video.items() if v is not None]
         if given:
             raise BlitextError(f"{', '.join(given)} only apply to videos: add --modality video")
+        if dry_run:
+            return print_storage_plan(resolve_config(ExtractConfig, config, **common))
         summary = extract_features(resolve_config(ExtractConfig, config, **common))
     else:
         raise BlitextError(f"--modality {modality!r}: expected image or video")

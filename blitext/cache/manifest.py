@@ -2,7 +2,11 @@
 
 A cache directory holds `shard-NNNNN.h5` files, one `shard-NNNNN.json` sidecar per finished
 shard, `run.json` (written when the run starts, so a resume can check it is the same job)
-and `manifest.json` (written last: a cache without it is unfinished).
+and `manifest.json` (written last: a cache without it is unfinished). The manifest holds a
+summary per shard; the keys are in each shard, its sidecar and the key index (`index/`, see
+keyindex.py), so reading the manifest costs the same at any number of rows.
+
+Format 1 manifests also listed every key of every shard; they still open (see keyindex.py).
 """
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ from typing import Any
 
 from blitext.errors import BlitextError
 
-FORMAT = "blitext-cache/1"
+FORMAT = "blitext-cache/2"
+KEYS_IN_MANIFEST = "blitext-cache/1"  # before the key index: every key listed in manifest.json
 MANIFEST = "manifest.json"
 RUN = "run.json"
 
@@ -106,6 +111,13 @@ def load_manifest(root: Path) -> dict:
         manifest = json.loads(path.read_text())
     except ValueError as e:
         raise BlitextError(f"{path} is not valid JSON ({e}); re-run the command that made the cache") from None
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in (FORMAT, KEYS_IN_MANIFEST):
         raise BlitextError(f"{path} has format {manifest.get('format')!r}; this blitext reads {FORMAT!r}")
     return manifest
+
+
+def shard_keys(root: Path, index: int, entry: dict) -> list[str]:
+    """A shard's keys: from its sidecar (format 1 manifests hold them themselves)."""
+    if "keys" in entry:
+        return entry["keys"]
+    return json.loads((Path(root) / sidecar_name(index)).read_text())["keys"]

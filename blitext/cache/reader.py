@@ -7,6 +7,9 @@ Rows are checked on read: a shard whose size differs from the manifest's, whose 
 metadata is damaged, a row whose chunk the shard's chunk index lost or moved (HDF5 would read
 it as zeros), or a row whose Fletcher-32 checksum fails is one BlitextError line naming the
 shard (and row), never a traceback or silently wrong numbers.
+
+Keys are found through the cache's memory-mapped key index (keyindex.py): opening a cache
+reads its manifest (a summary per shard) and maps four files, whatever the number of rows.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import h5py
 import numpy as np
 import torch
 
+from blitext.cache.keyindex import KeyIndex, open_index
 from blitext.cache.manifest import FEATURE_KINDS, load_manifest, require_kind, require_producer, sidecar_name
 from blitext.errors import BlitextError
 
@@ -55,10 +59,7 @@ class FeatureCache:
         if expect:
             require_producer(self.producer, expect, self.root, fix)
         self.variable_length = bool(self.manifest["variable_length"])
-        self.index: dict[str, tuple[int, int]] = {}
-        for s, shard in enumerate(self.manifest["shards"]):
-            for r, key in enumerate(shard["keys"]):
-                self.index[key] = (s, r)
+        self.index, self.manifest = open_index(self.root, self.manifest)
         self._forget_handles()
         _open_caches.add(self)
 
@@ -72,8 +73,9 @@ class FeatureCache:
         return self.manifest.get("kind", "?")
 
     @property
-    def keys(self) -> list[str]:
-        return list(self.index)
+    def keys(self) -> KeyIndex:
+        """Every key in row order: a read-only sequence backed by the memory-mapped index."""
+        return self.index
 
     @property
     def row_shape(self) -> list:
@@ -85,24 +87,33 @@ class FeatureCache:
     def __contains__(self, key: str) -> bool:
         return key in self.index
 
+    def locate(self, key: str) -> tuple[int, int]:
+        """(shard, row) of `key`."""
+        g = self.index.locate(key)
+        if g < 0:
+            raise BlitextError(f"key {key!r} is not in the cache {self.root} ({len(self)} rows)")
+        return self.index.shard_row(g)
+
     # ------------------------------------------------------------ reading
     def _forget_handles(self) -> None:
         """Shards open on first read; never closed here (after a fork they are the parent's)."""
         shards = self.manifest["shards"]
         self._files: list[_Shard | None] = [None] * len(shards)
-        # per shard, as in _Shard.mapped: a row's byte offset in the memory map, or -1 (read through HDF5)
-        self._mapped: list[list[int]] = [[-1] * s["rows"] for s in shards]
+        # per shard, as in _Shard.mapped: a row's byte offset in the memory map, or -1 (read through HDF5);
+        # nothing per row until a shard is opened, so opening a cache is O(shards)
+        self._mapped: list = [_UNOPENED] * len(shards)
         self._views: list = [None] * len(shards)
 
     def _shard(self, shard: int) -> "_Shard":
         reader = self._files[shard]
         if reader is None:
             reader = self._open(shard)
-            if len(reader.mapped) != len(self._mapped[shard]):
+            rows = self.manifest["shards"][shard]["rows"]
+            if len(reader.mapped) != rows:
                 reader.close()
                 # its size matched the manifest's: the bytes are there, the HDF5 metadata naming them is not
                 raise self._damaged(shard, f"has damaged metadata: it holds {len(reader.mapped)} rows, "
-                                           f"the manifest says {len(self._mapped[shard])}")
+                                           f"the manifest says {rows}")
             self._files[shard], self._mapped[shard], self._views[shard] = reader, reader.mapped, reader.view
         return reader
 
@@ -129,10 +140,7 @@ class FeatureCache:
             f"(it redoes only the missing shards)")
 
     def __getitem__(self, key: str) -> np.ndarray:
-        try:
-            shard, row = self.index[key]
-        except KeyError:
-            raise BlitextError(f"key {key!r} is not in the cache {self.root} ({len(self)} rows)") from None
+        shard, row = self.locate(key)
         start = self._mapped[shard][row]
         if start >= 0:  # the hot path: a checked row, copied out of the memory map
             return self._views[shard](start).copy()
@@ -168,6 +176,16 @@ class FeatureCache:
         self.__dict__.update(state)
         self._forget_handles()
         _open_caches.add(self)
+
+
+class _Unopened:
+    """A shard not opened yet in this process: every row is read (and opened) through HDF5."""
+
+    def __getitem__(self, row: int) -> int:
+        return -1
+
+
+_UNOPENED = _Unopened()
 
 
 class _Shard:

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 
 from blitext.atomic import sha256_file
-from blitext.cache.manifest import load_manifest
+from blitext.cache.manifest import load_manifest, shard_keys
 from blitext.cache.reader import H5_ERRORS, chunk_layout
 
 SCAN_ROWS = 256  # rows read at a time when scanning for NaN/inf
@@ -74,12 +74,13 @@ def verify_cache(root: str | Path, checksums: bool = True) -> VerifyReport:
     m = load_manifest(root)
     report = VerifyReport(root)
     seen: set[str] = set()
-    for shard in m["shards"]:
-        problems = _verify_shard(root, shard, m, checksums, report)
-        dup = seen.intersection(shard["keys"])
+    for i, shard in enumerate(m["shards"]):
+        keys = shard_keys(root, i, shard)
+        problems = _verify_shard(root, {**shard, "keys": keys}, m, checksums, report)
+        dup = seen.intersection(keys)
         if dup:
             problems.append(f"{shard['file']}: {len(dup)} key(s) also in an earlier shard, e.g. {sorted(dup)[0]!r}")
-        seen.update(shard["keys"])
+        seen.update(keys)
         report.problems.extend(problems)
         report.shards_ok += not problems
         report.checked_rows += shard["rows"]

@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 
 from blitext.atomic import publish, read_json, sha256_file, write_json, write_failure, writing
+from blitext.cache.keyindex import write_index
 from blitext.cache.manifest import FORMAT, MANIFEST, RUN, normalised, require_producer, shard_name, sidecar_name
 from blitext.errors import BlitextError
 
@@ -283,7 +284,8 @@ class ShardWriter:
 
 
 def finalize(plan: CachePlan) -> dict:
-    """Gather every shard's sidecar into manifest.json (rank 0, after all ranks finished)."""
+    """Gather every shard's sidecar into manifest.json, and their keys into the key index
+    (rank 0, after all ranks finished). The manifest keeps a summary per shard, not its keys."""
     shards, failed = [], []
     row_shape = None
     for i in range(plan.num_shards):
@@ -291,9 +293,12 @@ def finalize(plan: CachePlan) -> dict:
             raise BlitextError(f"shard {i} of {plan.root} is not finished; run the same command again to resume")
         sidecar = read_json(plan.root / sidecar_name(i))
         failed.extend(sidecar.pop("failed"))
+        del sidecar["keys"]
         shards.append(sidecar)
         if row_shape is None and sidecar["rows"]:
             row_shape = _row_shape(plan, plan.root / sidecar["file"])
+    with writing(plan.root):
+        index = write_index(plan.root, (read_json(plan.root / sidecar_name(i))["keys"] for i in range(plan.num_shards)))
     manifest = {
         **plan.run_record(),
         "row_shape": row_shape,
@@ -302,6 +307,7 @@ def finalize(plan: CachePlan) -> dict:
         "count": sum(s["rows"] for s in shards),
         "num_failed": len(failed),
         "shards": shards,
+        "index": index,
         "failed": failed,
     }
     with writing(plan.root):

@@ -138,6 +138,19 @@ def extract_features(config: ExtractConfig) -> dict:
     return run_distributed(config.device, lambda device, info: _extract(config, device, info))
 
 
+def plan_storage(config: ExtractConfig) -> dict:
+    """`extract-features --dry-run`: what the cache will take, from the encoder's row shape and
+    the planned images' keys, before anything is written."""
+    from blitext.cache.storage import estimated_row_bytes
+
+    items = plan_items(config)
+    encoder = load_vision_encoder(config.vision_encoder, device="cpu")
+    shape = encoder.token_shape()
+    key_bytes = sum(len(it.key.encode()) for it in items) / max(1, len(items))
+    return {"images": len(items), "row_shape": list(shape), "dtype": config.dtype, "encoder": encoder.fingerprint,
+            "bytes_per_row": estimated_row_bytes(shape, config.dtype, round(key_bytes))}
+
+
 def _extract(config: ExtractConfig, device: str, info) -> dict:
     out = Path(config.out) if config.out else default_out(config)
     items = plan_items(config)

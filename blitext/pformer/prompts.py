@@ -127,14 +127,13 @@ def _build(config: BuildPromptsConfig, device: str, info) -> dict:
     say(f"build-prompts: {len(corpus):,} captions -> {out} ({config.store}) with {pformer.fingerprint}")
     plan = CachePlan(out, "prompts", prompt_producer(pformer, config.store), corpus.ids, config.shard_size,
                      "float32", provenance={**provenance(config), "llm": pformer.state["llm"]})  # full rows in fp32 too: both stores read back equal
-    texts = dict(zip(corpus.ids, corpus.sentences))
 
     def write_shards(shards: list[int], finished: int) -> None:
         if finished:
             say(f"resuming: {finished} finished shard(s) kept, {len(shards)} to do")
         if info.is_main and config.store == "compact":
             save_head(pformer.model, out / HEAD)
-        _write_prompt_shards(plan, shards, texts, pformer, config, device)
+        _write_prompt_shards(plan, shards, corpus.sentences, pformer, config, device)
 
     run_sharded_job(plan, info, write_shards)
     return cache_info(out)
@@ -148,7 +147,9 @@ def save_head(model: PFormer, path: Path) -> None:
 
 
 @torch.inference_mode()
-def _write_prompt_shards(plan, shards, texts, pformer: LoadedPFormer, config, device) -> None:
+def _write_prompt_shards(plan, shards, sentences: list[str], pformer: LoadedPFormer, config, device) -> None:
+    """`sentences[i]` is the text of `plan.keys[i]` (the plan keeps the corpus's order): no dict
+    from key to text, which would cost every rank tens of bytes more per caption."""
     max_len = pformer.state["config"]["max_text_len"]
     total = sum(len(plan.shard_range(s)) for s in shards)
     with progress_bar(total, "build-prompts", "capt") as advance:
@@ -156,8 +157,9 @@ def _write_prompt_shards(plan, shards, texts, pformer: LoadedPFormer, config, de
             r = plan.shard_range(s)
             with ShardWriter(plan, s) as writer:
                 for start in range(r.start, r.stop, config.batch_size):
-                    keys = plan.keys[start:min(start + config.batch_size, r.stop)]
-                    enc = pformer.tokenizer([texts[k] for k in keys], padding=True, truncation=True,
+                    stop = min(start + config.batch_size, r.stop)
+                    keys = plan.keys[start:stop]
+                    enc = pformer.tokenizer(sentences[start:stop], padding=True, truncation=True,
                                             max_length=max_len, return_tensors="pt").to(device)
                     cls = pformer.model.encode(enc.input_ids, enc.attention_mask).float()   # (B, d_enc)
                     rows = cls if config.store == "compact" else pformer.model.head(cls)     # (B, P, d_llm)

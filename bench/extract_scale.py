@@ -1,0 +1,153 @@
+"""Extraction at steady state from webdataset .tar shards through torchrun, against the bare encoder.
+
+    python bench/extract_scale.py [--images 10000] [--ranks 2] [--encoder efficientnet-lite0] [--device cpu]
+
+1. Writes `--images` JPEG photos-to-be (640 x 480) into .tar shards in img2dataset's layout
+   (NNNNNNNNN.jpg + .txt + .json), `--per-tar` to a shard.
+2. Bare: the encoder's forward alone on the same images, decoded and preprocessed in memory
+   beforehand, one process; its rate after the first `--skip` images.
+3. extract-features on the tar folder under torchrun (`--ranks` processes), twice: on the first
+   `--skip` images and on all. The steady-state rate is (images - skip) / (the difference of the
+   two wall times): start-up (imports, model loading, workers, the manifest) cancels out.
+   Goal (issue 20): at least 0.95 of the bare rate (x ranks where each rank has its own GPU).
+4. The same run killed (SIGKILL to the whole launcher group) at `--kill-at` of its wall time,
+   then run again: its shards must equal the uninterrupted run's, byte for byte.
+Every process runs one intra-op thread (OMP_NUM_THREADS=1), as byte equality across rank
+layouts needs; the bare forward too, so the two rates compare like with like on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import write_result  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def write_tars(folder: Path, images: int, per_tar: int) -> None:
+    """Photos-to-be: smooth colour fields plus noise, so JPEG decoding costs what a photo's does."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    base = np.stack(np.meshgrid(np.linspace(0, 1, 640), np.linspace(0, 1, 480)), -1)  # (480, 640, 2)
+    for t in range(0, images, per_tar):
+        with tarfile.open(folder / f"{t // per_tar:05d}.tar", "w") as tar:
+            for i in range(t, min(t + per_tar, images)):
+                colour = rng.uniform(0, 255, 3) * np.concatenate([base, base[..., :1]], -1)
+                pixels = np.clip(colour + rng.normal(0, 12, colour.shape), 0, 255).astype(np.uint8)
+                jpeg = BytesIO()
+                Image.fromarray(pixels).save(jpeg, format="JPEG", quality=90)
+                for ext, data in (("jpg", jpeg.getvalue()), ("txt", f"picture number {i}".encode()),
+                                  ("json", f'{{"key": "{i:09d}"}}'.encode())):
+                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, BytesIO(data))
+
+
+def bare_rate(data: Path, encoder_name: str, batch_size: int, skip: int, device: str) -> float:
+    """Images/s of the forward alone after the first `skip` images (inputs ready in memory)."""
+    import torch
+
+    from blitext.data.images import load_image
+    from blitext.features.image import ExtractConfig, plan_items
+    from blitext.models.loading import load_vision_encoder
+
+    torch.set_num_threads(1)
+    encoder = load_vision_encoder(encoder_name, device=device)
+    items = plan_items(ExtractConfig(data=str(data), vision_encoder=encoder_name, batch_size=batch_size))
+    pixels = torch.stack([encoder.preprocess(load_image(it.root, it.ref)) for it in items]).to(device)
+    with torch.inference_mode():
+        times = []
+        for batch in pixels.split(batch_size):
+            encoder(batch)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+    first = skip // batch_size  # the batch that ends at `skip` images
+    return (len(items) - (first + 1) * batch_size) / (times[-1] - times[first])
+
+
+def extract_cmd(data: Path, out: Path, args, limit: int | None = None) -> list[str]:
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(args.ranks), "--no-python",
+           str(BIN / "blitext"), "extract-features", "--data", str(data), "--out", str(out),
+           "--vision-encoder", args.encoder, "--batch-size", str(args.batch_size),
+           "--shard-size", str(args.shard_size), "--num-workers", str(args.num_workers), "--device", args.device]
+    return cmd + (["--limit", str(limit)] if limit else [])
+
+
+def timed_run(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, env=ONE_THREAD)
+    return time.perf_counter() - t
+
+
+def killed_then_resumed(cmd: list[str], after_s: float) -> None:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD,
+                            start_new_session=True)
+    time.sleep(after_s)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank and worker, as a lost node would
+    proc.wait()
+    subprocess.run(cmd, check=True, capture_output=True, env=ONE_THREAD)
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("shard-*.h5"))}
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=10_000)
+    ap.add_argument("--per-tar", type=int, default=1_000)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--encoder", default="efficientnet-lite0")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (each rank takes its own GPU)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--shard-size", type=int, default=256)
+    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--skip", type=int, default=100, help="images counted as start-up")
+    ap.add_argument("--kill-at", type=float, default=0.6, help="kill the resume check's run at this share of its time")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--note", default="")
+    args = ap.parse_args(argv)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="blitext-extract-scale-"))
+    data = work / "tars"
+    if not data.is_dir():
+        write_tars(data, args.images, args.per_tar)
+    bare = bare_rate(data, args.encoder, args.batch_size, args.skip, args.device)
+    start_s = timed_run(extract_cmd(data, work / "first", args, limit=args.skip))
+    full_s = timed_run(extract_cmd(data, work / "full", args))
+    # None: the short run took as long as the full one, so start-up (or the machine's load) swamped it
+    steady = (args.images - args.skip) / (full_s - start_s) if full_s > start_s else None
+    killed_then_resumed(extract_cmd(data, work / "killed", args), args.kill_at * full_s)
+    same = shard_bytes(work / "full") == shard_bytes(work / "killed")
+    gpus = args.ranks if args.device.startswith("cuda") else 1  # on a CPU the ranks share the cores
+    write_result("extract_scale", {
+        "command": "python bench/extract_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "note": args.note, "images": args.images, "per_tar": args.per_tar, "ranks": args.ranks,
+        "encoder": args.encoder, "device": args.device, "batch_size": args.batch_size, "skip": args.skip,
+        "bare_images_per_s": round(bare, 2), "bare_reference_images_per_s": round(bare * gpus, 2),
+        "first_skip_images_wall_s": round(start_s, 2), "all_images_wall_s": round(full_s, 2),
+        "steady_images_per_s": steady and round(steady, 2), "ratio": steady and round(steady / (bare * gpus), 3),
+        "goal": ">= 0.95",
+        "killed_at_s": round(args.kill_at * full_s, 2), "resume_bytes_equal": same,
+    })
+
+
+if __name__ == "__main__":
+    main()

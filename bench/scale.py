@@ -1,0 +1,224 @@
+"""Per-process costs of a cache against its number of rows: do they stay flat (or O(shards))?
+
+    python bench/scale.py [--sizes 10000 100000 1000000 10000000] [--shard-size 100000]
+
+For each size, a synthetic cache of tiny rows (4 x 8 fp16: the rows' bytes are not what is
+measured) is built once, then a fresh process measures:
+- `open_s`: FeatureCache(root), the manifest read and the key index mapped;
+- `rss_open_mb` / `rss_after_reads_mb`: the process's resident memory after opening and after
+  the reads below (the imports alone: `rss_imports_mb`);
+- `uss_one_shard_open_mb`: what reading one row of shard 0 added (the shard's per-row state);
+- `first_read_per_s`: distinct random keys read once each (looked up, opened, checked by HDF5);
+  `reread_per_s`: the same keys again (from the memory map);
+- `lookup_per_s`: random keys located (hash search + stored-key check), no row read, the second
+  time (`lookup_first_per_s`: the first, while the index's pages come in from the page cache);
+- `worker_uss_mb`: the unique memory (USS) of each of 4 DataLoader workers after one shuffled
+  pass over `pass_rows` rows (every row up to --pass-rows, else a random subset of that many);
+  `worker_private_dirty_mb`: the part of each that the worker wrote (its heap, pages copied
+  from the parent on write), without the pages of mapped files a worker alone read (USS counts
+  those, though they are page cache the kernel can drop).
+  `*_uss_mb` of the main process likewise.
+With --inputs N..., the readers of inputs instead: a LAVIS caption JSON of N images (one
+caption each) through the pair reader (what train-adapter holds per caption), and a text file
+of N sentences through read_sentences (what train-pformer and build-prompts hold): seconds and
+memory (USS growth) per entry, each in a fresh process.
+Goals (issue 20) at 10^7 rows: open < 1 s, RSS < 200 MB, worker USS < 50 MB, read and lookup
+rates within 10% of their 10^4-row values. Timings on a shared machine: compare runs made together.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import write_result  # noqa: E402
+
+ROW = (4, 8)
+READS = 20_000
+LOOKUPS = 100_000
+
+
+def build(root: Path, n: int, shard_size: int) -> dict:
+    """A cache of n rows keyed like COCO ("COCO_train2014_000000123456"); returns build timings."""
+    from blitext.cache import CachePlan, ShardWriter, finalize, pending_shards, start_or_resume
+
+    t0 = time.perf_counter()
+    keys = [f"COCO_train2014_{i:012d}" for i in range(n)]
+    plan = CachePlan(root, "image-features", {"encoder": "bench-scale"}, keys, shard_size)
+    start_or_resume(plan)
+    rng = np.random.default_rng(0)
+    for s in pending_shards(plan):
+        r = plan.shard_range(s)
+        with ShardWriter(plan, s) as w:
+            w.add(keys[r.start:r.stop], rng.standard_normal((len(r), *ROW)).astype(np.float16))
+    t1 = time.perf_counter()
+    finalize(plan)
+    t2 = time.perf_counter()
+    return {"build_shards_s": round(t1 - t0, 2), "finalize_s": round(t2 - t1, 2),
+            "index_mb": round(sum(f.stat().st_size for f in (root / "index").iterdir()) / 2**20, 2),
+            "manifest_kb": round((root / "manifest.json").stat().st_size / 1024, 1)}
+
+
+def measure(root: Path, pass_rows: int) -> dict:
+    """Run in a fresh process: every figure of one cache (see the module docstring)."""
+    import psutil
+    import torch
+
+    from blitext.cache import FeatureCache
+
+    me = psutil.Process()
+    out = {"rss_imports_mb": me.memory_info().rss / 2**20, "uss_imports_mb": _uss(me)}
+    t0 = time.perf_counter()
+    cache = FeatureCache(root)
+    out["open_s"] = time.perf_counter() - t0
+    out["rss_open_mb"] = me.memory_info().rss / 2**20
+    out["uss_open_mb"] = _uss(me)
+    cache[cache.keys[0]]  # opens shard 0: what one opened shard costs this process
+    out["uss_one_shard_open_mb"] = _uss(me) - out["uss_open_mb"]
+    n = len(cache)
+    rng = np.random.default_rng(1)
+    picks = rng.choice(n, size=min(READS, n), replace=False).tolist()
+    keys = [cache.keys[i] for i in picks]
+    out["first_read_per_s"] = _rate(lambda: [cache[k] for k in keys], len(keys))
+    out["reread_per_s"] = _rate(lambda: [cache[k] for k in keys], len(keys))
+    lookups = [cache.keys[i] for i in rng.integers(0, n, LOOKUPS).tolist()]
+    out["lookup_first_per_s"] = _rate(lambda: [cache.locate(k) for k in lookups], len(lookups))  # index pages faulted in
+    out["lookup_per_s"] = _rate(lambda: [cache.locate(k) for k in lookups], len(lookups))
+    out["rss_after_reads_mb"] = me.memory_info().rss / 2**20
+    out["uss_after_reads_mb"] = _uss(me)
+    # The workers fork from a process that has only opened the cache, as a trainer's does: a
+    # forked worker drops the parent's open shards, and freeing their per-row lists would copy
+    # those pages into the worker (the copy-on-write growth of PyTorch issue #13246), here an
+    # artefact of the reads measured above.
+    cache.close()
+    del cache, keys, lookups
+    gc.collect()
+    out.update(_worker_pass(FeatureCache(root), rng, pass_rows, torch, me))
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def _rate(fn, count: int) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return count / (time.perf_counter() - t0)
+
+
+def _worker_pass(cache, rng, pass_rows: int, torch, me) -> dict:
+    """4 forked workers, one shuffled pass; their USS read while they are still alive."""
+    n = len(cache)
+    dataset = cache.dataset()  # keys stay in the memory-mapped index: no per-row list
+    subset = None if n <= pass_rows else rng.choice(n, pass_rows, replace=False)
+    sampler = torch.utils.data.SubsetRandomSampler(subset) if subset is not None else None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=512, shuffle=sampler is None, sampler=sampler,
+                                         num_workers=4, persistent_workers=True, collate_fn=_count)
+    t0 = time.perf_counter()
+    rows = sum(loader)
+    seconds = time.perf_counter() - t0
+    workers = me.children()
+    uss = [round(_uss(w), 1) for w in workers]
+    dirty = [round(_private_dirty(w.pid), 1) for w in workers]
+    del loader
+    return {"pass_rows": rows, "pass_rows_per_s": rows / seconds, "worker_uss_mb": uss, "worker_private_dirty_mb": dirty,
+            "rss_parent_after_pass_mb": me.memory_info().rss / 2**20}
+
+
+def _uss(process) -> float:
+    return process.memory_full_info().uss / 2**20
+
+
+def _private_dirty(pid: int) -> float:
+    """Memory the process wrote itself (MB): its heap, and pages copied from its parent on write."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Private_Dirty:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure_inputs(folder: Path, n: int, reader: str) -> dict:
+    """Run in a fresh process: time and memory per entry of one input reader at n entries."""
+    import psutil
+
+    from blitext.data.pairs import read_pairs
+    from blitext.data.text import read_sentences
+
+    captions, text = folder / f"captions-{n}.json", folder / f"sentences-{n}.txt"
+    if not captions.is_file():
+        captions.write_text(json.dumps([{"image": f"images/COCO_train2014_{i:012d}.jpg", "image_id": f"COCO_train2014_{i:012d}",
+                                         "caption": f"a photo of thing number {i} on a table"} for i in range(n)]))
+        text.write_text("".join(f"a photo of thing number {i} on a table\n" for i in range(n)))
+    read = {"pairs": lambda: read_pairs([str(captions)], str(folder), lambda image_id: True),
+            "sentences": lambda: read_sentences([str(text)])}[reader]
+    me = psutil.Process()
+    gc.collect()
+    before, t0 = _uss(me), time.perf_counter()
+    held = read()  # noqa: F841  (held while its memory is measured)
+    return {f"{reader}_us_per_entry": round(1e6 * (time.perf_counter() - t0) / n, 2),
+            f"{reader}_bytes_per_entry": round((_uss(me) - before) * 2**20 / n)}
+
+
+def _count(batch) -> int:
+    return len(batch)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000, 10_000_000])
+    ap.add_argument("--shard-size", type=int, default=100_000)
+    ap.add_argument("--pass-rows", type=int, default=1_000_000, help="rows the workers' pass reads at most")
+    ap.add_argument("--workdir", default=None, help="where the caches are built (default: a temp folder)")
+    ap.add_argument("--note", default="", help="what else ran on the machine meanwhile (rates are shared-CPU figures)")
+    ap.add_argument("--keep", action="store_true", help="keep the caches")
+    ap.add_argument("--inputs", type=int, nargs="*", default=None, help="measure the input readers at these sizes")
+    ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one cache, in a fresh process
+    ap.add_argument("--measure-inputs", type=int, default=None, help=argparse.SUPPRESS)  # internal: likewise
+    ap.add_argument("--reader", default="pairs", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure(Path(args.measure), args.pass_rows)))
+        return
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="blitext-scale-"))
+    if args.measure_inputs:
+        print(json.dumps(measure_inputs(work, args.measure_inputs, args.reader)))
+        return
+    if args.inputs:
+        return measure_all_inputs(work, args)
+    results = []
+    for n in args.sizes:
+        root = work / f"rows-{n}"
+        shutil.rmtree(root, ignore_errors=True)
+        built = build(root, n, args.shard_size)
+        figures = subprocess.run([sys.executable, __file__, "--measure", str(root), "--pass-rows", str(args.pass_rows)],
+                                 check=True, capture_output=True, text=True).stdout
+        results.append({"rows": n, "shards": -(-n // args.shard_size), **built, **json.loads(figures.splitlines()[-1])})
+        print(json.dumps(results[-1]), flush=True)
+        if not args.keep:
+            shutil.rmtree(root)
+    write_result("scale", {"note": args.note, "row_shape": list(ROW), "dtype": "float16", "shard_size": args.shard_size,
+                           "reads": READS, "lookups": LOOKUPS, "sizes": results})
+
+
+def measure_all_inputs(work: Path, args) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for n in args.inputs:
+        figures = {"entries": n}
+        for reader in ("pairs", "sentences"):
+            line = subprocess.run([sys.executable, __file__, "--measure-inputs", str(n), "--reader", reader,
+                                   "--workdir", str(work)], check=True, capture_output=True, text=True).stdout
+            figures.update(json.loads(line.splitlines()[-1]))
+        results.append(figures)
+        print(json.dumps(figures), flush=True)
+    write_result("scale_inputs", {"note": args.note, "inputs": results})
+
+
+if __name__ == "__main__":
+    main()

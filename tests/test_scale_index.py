@@ -1,0 +1,133 @@
+"""The key index: lookups through memory-mapped files, hash collisions, old caches upgraded or refused."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from blitext.cache import FeatureCache
+from blitext.cache import keyindex
+from blitext.cache.keyindex import INDEX_DIR, KeyIndex
+from blitext.cache.manifest import KEYS_IN_MANIFEST, MANIFEST, load_manifest, sidecar_name
+from blitext.errors import BlitextError
+from tests.test_cache import build, random_rows
+
+
+def test_manifest_keeps_shard_summaries_and_keys_are_found_through_the_index(tmp_path):
+    rows = random_rows(11)
+    manifest = build(tmp_path / "c", rows, shard_size=4)
+    assert all("keys" not in shard for shard in manifest["shards"])
+    assert manifest["index"]["rows"] == 11
+    cache = FeatureCache(tmp_path / "c")
+    assert isinstance(cache.index, KeyIndex) and not isinstance(cache.keys, (list, dict))
+    assert cache.keys == list(rows) and cache.keys[2:4] == ["img-2", "img-3"] and cache.keys[-1] == "img-10"
+    for key, row in rows.items():
+        assert np.array_equal(cache[key], row)
+    assert "img-7" in cache and "img-77" not in cache and 7 not in cache.keys
+    assert cache.keys.index("img-9") == 9 and cache.locate("img-9") == (2, 1)
+
+
+def test_keys_with_one_hash_are_told_apart_by_their_stored_string(tmp_path, monkeypatch):
+    monkeypatch.setattr(keyindex, "hash_bytes", lambda key: 7)  # every key collides
+    rows = random_rows(6)
+    build(tmp_path / "c", rows, shard_size=4)
+    cache = FeatureCache(tmp_path / "c")
+    assert len(set(np.asarray(cache.index.hashes).tolist())) == 1
+    for key, row in rows.items():
+        assert np.array_equal(cache[key], row)
+    assert "img-9" not in cache
+
+
+def test_index_pickles_as_its_folder_and_reads_the_same_keys(tmp_path):
+    build(tmp_path / "c", random_rows(5))
+    cache = FeatureCache(tmp_path / "c")
+    again = pickle.loads(pickle.dumps(cache))
+    assert len(pickle.dumps(cache.index)) < 1000  # the files are not copied into the pickle
+    assert again.keys == cache.keys and np.array_equal(again["img-3"], cache["img-3"])
+
+
+def test_empty_cache_opens(tmp_path):
+    build(tmp_path / "e", {}, failed=("bad-0",))
+    cache = FeatureCache(tmp_path / "e")
+    assert len(cache) == 0 and list(cache.keys) == [] and "bad-0" not in cache
+
+
+def _as_format_1(root):
+    """The cache as blitext wrote it before the key index: keys in the manifest, no index/."""
+    manifest = load_manifest(root)
+    for i, shard in enumerate(manifest["shards"]):
+        shard["keys"] = json.loads((root / sidecar_name(i)).read_text())["keys"]
+    manifest["format"] = KEYS_IN_MANIFEST
+    del manifest["index"]
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    for f in (root / INDEX_DIR).iterdir():
+        f.unlink()
+    (root / INDEX_DIR).rmdir()
+
+
+def test_old_cache_gets_its_index_on_first_open(tmp_path):
+    rows = random_rows(7)
+    build(tmp_path / "c", rows)
+    _as_format_1(tmp_path / "c")
+    cache = FeatureCache(tmp_path / "c")
+    assert cache.keys == list(rows) and np.array_equal(cache["img-6"], rows["img-6"])
+    upgraded = load_manifest(tmp_path / "c")
+    assert upgraded["format"] == "blitext-cache/2" and all("keys" not in s for s in upgraded["shards"])
+
+
+def test_old_read_only_cache_is_refused_naming_the_upgrade(tmp_path, monkeypatch):
+    build(tmp_path / "c", random_rows(4))
+    _as_format_1(tmp_path / "c")
+    monkeypatch.setattr(keyindex.os, "access", lambda path, mode: False)  # read-only, even for root
+    with pytest.raises(BlitextError, match=r"read-only; run `blitext cache upgrade .*c` once"):
+        FeatureCache(tmp_path / "c")
+
+
+def test_damaged_index_is_rebuilt_from_the_sidecars(tmp_path):
+    rows = random_rows(5)
+    build(tmp_path / "c", rows)
+    (tmp_path / "c" / INDEX_DIR / "keys.bin").write_bytes(b"x")
+    cache = FeatureCache(tmp_path / "c")
+    assert cache.keys == list(rows) and np.array_equal(cache["img-1"], rows["img-1"])
+
+
+def test_cache_upgrade_command_slims_an_old_manifest(tmp_path):
+    from typer.testing import CliRunner
+
+    from blitext.cli.main import app
+
+    rows = random_rows(5)
+    build(tmp_path / "c", rows)
+    _as_format_1(tmp_path / "c")
+    result = CliRunner().invoke(app, ["cache", "upgrade", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    assert "5 keys" in result.output and "indexed" in result.output  # rich wraps long lines
+    manifest = load_manifest(tmp_path / "c")
+    assert manifest["index"]["rows"] == 5 and all("keys" not in s for s in manifest["shards"])
+    assert FeatureCache(tmp_path / "c").keys == list(rows)
+
+
+def _many(root, n=3000):
+    keys = [f"COCO_train2014_{i:012d}" for i in range(n)]
+    build(root, dict(zip(keys, np.arange(n, dtype=np.float16).reshape(n, 1, 1) * np.ones((1, 2, 2), np.float16))),
+          shard_size=1000)
+    return keys
+
+
+def test_every_key_of_a_larger_cache_is_found_and_others_are_not(tmp_path):
+    keys = _many(tmp_path / "c")
+    index = FeatureCache(tmp_path / "c").index
+    assert [index.locate(k) for k in keys] == list(range(len(keys)))
+    assert all(index.locate(k + "x") == -1 for k in keys[::7])
+    assert index.shard_row(2999) == (2, 999) and index.shard_row(1000) == (1, 0)
+
+
+def test_lookups_hold_when_hashes_are_not_uniform(tmp_path, monkeypatch):
+    """The search starts where a uniform hash would sit; skewed hashes fall back to the whole range."""
+    monkeypatch.setattr(keyindex, "hash_bytes", lambda key: int(key[-4:]) % 1500)  # small, repeated
+    keys = _many(tmp_path / "c")
+    index = FeatureCache(tmp_path / "c").index
+    assert [index.locate(k) for k in keys] == list(range(len(keys)))
+    assert index.locate("COCO_train2014_000000009999") == -1
