@@ -268,6 +268,29 @@ def plot_cmd(
     say(f"[green]wrote[/] {plot_runs(runs, out, split(keys), smooth, split(labels))}")
 
 
+# ------------------------------------------------------------------ report
+from blitext.evaluation.report import ReportConfig  # noqa: E402
+
+
+@app.command("report")
+@user_errors
+def report_cmd(
+    runs: list[Path] = typer.Argument(..., help="Run folders that `blitext eval` wrote into (eval/*/metrics.json), one column each."),
+    out: Path = typer.Option(Path(ReportConfig.out), "--out", help="The HTML page to write."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated names, one per run. " + default_is("the run folders' names")),
+    budget: Optional[Path] = typer.Option(None, "--budget", help=f"A budget.json: {{run: {{step: metric}}}}, or {{\"metric\": name, \"runs\": ...}}. {default_is('budget.json beside the runs, if there is one')}"),
+    images: int = typer.Option(ReportConfig.images, "--images", help="Test images in the grid."),
+):
+    """One self-contained HTML page to look at: table, verdicts, test images with every run's caption, curves."""
+    from blitext.console import say
+    from blitext.evaluation.report import write_report
+
+    names = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
+    path = write_report(ReportConfig(runs=[str(r) for r in runs], out=str(out), labels=names,
+                                     budget=budget and str(budget), images=images))
+    say(f"[green]wrote[/] {path}")
+
+
 # ------------------------------------------------------------------ eval, compare
 from blitext.cli.eval import compare_cmd, eval_app  # noqa: E402
 
