@@ -12,6 +12,8 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
+from blitext.errors import BlitextError
+
 T = TypeVar("T")
 
 
@@ -61,8 +63,12 @@ def shutdown() -> None:
 
 
 def pick_device(requested: str = "auto") -> str:
-    """'auto': this rank's GPU when there is one, else the CPU (said aloud, never silently)."""
+    """'auto': this rank's GPU when there is one, else the CPU (said aloud, never silently). A GPU asked
+    for where there is none is one line here, before any model loads, rather than torch's traceback."""
     if requested != "auto":
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise BlitextError(f"--device {requested}: this torch ({torch.__version__}) sees no CUDA GPU; "
+                               "pass --device cpu (or auto), or install a CUDA build of torch")
         return requested
     if torch.cuda.is_available():
         return f"cuda:{dist_info().local_rank}"

@@ -77,8 +77,9 @@ def numeric_keys(records: list[dict]) -> list[str]:
 def plot_keys(records_by_run: dict[str, list[dict]], keys: list[str] | None) -> list[str]:
     """The panels to draw, in order.
 
-    keys=None (or empty): every numeric key of any run except the step and rates (`*_per_s`),
-    "loss" first, then in the order the runs first logged them. Given keys: exactly those,
+    keys=None (or empty): every numeric key of any run except the step, rates (`*_per_s`) and
+    constant series (a term the phase does not train, e.g. stage 2's ITC temperature), "loss"
+    first, then in the order the runs first logged them. Given keys: exactly those,
     duplicates dropped; each must be numeric in at least one run (rates may be asked for).
     """
     available: dict[str, None] = {}
@@ -90,12 +91,18 @@ def plot_keys(records_by_run: dict[str, list[dict]], keys: list[str] | None) -> 
             raise BlitextError(f"no run logs a numeric {', '.join(map(repr, missing))}; "
                                f"choose keys from: {', '.join(available) or '(none)'}")
         return list(dict.fromkeys(keys))
-    chosen = [k for k in available if not k.endswith(RATE_SUFFIX)]
+    chosen = [k for k in available if not k.endswith(RATE_SUFFIX) and not constant(records_by_run, k)]
     chosen.sort(key=lambda k: k != "loss")  # stable: only moves "loss" to the front
     if not chosen:
-        raise BlitextError(f"the runs log no numeric metric besides {X_KEY!r} and rates "
-                           f"({', '.join(available) or 'none'}); nothing to plot")
+        raise BlitextError(f"the runs log no changing numeric metric besides {X_KEY!r} and rates "
+                           f"({', '.join(available) or 'none'}); nothing to plot (--keys draws constant ones)")
     return chosen
+
+
+def constant(records_by_run: dict[str, list[dict]], key: str) -> bool:
+    """Whether every run logged `key` at one value, at two or more points: a flat panel says nothing."""
+    values = [v for records in records_by_run.values() for v in series(records, key)[1]]
+    return len(values) > 1 and len(set(values)) == 1
 
 
 def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:

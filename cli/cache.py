@@ -17,7 +17,7 @@ cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature an
 @user_errors
 def data_prepare_cmd(
     name: str = typer.Argument(..., help="easy-vqa | tuxpaint | fashion-mnist | moving-shapes (videos)"),
-    out_root: Optional[Path] = typer.Option(None, "--out-root", help=default_is("cache/data")),
+    out_root: Optional[Path] = typer.Option(None, "--out-root", help="Folder the prepared data sets are written under. " + default_is("cache/data")),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N images per split."),
     install: bool = typer.Option(False, "--install", help="Let blitext run `apt-get install` (as root) when "
                                  "tuxpaint's or fashion-mnist's Debian package is missing; without it, it "

@@ -13,6 +13,51 @@ from typer import core as typer_core
 from blitext.atomic import NO_SPACE, NOT_WRITABLE, write_failure
 from blitext.errors import BlitextError
 
+def _option_names(param) -> Text:
+    """An option's names, the "--no-" form on its own line: whole words, never cut."""
+    from rich.text import Text
+
+    names = Text("\n").join(rich_utils.highlighter(", ".join(group))
+                             for group in (param.opts, getattr(param, "secondary_opts", [])) if group)
+    if param.required:
+        names = Text.assemble((rich_utils.REQUIRED_SHORT_STRING + " ", rich_utils.STYLE_REQUIRED_SHORT), names)
+    return names
+
+
+def _options_panel(*, name, params, ctx, markup_mode, console) -> None:
+    """typer's options panel with the names' column never cut and flags shown as flags.
+
+    typer 0.29 gives the "--no-" form a column of its own and shrinks every column to fit 80
+    characters, so `--grad-checkpointing` printed as `--grad-checkpointi…` (and `| grep` missed it);
+    it also writes a flag's type as `<bool>`, as if it took a value. Here the names' and types'
+    columns do not wrap, and only the help text wraps."""
+    from rich.panel import Panel
+    from rich.table import Table
+
+    if not params:
+        return
+    table = Table(highlight=True, show_header=False, expand=True, box=None, padding=(0, 1), pad_edge=False)
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True)
+    table.add_column(ratio=1)
+    for param in params:
+        kind = None if getattr(param, "is_flag", False) else param.display_type_rich(ctx=ctx)
+        table.add_row(_option_names(param), rich_utils.types_highlighter(Text(kind or "")),
+                      rich_utils._get_parameter_help(param=param, ctx=ctx, markup_mode=markup_mode))
+    console.print(Panel(table, border_style=rich_utils.STYLE_OPTIONS_PANEL_BORDER, title=name,
+                        title_align=rich_utils.ALIGN_OPTIONS_PANEL))
+
+
+if getattr(typer_core, "HAS_RICH", False):
+    from rich.text import Text
+    from typer import rich_utils
+
+    rich_utils._print_options_panel = _options_panel
+
+
+VQA_NORMALISE_HELP = ("Ground-truth answers: official (as the 2017 official VQA evaluation script and its copy "
+                      "in LAVIS that BLIP-2 and P-Former report with, not the 2021 revision: a human answer gets the "
+                      "punctuation step only, when the humans disagree) | both (normalised as the prediction).")
 ConfigOpt = typer.Option(None, "--config", help="JSON or TOML file of config values (command-line options win).")
 
 

@@ -10,7 +10,8 @@ from typing import Optional
 
 import typer
 
-from blitext.cli.common import ConfigOpt, call_with_config, default_is, default_of, generation_default, user_errors
+from blitext.cli.common import (VQA_NORMALISE_HELP, ConfigOpt, call_with_config, default_is, default_of, generation_default,
+                                 user_errors)
 from blitext.cli.score import MeteorOpt, SpiceOpt, TokenizerOpt
 from blitext.evaluation.evaluate import EvalConfig
 
@@ -28,12 +29,12 @@ OutOpt = typer.Option(None, "--out", help=f"Output folder. {default_is('<run>/ev
 LimitOpt = typer.Option(None, "--limit", help="Only the first N images (questions for vqa).")
 BatchOpt = typer.Option(None, "--batch-size", help=f"Images (questions) per generate call. {_default('batch_size')}")
 DeviceOpt = typer.Option(None, "--device", help=f"auto | cpu | cuda | cuda:N. {_default('device')}")
-LLMOpt = typer.Option(None, "--llm", help=default_is("the adaptor's LLM"))
+LLMOpt = typer.Option(None, "--llm", help="Frozen LLM: bundled name, folder or HF id. " + default_is("the adaptor's LLM"))
 PromptOpt = typer.Option(None, "--prompt", help='Text prompt ("{}" = the question). ' + generation_default("prompt"))
-BeamsOpt = typer.Option(None, "--num-beams", help=generation_default("num_beams"))
-MaxOpt = typer.Option(None, "--max-new-tokens", help=generation_default("max_new_tokens"))
-MinOpt = typer.Option(None, "--min-new-tokens", help=generation_default("min_new_tokens"))
-PenaltyOpt = typer.Option(None, "--length-penalty", help=generation_default("length_penalty"))
+BeamsOpt = typer.Option(None, "--num-beams", help="Beams of beam search (1: greedy). " + generation_default("num_beams"))
+MaxOpt = typer.Option(None, "--max-new-tokens", help="Most tokens generated. " + generation_default("max_new_tokens"))
+MinOpt = typer.Option(None, "--min-new-tokens", help="Fewest tokens generated. " + generation_default("min_new_tokens"))
+PenaltyOpt = typer.Option(None, "--length-penalty", help="Beam search's length penalty (> 0 favours longer outputs, < 0 shorter). " + generation_default("length_penalty"))
 SkipMissingOpt = typer.Option(None, "--skip-missing", help="Score the images the feature cache holds and print how "
                               "many had no features, instead of refusing the data file.")
 
@@ -91,7 +92,7 @@ def vqa_cmd(
     max_new_tokens: Optional[int] = MaxOpt,
     min_new_tokens: Optional[int] = MinOpt,
     length_penalty: Optional[float] = PenaltyOpt,
-    vqa_normalise: Optional[str] = typer.Option(None, "--vqa-normalise", help=f"Ground-truth answers: official (the official script: punctuation step only, when the humans disagree; numbers as in papers) | both (normalised as the prediction). {_default('vqa_normalise')}"),
+    vqa_normalise: Optional[str] = typer.Option(None, "--vqa-normalise", help=VQA_NORMALISE_HELP + " " + _default('vqa_normalise')),
     captions: Optional[Path] = typer.Option(None, "--captions", help="Caption JSON (LAVIS / COCO) of the questions' images, for the text ceiling: the same LLM, prompt and decoding given each image's first caption as text instead of the adaptor's prompts. " + default_is("captions_<split>.json beside the questions file, e.g. vqa_test_questions.json -> captions_test.json; none there: the ceiling is reported unavailable")),
     skip_missing: Optional[bool] = SkipMissingOpt,
     config: Optional[Path] = ConfigOpt,

@@ -18,6 +18,22 @@ from blitext.errors import BlitextError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="P-Former backward decoupling as a precomputed-feature two-phase toolkit.")
+
+
+def print_version(wanted: bool) -> None:
+    if wanted:
+        from blitext import __version__
+
+        typer.echo(f"blitext {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def top_level(version: bool = typer.Option(False, "--version", callback=print_version, is_eager=True,
+                                           help="Print blitext's version and exit.")):
+    """P-Former backward decoupling as a precomputed-feature two-phase toolkit."""
+
+
 app.add_typer(data_app, name="data")
 app.add_typer(cache_app, name="cache")
 
@@ -34,7 +50,7 @@ def extract_features_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help=f"Cache folder. {default_is('cache/features/<data>__<encoder>')}"),
     vision_encoder: Optional[str] = typer.Option(None, "--vision-encoder", help=f"Bundled name, local folder or HF id. {default_of(ExtractConfig, 'vision_encoder', video=VideoExtractConfig)}"),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that relative image paths start from."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=default_of(ExtractConfig, "batch_size", video=VideoExtractConfig)),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images (video: clips) per encoder forward. " + default_of(ExtractConfig, "batch_size", video=VideoExtractConfig)),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help=f"Rows per shard. {default_of(ExtractConfig, 'shard_size', video=VideoExtractConfig)}"),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help=f"Decoding workers per rank. {default_of(ExtractConfig, 'num_workers', video=VideoExtractConfig)}"),
     precision: Optional[str] = typer.Option(None, "--precision", help=f"auto | fp32 | bf16 | fp16 (encoder weights). {default_of(ExtractConfig, 'precision', video=VideoExtractConfig)}"),
@@ -124,22 +140,22 @@ def train_adapter_cmd(
     captions: Optional[list[str]] = typer.Option(None, "--captions", help="Caption JSON (image ids = feature keys). " + default_is("the features' prepared data, train split")),
     out: Optional[Path] = typer.Option(None, "--out", help=f"Run folder. {default_is('cache/runs/adapter/stage<N>-w<W>')}"),
     online: Optional[bool] = typer.Option(None, "--online/--cached", help="Run the vision encoder on the images in the loop instead of reading a cache."),
-    vision_encoder: Optional[str] = typer.Option(None, "--vision-encoder", help=default_is("the features' encoder; --online: the bundled one")),
+    vision_encoder: Optional[str] = typer.Option(None, "--vision-encoder", help="Image encoder, checked against the features' own. " + default_is("the features' encoder; --online: the bundled one")),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="--online: folder that relative image paths start from."),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help=f"BERT-family encoder the Q-Former starts from. {default_of(AdapterConfig, 'text_encoder', video=VideoAdapterConfig)}"),
     llm: Optional[str] = typer.Option(None, "--llm", help=f"Frozen LLM. {default_of(AdapterConfig, 'llm', video=VideoAdapterConfig)}"),
     n_prompt: Optional[int] = typer.Option(None, "--n-prompt", help="Soft prompts: the Q-Former's queries (video: slots); must equal the prompt cache's. " + default_is("the prompt cache's n_prompt, else 32")),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Global batch. {default_of(AdapterConfig, 'batch_size', video=VideoAdapterConfig)}"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help=default_of(AdapterConfig, "epochs", video=VideoAdapterConfig)),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training pairs. " + default_of(AdapterConfig, "epochs", video=VideoAdapterConfig)),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N steps (overrides --epochs)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help=default_of(AdapterConfig, "lr", video=VideoAdapterConfig)),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, cosine decay). " + default_of(AdapterConfig, "lr", video=VideoAdapterConfig)),
     llm_proj_lr_scale: Optional[float] = typer.Option(None, "--llm-proj-lr-scale", help="llm_proj's rate / --lr. " + default_of(AdapterConfig, "llm_proj_lr_scale", video=VideoAdapterConfig)),
     max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Clip the gradient norm (small batches). " + default_is("no clipping, as LAVIS")),
-    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help=default_is(f"5000 in stage 1, 2000 in stage 2; video: {VideoAdapterConfig.warmup_steps}")),
-    seed: Optional[int] = typer.Option(None, "--seed", help=default_of(AdapterConfig, "seed", video=VideoAdapterConfig)),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help=default_of(AdapterConfig, "save_every", video=VideoAdapterConfig)),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warm-up steps. " + default_is(f"5000 in stage 1, 2000 in stage 2; video: {VideoAdapterConfig.warmup_steps}")),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of initialisation, sampling and dropout. " + default_of(AdapterConfig, "seed", video=VideoAdapterConfig)),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Save a checkpoint every N steps. " + default_of(AdapterConfig, "save_every", video=VideoAdapterConfig)),
     snapshot_steps: Optional[list[int]] = typer.Option(None, "--snapshot-steps", help="Also keep the weights after step N (repeat the option), never pruned, in <run>/snapshots/: a budget curve from one run's schedule. " + default_is("none")),
-    log_every: Optional[int] = typer.Option(None, "--log-every", help=default_of(AdapterConfig, "log_every", video=VideoAdapterConfig)),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="Log the losses every N steps. " + default_of(AdapterConfig, "log_every", video=VideoAdapterConfig)),
     device: Optional[str] = typer.Option(None, "--device", help=f"auto | cpu | cuda | cuda:N. {default_of(AdapterConfig, 'device', video=VideoAdapterConfig)}"),
     resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoints/step-N folder."),
     report_to: Optional[list[str]] = ReportToOpt,
@@ -204,13 +220,13 @@ def generate_cmd(
     question: Optional[str] = typer.Option(None, "--question", help="Answer this question about each image."),
     settings: Optional[str] = typer.Option(None, "--settings", help="Captions: run (the text prompt, none, and caption length the adaptor trained with; older runs: paper) | paper (\"a photo of\", beam 5, 8..30 tokens). " + default_of(GenerateConfig, "settings")),
     prompt: Optional[str] = typer.Option(None, "--prompt", help='Text prompt ("{}" = the question). ' + generation_default("prompt")),
-    num_beams: Optional[int] = typer.Option(None, "--num-beams", help=generation_default("num_beams")),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help=generation_default("max_new_tokens")),
-    min_new_tokens: Optional[int] = typer.Option(None, "--min-new-tokens", help=generation_default("min_new_tokens")),
-    length_penalty: Optional[float] = typer.Option(None, "--length-penalty", help=generation_default("length_penalty")),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=default_of(GenerateConfig, "batch_size")),
+    num_beams: Optional[int] = typer.Option(None, "--num-beams", help="Beams of beam search (1: greedy). " + generation_default("num_beams")),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Most tokens generated. " + generation_default("max_new_tokens")),
+    min_new_tokens: Optional[int] = typer.Option(None, "--min-new-tokens", help="Fewest tokens generated. " + generation_default("min_new_tokens")),
+    length_penalty: Optional[float] = typer.Option(None, "--length-penalty", help="Beam search's length penalty (> 0 favours longer outputs, < 0 shorter). " + generation_default("length_penalty")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images (questions) per generate call. " + default_of(GenerateConfig, "batch_size")),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
-    llm: Optional[str] = typer.Option(None, "--llm", help=default_is("the adaptor's LLM")),
+    llm: Optional[str] = typer.Option(None, "--llm", help="Frozen LLM: bundled name, folder or HF id. " + default_is("the adaptor's LLM")),
     device: Optional[str] = typer.Option(None, "--device", help=f"auto | cpu | cuda | cuda:N. {default_of(GenerateConfig, 'device')}"),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
 ):
@@ -256,6 +272,29 @@ def plot_cmd(
     if out is None:
         out = runs[0] / "metrics.png" if len(runs) == 1 and runs[0].is_dir() else Path("runs.png")
     say(f"[green]wrote[/] {plot_runs(runs, out, split(keys), smooth, split(labels))}")
+
+
+# ------------------------------------------------------------------ report
+from blitext.evaluation.report import ReportConfig  # noqa: E402
+
+
+@app.command("report")
+@user_errors
+def report_cmd(
+    runs: list[Path] = typer.Argument(..., help="Run folders that `blitext eval` wrote into (eval/*/metrics.json), one column each."),
+    out: Path = typer.Option(Path(ReportConfig.out), "--out", help="The HTML page to write."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated names, one per run. " + default_is("the run folders' names")),
+    budget: Optional[Path] = typer.Option(None, "--budget", help=f"A budget.json: {{run: {{step: metric}}}}, or {{\"metric\": name, \"runs\": ...}}. {default_is('budget.json beside the runs, if there is one')}"),
+    images: int = typer.Option(ReportConfig.images, "--images", help="Test images in the grid."),
+):
+    """One self-contained HTML page to look at: table, verdicts, test images with every run's caption, curves."""
+    from blitext.console import say
+    from blitext.evaluation.report import write_report
+
+    names = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
+    path = write_report(ReportConfig(runs=[str(r) for r in runs], out=str(out), labels=names,
+                                     budget=budget and str(budget), images=images))
+    say(f"[green]wrote[/] {path}")
 
 
 # ------------------------------------------------------------------ eval, compare

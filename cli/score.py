@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from blitext.cli.common import ConfigOpt, call_with_config, default_is, default_of, user_errors
+from blitext.cli.common import VQA_NORMALISE_HELP, ConfigOpt, call_with_config, default_is, default_of, user_errors
 from blitext.evaluation.score import ScoreConfig
 
 score_app = typer.Typer(no_args_is_help=True,
@@ -60,7 +60,7 @@ def vqa_cmd(
     annotations: Optional[Path] = typer.Option(None, "--annotations", help="VQAv2 / OK-VQA annotations JSON (the human answers)."),
     out: Optional[Path] = OutOpt,
     limit: Optional[int] = LimitOpt,
-    vqa_normalise: Optional[str] = typer.Option(None, "--vqa-normalise", help=f"Ground-truth answers: official (the official script: punctuation step only, when the humans disagree; numbers as in papers) | both (normalised as the prediction). {_default('vqa_normalise')}"),
+    vqa_normalise: Optional[str] = typer.Option(None, "--vqa-normalise", help=VQA_NORMALISE_HELP + " " + _default('vqa_normalise')),
     config: Optional[Path] = ConfigOpt,
 ):
     """VQAv2 / OK-VQA accuracy (per answer type) or GQA exact match of any system's answers, beside the

@@ -63,6 +63,7 @@ def is_option(param) -> bool:
 
 
 ALL = {" ".join(path): command for path, command in commands()}
+SECONDARY = {name for command in ALL.values() for p in command.params for name in getattr(p, "secondary_opts", [])}
 
 
 def field_default(cls, name: str):
@@ -103,7 +104,7 @@ def rows(command: str) -> dict[str, str]:
             current = None
             continue
         m = ROW.match(line)
-        if m:
+        if m and m.group(1) not in SECONDARY:  # a "--no-" form sits under its option, in the same row
             current = found.setdefault(m.group(1), [])
         if current is not None:
             current.append(line)
@@ -264,3 +265,78 @@ def test_plain_help_without_rich_shows_no_escapes():
     """TYPER_USE_RICH=0: click's plain formatter prints help strings as written, so no `\\[` there."""
     text = _blitext("train-pformer", "--help", TYPER_USE_RICH="0")
     assert default(PFormerConfig, "lr") in text and "\\[" not in text
+
+
+def option_names(command) -> list[str]:
+    return [name for p in command.params if is_option(p) for name in (*p.opts, *p.secondary_opts)]
+
+
+def narrow_page(command: str, env: dict[str, str]) -> str:
+    result = CliRunner().invoke(app, [*command.split(), "--help"], env=env)
+    assert result.exit_code == 0, result.output
+    return ANSI.sub("", result.output)
+
+
+@pytest.mark.parametrize("env", [{"COLUMNS": "80"}, {"COLUMNS": None, "TERMINAL_WIDTH": None}], ids=["80-columns", "piped"])
+def test_no_option_name_is_cut(env):
+    """At 80 columns, or piped (rich's 80 by default), every option's names are whole words on the page,
+    so `blitext train-adapter --help | grep grad` finds --grad-checkpointing."""
+    cut = []
+    for command, cmd in ALL.items():
+        text = narrow_page(command, env)
+        assert max(map(len, text.splitlines())) <= 80, (command, text)
+        words = set(re.findall(r"--[\w-]+(?!…)\b", text))
+        cut += [f"{command} {name}" for name in option_names(cmd) if name not in words]
+    assert not cut, "option names cut on the --help page: " + ", ".join(cut)
+
+
+def test_piped_help_greps_the_long_option_names():
+    out = subprocess.run([sys.executable, "-m", "blitext", "train-adapter", "--help"], capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")},
+                         timeout=300).stdout
+    grad = [line for line in out.splitlines() if "grad-checkpointing" in line]
+    assert any("--grad-checkpointing " in line for line in grad) and any("--no-grad-checkpointing" in line for line in grad)
+    assert "--cross-attention-frequency " in out
+
+
+def test_flags_show_as_flags():
+    """A flag takes no value, so its row names no type (typer 0.29 wrote `--smoke <bool>`)."""
+    shown_as_values = [command for command in ALL if "<bool>" in page(command)]
+    assert not shown_as_values
+    assert "<bool>" not in narrow_page("", {"COLUMNS": "80"})  # the top level's --help and --version
+    assert re.search(r"│ --smoke +Every phase", page("demo")), page("demo")
+
+
+def test_every_option_has_help_text():
+    """Not just its default: every option says what it is."""
+    bare = [f"{command} {p.opts[0]}" for command, cmd in ALL.items() for p in cmd.params if is_option(p)
+            and not re.sub(r"\\?\[default:[^]]*\]", "", p.help or "").strip()]
+    assert not bare, "options with no help text: " + ", ".join(bare)
+
+
+def test_vqa_normalise_names_the_script_it_equals():
+    for command in ("eval vqa", "score vqa"):
+        row = rows(command)["--vqa-normalise"]
+        assert "2017 official VQA evaluation script" in row and "LAVIS" in row and "not the 2021 revision" in row, row
+
+
+def test_version():
+    import blitext
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"blitext {blitext.__version__}"
+
+
+def test_device_cuda_without_cuda_is_one_line(monkeypatch, tmp_path):
+    """Every command resolves --device in one place (blitext.distributed.pick_device), so a CPU-only torch
+    answers `--device cuda` in one line before any model loads, whichever command asked."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "a.txt").write_text("a red circle\n")
+    for args in (["extract-features", "--data", str(tmp_path), "--out", str(tmp_path / "f")],
+                 ["train-pformer", "--text", str(tmp_path / "a.txt"), "--out", str(tmp_path / "p")]):
+        result = CliRunner().invoke(app, [*args, "--device", "cuda"], env=WIDE)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1, result.output
+        assert "--device cuda" in lines[0] and "--device cpu" in lines[0] and "Traceback" not in result.output

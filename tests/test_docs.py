@@ -82,3 +82,35 @@ def test_every_cited_method_anchor_exists():
     assert cited, "nothing cites docs/method.md#<anchor>"
     missing = sorted(f"{name}: #{a}" for name, a in cited if a not in known)
     assert not missing, "anchors with no heading in docs/method.md:\n" + "\n".join(missing)
+
+
+MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def broken_links(name: str, text: str) -> list[str]:
+    """Relative links of a tracked markdown file whose file or heading does not exist (web links skipped)."""
+    bad = []
+    for target in MARKDOWN_LINK.findall(text):
+        if "://" in target or target.startswith("mailto:"):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (ROOT / name).parent / path if path else ROOT / name
+        if not file.resolve().is_file():
+            bad.append(f"{name}: {target} (no such file)")
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file.read_text(encoding="utf-8")):
+            bad.append(f"{name}: {target} (no such heading)")
+    return bad
+
+
+def test_every_relative_markdown_link_resolves():
+    bad = [b for name, text in tracked_texts().items() if name.endswith(".md") for b in broken_links(name, text)]
+    assert not bad, "links to a missing file or heading:\n" + "\n".join(bad)
+
+
+def test_readme_is_a_guide_with_the_api_early():
+    """A newcomer finds the two commands, the demo's result, the API and export in the first 150 lines."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 300, f"README.md has {len(lines)} lines; move dated runs to docs/results.md"
+    first = "\n".join(lines[:150])
+    for needed in ("make demo", "make test", "## What the demo shows", "blitext.load(", "blitext export"):
+        assert needed in first, f"{needed!r} is not in README.md's first 150 lines"
