@@ -36,6 +36,7 @@ class ReportConfig:
     images: int = 24                 # test images in the grid
     thumbnail: int = 128             # pixels on a thumbnail's longer side
     title: str = "blitext report"
+    verdicts: list[str] | None = None  # the lines the caller already printed (the demo's); default: from the evals
 
 
 @dataclass
@@ -62,7 +63,7 @@ def write_report(config: ReportConfig) -> Path:
     runs = [RunEvals(label, path, load_records(path)) for label, path in zip(labels, paths)]
     rows, columns = compare_runs(paths)
     sections = [section("Comparison", table_html([*columns[:2], *labels], rows)),
-                section("Verdicts", "<ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in verdicts(runs)) + "</ul>")]
+                section("Verdicts", "<ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in (config.verdicts or verdicts(runs))) + "</ul>")]
     grid, classes = caption_sections(runs, config)
     sections += [grid, classes, curves_section(runs), budget_section(runs, config.budget)]
     page = PAGE.format(title=html.escape(config.title), body="\n".join(s for s in sections if s))

@@ -91,6 +91,7 @@ def run_demo(config: DemoConfig) -> dict:
     summary = report(work, runs, results, curves, costs, ceiling, data, c)
     write_json(work / "results.json", {"evaluations": results, "curves": curves, "costs": costs, "ceiling": ceiling,
                                        **summary})
+    say(f"  report (open in a browser): {write_page(work, runs, curves, summary['verdicts'])}")
     say(f"[green]demo finished[/] in {(time.perf_counter() - started) / 60:.1f} min: runs, evaluations and curves in {work}")
     return {"evaluations": results, "curves": curves, "costs": costs, "ceiling": ceiling, **summary}
 
@@ -216,6 +217,18 @@ def verdicts(results: dict, curves: dict, costs: dict, ceiling: dict, summ: dict
         lines.append("VQA: not run (--vqa-questions 0): SmolLM2-135M answers easy-VQA's questions below the "
                      "majority answer even given the caption as text, so its score cannot show anything")
     return lines
+
+
+def write_page(work: Path, runs: dict, curves: dict, lines: list[str]) -> Path:
+    """The report a person looks at (blitext report): the table, these verdicts, test images with every
+    variant's caption, the loss curves and the budget curve (budget.json beside the runs)."""
+    from blitext.evaluation.report import BUDGET_FILE, ReportConfig, write_report
+
+    write_json(work / BUDGET_FILE, {"metric": "exact match", "x": "stage-2 steps",
+                                    "runs": {LABELS[n]: [[p["step"], p["exact_match"]] for p in points[0]]
+                                             for n, points in curves.items()}})
+    return write_report(ReportConfig(runs=[str(s2) for _, s2 in runs.values()], labels=[LABELS[n] for n in runs],
+                                     out=str(work / "report.html"), verdicts=lines, title="blitext demo"))
 
 
 def _alignment_alone(runs: dict, curves: dict, ceiling: dict, data: Path, c: DemoConfig) -> None:
