@@ -18,9 +18,25 @@ from blitext.recipes import budget
 from blitext.recipes.recipe import Recipe, train_cell
 from blitext.training import read_metrics
 
-pytestmark = pytest.mark.slow
 
 
+def test_steps_to_goal_median_and_verdict_over_seeds():
+    curve = lambda *exact: [{"step": s, "exact_match": e, "CIDEr": 0.0} for s, e in zip((0, 10, 50, 200), exact)]
+    curves = {"baseline": [curve(0, 0.1, 0.5, 0.9), curve(0, 0.2, 0.6, 0.95), curve(0, 0, 0.3, 0.7)],
+              "pformer": [curve(0.4, 0.86, 0.9, 0.95), curve(0.3, 0.5, 0.9, 0.96), curve(0.2, 0.88, 0.9, 0.9)]}
+    assert budget.steps_to(curves["pformer"][1]) == 50 and budget.steps_to(curves["baseline"][2]) is None
+    summ = budget.summary(curves)
+    assert summ["pformer"] == {"steps_to_goal": [10, 50, 10], "median_steps_to_goal": 10, "all_reached": True}
+    assert summ["baseline"]["median_steps_to_goal"] == 200 and not summ["baseline"]["all_reached"]  # never = past 200
+    line = budget.verdict(summ, {"baseline": "B", "pformer": "P"})
+    assert line == ("B reaches 0.85 exact at stage-2 median step 200 (seeds: 200, 200, never); "
+                    "P reaches 0.85 exact at stage-2 median step 10 (seeds: 10, 50, 10)")
+    one = budget.summary({"pformer": curves["pformer"][:1], "baseline": [curve(0, 0, 0, 0.5)]})
+    assert budget.verdict(one, {"baseline": "B", "pformer": "P"}) == \
+        "P reaches 0.85 exact at stage-2 step 10; B never reaches 0.85 exact (1 seed)"
+
+
+@pytest.mark.slow
 def lm_losses(run: Path) -> list[float]:
     return [m["lm"] for m in read_metrics(run / "metrics.jsonl") if "lm" in m]
 
