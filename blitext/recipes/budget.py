@@ -27,7 +27,7 @@ def caption_config(adapter: Path, features: Path, data: Path, limit: int, out: P
     only where asked: the curve's inner points need exact match and CIDEr."""
     return EvalConfig(adapter=str(adapter), features=str(features), data=str(data / "captions_test.json"),
                       out=str(out), limit=limit, prompt="", num_beams=1, min_new_tokens=1, max_new_tokens=12,
-                      meteor=meteor)
+                      meteor=meteor, batch_size=50)
 
 
 def caption_metrics(adapter: Path, features: Path, data: Path, limit: int, meteor: str = "off") -> dict:
