@@ -131,3 +131,19 @@ def test_lookups_hold_when_hashes_are_not_uniform(tmp_path, monkeypatch):
     index = FeatureCache(tmp_path / "c").index
     assert [index.locate(k) for k in keys] == list(range(len(keys)))
     assert index.locate("COCO_train2014_000000009999") == -1
+
+
+def test_opening_a_cache_allocates_nothing_per_row(tmp_path):
+    """Opening maps the index: no dict or list of keys, no per-row list, in any process."""
+    import tracemalloc
+
+    _many(tmp_path / "c", n=5_000)
+    tracemalloc.start()
+    try:
+        cache = FeatureCache(tmp_path / "c")
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 60_000, peak  # a dict of 5,000 keys with their (shard, row) tuples is ~0.5 MB
+    assert held < 30_000, held  # ~13 KB (the manifest); a list of 5,000 row offsets alone is 40 KB
+    assert len(cache) == 5_000 and cache.keys[4_999] == "COCO_train2014_000000004999"
