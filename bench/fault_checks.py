@@ -98,3 +98,72 @@ def truncate(cache: Path) -> tuple[str, int]:
     shard = cache / "shard-00003.h5"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     return shard.name, 4
+
+
+def _chunk_key(shard: Path, row: int) -> int:
+    """Where row `row`'s key sits in the shard's chunk index (a v1 B-tree: chunk size, filter
+    mask, the chunk's coordinates, 8 bytes each; the chunk's address follows the key)."""
+    import struct
+
+    import h5py
+
+    with h5py.File(shard, "r") as f:
+        size, ndim = f["data"].id.get_chunk_info(0).size, f["data"].ndim
+    key = struct.pack("<II", size, 0) + struct.pack(f"<{ndim + 1}Q", row, *[0] * ndim)
+    return shard.read_bytes().index(key)
+
+
+def move_chunk(cache: Path) -> tuple[str, int]:
+    """One bit flipped in the chunk index: row 1's chunk claims row 3 (HDF5 then reads row 1 as zeros)."""
+    shard = cache / "shard-00001.h5"
+    raw = bytearray(shard.read_bytes())
+    raw[_chunk_key(shard, 1) + 8] ^= 0x02  # coordinate 1 -> 3
+    shard.write_bytes(bytes(raw))
+    return shard.name, 1
+
+
+def flip_chunk_address(cache: Path) -> tuple[str, int]:
+    """The top bit of row 2's chunk address (an address past 2**63: OverflowError before)."""
+    import h5py
+
+    shard = cache / "shard-00002.h5"
+    with h5py.File(shard, "r") as f:
+        ndim = f["data"].ndim
+    address = _chunk_key(shard, 2) + 8 + 8 * (ndim + 1)
+    raw = bytearray(shard.read_bytes())
+    raw[address + 7] ^= 0x80
+    shard.write_bytes(bytes(raw))
+    return shard.name, 1
+
+
+def flip_weights(folder: Path, count: int = 16) -> None:
+    """16 bytes of tensor data near the end of model.safetensors: the header still parses."""
+    path = folder / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    for i in range(count):
+        raw[-64 - 4 * i] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def whole_jsonl(path: Path) -> bool:
+    """Every line of a metrics log parses (no torn line left by a failed append)."""
+    try:
+        return all(json.loads(x) is not None for x in path.read_text().splitlines() if x.strip())
+    except ValueError:
+        return False
+
+
+def exif_photos(folder: Path) -> Path:
+    """The same random photo stored upright and stored sideways with EXIF orientation 6, + captions.jsonl."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    pixels = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).transpose(Image.Transpose.ROTATE_90).save(folder / "phone.png", exif=exif)
+    lines = [{"image": f"{n}.png", "caption": "a photo", "id": n} for n in ("upright", "phone")]
+    (folder / "captions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return folder

@@ -1,6 +1,6 @@
 """Injects faults into every phase and checks each is survived without losing work.
 
-    python bench/faults.py [--kills 2] [--seed 0]
+    python bench/faults.py [--kills 2] [--seed 0] [--cases all|issue22]
 
 A fault is survived when the job either finished correctly after the same command was run
 again (a cache identical byte for byte, final weights identical tensor for tensor, to an
@@ -15,6 +15,13 @@ file, and into a checkpoint's write); an unwritable cache folder (EACCES injecte
 flipped bits in every row of a shard, damaged HDF5 metadata, a truncated shard (each given
 to train-adapter); a damaged checkpoint given to --resume latest. Run as root, it also
 fills a real 1 MiB tmpfs and writes into a read-only mount.
+
+Issue 22's faults, all real: a row's chunk moved in a shard's chunk index and a chunk address
+flipped past 2**63 (each given to train-adapter); a real tmpfs filled while train-adapter appends
+metrics.jsonl (then freed, and --resume latest), and one too small for eval's results; `--out`
+naming a real file, and a path under it, for every command that writes a folder; 16 flipped
+bytes in final/model.safetensors loaded by eval, generate, export, blitext.load, --init and
+build-prompts; a photo stored sideways with EXIF orientation 6 against the same photo upright.
 
 Tiny random models as in tests/conftest.py; every process runs one intra-op thread (the
 condition for byte equality between runs). Writes results/faults.json with the git commit.
@@ -36,8 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 from common import write_result  # noqa: E402
-from fault_checks import (break_metadata, flip_rows, identical, is_cache, one_line_refusal,  # noqa: E402
-                          same_cache, same_weights, steps_lost, truncate)
+from fault_checks import (break_metadata, exif_photos, flip_chunk_address, flip_rows, flip_weights,  # noqa: E402
+                          identical, is_cache, move_chunk, one_line_refusal, same_cache, same_weights, steps_lost,
+                          truncate, whole_jsonl)
 
 BLITEXT = Path(sys.executable).parent / "blitext"
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 160, 60)}
@@ -298,6 +306,153 @@ def real_disk_faults(cmds: dict, tmp: Path, e: dict) -> list[dict]:
     return results
 
 
+def eval_command(w: dict, tmp: Path, *more: str) -> list[str]:
+    """eval caption of the reference stage-2 run on the world's 96 images (1 beam, 2 tokens: fast)."""
+    return ["eval", "caption", "--adapter", str(tmp / "ref" / "adapter stage 2"), "--features",
+            str(tmp / "ref" / "extract-features"), "--data", w["captions"], "--device", "cpu", "--num-beams", "1",
+            "--max-new-tokens", "2", "--min-new-tokens", "1", "--meteor", "off", "--spice", "off", *more]
+
+
+def refusal(name: str, phase: str, proc: subprocess.CompletedProcess, expect: str, extra: str = "") -> dict:
+    refused, line = one_line_refusal(proc)
+    return {"fault": name, "phase": phase, "injected": True, "survived": refused and expect in line,
+            "lost": 0 if refused else None, "detail": f"{line[:220]}{extra}"}
+
+
+def out_is_a_file_faults(w: dict, cmds: dict, tmp: Path, e: dict) -> list[dict]:
+    """--out naming a real file, and a path under one, for every command that writes a folder:
+    one line before any work, the file untouched."""
+    file = tmp / "notes.txt"
+    file.write_text("not a folder\n")
+    phases = {p: [*cmds[p], "--out"] for p in ("extract-features", "train-pformer", "build-prompts",
+                                                "adapter stage 1")}
+    phases["eval caption"] = [*eval_command(w, tmp), "--out"]
+    phases["export"] = ["export", str(tmp / "ref" / "adapter stage 2")]
+    results = []
+    for phase, cmd in phases.items():
+        for out in (file, file / "sub"):
+            proc = run([*cmd, str(out)], e)
+            result = refusal(f"--out {'a file' if out == file else 'under a file'}", phase, proc, "is a file")
+            result["survived"] &= file.read_text() == "not a folder\n"
+            results.append(result)
+    return results
+
+
+def damaged_weights_faults(w: dict, cmds: dict, tmp: Path, e: dict) -> list[dict]:
+    """16 flipped bytes in final/model.safetensors of copies of the reference runs, loaded by every
+    path that reads a run's weights: each refuses in one line naming the sha256 check."""
+    runs = {}
+    for phase in ("adapter stage 1", "adapter stage 2", "train-pformer"):
+        runs[phase] = tmp / f"damaged-{phase.replace(' ', '-')}"
+        shutil.copytree(tmp / "ref" / phase, runs[phase])
+        flip_weights(runs[phase] / "final")
+    s1, s2, pformer = runs["adapter stage 1"], runs["adapter stage 2"], runs["train-pformer"]
+    image = str(Path(w["captions"]).parent / "images" / "0.png")
+    load = ("import sys, blitext\nfrom blitext.errors import BlitextError\ntry:\n    blitext.load(sys.argv[1], "
+            "device='cpu')\nexcept BlitextError as e:\n    print('error:', e)\n    sys.exit(2)\n")
+    stage2 = list(cmds["adapter stage 2"])
+    stage2[stage2.index("--init") + 1] = str(s1)
+    loads = {
+        "eval caption": ["eval", "caption", *eval_command(w, tmp, "--out", str(tmp / "dmg-eval"))[2:]],
+        "generate": ["generate", "--adapter", str(s2), "--images", image, "--device", "cpu", "--max-new-tokens", "2"],
+        "export": ["export", str(s2), str(tmp / "dmg-export")],
+        "train-adapter --init": [*stage2, "--out", str(tmp / "dmg-init")],
+        "build-prompts": [*cmds["build-prompts"], "--out", str(tmp / "dmg-prompts")],
+    }
+    loads["eval caption"][loads["eval caption"].index("--adapter") + 1] = str(s2)
+    loads["build-prompts"][loads["build-prompts"].index("--pformer") + 1] = str(pformer)
+    results = [refusal("damaged weights", phase, run(cmd, e), "sha256") for phase, cmd in loads.items()]
+    proc = subprocess.run([sys.executable, "-c", load, str(s2)], capture_output=True, text=True, env=e, timeout=600)
+    results.append(refusal("damaged weights", "blitext.load", proc, "sha256"))
+    return results
+
+
+def fill(path: Path) -> None:
+    """Write zeros to `path` until the disk holding it is full."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(bytes(1 << 20))
+                f.flush()
+        except OSError:
+            pass
+
+
+def metrics_full_disk_fault(cmds: dict, tmp: Path, e: dict) -> dict | None:
+    """A real tmpfs filled while train-adapter runs (after its first checkpoint; it logs every
+    step): one line and a whole metrics.jsonl; space freed, --resume latest ends identical."""
+    disk = tmp / "metrics-disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or not mount(["-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)]):
+        return None
+    phase, ref, out = "adapter stage 1", tmp / "ref" / "adapter stage 1", disk / "run"
+    try:
+        cmd = [str(BLITEXT), *cmds[phase], "--out", str(out)]
+        proc = subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: (out / "checkpoints" / "latest").exists(), proc)
+        injected = proc.poll() is None
+        fill(disk / "filler")
+        stdout, stderr = proc.communicate()
+        refused, line = one_line_refusal(subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr))
+        whole, logged = whole_jsonl(out / "metrics.jsonl"), len((out / "metrics.jsonl").read_text().splitlines())
+        (disk / "filler").unlink()
+        again = run([*cmds[phase], "--out", str(out), "--resume", "latest"], e)
+        same, lost = identical(phase, ref, out) if again.returncode == 0 else (False, None)
+    finally:
+        subprocess.run(["umount", str(disk)])
+    return {"fault": "disk full at a metrics append (real tmpfs)", "phase": phase, "injected": injected,
+            "survived": refused and "no space left" in line and whole and again.returncode == 0 and same,
+            "lost": lost, "detail": f"{line[:200]} | metrics.jsonl {'whole' if whole else 'TORN'} ({logged} lines) "
+                                    f"| --resume latest exit {again.returncode}, {'identical' if same else 'DIFFERENT'}"}
+
+
+def eval_full_disk_fault(w: dict, tmp: Path, e: dict) -> dict | None:
+    """eval's results written to a real one-page tmpfs (predictions.json is larger): one line,
+    no temp file left; on a larger disk the same eval writes them."""
+    disk = tmp / "eval-disk"
+    disk.mkdir()
+    page = os.sysconf("SC_PAGE_SIZE")
+    if os.geteuid() != 0 or not mount(["-t", "tmpfs", "-o", f"size={page}", "tmpfs", str(disk)]):
+        return None
+    try:
+        cmd = eval_command(w, tmp, "--out", str(disk / "eval"))
+        result = refusal("disk full at eval's results (real tmpfs)", "eval caption", run(cmd, e), "no space left")
+        leftovers = [p.name for p in disk.rglob("*") if ".tmp" in p.name]
+        mount(["-o", "remount,size=16m", str(disk)])
+        again = run(cmd, e)
+        written = (disk / "eval" / "metrics.json").exists()
+    finally:
+        subprocess.run(["umount", str(disk)])
+    result["survived"] &= not leftovers and again.returncode == 0 and written
+    result["detail"] += f" | temp files left: {len(leftovers)} | rerun exit {again.returncode}, metrics.json " \
+                        f"{'written' if written else 'MISSING'}"
+    return result
+
+
+def exif_fault(w: dict, tmp: Path, e: dict) -> dict:
+    """A photo stored sideways with EXIF orientation 6: its cached row equals the upright photo's."""
+    from blitext.cache import FeatureCache
+
+    data, out = exif_photos(tmp / "exif"), tmp / "exif-cache"
+    proc = run(["extract-features", "--data", str(data), "--vision-encoder", w["vit"], "--batch-size", "2",
+                "--num-workers", "0", "--device", "cpu", "--out", str(out)], e)
+    same = proc.returncode == 0 and (FeatureCache(out)["phone"] == FeatureCache(out)["upright"]).all()
+    return {"fault": "EXIF-rotated photo", "phase": "extract-features", "injected": True, "survived": bool(same),
+            "lost": 0 if same else 1, "detail": f"extract exit {proc.returncode}; the sideways photo's row "
+                                                 f"{'equals' if same else 'DIFFERS from'} the upright one's"}
+
+
+def issue22_faults(w: dict, cmds: dict, tmp: Path, e: dict) -> list[dict]:
+    results = [damaged_cache_fault(name, w, cmds, damage, e, tmp)
+               for name, damage in (("chunk moved in the index", move_chunk),
+                                    ("chunk address flipped", flip_chunk_address))]
+    results += out_is_a_file_faults(w, cmds, tmp, e)
+    results += damaged_weights_faults(w, cmds, tmp, e)
+    results += [r for r in (metrics_full_disk_fault(cmds, tmp, e), eval_full_disk_fault(w, tmp, e)) if r]
+    results.append(exif_fault(w, tmp, e))
+    return results
+
+
 # ---------------------------------------------------------------- main
 
 def git_commit() -> str:
@@ -311,6 +466,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kills", type=int, default=3, help="kill -9 trials per phase")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cases", choices=("all", "issue22"), default="all", help="issue22: only issue 22's faults")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     started = time.perf_counter()
@@ -330,9 +486,14 @@ def main() -> None:
             print(row(result), flush=True)
 
         for phase in ("extract-features", "train-pformer", "adapter stage 1", "adapter stage 2"):
-            for k in range(args.kills):
+            for k in range(args.kills if args.cases == "all" else 0):
                 add(kill_fault(phase, cmds[phase], tmp / "ref" / phase, tmp / f"kill-{phase.replace(' ', '-')}-{k}",
                                work[phase], rng, e))
+        for result in issue22_faults(w, cmds, tmp, e):
+            add(result)
+        if args.cases == "issue22":
+            cases_done(results, args, started, work)
+            return
         one_shard = (tmp / "ref" / "extract-features" / "shard-00000.h5").stat().st_size
         add(write_fault("disk full (injected)", "extract-features", cmds["extract-features"],
                         tmp / "ref" / "extract-features", tmp / "enospc-cache",
@@ -349,15 +510,21 @@ def main() -> None:
         add(damaged_checkpoint_fault(cmds, tmp, e))
         for result in real_disk_faults(cmds, tmp, e):
             add(result)
+    cases_done(results, args, started, work)
+
+
+def cases_done(results: list[dict], args, started: float, work: dict) -> None:
     injected = [r for r in results if r["injected"]]
     lost = [r["lost"] for r in injected if r["lost"] is not None]
     summary = {"injected": len(injected), "survived": sum(r["survived"] for r in injected),
                "lost": sum(lost), "lost_unknown": sum(r["lost"] is None for r in injected)}
     print_table(results, summary)
-    write_result("faults", {"command": "python bench/faults.py", "git_commit": git_commit(), "seed": args.seed,
-                            "kills_per_phase": args.kills, "minutes": round((time.perf_counter() - started) / 60, 1),
-                            "reference_work_seconds": {k: round(v, 2) for k, v in work.items()},
-                            "summary": summary, "faults": results})
+    name = "faults" if args.cases == "all" else "faults_issue22"
+    write_result(name, {"command": f"python bench/faults.py --kills {args.kills} --cases {args.cases}",
+                        "git_commit": git_commit(), "seed": args.seed, "kills_per_phase": args.kills,
+                        "minutes": round((time.perf_counter() - started) / 60, 1),
+                        "reference_work_seconds": {k: round(v, 2) for k, v in work.items()},
+                        "summary": summary, "faults": results})
 
 
 def row(r: dict) -> str:
