@@ -34,9 +34,11 @@ def test_captions_equal_the_generate_command_on_the_same_images(tmp_path, world,
     result = CliRunner().invoke(app, ["generate", "--adapter", str(runs["s2"]), "--images", *map(str, paths),
                                       "--device", "cpu", "--out", str(out)])
     assert result.exit_code == 0, result.output
+    batched = model.caption(paths, **FAST)
+    assert len(set(batched)) > 1, batched  # images get captions of their own: a misrouted one would show
     assert model.caption(paths) == [r["text"] for r in json.loads(out.read_text())]  # both at the run's settings
     one_at_a_time = blitext.load(runs["s2"], device="cpu", batch_size=1)
-    assert one_at_a_time.caption(paths, **FAST) == model.caption(paths, **FAST)
+    assert one_at_a_time.caption(paths, **FAST) == batched
 
 
 def test_paths_pil_images_and_pixel_tensors_give_the_same_caption(world, model):  # noqa: F811
@@ -45,6 +47,8 @@ def test_paths_pil_images_and_pixel_tensors_give_the_same_caption(world, model):
     pixels = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)  # (3, H, W) uint8
     expected = model.caption(path, **FAST)
     assert isinstance(expected, str)
+    black = torch.zeros_like(pixels)  # what [0, 1] floats read as 0-255 pixels would look like
+    assert model.caption(black, **FAST) != expected  # so a wrong pixel scale would show
     assert model.caption(pil, **FAST) == expected
     assert model.caption(pixels, **FAST) == expected
     assert model.caption(pixels.float() / 255, **FAST) == expected

@@ -49,7 +49,26 @@ def read(path: Path):
 
 # ---------------------------------------------------------------- captioning
 
-def test_caption_eval_scores_equal_caption_scores_on_its_predictions(world, runs):  # noqa: F811
+def stub_captions(monkeypatch, world) -> dict[str, str]:  # noqa: F811
+    """Make eval's generation caption each image by what its features are: even images with their
+    own first reference, odd ones with a near miss. Metrics are then neither 0 nor 100, and a
+    prediction filed under another image would show. Returns image id -> caption."""
+    import blitext.evaluation.evaluate as evaluate
+
+    cache = FeatureCache(world["features"])
+    records = read_image_set(world["captions"]).records
+    wanted = {r.id: r.captions[0] if n % 2 == 0 else "a red square moves left" for n, r in enumerate(records)}
+    rows = {key: torch.from_numpy(cache[key]).float() for key in cache.keys}
+
+    def by_features(adapter, llm, features, mask, texts, settings):
+        return [wanted[next(k for k, row in rows.items() if torch.equal(row, f.float()))] for f in features]
+
+    monkeypatch.setattr(evaluate, "generate_texts", by_features)
+    return wanted
+
+
+def test_caption_eval_scores_equal_caption_scores_on_its_predictions(world, runs, monkeypatch):  # noqa: F811
+    wanted = stub_captions(monkeypatch, world)
     result = eval_caption(common(world, runs, limit=N_IMAGES, tokenizer="python", meteor="off", spice="off"))
     out = runs["s2"] / "eval" / "caption-captions_train"  # the default folder
     metrics, predictions = read(out / "metrics.json"), read(out / "predictions.json")
@@ -57,12 +76,14 @@ def test_caption_eval_scores_equal_caption_scores_on_its_predictions(world, runs
     assert metrics["unavailable"] == {"METEOR": "turned off", "SPICE": "turned off"}
     assert metrics["adapter_fingerprint"].startswith("adapter-s2") and metrics["settings"]["num_beams"] == 2
     assert [p["image_id"] for p in predictions] == [f"img{i}" for i in range(N_IMAGES)]
+    assert all(p["caption"] == wanted[p["image_id"]] for p in predictions)
     refs = {r.id: list(r.captions) for r in read_image_set(world["captions"]).records[:N_IMAGES]}
     direct = caption_scores(refs, {p["image_id"]: p["caption"] for p in predictions}, "python", "off", "off")
     expected = {k: v for k, v in direct.as_dict().items() if isinstance(v, float)}
     assert set(expected) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"}
     exact = sum(p["caption"].lower().strip(" .") in [c.lower() for c in refs[p["image_id"]]] for p in predictions)
     assert metrics["metrics"] == {**expected, "exact_match": exact / N_IMAGES}
+    assert 0 < expected["Bleu_1"] < 1 and exact == N_IMAGES // 2  # scores that a mis-pairing would change
 
 
 def test_caption_exact_match_ignores_case_punctuation_and_spaces():
@@ -276,7 +297,7 @@ def retrieval(world, runs, tmp_path_factory) -> dict:  # noqa: F811
 
 
 def itc_and_itm(world, runs):  # noqa: F811
-    """The test's own ITC matrix (n_images, n_texts) and image 0's ITM scores, from the raw Q-Former calls."""
+    """The test's own ITC matrix and ITM matrix (n_images, n_texts), from the raw Q-Former calls."""
     adapter = load_adapter(runs["s1"])
     model = adapter.model
     records = read_image_set(world["captions"]).records[:N_IMAGES]
@@ -289,18 +310,18 @@ def itc_and_itm(world, runs):  # noqa: F811
         itc = torch.einsum("iqe,te->iqt", image, text).max(1).values
         q = model.num_query
         att = torch.cat([torch.ones(len(texts), q, dtype=torch.long), tok.attention_mask], 1)
-        joint = model.joint_output(tok.input_ids, feats[:1].float().expand(len(texts), -1, -1), att)
-        itm0 = model.itm_head(joint[:, :q])[..., 1].mean(1)
+        itm = torch.stack([model.itm_head(model.joint_output(tok.input_ids, feats[i:i + 1].float().expand(len(texts), -1, -1),
+                                                             att)[:, :q])[..., 1].mean(1) for i in range(len(records))])
     keys = [caption_key(r.id, n) for r in records for n in range(len(r.captions))]
-    return itc, itm0, keys
+    return itc, itm, keys
 
 
-def ranked_by(scores: list[float], k: int, tol: float = 1e-5) -> bool:
-    """scores (the test's own, in predicted order): the first k are the k best and the rest keep
-    descending order, up to the float noise of a different batching (the tiny model's ITC values
-    are near-ties)."""
-    head, tail = scores[:k], scores[k:]
-    return descending(tail, tol) and (not tail or min(head) >= max(tail) - tol)
+def reranked(itc: list[float], both: list[float], k: int, tol: float = 1e-5) -> bool:
+    """Scores of one query's candidates in predicted order: the first k are ITC's k best, ordered by
+    ITM + ITC (`both`); the rest keep ITC's descending order (up to the float noise of a different
+    batching)."""
+    head, tail = itc[:k], itc[k:]
+    return descending(both[:k], tol) and descending(tail, tol) and (not tail or min(head) >= max(tail) - tol)
 
 
 def descending(scores: list[float], tol: float = 1e-5) -> bool:
@@ -308,8 +329,12 @@ def descending(scores: list[float], tol: float = 1e-5) -> bool:
 
 
 def test_retrieval_reranks_only_inside_the_top_k(world, runs, retrieval):  # noqa: F811
-    itc, itm0, keys = itc_and_itm(world, runs)
-    assert itc.shape == (N_IMAGES, 8)
+    itc, itm, keys = itc_and_itm(world, runs)
+    assert itc.shape == itm.shape == (N_IMAGES, 8)
+    # images rank the texts differently, and ITM reorders ITC: a misrouted query or score would show
+    assert len({tuple(row.argsort().tolist()) for row in itc}) > 1
+    assert len({tuple(row.argsort().tolist()) for row in itm + itc}) > 1
+    both = itm + itc
     for k in (1, 3, 128):
         result = retrieval[k]
         m = result["metrics"]
@@ -319,12 +344,12 @@ def test_retrieval_reranks_only_inside_the_top_k(world, runs, retrieval):  # noq
         predictions = read(result["out"] / "predictions.json")
         for i, row in enumerate(predictions["image_to_text"]):
             assert sorted(row["top10"]) == sorted(keys)
-            assert ranked_by([float(itc[i, keys.index(t)]) for t in row["top10"]], k), (k, i, row)
+            order = [keys.index(t) for t in row["top10"]]
+            assert reranked(itc[i, order].tolist(), both[i, order].tolist(), k), (k, i, row)
         for j, row in enumerate(predictions["text_to_image"]):
-            assert ranked_by([float(itc[int(x[3:]), j]) for x in row["top10"]], k), (k, j, row)
-    # k >= all candidates: image 0's texts are ranked by ITM logit + ITC alone
+            order = [int(x[3:]) for x in row["top10"]]
+            assert reranked(itc[order, j].tolist(), both[order, j].tolist(), k), (k, j, row)
     top = read(retrieval[128]["out"] / "predictions.json")["image_to_text"][0]["top10"]
-    assert descending([float(itm0[keys.index(t)] + itc[0, keys.index(t)]) for t in top])
     assert top != read(retrieval[1]["out"] / "predictions.json")["image_to_text"][0]["top10"]  # ITM did reorder
 
 

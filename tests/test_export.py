@@ -12,13 +12,14 @@ from typer.testing import CliRunner
 
 import blitext
 from blitext.adapter.image import AdapterConfig, train_adapter
+from blitext.cache import FeatureCache
 from blitext.cli.main import app
 from blitext.errors import BlitextError
 from blitext.export import ExportConfig, export_run
 from blitext.features.image import ExtractConfig, extract_features
 from blitext.models.adapter_checkpoint import load_adapter
 from blitext.models.loading import load_vision_encoder
-from conftest import make_tokenizer
+from conftest import assert_tells_apart, make_tokenizer
 from test_adapter import N_PROMPT, write_images
 from test_pformer_train import dropout_free_bert
 from test_t5 import make_t5_folder
@@ -43,6 +44,9 @@ def blip2_world(tmp_path_factory, vision_folders, llm_folders, bert_folder) -> d
     features = root / "features"
     extract_features(ExtractConfig(data=str(captions), out=str(features), vision_encoder=str(vision_folders["blip2"]),
                                    batch_size=4, shard_size=8, num_workers=0, device="cpu"))
+    rows, _ = FeatureCache(features).get_batch(FeatureCache(features).keys[:4])
+    for i in range(3):  # parity below means something only if each image has features of its own
+        assert_tells_apart(rows[i], rows[i + 1], f"the tiny BLIP-2 tower's features of images {i} and {i + 1}")
     common = dict(features=str(features), captions=[str(captions)], text_encoder=str(bert), batch_size=4,
                   warmup_steps=1, lr=1e-3, n_prompt=N_PROMPT, w_align=0.0, device="cpu", embed_dim=16, log_every=1)
     s1 = root / "s1"
@@ -85,6 +89,7 @@ def test_stage2_exports_to_blip2_for_conditional_generation_with_the_same_token_
                                       s.length_penalty)
     pad = model.llm.tokenizer.pad_token_id
     strip = lambda ids: [[t for t in row if t != pad] for row in ids.tolist()]  # noqa: E731
+    assert len({tuple(row) for row in strip(ours)}) > 1, strip(ours)  # images get captions of their own
     assert strip(hf_ids) == strip(ours)
     texts = [t.split("\n")[0].strip() for t in processor.batch_decode(hf_ids, skip_special_tokens=True)]
     assert texts == model.caption(images)
@@ -124,6 +129,8 @@ def test_stage1_exports_to_blip2_for_image_text_retrieval_with_the_same_scores(t
         att = torch.cat([torch.ones(2, N_PROMPT, dtype=torch.long), tok.attention_mask], dim=1)
         joint = q.joint_output(tok.input_ids, visual, att)
         ours_itm = q.itm_head(joint[:, :N_PROMPT]).mean(1)
+    assert_tells_apart(ours_itc[0], ours_itc[1], "two images' ITC scores", 1e-4)  # a misrouted image would show
+    assert_tells_apart(ours_itm[0], ours_itm[1], "two pairs' ITM logits", 1e-4)
     torch.testing.assert_close(itc, ours_itc, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(itm, ours_itm, rtol=1e-4, atol=1e-5)
 
@@ -138,11 +145,11 @@ def test_other_encoders_export_the_adaptor_alone(tmp_path, world_vit):
     config = json.loads((out / "config.json").read_text())
     assert config["vision_encoder"]["encoder"] and config["llm"]["name"] and config["end_of_text"] == "\n"
     adapter = load_adapter(run)
-    from blitext.cache import FeatureCache
-
     visual, _ = FeatureCache(features).get_batch(FeatureCache(features).keys[:3])
     with torch.no_grad():
-        assert torch.equal(loaded(visual.float()), adapter.model.prompts(visual.float()))
+        ours = adapter.model.prompts(visual.float())
+        assert torch.equal(loaded(visual.float()), ours)
+    assert_tells_apart(ours[0], ours[1], "the adaptor's prompts for two images")
 
 
 def test_refusals_are_one_line(tmp_path, blip2_world):

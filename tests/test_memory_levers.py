@@ -3,7 +3,9 @@ recomputed in backward: the same numbers) and --precision (bf16 autocast on CPU 
 a GPU); and the trainer skeleton they share."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from typer.testing import CliRunner
 from blitext.adapter.image import train_adapter
 from blitext.cli.main import app
 from blitext.errors import BlitextError
-from blitext.loop import Precision
+from blitext.loop import Precision, TrainerLoop, resume_run
 from blitext.pformer.train import train_pformer
 from blitext.training import read_metrics
 from test_adapter import config, world  # noqa: F401
@@ -34,6 +36,32 @@ def test_grad_checkpointing_changes_no_number_of_stage2(tmp_path, world):  # noq
     a, b = load_file(tmp_path / "plain" / "final" / "model.safetensors"), load_file(tmp_path / "ckpt" / "final" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not torch.equal(a["llm_proj.weight"], load_file(tmp_path / "s1" / "final" / "model.safetensors")["llm_proj.weight"])
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama", "gpt2"])
+def test_checkpoint_layers_wraps_every_layer_and_recomputes_it_in_backward(kind, llm_folders):
+    """Same numbers alone would also hold if checkpointing did nothing: count the work instead.
+    Each decoder layer's attention runs once in forward and again when backward recomputes it."""
+    from blitext.models.loading import load_llm
+
+    llm = load_llm(str(llm_folders[kind]))
+    layers = [m for m in llm.model.modules() if type(m).__name__.endswith(("DecoderLayer", "Block"))]
+    calls = {id(layer): 0 for layer in layers}
+    for layer in layers:
+        attention = next(c for name, c in layer.named_children() if "attn" in name)
+        attention.register_forward_hook(lambda m, i, o, key=id(layer): calls.__setitem__(key, calls[key] + 1))
+
+    def one_backward() -> list[int]:
+        for key in calls:
+            calls[key] = 0
+        prompts = torch.randn(2, 4, llm.width, requires_grad=True)
+        llm.lm_loss(prompts, llm.lm_batch(["a red circle", "two dogs"], "\n", 16)).backward()
+        assert prompts.grad.abs().sum() > 0
+        return list(calls.values())
+
+    assert one_backward() == [1] * len(layers)
+    assert llm.checkpoint_layers() == len(layers) == llm.model.config.num_hidden_layers
+    assert one_backward() == [2] * len(layers)  # forward, then the recomputation in backward
 
 
 def test_pformer_grad_checkpointing_and_bf16_from_the_cli(tmp_path, llm_folders, bert_folder):
@@ -105,3 +133,51 @@ def test_accumulation_refusals(tmp_path, world):  # noqa: F811
         config(world, tmp_path / "x", stage=2, accum_steps=0)
     with pytest.raises(BlitextError, match=r"ranks x --accum-steps \(3\)"):
         train_adapter(config(world, tmp_path / "y", stage=2, max_steps=1, batch_size=4, accum_steps=3))
+
+
+# ---------------------------------------------------------------- fp16's loss scaler
+
+class ScaledLoop(TrainerLoop):
+    """A one-Linear trainer whose fp16 loss scaler runs on CPU (torch.amp.GradScaler('cpu')): the
+    bookkeeping of --precision fp16 without a GPU. Step 1's loss is inf, so that step is skipped
+    and the scale halves; every 2 good steps it doubles."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model, "cpu", SimpleNamespace(rank=0, world=1, is_main=True), None, None)
+        self.precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=2)
+        self.scales = []
+
+    def train_step(self, step, steps, batch):
+        self.scales.append(self.precision.scaler.get_scale())
+
+        def micro():
+            loss = self.model(torch.ones(1, 2)).pow(2).sum()
+            return {}, loss * float("inf") if step == 1 else loss
+        return self.accumulated(micro, (), lambda: None, None, max_grad_norm=1.0)
+
+
+def scaled_run(run: Path, start_at_resume: bool, steps: int = 5) -> tuple[list[float], torch.Tensor]:
+    """(the loss scale each step saw, the final weight) of ScaledLoop, in one go or resumed from step 2."""
+    config = SimpleNamespace(precision="fp32", accum_steps=1, batch_size=1, save_every=2, log_every=1,
+                             resume="latest" if start_at_resume else None)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    start, _ = resume_run(run, config, model, optimizer, {})
+    loop = ScaledLoop(config, model)
+    loop.run(start, steps, run, optimizer, {})
+    return loop.scales, model.weight.detach().clone()
+
+
+def test_fp16_loss_scale_is_checkpointed_and_restored_on_resume(tmp_path):
+    scales, weight = scaled_run(tmp_path / "a", False)
+    assert scales == [2.0 ** 16, 2.0 ** 16, 2.0 ** 15, 2.0 ** 15, 2.0 ** 16]  # halved by the inf step, then grown
+    saved = json.loads((tmp_path / "a" / "checkpoints" / "step-0000004" / "state.json").read_text())
+    assert saved["grad_scaler"]["scale"] == 2.0 ** 16 and saved["grad_scaler"]["_growth_tracker"] == 0
+    # a run stopped after step 2's checkpoint resumes with the scale (and growth count) it had
+    scaled_run(tmp_path / "b", False, steps=3)
+    assert json.loads((tmp_path / "b" / "checkpoints" / "step-0000002" / "state.json").read_text())["grad_scaler"] == \
+        {"scale": 2.0 ** 15, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2, "_growth_tracker": 0}
+    resumed, resumed_weight = scaled_run(tmp_path / "b", True)
+    assert resumed == scales[2:]
+    assert torch.equal(resumed_weight, weight)

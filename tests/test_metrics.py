@@ -244,8 +244,16 @@ def test_rerank_changes_order_only_inside_top_k():
     assert set(retrieval_recall(out, truth, sim_t2i=out)) >= {"txt_r1", "img_r10", "r_mean"}
 
 
-def test_teacher_forced_accuracy_still_importable_from_metrics():
-    assert callable(teacher_forced_accuracy)
+def test_teacher_forced_accuracy_counts_only_real_target_tokens():
+    from blitext.losses import IGNORE_INDEX
+
+    class FakeLLM:  # five positions: three real targets (two predicted), two ignored (one "predicted")
+        def target_logits(self, prompts, batch):
+            logits = torch.full((5, 4), -1.0)
+            logits[torch.arange(5), torch.tensor([2, 1, 3, 0, 0])] = 1.0
+            return logits, torch.tensor([2, 1, 0, IGNORE_INDEX, IGNORE_INDEX])
+
+    assert teacher_forced_accuracy(FakeLLM(), torch.zeros(1, 1, 4), None) == pytest.approx(2 / 3)
 
 
 def test_retrieval_refuses_nan_similarities():

@@ -106,10 +106,11 @@ def test_input_errors_quote_the_values():
         nearest_rows(bad, matrix)
 
 
-def test_choose_backend_names_a_backend():
+def test_choose_backend_is_torch_at_every_measured_size():
+    # bench/results/nearest.json: no size had FAISS reliably faster on this machine (the docstring's table)
     for n in (1, 32, 256, 2048, 8192, 100_000):
         for v, d in ((49_152, 576), (50_272, 2560), (30_522, 768), (100, 8)):
-            assert choose_backend(n, v, d) in ("faiss", "torch")
+            assert choose_backend(n, v, d) == "torch", (n, v, d)
 
 
 @pytest.mark.parametrize("first", ["torch", "faiss"])

@@ -15,7 +15,7 @@ from blitext.cache.verify import cache_info, verify_cache
 from blitext.errors import BlitextError
 from blitext.pformer.train import PFormerConfig, train_pformer
 from blitext.pformer.prompts import BuildPromptsConfig, PromptCache, build_prompts, load_pformer
-from conftest import BERT_WORDS
+from conftest import BERT_WORDS, assert_tells_apart
 
 BIN = Path(sys.executable).parent
 WORDS = [w for w in BERT_WORDS if w.isalpha() and w.islower()]
@@ -71,6 +71,10 @@ def test_compact_and_full_stores_give_the_pformers_own_prompts(tmp_path, pformer
     assert a.keys == b.keys == keys  # caption keys <image_id>#<k>, in file order
     pa, pb = a.get_batch(keys), b.get_batch(keys)
     assert pa.shape == (9, N_PROMPT, D_LLM) and pa.dtype == torch.float32
+    # the closest two captions' prompts are further apart than any tolerance below (2e-3 at most)
+    i, j = min(((i, j) for i in range(9) for j in range(i + 1, 9) if texts[i] != texts[j]),
+               key=lambda ij: float((pa[ij[0]] - pa[ij[1]]).abs().max()))
+    assert_tells_apart(pa[i], pa[j], f"the P-Former's prompts for {texts[i]!r} and {texts[j]!r}", 2e-3)
     torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(a["img3#1"], pb[keys.index("img3#1")], rtol=1e-6, atol=1e-6)
 

@@ -91,9 +91,13 @@ def test_a_trained_adaptor_captions_its_training_images_in_eval_mode(session_cac
     rows = FeatureCache(features).get_batch([e["image_id"] for e in entries])[0].float()
     with torch.no_grad():
         eval_loss = float(llm.lm_loss(adapter.model.prompts(rows), tgt))
+        # each caption after another image's prompts: an adaptor that ignored the image would not notice
+        shuffled_loss = float(llm.lm_loss(adapter.model.prompts(rows.roll(1, 0)), tgt))
         adapter.model.train()
         train_loss = float(llm.lm_loss(adapter.model.prompts(rows), tgt))
+        adapter.model.eval()
     assert eval_loss < 0.1 and abs(eval_loss - train_loss) < 0.02, (eval_loss, train_loss, losses(run, "lm")[-3:])
+    assert shuffled_loss > eval_loss + 0.5, (shuffled_loss, eval_loss)
 
     out = tmp_path / "generated.json"
     g = CliRunner().invoke(app, ["generate", "--adapter", str(run), "--images", str(captions), "--prompt", "",

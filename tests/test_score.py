@@ -16,7 +16,7 @@ from blitext.errors import BlitextError
 from blitext.evaluation.evaluate import eval_caption, eval_vqa
 from blitext.evaluation.score import ScoreConfig, score_caption, score_vqa
 from test_adapter import world  # noqa: F401  (fixtures of the eval test below)
-from test_eval import N_IMAGES, common, runs, write_vqav2  # noqa: F401
+from test_eval import N_IMAGES, common, runs, stub_captions, write_vqav2  # noqa: F401
 from test_metrics import PYTHON_TOLERANCE, VECTOR_EXPECTED, VECTOR_HYPS, VECTOR_REFS
 
 CAPTION_KEYS = {"bleu_1": "Bleu_1", "bleu_2": "Bleu_2", "bleu_3": "Bleu_3", "bleu_4": "Bleu_4", "rouge_l": "ROUGE_L",
@@ -202,9 +202,12 @@ def test_score_help_shows_the_defaults():
 
 # ---------------------------------------------------------------- eval's own predictions
 
-def test_score_of_evals_predictions_is_evals_metrics(tmp_path, world, runs):  # noqa: F811
+def test_score_of_evals_predictions_is_evals_metrics(tmp_path, world, runs, monkeypatch):  # noqa: F811
     metric_options = dict(tokenizer="python", meteor="off", spice="off")
-    evaluated = eval_caption(common(world, runs, limit=N_IMAGES, out=str(tmp_path / "caption"), **metric_options))
+    with monkeypatch.context() as m:  # captions whose scores are neither 0 nor perfect
+        stub_captions(m, world)
+        evaluated = eval_caption(common(world, runs, limit=N_IMAGES, out=str(tmp_path / "caption"), **metric_options))
+    assert 0 < evaluated["metrics"]["Bleu_1"] < 1 and 0 < evaluated["metrics"]["CIDEr"]
     scored = score_caption(ScoreConfig(predictions=str(tmp_path / "caption" / "predictions.json"),
                                        data=str(world["captions"]), limit=N_IMAGES, out=str(tmp_path / "s1"),
                                        **metric_options))

@@ -24,7 +24,7 @@ from blitext.pformer.train import PFormerConfig, train_pformer
 from blitext.pformer.prompts import BuildPromptsConfig, build_prompts
 from blitext.training import read_metrics
 from blitext.adapter.video import VideoAdapterConfig, VideoLoop, train_video_adapter
-from conftest import make_tokenizer
+from conftest import assert_tells_apart, make_llm_folder
 from test_pformer_train import dropout_free_bert
 
 N_PROMPT = 4
@@ -62,16 +62,9 @@ def write_captions(path: Path, n: int) -> Path:
 
 
 def responsive_llm(folder: Path) -> Path:
-    """A tiny random OPT initialised wider than transformers' std 0.02, at which its logits hardly depend
-    on the input: prompts trained for 12 steps moved its loss by 0.01 there, by 0.6 at std 0.2."""
-    import transformers as tf
-
+    """conftest's tiny OPT (std 0.2, so its loss moves with the prompts) from seed 0."""
     torch.manual_seed(0)
-    make_tokenizer(folder)
-    config = tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=300,
-                          word_embed_proj_dim=32, max_position_embeddings=128, init_std=0.2)
-    tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    return folder
+    return make_llm_folder("opt", folder)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +131,13 @@ def test_starts_as_the_bert_it_came_from(bert_folder):
     torch.testing.assert_close(model.transformer(inputs_embeds=embeds).last_hidden_state,
                                encoder.model.eval()(inputs_embeds=embeds).last_hidden_state)
     rebuilt = VideoAdapter.from_description(json.loads(json.dumps(model.describe())))
-    assert rebuilt.load_state_dict(model.state_dict()) is not None
+    rebuilt.load_state_dict(model.state_dict())  # strict: every tensor has its place
+    feats, mask = torch.randn(2, 7, D_IN), torch.tensor([[True] * 7, [True] * 3 + [False] * 4])
+    with torch.no_grad():
+        ours = model.prompts(feats, mask)
+        assert rebuilt.n_prompt == model.n_prompt
+        torch.testing.assert_close(rebuilt.eval().prompts(feats, mask), ours, rtol=0, atol=0)
+    assert_tells_apart(ours[0], ours[1], "the video adaptor's prompts for two clips")
 
 
 # ---------------------------------------------------------------- training runs

@@ -20,7 +20,7 @@ from blitext.errors import BlitextError
 from blitext.features.video import VideoExtractConfig, extract_video_features
 from blitext.models.i3d import InceptionI3d
 from blitext.models.video import Segmenting, load_video_encoder
-from conftest import make_vision_folder
+from conftest import assert_tells_apart, make_vision_folder
 
 BIN = Path(sys.executable).parent
 
@@ -60,20 +60,6 @@ def shapes(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def i3d_checkpoint(tmp_path_factory) -> Path:
-    """Random weights (BN statistics too) saved as pytorch-i3d saves rgb_imagenet.pt."""
-    torch.manual_seed(0)
-    net = InceptionI3d()
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm3d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("i3d") / "rgb_imagenet.pt"
-    torch.save(net.state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def vit(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     return make_vision_folder("vit", tmp_path_factory.mktemp("vit") / "vit")
@@ -103,9 +89,15 @@ def test_i3d_encoder_from_checkpoint_gives_one_1024_vector_per_segment(i3d_check
     assert stacks.shape == (3, 16, 32, 32, 3) and feats.shape == (3, 1024) and torch.isfinite(feats).all()
     net = InceptionI3d().eval()
     net.load_state_dict(torch.load(i3d_checkpoint, weights_only=True))
-    x = torch.from_numpy(frames[24:40]).permute(3, 0, 1, 2)[None].float() / 255 * 2 - 1  # pytorch-i3d's [-1, 1]
+    clip = lambda a, b: torch.from_numpy(frames[a:b]).permute(3, 0, 1, 2)[None].float() / 255 * 2 - 1  # noqa: E731
     with torch.inference_mode():
-        torch.testing.assert_close(feats[2], net.pooled(x).mean(dim=(2, 3, 4))[0], rtol=1e-4, atol=1e-5)
+        reference = lambda x: net.pooled(x).mean(dim=(2, 3, 4))[0]  # noqa: E731
+        expected = reference(clip(24, 40))                         # pytorch-i3d's [-1, 1], the last window
+        # a wrong window (16:32, 0:16) or [0, 1] pixels would give features this far off
+        for wrong, what in ((clip(16, 32), "window 16:32"), (clip(0, 16), "window 0:16"),
+                            ((clip(24, 40) + 1) / 2, "[0, 1] pixels")):
+            assert_tells_apart(reference(wrong), expected, f"I3D on {what} vs 24:40 in [-1, 1]", 1e-4)
+        torch.testing.assert_close(feats[2], expected, rtol=1e-4, atol=1e-5)
     assert encoder.producer()["fingerprint"].startswith("i3d@")
 
 
@@ -146,6 +138,9 @@ def test_i3d_extraction_rows_masks_failures_and_producer(shapes, i3d_checkpoint,
     frames = decode_video(shapes, "videos/train/1.mp4", 25.0, *encoder.decode_size())
     with torch.inference_mode():
         expected = encoder(encoder.preparer()(frames)).numpy()
+    rows = {k: torch.from_numpy(cache[k][:2].astype(np.float32)) for k in keys}
+    for a, b in zip(keys, keys[1:]):  # rows of different videos differ: another video's row would show
+        assert_tells_apart(rows[a], rows[b], f"cached I3D rows of {a} and {b}", 2e-3)
     np.testing.assert_allclose(cache["train-1"].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
 
     with pytest.raises(BlitextError) as e:  # the same --out from another encoder or segmenting is refused

@@ -141,7 +141,8 @@ class QFormer(nn.Module):
             attention_probs_dropout_prob=bert.attention_probs_dropout_prob,
             max_position_embeddings=bert.max_position_embeddings, layer_norm_eps=bert.layer_norm_eps,
             pad_token_id=tokenizer.pad_token_id, cross_attention_frequency=cross_attention_frequency,
-            encoder_hidden_size=vision_width, use_qformer_text_input=True)
+            encoder_hidden_size=vision_width, use_qformer_text_input=True,
+            initializer_range=getattr(bert, "initializer_range", 0.02))
         model = cls(config, num_query, d_llm, embed_dim)
         model.load_bert(encoder.state_dict())
         return model
