@@ -341,8 +341,9 @@ def demo_cmd(
     scale: Optional[float] = typer.Option(None, "--scale", help="Multiply every step count and evaluation size (longer, better runs). " + default_of(DemoConfig, "scale", video=VideoDemoConfig)),
     smoke: bool = typer.Option(False, "--smoke", help="Every phase with a handful of steps (a check that all runs, in minutes)."),
     video: bool = typer.Option(False, "--video", help="The video variant instead: moving-shapes clips, the Transformer adaptor, LM only against P-Former alignment (--limit = clips per split)."),
+    vqa_questions: Optional[int] = typer.Option(None, "--vqa-questions", help="Image demo: easy-VQA test questions answered zero-shot by each variant, beside the text ceiling (0: none). " + default_of(DemoConfig, "vqa_questions")),
 ):
-    """The main job: the whole method on easy-VQA with the bundled models, baseline against P-Former."""
+    """The main job: Table 4's first and last rows (BLIP-2 against P-Former) on easy-VQA with the bundled models."""
     import dataclasses
 
     if video:
@@ -354,7 +355,8 @@ def demo_cmd(
     from blitext.recipes.demo import SMOKE, run_demo
 
     config = SMOKE if smoke else DemoConfig()
-    overrides = {k: v for k, v in (("images_per_split", limit), ("scale", scale)) if v is not None}
+    overrides = {k: v for k, v in (("images_per_split", limit), ("scale", scale), ("vqa_questions", vqa_questions))
+                 if v is not None}
     run_demo(dataclasses.replace(config, **overrides))
 
 
