@@ -94,6 +94,8 @@ def run_demo(config: DemoConfig) -> dict:
     report(work, runs, results, data, c)
     write_json(work / "results.json", results)
     say(f"[green]demo finished[/] in {(time.perf_counter() - started) / 60:.1f} min: runs, evaluations and curves in {work}")
+    from blitext.evaluation.report import ReportConfig, write_report  # the page to look at (blitext report)
+    say(f"report: {write_report(ReportConfig([str(s2) for _, s2 in runs.values()], str(work / 'report.html'), list(runs)))}")
     return results
 
 
