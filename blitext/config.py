@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 from blitext import __version__
 from blitext.errors import BlitextError
+from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER
+
 
 C = TypeVar("C")
 
@@ -100,3 +102,21 @@ def to_jsonable(obj: Any) -> Any:
 def provenance(config: Any) -> dict[str, Any]:
     """What every artifact records about how it was made."""
     return {"blitext_version": __version__, "git_commit": git_commit(), "config": to_jsonable(config)}
+
+
+@dataclasses.dataclass
+class TrainerFields:
+    """The fields every trainer's config shares, with one default each (PFormerConfig, AdapterConfig and
+    VideoAdapterConfig extend it, beside loop.RunOptions); the paper's values (docs/method.md#loss-weights-and-schedules)."""
+    llm: str = DEFAULT_LLM              # the frozen LLM (paper: OPT-2.7B); the adaptor's stage 1 needs only its width
+    text_encoder: str = DEFAULT_TEXT_ENCODER  # initialisation of the P-Former / Q-Former / video Transformer (paper: bert-base-uncased)
+    max_text_len: int = 32              # tokens of a text; longer text is truncated (and counted)
+    end_of_text: str = "\n"             # appended to every LM target, so the LLM learns to stop (paper's OPT setup);
+                                        # an encoder-decoder LLM (T5) ends every text with its </s> instead
+    out: str | None = None              # run folder; default: <cache root>/runs/<trainer>/... (each trainer's default_run_dir)
+    max_steps: int | None = None        # overrides epochs (an adaptor's 0: its alignment phase alone)
+    lr: float = 1e-4                    # peak AdamW rate, after a linear warm-up, cosine decay to min_lr
+    min_lr: float = 1e-5
+    warmup_start_lr: float = 1e-6
+    weight_decay: float = 0.05
+    seed: int = 42                      # initialisation, data order, masks and dropout: one run is one seed

@@ -139,7 +139,7 @@ def test_itm_negatives_are_never_a_positive_and_follow_the_similarity():
 def test_qformer_starts_as_the_bert_it_came_from(world):
     encoder = load_text_encoder(str(world["bert"]))
     tokenizer = qformer_tokenizer(encoder.tokenizer)
-    model = QFormer.from_text_encoder(encoder.model, tokenizer, vision_width=32, num_query=N_PROMPT, d_llm=32).eval()
+    model = QFormer.from_text_encoder(encoder.model, tokenizer, vision_width=32, n_prompt=N_PROMPT, d_llm=32).eval()
     t = tokenizer(["a red circle", "two dogs play in the grass"], padding=True, return_tensors="pt")
     torch.testing.assert_close(model.text_output(t.input_ids, t.attention_mask),
                                encoder.model.eval()(**t).last_hidden_state, rtol=1e-5, atol=1e-5)

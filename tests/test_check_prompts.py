@@ -33,7 +33,7 @@ def planted(tokenizer, embedding, noise=1e-3, seed=0):
 def test_near_token_prompts_are_within_and_decode_to_their_tokens(tokenizer, embedding):
     prompts, token_ids = planted(tokenizer, embedding)
     report = check_prompts(prompts, embedding, tokenizer, ids=["a", "b", "c", "d"], k=3, n_examples=3)
-    assert report.n_vectors == 20 and report.n_slots == 5 and report.k == 3
+    assert report.n_vectors == 20 and report.n_prompt == 5 and report.k == 3
     assert report.fraction_within == 1.0
     assert report.mean_distance < 0.01 < report.threshold
     assert report.threshold_rule.startswith("median distance")

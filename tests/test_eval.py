@@ -308,7 +308,7 @@ def itc_and_itm(world, runs):  # noqa: F811
         image = F.normalize(model.vision_proj(model.query_output(feats.float(), mask)), dim=-1)  # (N, Q, E)
         text = F.normalize(model.text_proj(model.text_output(tok.input_ids, tok.attention_mask)[:, 0]), dim=-1)
         itc = torch.einsum("iqe,te->iqt", image, text).max(1).values
-        q = model.num_query
+        q = model.n_prompt
         att = torch.cat([torch.ones(len(texts), q, dtype=torch.long), tok.attention_mask], 1)
         itm = torch.stack([model.itm_head(model.joint_output(tok.input_ids, feats[i:i + 1].float().expand(len(texts), -1, -1),
                                                              att)[:, :q])[..., 1].mean(1) for i in range(len(records))])

@@ -193,7 +193,7 @@ def test_flan_t5_end_to_end_through_the_cli(tmp_path, t5world):
         "--meteor", "off", "--spice", "off", "--device", "cpu", "--out", tmp_path / "eval")
     assert "CIDEr" in json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     cli("check-prompts", "--prompts", w["prompts"], "--limit", 4, "--out", tmp_path / "check.json")
-    assert json.loads((tmp_path / "check.json").read_text())["n_slots"] == 4
+    assert json.loads((tmp_path / "check.json").read_text())["n_prompt"] == 4
 
 
 def test_resume_replays_exactly(tmp_path, t5world, monkeypatch):

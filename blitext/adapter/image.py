@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from blitext.atomic import check_out
 from blitext.adapter.common import StepLosses, alignment, caption_record, prompt_cache, require_align_loss
 from blitext.cache import FeatureCache
-from blitext.config import default_cache_root, provenance, to_jsonable
+from blitext.config import TrainerFields, default_cache_root, provenance, to_jsonable
 from blitext.console import say
 from blitext.data.pairs import CachedFeatures, OnlineFeatures, Pairs, default_captions, read_pairs
 from blitext.distributed import run_distributed
@@ -39,7 +39,7 @@ from blitext.models.fingerprint import fingerprint
 from blitext.models.loading import (display_name, llm_family, llm_path, llm_width, load_llm, load_text_encoder,
                                     load_vision_encoder)
 from blitext.models.qformer import QFormer, keep_first_layers, qformer_tokenizer, unilm_mask
-from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER, DEFAULT_VISION_ENCODER
+from blitext.models.registry import DEFAULT_VISION_ENCODER
 from blitext.loop import RunOptions, TrainerLoop, finish_run, resume_run
 from blitext.pformer.prompts import PromptCache
 from blitext.training import (adamw, global_batch, llm_proj_groups, lr_at, open_run, rank_slice, require_batch_splits,
@@ -47,7 +47,7 @@ from blitext.training import (adamw, global_batch, llm_proj_groups, lr_at, open_
 
 
 @dataclass
-class AdapterConfig(RunOptions):
+class AdapterConfig(RunOptions, TrainerFields):
     stage: int = 1                      # 1: ITC + ITM + ITG (+ w1 L_align); 2: frozen-LLM loss (+ w2 L_align)
     features: str | None = None         # feature cache from extract-features (not needed with --online)
     prompts: str | None = None          # reference prompts from build-prompts; needed when w_align > 0
@@ -61,32 +61,21 @@ class AdapterConfig(RunOptions):
     init: str | None = None             # a run (stage 2: its stage 1) or released BLIP-2 weights to start from
     align_steps: int = 0                # steps of L_align alone (no other loss, no LLM) before the stage's own
                                         # losses, fresh AdamW moments after them: the video path's order (paper: 0)
-    out: str | None = None              # run folder; default <cache root>/runs/adapter/stage<N>-w<W>
     online: bool = False                # encode the images inside the loop (no feature cache)
     vision_encoder: str | None = None   # default: the features cache's encoder; --online: the bundled one
     image_root: str | None = None       # --online: where relative image paths start
-    text_encoder: str = DEFAULT_TEXT_ENCODER  # Q-Former initialisation (paper: bert-base-uncased)
-    llm: str = DEFAULT_LLM              # the frozen LLM (stage 2 runs it; stage 1 needs its width)
     n_prompt: int | None = None         # soft prompts = Q-Former queries; default: the prompt cache's, else 32 (paper)
     cross_attention_frequency: int = 2  # a cross-attention to the visual tokens every N layers (paper: 2)
     num_layers: int | None = None       # keep the text encoder's first N layers (default: all; bert-base: 12)
     dropout: float | None = None        # the Q-Former's hidden and attention dropout (default: the encoder's, 0.1)
     embed_dim: int = 256
-    max_text_len: int = 32
-    end_of_text: str = "\n"             # appended to stage-2 targets, as the P-Former's (the LLM learns to stop)
     temp: float = 0.07
     label_smoothing: float = 0.1
     epochs: int = 10
-    max_steps: int | None = None        # overrides epochs (0: the alignment phase alone)
     batch_size: int = 1024              # global batch (paper), split across ranks
-    lr: float = 1e-4
     llm_proj_lr_scale: float = 1.0      # llm_proj's rate / lr (paper: one rate); small-batch stage 2 needs more
-    min_lr: float = 1e-5
     max_grad_norm: float | None = None  # clip the gradient's global norm (LAVIS does not clip: None)
     warmup_steps: int | None = None     # default 5000 (stage 1) / 2000 (stage 2), as the paper
-    warmup_start_lr: float = 1e-6
-    weight_decay: float = 0.05
-    seed: int = 42
     prefetch: int = 2                   # batches read ahead in a background thread
     decode_threads: int = 2             # --online: image decoding threads
 

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from blitext.atomic import check_out
 from blitext.adapter.common import StepLosses, caption_record, prompt_cache
 from blitext.cache import FeatureCache
-from blitext.config import default_cache_root, provenance, to_jsonable
+from blitext.config import TrainerFields, default_cache_root, provenance, to_jsonable
 from blitext.console import say
 from blitext.data.pairs import CachedFeatures, default_captions, read_pairs
 from blitext.distributed import run_distributed
@@ -35,7 +35,6 @@ from blitext.losses import alignment_loss
 from blitext.loop import RunOptions, TrainerLoop, finish_run, resume_run
 from blitext.models.adapter_checkpoint import adapter_weights
 from blitext.models.loading import load_llm, load_text_encoder
-from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER
 from blitext.models.video_adapter import VideoAdapter
 from blitext.training import (adamw, global_batch, llm_proj_groups, lr_at, open_run, rank_slice, require_batch_splits,
                               set_lr, step_generator, step_seed, tracking)
@@ -44,31 +43,20 @@ SCHEDULES = ("sequential", "joint")
 
 
 @dataclass
-class VideoAdapterConfig(RunOptions):
+class VideoAdapterConfig(RunOptions, TrainerFields):
     features: str = ""                  # video feature cache (extract-features --modality video, import-features)
     prompts: str | None = None          # reference prompts from build-prompts; needed when w_align > 0
     captions: list[str] = field(default_factory=list)  # caption JSON; default: the features' prepared data, train split
     schedule: str = "sequential"        # sequential: L_align alone, then LM alone (paper); joint: LM + w_align L_align
     w_align: float = 100.0              # alignment weight (paper: x100); 0 = LM only ("ITG only" baseline)
-    seed: int = 42                      # initialisation, data order, dropout: one run is one seed
-    out: str | None = None              # run folder; default <cache root>/runs/video-adapter/<schedule>-w<W>
-    text_encoder: str = DEFAULT_TEXT_ENCODER  # the Transformer's initialisation (paper: a BERT-base)
-    llm: str = DEFAULT_LLM              # the frozen LLM
     n_prompt: int | None = None         # soft prompts (slots); default: the prompt cache's, else 32 (paper)
-    max_text_len: int = 32
-    end_of_text: str = "\n"             # appended to LM targets, as the P-Former's (the LLM learns to stop)
     epochs: int = 10                    # LM phase (the joint schedule's only phase); paper: 10
-    max_steps: int | None = None        # overrides epochs
     align_epochs: int = 10              # sequential: the alignment phase before it; paper: 10
     align_steps: int | None = None      # overrides align_epochs
     batch_size: int = 128               # global; the paper gives none for video (VATEX: 26K clips, 200 steps an epoch)
-    lr: float = 1e-4                    # as the image stages (paper)
     llm_proj_lr_scale: float = 1.0      # llm_proj's rate / lr (paper: one rate); small batches need more (demo: 20)
     max_grad_norm: float | None = None  # clip the gradient's global norm (paper: none; demo: 1.0)
-    min_lr: float = 1e-5
     warmup_steps: int = 200             # per phase; the paper gives none for video: a tenth of a VATEX phase
-    warmup_start_lr: float = 1e-6
-    weight_decay: float = 0.05
     prefetch: int = 2                   # batches read ahead in a background thread
 
     def __post_init__(self) -> None:

@@ -36,7 +36,7 @@ STAGE1_HEADS = ("embeddings.", "vision_proj", "text_proj", "itm_head", "lm_trans
 
 
 class QFormer(nn.Module):
-    def __init__(self, config: Blip2QFormerConfig, num_query: int, d_llm: int, embed_dim: int = 256,
+    def __init__(self, config: Blip2QFormerConfig, n_prompt: int, d_llm: int, embed_dim: int = 256,
                  temp: float = 0.07):
         super().__init__()
         if not config.use_qformer_text_input:
@@ -45,7 +45,7 @@ class QFormer(nn.Module):
         self.config = config
         self.embeddings = Blip2TextEmbeddings(config)
         self.qformer = Blip2QFormerModel(config)
-        self.query_tokens = nn.Parameter(torch.zeros(1, num_query, h).normal_(0.0, config.initializer_range))
+        self.query_tokens = nn.Parameter(torch.zeros(1, n_prompt, h).normal_(0.0, config.initializer_range))
         self.vision_proj = nn.Linear(h, embed_dim)
         self.text_proj = nn.Linear(h, embed_dim)
         self.itm_head = nn.Linear(h, 2)
@@ -55,13 +55,9 @@ class QFormer(nn.Module):
         self.temp = nn.Parameter(torch.tensor(float(temp)))
 
     @property
-    def num_query(self) -> int:
-        return self.query_tokens.shape[1]
-
-    @property
     def n_prompt(self) -> int:
-        """Soft prompts per image (one per query), as every adaptor names it."""
-        return self.num_query
+        """Soft prompts per image: one per learnable query (BLIP-2's num_query_token)."""
+        return self.query_tokens.shape[1]
 
     @property
     def d_llm(self) -> int:
@@ -69,14 +65,15 @@ class QFormer(nn.Module):
 
     def describe(self) -> dict:
         """What rebuilds this model's skeleton (saved in every checkpoint's state.json)."""
-        return {"qformer_config": self.config.to_dict(), "num_query": self.num_query, "d_llm": self.d_llm,
+        return {"qformer_config": self.config.to_dict(), "n_prompt": self.n_prompt, "d_llm": self.d_llm,
                 "embed_dim": self.vision_proj.out_features}
 
     @classmethod
     def from_description(cls, d: dict) -> "QFormer":
         config = Blip2QFormerConfig(**{k: v for k, v in d["qformer_config"].items()
                                        if k not in ("model_type", "transformers_version", "architectures")})
-        return cls(config, d["num_query"], d["d_llm"], d["embed_dim"])
+        n_prompt = d["n_prompt"] if "n_prompt" in d else d["num_query"]  # runs saved before the rename
+        return cls(config, n_prompt, d["d_llm"], d["embed_dim"])
 
     # ------------------------------------------------------------ forward passes
     def query_output(self, features: torch.Tensor, feature_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,7 +99,7 @@ class QFormer(nn.Module):
         embeds = self.embeddings(input_ids=input_ids, query_embeds=queries)
         if attention_mask.dim() == 3:  # transformers takes a prepared 4-D additive mask as is
             attention_mask = additive_mask(attention_mask, embeds.dtype)
-        return self.qformer(query_embeds=embeds, query_length=self.num_query, attention_mask=attention_mask,
+        return self.qformer(query_embeds=embeds, query_length=self.n_prompt, attention_mask=attention_mask,
                             encoder_hidden_states=features, encoder_attention_mask=feature_mask).last_hidden_state
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -125,7 +122,7 @@ class QFormer(nn.Module):
 
     # ------------------------------------------------------------ BERT initialisation
     @classmethod
-    def from_text_encoder(cls, encoder, tokenizer, vision_width: int, num_query: int, d_llm: int,
+    def from_text_encoder(cls, encoder, tokenizer, vision_width: int, n_prompt: int, d_llm: int,
                           cross_attention_frequency: int = 2, embed_dim: int = 256) -> "QFormer":
         """A Q-Former initialised from a BERT-family encoder (bert-base in the paper, MiniLM by default).
 
@@ -143,7 +140,7 @@ class QFormer(nn.Module):
             pad_token_id=tokenizer.pad_token_id, cross_attention_frequency=cross_attention_frequency,
             encoder_hidden_size=vision_width, use_qformer_text_input=True,
             initializer_range=getattr(bert, "initializer_range", 0.02))
-        model = cls(config, num_query, d_llm, embed_dim)
+        model = cls(config, n_prompt, d_llm, embed_dim)
         model.load_bert(encoder.state_dict())
         return model
 
@@ -213,14 +210,14 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         ~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def unilm_mask(num_query: int, text_mask: torch.Tensor) -> torch.Tensor:
+def unilm_mask(n_prompt: int, text_mask: torch.Tensor) -> torch.Tensor:
     """ITG's attention (B, Q+L, Q+L), True where row may attend to column (BLIP-2, UniLM-style):
     queries see every query and no text; text token t sees every query and text tokens <= t;
     padding columns (text_mask 0) are never seen."""
     b, L = text_mask.shape
-    n = num_query + L
+    n = n_prompt + L
     allowed = torch.zeros(n, n, dtype=torch.bool, device=text_mask.device)
-    allowed[:, :num_query] = True
-    allowed[num_query:, num_query:] = torch.ones(L, L, dtype=torch.bool, device=text_mask.device).tril()
-    columns = torch.cat([text_mask.new_ones(b, num_query), text_mask], dim=1).bool()  # (B, Q+L)
+    allowed[:, :n_prompt] = True
+    allowed[n_prompt:, n_prompt:] = torch.ones(L, L, dtype=torch.bool, device=text_mask.device).tril()
+    columns = torch.cat([text_mask.new_ones(b, n_prompt), text_mask], dim=1).bool()  # (B, Q+L)
     return allowed[None] & columns[:, None, :]

@@ -26,13 +26,13 @@ from blitext.errors import BlitextError
 
 
 class VideoAdapter(nn.Module):
-    def __init__(self, config: BertConfig, d_in: int, num_slots: int, d_llm: int):
+    def __init__(self, config: BertConfig, d_in: int, n_prompt: int, d_llm: int):
         super().__init__()
         h = config.hidden_size
-        if num_slots > config.max_position_embeddings:
-            raise BlitextError(f"{num_slots} prompt slots > the encoder's {config.max_position_embeddings} "
+        if n_prompt > config.max_position_embeddings:
+            raise BlitextError(f"{n_prompt} prompt slots > the encoder's {config.max_position_embeddings} "
                                f"positions: lower --n-prompt")
-        self.config, self.num_slots = config, num_slots
+        self.config, self._n_prompt = config, n_prompt
         self.input_proj = nn.Linear(d_in, h)
         self.transformer = BertModel(config, add_pooling_layer=False)
         self.transformer.embeddings.word_embeddings.requires_grad_(False)  # unused: inputs are embeddings
@@ -40,8 +40,8 @@ class VideoAdapter(nn.Module):
 
     @property
     def n_prompt(self) -> int:
-        """Soft prompts per video (the slots), as every adaptor names it."""
-        return self.num_slots
+        """Soft prompts per video: its time slots."""
+        return self._n_prompt
 
     @property
     def d_llm(self) -> int:
@@ -50,14 +50,15 @@ class VideoAdapter(nn.Module):
     def describe(self) -> dict:
         """What rebuilds this model's skeleton (saved in every checkpoint's state.json)."""
         return {"video_adapter": {"bert_config": self.config.to_dict(), "d_in": self.input_proj.in_features,
-                                  "num_slots": self.num_slots, "d_llm": self.d_llm}}
+                                  "n_prompt": self.n_prompt, "d_llm": self.d_llm}}
 
     @classmethod
     def from_description(cls, d: dict) -> "VideoAdapter":
         v = d["video_adapter"]
         config = BertConfig(**{k: x for k, x in v["bert_config"].items()
                                if k not in ("model_type", "transformers_version", "architectures")})
-        return cls(config, v["d_in"], v["num_slots"], v["d_llm"])
+        n_prompt = v["n_prompt"] if "n_prompt" in v else v["num_slots"]  # runs saved before the rename
+        return cls(config, v["d_in"], n_prompt, v["d_llm"])
 
     # ------------------------------------------------------------ forward passes
     def segment_output(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,7 +69,7 @@ class VideoAdapter(nn.Module):
 
     def slots(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Segments (B, T, D_in) as exactly S slots (B, S, D_in) and their mask (B, S)."""
-        return to_slots(features.float(), mask, self.num_slots)
+        return to_slots(features.float(), mask, self.n_prompt)
 
     def prompts(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The soft prompts the frozen LLM reads: (B, S, d_llm), one per slot (padded slots too, see above)."""
@@ -77,13 +78,13 @@ class VideoAdapter(nn.Module):
 
     # ------------------------------------------------------------ BERT initialisation
     @classmethod
-    def from_text_encoder(cls, encoder, d_in: int, num_slots: int, d_llm: int) -> "VideoAdapter":
+    def from_text_encoder(cls, encoder, d_in: int, n_prompt: int, d_llm: int) -> "VideoAdapter":
         """The Transformer starts as the text encoder (every weight but the word embeddings and pooler)."""
         if getattr(encoder.config, "model_type", "") != "bert":
             raise BlitextError(f"the video adaptor starts from a BERT encoder; got a {encoder.config.model_type!r} "
                                f"model: pass --text-encoder with a BERT model (e.g. bert-base-uncased)")
         config = BertConfig(**{**encoder.config.to_dict(), "vocab_size": 1, "pad_token_id": 0})
-        model = cls(config, d_in, num_slots, d_llm)
+        model = cls(config, d_in, n_prompt, d_llm)
         weights = {k: v for k, v in encoder.state_dict().items()
                    if not k.startswith(("embeddings.word_embeddings", "pooler."))}
         missing, unexpected = model.transformer.load_state_dict(weights, strict=False)
@@ -93,7 +94,7 @@ class VideoAdapter(nn.Module):
         return model
 
 
-def to_slots(features: torch.Tensor, mask: torch.Tensor | None, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+def to_slots(features: torch.Tensor, mask: torch.Tensor | None, n_prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T, D) segments -> (B, S, D) slots and (B, S) bool mask.
 
     A row of L <= S real segments keeps them in slots 0..L-1 (zeros and mask False after); a longer
@@ -103,9 +104,9 @@ def to_slots(features: torch.Tensor, mask: torch.Tensor | None, num_slots: int) 
     lengths = mask.sum(1) if mask is not None else torch.full((b,), t, device=features.device)  # (B,)
     pos = torch.arange(t, device=features.device)  # (T,)
     real = pos[None] < lengths[:, None]  # (B, T)
-    bins = torch.where(lengths[:, None] > num_slots, pos[None] * num_slots // lengths.clamp(min=1)[:, None],
+    bins = torch.where(lengths[:, None] > n_prompt, pos[None] * n_prompt // lengths.clamp(min=1)[:, None],
                        pos[None])  # (B, T)
-    weights = (bins[:, None, :] == torch.arange(num_slots, device=features.device)[None, :, None]) & real[:, None]
+    weights = (bins[:, None, :] == torch.arange(n_prompt, device=features.device)[None, :, None]) & real[:, None]
     weights = weights.float()  # (B, S, T): 1 where segment t falls in slot s
     counts = weights.sum(-1, keepdim=True)  # (B, S, 1)
     slots = weights @ features / counts.clamp(min=1)  # (B, S, D)

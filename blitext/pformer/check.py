@@ -37,7 +37,7 @@ class PromptReport:
     prompt_rms: float                 # RMS of the prompt vectors' entries
     examples: list[dict]              # {"id", "slots": [[k token strings] per slot], "distances": [[k L2] per slot]}
     threshold_rule: str = "given"     # where `threshold` came from
-    n_slots: int | None = None        # prompt slots per example
+    n_prompt: int | None = None       # soft prompts per example
     k: int = 1                        # neighbours listed per slot in `examples`
     spread: float | None = None       # RMS of (prompt - mean prompt over examples) / prompt RMS; None for 1 example
 
@@ -158,12 +158,12 @@ def check_prompts(prompts, embedding, tokenizer=None, ids=None, threshold: float
         percentiles={f"p{x}": float(v) for x, v in zip(PERCENTILES, np.percentile(nearest, PERCENTILES))},
         threshold=float(threshold), fraction_within=float((nearest <= threshold).mean()),
         embedding_rms=_rms(emb), prompt_rms=_rms(q), examples=examples,
-        threshold_rule=rule, n_slots=p, k=k, spread=between_example_spread(q.view(n, p, d)))
+        threshold_rule=rule, n_prompt=p, k=k, spread=between_example_spread(q.view(n, p, d)))
 
 
 def format_report(report: PromptReport) -> str:
     """Plain text for logs (the CLI renders the same fields with rich)."""
-    slots = f" ({report.n_vectors // report.n_slots} examples x {report.n_slots} slots)" if report.n_slots else ""
+    slots = f" ({report.n_vectors // report.n_prompt} examples x {report.n_prompt} slots)" if report.n_prompt else ""
     pct = "  ".join(f"{name} {v:.4g}" for name, v in report.percentiles.items())
     lines = [
         f"prompt vectors: {report.n_vectors}{slots}",

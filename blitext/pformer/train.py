@@ -19,7 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from blitext.atomic import check_out
-from blitext.config import default_cache_root, provenance, to_jsonable
+from blitext.config import TrainerFields, default_cache_root, provenance, to_jsonable
 from blitext.console import say
 from blitext.data.text import TextCorpus, read_sentences
 from blitext.distributed import run_distributed
@@ -30,21 +30,14 @@ from blitext.metrics.llm import teacher_forced_accuracy
 from blitext.models.llm import FrozenLLM, LMBatch
 from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.pformer import PFormer
-from blitext.models.registry import DEFAULT_LLM, DEFAULT_TEXT_ENCODER
 from blitext.training import (adamw, global_batch, lr_at, open_run, rank_slice, require_batch_splits, set_lr,
                               step_generator, step_seed, tracking)
 
 
 @dataclass
-class PFormerConfig(RunOptions):
+class PFormerConfig(RunOptions, TrainerFields):
     text: list[str] = field(default_factory=list)  # sentence files: plain text, .jsonl, caption .json; globs
-    out: str | None = None              # run folder; default <cache root>/runs/pformer/<llm>
-    llm: str = DEFAULT_LLM              # the frozen LLM the prompts are for (paper: OPT-2.7B)
-    text_encoder: str = DEFAULT_TEXT_ENCODER  # initialisation of the encoder (paper: bert-base-uncased)
     n_prompt: int = 32                  # soft prompts per sentence (paper: 32, as BLIP-2's queries)
-    max_text_len: int = 32              # tokens, for the encoder input and the LLM target; longer text is truncated
-    end_of_text: str = "\n"             # appended to every target: the LLM learns to stop (paper's OPT setup);
-                                        # an encoder-decoder LLM (T5) ends every text with its </s> instead
     mask_prob: float = 0.25             # denoising: share of encoder input tokens replaced by [MASK]
     contrast: str = "two-view"          # "two-view" SimCSE (paper) or "one-view" (authors' code: positive = itself)
     contrast_dim: int = 256
@@ -54,14 +47,8 @@ class PFormerConfig(RunOptions):
     w_contrast: float = 1.0
     w_vocab: float = 1.0
     epochs: int = 5                     # paper: 5 epochs of 12M LAION sentences
-    max_steps: int | None = None        # overrides epochs
     batch_size: int = 384               # global batch (paper: 384), split across ranks
-    lr: float = 1e-4
-    min_lr: float = 1e-5
     warmup_steps: int = 2000
-    warmup_start_lr: float = 1e-6
-    weight_decay: float = 0.05
-    seed: int = 42
     heldout: int = 64                   # sentences kept out of training, for samples and accuracy
     sample_every: int = 500             # steps between printed greedy reconstructions
     n_samples: int = 3
