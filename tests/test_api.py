@@ -72,8 +72,8 @@ def test_answers_use_the_vqa_settings_and_equal_the_generate_command(tmp_path, w
 
 
 def test_mistakes_are_one_line_errors(world, runs, model):  # noqa: F811
-    with pytest.raises(BlitextError, match="stage-1 adaptor"):
-        blitext.load(runs["s1"], device="cpu")
+    with pytest.raises(BlitextError, match="stage-1 adaptor trained without L_align"):
+        blitext.load(runs["s1_plain"], device="cpu")
     with pytest.raises(BlitextError, match="no such image file"):
         model.caption("missing.png")
     with pytest.raises(BlitextError, match=r"\(3, H, W\)"):

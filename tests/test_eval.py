@@ -35,7 +35,8 @@ def runs(world, tmp_path_factory) -> dict:  # noqa: F811
     root = tmp_path_factory.mktemp("eval-runs")
     train_adapter(config(world, root / "s1", max_steps=2))
     train_adapter(config(world, root / "s2", stage=2, max_steps=2, init=str(root / "s1")))
-    return {"s1": root / "s1", "s2": root / "s2"}
+    train_adapter(config(world, root / "s1-plain", max_steps=1, w_align=0.0))  # llm_proj never met the LLM
+    return {"s1": root / "s1", "s2": root / "s2", "s1_plain": root / "s1-plain"}
 
 
 def common(world, runs, **kw) -> EvalConfig:  # noqa: F811
@@ -378,7 +379,7 @@ def test_refusals_are_one_line_errors(tmp_path, world, runs, vision_folders):  #
     assert r.exit_code == 2 and "this run expects" in r.output and "extract-features" in r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
     with pytest.raises(BlitextError, match="stage-1 adaptor"):
-        eval_caption(common(world, runs, adapter=str(runs["s1"]), out=str(tmp_path / "s1")))
+        eval_caption(common(world, runs, adapter=str(runs["s1_plain"]), out=str(tmp_path / "s1")))
     extra = tmp_path / "more.json"
     extra.write_text(json.dumps(read(world["captions"]) + [{"image": "images/x.png", "image_id": "imgX", "caption": "x"}]))
     with pytest.raises(BlitextError, match=r"1 of 17 images .* \(first: 'imgX'\)"):

@@ -109,8 +109,9 @@ def test_stage2_accumulation_equals_the_whole_batch(tmp_path, world):  # noqa: F
     for other, w in ((two, w2), (four, w4)):
         assert [m["lm"] for m in other] == pytest.approx([m["lm"] for m in one], rel=1e-5, abs=1e-6)
         assert [m["align"] for m in other] == pytest.approx([m["align"] for m in one], rel=1e-5, abs=1e-7)
-        assert all(torch.allclose(w[k], w1[k], rtol=1e-5, atol=1e-6) for k in w1), \
-            max((w[k] - w1[k]).abs().max().item() for k in w1)
+        kept = [k for k in w1 if not k.endswith("key.bias")]  # softmax ignores a key bias: its gradient is rounding noise that AdamW turns into full steps
+        assert all(torch.allclose(w[k], w1[k], rtol=1e-5, atol=1e-6) for k in kept), \
+            max((w[k] - w1[k]).abs().max().item() for k in kept)
 
 
 def test_pformer_accumulation_equals_the_whole_batch_for_the_lm_loss(tmp_path, llm_folders, bert_folder):
@@ -123,7 +124,7 @@ def test_pformer_accumulation_equals_the_whole_batch_for_the_lm_loss(tmp_path, l
         logged[n] = trained(cfg, train_pformer)
     (one, w1), (two, w2) = logged[1], logged[2]
     assert [m["lm"] for m in two] == pytest.approx([m["lm"] for m in one], rel=1e-5)
-    assert all(torch.allclose(w2[k], w1[k], rtol=1e-5, atol=1e-6) for k in w1)
+    assert all(torch.allclose(w2[k], w1[k], rtol=1e-5, atol=1e-6) for k in w1 if not k.endswith("key.bias"))
 
 
 def test_accumulation_refusals(tmp_path, world):  # noqa: F811

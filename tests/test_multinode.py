@@ -60,5 +60,5 @@ def test_two_nodes_train_the_pformer_as_one_process_does(tmp_path, llm_folders, 
             assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-5), (m1["step"], k, m1[k], m2[k])
     w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert w1.keys() == w2.keys()
-    for k in w1:
+    for k in (k for k in w1 if not k.endswith("key.bias")):  # softmax ignores a key bias: its gradient is rounding noise that AdamW turns into full steps
         assert (w2[k] - w1[k]).abs().max() <= 1e-5 + 1e-4 * w1[k].abs().max(), k

@@ -133,7 +133,7 @@ def test_two_rank_ddp_matches_one_process(tmp_path, llm_folders, bert_folder):
     assert state2["truncated"] == state1["truncated"]
     w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert w1.keys() == w2.keys()
-    for k in w1:
+    for k in (k for k in w1 if not k.endswith("key.bias")):  # softmax ignores a key bias: its gradient is rounding noise that AdamW turns into full steps
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
 
 

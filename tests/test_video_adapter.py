@@ -272,7 +272,7 @@ def test_two_rank_ddp_matches_one_process(tmp_path, world):
             if k in m1:
                 assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-5), (m1["step"], k)
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
-    for k in w1:
+    for k in (k for k in w1 if not k.endswith("key.bias")):  # softmax ignores a key bias: its gradient is rounding noise that AdamW turns into full steps
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
@@ -315,4 +315,4 @@ def test_accumulated_lm_phase_equals_the_whole_batch(tmp_path, world):
         runs[n] = (step_lines(tmp_path / f"a{n}"), weights(tmp_path / f"a{n}"))
     (one, w1), (two, w2) = runs[1], runs[2]
     assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-5)
-    assert all(torch.allclose(w2[k], w1[k], rtol=1e-5, atol=1e-6) for k in w1)
+    assert all(torch.allclose(w2[k], w1[k], rtol=1e-5, atol=1e-6) for k in w1 if not k.endswith("key.bias"))

@@ -100,8 +100,8 @@ class LoadedAdapter:
     def aligned(self) -> bool:
         """Whether llm_proj was trained toward the P-Former's reference prompts for this LLM (w_align > 0):
         then the prompts are meant for the LLM even before it ever ran (backward decoupling)."""
-        if "video_adapter" in self.state:
-            return any(p["name"] == "align" for p in self.state["phases"])
+        if "video_adapter" in self.state:  # a video run's alignment phase alone stays refused (its LM phase writes)
+            return False
         return float(self.state["resume_config"].get("w_align") or 0) > 0
 
     @property
