@@ -211,14 +211,19 @@ def plot_runs(runs: list[Path], out: Path, keys: list[str] | None = None, smooth
         handles = [Line2D([], [], color=colors[name], linewidth=1.4) for name in records_by_run]
         fig.legend(handles, list(records_by_run), loc="outside upper center",
                    ncols=min(len(handles), 4), frameon=False)
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        try:
-            fig.savefig(tmp, format="png", dpi=100)
-            publish(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        return save_png(fig, out)
     finally:
         plt.close(fig)
+
+
+def save_png(fig, out: Path) -> Path:
+    """The figure as a PNG at `out`, written whole or not at all (temp file, fsync, rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        publish(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out

@@ -1,4 +1,4 @@
-"""Phase 2: `blitext train-adapter` - BLIP-2's Q-Former, stages 1 and 2, from the caches.
+"""Stages 1 and 2: `blitext train-adapter` - BLIP-2's Q-Former, stages 1 and 2, from the caches.
 
 Stage 1 = ITC + ITM + ITG + w1 * L_align (the LLM is never run: only `llm_proj` and the
 reference prompts are needed); stage 2 = the frozen LLM's loss on caption + end-of-text
@@ -42,6 +42,7 @@ from blitext.models.qformer import QFormer, keep_first_layers, qformer_tokenizer
 from blitext.models.registry import DEFAULT_VISION_ENCODER
 from blitext.loop import RunOptions, TrainerLoop, finish_run, resume_run
 from blitext.pformer.prompts import PromptCache
+from blitext.pformer.train import PFormerConfig
 from blitext.training import (adamw, global_batch, llm_proj_groups, lr_at, open_run, rank_slice, require_batch_splits,
                               set_lr, step_generator, step_seed, tracking)
 
@@ -64,7 +65,7 @@ class AdapterConfig(RunOptions, TrainerFields):
     online: bool = False                # encode the images inside the loop (no feature cache)
     vision_encoder: str | None = None   # default: the features cache's encoder; --online: the bundled one
     image_root: str | None = None       # --online: where relative image paths start
-    n_prompt: int | None = None         # soft prompts = Q-Former queries; default: the prompt cache's, else 32 (paper)
+    n_prompt: int | None = None         # soft prompts = Q-Former queries; default: the prompt cache's, else the P-Former's default (paper: 32)
     cross_attention_frequency: int = 2  # a cross-attention to the visual tokens every N layers (paper: 2)
     num_layers: int | None = None       # keep the text encoder's first N layers (default: all; bert-base: 12)
     dropout: float | None = None        # the Q-Former's hidden and attention dropout (default: the encoder's, 0.1)
@@ -200,7 +201,7 @@ def _setup(config: AdapterConfig, device: str) -> Setup:
     if prompts is not None:
         prompts.require_llm(llm_fp, llm.family if llm else llm_family(config.llm), config.llm)
     d_llm = llm.width if llm else llm_width(config.llm)
-    n_prompt = config.n_prompt or (prompts.producer["n_prompt"] if prompts else 32)
+    n_prompt = config.n_prompt or (prompts.producer["n_prompt"] if prompts else PFormerConfig.n_prompt)
     if prompts is not None and n_prompt != prompts.producer["n_prompt"]:
         raise BlitextError(f"--n-prompt {n_prompt} but the reference prompts have {prompts.producer['n_prompt']} "
                            f"slots: L_align compares them slot by slot; use --n-prompt {prompts.producer['n_prompt']}")

@@ -1,4 +1,4 @@
-"""Phase 2 for videos: `blitext train-adapter --modality video` - the Transformer adaptor (docs/method.md#video-path).
+"""Stages 1 and 2 for videos: `blitext train-adapter --modality video` - the Transformer adaptor (docs/method.md#video-path).
 
 The paper's schedule (section 4.5) is the default, as two phases of one run: L_align alone
 (x w_align = 100) for 10 epochs - the LLM is never run, only `llm_proj` and the reference
@@ -33,6 +33,7 @@ from blitext.distributed import run_distributed
 from blitext.errors import BlitextError
 from blitext.losses import alignment_loss
 from blitext.loop import RunOptions, TrainerLoop, finish_run, resume_run
+from blitext.pformer.train import PFormerConfig
 from blitext.models.adapter_checkpoint import adapter_weights
 from blitext.models.loading import load_llm, load_text_encoder
 from blitext.models.video_adapter import VideoAdapter
@@ -49,7 +50,7 @@ class VideoAdapterConfig(RunOptions, TrainerFields):
     captions: list[str] = field(default_factory=list)  # caption JSON; default: the features' prepared data, train split
     schedule: str = "sequential"        # sequential: L_align alone, then LM alone (paper); joint: LM + w_align L_align
     w_align: float = 100.0              # alignment weight (paper: x100); 0 = LM only ("ITG only" baseline)
-    n_prompt: int | None = None         # soft prompts (slots); default: the prompt cache's, else 32 (paper)
+    n_prompt: int | None = None         # soft prompts (slots); default: the prompt cache's, else the P-Former's default (paper: 32)
     epochs: int = 10                    # LM phase (the joint schedule's only phase); paper: 10
     align_epochs: int = 10              # sequential: the alignment phase before it; paper: 10
     align_steps: int | None = None      # overrides align_epochs
@@ -165,7 +166,7 @@ def _setup(config: VideoAdapterConfig, device: str) -> Setup:
         llm.checkpoint_layers()
     if prompts is not None:
         prompts.require_llm(llm.fingerprint, llm.family, config.llm)
-    n_prompt = config.n_prompt or (prompts.producer["n_prompt"] if prompts else 32)
+    n_prompt = config.n_prompt or (prompts.producer["n_prompt"] if prompts else PFormerConfig.n_prompt)
     if prompts is not None and n_prompt != prompts.producer["n_prompt"]:
         raise BlitextError(f"--n-prompt {n_prompt} but the reference prompts have {prompts.producer['n_prompt']} "
                            f"slots: L_align compares them slot by slot; use --n-prompt {prompts.producer['n_prompt']}")

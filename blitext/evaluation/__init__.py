@@ -1,4 +1,4 @@
-"""Step 5: the trained adaptor run as users run it (eval mode, generate) and scored offline.
+"""After stage 2: the trained adaptor run as users run it (eval mode, generate) and scored offline.
 
     generate.py  captions and answers from soft prompts through the frozen LLM
     evaluate.py  eval caption / vqa / retrieval: predictions, metrics.json and their fingerprints

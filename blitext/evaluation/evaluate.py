@@ -1,4 +1,4 @@
-"""Phase 3: `blitext eval caption|vqa|retrieval` and `blitext compare`, from a feature cache.
+"""After stage 2: `blitext eval caption|vqa|retrieval` and `blitext compare`, from a feature cache.
 
 Every evaluation reads the visual tokens of the images it scores from a feature cache made
 by the encoder the adaptor was trained on (extract-features on the evaluation data), never

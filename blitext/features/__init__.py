@@ -1,4 +1,4 @@
-"""Step 2 of the pipeline: the frozen encoders run once, their features cached in sharded HDF5.
+"""Before the stages: the frozen encoders run once, their features cached in sharded HDF5.
 
     image.py     extract-features: a frozen image encoder over an image set (ViT / EVA / CLIP)
     video.py     extract-video: I3D clip features for each video segment

@@ -1,4 +1,4 @@
-"""Phase 1a: `blitext extract-features` - cache all patch tokens of a frozen image encoder.
+"""Before the stages: `blitext extract-features` - cache all patch tokens of a frozen image encoder.
 
 Images are decoded and preprocessed in DataLoader workers; batches never cross a shard, so
 a resumed or multi-rank run feeds the encoder exactly the batches a single uninterrupted

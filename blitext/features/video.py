@@ -1,4 +1,4 @@
-"""Phase 1a for video: `blitext extract-features --modality video` - one feature per segment.
+"""Before the stages, for video: `blitext extract-features --modality video` - one feature per segment.
 
 The same job as image extraction (extract.py) with videos as items: DataLoader workers decode
 each video with PyAV at 25 fps and cut it into segments; the encoder turns every segment into

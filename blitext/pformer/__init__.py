@@ -1,4 +1,4 @@
-"""Step 3: language learnt from text alone, and the reference prompts it gives each caption.
+"""Stage 0: language learnt from text alone, and the reference prompts it gives each caption.
 
     train.py     train-pformer: the P-Former trained through the frozen LLM on sentences alone
     prompts.py   build-prompts: every training caption's reference prompt, cached for the adaptor

@@ -1,4 +1,4 @@
-"""Phase 1b: `blitext build-prompts` - the P-Former's reference prompt for every caption, cached.
+"""Stage 0, its second half: `blitext build-prompts` - the P-Former's reference prompt for every caption, cached.
 
 Compact by default: the cache stores each caption's [CLS] bottleneck (d_enc numbers) and the
 P-Former's head weights beside it; `PromptCache` rebuilds the n_prompt x d_llm prompt on read.

@@ -1,4 +1,4 @@
-"""Step 6: whole studies built from the phases above.
+"""Whole studies built from the phases above.
 
     demo.py        make demo: the P-Former variant against the baseline on easy-VQA images
     demo_video.py  the same on the generated moving-shapes clips

@@ -117,7 +117,7 @@ def plot_curves(curves: dict[str, list[list[dict]]], out: Path, labels: dict[str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from blitext.atomic import publish
+    from blitext.plot import save_png
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     colours = dict(zip(curves, ("tab:grey", "tab:blue", "tab:orange", "tab:green")))
@@ -134,16 +134,10 @@ def plot_curves(curves: dict[str, list[list[dict]]], out: Path, labels: dict[str
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        publish(tmp, out)
+        return save_png(fig, out)
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
-    return out
 
 
 @torch.inference_mode()
