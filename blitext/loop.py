@@ -241,7 +241,7 @@ class TrainerLoop:
                         save_checkpoint(run, step + 1, self.model, optimizer,
                                         {**self.checkpoint_state(state), **self.precision.state_dict()},
                                         weights=self.checkpoint_weights(), extra=self.checkpoint_extra)
-                    if step + 1 in getattr(self.c, "snapshot_steps", ()) and self.info.is_main:
+                    if step + 1 in self.c.snapshot_steps and self.info.is_main:
                         save_checkpoint(snapshot_root(run), step + 1, self.model, None, self.checkpoint_state(state),
                                         keep=0, weights=self.checkpoint_weights(), extra=self.checkpoint_extra)
         finally:

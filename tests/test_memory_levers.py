@@ -160,7 +160,7 @@ class ScaledLoop(TrainerLoop):
 def scaled_run(run: Path, start_at_resume: bool, steps: int = 5) -> tuple[list[float], torch.Tensor]:
     """(the loss scale each step saw, the final weight) of ScaledLoop, in one go or resumed from step 2."""
     config = SimpleNamespace(precision="fp32", accum_steps=1, batch_size=1, save_every=2, log_every=1,
-                             resume="latest" if start_at_resume else None)
+                             snapshot_steps=[], resume="latest" if start_at_resume else None)
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
