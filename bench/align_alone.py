@@ -45,7 +45,7 @@ def probe(run: Path, features: Path, prompts: Path, n: int = 128) -> dict:
     spread = (r - r.mean(0)).pow(2).mean()
     pz = F.normalize((p - r.mean(0)).flatten(1), dim=-1)
     rz = F.normalize((r - r.mean(0)).flatten(1), dim=-1)
-    same = torch.cdist(r.flatten(1), r.flatten(1)) == 0
+    same = torch.cdist(r.flatten(1), r.flatten(1), compute_mode="donot_use_mm_for_euclid_dist") == 0  # exact: duplicates
     q = adapter.model.query_output(f.float(), mask)
     qm = F.normalize(q.mean(0), dim=-1)
     return {"mean_error_over_spread": float((p.mean(0) - r.mean(0)).pow(2).mean() / spread),
@@ -63,31 +63,37 @@ def main() -> None:
     ap.add_argument("--align-loss", default="contrastive", choices=("mse", "centred", "contrastive"))
     ap.add_argument("--contrast-weight", type=float, default=4.0)
     ap.add_argument("--prompts", required=True, help="a prompt cache of the demo's train captions")
+    ap.add_argument("--contrast-temp", type=float, default=0.05)
+    ap.add_argument("--negatives", type=int, default=0)
+    ap.add_argument("--max-grad-norm", type=float, default=None)
     ap.add_argument("--seed", type=int, default=42)
     a = ap.parse_args()
     root = default_cache_root()
     data, features = root / "data" / "easy-vqa-500" / "easy-vqa", root / "features" / "easy-vqa-500__efficientnet-lite0"
     prompts = Path(a.prompts)
     out = root / "runs" / "align-alone" / (f"{a.lr:g}-{a.llm_proj_lr_scale:g}-{a.steps}-{a.align_loss}-"
-                                            f"{a.contrast_weight:g}-{a.seed}-{prompts.name}")
+                                            f"{a.contrast_weight:g}-t{a.contrast_temp:g}-c{a.max_grad_norm}-n{a.negatives}-{a.seed}-"
+                                            f"{prompts.name}")
     base = adapter_base(Recipe(), features, prompts, [str(data / "captions_train.json")], a.seed)
     started = time.perf_counter()
     if not (out / "final").is_dir():
         train_adapter(replace(base, stage=1, w_align=10.0, align_loss=a.align_loss,
-                              align_contrast_weight=a.contrast_weight, align_steps=a.steps, max_steps=0, lr=a.lr,
+                              align_contrast_weight=a.contrast_weight, align_contrast_temp=a.contrast_temp, align_negatives=a.negatives,
+                              max_grad_norm=a.max_grad_norm, align_steps=a.steps, max_steps=0, lr=a.lr,
                               llm_proj_lr_scale=a.llm_proj_lr_scale, warmup_steps=max(1, a.steps // 10),
                               save_every=10**6, out=str(out)))
     record = {"lr": a.lr, "llm_proj_lr_scale": a.llm_proj_lr_scale, "steps": a.steps, "align_loss": a.align_loss,
-              "contrast_weight": a.contrast_weight, "seed": a.seed, "prompts": prompts.name,
+              "contrast_weight": a.contrast_weight, "contrast_temp": a.contrast_temp, "negatives": a.negatives,
+              "max_grad_norm": a.max_grad_norm, "seed": a.seed, "prompts": prompts.name,
               "captions": budget.caption_point(out, features, data, 100), **probe(out, features, prompts),
               "seconds": round(time.perf_counter() - started), "commit": git_commit(), "machine": machine()}
     print(json.dumps(record))
     path = RESULTS / "align_alone.json"
     records = json.loads(path.read_text())["records"] if path.is_file() else []
-    records = [r for r in records if {k: r[k] for k in ("lr", "llm_proj_lr_scale", "steps", "align_loss",
-                                                         "contrast_weight", "seed", "prompts")} !=
-               {k: record[k] for k in ("lr", "llm_proj_lr_scale", "steps", "align_loss", "contrast_weight", "seed",
-                                       "prompts")}]
+    same = ("lr", "llm_proj_lr_scale", "steps", "align_loss", "contrast_weight", "contrast_temp", "max_grad_norm",
+            "negatives", "seed", "prompts")
+    defaults = {"contrast_temp": 0.05, "max_grad_norm": None, "negatives": 0}  # records written before these were options
+    records = [r for r in records if any(r.get(k, defaults.get(k)) != record[k] for k in same)]
     path.write_text(json.dumps({"command": "python bench/align_alone.py ...", "records": [*records, record]},
                                indent=1) + "\n")
 

@@ -36,10 +36,10 @@ from blitext.data.compose import compositional_captions  # noqa: E402
 from blitext.data.easy_vqa import ALL_CAPTIONS_FILE  # noqa: E402
 from blitext.data.prepare import prepare_dataset  # noqa: E402
 from blitext.recipes.demo import SMOKE, VARIANTS, DemoConfig, settings_digest  # noqa: E402
-from blitext.recipes.recipe import train_cell, train_once  # noqa: E402
+from blitext.recipes.recipe import pformer_config, pformer_tag, train_cell, train_once  # noqa: E402
 from blitext.evaluation.evaluate import EvalConfig, eval_caption  # noqa: E402
 from blitext.features.image import ExtractConfig, extract_features  # noqa: E402
-from blitext.pformer.train import PFormerConfig, train_pformer  # noqa: E402
+from blitext.pformer.train import train_pformer  # noqa: E402
 from blitext.pformer.check import between_example_spread  # noqa: E402
 from blitext.pformer.prompts import BuildPromptsConfig, PromptCache, build_prompts  # noqa: E402
 
@@ -64,11 +64,9 @@ def pformer_for_every_combination(root: Path, data: Path, c: DemoConfig, w_contr
     text = root / "data" / "pformer-text.txt"
     text.parent.mkdir(parents=True, exist_ok=True)
     text.write_text((data / ALL_CAPTIONS_FILE).read_text() + "\n".join(compositional_captions()) + "\n")
-    run = root / "pformer" / f"{c.recipe.n_prompt}x{c.pformer_steps}{contrast_suffix(w_contrast)}"
-    train_once(run, lambda resume: train_pformer(PFormerConfig(
-        text=[str(text)], out=str(run), n_prompt=c.recipe.n_prompt, batch_size=16, max_steps=c.pformer_steps,
-        warmup_steps=max(1, c.pformer_steps // 7), sample_every=max(1, c.pformer_steps // 2), save_every=100,
-        heldout=32, seed=42, resume=resume, w_contrast=w_contrast)))
+    run = root / "pformer" / f"{pformer_tag(c.recipe)}{contrast_suffix(w_contrast)}"
+    train_once(run, lambda resume: train_pformer(replace(
+        pformer_config(c.recipe, [str(text)], run, heldout=32, seed=42, resume=resume), w_contrast=w_contrast)))
     return run / "final"
 
 

@@ -120,3 +120,4 @@ class TrainerFields:
     warmup_start_lr: float = 1e-6
     weight_decay: float = 0.05
     seed: int = 42                      # initialisation, data order, masks and dropout: one run is one seed
+    max_grad_norm: float | None = None  # clip the gradient's global norm (paper and LAVIS: no clipping)

@@ -188,29 +188,34 @@ def centred_alignment_loss(prompts: torch.Tensor, reference: torch.Tensor, mean_
 
 
 def contrastive_alignment_loss(prompts: torch.Tensor, reference: torch.Tensor, mean_prompt: torch.Tensor,
-                               spread_square: float, weight: float = 4.0, temp: float = 0.05) -> torch.Tensor:
+                               spread_square: float, weight: float = 4.0, temp: float = 0.05,
+                               negatives: torch.Tensor | None = None) -> torch.Tensor:
     """L_align that asks "which caption is this image's?" (docs/method.md#contrastive-alignment).
 
     MSE(prompts, reference) over the references' between-caption variance, plus `weight` x an
-    InfoNCE over the batch: the cosine between each image's flattened prompts (B, P*D) and every
+    InfoNCE: the cosine between each image's flattened prompts (B, P*D) and every candidate
     caption's reference, both minus the references' mean prompt (P, D), at temperature `temp`; the
-    target is the row's own reference, and other rows with an identical reference (the same
-    caption) are left out of the negatives. The paper's MSE is met by writing the references'
-    mean for every image when they barely vary; the InfoNCE term is not. The batch is this rank's
-    share of it; the reference and its mean are constants."""
+    target is the row's own reference. The candidates are the batch's references and, when given,
+    `negatives` (K, P, D): a fixed bank of the run's references, so that every step also meets the
+    captions its batch lacks. A candidate identical to the row's own reference (the same caption)
+    is left out. The paper's MSE is met by writing the references' mean for every image when they
+    barely vary; the InfoNCE term is not. The batch is this rank's share of it; the reference,
+    its mean and the bank are constants."""
     _require_same_shape(prompts, reference)
     p = _at_least_fp32(prompts)
     r = reference.detach().to(device=p.device, dtype=p.dtype)
     mean = mean_prompt.detach().to(device=p.device, dtype=p.dtype)
     mse = F.mse_loss(p, r) / max(spread_square, 1e-12)
-    if weight == 0 or len(p) < 2:
+    if weight == 0 or (len(p) < 2 and negatives is None):
         return mse
-    pz = F.normalize((p - mean).flatten(1), dim=-1)  # (B, P*D)
-    rz = F.normalize((r - mean).flatten(1), dim=-1)  # (B, P*D)
-    flat = r.flatten(1)
-    same = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist") == 0  # (B, B): same caption
-    logits = (pz @ rz.T / temp).masked_fill(same & ~torch.eye(len(p), dtype=torch.bool, device=p.device), float("-inf"))
-    return mse + weight * F.cross_entropy(logits, torch.arange(len(p), device=p.device))
+    candidates = r if negatives is None else torch.cat([r, negatives.detach().to(device=p.device, dtype=p.dtype)])
+    pz = F.normalize((p - mean).flatten(1), dim=-1)           # (B, P*D)
+    cz = F.normalize((candidates - mean).flatten(1), dim=-1)  # (B + K, P*D)
+    own = torch.arange(len(p), device=p.device)
+    same = torch.cdist(r.flatten(1), candidates.flatten(1), compute_mode="donot_use_mm_for_euclid_dist") == 0
+    same[own, own] = False  # the row's own reference stays: it is the target
+    logits = (pz @ cz.T / temp).masked_fill(same, float("-inf"))
+    return mse + weight * F.cross_entropy(logits, own)
 
 
 def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor | float,

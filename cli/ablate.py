@@ -26,7 +26,7 @@ def ablate_cmd(
     extra_text: Optional[list[Path]] = typer.Option(None, "--extra-text", help="Extra sentence file for the P-Former (text, .jsonl, caption .json); repeat for several. " + default_is("compositional captions + WordNet examples when wordnet-base is installed")),
     limit: Optional[int] = typer.Option(None, "--limit", help="Images per split when preparing a named data set (tuxpaint: in all). " + default_of(AblateConfig, "images_per_split")),
     heldout_images: Optional[int] = typer.Option(None, "--heldout-images", help="Without captions_test.json: train images kept out for captioning. " + default_of(AblateConfig, "heldout_images")),
-    pformer_steps: Optional[int] = typer.Option(None, "--pformer-steps", help="P-Former steps per text variant. " + default_of(AblateConfig, "pformer_steps")),
+    pformer_steps: Optional[int] = typer.Option(None, "--pformer-steps", help="P-Former steps per text variant. " + default_of(Recipe, "pformer_steps")),
     stage1_steps: Optional[int] = typer.Option(None, "--stage1-steps", help="Stage-1 steps (ITC + ITM + ITG + w1 L_align). " + default_of(Recipe, "stage1_steps")),
     stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="Stage-2 steps (LM + w2 L_align). " + default_of(Recipe, "stage2_steps")),
     n_prompt: Optional[int] = typer.Option(None, "--n-prompt", help="Soft prompts = Q-Former queries. " + default_of(Recipe, "n_prompt")),
@@ -52,10 +52,10 @@ def ablate_cmd(
     sizes = _counts(extra_sizes) if extra_sizes else text_sizes
     options = dict(data=data, features=features and str(features), grid=grid, text_sizes=sizes,
                    extra_text=[str(p) for p in extra_text] if extra_text else None, images_per_split=limit,
-                   heldout_images=heldout_images, pformer_steps=pformer_steps,
+                   heldout_images=heldout_images,
                    vqa_questions=vqa_questions, caption_images=caption_images, seed=seed, scale=scale,
                    out=out and str(out))
-    recipe = dict(stage1_steps=stage1_steps, stage2_steps=stage2_steps, n_prompt=n_prompt, batch_size=batch_size,
+    recipe = dict(pformer_steps=pformer_steps, stage1_steps=stage1_steps, stage2_steps=stage2_steps, n_prompt=n_prompt, batch_size=batch_size,
                   stage1_lr=stage1_lr, stage2_lr=stage2_lr)
     resolved = resolve_config(AblateConfig, config, **options)  # checks keys and types
     given = {*(read_config_file(config) if config else {}), *(k for k, v in options.items() if v is not None)}

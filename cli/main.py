@@ -172,6 +172,7 @@ def train_adapter_cmd(
     align_loss: Optional[str] = typer.Option(None, "--align-loss", help="Image: mse (the paper's L_align) | centred (its shared and per-image parts, each over its size in the references) | contrastive (MSE over the references' spread + InfoNCE against the batch's other captions). " + default_of(AdapterConfig, "align_loss")),
     align_contrast_weight: Optional[float] = typer.Option(None, "--align-contrast-weight", help="Image, --align-loss contrastive: the InfoNCE term's weight. " + default_of(AdapterConfig, "align_contrast_weight")),
     align_contrast_temp: Optional[float] = typer.Option(None, "--align-contrast-temp", help="Image, --align-loss contrastive: the InfoNCE temperature. " + default_of(AdapterConfig, "align_contrast_temp")),
+    align_negatives: Optional[int] = typer.Option(None, "--align-negatives", help="Image, --align-loss contrastive: references (a fixed, evenly spaced bank) added to every step's InfoNCE candidates. " + default_of(AdapterConfig, "align_negatives")),
     config: Optional[Path] = ConfigOpt,
 ):
     """Train the Q-Former adaptor (or, with --modality video, the video Transformer) from cached features and prompts (resumable; runs under torchrun)."""
@@ -191,7 +192,8 @@ def train_adapter_cmd(
                    accum_steps=accum_steps)
     video = dict(schedule=schedule, align_epochs=align_epochs)
     image = dict(num_layers=num_layers, cross_attention_frequency=cross_attention_frequency, dropout=dropout,
-                 align_loss=align_loss, align_contrast_weight=align_contrast_weight, align_contrast_temp=align_contrast_temp)
+                 align_loss=align_loss, align_contrast_weight=align_contrast_weight, align_contrast_temp=align_contrast_temp,
+                 align_negatives=align_negatives)
     if modality == "video":  # image-only options given here are refused as unknown keys
         from blitext.adapter.video import VideoAdapterConfig, train_video_adapter
 

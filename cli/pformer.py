@@ -27,6 +27,7 @@ def train_pformer_cmd(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N steps (overrides --epochs)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, cosine decay). " + default_of(PFormerConfig, "lr")),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warm-up steps. " + default_of(PFormerConfig, "warmup_steps")),
+    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Clip the gradient norm (small batches). " + default_is("no clipping, as the paper")),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of initialisation, masks, sampling and dropout. " + default_of(PFormerConfig, "seed")),
     heldout: Optional[int] = typer.Option(None, "--heldout", help="Sentences held out (never trained on) to measure reconstruction. " + default_of(PFormerConfig, "heldout")),
     sample_every: Optional[int] = typer.Option(None, "--sample-every", help="Print held-out reconstructions every N steps. " + default_of(PFormerConfig, "sample_every")),
@@ -48,7 +49,7 @@ def train_pformer_cmd(
     cfg = resolve_config(PFormerConfig, config, text=text or None, out=out and str(out), llm=llm,
                          text_encoder=text_encoder, n_prompt=n_prompt, contrast=contrast, batch_size=batch_size,
                          epochs=epochs, max_steps=max_steps, lr=lr, warmup_steps=warmup_steps, seed=seed,
-                         heldout=heldout, sample_every=sample_every, save_every=save_every, bad_bytes=bad_bytes,
+                         max_grad_norm=max_grad_norm, heldout=heldout, sample_every=sample_every, save_every=save_every, bad_bytes=bad_bytes,
                          device=device, resume=resume, report_to=report_to or None, precision=precision,
                          grad_checkpointing=grad_checkpointing, accum_steps=accum_steps)
     say(f"[green]P-Former written to[/] {train_pformer(cfg)}")

@@ -207,7 +207,7 @@ EXPECTED = {
     "ablate": {
         "--data": default(AblateConfig, "data"),
         "--limit": default(AblateConfig, "images_per_split"),
-        "--pformer-steps": default(AblateConfig, "pformer_steps"),
+        "--pformer-steps": default(Recipe, "pformer_steps"),
         "--stage1-lr": default(Recipe, "stage1_lr"),
         "--stage2-lr": default(Recipe, "stage2_lr"),
         "--seed": default(AblateConfig, "seed"),

@@ -196,6 +196,26 @@ def test_contrastive_alignment_is_not_met_by_the_mean_prompt_and_masks_same_capt
     assert no_contrast.item() == pytest.approx(alignment_loss(collapsed, reference).item() / spread, rel=1e-5)
 
 
+def test_contrastive_alignment_bank_adds_the_captions_a_batch_lacks():
+    """A bank caption near the image's prompt competes with its own reference (the batch alone
+    would not see it); the bank's copy of the image's own caption is no negative."""
+    torch.manual_seed(0)
+    shared = torch.randn(1, 2, 8)
+    distinct = shared + 0.1 * torch.randn(5, 2, 8)
+    reference, absent = distinct[:3], distinct[3:]
+    mean, spread = distinct.mean(0), reference_scales(distinct)["spread_square"]
+    prompts = reference + 0.5 * (absent[[0, 0, 1]] - reference)  # halfway towards captions absent from the batch
+    alone = contrastive_alignment_loss(prompts, reference, mean, spread, weight=4.0, temp=0.05)
+    banked = contrastive_alignment_loss(prompts, reference, mean, spread, weight=4.0, temp=0.05, negatives=absent)
+    assert banked.item() > alone.item() + 1.0
+    own_copy = contrastive_alignment_loss(prompts[:1], reference[:1], mean, spread, weight=4.0, temp=0.05,
+                                          negatives=reference[:1].clone())
+    torch.testing.assert_close(own_copy, F.mse_loss(prompts[:1], reference[:1]) / spread)  # its only candidate: itself
+    one_row = contrastive_alignment_loss(prompts[:1], reference[:1], mean, spread, weight=4.0, temp=0.05,
+                                         negatives=absent)
+    assert one_row.item() > contrastive_alignment_loss(prompts[:1], reference[:1], mean, spread).item()
+
+
 # ---------------------------------------------------------------- frozen LLM
 
 def _lm_loss_by_hand(llm, prompts, texts: list[list[int]]) -> float:

@@ -32,20 +32,26 @@ def require_align_loss(name: str) -> None:
 
 
 def alignment(name: str, prompts: PromptCache | None, pairs: Pairs, sample: int = 4096,
-              contrast_weight: float = 8.0, contrast_temp: float = 0.05) -> tuple:
+              contrast_weight: float = 8.0, contrast_temp: float = 0.05, negatives: int = 0) -> tuple:
     """(L_align as a function of (prompts, reference), the reference scales it uses or None). The
     centred and contrastive forms' scales (and mean prompt) come from an evenly spaced sample of
     the run's references: at the paper's scale reading millions of (32, 2560) prompts for a few
-    numbers is not worth minutes."""
+    numbers is not worth minutes. The contrastive form's bank of `negatives` references is the
+    first of that sample's rows, fixed for the run (so a resumed run and every rank see the same)."""
     if name == "mse" or prompts is None:
         return alignment_loss, None
-    keys = pairs.keys[::max(1, len(pairs.keys) // sample)][:sample]
+    keys = evenly_spaced(pairs.keys, max(sample, negatives))
     sampled = prompts.get_batch(keys).float()
     scales = reference_scales(sampled)
     if name == "contrastive":
+        bank = prompts.get_batch(evenly_spaced(pairs.keys, negatives)).float() if negatives else None
         return partial(contrastive_alignment_loss, mean_prompt=sampled.mean(0), spread_square=scales["spread_square"],
-                       weight=contrast_weight, temp=contrast_temp), scales
+                       weight=contrast_weight, temp=contrast_temp, negatives=bank), scales
     return partial(centred_alignment_loss, **scales), scales
+
+
+def evenly_spaced(keys: list[str], n: int) -> list[str]:
+    return keys[::max(1, len(keys) // n)][:n]
 
 
 class StepLosses(torch.nn.Module):

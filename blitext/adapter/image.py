@@ -59,6 +59,8 @@ class AdapterConfig(RunOptions, TrainerFields):
     align_contrast_weight: float = 8.0  # contrastive: the InfoNCE term's weight beside the normalised MSE (4: 0.32,
                                         # 8: 0.42, 16: 0.44 exact captions from alignment alone, docs/results.md)
     align_contrast_temp: float = 0.05   # contrastive: the InfoNCE temperature (cosines of centred prompts)
+    align_negatives: int = 0            # contrastive: references (evenly spaced over the captions, fixed) added to
+                                        # every step's InfoNCE candidates beside the batch's own
     init: str | None = None             # a run (stage 2: its stage 1) or released BLIP-2 weights to start from
     align_steps: int = 0                # steps of L_align alone (no other loss, no LLM) before the stage's own
                                         # losses, fresh AdamW moments after them: the video path's order (paper: 0)
@@ -75,7 +77,6 @@ class AdapterConfig(RunOptions, TrainerFields):
     epochs: int = 10
     batch_size: int = 1024              # global batch (paper), split across ranks
     llm_proj_lr_scale: float = 1.0      # llm_proj's rate / lr (paper: one rate); small-batch stage 2 needs more
-    max_grad_norm: float | None = None  # clip the gradient's global norm (LAVIS does not clip: None)
     warmup_steps: int | None = None     # default 5000 (stage 1) / 2000 (stage 2), as the paper
     prefetch: int = 2                   # batches read ahead in a background thread
     decode_threads: int = 2             # --online: image decoding threads
@@ -96,6 +97,9 @@ class AdapterConfig(RunOptions, TrainerFields):
             raise BlitextError(f"--w-align {self.w_align:g} needs reference prompts: pass --prompts CACHE "
                                f"(blitext build-prompts makes it), or --w-align 0 for plain BLIP-2")
         require_align_loss(self.align_loss)
+        if self.align_negatives < 0 or (self.align_negatives and self.align_loss != "contrastive"):
+            raise BlitextError(f"--align-negatives {self.align_negatives}: a count >= 0 of extra InfoNCE candidates, "
+                               f"only with --align-loss contrastive")
         if self.stage == 1 and self.accum_steps > 1:
             raise BlitextError("--accum-steps applies to stage 2: stage 1's ITC and ITM draw their negatives from the "
                                "whole batch, and accumulation would draw them from each micro-batch (a smaller "
@@ -111,7 +115,8 @@ class AdapterConfig(RunOptions, TrainerFields):
                                "(blitext extract-features makes it), or --online to encode images in the loop")
 
 
-RESUME_KEYS = ("stage", "w_align", "align_loss", "align_contrast_weight", "align_contrast_temp", "align_steps", "text_encoder", "llm", "n_prompt", "cross_attention_frequency",
+RESUME_KEYS = ("stage", "w_align", "align_loss", "align_contrast_weight", "align_contrast_temp", "align_negatives",
+               "align_steps", "text_encoder", "llm", "n_prompt", "cross_attention_frequency",
                "num_layers", "dropout", "embed_dim",
                "max_text_len", "end_of_text", "batch_size", "lr", "llm_proj_lr_scale", "min_lr", "max_grad_norm",
                "warmup_steps", "seed", "epochs", "max_steps")
@@ -216,7 +221,7 @@ def _setup(config: AdapterConfig, device: str) -> Setup:
     model = QFormer.from_text_encoder(text_encoder.model, tokenizer, source.width, n_prompt, d_llm,
                                       config.cross_attention_frequency, config.embed_dim)
     align, scales = alignment(config.align_loss, prompts, pairs, contrast_weight=config.align_contrast_weight,
-                              contrast_temp=config.align_contrast_temp)
+                              contrast_temp=config.align_contrast_temp, negatives=config.align_negatives)
     identity = {"features_producer": source.producer, "llm_fingerprint": llm_fp,
                 "text_encoder_fingerprint": text_encoder.fingerprint,
                 "prompts_producer": prompts.producer if prompts else None,

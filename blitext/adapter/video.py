@@ -56,7 +56,6 @@ class VideoAdapterConfig(RunOptions, TrainerFields):
     align_steps: int | None = None      # overrides align_epochs
     batch_size: int = 128               # global; the paper gives none for video (VATEX: 26K clips, 200 steps an epoch)
     llm_proj_lr_scale: float = 1.0      # llm_proj's rate / lr (paper: one rate); small batches need more (demo: 20)
-    max_grad_norm: float | None = None  # clip the gradient's global norm (paper: none; demo: 1.0)
     warmup_steps: int = 200             # per phase; the paper gives none for video: a tenth of a VATEX phase
     prefetch: int = 2                   # batches read ahead in a background thread
 

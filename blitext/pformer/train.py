@@ -64,7 +64,7 @@ class PFormerConfig(RunOptions, TrainerFields):
 
 # What must not change between a run and its resume (the rest, e.g. sample_every, may).
 RESUME_KEYS = ("llm", "text_encoder", "n_prompt", "max_text_len", "end_of_text", "mask_prob", "contrast",
-               "batch_size", "lr", "min_lr", "warmup_steps", "seed", "epochs", "max_steps", "heldout")
+               "batch_size", "lr", "min_lr", "warmup_steps", "seed", "epochs", "max_steps", "heldout", "max_grad_norm")
 
 
 @dataclass
@@ -218,7 +218,7 @@ class TrainLoop(TrainerLoop):
 
         def lm_tokens():
             return targets.rows(rank_slice(list(range(len(texts))), self.info.rank, self.info.world)).loss_mask.sum()
-        logged = self.accumulated(micro, (), lm_tokens, self.forward, None)
+        logged = self.accumulated(micro, (), lm_tokens, self.forward, c.max_grad_norm)
         with torch.no_grad():  # as BLIP: a clamp only inside the loss would leave temp stuck past a bound
             self.pformer.temp.clamp_(TEMP_MIN, TEMP_MAX)
         return logged  # what is logged is the global batch's, not rank 0's

@@ -44,11 +44,11 @@ from blitext.data.text import WORDNET_DIR, read_sentences, wordnet_examples
 from blitext.recipes.ablate_config import TEXT_SIZE_CELL, TRAIN_KEYS, AblateConfig, Cell, Extra, Source, Splits
 from blitext.recipes.ablate_report import evaluate_run, report, score_columns, plot_curves
 from blitext.recipes.demo import print_prompt_check
-from blitext.recipes.recipe import adapter_base, stage1_config, stage2_config, train_once
+from blitext.recipes.recipe import adapter_base, pformer_config, stage1_config, stage2_config, train_once
 from blitext.errors import BlitextError
 from blitext.features.image import ExtractConfig, extract_features
 from blitext.models.registry import DEFAULT_VISION_ENCODER
-from blitext.pformer.train import PFormerConfig, train_pformer
+from blitext.pformer.train import train_pformer
 from blitext.pformer.prompts import BuildPromptsConfig, build_prompts
 
 def _source(c: AblateConfig, root: Path) -> Source:
@@ -166,7 +166,7 @@ def _work(c: AblateConfig, src: Source, features: Path, extra: Extra, root: Path
                 **{k: to_jsonable(getattr(c, k)) for k in TRAIN_KEYS}}
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     work = Path(c.out) if c.out else root / "runs" / "ablate" / (
-        f"{src.tag}-{c.recipe.n_prompt}q-{c.pformer_steps}-{c.recipe.stage1_steps}-{c.recipe.stage2_steps}-{digest}")
+        f"{src.tag}-{c.recipe.n_prompt}q-{c.recipe.pformer_steps}-{c.recipe.stage1_steps}-{c.recipe.stage2_steps}-{digest}")
     record = work / "ablate-config.json"
     if record.is_file() and read_json(record).get("identity") != identity:
         old = read_json(record).get("identity") or {}
@@ -185,11 +185,10 @@ def _pformer(c: AblateConfig, work: Path, splits: Splits, extra: Extra, n: int) 
     run, prompts = work / f"pformer-{label}", work / f"prompts-{label}"
     text = [str(splits.train)] + ([str(_extra_file(work, extra, n, c.seed))] if n else [])
     say(f"[bold]P-Former ({label})[/]: {splits.n_paired} paired captions + {n} extra sentences")
-    train_once(run, lambda resume: train_pformer(PFormerConfig(
-        text=text, out=str(run), n_prompt=c.recipe.n_prompt, batch_size=c.pformer_batch_size, max_steps=c.pformer_steps,
-        warmup_steps=max(1, c.pformer_steps // 7), save_every=100,
-        sample_every=max(1, c.pformer_steps // 2, min(c.pformer_steps, 20)),  # mid-run and at the end; SMOKE: end
-        heldout=_pformer_heldout(splits), seed=c.seed, resume=resume)))
+    steps = c.recipe.pformer_steps
+    train_once(run, lambda resume: train_pformer(pformer_config(
+        c.recipe, text, run, heldout=_pformer_heldout(splits), seed=c.seed, resume=resume,
+        sample_every=max(1, steps // 2, min(steps, 20)))))  # mid-run and at the end; SMOKE: the end
     build_prompts(BuildPromptsConfig(pformer=str(run / "final"), captions=[str(splits.train)], out=str(prompts)))
     print_prompt_check(prompts)
     return prompts

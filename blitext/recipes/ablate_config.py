@@ -11,8 +11,8 @@ from blitext.recipes.recipe import Recipe
 TABLE4_GRID = ((0.0, 0.0), (10.0, 0.0), (0.0, 100.0), (10.0, 100.0))  # the paper's (w1, w2) rows
 TEXT_SIZE_CELL = (10.0, 100.0)          # Table 6 trains each P-Former's adaptor with the default weights
 # What makes two runs comparable: a run folder is reused only under the same values.
-TRAIN_KEYS = ("images_per_split", "heldout_images", "pformer_steps", "pformer_batch_size", "recipe", "seed")
-RECIPE_OPTIONS = ("n_prompt", "stage1_steps", "stage1_lr", "stage2_steps", "stage2_lr", "batch_size")  # CLI -> Recipe
+TRAIN_KEYS = ("images_per_split", "heldout_images", "recipe", "seed")
+RECIPE_OPTIONS = ("pformer_steps", "n_prompt", "stage1_steps", "stage1_lr", "stage2_steps", "stage2_lr", "batch_size")  # CLI -> Recipe
 
 
 @dataclass
@@ -27,9 +27,7 @@ class AblateConfig:
     extra_text: list[str] | None = None  # extra sentence files (text, .jsonl, caption .json, globs), not the default
     images_per_split: int = 500   # when preparing a named data set: images per split (tuxpaint: in all)
     heldout_images: int = 100     # without captions_test.json: train images kept out for captioning
-    pformer_steps: int = 200      # per P-Former, at pformer_batch_size (about 2.5 s a step on 2 cores)
-    pformer_batch_size: int = 16
-    recipe: Recipe = field(default_factory=Recipe)  # the Q-Former's stages: the embedded recipe the demo trains with
+    recipe: Recipe = field(default_factory=Recipe)  # the P-Formers and the Q-Former's stages: the demo's recipe
     vqa_questions: int = 120      # test questions answered zero-shot per run (0: no VQA)
     caption_images: int = 50      # images captioned per run (0: no captioning)
     caption_max_new_tokens: int = 16  # short captions (easy-VQA 3-4 tokens, Tux Paint one sentence)
@@ -50,7 +48,7 @@ class AblateConfig:
 
     def scaled(self) -> "AblateConfig":
         s = self.scale
-        return replace(self, pformer_steps=round(self.pformer_steps * s), recipe=self.recipe.scaled(s),
+        return replace(self, recipe=self.recipe.scaled(s),
                        vqa_questions=round(self.vqa_questions * s),
                        caption_images=round(self.caption_images * s), scale=1.0)
 
@@ -71,8 +69,8 @@ def _cell(value) -> tuple[float, float]:
     return w1, w2
 
 
-SMOKE = AblateConfig(images_per_split=48, heldout_images=8, pformer_steps=2, pformer_batch_size=8,
-                     recipe=Recipe(n_prompt=4, align_steps=2, stage1_steps=2, stage2_steps=2, batch_size=4, stage1_warmup_steps=1,
+SMOKE = AblateConfig(images_per_split=48, heldout_images=8,
+                     recipe=Recipe(pformer_steps=2, pformer_batch_size=8, n_prompt=4, align_steps=2, stage1_steps=2, stage2_steps=2, batch_size=4, stage1_warmup_steps=1,
                                    stage2_warmup_steps=1, snapshot_steps=[]), vqa_questions=8, caption_images=6,
                      caption_max_new_tokens=8, num_beams=1, meteor="off")
 

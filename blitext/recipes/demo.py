@@ -35,10 +35,10 @@ from blitext.evaluation.compare import compare_runs, print_compare
 from blitext.evaluation.evaluate import EvalConfig, eval_caption, eval_vqa
 from blitext.features.image import ExtractConfig, extract_features
 from blitext.models.loading import load_llm
-from blitext.pformer.train import PFormerConfig, train_pformer
+from blitext.pformer.train import train_pformer
 from blitext.pformer.prompts import BuildPromptsConfig, build_prompts, prompts_from_cache
 from blitext.recipes import budget
-from blitext.recipes.recipe import Recipe, train_cell, train_once
+from blitext.recipes.recipe import Recipe, pformer_config, pformer_tag, train_cell, train_once
 
 VARIANTS = {"baseline": (0.0, 0.0), "pformer": (10.0, 100.0)}  # (w1, w2): Table 4's first and last rows
 LABELS = {"baseline": "BLIP-2 (0, 0)", "pformer": "P-Former (10, 100)"}
@@ -48,10 +48,7 @@ LABELS = {"baseline": "BLIP-2 (0, 0)", "pformer": "P-Former (10, 100)"}
 class DemoConfig:
     """What the demo runs: the data, the P-Former, the shared Q-Former recipe and the evaluation sizes."""
     images_per_split: int = 500   # easy-VQA train and test images used (4,000 / 1,000 exist); CPU-sized
-    pformer_steps: int = 200      # P-Former steps at batch 16 (about 1.5 s each on 2 cores)
-    pformer_lr: float = 1e-4      # the paper's; at 4e-4 one run's references read back exactly for 0.63 of the test
-                                  # captions, another's (2 threads, not 1) decoded to "_red" for all (docs/results.md)
-    recipe: Recipe = field(default_factory=Recipe)  # the Q-Former's stages (shared with ablate and bench/)
+    recipe: Recipe = field(default_factory=Recipe)  # the P-Former and the Q-Former's stages (shared with ablate, bench/)
     vqa_questions: int = 0        # easy-VQA test questions answered zero-shot (0: skipped; SmolLM2 cannot
                                   # answer them even from the caption as text, so the score shows nothing)
     caption_images: int = 100     # test images captioned at each point of the budget curve (greedy)
@@ -61,13 +58,13 @@ class DemoConfig:
 
     def scaled(self) -> "DemoConfig":
         s = self.scale
-        return replace(self, pformer_steps=round(self.pformer_steps * s), recipe=self.recipe.scaled(s),
+        return replace(self, recipe=self.recipe.scaled(s),
                        vqa_questions=round(self.vqa_questions * s), caption_images=round(self.caption_images * s),
                        scale=1.0)
 
 
-SMOKE = DemoConfig(images_per_split=48, pformer_steps=4, vqa_questions=0, caption_images=8, examples=2,
-                   recipe=Recipe(n_prompt=4, align_steps=2, stage1_steps=3, stage2_steps=4, batch_size=4, stage1_warmup_steps=1,
+SMOKE = DemoConfig(images_per_split=48, vqa_questions=0, caption_images=8, examples=2,
+                   recipe=Recipe(pformer_steps=4, n_prompt=4, align_steps=2, stage1_steps=3, stage2_steps=4, batch_size=4, stage1_warmup_steps=1,
                                  stage2_warmup_steps=1, snapshot_steps=[2]))
 
 
@@ -100,7 +97,7 @@ def demo_work(c: DemoConfig) -> Path:
     """The run folder of one seed's cells (bench/budget.py's other seeds sit beside it)."""
     r = c.recipe
     return default_cache_root() / "runs" / "demo" / (
-        f"easy-vqa-{c.images_per_split}-{r.n_prompt}q-{c.pformer_steps}-{r.align_steps}+{r.stage1_steps}-{r.stage2_steps}-"
+        f"easy-vqa-{c.images_per_split}-{r.n_prompt}q-{r.pformer_steps}-{r.align_steps}+{r.stage1_steps}-{r.stage2_steps}-"
         f"{settings_digest(c)}")
 
 
@@ -118,10 +115,8 @@ def prepare_caches(c: DemoConfig) -> tuple[Path, Path, Path]:
     pformer = pformer_run(c)
     text = root / "data" / "compositional.txt"
     write_text(text, "\n".join(compositional_captions()) + "\n")
-    train_once(pformer, lambda resume: train_pformer(PFormerConfig(
-        text=[str(data / "captions_train.json"), str(text)], out=str(pformer), n_prompt=c.recipe.n_prompt, batch_size=16,
-        max_steps=c.pformer_steps, lr=c.pformer_lr, warmup_steps=max(1, c.pformer_steps // 7), sample_every=max(1, c.pformer_steps // 2),
-        save_every=100, heldout=32, seed=c.seed, resume=resume)))
+    train_once(pformer, lambda resume: train_pformer(pformer_config(
+        c.recipe, [str(data / "captions_train.json"), str(text)], pformer, heldout=32, seed=c.seed, resume=resume)))
 
     say("[bold]4/8 build reference prompts[/] for every easy-VQA caption")
     prompts = root / "prompts" / f"{tag}__{pformer.name}"
@@ -147,8 +142,7 @@ def print_prompt_check(prompts: Path) -> None:
 
 
 def pformer_run(c: DemoConfig) -> Path:
-    return default_cache_root() / "runs" / "pformer" / (
-        f"demo-easy-vqa-{c.images_per_split}-{c.recipe.n_prompt}x{c.pformer_steps}-lr{c.pformer_lr:g}")
+    return default_cache_root() / "runs" / "pformer" / f"demo-easy-vqa-{c.images_per_split}-{pformer_tag(c.recipe)}"
 
 
 def reference_ceiling(data: Path, prompts: Path, c: DemoConfig) -> dict:
