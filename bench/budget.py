@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -46,6 +47,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=100, help="test images captioned at each point")
     ap.add_argument("--name", default="budget")
     ap.add_argument("--stage1-only", action="store_true", help="captions from alignment alone: no stage 2")
+    ap.add_argument("--stage1-from", type=Path, help="a demo run folder whose stage-1 runs these cells reuse "
+                    "(for --set of stage-2 fields only; that folder's seed must be the only seed)")
     a = ap.parse_args()
     c = DemoConfig()
     c = replace(c, recipe=replace(c.recipe, **parse_set(a.set)))
@@ -56,6 +59,8 @@ def main() -> None:
         labels[cell] = LABELS[cell]
         for seed in a.seeds:  # the demo's own runs at its seed; the same folders' layout at the others
             cs = replace(c, seed=seed)
+            if a.stage1_from and not (demo_work(cs) / f"{cell}-stage1").exists():
+                shutil.copytree(a.stage1_from / f"{cell}-stage1", demo_work(cs) / f"{cell}-stage1")
             s1, s2 = train_cell(cs.recipe, cell, w1, w2, features, prompts, [str(data / "captions_train.json")],
                                 demo_work(cs), seed, stage2=not a.stage1_only)
             if a.stage1_only:
@@ -67,8 +72,9 @@ def main() -> None:
     line = budget.verdict(summ, labels)
     print(line)
     png = budget.plot_curves(curves, Path(__file__).parent / "results" / f"{a.name}.png", labels)
-    write_result(a.name, {"commit": git_commit(), "command": " ".join(sys.argv), "seeds": a.seeds, "recipe": asdict(c.recipe), "curves": curves, "costs": costs,
-                          "summary": summ, "verdict": line, "plot": png.name, "images": a.images})
+    write_result(a.name, {"commit": git_commit(), "command": " ".join(sys.argv), "seeds": a.seeds,
+                          "recipe": asdict(c.recipe), "curves": curves, "costs": costs, "summary": summ,
+                          "verdict": line, "plot": png.name, "images": a.images})
 
 
 if __name__ == "__main__":
