@@ -71,7 +71,7 @@ MUTATIONS = [
              "blitext/evaluation/decoding.py",
              "    return generate_after(llm, prompts, texts, settings, adapter.end_of_text)\n",
              "    return generate_after(llm, prompts.roll(1, 0), texts, settings, adapter.end_of_text)\n",
-             per_llm(T_ADAPTER + "test_batched_left_padded_generation_equals_one_at_a_time")),
+             per_llm("tests/test_adapter_generate.py::test_batched_left_padded_generation_equals_one_at_a_time")),
     Mutation("i3d-wrong-window", "the last I3D window repeats the one before instead of ending at the last frame",
              "blitext/data/video.py", "        starts.append(last_start)\n", "        starts.append(starts[-1])\n",
              (T_VIDEO,)),
@@ -95,7 +95,7 @@ MUTATIONS = [
              "return self.itm(rows[:, None].expand_as(cands), cands) + sim[rows[:, None], cands]",
              "return self.itm((rows[:, None] + 1).remainder(sim.shape[0]).expand_as(cands), cands) "
              "+ sim[rows[:, None], cands]",
-             (T_EVAL + "test_retrieval_reranks_only_inside_the_top_k",)),
+             ("tests/test_eval_retrieval.py::test_retrieval_reranks_only_inside_the_top_k",)),
     Mutation("caption-eval-neighbour-prediction", "eval caption scores each image with the next image's caption",
              "blitext/evaluation/evaluate.py", "metrics, extra = caption_metrics(refs, dict(zip(ids, hyps)),",
              "metrics, extra = caption_metrics(refs, dict(zip(ids, hyps[1:] + hyps[:1])),",
