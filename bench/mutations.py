@@ -44,6 +44,11 @@ class Mutation:
 T_ADAPTER, T_EVAL, T_EXPORT = "tests/test_adapter.py::", "tests/test_eval.py::", "tests/test_export.py::"
 T_VIDEO = "tests/test_video_extract.py::test_i3d_encoder_from_checkpoint_gives_one_1024_vector_per_segment"
 
+
+def per_llm(test: str) -> tuple[str, ...]:
+    """The ids of a test parametrised over the tiny LLM families (tests/conftest.py's LLM_KINDS)."""
+    return tuple(f"{test}[{kind}]" for kind in ("opt", "llama", "gpt2"))
+
 MUTATIONS = [
     Mutation("export-untrained-vision-tower", "the exported BLIP-2 sees images through a freshly initialised "
              "copy of the vision tower, not the run's",
@@ -66,8 +71,7 @@ MUTATIONS = [
              "blitext/evaluation/decoding.py",
              "    return generate_after(llm, prompts, texts, settings, adapter.end_of_text)\n",
              "    return generate_after(llm, prompts.roll(1, 0), texts, settings, adapter.end_of_text)\n",
-             tuple(T_ADAPTER + f"test_batched_left_padded_generation_equals_one_at_a_time[{k}]"
-                   for k in ("opt", "llama", "gpt2"))),
+             per_llm("tests/test_adapter_generate.py::test_batched_left_padded_generation_equals_one_at_a_time")),
     Mutation("i3d-wrong-window", "the last I3D window repeats the one before instead of ending at the last frame",
              "blitext/data/video.py", "        starts.append(last_start)\n", "        starts.append(starts[-1])\n",
              (T_VIDEO,)),
@@ -85,14 +89,13 @@ MUTATIONS = [
     Mutation("checkpoint-wrapper-no-op", "--grad-checkpointing wraps the layers in a wrapper that keeps activations",
              "blitext/models/llm.py", "return checkpoint(forward, *args, use_reentrant=False, **kwargs)",
              "return forward(*args, **kwargs)",
-             tuple("tests/test_memory_levers.py::test_checkpoint_layers_wraps_every_layer_and_recomputes_it_in_backward"
-                   f"[{k}]" for k in ("opt", "llama", "gpt2"))),
+             per_llm("tests/test_memory_levers.py::test_checkpoint_layers_wraps_every_layer_and_recomputes_it_in_backward")),
     Mutation("retrieval-itm-of-another-image", "retrieval re-ranks image i's texts by image i+1's ITM scores",
              "blitext/evaluation/evaluate.py",
              "return self.itm(rows[:, None].expand_as(cands), cands) + sim[rows[:, None], cands]",
              "return self.itm((rows[:, None] + 1).remainder(sim.shape[0]).expand_as(cands), cands) "
              "+ sim[rows[:, None], cands]",
-             (T_EVAL + "test_retrieval_reranks_only_inside_the_top_k",)),
+             ("tests/test_eval_retrieval.py::test_retrieval_reranks_only_inside_the_top_k",)),
     Mutation("caption-eval-neighbour-prediction", "eval caption scores each image with the next image's caption",
              "blitext/evaluation/evaluate.py", "metrics, extra = caption_metrics(refs, dict(zip(ids, hyps)),",
              "metrics, extra = caption_metrics(refs, dict(zip(ids, hyps[1:] + hyps[:1])),",

@@ -13,8 +13,7 @@ from typer.testing import CliRunner
 import blitext
 from blitext.cli.main import app
 from blitext.errors import BlitextError
-from test_adapter import world  # noqa: F401
-from test_eval import runs  # noqa: F401
+from adapter_world import runs, world  # noqa: F401
 
 FAST = dict(num_beams=2, max_new_tokens=4, min_new_tokens=1)
 

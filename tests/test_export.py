@@ -20,7 +20,7 @@ from blitext.features.image import ExtractConfig, extract_features
 from blitext.models.adapter_checkpoint import load_adapter
 from blitext.models.loading import load_vision_encoder
 from conftest import assert_tells_apart, make_tokenizer
-from test_adapter import N_PROMPT, write_images
+from adapter_world import N_PROMPT, write_images
 from test_pformer_train import dropout_free_bert
 from test_t5 import make_t5_folder
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from blitext.adapter.image import AdapterConfig, train_adapter
 from blitext.errors import BlitextError
 from blitext.export import ExportConfig, export_run
-from test_adapter import N_PROMPT
+from adapter_world import N_PROMPT
 from test_export import blip2_world  # noqa: F401
 
 FROZEN_LR = dict(lr=0.0, min_lr=0.0, warmup_start_lr=0.0, weight_decay=0.0)  # the start weights come out unchanged

@@ -18,7 +18,7 @@ from blitext.errors import BlitextError
 from blitext.loop import Precision, TrainerLoop, resume_run
 from blitext.pformer.train import train_pformer
 from blitext.training import read_metrics
-from test_adapter import config, world  # noqa: F401
+from adapter_world import config, world  # noqa: F401
 from test_pformer_train import tiny_config, write_sentences
 
 

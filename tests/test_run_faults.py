@@ -22,7 +22,7 @@ from blitext.evaluation.evaluate import EvalConfig, eval_caption
 from blitext.export import ExportConfig, export_run
 from blitext.models.adapter_checkpoint import load_adapter
 from blitext.pformer.prompts import load_pformer
-from test_adapter import config, world  # noqa: F401
+from adapter_world import config, world  # noqa: F401
 
 
 def flip_bytes(path: Path, count: int = 16) -> None:

@@ -1,7 +1,7 @@
 """blitext score caption|vqa: any system's predictions scored by eval's own metric code.
 
 The first tests use hand-written predictions and references (no model); the last ones run a tiny
-eval (test_eval's adaptors) and score its predictions.json, which must give its metrics.json."""
+eval (adapter_world's runs, as test_eval's) and score its predictions.json, which must give its metrics.json."""
 from __future__ import annotations
 
 import hashlib
@@ -15,8 +15,8 @@ from blitext.cli.score import score_app
 from blitext.errors import BlitextError
 from blitext.evaluation.evaluate import eval_caption, eval_vqa
 from blitext.evaluation.score import ScoreConfig, score_caption, score_vqa
-from test_adapter import world  # noqa: F401  (fixtures of the eval test below)
-from test_eval import N_IMAGES, common, runs, stub_captions, write_vqav2  # noqa: F401
+from adapter_world import N_IMAGES, common, runs, world  # noqa: F401  (fixtures of the eval tests)
+from test_eval import stub_captions, write_vqav2
 from test_metrics import PYTHON_TOLERANCE, VECTOR_EXPECTED, VECTOR_HYPS, VECTOR_REFS
 
 CAPTION_KEYS = {"bleu_1": "Bleu_1", "bleu_2": "Bleu_2", "bleu_3": "Bleu_3", "bleu_4": "Bleu_4", "rouge_l": "ROUGE_L",

@@ -24,7 +24,7 @@ from blitext.models.loading import llm_family, llm_width, load_llm
 from blitext.pformer.prompts import BuildPromptsConfig, PromptCache, build_prompts
 from blitext.pformer.train import PFormerConfig, TrainLoop, train_pformer
 from blitext.training import read_metrics
-from test_adapter import config, stop_at_step, write_images
+from adapter_world import config, stop_at_step, write_images
 from test_pformer_train import dropout_free_bert, tiny_config
 
 BIN = Path(sys.executable).parent

@@ -12,7 +12,7 @@ from blitext.adapter.image import AdapterLoop, train_adapter
 from blitext.cli.main import app
 from blitext.errors import BlitextError
 from blitext.training import read_metrics
-from test_adapter import config, stop_at_step, world  # noqa: F401
+from adapter_world import config, stop_at_step, world  # noqa: F401
 
 
 def scalars(folder, tag: str) -> dict[int, float]:
