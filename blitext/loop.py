@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from blitext.atomic import read_json
+from blitext.caption_counts import CaptionCounts, summary_line
 from blitext.checkpoint import (STATE, export_final, latest_checkpoint, load_checkpoint, resolve_resume,
                                  save_checkpoint)
 from blitext.console import progress_bar, say
@@ -121,10 +122,14 @@ def snapshots(run: Path) -> dict[int, Path]:
 
 
 def finish_run(run: Path, steps: int, model, state: dict, info, weights=None, extra=None) -> Path:
-    """The last checkpoint (no optimizer) published as `<run>/final`; every rank waits for it."""
+    """The last checkpoint (no optimizer) published as `<run>/final`, and the run's caption counts
+    said; every rank waits for it."""
     if info.is_main:
         save_checkpoint(run, steps, model, None, state, keep=2, weights=weights, extra=extra)
         export_final(run)
+        line = summary_line(state)
+        if line:
+            say(line)
     barrier()
     return run / "final"
 
@@ -135,6 +140,7 @@ class TrainerLoop:
     title = "train"
     unit = "pair"
     rate_name = "pairs_per_s"
+    captions: CaptionCounts | None = None  # the trainer's caption counts, saved in every checkpoint
 
     def __init__(self, config, model, device: str, info, metrics, log):
         self.c, self.model = config, model  # the unwrapped model checkpoints save
@@ -208,8 +214,8 @@ class TrainerLoop:
         return {}
 
     def checkpoint_state(self, state: dict) -> dict:
-        """The state a checkpoint saves (the P-Former adds its truncation counts)."""
-        return state
+        """The state a checkpoint saves, with the caption counts so far (a resume counts on from them)."""
+        return state if self.captions is None else {**state, **self.captions.state()}
 
     def checkpoint_weights(self):
         """What a checkpoint stores as model.safetensors (None: the trainable parameters)."""

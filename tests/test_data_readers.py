@@ -121,6 +121,27 @@ def test_blank_captions_are_counted_in_every_format(tmp_path):
     assert read_image_set(lavis).records[0].captions == ("a cat",)  # keys <id>#k count kept captions, as before
 
 
+def test_rows_without_a_caption_are_counted_in_every_format(tmp_path):
+    """A caption row with no caption (key absent or null) adds no pair: counted, not dropped unseen.
+    COCO's "images" and a plain image folder name images without captions by design: not counted."""
+    lavis = write_json(tmp_path / "lavis.json", [{"image": "a.png", "caption": "a cat"}, {"image": "b.png"},
+                                                 {"image": "c.png", "caption": None}])
+    coco = write_json(tmp_path / "coco.json", {"images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}],
+                                               "annotations": [{"image_id": 1}, {"image_id": 1, "caption": "a cat"}]})
+    vatex = write_json(tmp_path / "vatex.json", [{"videoID": "v1", "enCap": ["a dog runs"]}, {"videoID": "v2"}])
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "captions.jsonl").write_text('{"image": "a.png"}\n{"image": "b.png", "caption": "a dog"}\n')
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "captions.csv").write_text("image,caption\na.png,\nb.png,a dog\n")  # an empty field is blank
+    shard = make_shard(tmp_path / "s" / "0.tar", [("0", {"png": png_bytes(), "txt": b"a cat"}),
+                                                  ("1", {"png": png_bytes()})])
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "a.png").write_bytes(png_bytes())
+    counts = {p.name: read_image_set(p).no_caption_rows
+              for p in (lavis, coco, vatex, tmp_path / "j", tmp_path / "c", shard, tmp_path / "f")}
+    assert counts == {"lavis.json": 2, "coco.json": 1, "vatex.json": 1, "j": 1, "c": 0, "0.tar": 1, "f": 0}
+
+
 def test_blank_captions_are_reported_once_by_the_callers(tmp_path, monkeypatch):
     from blitext.data import pairs
     from blitext.data.text import read_sentences

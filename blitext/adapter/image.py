@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from blitext.atomic import check_out
 from blitext.adapter.common import StepLosses, alignment, caption_record, prompt_cache, require_align_loss
 from blitext.cache import FeatureCache
+from blitext.caption_counts import CaptionCounts
 from blitext.config import TrainerFields, default_cache_root, provenance, to_jsonable
 from blitext.console import say
 from blitext.data.pairs import CachedFeatures, OnlineFeatures, Pairs, default_captions, read_pairs
@@ -161,7 +162,7 @@ def _train(config: AdapterConfig, device: str, info) -> Path:
     model = setup.model.to(device)
     trainable = model.train_only(config.stage, config.w_align > 0)
     optimizer = adamw(llm_proj_groups(model, config.llm_proj_lr_scale), config.lr, config.weight_decay)
-    start, _ = resume_run(run, config, model, optimizer, setup.identity)
+    start, resumed = resume_run(run, config, model, optimizer, setup.identity)
     if start == 0 and config.init:
         load_init(config.init, model, setup.identity, config.stage)
     steps = total_steps(config, len(setup.pairs))
@@ -176,10 +177,11 @@ def _train(config: AdapterConfig, device: str, info) -> Path:
              **model.describe(), "pairs": len(setup.pairs)}
     if setup.llm is not None:  # what generate and eval default to for this adaptor's captions
         state["generation"] = caption_record(setup.llm, setup.pairs.texts)
-    loop = AdapterLoop(config, model, setup, device, info, metrics, log)
+    loop = AdapterLoop(config, model, setup, device, info, metrics, log, resumed)
     with tracking(metrics):
         loop.run(start, steps, run, optimizer, state)
-    return finish_run(run, steps, model, state, info, weights=adapter_weights(model), extra=loop.checkpoint_extra)
+    return finish_run(run, steps, model, loop.checkpoint_state(state), info, weights=adapter_weights(model),
+                      extra=loop.checkpoint_extra)
 
 
 def _setup(config: AdapterConfig, device: str) -> Setup:
@@ -232,8 +234,10 @@ def _setup(config: AdapterConfig, device: str) -> Setup:
 # ---------------------------------------------------------------- the loop
 
 class AdapterLoop(TrainerLoop):
-    def __init__(self, config: AdapterConfig, model: QFormer, setup: Setup, device: str, info, metrics, log):
+    def __init__(self, config: AdapterConfig, model: QFormer, setup: Setup, device: str, info, metrics, log,
+                 resumed: dict | None = None):
         super().__init__(config, model, device, info, metrics, log)
+        self.captions = CaptionCounts(config.max_text_len, setup.pairs.no_caption, resumed)
         self.title, self.s, self.tokenizer = f"train-adapter stage {config.stage}", setup, setup.tokenizer
         step_losses = StepLosses(model, self.losses)
         self.forward = DistributedDataParallel(step_losses, find_unused_parameters=config.align_steps > 0) \
@@ -275,6 +279,7 @@ class AdapterLoop(TrainerLoop):
             self.optimizer.state.clear()  # a new phase is a new training: x w_align moments would mis-scale it
         set_lr(self.optimizer, lr_at(step - start, length, c.lr, c.min_lr, c.warmup_steps, c.warmup_start_lr))
         index = self.batch_indices(step)
+        self.count_cut(name, step, index)
         features, feature_mask = self.s.source.encode(batch["features"], self.device)
         reference = None if self.s.prompts is None else self.s.prompts.expand(batch["reference"])
         torch.manual_seed(step_seed(c.seed, step, self.info.rank))  # dropout of this step
@@ -342,12 +347,24 @@ class AdapterLoop(TrainerLoop):
         align = self._align(query, reference)
         return losses if align is None else {**losses, "align": align}
 
-    def targets(self, step: int, index: list[int], rank: int, world: int):
-        """Stage 2's LM targets of slice `rank` of `world` of the global batch (T5: split at drawn words)."""
-        c, rows = self.c, rank_slice(list(range(len(index))), rank, world)
+    def count_cut(self, phase: str, step: int, index: list[int]) -> None:
+        """The step's captions cut to max_text_len, by the tokenizer that reads them (the alignment phase
+        reads none). Over the global batch, so every rank counts the same and one step counts once."""
+        if phase == "stage1":
+            self.captions.count_tokens("qformer", self.tokenizer, [self.s.pairs.texts[i] for i in index])
+        elif phase == "stage2":
+            self.captions.count_cut("target", self.lm_batch(step, index, list(range(len(index)))).truncated)
+
+    def lm_batch(self, step: int, index: list[int], rows: list[int]):
+        """Stage 2's LM targets of `rows` of the global batch, on the CPU (T5: split at drawn words)."""
+        c = self.c
         draws = torch.rand(len(index), generator=step_generator(c.seed, step))[rows]  # T5's split words, any world
         return self.s.llm.training_batch([self.s.pairs.texts[index[r]] for r in rows], draws, c.end_of_text,
-                                         c.max_text_len).to(self.device)
+                                         c.max_text_len)
+
+    def targets(self, step: int, index: list[int], rank: int, world: int):
+        """Stage 2's LM targets of slice `rank` of `world` of the global batch, on the device."""
+        return self.lm_batch(step, index, rank_slice(list(range(len(index))), rank, world)).to(self.device)
 
     def stage2_losses(self, step: int, index: list[int], features, feature_mask, reference) -> dict:
         tgt = self.targets(step, index, self.rank, self.world)

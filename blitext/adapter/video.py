@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from blitext.atomic import check_out
 from blitext.adapter.common import StepLosses, caption_record, prompt_cache
 from blitext.cache import FeatureCache
+from blitext.caption_counts import CaptionCounts
 from blitext.config import TrainerFields, default_cache_root, provenance, to_jsonable
 from blitext.console import say
 from blitext.data.pairs import CachedFeatures, default_captions, read_pairs
@@ -131,7 +132,7 @@ def _train(config: VideoAdapterConfig, device: str, info) -> Path:
     run = Path(config.out) if config.out else default_run_dir(config)
     model = s.model.to(device)
     optimizer = adamw(llm_proj_groups(model, config.llm_proj_lr_scale), config.lr, config.weight_decay)
-    start, _ = resume_run(run, config, model, optimizer, s.identity)
+    start, resumed = resume_run(run, config, model, optimizer, s.identity)
     if len(s.pairs) < config.batch_size:
         raise BlitextError(f"{len(s.pairs)} video-caption pairs < batch_size {config.batch_size}; lower --batch-size")
     phases = plan_phases(config, len(s.pairs))
@@ -145,10 +146,10 @@ def _train(config: VideoAdapterConfig, device: str, info) -> Path:
              **model.describe(), "pairs": len(s.pairs), "phases": [p.__dict__ for p in phases]}
     if s.llm is not None:  # what generate and eval default to for this adaptor's captions
         state["generation"] = caption_record(s.llm, s.pairs.texts)
-    loop = VideoLoop(config, s, phases, device, info, metrics, log)
+    loop = VideoLoop(config, s, phases, device, info, metrics, log, resumed)
     with tracking(metrics):
         loop.run(start, steps, run, optimizer, state)
-    return finish_run(run, steps, model, state, info, weights=adapter_weights(model))
+    return finish_run(run, steps, model, loop.checkpoint_state(state), info, weights=adapter_weights(model))
 
 
 def _setup(config: VideoAdapterConfig, device: str) -> Setup:
@@ -184,8 +185,10 @@ def _setup(config: VideoAdapterConfig, device: str) -> Setup:
 class VideoLoop(TrainerLoop):
     title = "train-adapter video"
 
-    def __init__(self, config: VideoAdapterConfig, setup: Setup, phases: list[Phase], device: str, info, metrics, log):
+    def __init__(self, config: VideoAdapterConfig, setup: Setup, phases: list[Phase], device: str, info, metrics, log,
+                 resumed: dict | None = None):
         super().__init__(config, setup.model, device, info, metrics, log)
+        self.captions = CaptionCounts(config.max_text_len, setup.pairs.no_caption, resumed)
         self.s, self.phases = setup, phases
         step_losses = StepLosses(setup.model, self.losses)
         self.forward = DistributedDataParallel(step_losses) if info.world > 1 else step_losses
@@ -220,6 +223,8 @@ class VideoLoop(TrainerLoop):
         weights = phase.weights(c.w_align)
         reference = None if self.s.prompts is None else self.s.prompts.expand(batch["reference"])
         index, draws = batch["index"], batch["draws"]
+        if phase.name != "align":  # the LM's captions cut to max_text_len, over the global batch: every rank the same
+            self.captions.count_cut("target", self.lm_batch(index, draws, list(range(len(index)))).truncated)
 
         def micro(features, mask, reference):
             losses = self.forward(phase.name, index, draws, features, mask, reference)
@@ -230,11 +235,14 @@ class VideoLoop(TrainerLoop):
                 self.targets(index, draws, self.info.rank, self.info.world).loss_mask.sum()
         return self.accumulated(micro, (features, mask, reference), lm_tokens, self.forward, c.max_grad_norm)
 
-    def targets(self, index: list[int], draws: torch.Tensor, rank: int, world: int):
-        """LM targets (caption + end-of-text; T5: split at drawn words) of slice `rank` of `world`."""
-        rows = rank_slice(list(range(len(index))), rank, world)
+    def lm_batch(self, index: list[int], draws: torch.Tensor, rows: list[int]):
+        """LM targets (caption + end-of-text; T5: split at drawn words) of `rows` of the global batch, on the CPU."""
         return self.s.llm.training_batch([self.s.pairs.texts[index[r]] for r in rows], draws[rows],
-                                         self.c.end_of_text, self.c.max_text_len).to(self.device)
+                                         self.c.end_of_text, self.c.max_text_len)
+
+    def targets(self, index: list[int], draws: torch.Tensor, rank: int, world: int):
+        """LM targets of slice `rank` of `world` of the global batch, on the device."""
+        return self.lm_batch(index, draws, rank_slice(list(range(len(index))), rank, world)).to(self.device)
 
     def losses(self, phase: str, index: list[int], draws: torch.Tensor, features, mask, reference) -> dict:
         """This rank's loss terms: LM on caption + end-of-text (T5: prefix LM, as the image stage 2;

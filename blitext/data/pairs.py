@@ -31,6 +31,7 @@ class Pairs:
     image_refs: dict[str, tuple[Path, str]]  # image id -> (root, reference), for --online
     skipped: int = 0                         # captions whose image has no features (failed extraction)
     blank: int = 0                           # blank captions the readers skipped (reported once)
+    no_caption: int = 0                      # caption rows without a caption (in the run's end line)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -49,11 +50,12 @@ def default_captions(features: FeatureCache | None) -> list[str]:
 
 
 def read_pairs(caption_files: list[str], image_root: str | None, has_image) -> Pairs:
-    keys, image_ids, texts, refs, skipped, blank = [], [], [], {}, 0, 0
+    keys, image_ids, texts, refs, skipped, blank, no_caption = [], [], [], {}, 0, 0, 0
     paths = expand_paths(caption_files)
     for path in paths:
         image_set = read_image_set(path, image_root)
         blank += image_set.blank_captions
+        no_caption += image_set.no_caption_rows
         for rec in image_set.records:
             for k, caption in enumerate(rec.captions):  # the readers dropped (and counted) blank ones
                 if not has_image(rec.id):
@@ -68,7 +70,7 @@ def read_pairs(caption_files: list[str], image_root: str | None, has_image) -> P
     if not keys:
         raise BlitextError(f"no caption in {caption_files} has an image in the features: were they made from "
                            f"the same data? ({skipped} captions without features)")
-    return Pairs(keys, image_ids, texts, refs, skipped, blank)
+    return Pairs(keys, image_ids, texts, refs, skipped, blank, no_caption)
 
 
 class CachedFeatures:

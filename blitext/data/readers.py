@@ -85,10 +85,14 @@ def _read_folder(folder: Path, root: Path) -> ImageSet:
 
 # ---------------------------------------------------------------- shared helpers
 
-def _image_set(root: Path, read: tuple[list[ImageRecord], int], source: str) -> ImageSet:
-    """A reader's (records, blank captions skipped) as the ImageSet callers get."""
-    records, blank = read
-    return ImageSet(root, records, source, blank_captions=blank)
+# What a caption reader returns: (records, blank captions skipped, caption rows without a caption).
+Read = tuple[list[ImageRecord], int, int]
+
+
+def _image_set(root: Path, read: Read, source: str) -> ImageSet:
+    """A reader's Read as the ImageSet callers get."""
+    records, blank, no_caption = read
+    return ImageSet(root, records, source, blank_captions=blank, no_caption_rows=no_caption)
 
 
 class _RefChecker:
@@ -148,13 +152,16 @@ def _tar_part(ref: str) -> str | None:
 
 class _Grouper:
     """Collects captions per image id in first-seen order; one id may name only one image.
-    Blank captions are dropped here and counted, for the callers to report."""
+    Blank captions are dropped here and counted, and so are caption rows without a caption
+    (captions None: the key absent or null), for the callers to report: a row that adds no
+    pair is not dropped unseen. An image listed without captions by design passes []."""
 
     def __init__(self):
         self._images: dict[str, tuple[str, list[str], dict, str]] = {}
         self.blank = 0
+        self.no_caption = 0
 
-    def add(self, image_id: str, image: str, captions: list[str], meta: dict, where: str) -> None:
+    def add(self, image_id: str, image: str, captions: list[str] | None, meta: dict, where: str) -> None:
         entry = self._images.get(image_id)
         if entry is None:
             self._images[image_id] = (image, self._kept(captions), dict(meta), where)
@@ -164,29 +171,32 @@ class _Grouper:
                                f"{image!r} ({where}); give each image its own id")
         entry[1].extend(self._kept(captions))
 
-    def add_captions(self, image_id: str, captions: list[str], where: str) -> None:
+    def add_captions(self, image_id: str, captions: list[str] | None, where: str) -> None:
         if image_id not in self._images:
             raise BlitextError(f"{where}: image_id {image_id!r} is not listed in \"images\"; "
                                f"add the image or remove the annotation")
         self._images[image_id][1].extend(self._kept(captions))
 
-    def _kept(self, captions: list[str]) -> list[str]:
+    def _kept(self, captions: list[str] | None) -> list[str]:
+        if captions is None:
+            self.no_caption += 1
+            return []
         kept = [c.strip() for c in captions if c.strip()]
         self.blank += len(captions) - len(kept)
         return kept
 
-    def result(self) -> tuple[list[ImageRecord], int]:
-        """(records, blank captions skipped): what the readers hand to ImageSet."""
+    def result(self) -> Read:
+        """What the readers hand to ImageSet."""
         records = [ImageRecord(id=i, image=img, captions=tuple(caps), meta=meta)
                    for i, (img, caps, meta, _where) in self._images.items()]
-        return records, self.blank
+        return records, self.blank, self.no_caption
 
 
-def _captions(value: Any, where: str) -> list[str]:
-    """A caption field may be one string or a list of strings (LAVIS eval files); blanks are
-    kept here for the _Grouper to drop and count."""
+def _captions(value: Any, where: str) -> list[str] | None:
+    """A caption field may be one string or a list of strings (LAVIS eval files); blanks, and
+    None for a row without one, are kept here for the _Grouper to drop and count."""
     if value is None:
-        return []
+        return None
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, list) or not all(isinstance(c, str) for c in values):
         raise BlitextError(f"{where}: \"caption\" must be a string or a list of strings, got {_short(value)}")
@@ -235,7 +245,7 @@ def _not_utf8(path: Path) -> BlitextError:
 
 # ---------------------------------------------------------------- caption files
 
-def _read_caption_json(path: Path, root: Path) -> tuple[list[ImageRecord], int]:
+def _read_caption_json(path: Path, root: Path) -> Read:
     data = _load_json(path)
     if is_vatex(data):
         return read_vatex(path, data)
@@ -249,7 +259,7 @@ def _read_caption_json(path: Path, root: Path) -> tuple[list[ImageRecord], int]:
                        f"got a {type(data).__name__}{keys}")
 
 
-def _read_lavis_list(path: Path, data: list, root: Path) -> tuple[list[ImageRecord], int]:
+def _read_lavis_list(path: Path, data: list, root: Path) -> Read:
     check, groups, bad = _RefChecker(root), _Grouper(), _BadRows(path)
     for row, entry in enumerate(data):
         with bad.row():
@@ -267,7 +277,7 @@ def _add_lavis_entry(groups: _Grouper, check: _RefChecker, entry: Any, where: st
     groups.add(image_id, image, _captions(entry.get("caption"), where), meta, where)
 
 
-def _read_coco(path: Path, data: dict, root: Path) -> tuple[list[ImageRecord], int]:
+def _read_coco(path: Path, data: dict, root: Path) -> Read:
     check, groups, bad = _RefChecker(root), _Grouper(), _BadRows(path)
     for row, image in enumerate(data["images"]):
         with bad.row():
@@ -285,7 +295,7 @@ def _read_coco(path: Path, data: dict, root: Path) -> tuple[list[ImageRecord], i
     return groups.result()
 
 
-def _read_jsonl(path: Path, root: Path) -> tuple[list[ImageRecord], int]:
+def _read_jsonl(path: Path, root: Path) -> Read:
     check, groups, bad = _RefChecker(root), _Grouper(), _BadRows(path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -309,7 +319,7 @@ def _parse_jsonl_line(line: str, where: str) -> dict:
     return entry
 
 
-def _read_csv(path: Path, root: Path) -> tuple[list[ImageRecord], int]:
+def _read_csv(path: Path, root: Path) -> Read:
     check, groups, bad = _RefChecker(root), _Grouper(), _BadRows(path)
     try:
         with open(path, encoding="utf-8", newline="") as f:
@@ -399,19 +409,19 @@ def _glob_base(pattern: str) -> Path:
     return Path(*parts) if parts else Path(".")
 
 
-def _read_tar_shards(tars: list[Path], root: Path) -> tuple[list[ImageRecord], int]:
+def _read_tar_shards(tars: list[Path], root: Path) -> Read:
     check, groups = _RefChecker(root), _Grouper()
     for tar_path in tars:
         tar_ref = check(os.path.relpath(tar_path, root), str(tar_path))
         for key, member, caption, json_key in tar_samples(tar_path):
             where = f"{tar_path}#{member}"
-            captions = [caption] if caption is not None else []
+            captions = [caption] if caption is not None else None  # a sample without .txt: no caption
             groups.add(json_key or key, f"{tar_ref}#{member}", captions, {}, where)
-    records, blank = groups.result()
+    records, blank, no_caption = groups.result()
     if not records:
         raise BlitextError(f"{', '.join(map(str, tars[:3]))}: no samples with an image member "
                            f"({', '.join(TAR_IMAGE_EXTENSIONS)}); expected img2dataset-style shards")
-    return records, blank
+    return records, blank, no_caption
 
 
 # ---------------------------------------------------------------- writer

@@ -36,6 +36,7 @@ class ImageSet:
     records: list[ImageRecord]     # one per unique image, captions grouped; file order (stable)
     source: str                    # what was read (a file, folder or glob), for messages and provenance
     blank_captions: int = 0        # blank captions skipped while reading; callers report them
+    no_caption_rows: int = 0       # caption rows without a caption (key absent or null); callers report them
 
     def __len__(self) -> int:
         return len(self.records)

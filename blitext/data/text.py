@@ -29,7 +29,8 @@ def caption_key(image_id: str, index: int) -> str:
 class TextCorpus:
     ids: list[str] = field(default_factory=list)
     sentences: list[str] = field(default_factory=list)
-    counts: Counter = field(default_factory=Counter)   # read, empty lines skipped, lines with replaced bytes
+    counts: Counter = field(default_factory=Counter)   # read, empty lines skipped, lines with replaced bytes,
+                                                       # caption rows without a caption
     files: list[str] = field(default_factory=list)
 
     def add(self, key: str, sentence: str) -> None:
@@ -75,6 +76,7 @@ def read_sentences(patterns: list[str] | str, bad_bytes: str = "error") -> TextC
 def _read_caption_json(path: Path, corpus: TextCorpus) -> None:
     image_set = read_image_set(path)
     corpus.counts["empty skipped"] += image_set.blank_captions  # the reader dropped them; report them
+    corpus.counts["rows without caption"] += image_set.no_caption_rows
     for record in image_set.records:
         for k, caption in enumerate(record.captions):
             if caption.strip():

@@ -157,11 +157,11 @@ def is_vatex(data) -> bool:
     return isinstance(data, list) and bool(data) and isinstance(data[0], dict) and "videoID" in data[0]
 
 
-def read_vatex(path: Path, data: list) -> tuple[list[ImageRecord], int]:
+def read_vatex(path: Path, data: list) -> tuple[list[ImageRecord], int, int]:
     """English captions only; id = videoID; the video is `<videoID>.mp4` under the root
-    (any other video extension is found at decode time, see `video_path`). Returns the records
-    and the number of blank captions skipped."""
-    records, seen, blank = [], set(), 0
+    (any other video extension is found at decode time, see `video_path`). Returns the records,
+    the number of blank captions skipped and of entries without "enCap" (counted, as the other readers')."""
+    records, seen, blank, no_caption = [], set(), 0, 0
     for row, entry in enumerate(data):
         where = f"{path} entry {row}"
         if not isinstance(entry, dict) or not isinstance(entry.get("videoID"), str) or not entry["videoID"].strip():
@@ -170,6 +170,7 @@ def read_vatex(path: Path, data: list) -> tuple[list[ImageRecord], int]:
         if video_id in seen:
             raise BlitextError(f"{where}: videoID {video_id!r} is listed twice; VATEX lists each video once")
         seen.add(video_id)
+        no_caption += "enCap" not in entry
         captions = entry.get("enCap", [])
         if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
             raise BlitextError(f"{where}: \"enCap\" must be a list of strings, got {str(captions)[:80]}")
@@ -178,4 +179,4 @@ def read_vatex(path: Path, data: list) -> tuple[list[ImageRecord], int]:
         kept = tuple(c.strip() for c in captions if c.strip())
         blank += len(captions) - len(kept)
         records.append(ImageRecord(video_id, f"{video_id}.mp4", kept))
-    return records, blank
+    return records, blank, no_caption

@@ -19,6 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from blitext.atomic import check_out
+from blitext.caption_counts import CaptionCounts
 from blitext.config import TrainerFields, default_cache_root, provenance, to_jsonable
 from blitext.console import say
 from blitext.data.text import TextCorpus, read_sentences
@@ -87,16 +88,22 @@ def split_corpus(corpus: TextCorpus, heldout: int, seed: int) -> Split:
 
 
 class Batcher:
-    """Tokenises sentences for the encoder (masked) and as the frozen LLM's targets."""
+    """Tokenises sentences for the encoder (masked) and as the frozen LLM's targets, counting the
+    ones each cuts to max_text_len into `counts`."""
 
-    def __init__(self, enc_tokenizer, llm: FrozenLLM, config: PFormerConfig):
+    def __init__(self, enc_tokenizer, llm: FrozenLLM, config: PFormerConfig, counts: CaptionCounts | None = None):
         self.enc, self.llm, self.config = enc_tokenizer, llm, config
-        self.truncated = Counter()
+        self.counts = counts or CaptionCounts(config.max_text_len)
+
+    @property
+    def truncated(self) -> Counter:
+        """Texts cut so far, per tokenizer: "encoder" and "target"."""
+        return self.counts.cut
 
     def encoder_inputs(self, texts: list[str]) -> dict:
         t = self.enc(texts, padding=True, truncation=True, max_length=self.config.max_text_len,
                      return_tensors="pt", return_special_tokens_mask=True, return_overflowing_tokens=False)
-        self.truncated["encoder"] += self._longer(self.enc(texts).input_ids)
+        self.counts.count_tokens("encoder", self.enc, texts)
         return t
 
     def targets(self, texts: list[str], generator: torch.Generator | None = None) -> LMBatch:
@@ -109,13 +116,8 @@ class Batcher:
         else:
             draws = torch.rand(len(texts), generator=generator)
             batch = self.llm.training_batch(texts, draws, c.end_of_text, c.max_text_len, longer_prefix=True)
-        self.truncated["target"] += batch.truncated
+        self.counts.count_cut("target", batch.truncated)
         return batch
-
-    def _longer(self, untruncated_ids: list[list[int]]) -> int:
-        """How many texts lost tokens: longer than max_text_len before truncation (one of exactly
-        max_text_len tokens fits and is not counted)."""
-        return sum(len(ids) > self.config.max_text_len for ids in untruncated_ids)
 
     def masked(self, t: dict, generator: torch.Generator) -> torch.Tensor:
         """input_ids with mask_prob of the real, non-special tokens replaced by [MASK]."""
@@ -167,8 +169,8 @@ def _train(config: PFormerConfig, device: str, info) -> Path:
     say(f"train-pformer: {len(split.train):,} sentences ({corpus.counts['empty skipped']} empty lines skipped), "
         f"{steps:,} steps of {config.batch_size}, {pformer.n_prompt} prompts -> {llm.fingerprint} on {device}")
     metrics, log = open_run(run, info, start, "train-pformer", config)
-    batcher = Batcher(text_encoder.tokenizer, llm, config)
-    batcher.truncated.update(resumed.get("truncated", {}))  # counts run on, as an uninterrupted run's would
+    counts = CaptionCounts(config.max_text_len, corpus.counts["rows without caption"], resumed)
+    batcher = Batcher(text_encoder.tokenizer, llm, config, counts)
     state = {**identity, "config": to_jsonable(config), "text_encoder": config.text_encoder, "llm": config.llm,
              "llm_family": llm.family, "n_prompt": config.n_prompt, "d_llm": d_llm, "contrast_dim": config.contrast_dim,
              "provenance": provenance(config), "corpus_counts": dict(corpus.counts)}
@@ -188,12 +190,10 @@ class TrainLoop(TrainerLoop):
         self.forward, self.pformer, self.llm = model, pformer, llm  # model: DDP-wrapped on several ranks
         self.optimizer, self.batcher, self.split = optimizer, batcher, split
         self.embedding = llm.embedding_table  # (V, d_llm), frozen codebook
+        self.captions = batcher.counts
 
     def record_fields(self, step: int) -> dict:
         return {"temp": float(self.pformer.temp.detach())}
-
-    def checkpoint_state(self, state: dict) -> dict:
-        return {**state, "truncated": dict(self.batcher.truncated)}
 
     def after_step(self, step: int, steps: int) -> None:
         if (step + 1) % self.c.sample_every == 0:
