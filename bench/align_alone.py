@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine  # noqa: E402
 
-from blitext.adapter.image import train_adapter  # noqa: E402
+from blitext.adapter.image import AdapterConfig, train_adapter  # noqa: E402
 from blitext.cache import FeatureCache  # noqa: E402
 from blitext.config import default_cache_root, git_commit  # noqa: E402
 from blitext.models.adapter_checkpoint import load_adapter  # noqa: E402
@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--llm-proj-lr-scale", type=float, default=10.0)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--align-loss", default="contrastive", choices=("mse", "centred", "contrastive"))
-    ap.add_argument("--contrast-weight", type=float, default=4.0)
+    ap.add_argument("--contrast-weight", type=float, default=AdapterConfig.align_contrast_weight)
     ap.add_argument("--prompts", required=True, help="a prompt cache of the demo's train captions")
     ap.add_argument("--contrast-temp", type=float, default=0.05)
     ap.add_argument("--negatives", type=int, default=0)

@@ -65,6 +65,7 @@ class AdapterConfig(RunOptions, TrainerFields):
     init: str | None = None             # a run (stage 2: its stage 1) or released BLIP-2 weights to start from
     align_steps: int = 0                # steps of L_align alone (no other loss, no LLM) before the stage's own
                                         # losses, fresh AdamW moments after them: the video path's order (paper: 0)
+    align_lr: float | None = None       # the L_align-alone steps' peak rate (default: lr)
     online: bool = False                # encode the images inside the loop (no feature cache)
     vision_encoder: str | None = None   # default: the features cache's encoder; --online: the bundled one
     image_root: str | None = None       # --online: where relative image paths start
@@ -117,7 +118,7 @@ class AdapterConfig(RunOptions, TrainerFields):
 
 
 RESUME_KEYS = ("stage", "w_align", "align_loss", "align_contrast_weight", "align_contrast_temp", "align_negatives",
-               "align_steps", "text_encoder", "llm", "n_prompt", "cross_attention_frequency",
+               "align_steps", "align_lr", "text_encoder", "llm", "n_prompt", "cross_attention_frequency",
                "num_layers", "dropout", "embed_dim",
                "max_text_len", "end_of_text", "batch_size", "lr", "llm_proj_lr_scale", "min_lr", "max_grad_norm",
                "warmup_steps", "seed", "epochs", "max_steps")
@@ -277,7 +278,8 @@ class AdapterLoop(TrainerLoop):
         name, start, length = self.phase(step, steps)
         if step == start and step > 0:
             self.optimizer.state.clear()  # a new phase is a new training: x w_align moments would mis-scale it
-        set_lr(self.optimizer, lr_at(step - start, length, c.lr, c.min_lr, c.warmup_steps, c.warmup_start_lr))
+        peak = c.align_lr if name == "align" and c.align_lr else c.lr
+        set_lr(self.optimizer, lr_at(step - start, length, peak, c.min_lr, c.warmup_steps, c.warmup_start_lr))
         index = self.batch_indices(step)
         self.count_cut(name, step, index)
         features, feature_mask = self.s.source.encode(batch["features"], self.device)

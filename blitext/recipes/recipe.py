@@ -35,6 +35,9 @@ class Recipe:
                                         # LLM: about a fifth of a stage-1 step); alone: 0.92 exact at 250, 0.98 at 500
     stage1_steps: int = 60              # BLIP-2's stage 1 (ITC + ITM + ITG, + w1 L_align): no LLM; ~1.25 s a step
     stage1_lr: float = 2e-4             # at 1e-3 the Q-Former collapsed: one query output for every slot and image
+    align_lr: float = 4e-4              # the L_align-alone steps (clipped): 0.99 exact from alignment alone at 300
+                                        # steps, 0.89 at stage1_lr
+    stage1_max_grad_norm: float = 1.0   # clip stage 1's gradient norm (both phases, every cell)
     stage1_llm_proj_lr_scale: float = 10.0  # llm_proj at 10x: it must move the prompts to the references' place
     stage1_warmup_steps: int = 20
     align_loss: str = "contrastive"     # stage 1's L_align form (stage 2: the paper's mse); its weight: AdapterConfig's
@@ -70,7 +73,8 @@ def stage1_config(r: Recipe, base: AdapterConfig, w1: float, out: Path, resume: 
     return replace(base, stage=1, w_align=w1, align_loss=r.align_loss if w1 > 0 else "mse",
                    align_negatives=r.align_negatives if w1 > 0 and r.align_loss == "contrastive" else 0,
                    align_steps=r.align_steps if w1 > 0 else 0,
-                   max_steps=r.stage1_steps, lr=r.stage1_lr,
+                   max_steps=r.stage1_steps, lr=r.stage1_lr, align_lr=r.align_lr if w1 > 0 else None,
+                   max_grad_norm=r.stage1_max_grad_norm,
                    llm_proj_lr_scale=r.stage1_llm_proj_lr_scale, warmup_steps=r.stage1_warmup_steps,
                    save_every=max(10, (r.align_steps + r.stage1_steps) // 2), out=str(out), resume=resume)
 
