@@ -15,7 +15,7 @@ from blitext.adapter.image import AdapterConfig, train_adapter
 from blitext.adapter.video import VideoAdapterConfig, train_video_adapter
 from blitext.features.image import ExtractConfig, extract_features
 from blitext.pformer.train import PFormerConfig, train_pformer
-from test_adapter import write_images
+from adapter_world import write_images
 from test_pformer_train import WORDS
 from test_video_adapter import write_video_cache
 
