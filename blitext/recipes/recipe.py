@@ -35,9 +35,10 @@ class Recipe:
                                         # LLM: about a fifth of a stage-1 step); alone: 0.92 exact at 250, 0.98 at 500
     stage1_steps: int = 60              # BLIP-2's stage 1 (ITC + ITM + ITG, + w1 L_align): no LLM; ~1.25 s a step
     stage1_lr: float = 2e-4             # at 1e-3 the Q-Former collapsed: one query output for every slot and image
-    align_lr: float = 4e-4              # the L_align-alone steps (clipped): 0.99 exact from alignment alone at 300
-                                        # steps, 0.89 at stage1_lr
-    stage1_max_grad_norm: float = 1.0   # clip stage 1's gradient norm (both phases, every cell)
+    align_lr: float | None = None       # the L_align-alone steps' rate (None: stage1_lr). At 4e-4 with stage 1
+                                        # clipped, alignment alone gave 0.99, but BLIP-2's stage 2 from a clipped
+                                        # stage 1 stalled (LM 2.4 after 180 steps, 0.00 exact): docs/results.md
+    stage1_max_grad_norm: float | None = None  # clip stage 1's gradient norm (both phases, every cell)
     stage1_llm_proj_lr_scale: float = 10.0  # llm_proj at 10x: it must move the prompts to the references' place
     stage1_warmup_steps: int = 20
     align_loss: str = "contrastive"     # stage 1's L_align form (stage 2: the paper's mse); its weight: AdapterConfig's
