@@ -36,8 +36,9 @@ def alignment(name: str, prompts: PromptCache | None, pairs: Pairs, sample: int 
     """(L_align as a function of (prompts, reference), the reference scales it uses or None). The
     centred and contrastive forms' scales (and mean prompt) come from an evenly spaced sample of
     the run's references: at the paper's scale reading millions of (32, 2560) prompts for a few
-    numbers is not worth minutes. The contrastive form's bank of `negatives` references is the
-    first of that sample's rows, fixed for the run (so a resumed run and every rank see the same)."""
+    numbers is not worth minutes. The contrastive form's bank is `negatives` references evenly
+    spaced over the run's captions (read once more: at K != sample they are not the sample's rows),
+    fixed for the run (so a resumed run and every rank see the same)."""
     if name == "mse" or prompts is None:
         return alignment_loss, None
     keys = evenly_spaced(pairs.keys, max(sample, negatives))
