@@ -8,6 +8,7 @@ images at stage-2 steps 0 (after stage 1: the LLM never ran), the recipe's snaps
 Also the ceiling: the P-Former's own reference prompts of the test captions, fed to the LLM.
 
     python bench/budget.py --seeds 42 1 2                 # -> bench/results/budget.json
+    python bench/budget.py --seeds 42 1 2 --cells baseline pformer align-stage1 align-stage2 --name budget-grid
     python bench/budget.py --seeds 42 --set stage2_warmup_steps=50 --name budget-warmup50
 """
 from __future__ import annotations
@@ -27,6 +28,16 @@ from blitext.recipes import budget  # noqa: E402
 from blitext.recipes.demo import LABELS, VARIANTS, DemoConfig, demo_work, prepare_caches  # noqa: E402
 from blitext.recipes.recipe import Recipe, train_cell  # noqa: E402
 
+# Table 4's grid: the demo's two cells (its folders at its seed) and the two that add L_align to one stage only
+GRID = {"baseline": VARIANTS["baseline"], "pformer": VARIANTS["pformer"], "align-stage1": (10.0, 0.0),
+        "align-stage2": (0.0, 100.0)}
+GRID_LABELS = {**LABELS, "align-stage1": "stage-1 L_align (10, 0)", "align-stage2": "stage-2 L_align (0, 100)"}
+
+
+def stage1_owner(cell: str) -> str:
+    """The first grid cell with this cell's w1: cells with the same w1 share its stage-1 run."""
+    return next(name for name, (w1, _) in GRID.items() if w1 == GRID[cell][0])
+
 
 def parse_set(items: list[str]) -> dict:
     kinds = {f.name: f.type for f in fields(Recipe)}
@@ -35,14 +46,16 @@ def parse_set(items: list[str]) -> dict:
         key, value = item.split("=", 1)
         if key not in kinds:
             raise SystemExit(f"--set {key}: not a Recipe field ({', '.join(kinds)})")
-        out[key] = json.loads(value) if value[:1] in "[{" else type(getattr(Recipe(), key))(value)
+        default = getattr(Recipe(), key)
+        out[key] = json.loads(value) if value[:1] in "[{" or default is None else type(default)(value)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
-    ap.add_argument("--cells", nargs="+", default=list(VARIANTS), help=f"of {list(VARIANTS)}")
+    ap.add_argument("--cells", nargs="+", default=list(VARIANTS), choices=list(GRID),
+                    help="Table 4's cells (default: the demo's two); cells with the same w1 share one stage 1")
     ap.add_argument("--set", nargs="*", default=[], help="Recipe overrides, e.g. stage1_steps=800")
     ap.add_argument("--images", type=int, default=100, help="test images captioned at each point")
     ap.add_argument("--name", default="budget")
@@ -55,14 +68,17 @@ def main() -> None:
     data, features, prompts = prepare_caches(c)
     curves, costs, labels = {}, {}, {}
     for cell in a.cells:
-        w1, w2 = VARIANTS[cell]
-        labels[cell] = LABELS[cell]
+        w1, w2 = GRID[cell]
+        labels[cell] = GRID_LABELS[cell]
+        owner = stage1_owner(cell)
+        if a.stage1_only and owner != cell:
+            continue  # its stage 1 is the owner's
         for seed in a.seeds:  # the demo's own runs at its seed; the same folders' layout at the others
             cs = replace(c, seed=seed)
-            if a.stage1_from and not (demo_work(cs) / f"{cell}-stage1").exists():
-                shutil.copytree(a.stage1_from / f"{cell}-stage1", demo_work(cs) / f"{cell}-stage1")
+            if a.stage1_from and not (demo_work(cs) / f"{owner}-stage1").exists():
+                shutil.copytree(a.stage1_from / f"{owner}-stage1", demo_work(cs) / f"{owner}-stage1")
             s1, s2 = train_cell(cs.recipe, cell, w1, w2, features, prompts, [str(data / "captions_train.json")],
-                                demo_work(cs), seed, stage2=not a.stage1_only)
+                                demo_work(cs), seed, stage2=not a.stage1_only, stage1_of=owner)
             if a.stage1_only:
                 curves.setdefault(cell, []).append([{"step": 0, **budget.caption_point(s1, features, data, a.images)}])
                 continue

@@ -166,6 +166,7 @@ def train_adapter_cmd(
     schedule: Optional[str] = typer.Option(None, "--schedule", help=f"Video: sequential (L_align alone, then LM alone: paper) | joint (LM + w L_align). {default_of(VideoAdapterConfig, 'schedule')}"),
     align_epochs: Optional[int] = typer.Option(None, "--align-epochs", help=f"Video, sequential: epochs of the alignment phase. {default_of(VideoAdapterConfig, 'align_epochs')}"),
     align_lr: Optional[float] = typer.Option(None, "--align-lr", help="Image: the L_align-alone steps' peak learning rate. " + default_is("--lr")),
+    align_max_grad_norm: Optional[float] = typer.Option(None, "--align-max-grad-norm", help="Image: clip the L_align-alone steps' gradient norm. " + default_is("--max-grad-norm")),
     align_steps: Optional[int] = typer.Option(None, "--align-steps", help="Steps of L_align alone (no LLM) before the stage's own losses. Image: " + default_of(AdapterConfig, "align_steps") + "; video, sequential: overrides --align-epochs."),
     num_layers: Optional[int] = typer.Option(None, "--num-layers", help="Image: keep the text encoder's first N layers in the Q-Former. " + default_is("all")),
     cross_attention_frequency: Optional[int] = typer.Option(None, "--cross-attention-frequency", help="Image: cross-attention to the visual tokens every N layers. " + default_of(AdapterConfig, "cross_attention_frequency")),
@@ -194,7 +195,8 @@ def train_adapter_cmd(
     video = dict(schedule=schedule, align_epochs=align_epochs)
     image = dict(num_layers=num_layers, cross_attention_frequency=cross_attention_frequency, dropout=dropout,
                  align_loss=align_loss, align_contrast_weight=align_contrast_weight, align_contrast_temp=align_contrast_temp,
-                 align_negatives=align_negatives, align_lr=align_lr)
+                 align_negatives=align_negatives, align_lr=align_lr,
+                 align_max_grad_norm=align_max_grad_norm)
     if modality == "video":  # image-only options given here are refused as unknown keys
         from blitext.adapter.video import VideoAdapterConfig, train_video_adapter
 

@@ -66,6 +66,7 @@ class AdapterConfig(RunOptions, TrainerFields):
     align_steps: int = 0                # steps of L_align alone (no other loss, no LLM) before the stage's own
                                         # losses, fresh AdamW moments after them: the video path's order (paper: 0)
     align_lr: float | None = None       # the L_align-alone steps' peak rate (default: lr)
+    align_max_grad_norm: float | None = None  # the L_align-alone steps' gradient-norm clip (default: max_grad_norm)
     online: bool = False                # encode the images inside the loop (no feature cache)
     vision_encoder: str | None = None   # default: the features cache's encoder; --online: the bundled one
     image_root: str | None = None       # --online: where relative image paths start
@@ -118,7 +119,7 @@ class AdapterConfig(RunOptions, TrainerFields):
 
 
 RESUME_KEYS = ("stage", "w_align", "align_loss", "align_contrast_weight", "align_contrast_temp", "align_negatives",
-               "align_steps", "align_lr", "text_encoder", "llm", "n_prompt", "cross_attention_frequency",
+               "align_steps", "align_lr", "align_max_grad_norm", "text_encoder", "llm", "n_prompt", "cross_attention_frequency",
                "num_layers", "dropout", "embed_dim",
                "max_text_len", "end_of_text", "batch_size", "lr", "llm_proj_lr_scale", "min_lr", "max_grad_norm",
                "warmup_steps", "seed", "epochs", "max_steps")
@@ -292,7 +293,8 @@ class AdapterLoop(TrainerLoop):
 
         def lm_tokens():
             return self.targets(step, index, self.info.rank, self.info.world).loss_mask.sum() if name == "stage2" else None
-        logged = self.accumulated(micro, (features, feature_mask, reference), lm_tokens, self.forward, c.max_grad_norm)
+        clip = c.align_max_grad_norm if name == "align" and c.align_max_grad_norm else c.max_grad_norm
+        logged = self.accumulated(micro, (features, feature_mask, reference), lm_tokens, self.forward, clip)
         with torch.no_grad():  # BLIP clamps the parameter itself, not only inside the loss
             self.model.temp.clamp_(TEMP_MIN, TEMP_MAX)
         return logged

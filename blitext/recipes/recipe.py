@@ -35,9 +35,11 @@ class Recipe:
                                         # LLM: about a fifth of a stage-1 step); alone: 0.92 exact at 250, 0.98 at 500
     stage1_steps: int = 60              # BLIP-2's stage 1 (ITC + ITM + ITG, + w1 L_align): no LLM; ~1.25 s a step
     stage1_lr: float = 2e-4             # at 1e-3 the Q-Former collapsed: one query output for every slot and image
-    align_lr: float | None = None       # the L_align-alone steps' rate (None: stage1_lr). At 4e-4 with stage 1
-                                        # clipped, alignment alone gave 0.99, but BLIP-2's stage 2 from a clipped
-                                        # stage 1 stalled (LM 2.4 after 180 steps, 0.00 exact): docs/results.md
+    align_lr: float | None = 4e-4       # the L_align-alone steps' rate (None: stage1_lr); at 2e-4 unclipped alignment
+                                        # alone wrote 0.76 exact captions after stage 1 (seed 42); here 0.97 / 0.86 / 0.95
+                                        # (seeds 42 / 1 / 2, bench/results/budget-stage1-alignclip.json)
+    align_max_grad_norm: float | None = 1.0  # clip only the L_align-alone steps: a clipped BLIP-2 stage 1 stalled
+                                        # its stage 2 (LM 2.4 after 180 steps, 0.00 exact): docs/results.md
     stage1_max_grad_norm: float | None = None  # clip stage 1's gradient norm (both phases, every cell)
     stage1_llm_proj_lr_scale: float = 10.0  # llm_proj at 10x: it must move the prompts to the references' place
     stage1_warmup_steps: int = 20
@@ -75,6 +77,7 @@ def stage1_config(r: Recipe, base: AdapterConfig, w1: float, out: Path, resume: 
                    align_negatives=r.align_negatives if w1 > 0 and r.align_loss == "contrastive" else 0,
                    align_steps=r.align_steps if w1 > 0 else 0,
                    max_steps=r.stage1_steps, lr=r.stage1_lr, align_lr=r.align_lr if w1 > 0 else None,
+                   align_max_grad_norm=r.align_max_grad_norm if w1 > 0 else None,
                    max_grad_norm=r.stage1_max_grad_norm,
                    llm_proj_lr_scale=r.stage1_llm_proj_lr_scale, warmup_steps=r.stage1_warmup_steps,
                    save_every=max(10, (r.align_steps + r.stage1_steps) // 2), out=str(out), resume=resume)
@@ -116,14 +119,15 @@ def train_once(run: Path, train) -> None:
 
 
 def train_cell(r: Recipe, name: str, w1: float, w2: float, features: Path, prompts: Path, captions: list[str],
-               work: Path, seed: int, stage2: bool = True) -> tuple[Path, Path]:
+               work: Path, seed: int, stage2: bool = True, stage1_of: str | None = None) -> tuple[Path, Path]:
     """One Table 4 cell: stage 1 (ITC + ITM + ITG + w1 L_align), then stage 2 (LM + w2 L_align) from it.
-    Returns the two run folders (each reused once finished; stage 2 only trained when asked)."""
+    Returns the two run folders (each reused once finished; stage 2 only trained when asked). Cells
+    with the same w1 share one stage 1: `stage1_of` names the cell whose stage-1 folder this one uses."""
     from blitext.adapter.image import train_adapter
     from blitext.console import say
 
     base = adapter_base(r, features, prompts, captions, seed)
-    s1, s2 = work / f"{name}-stage1", work / f"{name}-stage2"
+    s1, s2 = work / f"{stage1_of or name}-stage1", work / f"{name}-stage2"
     say(f"[bold]{name}: stage 1[/] (" + (f"{r.align_steps} steps of L_align ({r.align_loss}) alone, then " if w1 else "")
         + f"{r.stage1_steps} of BLIP-2's ITC + ITM + ITG" + (f" + {w1:g} x L_align" if w1 else "")
         + "; the LLM never runs)")
