@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
 
 from blitext.cache import FeatureCache  # noqa: E402
-from blitext.config import default_cache_root  # noqa: E402
+from blitext.config import default_cache_root, git_commit  # noqa: E402
 from blitext.data.pairs import read_pairs  # noqa: E402
-from blitext.recipes.demo_video import VideoDemoConfig, attribute_accuracy, caption_test_clips  # noqa: E402
+from blitext.recipes.demo_video import VideoDemoConfig, attribute_accuracy, caption_test_clips, pformer_run  # noqa: E402
 from blitext.models.adapter_checkpoint import load_adapter  # noqa: E402
 from blitext.pformer.prompts import PromptCache  # noqa: E402
 from blitext.adapter.video import VideoAdapterConfig, train_video_adapter  # noqa: E402
@@ -40,7 +40,7 @@ from blitext.adapter.video import VideoAdapterConfig, train_video_adapter  # noq
 def demo_caches(c: VideoDemoConfig) -> tuple[Path, Path, Path]:
     root, tag = default_cache_root(), f"moving-shapes-{c.clips_per_split}"
     features = root / "features" / f"{tag}__efficientnet-lite0-video-{c.segment_frames}f"
-    prompts = root / "prompts" / f"{tag}__demo-{tag}-{c.n_prompt}x{c.pformer_steps}"
+    prompts = root / "prompts" / f"{tag}__{pformer_run(c, tag).name}"
     data = [p.parent for p in (root / "data" / tag).glob("**/captions_train.json")]
     if not (features.is_dir() and prompts.is_dir() and data):
         sys.exit(f"no demo --video caches under {root}: run `blitext demo --video` first")
@@ -54,7 +54,7 @@ def train(c: VideoDemoConfig, features: Path, prompts: Path, data: Path, out: Pa
     shutil.rmtree(out, ignore_errors=True)
     train_video_adapter(VideoAdapterConfig(
         features=str(features), prompts=str(prompts), captions=[str(data / "captions_train.json")], w_align=w_align,
-        out=str(out), n_prompt=c.n_prompt, max_steps=lm or None, epochs=0, align_steps=align, batch_size=c.batch_size,
+        out=str(out), n_prompt=c.recipe.n_prompt, max_steps=lm or None, epochs=0, align_steps=align, batch_size=c.batch_size,
         lr=c.lr, llm_proj_lr_scale=c.llm_proj_lr_scale, max_grad_norm=c.max_grad_norm,
         warmup_steps=max(1, c.lm_steps // 10), seed=c.seed, save_every=100000, log_every=1, device="cpu"))
     return out
@@ -107,7 +107,8 @@ def main() -> None:
                          **captions(itg, features, data, c)})
             print(rows[-1], flush=True)
     c = VideoDemoConfig()
-    write_result("video_align", {"command": "python bench/video_align.py " + " ".join(sys.argv[1:]),
+    write_result("video_align", {"command": "python bench/video_align.py " + " ".join(sys.argv[1:]), "commit": git_commit(),
+                                 "pformer": pformer_run(c, f"moving-shapes-{c.clips_per_split}").name,
                                  "lm_steps": c.lm_steps, "batch_size": c.batch_size, "lr": c.lr,
                                  "llm_proj_lr_scale": c.llm_proj_lr_scale, "caption_clips": c.caption_clips,
                                  "summary": summarise(rows), "rows": rows})

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from blitext.config import default_cache_root
 from blitext.console import console, say
 from blitext.data.prepare import prepare_dataset
-from blitext.recipes.demo import print_prompt_check, settings_digest, train_once
+from blitext.recipes.demo import print_prompt_check, settings_digest
+from blitext.recipes.recipe import Recipe, pformer_config, pformer_tag, train_once
 from blitext.evaluation.compare import compare_runs, print_compare
 from blitext.evaluation.evaluate import EvalConfig, eval_caption
 from blitext.features.video import VideoExtractConfig, extract_video_features
-from blitext.pformer.train import PFormerConfig, train_pformer
+from blitext.pformer.train import train_pformer
 from blitext.pformer.prompts import BuildPromptsConfig, build_prompts
 from blitext.adapter.video import VideoAdapterConfig, train_video_adapter
 
@@ -37,9 +38,8 @@ class VideoDemoConfig:
     clips_per_split: int | None = 150  # moving-shapes clips per split (300 train / 60 test exist); None = all
     segment_frames: int = 16      # frames per segment: a 2-3 s clip becomes 4-5 ordered segments (I3D: 64)
     frames_per_segment: int = 1   # frames the image encoder sees per segment (about 7 frames/s here)
-    pformer_steps: int = 150      # P-Former steps (about 1 s each on 2 cores)
-    pformer_batch: int = 16
-    n_prompt: int = 8             # prompt slots (paper: 32 = VATEX's segments; 8 keeps the CPU run short)
+    recipe: Recipe = field(default_factory=Recipe)  # the P-Former's settings and n_prompt: the image demo's
+                                  # (prompt slots: paper 32 = VATEX's segments; 8 keeps the CPU run short)
     align_steps: int = 600        # the alignment-only phase (cheap: the LLM is not run); 60 left the prompts
                                   # 11-14x farther from the targets than their mean (bench/video_align.py,
                                   # 3 seeds: CIDEr 2.9 after 60 steps, 6.1 after 600, ITG only 3.1)
@@ -55,12 +55,13 @@ class VideoDemoConfig:
 
     def scaled(self) -> "VideoDemoConfig":
         s = self.scale
-        return replace(self, pformer_steps=round(self.pformer_steps * s), align_steps=round(self.align_steps * s),
+        return replace(self, recipe=replace(self.recipe, pformer_steps=round(self.recipe.pformer_steps * s)),
+                       align_steps=round(self.align_steps * s),
                        lm_steps=round(self.lm_steps * s), caption_clips=round(self.caption_clips * s), scale=1.0)
 
 
-SMOKE = VideoDemoConfig(clips_per_split=24, pformer_steps=4, pformer_batch=8, n_prompt=4, align_steps=3, lm_steps=3,
-                        batch_size=4, caption_clips=6, examples=2)
+SMOKE = VideoDemoConfig(clips_per_split=24, recipe=Recipe(pformer_steps=4, pformer_batch_size=8, n_prompt=4),
+                        align_steps=3, lm_steps=3, batch_size=4, caption_clips=6, examples=2)
 
 
 def run_video_demo(config: VideoDemoConfig) -> dict:
@@ -68,8 +69,8 @@ def run_video_demo(config: VideoDemoConfig) -> dict:
     c = config.scaled()
     started, root = time.perf_counter(), default_cache_root()
     tag = f"moving-shapes-{c.clips_per_split or 'all'}"
-    steps = f"{c.pformer_steps}-{c.align_steps}-{c.lm_steps}"
-    work = root / "runs" / "demo-video" / f"{tag}-{c.n_prompt}s-{steps}-{settings_digest(c)}"
+    steps = f"{c.recipe.pformer_steps}-{c.align_steps}-{c.lm_steps}"
+    work = root / "runs" / "demo-video" / f"{tag}-{c.recipe.n_prompt}s-{steps}-{settings_digest(c)}"
 
     say("[bold]1/7 prepare moving-shapes[/] (generated .mp4 clips of a shape moving, captioned)")
     data = prepare_dataset("moving-shapes", out_root=root / "data" / tag, limit=c.clips_per_split)
@@ -82,11 +83,9 @@ def run_video_demo(config: VideoDemoConfig) -> dict:
 
     say("[bold]3/7 train the P-Former[/] on the train captions, against the frozen SmolLM2-135M")
     train_captions = str(data / "captions_train.json")
-    pformer = root / "runs" / "pformer" / f"demo-{tag}-{c.n_prompt}x{c.pformer_steps}"
-    train_once(pformer, lambda resume: train_pformer(PFormerConfig(
-        text=[train_captions], out=str(pformer), n_prompt=c.n_prompt, batch_size=c.pformer_batch, max_steps=c.pformer_steps,
-        warmup_steps=max(1, c.pformer_steps // 7), sample_every=max(1, c.pformer_steps // 2), save_every=100,
-        heldout=8, seed=c.seed, resume=resume)))
+    pformer = pformer_run(c, tag)
+    train_once(pformer, lambda resume: train_pformer(pformer_config(
+        c.recipe, [train_captions], pformer, heldout=8, seed=c.seed, resume=resume)))
 
     say("[bold]4/7 build reference prompts[/] for every train caption")
     prompts = root / "prompts" / f"{tag}__{pformer.name}"
@@ -99,7 +98,7 @@ def run_video_demo(config: VideoDemoConfig) -> dict:
         run = runs[name] = work / name
         train_once(run, lambda resume: train_video_adapter(VideoAdapterConfig(
             features=str(features), prompts=str(prompts), captions=[train_captions], w_align=w, out=str(run),
-            n_prompt=c.n_prompt, max_steps=c.lm_steps, align_steps=c.align_steps, batch_size=c.batch_size, lr=c.lr,
+            n_prompt=c.recipe.n_prompt, max_steps=c.lm_steps, align_steps=c.align_steps, batch_size=c.batch_size, lr=c.lr,
             llm_proj_lr_scale=c.llm_proj_lr_scale, max_grad_norm=c.max_grad_norm,
             warmup_steps=max(1, c.lm_steps // 10), seed=c.seed, save_every=max(10, c.lm_steps // 2), log_every=1,
             resume=resume)))
@@ -116,6 +115,11 @@ def run_video_demo(config: VideoDemoConfig) -> dict:
     (work / "results.json").write_text(json.dumps(results, indent=1))
     say(f"[green]video demo finished[/] in {(time.perf_counter() - started) / 60:.1f} min: runs and evaluations in {work}")
     return results
+
+
+def pformer_run(c: VideoDemoConfig, tag: str) -> Path:
+    """The P-Former's run folder, named by what trains it (bench/video_align.py finds its prompts by it)."""
+    return default_cache_root() / "runs" / "pformer" / f"demo-{tag}-{pformer_tag(c.recipe)}"
 
 
 def caption_test_clips(run: Path, features: Path, data: Path, c: VideoDemoConfig) -> dict:
