@@ -252,19 +252,25 @@ def _marked(caption: str, human: str) -> str:
 
 
 def _budget_table(curves: dict, costs: dict) -> None:
+    """The curve with a row per stage-2 step (two variants fit 80 columns; a row per variant did not),
+    then what each variant cost."""
     from rich.table import Table
 
-    steps = [p["step"] for p in curves["pformer"][0]]
-    table = Table("variant", *(f"step {s}" for s in steps), "LLM passes", "pairs seen", "stage 1 / 2 min",
-                  title="the budget curve: exact match (CIDEr) at each stage-2 step")
-    for name, runs in curves.items():
-        by_step = {p["step"]: p for p in runs[0]}
-        k = costs[name]
-        table.add_row(LABELS[name], *(f"{by_step[s]['exact_match']:.2f} ({by_step[s]['CIDEr']:.2f})" if s in by_step
-                                      else "-" for s in steps),
-                      f"{k['llm_forward_pairs']:,}", f"{k['pairs_seen']:,}",
-                      f"{k['stage1']['seconds'] / 60:.1f} / {k['stage2']['seconds'] / 60:.1f}")
+    steps = sorted({p["step"] for runs in curves.values() for p in runs[0]})
+    by_step = {name: {p["step"]: p for p in runs[0]} for name, runs in curves.items()}
+    table = Table("stage-2 step", *(LABELS[n] for n in curves),
+                  title="the budget curve: exact match (CIDEr) of greedy test captions")
+    for s in steps:
+        table.add_row(str(s), *(f"{by_step[n][s]['exact_match']:.2f} ({by_step[n][s]['CIDEr']:.2f})"
+                                if s in by_step[n] else "-" for n in curves))
     console.print(table)
+    cost = Table("variant", "LLM passes", "pairs seen", "stage 1 min", "stage 2 min",
+                 title="what each variant cost (stage 1 never runs the LLM)")
+    for name in curves:
+        k = costs[name]
+        cost.add_row(LABELS[name], f"{k['llm_forward_pairs']:,}", f"{k['pairs_seen']:,}",
+                     f"{k['stage1']['seconds'] / 60:.1f}", f"{k['stage2']['seconds'] / 60:.1f}")
+    console.print(cost)
 
 
 def _curves(work: Path, runs: dict) -> None:
