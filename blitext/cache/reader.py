@@ -13,10 +13,13 @@ reads its manifest (a summary per shard) and maps four files, whatever the numbe
 """
 from __future__ import annotations
 
+import array
 import functools
 import mmap
 import os
+import threading
 import weakref
+from bisect import bisect_right
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -27,6 +30,12 @@ import torch
 from blitext.cache.keyindex import KeyIndex, open_index
 from blitext.cache.manifest import FEATURE_KINDS, load_manifest, require_kind, require_producer, sidecar_name
 from blitext.errors import BlitextError
+
+# HDF5's metadata cache, per open shard. Its default grows to 32 MB per file, and holds about 8x
+# its nominal size in memory: 34 MB per 10^5-row shard after a pass of first reads, in every
+# process that reads the shard. 64 KiB holds a lookup's path through the chunk index and keeps a
+# shard's share near 2 MB, for about 20% more CPU time per first read (bench/scale.py).
+METADATA_CACHE_BYTES = 64 * 1024
 
 # What h5py raises for a damaged file: HDF5's errors map onto these (a broken B-tree is a
 # RuntimeError from chunk_iter, an unreadable object header a KeyError, a bad datatype a ValueError,
@@ -96,25 +105,21 @@ class FeatureCache:
 
     # ------------------------------------------------------------ reading
     def _forget_handles(self) -> None:
-        """Shards open on first read; never closed here (after a fork they are the parent's)."""
-        shards = self.manifest["shards"]
-        self._files: list[_Shard | None] = [None] * len(shards)
-        # per shard, as in _Shard.mapped: a row's byte offset in the memory map, or -1 (read through HDF5);
-        # nothing per row until a shard is opened, so opening a cache is O(shards)
-        self._mapped: list = [_UNOPENED] * len(shards)
-        self._views: list = [None] * len(shards)
+        """Shards open on first read; never closed here (after a fork they are the parent's).
+        Nothing per row until a shard is opened, so opening a cache is O(shards)."""
+        self._files: list[_Shard | None] = [None] * len(self.manifest["shards"])
 
     def _shard(self, shard: int) -> "_Shard":
         reader = self._files[shard]
         if reader is None:
             reader = self._open(shard)
             rows = self.manifest["shards"][shard]["rows"]
-            if len(reader.mapped) != rows:
+            if reader.rows != rows:
                 reader.close()
                 # its size matched the manifest's: the bytes are there, the HDF5 metadata naming them is not
-                raise self._damaged(shard, f"has damaged metadata: it holds {len(reader.mapped)} rows, "
+                raise self._damaged(shard, f"has damaged metadata: it holds {reader.rows} rows, "
                                            f"the manifest says {rows}")
-            self._files[shard], self._mapped[shard], self._views[shard] = reader, reader.mapped, reader.view
+            self._files[shard] = reader
         return reader
 
     def _open(self, shard: int) -> "_Shard":
@@ -141,9 +146,11 @@ class FeatureCache:
 
     def __getitem__(self, key: str) -> np.ndarray:
         shard, row = self.locate(key)
-        start = self._mapped[shard][row]
-        if start >= 0:  # the hot path: a checked row, copied out of the memory map
-            return self._views[shard](start).copy()
+        reader = self._files[shard]
+        if reader is not None:
+            start = reader.start(row)
+            if start >= 0:  # the hot path: a checked row, copied out of the memory map
+                return reader.view(start).copy()
         try:
             return self._shard(shard).read(row)
         except DamagedRow as e:
@@ -168,24 +175,13 @@ class FeatureCache:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for name in ("_files", "_mapped", "_views"):  # handles never travel to other processes
-            del state[name]
+        del state["_files"]  # handles never travel to other processes
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._forget_handles()
         _open_caches.add(self)
-
-
-class _Unopened:
-    """A shard not opened yet in this process: every row is read (and opened) through HDF5."""
-
-    def __getitem__(self, row: int) -> int:
-        return -1
-
-
-_UNOPENED = _Unopened()
 
 
 class _Shard:
@@ -200,39 +196,59 @@ class _Shard:
     A row's first read in this process goes through HDF5, which checks its Fletcher-32
     checksum; later reads of it come from the memory map of the same, now checked, bytes.
     Computing a checksum costs as much as the copy itself, so checking every read would halve
-    the read rate. Shards written without checksums are read unchecked."""
+    the read rate. Shards written without checksums are read unchecked.
+
+    Per row a shard keeps one bit (checked or not) and its share of runs of evenly spaced
+    chunks (RowPlaces): about a byte per row, held by every DataLoader worker for every shard
+    it reads (a Python int per row and HDF5's default caches cost 270 bytes per row each)."""
 
     def __init__(self, path: Path, variable_length: bool):
-        self.file = h5py.File(path, "r")
+        self.file = _open_h5(path, chunk_cache=variable_length)
         self.data = self.file.get("data")
         if self.data is not None and not isinstance(self.data, h5py.Dataset):
             raise ValueError("'data' is not a dataset")
         self.offsets = self.file["offsets"][:] if variable_length else None  # (N + 1,) row starts
-        rows = 0 if self.data is None else len(self.offsets) - 1 if variable_length else self.data.shape[0]
+        self.rows = 0 if self.data is None else len(self.offsets) - 1 if variable_length else self.data.shape[0]
         self.zero_fill = self.data is not None and not np.asarray(self.data.fillvalue).any()
         layout = chunk_layout(self.data, path.stat().st_size) if self.data is not None else None
         # row -> why it cannot be used (its chunk is missing from the index, or lies outside the file)
         self.damaged: dict[int, str] = layout.damaged_rows(self.offsets) if layout is not None else {}
-        starts = layout.row_starts() if layout is not None and not variable_length else None
-        self.map = _map_file(path) if starts is not None else None
-        self.starts = starts  # Python ints: the cheapest to index
-        # byte offset of each row read from the map; -1: read through HDF5 (to be checked, or not mapped)
-        self.mapped = list(self.starts) if self.starts is not None and not self.data.fletcher32 else [-1] * rows
+        self.places = layout.row_places() if layout is not None and not variable_length else None
+        self.map = _map_file(path) if self.places is not None else None
+        # bit r: row r is read from the map (checked, or a shard without checksums); damaged rows never are
+        self.checked = bytearray((self.rows + 7) // 8)
+        if self.places is not None and not self.data.fletcher32:
+            self.checked = bytearray(b"\xff" * len(self.checked))
+            for r in self.damaged:
+                self.checked[r >> 3] &= ~(1 << (r & 7)) & 0xFF
+        # a trainer's prefetch thread and its main thread may both read rows first: setting a bit
+        # rewrites a byte that 8 rows share, so two threads at once could lose one
+        self.lock = threading.Lock()
         # the row at byte offset `start` of the map: np.ndarray(shape, dtype, map, start)
         self.view = functools.partial(np.ndarray, self.data.shape[1:], self.data.dtype, self.map) \
             if self.map is not None else None
+
+    def start(self, r: int) -> int:
+        """Row r's byte offset in the memory map, or -1: read it through HDF5 (to be checked, or not mapped)."""
+        if self.checked[r >> 3] >> (r & 7) & 1:
+            return self.places[r]
+        return -1
 
     def read(self, r: int) -> np.ndarray:
         """A row through HDF5, which checks its checksum (where it has one); a mapped row is
         read from the map from then on."""
         if r in self.damaged:
             raise DamagedRow(self.damaged[r])
-        first, stop = (int(self.offsets[r]), int(self.offsets[r + 1])) if self.offsets is not None else (r, r + 1)
-        row = self.data[first:stop] if self.offsets is not None else self.data[r]
-        if not self._written(row) and self._chunk_absent(first, stop):
-            raise DamagedRow("reads as the fill value: its chunk is missing from the shard's chunk index")
-        if self.starts is not None:
-            self.mapped[r] = self.starts[r]
+        with self.lock:
+            start = self.start(r)
+            if start >= 0:  # checked by another thread meanwhile
+                return self.view(start).copy()
+            first, stop = (int(self.offsets[r]), int(self.offsets[r + 1])) if self.offsets is not None else (r, r + 1)
+            row = self.data[first:stop] if self.offsets is not None else self.data[r]
+            if not self._written(row) and self._chunk_absent(first, stop):
+                raise DamagedRow("reads as the fill value: its chunk is missing from the shard's chunk index")
+            if self.places is not None:
+                self.checked[r >> 3] |= 1 << (r & 7)
         return row
 
     def _written(self, row: np.ndarray) -> bool:
@@ -266,6 +282,20 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _open_h5(path: Path, chunk_cache: bool) -> h5py.File:
+    """A shard opened with HDF5's metadata cache bounded (METADATA_CACHE_BYTES), and without
+    a chunk cache for fixed rows: each of their chunks goes through HDF5 once, then comes from
+    the memory map."""
+    file = h5py.File(path, "r", **({} if chunk_cache else {"rdcc_nbytes": 0}))
+    config = file.id.get_mdc_config()
+    config.set_initial_size = True
+    config.initial_size = config.max_size = METADATA_CACHE_BYTES
+    config.min_size = min(config.min_size, METADATA_CACHE_BYTES)
+    config.max_increment = min(config.max_increment, METADATA_CACHE_BYTES)
+    file.id.set_mdc_config(config)
+    return file
+
+
 def _map_file(path: Path) -> mmap.mmap:
     with open(path, "rb") as f:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -278,7 +308,7 @@ class ChunkLayout:
     def __init__(self, data: h5py.Dataset, file_size: int):
         self.per = data.chunks[0]  # rows (tokens) per chunk
         self.count = -(-data.shape[0] // self.per)
-        self.address: list[int] = [-1] * self.count  # byte offset of chunk i; -1: none usable
+        self.address = np.full(self.count, -1, np.int64)  # byte offset of chunk i; -1: none usable
         self.why: dict[int, str] = {}  # chunk -> what is wrong with it
         self.raw = _raw_rows(data)  # one uncompressed row per chunk: a row is a slice of the file
         self.raw_size = data.dtype.itemsize * int(np.prod(data.chunks)) + 4 * data.fletcher32
@@ -314,10 +344,32 @@ class ChunkLayout:
             rows.update({r: why for r in range(max(0, first), min(last, len(offsets) - 1))})
         return rows
 
-    def row_starts(self) -> list[int] | None:
+    def row_places(self) -> "RowPlaces | None":
         """Each row's byte offset in the file when rows are raw one per chunk (-1 for a damaged
         row), else None (read through HDF5)."""
-        return list(self.address) if self.raw and self.sizes_raw else None
+        return RowPlaces(self.address) if self.raw and self.sizes_raw else None
+
+
+class RowPlaces:
+    """`places[r]`: row r's byte offset, stored as runs of evenly spaced rows. HDF5 writes
+    one-row chunks one after another, broken only where it put a node of the chunk index
+    (about every 60 rows), so a run costs 44 bytes for some 60 rows where a Python int per
+    row cost 36 bytes each. Any offsets are held exactly: a run is only as long as its rows'
+    spacing is that of the shard's commonest step."""
+
+    def __init__(self, address: np.ndarray):
+        steps = np.diff(address)
+        values, counts = np.unique(steps, return_counts=True)
+        self.step = int(values[np.argmax(counts)]) if len(values) else 0
+        first = np.concatenate([[0], np.flatnonzero(steps != self.step) + 1]) if len(address) else np.zeros(0, np.int64)
+        # bisected on every read: a list's items are Python ints already (bisect on an array
+        # converts each probe), the starts are read once per read and kept as 8-byte values
+        self.first: list[int] = first.tolist()
+        self.begin = array.array("q", address[first].tolist())
+
+    def __getitem__(self, r: int) -> int:
+        k = bisect_right(self.first, r) - 1
+        return self.begin[k] + (r - self.first[k]) * self.step
 
 
 def chunk_layout(data: h5py.Dataset, file_size: int) -> ChunkLayout | None:
