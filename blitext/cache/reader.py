@@ -31,10 +31,10 @@ from blitext.cache.keyindex import KeyIndex, open_index
 from blitext.cache.manifest import FEATURE_KINDS, load_manifest, require_kind, require_producer, sidecar_name
 from blitext.errors import BlitextError
 
-# HDF5's metadata cache, per open shard. Its default grows to 32 MB per file, and holds about 8x
-# its nominal size in memory: 34 MB per 10^5-row shard after a pass of first reads, in every
-# process that reads the shard. 64 KiB holds a lookup's path through the chunk index and keeps a
-# shard's share near 2 MB, for about 20% more CPU time per first read (bench/scale.py).
+# HDF5's metadata cache, per open shard (while its chunk index is read, and for rows read through
+# HDF5). Its default grows to 32 MB per file and holds about 8x its nominal size in memory: 34 MB
+# per 10^5-row shard after a pass of reads through HDF5, in every process that reads the shard.
+# 64 KiB holds a lookup's path through the chunk index, for about 20% more CPU time per HDF5 read.
 METADATA_CACHE_BYTES = 64 * 1024
 
 # What h5py raises for a damaged file: HDF5's errors map onto these (a broken B-tree is a
@@ -193,17 +193,31 @@ class _Shard:
     or whose chunk address lies outside the file, is damaged (HDF5 would read an absent chunk
     as the fill value, zeros, with no checksum to fail) and is refused when read.
 
-    A row's first read in this process goes through HDF5, which checks its Fletcher-32
-    checksum; later reads of it come from the memory map of the same, now checked, bytes.
-    Computing a checksum costs as much as the copy itself, so checking every read would halve
-    the read rate. Shards written without checksums are read unchecked.
+    A row's first read in this process checks its bytes in the map against the Fletcher-32
+    checksum stored after them (the sums HDF5 computes: fletcher32_values); later reads copy
+    the same, now checked, bytes. Computing a checksum costs as much as the copy itself, so
+    checking every read would halve the read rate. Shards written without checksums are read
+    unchecked.
 
-    Per row a shard keeps one bit (checked or not) and its share of runs of evenly spaced
-    chunks (RowPlaces): about a byte per row, held by every DataLoader worker for every shard
-    it reads (a Python int per row and HDF5's default caches cost 270 bytes per row each)."""
+    Once that pass is done the HDF5 file is closed: an open HDF5 file holds 0.5-1 MB (its
+    metadata cache), and a process reading a cache of 1,024-row shards opens thousands. What
+    stays per row is one bit (checked or not) and a share of runs of evenly spaced chunks
+    (RowPlaces): about a byte, where a Python int per row and HDF5's default caches cost 270
+    bytes in every DataLoader worker. Rows of other layouts (variable length, compressed) are
+    read through HDF5, which keeps the file open."""
 
     def __init__(self, path: Path, variable_length: bool):
-        self.file = _open_h5(path, chunk_cache=variable_length)
+        self.file = _open_h5(path)
+        try:
+            self._read_layout(path, variable_length)
+        except BaseException:
+            self.file.close()
+            raise
+        if self.places is not None:
+            self.file.close()  # every row is read from the map from now on
+            self.file = self.data = None
+
+    def _read_layout(self, path: Path, variable_length: bool) -> None:
         self.data = self.file.get("data")
         if self.data is not None and not isinstance(self.data, h5py.Dataset):
             raise ValueError("'data' is not a dataset")
@@ -215,9 +229,11 @@ class _Shard:
         self.damaged: dict[int, str] = layout.damaged_rows(self.offsets) if layout is not None else {}
         self.places = layout.row_places() if layout is not None and not variable_length else None
         self.map = _map_file(path) if self.places is not None else None
+        self.row_bytes = self.data.dtype.itemsize * int(np.prod(self.data.shape[1:])) if self.data is not None else 0
+        self.checksummed = self.data is not None and self.data.fletcher32
         # bit r: row r is read from the map (checked, or a shard without checksums); damaged rows never are
         self.checked = bytearray((self.rows + 7) // 8)
-        if self.places is not None and not self.data.fletcher32:
+        if self.places is not None and not self.checksummed:
             self.checked = bytearray(b"\xff" * len(self.checked))
             for r in self.damaged:
                 self.checked[r >> 3] &= ~(1 << (r & 7)) & 0xFF
@@ -229,26 +245,35 @@ class _Shard:
             if self.map is not None else None
 
     def start(self, r: int) -> int:
-        """Row r's byte offset in the memory map, or -1: read it through HDF5 (to be checked, or not mapped)."""
+        """Row r's byte offset in the memory map, or -1: read it through read() (to be checked, or not mapped)."""
         if self.checked[r >> 3] >> (r & 7) & 1:
             return self.places[r]
         return -1
 
     def read(self, r: int) -> np.ndarray:
-        """A row through HDF5, which checks its checksum (where it has one); a mapped row is
-        read from the map from then on."""
+        """A row not read from the map yet: checked against its checksum (where it has one),
+        and read from the map from then on; rows of other layouts through HDF5."""
         if r in self.damaged:
             raise DamagedRow(self.damaged[r])
+        if self.places is not None:
+            return self._check(r)
+        first, stop = (int(self.offsets[r]), int(self.offsets[r + 1])) if self.offsets is not None else (r, r + 1)
+        row = self.data[first:stop] if self.offsets is not None else self.data[r]
+        if not self._written(row) and self._chunk_absent(first, stop):
+            raise DamagedRow(FILL_VALUE_READ)
+        return row
+
+    def _check(self, r: int) -> np.ndarray:
+        start = self.places[r]
+        if start < 0:  # no chunk: the layout check flags such rows as damaged, this is its backstop
+            raise DamagedRow(FILL_VALUE_READ)
         with self.lock:
-            start = self.start(r)
-            if start >= 0:  # checked by another thread meanwhile
-                return self.view(start).copy()
-            first, stop = (int(self.offsets[r]), int(self.offsets[r + 1])) if self.offsets is not None else (r, r + 1)
-            row = self.data[first:stop] if self.offsets is not None else self.data[r]
-            if not self._written(row) and self._chunk_absent(first, stop):
-                raise DamagedRow("reads as the fill value: its chunk is missing from the shard's chunk index")
-            if self.places is not None:
-                self.checked[r >> 3] |= 1 << (r & 7)
+            row = self.view(start).copy()
+            if self.checksummed and not self.checked[r >> 3] >> (r & 7) & 1:
+                stored = int.from_bytes(self.map[start + self.row_bytes:start + self.row_bytes + 4], "little")
+                if stored not in fletcher32_values(row.reshape(-1).view(np.uint8)):
+                    raise DamagedRow("its bytes do not match their Fletcher-32 checksum")
+            self.checked[r >> 3] |= 1 << (r & 7)
         return row
 
     def _written(self, row: np.ndarray) -> bool:
@@ -270,11 +295,46 @@ class _Shard:
     def close(self) -> None:
         if self.map is not None:
             self.map.close()
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+
+
+FILL_VALUE_READ = "reads as the fill value: its chunk is missing from the shard's chunk index"
 
 
 class DamagedRow(ValueError):
     """A row the shard's chunk index does not hold where the layout written puts it."""
+
+
+FLETCHER_BLOCK = 1 << 16  # 16-bit words summed at once: their weighted sums stay far inside int64
+_RAMP = np.arange(FLETCHER_BLOCK, dtype=np.int64)  # 512 KB, once per process
+
+
+def fletcher32_values(data: np.ndarray) -> tuple[int, int]:
+    """The Fletcher-32 checksum HDF5 computes of `data` (uint8), and its byte-swapped form, which
+    HDF5 also accepts (files written before HDF5 1.6.3 on little-endian machines).
+
+    HDF5 (H5_checksum_fletcher32) sums big-endian 16-bit words w_0..w_(n-1): sum1 = sum of
+    w_i, sum2 = sum of the running sum1 = sum of (n - i) w_i, folding both to 16 bits as it
+    goes. A fold keeps a sum's value modulo 65535 and keeps it above zero, so each result is 0
+    when every byte is 0 and otherwise the whole sum modulo 65535 written in 1..65535: computed
+    here from whole sums, with numpy (a Python loop over words would cost 1,000x more)."""
+    words = data[:data.size - data.size % 2].view(">u2")
+    n, s1, s2 = len(words), 0, 0
+    for at in range(0, n, FLETCHER_BLOCK):
+        block = words[at:at + FLETCHER_BLOCK].astype(np.int64)
+        total = int(block.sum())
+        s2 += (n - at) * total - int(np.dot(block, _RAMP[:len(block)]))
+        s1 += total
+    if data.size % 2:
+        s1 += int(data[-1]) << 8
+        s2 += s1
+    value = _fold(s2) << 16 | _fold(s1)
+    return value, (value & 0x00FF00FF) << 8 | (value >> 8) & 0x00FF00FF
+
+
+def _fold(total: int) -> int:
+    return 0 if total == 0 else (total - 1) % 65535 + 1
 
 
 def _first_line(e: BaseException) -> str:
@@ -282,11 +342,9 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _open_h5(path: Path, chunk_cache: bool) -> h5py.File:
-    """A shard opened with HDF5's metadata cache bounded (METADATA_CACHE_BYTES), and without
-    a chunk cache for fixed rows: each of their chunks goes through HDF5 once, then comes from
-    the memory map."""
-    file = h5py.File(path, "r", **({} if chunk_cache else {"rdcc_nbytes": 0}))
+def _open_h5(path: Path) -> h5py.File:
+    """A shard opened with HDF5's metadata cache bounded (METADATA_CACHE_BYTES)."""
+    file = h5py.File(path, "r")
     config = file.id.get_mdc_config()
     config.set_initial_size = True
     config.initial_size = config.max_size = METADATA_CACHE_BYTES
