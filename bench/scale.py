@@ -211,9 +211,11 @@ def main(argv=None) -> None:
         shutil.rmtree(root, ignore_errors=True)
         load_before = os.getloadavg()[0]
         built = build(root, n, args.shard_size, args.copy_shards)
+        t0 = time.perf_counter()
         figures = subprocess.run([sys.executable, __file__, "--measure", str(root), "--pass-rows", str(args.pass_rows)],
                                  check=True, capture_output=True, text=True).stdout
         results.append({"rows": n, "shards": -(-n // args.shard_size), **built, **json.loads(figures.splitlines()[-1]),
+                        "measure_s": round(time.perf_counter() - t0, 1),
                         "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)]})
         print(json.dumps(results[-1]), flush=True)
         if not args.keep:
