@@ -6,7 +6,10 @@ For each size, a synthetic cache of tiny rows (4 x 8 fp16: the rows' bytes are n
 measured) is built once, then a fresh process measures:
 - `open_s`: FeatureCache(root), the manifest read and the key index mapped;
 - `rss_open_mb` / `rss_after_reads_mb`: the process's resident memory after opening and after
-  the reads below (the imports alone: `rss_imports_mb`);
+  the reads below (the imports alone: `rss_imports_mb`); `private_dirty_after_reads_mb`: the
+  part of it the process wrote itself. RSS and USS also count the pages of the memory-mapped
+  index and shards that the reads touched (with the kernel's fault-around, 64 KB per touch):
+  page cache, shared with every process that maps them and dropped under memory pressure;
 - `uss_one_shard_open_mb`: what reading one row of shard 0 added (the shard's per-row state);
 - `first_read_per_s`: distinct random keys read once each (looked up, opened, checked by HDF5);
   `reread_per_s`: the same keys again (from the memory map);
@@ -108,6 +111,7 @@ def measure(root: Path, pass_rows: int) -> dict:
     out["lookup_per_s"] = _rate(lambda: [cache.locate(k) for k in lookups], len(lookups))
     out["rss_after_reads_mb"] = me.memory_info().rss / 2**20
     out["uss_after_reads_mb"] = _uss(me)
+    out["private_dirty_after_reads_mb"] = _private_dirty(me.pid)
     # The workers fork from a process that has only opened the cache, as a trainer's does: a
     # forked worker drops the parent's open shards, and freeing their state would copy those
     # pages into the worker (the copy-on-write growth of PyTorch issue #13246), here an artefact
