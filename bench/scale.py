@@ -199,6 +199,7 @@ def main(argv=None) -> None:
     ap.add_argument("--note", default="", help="what else ran on the machine meanwhile (rates are shared-CPU figures)")
     ap.add_argument("--copy-shards", action="store_true", help="write shard 0, copy it to the other shards (see above)")
     ap.add_argument("--keep", action="store_true", help="keep the caches")
+    ap.add_argument("--result", default="scale", help="the file under bench/results/ (without .json)")
     ap.add_argument("--inputs", type=int, nargs="*", default=None, help="measure the input readers at these sizes")
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one cache, in a fresh process
     ap.add_argument("--measure-inputs", type=int, default=None, help=argparse.SUPPRESS)  # internal: likewise
@@ -228,7 +229,7 @@ def main(argv=None) -> None:
         print(json.dumps(results[-1]), flush=True)
         if not args.keep:
             shutil.rmtree(root)
-    write_result("scale", {**provenance(argv), "note": args.note, "row_shape": list(ROW), "dtype": "float16",
+    write_result(args.result, {**provenance(argv), "note": args.note, "row_shape": list(ROW), "dtype": "float16",
                            "shard_size": args.shard_size, "reads": READS, "lookups": LOOKUPS, "pass_rows": args.pass_rows,
                            "sizes": results})
 
