@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from blitext.cache import FeatureCache
-from blitext.cache import reader
-from blitext.cache.reader import fletcher32_values
+from blitext.cache import shard as shard_module
+from blitext.cache.shard import fletcher32_values
 from blitext.errors import BlitextError
 from tests.test_cache import build, random_rows
 
@@ -45,7 +45,7 @@ def test_fletcher32_is_the_checksum_hdf5_stores(tmp_path):
 
 
 def test_fletcher32_sums_long_rows_in_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(reader, "FLETCHER_BLOCK", 7)  # every row spans several blocks, some partial
+    monkeypatch.setattr(shard_module, "FLETCHER_BLOCK", 7)  # every row spans several blocks, some partial
     for data, stored in stored_checksums(tmp_path, varied_rows()):
         assert fletcher32_values(np.frombuffer(data, np.uint8))[0] == stored
 
