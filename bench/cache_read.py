@@ -6,7 +6,7 @@ Goal (issue 11): random-read samples/s >= 0.9 x the .npy memmap's. Both files ar
 first so both come from the page cache; reads are the same random keys in the same order, in
 rounds that alternate between the two (the machine is shared: drift hits both alike).
 
-Rows carry a Fletcher-32 checksum, checked when a process first reads a row (through HDF5);
+Rows carry a Fletcher-32 checksum, checked when a process first reads a row;
 later reads come from the memory map. `first_read_*` times that first, checked pass over every
 row in a new FeatureCache against one memmap pass over the same rows.
 """

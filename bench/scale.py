@@ -1,12 +1,15 @@
 """Per-process costs of a cache against its number of rows: do they stay flat (or O(shards))?
 
-    python bench/scale.py [--sizes 10000 100000 1000000 10000000] [--shard-size 100000]
+    PYTHONPATH=. python bench/scale.py [--sizes 10000 100000 1000000 10000000] [--shard-size 100000] [--copy-shards]
 
 For each size, a synthetic cache of tiny rows (4 x 8 fp16: the rows' bytes are not what is
 measured) is built once, then a fresh process measures:
 - `open_s`: FeatureCache(root), the manifest read and the key index mapped;
 - `rss_open_mb` / `rss_after_reads_mb`: the process's resident memory after opening and after
-  the reads below (the imports alone: `rss_imports_mb`);
+  the reads below (the imports alone: `rss_imports_mb`); `private_dirty_after_reads_mb`: the
+  part of it the process wrote itself. RSS and USS also count the pages of the memory-mapped
+  index and shards that the reads touched (with the kernel's fault-around, 64 KB per touch):
+  page cache, shared with every process that maps them and dropped under memory pressure;
 - `uss_one_shard_open_mb`: what reading one row of shard 0 added (the shard's per-row state);
 - `first_read_per_s`: distinct random keys read once each (looked up, opened, checked by HDF5);
   `reread_per_s`: the same keys again (from the memory map);
@@ -24,12 +27,18 @@ of N sentences through read_sentences (what train-pformer and build-prompts hold
 memory (USS growth) per entry, each in a fresh process.
 Goals (issue 20) at 10^7 rows: open < 1 s, RSS < 200 MB, worker USS < 50 MB, read and lookup
 rates within 10% of their 10^4-row values. Timings on a shared machine: compare runs made together.
+
+--copy-shards writes shard 0 and copies its file to the other full shards, under their own keys
+in the sidecars and the key index (a reader never reads a shard's own keys dataset): writing
+10^5 one-chunk rows through HDF5 takes a minute or more on 2 shared cores, so 10^7 written rows
+would take hours. The result records the commit, the command and the load average around each size.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -47,9 +56,11 @@ READS = 20_000
 LOOKUPS = 100_000
 
 
-def build(root: Path, n: int, shard_size: int) -> dict:
+def build(root: Path, n: int, shard_size: int, copy_shards: bool = False) -> dict:
     """A cache of n rows keyed like COCO ("COCO_train2014_000000123456"); returns build timings."""
+    from blitext.atomic import read_json, write_json
     from blitext.cache import CachePlan, ShardWriter, finalize, pending_shards, start_or_resume
+    from blitext.cache.manifest import shard_name, sidecar_name
 
     t0 = time.perf_counter()
     keys = [f"COCO_train2014_{i:012d}" for i in range(n)]
@@ -58,12 +69,21 @@ def build(root: Path, n: int, shard_size: int) -> dict:
     rng = np.random.default_rng(0)
     for s in pending_shards(plan):
         r = plan.shard_range(s)
+        if copy_shards and s > 0 and len(r) == shard_size:
+            shutil.copyfile(root / shard_name(0), root / shard_name(s))
+            write_json(root / sidecar_name(s), {**read_json(root / sidecar_name(0)), "file": shard_name(s),
+                                                "keys": keys[r.start:r.stop]})
+            continue
         with ShardWriter(plan, s) as w:
             w.add(keys[r.start:r.stop], rng.standard_normal((len(r), *ROW)).astype(np.float16))
     t1 = time.perf_counter()
     finalize(plan)
     t2 = time.perf_counter()
-    return {"build_shards_s": round(t1 - t0, 2), "finalize_s": round(t2 - t1, 2),
+    # Pages just written stay dirty in the page cache until written back, and smaps counts a
+    # dirty page as Private_Dirty of any process that alone maps it: the measures below would
+    # count the cache's own files as the reader's memory.
+    os.sync()
+    return {"shards_copied": copy_shards and n > shard_size, "build_shards_s": round(t1 - t0, 2), "finalize_s": round(t2 - t1, 2),
             "index_mb": round(sum(f.stat().st_size for f in (root / "index").iterdir()) / 2**20, 2),
             "manifest_kb": round((root / "manifest.json").stat().st_size / 1024, 1)}
 
@@ -95,10 +115,11 @@ def measure(root: Path, pass_rows: int) -> dict:
     out["lookup_per_s"] = _rate(lambda: [cache.locate(k) for k in lookups], len(lookups))
     out["rss_after_reads_mb"] = me.memory_info().rss / 2**20
     out["uss_after_reads_mb"] = _uss(me)
+    out["private_dirty_after_reads_mb"] = _private_dirty(me.pid)
     # The workers fork from a process that has only opened the cache, as a trainer's does: a
-    # forked worker drops the parent's open shards, and freeing their per-row lists would copy
-    # those pages into the worker (the copy-on-write growth of PyTorch issue #13246), here an
-    # artefact of the reads measured above.
+    # forked worker drops the parent's open shards, and freeing their state would copy those
+    # pages into the worker (the copy-on-write growth of PyTorch issue #13246), here an artefact
+    # of the reads measured above.
     cache.close()
     del cache, keys, lookups
     gc.collect()
@@ -176,7 +197,9 @@ def main(argv=None) -> None:
     ap.add_argument("--pass-rows", type=int, default=1_000_000, help="rows the workers' pass reads at most")
     ap.add_argument("--workdir", default=None, help="where the caches are built (default: a temp folder)")
     ap.add_argument("--note", default="", help="what else ran on the machine meanwhile (rates are shared-CPU figures)")
+    ap.add_argument("--copy-shards", action="store_true", help="write shard 0, copy it to the other shards (see above)")
     ap.add_argument("--keep", action="store_true", help="keep the caches")
+    ap.add_argument("--result", default="scale", help="the file under bench/results/ (without .json)")
     ap.add_argument("--inputs", type=int, nargs="*", default=None, help="measure the input readers at these sizes")
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one cache, in a fresh process
     ap.add_argument("--measure-inputs", type=int, default=None, help=argparse.SUPPRESS)  # internal: likewise
@@ -195,15 +218,36 @@ def main(argv=None) -> None:
     for n in args.sizes:
         root = work / f"rows-{n}"
         shutil.rmtree(root, ignore_errors=True)
-        built = build(root, n, args.shard_size)
+        load_before = os.getloadavg()[0]
+        built = build(root, n, args.shard_size, args.copy_shards)
+        t0 = time.perf_counter()
         figures = subprocess.run([sys.executable, __file__, "--measure", str(root), "--pass-rows", str(args.pass_rows)],
                                  check=True, capture_output=True, text=True).stdout
-        results.append({"rows": n, "shards": -(-n // args.shard_size), **built, **json.loads(figures.splitlines()[-1])})
+        results.append({"rows": n, "shards": -(-n // args.shard_size), **built, **json.loads(figures.splitlines()[-1]),
+                        "measure_s": round(time.perf_counter() - t0, 1),
+                        "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)]})
         print(json.dumps(results[-1]), flush=True)
         if not args.keep:
             shutil.rmtree(root)
-    write_result("scale", {"note": args.note, "row_shape": list(ROW), "dtype": "float16", "shard_size": args.shard_size,
-                           "reads": READS, "lookups": LOOKUPS, "sizes": results})
+    write_result(args.result, {**provenance(argv), "note": args.note, "row_shape": list(ROW), "dtype": "float16",
+                           "shard_size": args.shard_size, "reads": READS, "lookups": LOOKUPS, "pass_rows": args.pass_rows,
+                           "sizes": results})
+
+
+def provenance(argv) -> dict:
+    """Which blitext was measured (an editable install can point at another checkout than this
+    script's: run with PYTHONPATH=. to measure this one), its commit, and the command line."""
+    import blitext
+
+    package = Path(blitext.__file__).parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=package, capture_output=True, text=True).stdout.strip()
+
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "."))
+    return {"blitext": str(package), "commit": git("rev-parse", "--short", "HEAD") + ("+changes" if dirty else ""),
+            "command": " ".join([*([f"PYTHONPATH={os.environ['PYTHONPATH']}"] if os.environ.get("PYTHONPATH") else []),
+                                 "python bench/scale.py", *(argv if argv is not None else sys.argv[1:])])}
 
 
 def measure_all_inputs(work: Path, args) -> None:
@@ -217,7 +261,7 @@ def measure_all_inputs(work: Path, args) -> None:
             figures.update(json.loads(line.splitlines()[-1]))
         results.append(figures)
         print(json.dumps(figures), flush=True)
-    write_result("scale_inputs", {"note": args.note, "inputs": results})
+    write_result("scale_inputs", {**provenance(None), "note": args.note, "inputs": results})
 
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ def test_a_checked_row_is_read_from_the_memory_map_afterwards(tmp_path):
     cache = FeatureCache(tmp_path / "c")
     assert np.array_equal(cache["img-1"], rows["img-1"])  # first read: through HDF5, checked
     reader = cache._shard(0)
-    assert reader.mapped == [-1, reader.starts[1], -1]  # only the checked row reads from the map
+    offsets = chunk_offsets(tmp_path / "c" / shard_name(0))
+    assert [reader.start(r) for r in range(3)] == [-1, offsets[1], -1]  # only the checked row reads from the map
     assert np.array_equal(cache["img-1"], rows["img-1"])  # from the map
 
 
@@ -121,7 +122,8 @@ def test_a_cache_written_before_row_checksums_stays_readable(tmp_path):
     strip_row_checksums(tmp_path / "c")
     cache = FeatureCache(tmp_path / "c")
     assert all(np.array_equal(cache[k], rows[k]) for k in rows)
-    assert cache._shard(0).mapped == cache._shard(0).starts  # every row from the map, unchecked
+    offsets = chunk_offsets(tmp_path / "c" / shard_name(0))
+    assert [cache._shard(0).start(r) for r in range(3)] == offsets  # every row from the map, unchecked
     report = verify_cache(tmp_path / "c")
     assert report.ok and len(report.unchecked_shards) == 2
     assert "reads cannot check their rows" in report.notes[0] and "rebuild" in report.notes[0]

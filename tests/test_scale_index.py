@@ -147,3 +147,56 @@ def test_opening_a_cache_allocates_nothing_per_row(tmp_path):
     assert peak < 60_000, peak  # a dict of 5,000 keys with their (shard, row) tuples is ~0.5 MB
     assert held < 30_000, held  # ~13 KB (the manifest); a list of 5,000 row offsets alone is 40 KB
     assert len(cache) == 5_000 and cache.keys[4_999] == "COCO_train2014_000000004999"
+
+
+def test_reading_every_row_keeps_about_a_byte_per_row(tmp_path):
+    """A process that read every row (a DataLoader worker after one pass) holds a bit and a share
+    of a run per row, not a Python int per row (36 bytes each, in every worker)."""
+    import tracemalloc
+
+    keys = _many(tmp_path / "c", n=5_000)
+    cache = FeatureCache(tmp_path / "c")
+    tracemalloc.start()
+    try:
+        for _ in range(2):  # first reads (checked through HDF5), then from the memory map
+            assert all(cache[k][0, 0] == i for i, k in enumerate(keys))
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert all(cache._files[s].start(999) >= 0 for s in range(5))  # every row now comes from the map
+    assert held < 5_000 * 8, held
+
+
+def test_row_places_hold_every_chunk_offset(tmp_path):
+    """The runs give back each row's chunk address exactly: where the chunk index's nodes break
+    the spacing, at damaged rows (-1) and at steps other than the commonest."""
+    import h5py
+
+    from blitext.cache.shard import RowPlaces
+
+    keys = _many(tmp_path / "c")
+    cache = FeatureCache(tmp_path / "c")
+    cache[keys[0]]
+    written = [-1] * 1_000
+    with h5py.File(tmp_path / "c" / cache.manifest["shards"][0]["file"], "r") as f:
+        f["data"].id.chunk_iter(lambda info: written.__setitem__(info.chunk_offset[0], info.byte_offset))
+    places = cache._files[0].places
+    assert [places[r] for r in range(1_000)] == written
+    assert len(places.first) < 100  # runs, not rows
+    odd = np.array([-1, -1, 100, 112, 124, -1, 200, 212, 5_000, 5_006, 5_012, 5_018, -1], np.int64)
+    places = RowPlaces(odd)
+    assert [places[r] for r in range(len(odd))] == odd.tolist()
+
+
+def test_a_shard_read_through_hdf5_bounds_its_metadata_cache(tmp_path):
+    """HDF5's metadata cache grows to 32 MB per open file by default (about 8x that in memory),
+    in every process: a shard that stays open (variable-length rows are read through HDF5) caps it."""
+    from blitext.cache.shard import METADATA_CACHE_BYTES
+
+    rows = {f"v{i}": np.full((1 + i % 40, 2), i, np.float16) for i in range(3_000)}
+    build(tmp_path / "c", rows, shard_size=3_000, variable=True)
+    cache = FeatureCache(tmp_path / "c")
+    assert all(np.array_equal(cache[k], row) for k, row in rows.items())
+    file = cache._files[0].file.id
+    assert file.get_mdc_config().max_size == METADATA_CACHE_BYTES <= 256 * 1024
+    assert file.get_mdc_size()[2] <= METADATA_CACHE_BYTES

@@ -13,19 +13,17 @@ reads its manifest (a summary per shard) and maps four files, whatever the numbe
 """
 from __future__ import annotations
 
-import functools
-import mmap
 import os
 import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import h5py
 import numpy as np
 import torch
 
 from blitext.cache.keyindex import KeyIndex, open_index
 from blitext.cache.manifest import FEATURE_KINDS, load_manifest, require_kind, require_producer, sidecar_name
+from blitext.cache.shard import DamagedRow, Shard
 from blitext.errors import BlitextError
 
 # What h5py raises for a damaged file: HDF5's errors map onto these (a broken B-tree is a
@@ -96,28 +94,24 @@ class FeatureCache:
 
     # ------------------------------------------------------------ reading
     def _forget_handles(self) -> None:
-        """Shards open on first read; never closed here (after a fork they are the parent's)."""
-        shards = self.manifest["shards"]
-        self._files: list[_Shard | None] = [None] * len(shards)
-        # per shard, as in _Shard.mapped: a row's byte offset in the memory map, or -1 (read through HDF5);
-        # nothing per row until a shard is opened, so opening a cache is O(shards)
-        self._mapped: list = [_UNOPENED] * len(shards)
-        self._views: list = [None] * len(shards)
+        """Shards open on first read; never closed here (after a fork they are the parent's).
+        Nothing per row until a shard is opened, so opening a cache is O(shards)."""
+        self._files: list[Shard | None] = [None] * len(self.manifest["shards"])
 
-    def _shard(self, shard: int) -> "_Shard":
+    def _shard(self, shard: int) -> "Shard":
         reader = self._files[shard]
         if reader is None:
             reader = self._open(shard)
             rows = self.manifest["shards"][shard]["rows"]
-            if len(reader.mapped) != rows:
+            if reader.rows != rows:
                 reader.close()
                 # its size matched the manifest's: the bytes are there, the HDF5 metadata naming them is not
-                raise self._damaged(shard, f"has damaged metadata: it holds {len(reader.mapped)} rows, "
+                raise self._damaged(shard, f"has damaged metadata: it holds {reader.rows} rows, "
                                            f"the manifest says {rows}")
-            self._files[shard], self._mapped[shard], self._views[shard] = reader, reader.mapped, reader.view
+            self._files[shard] = reader
         return reader
 
-    def _open(self, shard: int) -> "_Shard":
+    def _open(self, shard: int) -> "Shard":
         entry = self.manifest["shards"][shard]
         path = self.root / entry["file"]
         try:
@@ -127,7 +121,7 @@ class FeatureCache:
         if size != entry["bytes"]:
             raise self._damaged(shard, f"is {size:,} bytes, the manifest says {entry['bytes']:,} (truncated or replaced)")
         try:
-            return _Shard(path, self.variable_length)
+            return Shard(path, self.variable_length)
         except H5_ERRORS as e:
             raise self._damaged(shard, f"does not open as a cache shard ({_first_line(e)})") from None
 
@@ -141,9 +135,11 @@ class FeatureCache:
 
     def __getitem__(self, key: str) -> np.ndarray:
         shard, row = self.locate(key)
-        start = self._mapped[shard][row]
-        if start >= 0:  # the hot path: a checked row, copied out of the memory map
-            return self._views[shard](start).copy()
+        reader = self._files[shard]
+        if reader is not None:
+            start = reader.start(row)
+            if start >= 0:  # the hot path: a checked row, copied out of the memory map
+                return reader.view(start).copy()
         try:
             return self._shard(shard).read(row)
         except DamagedRow as e:
@@ -168,8 +164,7 @@ class FeatureCache:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for name in ("_files", "_mapped", "_views"):  # handles never travel to other processes
-            del state[name]
+        del state["_files"]  # handles never travel to other processes
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -178,159 +173,9 @@ class FeatureCache:
         _open_caches.add(self)
 
 
-class _Unopened:
-    """A shard not opened yet in this process: every row is read (and opened) through HDF5."""
-
-    def __getitem__(self, row: int) -> int:
-        return -1
-
-
-_UNOPENED = _Unopened()
-
-
-class _Shard:
-    """One open shard. Uncompressed one-row chunks sit at fixed byte offsets in the file, so
-    after one pass over HDF5's chunk index a row is a plain slice of a memory map: h5py's
-    per-read selection costs far more than copying a 100 KB row (bench/cache_read.py).
-
-    That pass also checks the index against the layout written: a row whose chunk is absent,
-    or whose chunk address lies outside the file, is damaged (HDF5 would read an absent chunk
-    as the fill value, zeros, with no checksum to fail) and is refused when read.
-
-    A row's first read in this process goes through HDF5, which checks its Fletcher-32
-    checksum; later reads of it come from the memory map of the same, now checked, bytes.
-    Computing a checksum costs as much as the copy itself, so checking every read would halve
-    the read rate. Shards written without checksums are read unchecked."""
-
-    def __init__(self, path: Path, variable_length: bool):
-        self.file = h5py.File(path, "r")
-        self.data = self.file.get("data")
-        if self.data is not None and not isinstance(self.data, h5py.Dataset):
-            raise ValueError("'data' is not a dataset")
-        self.offsets = self.file["offsets"][:] if variable_length else None  # (N + 1,) row starts
-        rows = 0 if self.data is None else len(self.offsets) - 1 if variable_length else self.data.shape[0]
-        self.zero_fill = self.data is not None and not np.asarray(self.data.fillvalue).any()
-        layout = chunk_layout(self.data, path.stat().st_size) if self.data is not None else None
-        # row -> why it cannot be used (its chunk is missing from the index, or lies outside the file)
-        self.damaged: dict[int, str] = layout.damaged_rows(self.offsets) if layout is not None else {}
-        starts = layout.row_starts() if layout is not None and not variable_length else None
-        self.map = _map_file(path) if starts is not None else None
-        self.starts = starts  # Python ints: the cheapest to index
-        # byte offset of each row read from the map; -1: read through HDF5 (to be checked, or not mapped)
-        self.mapped = list(self.starts) if self.starts is not None and not self.data.fletcher32 else [-1] * rows
-        # the row at byte offset `start` of the map: np.ndarray(shape, dtype, map, start)
-        self.view = functools.partial(np.ndarray, self.data.shape[1:], self.data.dtype, self.map) \
-            if self.map is not None else None
-
-    def read(self, r: int) -> np.ndarray:
-        """A row through HDF5, which checks its checksum (where it has one); a mapped row is
-        read from the map from then on."""
-        if r in self.damaged:
-            raise DamagedRow(self.damaged[r])
-        first, stop = (int(self.offsets[r]), int(self.offsets[r + 1])) if self.offsets is not None else (r, r + 1)
-        row = self.data[first:stop] if self.offsets is not None else self.data[r]
-        if not self._written(row) and self._chunk_absent(first, stop):
-            raise DamagedRow("reads as the fill value: its chunk is missing from the shard's chunk index")
-        if self.starts is not None:
-            self.mapped[r] = self.starts[r]
-        return row
-
-    def _written(self, row: np.ndarray) -> bool:
-        """Whether a row holds anything but the fill value (zeros): only a row read as all
-        zeros costs a look at the chunk index (a row written as zeros has its chunk, and reads).
-        Its bytes are tested, as 8-byte words: comparing float16 values costs 10x more."""
-        if row.size == 0 or not self.zero_fill:  # a fill value blitext does not write: untested
-            return True
-        flat = row.reshape(-1).view(np.uint8)
-        return bool((flat.view(np.uint64) if flat.size % 8 == 0 else flat).any())
-
-    def _chunk_absent(self, first: int, stop: int) -> bool:
-        per = self.data.chunks[0]
-        for start in range(first - first % per, stop, per):
-            if self.data.id.get_chunk_info_by_coord((start, *[0] * (self.data.ndim - 1))).byte_offset is None:
-                return True
-        return False
-
-    def close(self) -> None:
-        if self.map is not None:
-            self.map.close()
-        self.file.close()
-
-
-class DamagedRow(ValueError):
-    """A row the shard's chunk index does not hold where the layout written puts it."""
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().strip("'\"")
     return text.splitlines()[0] if text else type(e).__name__
-
-
-def _map_file(path: Path) -> mmap.mmap:
-    with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-
-
-class ChunkLayout:
-    """Where the shard's chunk index puts each chunk of `data` along its rows (blitext writes
-    chunks that span whole rows: one row each, or 32 tokens of variable-length rows)."""
-
-    def __init__(self, data: h5py.Dataset, file_size: int):
-        self.per = data.chunks[0]  # rows (tokens) per chunk
-        self.count = -(-data.shape[0] // self.per)
-        self.address: list[int] = [-1] * self.count  # byte offset of chunk i; -1: none usable
-        self.why: dict[int, str] = {}  # chunk -> what is wrong with it
-        self.raw = _raw_rows(data)  # one uncompressed row per chunk: a row is a slice of the file
-        self.raw_size = data.dtype.itemsize * int(np.prod(data.chunks)) + 4 * data.fletcher32
-        self.sizes_raw = True
-        data.id.chunk_iter(lambda info: self._record(info, file_size))
-        for i in range(self.count):
-            if self.address[i] < 0:
-                self.why.setdefault(i, "its chunk is missing from the shard's chunk index")
-
-    def _record(self, info, file_size: int) -> None:
-        index, rest = divmod(info.chunk_offset[0], self.per)
-        if rest or any(info.chunk_offset[1:]) or not 0 <= index < self.count:
-            return  # a chunk recorded where no row is: the row it belongs to shows up as missing
-        # compared as Python ints: a damaged address can exceed int64 (and overflow numpy)
-        if info.byte_offset is None or not 0 < info.byte_offset <= file_size - info.size:
-            self.why[index] = f"its chunk address {info.byte_offset} lies outside the file ({file_size:,} bytes)"
-        elif self.address[index] >= 0:
-            self.why[index] = "the shard's chunk index holds its chunk twice"
-        else:
-            self.address[index] = info.byte_offset
-            self.sizes_raw &= info.filter_mask == 0 and info.size == self.raw_size
-
-    def damaged_rows(self, offsets: np.ndarray | None) -> dict[int, str]:
-        """Rows touching a damaged chunk; `offsets`: variable-length rows' token starts (N + 1,)."""
-        if not self.why:
-            return {}
-        if offsets is None:
-            return {c * self.per + r: why for c, why in self.why.items() for r in range(self.per)}
-        rows = {}
-        for c, why in self.why.items():
-            first = int(np.searchsorted(offsets, c * self.per, side="right")) - 1
-            last = int(np.searchsorted(offsets, (c + 1) * self.per, side="left"))
-            rows.update({r: why for r in range(max(0, first), min(last, len(offsets) - 1))})
-        return rows
-
-    def row_starts(self) -> list[int] | None:
-        """Each row's byte offset in the file when rows are raw one per chunk (-1 for a damaged
-        row), else None (read through HDF5)."""
-        return list(self.address) if self.raw and self.sizes_raw else None
-
-
-def chunk_layout(data: h5py.Dataset, file_size: int) -> ChunkLayout | None:
-    """None for a layout blitext does not write (not chunked, or chunks split a row)."""
-    if data.chunks is None or data.chunks[1:] != data.shape[1:]:
-        return None
-    return ChunkLayout(data, file_size)
-
-
-def _raw_rows(data: h5py.Dataset) -> bool:
-    if data.chunks[0] != 1:
-        return False
-    return not (data.compression or data.shuffle or data.scaleoffset is not None)  # Fletcher-32 keeps the bytes
 
 
 def collate_rows(rows: Sequence[np.ndarray], variable_length: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
