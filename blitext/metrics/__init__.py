@@ -15,12 +15,12 @@ from blitext.metrics.vqa import exact_match, normalize_answer, vqa_accuracy, vqa
 def __getattr__(name: str):
     """The caption metrics load pycocoevalcap (and find Java) only when asked for: training code
     that needs just teacher_forced_accuracy does not depend on them."""
-    if name in ("CaptionScores", "caption_exact_match", "caption_scores", "coco_tokenize"):
+    if name in ("CaptionScores", "caption_exact_hits", "caption_exact_match", "caption_scores", "coco_tokenize"):
         from blitext.metrics import caption
 
         return getattr(caption, name)
     raise AttributeError(f"module 'blitext.metrics' has no attribute {name!r}")
 
 
-__all__ = ["CaptionScores", "caption_exact_match", "caption_scores", "coco_tokenize", "exact_match", "normalize_answer", "paired_counts", "rerank_top_k",
+__all__ = ["CaptionScores", "caption_exact_hits", "caption_exact_match", "caption_scores", "coco_tokenize", "exact_match", "normalize_answer", "paired_counts", "rerank_top_k",
            "retrieval_recall", "sign_test", "teacher_forced_accuracy", "vqa_accuracy", "vqa_summary"]
