@@ -41,6 +41,14 @@ def evaluate_run(stage2: Path, features: Path, splits: Splits, c: AblateConfig) 
     return metrics, {task: str(folder) for task, folder in folders.items()}
 
 
+def _scores(folder: Path, run) -> dict:
+    if not (folder / "metrics.json").is_file():
+        run(folder)
+    else:
+        say(f"  reusing {folder}")
+    return read_json(folder / "metrics.json")["metrics"]
+
+
 def budget_curve(run: tuple[Path, Path], features: Path, splits: Splits, c: AblateConfig) -> list[dict]:
     """Greedy exact match and CIDEr of the run's caption split at stage-2 step 0, each snapshot and the end
     (budget.curve; no METEOR: the table has it). Empty when nothing is captioned."""
