@@ -118,14 +118,15 @@ def _markdown(result: dict, head: list[str], per_seed: list[list[str]], over_hea
               f"{t['sign_test_p']:.3g}", str(len(t["seeds"]))]
              for x in cells for task, _, items in TESTS if (t := x["versus_baseline"].get(task))]
     reach = [[x["cell"], ", ".join("never" if s is None else str(s) for s in x["budget"]["steps_to_goal"]),
-              f"{x['budget']['median_steps_to_goal']:g}"] for x in cells if x["budget"]]
+              f"{x['budget']['median_steps_to_goal']:g}" if any(s is not None for s in x["budget"]["steps_to_goal"])
+              else "never"] for x in cells if x["budget"]]
     parts = [f"# Ablation on {result['data']}", f"Rows: Table 4's (w1, w2) cells and Table 6's P-Former text sizes, "
              f"at seeds {', '.join(map(str, result['seeds']))}. {_note(result)}",
              "## Each seed", _md_table(head, per_seed),
              "## Over seeds (mean ± sample std)", _md_table(over_head, over)]
     if tests:
         parts += ["## Against (0, 0), item by item", COMPARES,
-                  _md_table(["cell", "items", "n", "better", "worse", "ties", "sign test p", "seeds"], tests)]
+                  _md_table(["cell", "compared on", "n", "better", "worse", "ties", "sign test p", "seeds"], tests)]
     if reach:
         parts += ["## Budget curve", f"Greedy captions of the caption split at stage-2 step 0 (the stage-1 "
                   f"adaptor; 0 when w1 = 0: its llm_proj never met the LLM), each snapshot and the end. Stage-2 "

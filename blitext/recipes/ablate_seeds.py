@@ -118,8 +118,9 @@ def verdict(cell: dict, base: dict | None) -> str:
     if base is None:
         parts = [_alone(cell, column) for _, column, _ in TESTS if column in cell["mean"]]
         reach = _reach(cell["budget"])
-        return f"{cell['cell']}: " + "; ".join(parts + ([f"reaches {budget.GOAL:.2f} exact at stage-2 {reach}"]
-                                                      if reach else [])) + " (the other cells are tested against it)"
+        goal = [] if not reach else [f"never reaches {budget.GOAL:.2f} exact" if reach == "never"
+                                     else f"reaches {budget.GOAL:.2f} exact at stage-2 {reach}"]
+        return f"{cell['cell']}: " + "; ".join(parts + goal) + " (the other cells are tested against it)"
     parts = [_compared(cell, base, task, column, items) for task, column, items in TESTS if column in cell["mean"]]
     reach, base_reach = _reach(cell["budget"]), _reach(base["budget"])
     if reach == base_reach == "never":
