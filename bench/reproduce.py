@@ -18,7 +18,6 @@ Every finished phase under <cache>/runs/bench-reproduce is reused.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from common import write_result  # noqa: E402
 
 from blitext.atomic import read_json  # noqa: E402
 from blitext.config import default_cache_root  # noqa: E402
+from blitext.metrics.stats import sign_test  # noqa: E402
 from blitext.data.compose import compositional_captions  # noqa: E402
 from blitext.data.easy_vqa import ALL_CAPTIONS_FILE  # noqa: E402
 from blitext.data.prepare import prepare_dataset  # noqa: E402
@@ -95,15 +95,6 @@ def attributes_named(predictions: list[dict], captions: Path) -> dict:
     words = [(truth[p["image_id"]], set(p["caption"].lower().split())) for p in predictions]
     return {"colour_named": sum(colour in w for (colour, _), w in words) / len(words),
             "shape_named": sum(shape in w for (_, shape), w in words) / len(words)}
-
-
-def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact sign test (ties dropped): P(a split at least this uneven | no effect)."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    k = max(wins, losses)
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n)
 
 
 BASELINE = VARIANTS["baseline"]

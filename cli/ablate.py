@@ -35,7 +35,7 @@ def ablate_cmd(
     stage2_lr: Optional[float] = typer.Option(None, "--stage2-lr", help="Stage-2 learning rate. " + default_of(Recipe, "stage2_lr")),
     vqa_questions: Optional[int] = typer.Option(None, "--vqa-questions", help="Test questions per run (0: no VQA). " + default_of(AblateConfig, "vqa_questions")),
     caption_images: Optional[int] = typer.Option(None, "--caption-images", help="Images captioned per run (0: none). " + default_of(AblateConfig, "caption_images")),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every run. " + default_of(AblateConfig, "seed")),
+    seeds: Optional[list[int]] = typer.Option(None, "--seeds", "--seed", help="Train every cell once per seed and report mean ± std, sign tests against (0, 0) and budget curves over them (repeat: --seeds 42 --seeds 1 --seeds 2). " + default_of(AblateConfig, "seeds", fmt=lambda seeds: " ".join(map(str, seeds)))),
     scale: Optional[float] = typer.Option(None, "--scale", help="Multiply every step count and evaluation size. " + default_of(AblateConfig, "scale")),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder. " + default_is("<cache>/runs/ablate/<data>-<sizes>-<hash>")),
     smoke: bool = typer.Option(False, "--smoke", help="Every phase with a handful of steps (a check that all runs, in minutes)."),
@@ -53,7 +53,7 @@ def ablate_cmd(
     options = dict(data=data, features=features and str(features), grid=grid, text_sizes=sizes,
                    extra_text=[str(p) for p in extra_text] if extra_text else None, images_per_split=limit,
                    heldout_images=heldout_images,
-                   vqa_questions=vqa_questions, caption_images=caption_images, seed=seed, scale=scale,
+                   vqa_questions=vqa_questions, caption_images=caption_images, seeds=seeds, scale=scale,
                    out=out and str(out))
     recipe = dict(pformer_steps=pformer_steps, stage1_steps=stage1_steps, stage2_steps=stage2_steps, n_prompt=n_prompt, batch_size=batch_size,
                   stage1_lr=stage1_lr, stage2_lr=stage2_lr)

@@ -221,8 +221,14 @@ def caption_exact_match(refs: dict[Hashable, list[str]], hyps: dict[Hashable, st
     """Share of images whose caption equals one of its references once both are lower-cased, their
     punctuation dropped and their spaces collapsed: for short templated captions ("a red circle"),
     where n-gram metrics hide whether the whole caption is right."""
+    hits = caption_exact_hits(refs, hyps)
+    return sum(hits.values()) / len(hits)
+
+
+def caption_exact_hits(refs: dict[Hashable, list[str]], hyps: dict[Hashable, str]) -> dict[Hashable, bool]:
+    """Per image: does its caption equal one of its references (as caption_exact_match compares)?"""
     _check_pairs(refs, hyps)
-    return sum(_plain(hyps[k]) in {_plain(r) for r in refs[k]} for k in hyps) / len(hyps)
+    return {k: _plain(hyps[k]) in {_plain(r) for r in refs[k]} for k in hyps}
 
 
 def _plain(text: str) -> str:

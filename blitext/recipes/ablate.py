@@ -17,11 +17,16 @@ and 2, evaluation) and reuses every finished phase the same way (`demo.train_onc
 Evaluation is data-generic: zero-shot VQA only when the data holds vqa_test_questions.json
 (+ vqa_test_annotations.json for scores), captioning on captions_test.json when present, else
 on a seeded held-out slice of the train images (never trained on; the output says which).
-Everything goes to one run folder: `ablation.json`, `ablation.md`, loss curves, every run.
+Every seed (`seeds`) trains its own P-Formers, held-out split and adaptors in `seed-<n>/` of one run
+folder; beside them `ablation.json` and `ablation.md` hold each seed's rows, each cell's mean and sample
+std over seeds, its paired sign test against (0, 0) per caption image and VQA question (pooled over
+seeds), its budget curve (greedy captions at stage-2 step 0, each snapshot and the end; steps to 0.85
+exact) and one verdict line; `budget-curve.png` and each seed's loss curves beside them.
 
-Sized for a 2-core CPU at about 45 minutes (2 P-Formers, 3 stage-1 and 5 stage-2 runs, 5
-evaluations, at the demo's settings); `scale` multiplies steps and evaluation sizes; SMOKE runs
-every phase in minutes (2 steps each, greedy decoding, no METEOR).
+Sized for a 2-core CPU at about 45 minutes a seed (2 P-Formers, 3 stage-1 and 5 stage-2 runs, 5
+evaluations, at the demo's settings; without the budget curve's points); `scale`
+multiplies steps and evaluation sizes; SMOKE runs every phase in minutes (2 steps each, greedy
+decoding, no METEOR).
 """
 from __future__ import annotations
 
@@ -42,7 +47,8 @@ from blitext.data.prepare import list_datasets, prepare_dataset
 from blitext.data.readers import read_image_set, write_lavis_json
 from blitext.data.text import WORDNET_DIR, read_sentences, wordnet_examples
 from blitext.recipes.ablate_config import TEXT_SIZE_CELL, TRAIN_KEYS, AblateConfig, Cell, Extra, Source, Splits
-from blitext.recipes.ablate_report import evaluate_run, report, score_columns, plot_curves
+from blitext.recipes.ablate_report import budget_curve, evaluate_run, report, score_columns, plot_curves
+from blitext.recipes.ablate_seeds import cell_label
 from blitext.recipes.demo import print_prompt_check
 from blitext.recipes.recipe import adapter_base, pformer_config, stage1_config, stage2_config, train_once
 from blitext.errors import BlitextError
@@ -86,15 +92,15 @@ def _features(c: AblateConfig, src: Source, root: Path) -> Path:
     return features
 
 
-def _splits(c: AblateConfig, src: Source, work: Path) -> Splits:
-    """Test captions when the data has them; else a seeded held-out slice of the train images."""
+def _splits(c: AblateConfig, src: Source, work: Path, seed: int) -> Splits:
+    """Test captions when the data has them; else a held-out slice of the train images drawn with `seed`."""
     records = read_image_set(src.train).records
     if src.test is not None:
         return Splits(src.train, src.test, f"{src.test.name} (test images)", src.vqa, *_count(records))
     if not 2 <= c.heldout_images <= len(records) // 2:
         raise BlitextError(f"{src.train} has {len(records)} images and no captions_test.json: the images held out "
                            f"for captioning (heldout_images {c.heldout_images}) must be 2..{len(records) // 2}")
-    held = set(random.Random(c.seed).sample(range(len(records)), c.heldout_images))
+    held = set(random.Random(seed).sample(range(len(records)), c.heldout_images))
     train, heldout = work / "split" / "captions_train.json", work / "split" / "captions_heldout.json"
     write_lavis_json(train, [r for i, r in enumerate(records) if i not in held])
     write_lavis_json(heldout, [r for i, r in enumerate(records) if i in held])
@@ -161,7 +167,8 @@ def _text_cells(c: AblateConfig, n_extra: int) -> list[Cell]:
 
 
 def _work(c: AblateConfig, src: Source, features: Path, extra: Extra, root: Path) -> Path:
-    """The run folder; refuses one made with other settings (its runs would be reused as if equal)."""
+    """The run folder (one seed-<n> folder a seed inside); refuses one made with other settings (its runs
+    would be reused as if equal)."""
     identity = {"data": src.tag, "features": features.name, "extra_text_sha1": extra.digest,
                 **{k: to_jsonable(getattr(c, k)) for k in TRAIN_KEYS}}
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
@@ -179,15 +186,15 @@ def _work(c: AblateConfig, src: Source, features: Path, extra: Extra, root: Path
 
 # ---------------------------------------------------------------- training
 
-def _pformer(c: AblateConfig, work: Path, splits: Splits, extra: Extra, n: int) -> Path:
+def _pformer(c: AblateConfig, seed: int, work: Path, splits: Splits, extra: Extra, n: int) -> Path:
     """Train one P-Former (paired captions + n extra sentences) and cache its reference prompts."""
     label = _label(n)
     run, prompts = work / f"pformer-{label}", work / f"prompts-{label}"
-    text = [str(splits.train)] + ([str(_extra_file(work, extra, n, c.seed))] if n else [])
+    text = [str(splits.train)] + ([str(_extra_file(work, extra, n, seed))] if n else [])
     say(f"[bold]P-Former ({label})[/]: {splits.n_paired} paired captions + {n} extra sentences")
     steps = c.recipe.pformer_steps
     train_once(run, lambda resume: train_pformer(pformer_config(
-        c.recipe, text, run, heldout=_pformer_heldout(splits), seed=c.seed, resume=resume,
+        c.recipe, text, run, heldout=_pformer_heldout(splits), seed=seed, resume=resume,
         sample_every=max(1, steps // 2, min(steps, 20)))))  # mid-run and at the end; SMOKE: the end
     build_prompts(BuildPromptsConfig(pformer=str(run / "final"), captions=[str(splits.train)], out=str(prompts)))
     print_prompt_check(prompts)
@@ -200,11 +207,11 @@ def _pformer_heldout(splits: Splits) -> int:
     return max(1, min(32, splits.n_distinct // 16))
 
 
-def _adaptor(c: AblateConfig, work: Path, cell: Cell, features: Path, splits: Splits,
+def _adaptor(c: AblateConfig, seed: int, work: Path, cell: Cell, features: Path, splits: Splits,
              prompts: dict[int, Path]) -> tuple[Path, Path]:
     """Stage 1 with w1 (shared by the cells of equal w1 and P-Former), then stage 2 with w2 from it."""
     ref = prompts.get(cell.extra)
-    base = adapter_base(c.recipe, features, ref, [str(splits.train)], c.seed)
+    base = adapter_base(c.recipe, features, ref, [str(splits.train)], seed)
     s1 = work / (f"stage1-w1_{cell.w1:g}" + (f"-{_label(cell.extra)}" if cell.w1 else ""))
     say(f"[bold]stage 1, w1 = {cell.w1:g}[/] ({s1.name})")
     train_once(s1, lambda resume: train_adapter(stage1_config(
@@ -218,7 +225,8 @@ def _adaptor(c: AblateConfig, work: Path, cell: Cell, features: Path, splits: Sp
 # ---------------------------------------------------------------- the whole job
 
 def run_ablation(config: AblateConfig) -> dict:
-    """Every phase in order; returns (and writes to ablation.json) one row per run."""
+    """Every phase in order, seed by seed; returns (and writes to ablation.json) one row per cell and seed,
+    each cell's aggregates over seeds and the verdict lines."""
     c, root, started = config.scaled(), default_cache_root(), time.perf_counter()
     say(f"[bold]1/6 data[/] {c.data}")
     src = _source(c, root)
@@ -226,33 +234,48 @@ def run_ablation(config: AblateConfig) -> dict:
     features = _features(c, src, root)
     extra = _extra(c)
     work = _work(c, src, features, extra, root)
-    splits = _splits(c, src, work)
     cells = plan_cells(c, len(extra.sentences))
-    say(f"[bold]3/6 P-Formers[/] for {len({x.extra for x in cells} - {None})} text size(s)")
-    prompts = {n: _pformer(c, work, splits, extra, n) for n in sorted({x.extra for x in cells} - {None})}
-    say(f"[bold]4/6 adaptors[/]: {len(cells)} cells, {len({(x.w1, x.extra if x.w1 else None) for x in cells})} "
-        f"distinct stage-1 runs")
-    runs = {cell: _adaptor(c, work, cell, features, splits, prompts) for cell in cells}
-    say(f"[bold]5/6 evaluate[/]: captions of {splits.caption_source}"
-        + (", zero-shot VQA on the test questions" if splits.vqa else ", no VQA files in the data"))
-    rows = [_row(c, cell, runs[cell], splits, len(extra.sentences), evaluate_run(runs[cell][1], features, splits, c))
-            for cell in cells]
-    result = {"out": str(work), "data": src.tag, "caption_source": splits.caption_source,
-              "vqa": bool(splits.vqa and c.vqa_questions > 0), "extra_text": extra.sources,
+    rows, sources = [], []
+    for seed in c.seeds:
+        splits = _splits(c, src, work / f"seed-{seed}", seed)
+        rows += _one_seed(c, seed, work / f"seed-{seed}", cells, features, splits, extra)
+        sources.append(splits.caption_source)
+    result = {"out": str(work), "data": src.tag, "seeds": c.seeds, "caption_source": sources[0],
+              "vqa": bool(src.vqa and c.vqa_questions > 0), "extra_text": extra.sources,
               "n_extra": len(extra.sentences), "rows": rows,
               "counts": {"vqa_questions": c.vqa_questions, "caption_images": c.caption_images}}
-    say("[bold]6/6 results[/]")
+    say(f"[bold]6/6 results[/] over seeds {', '.join(map(str, c.seeds))}")
     report(work, result)
-    plot_curves(work, rows)
     say(f"[green]ablation finished[/] in {(time.perf_counter() - started) / 60:.1f} min: {work}")
     return result
 
 
-def _row(c: AblateConfig, cell: Cell, run: tuple[Path, Path], splits: Splits, n_extra: int, metrics: dict) -> dict:
+def _one_seed(c: AblateConfig, seed: int, work: Path, cells: list[Cell], features: Path, splits: Splits,
+              extra: Extra) -> list[dict]:
+    """One seed's P-Formers, adaptors and evaluations (the table's scores and the budget curve); its rows."""
+    texts = sorted({x.extra for x in cells} - {None})
+    say(f"[bold]3/6 P-Formers[/] for {len(texts)} text size(s), seed {seed}")
+    prompts = {n: _pformer(c, seed, work, splits, extra, n) for n in texts}
+    say(f"[bold]4/6 adaptors[/]: {len(cells)} cells, {len({(x.w1, x.extra if x.w1 else None) for x in cells})} "
+        f"distinct stage-1 runs, seed {seed}")
+    runs = {cell: _adaptor(c, seed, work, cell, features, splits, prompts) for cell in cells}
+    say(f"[bold]5/6 evaluate[/] seed {seed}: captions of {splits.caption_source}"
+        + (", zero-shot VQA on the test questions" if splits.vqa else ", no VQA files in the data")
+        + "; the budget curve (greedy captions at stage-2 step 0, each snapshot and the end)")
+    rows = [_row(c, seed, cell, runs[cell], splits, len(extra.sentences), features) for cell in cells]
+    plot_curves(work, rows)
+    return rows
+
+
+def _row(c: AblateConfig, seed: int, cell: Cell, run: tuple[Path, Path], splits: Splits, n_extra: int,
+         features: Path) -> dict:
+    metrics, folders = evaluate_run(run[1], features, splits, c)
     text_cells = _text_cells(c, n_extra)
     tables = [t for t, on in (("4", cell in _grid_cells(c, n_extra)),
                               ("6", cell in text_cells or (bool(text_cells) and cell == Cell(0.0, 0.0, None)))) if on]
-    return {"w1": cell.w1, "w2": cell.w2, "pformer_text": _label(cell.extra),
+    return {"cell": cell_label(cell.w1, cell.w2, _label(cell.extra)), "seed": seed, "w1": cell.w1, "w2": cell.w2,
+            "pformer_text": _label(cell.extra),
             "pformer_sentences": None if cell.extra is None else splits.n_paired + cell.extra,
             "paper_table": ", ".join(tables), "stage1": str(run[0]), "stage2": str(run[1]),
-            "scores": score_columns(metrics), "metrics": metrics}
+            "scores": score_columns(metrics), "metrics": metrics, "eval": folders,
+            "curve": budget_curve(run, features, splits, c)}

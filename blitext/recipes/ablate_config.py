@@ -10,8 +10,9 @@ from blitext.recipes.recipe import Recipe
 
 TABLE4_GRID = ((0.0, 0.0), (10.0, 0.0), (0.0, 100.0), (10.0, 100.0))  # the paper's (w1, w2) rows
 TEXT_SIZE_CELL = (10.0, 100.0)          # Table 6 trains each P-Former's adaptor with the default weights
-# What makes two runs comparable: a run folder is reused only under the same values.
-TRAIN_KEYS = ("images_per_split", "heldout_images", "recipe", "seed")
+# What makes two runs comparable: a run folder is reused only under the same values (each seed has
+# its own folder inside it, so adding a seed reuses the others).
+TRAIN_KEYS = ("images_per_split", "heldout_images", "recipe")
 RECIPE_OPTIONS = ("pformer_steps", "n_prompt", "stage1_steps", "stage1_lr", "stage2_steps", "stage2_lr", "batch_size")  # CLI -> Recipe
 
 
@@ -33,7 +34,8 @@ class AblateConfig:
     caption_max_new_tokens: int = 16  # short captions (easy-VQA 3-4 tokens, Tux Paint one sentence)
     num_beams: int | None = None  # generation beams; None = docs/method.md#generation-settings' 5 (SMOKE: 1, greedy)
     meteor: str = "auto"          # auto: METEOR when Java runs it | java | off
-    seed: int = 42
+    seeds: list[int] = field(default_factory=lambda: [42])  # every cell trains once per seed (P-Formers, held-out
+                                  # split and adaptors); aggregates and sign tests pool the seeds
     scale: float = 1.0            # multiplies every step count and evaluation size
     out: str | None = None        # run folder; default <cache root>/runs/ablate/<data>-<sizes>-<settings hash>
 
@@ -45,6 +47,9 @@ class AblateConfig:
             self.extra_text = [self.extra_text]
         if not isinstance(self.text_sizes, bool):
             self.text_sizes = [int(n) for n in self.text_sizes]
+        self.seeds = [int(s) for s in ([self.seeds] if isinstance(self.seeds, (int, str)) else self.seeds)]
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise BlitextError(f"seeds {self.seeds}: pass one or more distinct seeds (e.g. --seeds 42 --seeds 1)")
 
     def scaled(self) -> "AblateConfig":
         s = self.scale
@@ -71,7 +76,7 @@ def _cell(value) -> tuple[float, float]:
 
 SMOKE = AblateConfig(images_per_split=48, heldout_images=8,
                      recipe=Recipe(pformer_steps=2, pformer_batch_size=8, n_prompt=4, align_steps=2, stage1_steps=2, stage2_steps=2, batch_size=4, stage1_warmup_steps=1,
-                                   stage2_warmup_steps=1, snapshot_steps=[]), vqa_questions=8, caption_images=6,
+                                   stage2_warmup_steps=1, snapshot_steps=[1]), vqa_questions=8, caption_images=6,
                      caption_max_new_tokens=8, num_beams=1, meteor="off")
 
 

@@ -1,5 +1,6 @@
-"""`blitext ablate`'s evaluation of each run and its report: the table (terminal, ablation.md,
-ablation.json) and the loss curves beside it."""
+"""`blitext ablate`'s evaluation of each run and its report: the per-seed table, the aggregates over
+seeds with their sign tests and verdicts (terminal, ablation.md, ablation.json), the budget curve
+and the loss curves beside it."""
 from __future__ import annotations
 
 import math
@@ -8,31 +9,36 @@ from pathlib import Path
 from blitext.atomic import read_json, write_json, write_text
 from blitext.console import console, say
 from blitext.evaluation.evaluate import EvalConfig, eval_caption, eval_vqa
+from blitext.recipes import budget
 from blitext.recipes.ablate_config import AblateConfig, Splits
+from blitext.recipes.ablate_seeds import COMPARES, TESTS, aggregate, verdict
 
-CAPTION_COLUMNS = (("Bleu_4", "BLEU-4"), ("CIDEr", "CIDEr"), ("ROUGE_L", "ROUGE-L"), ("METEOR", "METEOR"),
+CAPTION_COLUMNS = (("exact_match", "exact"), ("Bleu_4", "BLEU-4"), ("CIDEr", "CIDEr"), ("ROUGE_L", "ROUGE-L"), ("METEOR", "METEOR"),
                    ("SPICE", "SPICE"))
 
 
 # ---------------------------------------------------------------- evaluation
 
-def evaluate_run(stage2: Path, features: Path, splits: Splits, c: AblateConfig) -> dict:
-    """VQA when the data has questions, captioning on the test or held-out images; reused when done."""
-    out, beams = {}, f"-beam{c.num_beams}" if c.num_beams else ""  # settings that change scores name the folder
+def evaluate_run(stage2: Path, features: Path, splits: Splits, c: AblateConfig) -> tuple[dict, dict]:
+    """VQA when the data has questions, captioning on the test or held-out images; reused when done.
+    Returns (metrics, eval folders) per task: the folders hold each item's prediction."""
+    metrics, folders, beams = {}, {}, f"-beam{c.num_beams}" if c.num_beams else ""  # settings that change scores name the folder
     if splits.vqa and c.vqa_questions > 0:
         questions, answers = splits.vqa
-        out["vqa"] = _scores(stage2 / "eval" / f"vqa-{c.vqa_questions}{beams}", lambda d: eval_vqa(EvalConfig(
+        folders["vqa"] = stage2 / "eval" / f"vqa-{c.vqa_questions}{beams}"
+        metrics["vqa"] = _scores(folders["vqa"], lambda d: eval_vqa(EvalConfig(
             adapter=str(stage2), features=str(features), data=str(questions),
             annotations=str(answers) if answers else None, out=str(d), limit=c.vqa_questions,
             num_beams=c.num_beams)))
     if c.caption_images > 0:
         name = (f"caption-{splits.captions.stem.removeprefix('captions_')}-{c.caption_images}-"
                 f"{c.caption_max_new_tokens}t{beams}{'-no-meteor' if c.meteor == 'off' else ''}")
-        out["caption"] = _scores(stage2 / "eval" / name, lambda d: eval_caption(EvalConfig(
+        folders["caption"] = stage2 / "eval" / name
+        metrics["caption"] = _scores(folders["caption"], lambda d: eval_caption(EvalConfig(
             adapter=str(stage2), features=str(features), data=str(splits.captions), out=str(d),
             limit=c.caption_images, prompt="", min_new_tokens=1, max_new_tokens=c.caption_max_new_tokens,
             num_beams=c.num_beams, meteor=c.meteor)))
-    return out
+    return metrics, {task: str(folder) for task, folder in folders.items()}
 
 
 def _scores(folder: Path, run) -> dict:
@@ -41,6 +47,15 @@ def _scores(folder: Path, run) -> dict:
     else:
         say(f"  reusing {folder}")
     return read_json(folder / "metrics.json")["metrics"]
+
+
+def budget_curve(run: tuple[Path, Path], features: Path, splits: Splits, c: AblateConfig) -> list[dict]:
+    """Greedy exact match and CIDEr of the run's caption split at stage-2 step 0, each snapshot and the end
+    (budget.curve; no METEOR: the table has it). Empty when nothing is captioned."""
+    if c.caption_images <= 0:
+        return []
+    return budget.curve(*run, features, splits.captions, c.caption_images, c.caption_max_new_tokens,
+                        final_meteor="off")
 
 
 def score_columns(metrics: dict) -> dict[str, float]:
@@ -68,22 +83,82 @@ def _note(result: dict) -> str:
 
 
 def report(work: Path, result: dict) -> None:
+    """The per-seed table, the table over seeds, the sign tests, the budget curve and one verdict line
+    per cell: printed, and written to ablation.md and ablation.json."""
     from rich.table import Table
 
-    columns = table_columns(result["rows"])
+    rows, columns = result["rows"], table_columns(result["rows"])
+    cells = aggregate(rows, columns)
+    by_name = {cell["cell"]: cell for cell in cells}
+    result["cells"] = cells
+    result["verdicts"] = [verdict(cell, by_name.get(cell["baseline"])) for cell in cells]
+    result["budget_plot"] = _budget_plot(work, rows)
     head = ["w1", "w2", "P-Former text", "sentences", "paper table"]
-    table = Table(*head, *columns, title=f"ablation on {result['data']}", caption=_note(result))
-    lines = ["| " + " | ".join(head + columns) + " |", "|" + "---|" * (len(head) + len(columns))]
-    for r in result["rows"]:
-        cells = [f"{r['w1']:g}", f"{r['w2']:g}", r["pformer_text"], str(r["pformer_sentences"] or "-"),
-                 r["paper_table"] or "-", *(_fmt(r["scores"].get(k)) for k in columns)]
-        table.add_row(*cells)
-        lines.append("| " + " | ".join(cells) + " |")
+    per_seed = [[f"{r['w1']:g}", f"{r['w2']:g}", r["pformer_text"], str(r["pformer_sentences"] or "-"),
+                 r["paper_table"] or "-", str(r["seed"]), *(_fmt(r["scores"].get(k)) for k in columns)] for r in rows]
+    over = [[f"{x['w1']:g}", f"{x['w2']:g}", x["pformer_text"], str(len(x["seeds"])),
+             *(_mean_std(x, k) for k in columns)] for x in cells]
+    over_head = ["w1", "w2", "P-Former text", "seeds", *columns]
+    table = Table(*over_head, title=f"ablation on {result['data']}: mean ± sample std over seeds {result['seeds']}",
+                  caption=_note(result))
+    for line in over:
+        table.add_row(*line)
     console.print(table)
     write_json(work / "ablation.json", result)
-    write_text(work / "ablation.md", f"# Ablation on {result['data']}\n\nRows: Table 4's (w1, w2) cells and "
-                f"Table 6's P-Former text sizes. {_note(result)}\n\n" + "\n".join(lines) + "\n")
-    say(f"  table: {work / 'ablation.md'}, {work / 'ablation.json'}")
+    write_text(work / "ablation.md", _markdown(result, head + ["seed", *columns], per_seed, over_head, over, cells))
+    say(f"  table: {work / 'ablation.md'}, {work / 'ablation.json'}; budget curve: {work / result['budget_plot']}"
+        if result["budget_plot"] else f"  table: {work / 'ablation.md'}, {work / 'ablation.json'}")
+    for line in result["verdicts"]:
+        say(f"[bold]verdict[/] {line}")
+
+
+def _markdown(result: dict, head: list[str], per_seed: list[list[str]], over_head: list[str],
+              over: list[list[str]], cells: list[dict]) -> str:
+    tests = [[x["cell"], items, str(t["items"]), str(t["wins"]), str(t["losses"]), str(t["ties"]),
+              f"{t['sign_test_p']:.3g}", str(len(t["seeds"]))]
+             for x in cells for task, _, items in TESTS if (t := x["versus_baseline"].get(task))]
+    reach = [[x["cell"], ", ".join("never" if s is None else str(s) for s in x["budget"]["steps_to_goal"]),
+              f"{x['budget']['median_steps_to_goal']:g}" if any(s is not None for s in x["budget"]["steps_to_goal"])
+              else "never"] for x in cells if x["budget"]]
+    parts = [f"# Ablation on {result['data']}", f"Rows: Table 4's (w1, w2) cells and Table 6's P-Former text sizes, "
+             f"at seeds {', '.join(map(str, result['seeds']))}. {_note(result)}",
+             "## Each seed", _md_table(head, per_seed),
+             "## Over seeds (mean ± sample std)", _md_table(over_head, over)]
+    if tests:
+        parts += ["## Against (0, 0), item by item", COMPARES,
+                  _md_table(["cell", "compared on", "n", "better", "worse", "ties", "sign test p", "seeds"], tests)]
+    if reach:
+        parts += ["## Budget curve", f"Greedy captions of the caption split at stage-2 step 0 (the stage-1 "
+                  f"adaptor; 0 when w1 = 0: its llm_proj never met the LLM), each snapshot and the end. Stage-2 "
+                  f"steps to {budget.GOAL:.2f} exact (a seed that never reaches it counts as past the last step "
+                  f"in the median):", _md_table(["cell", "per seed", "median"], reach),
+                  f"![budget curve]({result['budget_plot']})"]
+    parts += ["## Verdicts", "\n".join(f"- {line}" for line in result["verdicts"]),
+              "Loss curves: " + ", ".join(f"[seed {s}](seed-{s}/stage2-curves.png)" for s in result["seeds"])]
+    return "\n\n".join(parts) + "\n"
+
+
+def _md_table(head: list[str], lines: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                      *("| " + " | ".join(line) + " |" for line in lines)])
+
+
+def _budget_plot(work: Path, rows: list[dict]) -> str | None:
+    """budget-curve.png: exact match and CIDEr against stage-2 steps, one line per (cell, seed)."""
+    curves = {}
+    for r in rows:
+        if r.get("curve"):
+            curves.setdefault(r["cell"], []).append(r["curve"])
+    if not curves:
+        return None
+    return budget.plot_curves(curves, work / "budget-curve.png", {cell: cell for cell in curves}).name
+
+
+def _mean_std(cell: dict, column: str) -> str:
+    if column not in cell["mean"]:
+        return "-"
+    std = cell["std"][column]
+    return f"{cell['mean'][column]:.4f}" + ("" if std is None else f" ± {std:.4f}")
 
 
 def plot_curves(work: Path, rows: list[dict]) -> None:

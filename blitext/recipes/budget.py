@@ -21,45 +21,67 @@ from blitext.training import read_metrics
 GOAL = 0.85  # exact match a cell must reach for the curve's "steps to" verdict
 
 
-def caption_config(adapter: Path, features: Path, data: Path, limit: int, out: Path, meteor: str = "off") -> EvalConfig:
+def captions_file(data: Path) -> Path:
+    """The captions a curve scores: easy-VQA's data folder means its captions_test.json; a .json is itself."""
+    data = Path(data)
+    return data if data.suffix == ".json" else data / "captions_test.json"
+
+
+def caption_config(adapter: Path, features: Path, data: Path, limit: int, out: Path, meteor: str = "off",
+                   max_new_tokens: int = 12) -> EvalConfig:
     """Greedy captions with the empty prompt the adaptor was trained under, 1..12 new tokens (easy-VQA's
     captions are 3-4 tokens; the paper's COCO settings are for COCO-length captions). METEOR (Java)
-    only where asked: the curve's inner points need exact match and CIDEr."""
-    return EvalConfig(adapter=str(adapter), features=str(features), data=str(data / "captions_test.json"),
-                      out=str(out), limit=limit, prompt="", num_beams=1, min_new_tokens=1, max_new_tokens=12,
-                      meteor=meteor, batch_size=50)
+    only where asked: the curve's inner points need exact match and CIDEr. `data`: see captions_file."""
+    return EvalConfig(adapter=str(adapter), features=str(features), data=str(captions_file(data)),
+                      out=str(out), limit=limit, prompt="", num_beams=1, min_new_tokens=1,
+                      max_new_tokens=max_new_tokens, meteor=meteor, batch_size=50)
 
 
-def caption_metrics(adapter: Path, features: Path, data: Path, limit: int, meteor: str = "off") -> dict:
+def eval_name(data: Path, limit: int, max_new_tokens: int = 12) -> str:
+    """The eval folder of one curve point: `caption-easy-vqa-<limit>` for easy-VQA's folder (the demo's
+    name), `caption-<split>-<limit>-greedy` for a caption JSON; `-<n>t` when not 12 new tokens."""
+    data = Path(data)
+    name = (f"caption-{data.stem.removeprefix('captions_')}-{limit}-greedy" if data.suffix == ".json"
+            else f"caption-easy-vqa-{limit}")
+    return name + ("" if max_new_tokens == 12 else f"-{max_new_tokens}t")
+
+
+def caption_metrics(adapter: Path, features: Path, data: Path, limit: int, meteor: str = "off",
+                    max_new_tokens: int = 12) -> dict:
     """Every caption metric of one adaptor (a run folder or a checkpoint), reused once written to
-    `<adapter>/eval/caption-easy-vqa-<limit>`."""
+    `<adapter>/eval/<eval_name>`."""
     from blitext.console import console
 
-    out = Path(adapter) / "eval" / f"caption-easy-vqa-{limit}"
+    out = Path(adapter) / "eval" / eval_name(data, limit, max_new_tokens)
     if not (out / "metrics.json").is_file():
         with console.capture():  # the budget table prints these numbers together; not one table per point
-            eval_caption(caption_config(adapter, features, data, limit, out, meteor))
+            eval_caption(caption_config(adapter, features, data, limit, out, meteor, max_new_tokens))
     return read_json(out / "metrics.json")["metrics"]
 
 
-def caption_point(adapter: Path, features: Path, data: Path, limit: int, meteor: str = "off") -> dict:
-    metrics = caption_metrics(adapter, features, data, limit, meteor)
+def caption_point(adapter: Path, features: Path, data: Path, limit: int, meteor: str = "off",
+                  max_new_tokens: int = 12) -> dict:
+    metrics = caption_metrics(adapter, features, data, limit, meteor, max_new_tokens)
     return {"exact_match": metrics["exact_match"], "CIDEr": metrics["CIDEr"]}
 
 
-def curve(stage1: Path, stage2: Path, features: Path, data: Path, limit: int) -> list[dict]:
+def curve(stage1: Path, stage2: Path, features: Path, data: Path, limit: int, max_new_tokens: int = 12,
+          final_meteor: str = "auto") -> list[dict]:
     """[{step, exact_match, CIDEr}] at stage-2 step 0 (the stage-1 adaptor, if it can write to the LLM:
     trained with L_align; otherwise its llm_proj never met the LLM and the point is 0), every
-    snapshot, and the final step (scored with METEOR too: the table's numbers)."""
+    snapshot, and the final step (scored with METEOR too unless final_meteor="off": the demo's table).
+    `data`: easy-VQA's data folder or a caption JSON (captions_file)."""
+    def point(adapter: Path, meteor: str = "off") -> dict:
+        return caption_point(adapter, features, data, limit, meteor, max_new_tokens)
+
     points = []
     if float(read_json(stage1 / "final" / "state.json")["resume_config"]["w_align"]) > 0:
-        points.append({"step": 0, **caption_point(stage1, features, data, limit)})
+        points.append({"step": 0, **point(stage1)})
     else:
         points.append({"step": 0, "exact_match": 0.0, "CIDEr": 0.0, "untrained_llm_proj": True})
     for step, folder in snapshots(stage2).items():
-        points.append({"step": step, **caption_point(folder, features, data, limit)})
-    final = {"step": read_json(stage2 / "final" / "state.json")["step"],
-             **caption_point(stage2, features, data, limit, meteor="auto")}
+        points.append({"step": step, **point(folder)})
+    final = {"step": read_json(stage2 / "final" / "state.json")["step"], **point(stage2, final_meteor)}
     return sorted({p["step"]: p for p in [*points, final]}.values(), key=lambda p: p["step"])
 
 
@@ -120,7 +142,9 @@ def plot_curves(curves: dict[str, list[list[dict]]], out: Path, labels: dict[str
     from blitext.plot import save_png
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    colours = dict(zip(curves, ("tab:grey", "tab:blue", "tab:orange", "tab:green")))
+    palette = ("tab:grey", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+               "tab:olive", "tab:cyan")  # the demo's two cells keep its grey and blue
+    colours = {cell: palette[i % len(palette)] for i, cell in enumerate(curves)}
     for cell, runs in curves.items():
         for i, points in enumerate(runs):
             steps = [p["step"] for p in points]
@@ -151,7 +175,7 @@ def reference_ceiling(pformer: Path, data: Path, limit: int) -> dict:
     from blitext.models.loading import load_llm
     from blitext.pformer.prompts import load_pformer
 
-    refs = caption_references(str(data / "captions_test.json"), limit)
+    refs = caption_references(str(captions_file(data)), limit)
     ids = list(refs)
     texts = [refs[i][0] for i in ids]
     loaded = load_pformer(pformer)
