@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from blitext.cache import CachePlan, FeatureCache, ShardWriter, finalize, pending_shards, start_or_resume
+from blitext.cache import CachePlan, FeatureCache, ShardWriter, convert_store, finalize, pending_shards, start_or_resume
 from blitext.cache.manifest import RUN, shard_name
 from blitext.cache.quantise import quantise
 from blitext.cache.verify import cache_info, verify_cache
@@ -165,6 +165,24 @@ def test_a_cache_from_before_stores_opens_unchanged(tmp_path):
     cache = FeatureCache(tmp_path / "c")
     assert all(np.array_equal(cache[k], v) for k, v in rows.items())
     assert cache_info(tmp_path / "c")["store"] == "float16" and verify_cache(tmp_path / "c").ok
+
+
+def test_an_fp16_cache_converts_to_int8_and_back(tmp_path):
+    import test_cache
+
+    rows = test_cache.random_rows(7)
+    test_cache.build(tmp_path / "fp16", rows, failed=("bad-1",))  # shards of 3: the failure ends shard 2
+    int8 = convert_store(tmp_path / "fp16", tmp_path / "int8", "int8")
+    assert int8["store"] == "int8" and int8["count"] == 7 and int8["failed"][0]["key"] == "bad-1"
+    assert int8["provenance"]["converted_from"] == str(tmp_path / "fp16") and len(int8["shards"]) == 3
+    cache = FeatureCache(tmp_path / "int8")
+    assert list(cache.keys) == list(rows)
+    for key, row in rows.items():
+        q, scale = quantise(row[None].astype(np.float32))
+        assert np.array_equal(cache[key], (q[0] * scale[0]).astype(np.float16))  # quantised from the fp16 rows
+    back = convert_store(tmp_path / "int8", tmp_path / "back", None)
+    assert back["store"] == "float16"
+    assert all(np.array_equal(FeatureCache(tmp_path / "back")[k], cache[k]) for k in rows)
 
 
 @pytest.fixture(scope="module")
