@@ -13,6 +13,7 @@ on fp16 features: stage 2 on int8 features meets int8 features for the first tim
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -78,8 +79,15 @@ def compare_cell(cell: str, fp16: Path, int8: Path, work: Path, args) -> dict:
     demo = demo_work(DemoConfig())
     data = default_cache_root() / "data" / "easy-vqa-500" / "easy-vqa"
     prompts = default_cache_root() / "prompts" / f"easy-vqa-500__{pformer_run(DemoConfig()).name}"
-    runs = {store: stage2(cell, feats, work / f"{cell}-stage2-{store}", args.seed, data, prompts, demo / f"{cell}-stage1")
-            for store, feats in (("fp16", fp16), ("int8", int8))}
+    # fp16: the demo's own stage 2 (same recipe, seed and features) unless --retrain-fp16; a rerun
+    # here reproduced its step 0 to the last digit (torch.use_deterministic_algorithms, as the demo)
+    runs = {"fp16": demo / f"{cell}-stage2"} if not args.retrain_fp16 and args.train_only != "fp16" else {}
+    runs.update({store: stage2(cell, feats, work / f"{cell}-stage2-{store}", args.seed, data, prompts,
+                               demo / f"{cell}-stage1")
+                 for store, feats in (("fp16", fp16), ("int8", int8))
+                 if args.train_only in (None, store) and store not in runs})
+    if args.train_only:
+        return {}
     curves = {store: lm_curve(run) for store, run in runs.items()}
     diff = np.abs(np.array(curves["int8"]) - np.array(curves["fp16"]))
     # the noise floor: the fp16 run here against the demo's own stage 2 (same settings and seed)
@@ -100,15 +108,23 @@ def compare_cell(cell: str, fp16: Path, int8: Path, work: Path, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/int8bench"))
-    ap.add_argument("--cells", nargs="+", default=["pformer"], choices=list(VARIANTS))
+    ap.add_argument("--cells", nargs="*", default=["pformer"], choices=list(VARIANTS),
+                    help="the demo's cells to train stage 2 of (none: only the storage and feature figures)")
+    ap.add_argument("--retrain-fp16", action="store_true", help="train the fp16 stage 2 here too, not reuse the demo's")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--caption-images", type=int, default=100)  # the demo's
+    ap.add_argument("--train-only", choices=["fp16", "int8"], help="only train this store's stage 2 (two processes "
+                    "at once on a loaded machine); a run without it reuses both and compares them")
     args = ap.parse_args()
     torch.use_deterministic_algorithms(True)  # as the demo runs
     fp16 = default_cache_root() / "features" / "easy-vqa-500__efficientnet-lite0"
     int8 = args.work / "features" / "easy-vqa-500__efficientnet-lite0-int8"
     if not (int8 / "manifest.json").is_file():
         convert_store(fp16, int8, "int8")
+    if args.train_only:
+        for cell in args.cells:
+            compare_cell(cell, fp16, int8, args.work, args)
+        return
     caches = {"fp16": FeatureCache(fp16), "int8": FeatureCache(int8)}
     result = {
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
@@ -116,9 +132,11 @@ def main() -> None:
         "storage": {k: storage(Path(c.root)) for k, c in caches.items()},
         "feature_error": feature_error(caches["fp16"], caches["int8"]),
         "read_rows_per_s": {k: read_rate(c) for k, c in caches.items()},
+        "load_average": os.getloadavg(),  # the read rates are only as steady as the machine was
         "note": "the stage-1 runs were trained on fp16 features; stage 2 is trained and captioned on each store",
         "cells": {},
     }
+    write_result("int8_store", result)
     for cell in args.cells:
         result["cells"][cell] = compare_cell(cell, fp16, int8, args.work, args)
         write_result("int8_store", result)  # after each cell: a long run keeps what it measured
