@@ -3,9 +3,9 @@ scale, symmetric: x ~ q * scale, q in [-127, 127], scale = max |x| / 127. Half t
 fp16, so half the bytes read per epoch; readers get the cache's dtype back (dequantise).
 
 One scale per row, not per channel: a per-row scale makes dequantising a lookup in a
-256-entry table (5x faster than multiplying in numpy), and per channel would add D floats a
-row (+8% bytes at D = 1280) for about half the error, already under fp16's own rounding noise
-in stage 2 (bench/results/int8_store.json).
+256-entry table (about 4x faster than multiplying in numpy), and per channel would add D floats
+a row (+8% bytes at D = 1280) for about half the error (0.36% against 0.64% relative on the
+demo's features; docs/scale.md#the-8-bit-feature-store).
 """
 from __future__ import annotations
 
