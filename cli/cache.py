@@ -62,7 +62,7 @@ def print_cache_summary(summary: dict, project: tuple[int, ...] | None = None) -
         ("made by", producer.get("fingerprint") or producer.get("pformer") or str(producer)),
         ("rows", f"{summary['rows']:,}"),
         ("failed inputs", str(summary["failed"])),
-        ("row shape / dtype", f"{summary['row_shape']} {summary['dtype']}"),
+        ("row shape / dtype", f"{summary['row_shape']} {summary['dtype']}" + _stored_as(summary)),
         ("shards", str(summary["shards"])),
         ("row checksums", "Fletcher-32, checked on read" if summary.get("row_checksum")
          else "none (written before rows carried checksums; `cache verify` checks the shards' sha256)"),
@@ -87,9 +87,15 @@ def print_storage_plan(config) -> None:
 
     plan = plan_storage(config)
     per_row, n = plan["bytes_per_row"], plan["images"]
-    say(f"dry run: {n:,} images -> rows of {plan['row_shape']} {plan['dtype']} from {plan['encoder']}")
+    say(f"dry run: {n:,} images -> rows of {plan['row_shape']} {plan['dtype']}{_stored_as(plan)} from {plan['encoder']}")
     say(f"about {per_row:,} B/row with checksum, key and index: {human(per_row * n)} for these {n:,} images")
     say(f"projected: {projection_line(per_row, PROJECTED_ROWS)} (nothing written)")
+
+
+def _stored_as(summary: dict) -> str:
+    """How the rows are stored when not as the dtype readers get (an int8 store)."""
+    store = summary.get("store") or summary["dtype"]
+    return "" if store == summary["dtype"] else f", stored as {store} with a float32 scale per row"
 
 
 def _rounded(value):

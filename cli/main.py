@@ -62,6 +62,7 @@ def extract_features_cmd(
     segment_stride: Optional[int] = typer.Option(None, "--segment-stride", help=f"Video: frames between segment starts. {default_of(VideoExtractConfig, 'segment_stride')}"),
     max_segments: Optional[int] = typer.Option(None, "--max-segments", help=f"Video: at most N segments, spread evenly. {default_of(VideoExtractConfig, 'max_segments')}"),
     frames_per_segment: Optional[int] = typer.Option(None, "--frames-per-segment", help=f"Video with an image encoder: frames encoded per segment. {default_of(VideoExtractConfig, 'frames_per_segment')}"),
+    store: Optional[str] = typer.Option(None, "--store", help=f"Images: fp16 | int8 (int8 with a float32 scale per row: half the bytes and reads of fp16; read back as fp16). {default_of(ExtractConfig, 'store')}"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Images: print bytes per row and the projected cache size, write nothing."),
     config: Optional[Path] = ConfigOpt,
 ):
@@ -77,14 +78,17 @@ def extract_features_cmd(
     if modality == "video":
         from blitext.features.video import VideoExtractConfig, extract_video_features
 
+        if store is not None:
+            raise BlitextError("--store applies to images: video features are stored as fp16 (leave --store out)")
+
         summary = extract_video_features(resolve_config(VideoExtractConfig, config, **common, **video))
     elif modality == "image":
         given = [f"--{k.replace('_', '-')}" for k, v in video.items() if v is not None]
         if given:
             raise BlitextError(f"{', '.join(given)} only apply to videos: add --modality video")
         if dry_run:
-            return print_storage_plan(resolve_config(ExtractConfig, config, **common))
-        summary = extract_features(resolve_config(ExtractConfig, config, **common))
+            return print_storage_plan(resolve_config(ExtractConfig, config, **common, store=store))
+        summary = extract_features(resolve_config(ExtractConfig, config, **common, store=store))
     else:
         raise BlitextError(f"--modality {modality!r}: expected image or video")
     from blitext.distributed import dist_info

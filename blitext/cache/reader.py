@@ -121,7 +121,7 @@ class FeatureCache:
         if size != entry["bytes"]:
             raise self._damaged(shard, f"is {size:,} bytes, the manifest says {entry['bytes']:,} (truncated or replaced)")
         try:
-            return Shard(path, self.variable_length)
+            return Shard(path, self.variable_length, self.manifest["dtype"])
         except H5_ERRORS as e:
             raise self._damaged(shard, f"does not open as a cache shard ({_first_line(e)})") from None
 
@@ -139,7 +139,7 @@ class FeatureCache:
         if reader is not None:
             start = reader.start(row)
             if start >= 0:  # the hot path: a checked row, copied out of the memory map
-                return reader.view(start).copy()
+                return reader.row_at(start, row)
         try:
             return self._shard(shard).read(row)
         except DamagedRow as e:

@@ -13,6 +13,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from blitext.cache.quantise import dequantise
+
 # HDF5's metadata cache, per open shard (while its chunk index is read, and for rows read through
 # HDF5). Its default grows to 32 MB per file and holds about 8x its nominal size in memory: 34 MB
 # per 10^5-row shard after a pass of reads through HDF5, in every process that reads the shard.
@@ -40,10 +42,16 @@ class Shard:
     stays per row is one bit (checked or not) and a share of runs of evenly spaced chunks
     (RowPlaces): about a byte, where a Python int per row and HDF5's default caches cost 270
     bytes in every DataLoader worker. Rows of other layouts (variable length, compressed) are
-    read through HDF5, which keeps the file open."""
+    read through HDF5, which keeps the file open.
 
-    def __init__(self, path: Path, variable_length: bool):
+    An int8 store's rows (quantise.py) are checked as stored, then dequantised to `dtype` with
+    their row's scale. The scales (dataset `scale`, one chunk) are checked against their
+    Fletcher-32 checksum once, when the shard opens, and read from the map (page cache shared
+    by every process), not copied per process."""
+
+    def __init__(self, path: Path, variable_length: bool, dtype: str = "float16"):
         self.file = _open_h5(path)
+        self.dtype = np.dtype(dtype)  # what reads return (an int8 store's rows are dequantised to it)
         try:
             self._read_layout(path, variable_length)
         except BaseException:
@@ -65,6 +73,7 @@ class Shard:
         self.damaged: dict[int, str] = layout.damaged_rows(self.offsets) if layout is not None else {}
         self.places = layout.row_places() if layout is not None and not variable_length else None
         self.map = _map_file(path) if self.places is not None else None
+        self.scale = self._read_scales(path.stat().st_size) if self.data is not None else None
         self.row_bytes = self.data.dtype.itemsize * int(np.prod(self.data.shape[1:])) if self.data is not None else 0
         self.checksummed = self.data is not None and self.data.fletcher32
         # bit r: row r is read from the map (checked, or a shard without checksums); damaged rows never are
@@ -79,6 +88,36 @@ class Shard:
         # the row at byte offset `start` of the map: np.ndarray(shape, dtype, map, start)
         self.view = functools.partial(np.ndarray, self.data.shape[1:], self.data.dtype, self.map) \
             if self.map is not None else None
+
+    def _read_scales(self, file_size: int) -> np.ndarray | None:
+        """An int8 store's row scales, checked: a view of the map where the chunk is raw in it,
+        else read through HDF5 (which checks their Fletcher-32 itself)."""
+        if self.data.dtype != np.int8:
+            return None
+        scale = self.file.get("scale")
+        if not isinstance(scale, h5py.Dataset) or scale.shape != (self.rows,):
+            raise ValueError("its int8 rows lack their 'scale' dataset (one scale per row)")
+        if self.map is None or not scale.fletcher32 or scale.chunks != scale.shape:
+            return scale[:]
+        info = scale.id.get_chunk_info(0)
+        if info.byte_offset is None or not 0 < info.byte_offset <= file_size - info.size:
+            raise ValueError("its row scales' chunk is missing from the shard or lies outside it")
+        if info.filter_mask or info.size != scale.nbytes + 4:
+            return scale[:]
+        start = info.byte_offset
+        stored = int.from_bytes(self.map[start + scale.nbytes:start + info.size], "little")
+        if stored not in fletcher32_values(np.ndarray(scale.nbytes, np.uint8, self.map, start)):
+            raise ValueError("its row scales do not match their Fletcher-32 checksum")
+        return np.ndarray(scale.shape, scale.dtype, self.map, start)
+
+    def row_at(self, start: int, r: int) -> np.ndarray:
+        """Row r, checked, from byte `start` of the map (start(r)): a new array in the cache's dtype."""
+        return self._decoded(self.view(start), r, copy=True)
+
+    def _decoded(self, row: np.ndarray, r: int, copy: bool = False) -> np.ndarray:
+        if self.scale is None:
+            return row.copy() if copy else row
+        return dequantise(row, self.scale[r], self.dtype)
 
     def start(self, r: int) -> int:
         """Row r's byte offset in the memory map, or -1: read it through read() (to be checked, or not mapped)."""
@@ -97,7 +136,7 @@ class Shard:
         row = self.data[first:stop] if self.offsets is not None else self.data[r]
         if not self._written(row) and self._chunk_absent(first, stop):
             raise DamagedRow(FILL_VALUE_READ)
-        return row
+        return self._decoded(row, r)
 
     def _check(self, r: int) -> np.ndarray:
         start = self.places[r]
@@ -110,7 +149,7 @@ class Shard:
                 if stored not in fletcher32_values(row.reshape(-1).view(np.uint8)):
                     raise DamagedRow("its bytes do not match their Fletcher-32 checksum")
             self.checked[r >> 3] |= 1 << (r & 7)
-        return row
+        return self._decoded(row, r)
 
     def _written(self, row: np.ndarray) -> bool:
         """Whether a row holds anything but the fill value (zeros): only a row read as all

@@ -1,7 +1,7 @@
 """Storage a user can plan: bytes per row, and what N rows will take, before or after a run.
 
 A fixed row is its values plus HDF5's 4-byte Fletcher-32 checksum (the row is its own chunk),
-plus per key: HDF5's chunk index and the key in the shard, the key in the shard's JSON sidecar,
+plus, in an int8 store, its 4-byte scale, plus per key: HDF5's chunk index and the key in the shard, the key in the shard's JSON sidecar,
 and the key in the key index with its offset, hash and row. `cache info` measures the real
 figure on disk; `extract-features --dry-run` estimates it before anything is written.
 """
@@ -13,6 +13,7 @@ import numpy as np
 
 from blitext.cache.keyindex import INDEX_DIR
 from blitext.cache.manifest import sidecar_name
+from blitext.cache.quantise import INT8, SCALE_BYTES
 
 # rows shown by default: COCO-size (~0.6M captions), the paper's 4M pairs, BLIP-2's 129M
 PROJECTED_ROWS = (1_000_000, 4_000_000, 129_000_000)
@@ -25,8 +26,9 @@ ROW_OVERHEAD_BYTES = 126
 
 
 def estimated_row_bytes(row_shape, dtype: str, key_bytes: int) -> int:
-    """Bytes one fixed row will take on disk with its key (see ROW_OVERHEAD_BYTES)."""
-    values = int(np.prod(row_shape)) * np.dtype(dtype).itemsize
+    """Bytes one fixed row will take on disk with its key (see ROW_OVERHEAD_BYTES); `dtype`: the
+    values stored ("int8": an int8 store, which adds a scale per row)."""
+    values = int(np.prod(row_shape)) * np.dtype(dtype).itemsize + (SCALE_BYTES if dtype == INT8 else 0)
     return values + CHECKSUM_BYTES + 3 * key_bytes + ROW_OVERHEAD_BYTES
 
 

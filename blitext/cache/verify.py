@@ -2,7 +2,8 @@
 
 Shards written since rows carry HDF5's Fletcher-32 checksum are also checked row by row
 (HDF5 checks it as verify reads every row); older shards have none: verify checks them by
-their sha256 as before and notes that reads cannot check their rows.
+their sha256 as before and notes that reads cannot check their rows. An int8 store's row
+scales are read (and so checked) too, and must be finite.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from blitext.atomic import sha256_file
 from blitext.cache.manifest import load_manifest, shard_keys
+from blitext.cache.quantise import INT8, SCALE_BYTES
 from blitext.cache.reader import H5_ERRORS
 from blitext.cache.shard import chunk_layout
 
@@ -25,10 +27,10 @@ def cache_info(root: str | Path) -> dict:
     root = Path(root)
     m = load_manifest(root)
     on_disk = sum((root / s["file"]).stat().st_size for s in m["shards"] if (root / s["file"]).exists())
-    itemsize = np.dtype(m["dtype"]).itemsize
-    raw = _raw_bytes(root, m, itemsize)
+    store = m.get("store") or m["dtype"]  # caches made before stores had a name hold their dtype
+    raw = _raw_bytes(root, m, np.dtype(store).itemsize) + (m["count"] * SCALE_BYTES if store == INT8 else 0)
     return {
-        "path": str(root), "kind": m["kind"], "producer": m["producer"], "dtype": m["dtype"],
+        "path": str(root), "kind": m["kind"], "producer": m["producer"], "dtype": m["dtype"], "store": store,
         "row_shape": m["row_shape"], "rows": m["count"], "failed": m["num_failed"], "shards": len(m["shards"]),
         "bytes_on_disk": on_disk, "raw_bytes": raw,
         "bytes_per_row": on_disk / max(1, m["count"]), "overhead": on_disk / raw - 1 if raw else None,
@@ -108,7 +110,8 @@ def _verify_shard(root: Path, shard: dict, m: dict, checksums: bool, report: Ver
 
 def _verify_contents(f: h5py.File, shard: dict, m: dict, report: VerifyReport) -> list[str]:
     name = shard["file"]
-    expected = ["keys"] + (["data"] if shard["rows"] else []) + (["offsets"] if m["variable_length"] else [])
+    expected = ["keys"] + (["data"] if shard["rows"] else []) + (["offsets"] if m["variable_length"] else []) \
+        + (["scale"] if shard["rows"] and m.get("store") == INT8 else [])
     missing = [d for d in expected if d not in f]
     if missing:
         return [f"{name}: missing dataset(s) {missing}"]
@@ -129,11 +132,24 @@ def _verify_contents(f: h5py.File, shard: dict, m: dict, report: VerifyReport) -
                 f"delete it and its .json sidecar and run the command that made the cache again to rebuild it"]
     non_finite, damaged = _scan(data)
     problems = [f"{name}: {non_finite} block(s) hold NaN or inf values"] if non_finite else []
+    if "scale" in expected:
+        problems += _scale_problems(f["scale"], name)
     if damaged:
         problems.append(f"{name}: {len(damaged)} data row(s) fail their Fletcher-32 checksum "
                         f"(first: row {damaged[0]}): the file is damaged; delete it and its .json sidecar and "
                         f"run the command that made the cache again to rebuild it")
     return problems
+
+
+def _scale_problems(scale: h5py.Dataset, name: str) -> list[str]:
+    """An int8 store's row scales: readable (HDF5 checks their Fletcher-32) and finite."""
+    try:
+        values = scale[:]
+    except H5_ERRORS:
+        return [f"{name}: its row scales fail their Fletcher-32 checksum: the file is damaged; delete it and "
+                f"its .json sidecar and run the command that made the cache again to rebuild it"]
+    bad = np.flatnonzero(~np.isfinite(values))
+    return [f"{name}: {len(bad)} row(s) hold NaN or inf values (first: row {bad[0]})"] if len(bad) else []
 
 
 def _chunk_problems(data: h5py.Dataset, f: h5py.File, m: dict) -> dict[int, str]:

@@ -6,8 +6,10 @@ then its JSON sidecar (keys, failures, checksum) is written the same way: a shar
 done only when both exist, so a resume redoes exactly the unfinished ones.
 
 Rows carry HDF5's Fletcher-32 checksum (one per chunk, and a fixed row is one chunk), which
-readers check. A full disk or an unwritable folder is one BlitextError line naming the cache
-folder; the temp shard is removed, and the same command resumes once the fault is fixed.
+readers check. An int8 store (quantise.py) writes the rows as int8 and their scales as one more
+dataset, `scale` (N,) float32, one chunk with its own Fletcher-32 checksum. A full disk or an
+unwritable folder is one BlitextError line naming the cache folder; the temp shard is removed,
+and the same command resumes once the fault is fixed.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import numpy as np
 from blitext.atomic import publish, read_json, sha256_file, write_json, write_failure, writing
 from blitext.cache.keyindex import write_index
 from blitext.cache.manifest import FORMAT, MANIFEST, RUN, normalised, require_producer, shard_name, sidecar_name
+from blitext.cache.quantise import INT8, SCALE_DTYPE, quantise, store_name
 from blitext.errors import BlitextError
 
 VARIABLE_CHUNK_ROWS = 32  # variable-length rows: chunks of 32 tokens (a row is a slice of a flat array)
@@ -47,7 +50,8 @@ class CachePlan:
     producer: dict                  # model fingerprints + preprocessing: must match to resume or read
     keys: list[str]
     shard_size: int
-    dtype: str = "float16"
+    dtype: str = "float16"          # what readers get back
+    store: str | None = None        # what the shards hold when not `dtype`: "int8" (a float32 scale per row)
     variable_length: bool = False   # rows of shape (T_i, D) with T_i varying (e.g. video segments)
     provenance: dict = field(default_factory=dict)
 
@@ -55,12 +59,28 @@ class CachePlan:
     def num_shards(self) -> int:
         return max(1, -(-len(self.keys) // self.shard_size))
 
+    def __post_init__(self) -> None:
+        if self.store not in (None, self.dtype, INT8):
+            raise BlitextError(f"store {self.store!r}: expected int8, or none (rows stored as {self.dtype})")
+        if self.quantised and self.variable_length:
+            raise BlitextError("an int8 store holds fixed rows only: store variable-length rows as "
+                               f"{self.dtype} (leave --store out)")
+
+    @property
+    def stored(self) -> str:
+        """The dtype of the values in the shards."""
+        return self.store or self.dtype
+
+    @property
+    def quantised(self) -> bool:
+        return self.stored == INT8
+
     def shard_range(self, index: int) -> range:
         return range(index * self.shard_size, min((index + 1) * self.shard_size, len(self.keys)))
 
     def run_record(self) -> dict:
         return {
-            "format": FORMAT, "kind": self.kind, "producer": self.producer, "dtype": self.dtype,
+            "format": FORMAT, "kind": self.kind, "producer": self.producer, "dtype": self.dtype, "store": self.stored,
             "variable_length": self.variable_length, "shard_size": self.shard_size,
             "num_items": len(self.keys), "plan_sha256": plan_digest(self.keys), "provenance": self.provenance,
         }
@@ -76,6 +96,7 @@ def start_or_resume(plan: CachePlan, write: bool = True) -> None:
         found = read_json(run_file)
         fix = f"use another --out, or delete {plan.root} to start over"
         require_producer(found.get("producer", {}), plan.producer, plan.root, fix)
+        require_store(found, plan)
         for key in ("kind", "dtype", "variable_length", "shard_size", "plan_sha256"):
             if normalised(found.get(key)) != normalised(plan.run_record()[key]):
                 raise BlitextError(
@@ -90,6 +111,16 @@ def start_or_resume(plan: CachePlan, write: bool = True) -> None:
     with writing(plan.root):
         plan.root.mkdir(parents=True, exist_ok=True)
         write_json(run_file, plan.run_record())
+
+
+def require_store(found: dict, plan: CachePlan) -> None:
+    """Refuse to mix stores in one cache (run.json written before stores had one: stored as dtype)."""
+    was = found.get("store") or found.get("dtype")
+    if was != plan.stored:
+        raise BlitextError(
+            f"{plan.root} was started with --store {store_name(was)} ({was} rows); this run asks for --store "
+            f"{store_name(plan.stored)}: resume it with --store {store_name(was)}, or write the "
+            f"{store_name(plan.stored)} cache to another --out")
 
 
 def shard_done(plan: CachePlan, index: int) -> bool:
@@ -182,6 +213,7 @@ class ShardWriter:
         self.tmp = plan.root / f".{shard_name(index)}.tmp{os.getpid()}"
         self.keys: list[str] = []
         self.lengths: list[int] = []
+        self.scales: list[np.ndarray] = []  # int8 store: each add's per-row scales
         self.failed: list[dict] = []
         self.file: h5py.File | None = None
         self.data: h5py.Dataset | None = None
@@ -213,12 +245,19 @@ class ShardWriter:
                 self._append_variable(np.asarray(row, dtype=self.plan.dtype))
                 self.keys.append(key)
         else:
-            rows = np.asarray(rows, dtype=self.plan.dtype)
+            rows = self._stored_rows(rows)
             self._ensure_fixed(rows.shape[1:])
             n = len(self.keys)
             self.data[n:n + len(keys)] = rows
             self.keys.extend(keys)
         self._check_sink()
+
+    def _stored_rows(self, rows) -> np.ndarray:
+        if not self.plan.quantised:
+            return np.asarray(rows, dtype=self.plan.dtype)
+        q, scale = quantise(rows)
+        self.scales.append(scale)
+        return q
 
     def fail(self, key: str, source: str, reason: str) -> None:
         self.failed.append({"key": key, "input": source, "reason": reason})
@@ -228,7 +267,7 @@ class ShardWriter:
             planned = len(self.plan.shard_range(self.index))
             # one row per chunk: cheap random reads, and Fletcher-32 then is a checksum per row
             self.data = self.file.create_dataset(
-                "data", shape=(planned, *row_shape), maxshape=(None, *row_shape), dtype=self.plan.dtype,
+                "data", shape=(planned, *row_shape), maxshape=(None, *row_shape), dtype=self.plan.stored,
                 chunks=(1, *row_shape), fletcher32=True, track_times=False,
             )
         elif self.data.shape[1:] != row_shape:
@@ -271,6 +310,10 @@ class ShardWriter:
             self.data.resize(len(self.keys), axis=0)
         self.file.create_dataset("keys", data=np.array(self.keys, dtype=object),
                                  dtype=h5py.string_dtype(), track_times=False)
+        if self.data is not None and self.plan.quantised:
+            # written whole at the end, one chunk: readers check it once and map it (4 bytes a row)
+            scale = np.concatenate(self.scales).astype(SCALE_DTYPE)
+            self.file.create_dataset("scale", data=scale, chunks=scale.shape, fletcher32=True, track_times=False)
         if self.plan.variable_length:
             offsets = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)]).astype(np.int64)
             self.file.create_dataset("offsets", data=offsets, fletcher32=True, track_times=False)

@@ -30,6 +30,9 @@ from blitext.models.loading import load_vision_encoder
 from blitext.models.registry import DEFAULT_VISION_ENCODER
 
 
+STORES = {"fp16": None, "int8": "int8"}  # --store -> CachePlan.store (None: rows stored as the dtype)
+
+
 @dataclass
 class ExtractConfig:
     data: str = "easy-vqa"                # caption JSON / image folder / .tar shards, or a prepared dataset name
@@ -39,13 +42,16 @@ class ExtractConfig:
     batch_size: int = 32                  # images per encoder forward
     shard_size: int = 1024                # rows per HDF5 shard; a kill loses at most one shard's work
     num_workers: int = 2                  # DataLoader decoding processes per rank
-    dtype: str = "float16"                # stored dtype (fp16: half the bytes, ample precision for features)
+    dtype: str = "float16"                # what readers get (fp16: half the bytes, ample precision for features)
+    store: str = "fp16"                   # fp16 = rows stored as `dtype`; int8 = int8 with a scale per row (half the bytes again)
     precision: str = "auto"               # encoder weights: auto = bf16 on GPU, fp32 on CPU
     device: str = "auto"
     max_pixels: int = 89_478_485          # larger images are refused as decompression bombs (PIL's limit)
     limit: int | None = None              # only the first N images (quick runs)
 
     def __post_init__(self) -> None:
+        if self.store not in STORES:
+            raise BlitextError(f"--store {self.store!r}: expected {' or '.join(STORES)}")
         if self.shard_size % self.batch_size:
             raise BlitextError(f"shard_size {self.shard_size} must be a multiple of batch_size {self.batch_size} "
                                "(batches never cross shards, so resumed runs repeat the same batches)")
@@ -147,8 +153,9 @@ def plan_storage(config: ExtractConfig) -> dict:
     encoder = load_vision_encoder(config.vision_encoder, device="cpu")
     shape = encoder.token_shape()
     key_bytes = sum(len(it.key.encode()) for it in items) / max(1, len(items))
-    return {"images": len(items), "row_shape": list(shape), "dtype": config.dtype, "encoder": encoder.fingerprint,
-            "bytes_per_row": estimated_row_bytes(shape, config.dtype, round(key_bytes))}
+    stored = STORES[config.store] or config.dtype
+    return {"images": len(items), "row_shape": list(shape), "dtype": config.dtype, "store": stored,
+            "encoder": encoder.fingerprint, "bytes_per_row": estimated_row_bytes(shape, stored, round(key_bytes))}
 
 
 def _extract(config: ExtractConfig, device: str, info) -> dict:
@@ -158,7 +165,7 @@ def _extract(config: ExtractConfig, device: str, info) -> dict:
     say(f"extract-features: {len(items):,} images -> {out} with {encoder.fingerprint} on {device}"
         + (f" ({info.world} ranks)" if info.world > 1 else ""))
     plan = CachePlan(out, "image-features", encoder.producer(), [it.key for it in items], config.shard_size,
-                     config.dtype, provenance=provenance(config))
+                     config.dtype, store=STORES[config.store], provenance=provenance(config))
     return fill_cache(plan, info, lambda shards, warnings: _write_shards(
         plan, shards, items, encoder, config, device, warnings))
 
@@ -188,7 +195,8 @@ def _write_shards(plan, shards, items, encoder, config, device, warnings) -> dic
                         collate_fn=collate_decoded, num_workers=config.num_workers,
                         persistent_workers=False, pin_memory=device.startswith("cuda"))
     dtype = next(encoder.parameters()).dtype
-    stored = getattr(torch, config.dtype)
+    # an int8 store quantises float32 rows (numpy's fp32 -> int8 is fast; fp16 arithmetic is not)
+    stored = torch.float32 if plan.quantised else getattr(torch, config.dtype)
 
     def encode(pixels: torch.Tensor):
         # to the stored dtype on the device: numpy's fp32 -> fp16 cast is 10-100x slower (far
