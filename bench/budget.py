@@ -23,7 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
 
+from blitext.atomic import read_json  # noqa: E402
 from blitext.config import git_commit  # noqa: E402
+from blitext.loop import snapshots  # noqa: E402
+from blitext.metrics.stats import paired_counts  # noqa: E402
+from blitext.recipes.ablate_seeds import item_hits  # noqa: E402
 from blitext.recipes import budget  # noqa: E402
 from blitext.recipes.demo import LABELS, VARIANTS, DemoConfig, demo_work, prepare_caches  # noqa: E402
 from blitext.recipes.recipe import Recipe, train_cell  # noqa: E402
@@ -32,6 +36,33 @@ from blitext.recipes.recipe import Recipe, train_cell  # noqa: E402
 GRID = {"baseline": VARIANTS["baseline"], "pformer": VARIANTS["pformer"], "align-stage1": (10.0, 0.0),
         "align-stage2": (0.0, 100.0)}
 GRID_LABELS = {**LABELS, "align-stage1": "stage-1 L_align (10, 0)", "align-stage2": "stage-2 L_align (0, 100)"}
+
+
+def point_folders(s1: Path, s2: Path) -> dict[int, Path | None]:
+    """{stage-2 step: the adaptor whose captions scored that curve point}; None at step 0 of a w1 = 0
+    cell (its llm_proj never met the LLM: every caption counts as wrong, as budget.curve scores it)."""
+    aligned = float(read_json(s1 / "final" / "state.json")["resume_config"]["w_align"]) > 0
+    return {0: s1 if aligned else None, **snapshots(s2), read_json(s2 / "final" / "state.json")["step"]: s2}
+
+
+def paired_tests(folders: dict[str, list[dict[int, Path | None]]], data: Path, images: int,
+                 base: str = "baseline") -> dict[str, dict[int, dict]]:
+    """Each cell against `base` at every stage-2 step: per test image and seed, is its greedy caption
+    exact in one cell and not the other (pooled over seeds), with the two-sided sign test."""
+    name = budget.eval_name(data, images)
+
+    def hits(seed_folders: list[dict[int, Path | None]], step: int) -> dict:
+        out = {}
+        for seed_index, by_step in enumerate(seed_folders):
+            folder = by_step.get(step)
+            found = item_hits(folder / "eval" / name) if folder else None
+            out.update({(seed_index, i): bool(found and found[i]) for i in (found or base_ids)})
+        return out
+
+    base_ids = item_hits(folders[base][0][max(folders[base][0])] / "eval" / name).keys()
+    steps = sorted(set.intersection(*(set(f) for runs in folders.values() for f in runs)))
+    return {cell: {step: paired_counts(hits(runs, step), hits(folders[base], step)) for step in steps}
+            for cell, runs in folders.items() if cell != base}
 
 
 def stage1_owner(cell: str) -> str:
@@ -66,7 +97,7 @@ def main() -> None:
     c = DemoConfig()
     c = replace(c, recipe=replace(c.recipe, **parse_set(a.set)))
     data, features, prompts = prepare_caches(c)
-    curves, costs, labels = {}, {}, {}
+    curves, costs, labels, folders = {}, {}, {}, {}
     for cell in a.cells:
         w1, w2 = GRID[cell]
         labels[cell] = GRID_LABELS[cell]
@@ -83,14 +114,23 @@ def main() -> None:
                 curves.setdefault(cell, []).append([{"step": 0, **budget.caption_point(s1, features, data, a.images)}])
                 continue
             curves.setdefault(cell, []).append(budget.curve(s1, s2, features, data, a.images))
+            folders.setdefault(cell, []).append(point_folders(s1, s2))
             costs.setdefault(cell, []).append(budget.costs(s1, s2))
     summ = budget.summary(curves)
     line = budget.verdict(summ, labels)
     print(line)
+    paired = paired_tests(folders, data, a.images) if "baseline" in folders and len(folders) > 1 else {}
+    for cell, by_step in paired.items():
+        print(f"{labels[cell]} against {labels['baseline']}, exact caption per test image and seed: " + "; ".join(
+            f"step {step} +{t['wins']}/-{t['losses']} (p {t['sign_test_p']:.2g})" for step, t in by_step.items()))
     png = budget.plot_curves(curves, Path(__file__).parent / "results" / f"{a.name}.png", labels)
     write_result(a.name, {"commit": git_commit(), "command": " ".join(sys.argv), "seeds": a.seeds,
                           "recipe": asdict(c.recipe), "curves": curves, "costs": costs, "summary": summ,
-                          "verdict": line, "plot": png.name, "images": a.images})
+                          "verdict": line, "plot": png.name, "images": a.images,
+                          "paired_against_baseline": {cell: {str(k): v for k, v in by.items()} for cell, by in paired.items()},
+                          "paired_note": "per test image and seed, pooled over seeds: wins = exact in the cell and "
+                                         "not in BLIP-2 (0, 0) at the same seed and stage-2 step; two-sided exact "
+                                         "sign test over wins and losses"})
 
 
 if __name__ == "__main__":
