@@ -210,7 +210,7 @@ EXPECTED = {
         "--pformer-steps": default(Recipe, "pformer_steps"),
         "--stage1-lr": default(Recipe, "stage1_lr"),
         "--stage2-lr": default(Recipe, "stage2_lr"),
-        "--seed": default(AblateConfig, "seed"),
+        "--seeds": "[default: " + " ".join(map(str, AblateConfig().seeds)) + "]",
         "--scale": default(AblateConfig, "scale"),
         "--text-sizes": default(AblateConfig, "text_sizes"),
         "--grid": '[default: "' + ";".join(f"{w1:g},{w2:g}" for w1, w2 in AblateConfig().grid) + '"',
