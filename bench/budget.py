@@ -41,8 +41,7 @@ GRID_LABELS = {**LABELS, "align-stage1": "stage-1 L_align (10, 0)", "align-stage
 def point_folders(s1: Path, s2: Path) -> dict[int, Path | None]:
     """{stage-2 step: the adaptor whose captions scored that curve point}; None at step 0 of a w1 = 0
     cell (its llm_proj never met the LLM: every caption counts as wrong, as budget.curve scores it)."""
-    aligned = float(read_json(s1 / "final" / "state.json")["resume_config"]["w_align"]) > 0
-    return {0: s1 if aligned else None, **snapshots(s2), read_json(s2 / "final" / "state.json")["step"]: s2}
+    return {0: s1 if budget.stage1_aligned(s1) else None, **snapshots(s2), read_json(s2 / "final" / "state.json")["step"]: s2}
 
 
 def paired_tests(folders: dict[str, list[dict[int, Path | None]]], data: Path, images: int,

@@ -31,16 +31,16 @@ from common import write_result  # noqa: E402
 from blitext.cache import FeatureCache  # noqa: E402
 from blitext.config import default_cache_root, git_commit  # noqa: E402
 from blitext.data.pairs import read_pairs  # noqa: E402
-from blitext.recipes.demo_video import VideoDemoConfig, attribute_accuracy, caption_test_clips, pformer_run  # noqa: E402
+from blitext.recipes.demo_video import VideoDemoConfig, attribute_accuracy, caption_test_clips, data_tag, pformer_run  # noqa: E402
 from blitext.models.adapter_checkpoint import load_adapter  # noqa: E402
 from blitext.pformer.prompts import PromptCache  # noqa: E402
 from blitext.adapter.video import VideoAdapterConfig, train_video_adapter  # noqa: E402
 
 
 def demo_caches(c: VideoDemoConfig) -> tuple[Path, Path, Path]:
-    root, tag = default_cache_root(), f"moving-shapes-{c.clips_per_split}"
+    root, tag = default_cache_root(), data_tag(c)
     features = root / "features" / f"{tag}__efficientnet-lite0-video-{c.segment_frames}f"
-    prompts = root / "prompts" / f"{tag}__{pformer_run(c, tag).name}"
+    prompts = root / "prompts" / f"{tag}__{pformer_run(c).name}"
     data = [p.parent for p in (root / "data" / tag).glob("**/captions_train.json")]
     if not (features.is_dir() and prompts.is_dir() and data):
         sys.exit(f"no demo --video caches under {root}: run `blitext demo --video` first")
@@ -108,7 +108,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     c = VideoDemoConfig()
     write_result("video_align", {"command": "python bench/video_align.py " + " ".join(sys.argv[1:]), "commit": git_commit(),
-                                 "pformer": pformer_run(c, f"moving-shapes-{c.clips_per_split}").name,
+                                 "pformer": pformer_run(c).name,
                                  "lm_steps": c.lm_steps, "batch_size": c.batch_size, "lr": c.lr,
                                  "llm_proj_lr_scale": c.llm_proj_lr_scale, "caption_clips": c.caption_clips,
                                  "summary": summarise(rows), "rows": rows})

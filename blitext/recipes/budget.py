@@ -75,7 +75,7 @@ def curve(stage1: Path, stage2: Path, features: Path, data: Path, limit: int, ma
         return caption_point(adapter, features, data, limit, meteor, max_new_tokens)
 
     points = []
-    if float(read_json(stage1 / "final" / "state.json")["resume_config"]["w_align"]) > 0:
+    if stage1_aligned(stage1):
         points.append({"step": 0, **point(stage1)})
     else:
         points.append({"step": 0, "exact_match": 0.0, "CIDEr": 0.0, "untrained_llm_proj": True})
@@ -83,6 +83,11 @@ def curve(stage1: Path, stage2: Path, features: Path, data: Path, limit: int, ma
         points.append({"step": step, **point(folder)})
     final = {"step": read_json(stage2 / "final" / "state.json")["step"], **point(stage2, final_meteor)}
     return sorted({p["step"]: p for p in [*points, final]}.values(), key=lambda p: p["step"])
+
+
+def stage1_aligned(stage1: Path) -> bool:
+    """Whether a stage-1 run trained with L_align (so its llm_proj can already write to the LLM)."""
+    return float(read_json(stage1 / "final" / "state.json")["resume_config"]["w_align"]) > 0
 
 
 def steps_to(points: list[dict], goal: float = GOAL) -> int | None:

@@ -68,7 +68,7 @@ def run_video_demo(config: VideoDemoConfig) -> dict:
     """Every phase in order; returns both variants' caption metrics."""
     c = config.scaled()
     started, root = time.perf_counter(), default_cache_root()
-    tag = f"moving-shapes-{c.clips_per_split or 'all'}"
+    tag = data_tag(c)
     steps = f"{c.recipe.pformer_steps}-{c.align_steps}-{c.lm_steps}"
     work = root / "runs" / "demo-video" / f"{tag}-{c.recipe.n_prompt}s-{steps}-{settings_digest(c)}"
 
@@ -83,7 +83,7 @@ def run_video_demo(config: VideoDemoConfig) -> dict:
 
     say("[bold]3/7 train the P-Former[/] on the train captions, against the frozen SmolLM2-135M")
     train_captions = str(data / "captions_train.json")
-    pformer = pformer_run(c, tag)
+    pformer = pformer_run(c)
     train_once(pformer, lambda resume: train_pformer(pformer_config(
         c.recipe, [train_captions], pformer, heldout=8, seed=c.seed, resume=resume)))
 
@@ -117,9 +117,14 @@ def run_video_demo(config: VideoDemoConfig) -> dict:
     return results
 
 
-def pformer_run(c: VideoDemoConfig, tag: str) -> Path:
+def data_tag(c: VideoDemoConfig) -> str:
+    """Names the clips' data, features and prompt folders."""
+    return f"moving-shapes-{c.clips_per_split or 'all'}"
+
+
+def pformer_run(c: VideoDemoConfig) -> Path:
     """The P-Former's run folder, named by what trains it (bench/video_align.py finds its prompts by it)."""
-    return default_cache_root() / "runs" / "pformer" / f"demo-{tag}-{pformer_tag(c.recipe)}"
+    return default_cache_root() / "runs" / "pformer" / f"demo-{data_tag(c)}-{pformer_tag(c.recipe)}"
 
 
 def caption_test_clips(run: Path, features: Path, data: Path, c: VideoDemoConfig) -> dict:
