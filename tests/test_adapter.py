@@ -126,6 +126,20 @@ def test_alignment_phase_runs_first_and_resumes_exactly_across_its_end(tmp_path,
         config(world, tmp_path / "d", max_steps=0)
 
 
+def test_alignment_phase_has_its_own_rate_and_clip(tmp_path, world, monkeypatch):  # noqa: F811
+    """--align-lr / --align-max-grad-norm reach only the L_align-alone steps; the stage's own steps keep --lr
+    and --max-grad-norm (the recipe clips alignment but leaves BLIP-2's stage 1 unclipped)."""
+    import blitext.adapter.image as image
+    rates, clips = [], []
+    monkeypatch.setattr(image, "set_lr", lambda optimizer, lr, real=image.set_lr: (rates.append(lr), real(optimizer, lr))[1])
+    real_accumulated = AdapterLoop.accumulated
+    monkeypatch.setattr(AdapterLoop, "accumulated", lambda self, *a: (clips.append(a[-1]), real_accumulated(self, *a))[1])
+    train_adapter(config(world, tmp_path / "a", align_steps=2, max_steps=2, lr=1e-4, max_grad_norm=None,
+                         align_lr=3e-3, align_max_grad_norm=0.5))
+    assert rates[1] == pytest.approx(3e-3) and rates[3] == pytest.approx(1e-4)  # each phase's peak after warm-up
+    assert clips == [0.5, 0.5, None, None]
+
+
 def test_two_rank_ddp_matches_one_process(tmp_path, world):  # noqa: F811
     for stage, init in ((1, None), (2, tmp_path / "one1")):
         one = tmp_path / f"one{stage}"

@@ -274,12 +274,19 @@ class AdapterLoop(TrainerLoop):
         align = self.c.align_steps
         return ("align", 0, align) if step < align else (f"stage{self.c.stage}", align, steps - align)
 
+    def rate_and_clip(self, name: str) -> tuple[float, float | None]:
+        """The phase's peak rate and gradient clip: the L_align-alone phase may set its own."""
+        c = self.c
+        if name == "align":
+            return c.align_lr or c.lr, c.align_max_grad_norm or c.max_grad_norm
+        return c.lr, c.max_grad_norm
+
     def train_step(self, step: int, steps: int, batch: dict) -> dict[str, float]:
         c = self.c
         name, start, length = self.phase(step, steps)
         if step == start and step > 0:
             self.optimizer.state.clear()  # a new phase is a new training: x w_align moments would mis-scale it
-        peak = c.align_lr if name == "align" and c.align_lr else c.lr
+        peak, clip = self.rate_and_clip(name)
         set_lr(self.optimizer, lr_at(step - start, length, peak, c.min_lr, c.warmup_steps, c.warmup_start_lr))
         index = self.batch_indices(step)
         self.count_cut(name, step, index)
