@@ -1,6 +1,6 @@
 """Injects faults into every phase and checks each is survived without losing work.
 
-    python bench/faults.py [--kills 2] [--seed 0] [--cases all|issue22]
+    python bench/faults.py [--kills 3] [--seed 0] [--cases all|issue22]
 
 A fault is survived when the job either finished correctly after the same command was run
 again (a cache identical byte for byte, final weights identical tensor for tensor, to an
