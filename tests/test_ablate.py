@@ -154,6 +154,33 @@ def test_verdict_says_when_a_score_is_at_its_floor():
         in better and better.endswith("step 10 (median of 10, 10) vs never")
 
 
+def test_terminal_table_stays_whole_at_80_columns_and_a_vqa_floor_is_said(tmp_path):
+    """The printed table keeps the verdict's columns whole at 80 columns (3 seeds, long text labels);
+    VQA at the LLM's own text floor (eval vqa's ceiling_verdict) becomes one verdict line."""
+    from rich.console import Console
+
+    def cell(w1, w2, text, steps):
+        return {"w1": w1, "w2": w2, "pformer_text": text, "seeds": [42, 1, 2], "budget": {"steps_to_goal": steps},
+                "mean": {"exact": 0.5, "CIDEr": 3.25, "VQA acc": 42.5}, "std": {"exact": 0.41, "CIDEr": 2.5, "VQA acc": 3.1}}
+    out = Console(width=80, record=True)
+    out.print(ablate_report._terminal_table({"data": "easy-vqa-500", "seeds": [42, 1, 2]},
+                                            [cell(0, 0, "none (BLIP-2)", [150, 100, None]),
+                                             cell(10, 100, "paired+48000", [0, 0, 25])]))
+    text = out.export_text()
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+    for whole in ("none (BLIP-2)", "paired+48000", "0.50±0.41", "3.25±2.50", "42.5±3.1", "150,100,-", "0,0,25"):
+        assert whole in text, whole
+
+    def vqa_eval(name, near_floor):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps(
+            {"task": "vqa", "ceiling_verdict": {"near_floor": near_floor, "line": f"{name}: cannot answer"}}))
+        return {"eval": {"vqa": str(folder)}}
+    assert ablate_report.vqa_floor([{"eval": {}}, vqa_eval("low", True)]) == "low: cannot answer"
+    assert ablate_report.vqa_floor([{"eval": {}}, vqa_eval("fine", False)]) is None
+
+
 def _refuse(name):
     def fail(*args, **kwargs):
         raise AssertionError(f"{name} ran again: a finished phase was not reused")

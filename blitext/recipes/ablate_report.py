@@ -85,8 +85,6 @@ def _note(result: dict) -> str:
 def report(work: Path, result: dict) -> None:
     """The per-seed table, the table over seeds, the sign tests, the budget curve and one verdict line
     per cell: printed, and written to ablation.md and ablation.json."""
-    from rich.table import Table
-
     rows, columns = result["rows"], table_columns(result["rows"])
     cells = aggregate(rows, columns)
     by_name = {cell["cell"]: cell for cell in cells}
@@ -99,17 +97,50 @@ def report(work: Path, result: dict) -> None:
     over = [[f"{x['w1']:g}", f"{x['w2']:g}", x["pformer_text"], str(len(x["seeds"])),
              *(_mean_std(x, k) for k in columns)] for x in cells]
     over_head = ["w1", "w2", "P-Former text", "seeds", *columns]
-    table = Table(*over_head, title=f"ablation on {result['data']}: mean ± sample std over seeds {result['seeds']}",
-                  caption=_note(result))
-    for line in over:
-        table.add_row(*line)
-    console.print(table)
+    result["vqa_floor"] = vqa_floor(rows)
+    console.print(_terminal_table(result, cells))
     write_json(work / "ablation.json", result)
     write_text(work / "ablation.md", _markdown(result, head + ["seed", *columns], per_seed, over_head, over, cells))
     say(f"  table: {work / 'ablation.md'}, {work / 'ablation.json'}; budget curve: {work / result['budget_plot']}"
         if result["budget_plot"] else f"  table: {work / 'ablation.md'}, {work / 'ablation.json'}")
     for line in result["verdicts"]:
         say(f"[bold]verdict[/] {line}")
+    if result["vqa_floor"]:
+        say(f"[bold]verdict[/] VQA cannot show anything here: {result['vqa_floor']}")
+
+
+TERMINAL_COLUMNS = {"exact": 2, "CIDEr": 2, "VQA acc": 1}  # with their digits; every column is in ablation.md
+
+
+def _terminal_table(result: dict, cells: list[dict]):
+    """The table over seeds with the columns a verdict rests on, sized to stay whole at 80 columns
+    (every column of every seed is in ablation.md)."""
+    from rich.table import Table
+
+    columns = {k: d for k, d in TERMINAL_COLUMNS.items() if any(k in x["mean"] for x in cells)}
+    table = Table("w1", "w2", "P-Former text", *columns, f"to {budget.GOAL:.2f}",
+                  title=f"ablation on {result['data']}: mean±std over seeds {result['seeds']}",
+                  caption=f"to {budget.GOAL:.2f}: stage-2 steps to {budget.GOAL:.2f} exact per seed (- never); "
+                          "all columns: ablation.md")
+    for x in cells:
+        steps = x["budget"]["steps_to_goal"] if x["budget"] else []
+        table.add_row(f"{x['w1']:g}", f"{x['w2']:g}", x["pformer_text"],
+                      *(_mean_std(x, k, d, "±") for k, d in columns.items()),
+                      ",".join("-" if s is None else str(s) for s in steps) or "-")
+    return table
+
+
+def vqa_floor(rows: list[dict]) -> str | None:
+    """The VQA evaluation's own finding that the LLM cannot answer even from the caption as text
+    (eval vqa's ceiling_verdict), from the first run that has it; None when VQA can show something."""
+    for r in rows:
+        folder = (r.get("eval") or {}).get("vqa")
+        record = Path(folder) / "metrics.json" if folder else None
+        if record and record.is_file():
+            found = read_json(record).get("ceiling_verdict") or {}
+            if found.get("near_floor"):
+                return found["line"]
+    return None
 
 
 def _markdown(result: dict, head: list[str], per_seed: list[list[str]], over_head: list[str],
@@ -133,7 +164,8 @@ def _markdown(result: dict, head: list[str], per_seed: list[list[str]], over_hea
                   f"steps to {budget.GOAL:.2f} exact (a seed that never reaches it counts as past the last step "
                   f"in the median):", _md_table(["cell", "per seed", "median"], reach),
                   f"![budget curve]({result['budget_plot']})"]
-    parts += ["## Verdicts", "\n".join(f"- {line}" for line in result["verdicts"]),
+    floor = [f"VQA cannot show anything here: {result['vqa_floor']}"] if result.get("vqa_floor") else []
+    parts += ["## Verdicts", "\n".join(f"- {line}" for line in result["verdicts"] + floor),
               "Loss curves: " + ", ".join(f"[seed {s}](seed-{s}/stage2-curves.png)" for s in result["seeds"])]
     return "\n\n".join(parts) + "\n"
 
@@ -154,11 +186,11 @@ def _budget_plot(work: Path, rows: list[dict]) -> str | None:
     return budget.plot_curves(curves, work / "budget-curve.png", {cell: cell for cell in curves}).name
 
 
-def _mean_std(cell: dict, column: str) -> str:
+def _mean_std(cell: dict, column: str, digits: int = 4, sep: str = " ± ") -> str:
     if column not in cell["mean"]:
         return "-"
     std = cell["std"][column]
-    return f"{cell['mean'][column]:.4f}" + ("" if std is None else f" ± {std:.4f}")
+    return f"{cell['mean'][column]:.{digits}f}" + ("" if std is None else f"{sep}{std:.{digits}f}")
 
 
 def plot_curves(work: Path, rows: list[dict]) -> None:
