@@ -305,6 +305,45 @@ def test_symlink_out_of_the_root_is_refused(tmp_path):
         read_image_set(root)
 
 
+def test_a_file_symlink_out_of_the_root_is_refused_and_links_inside_it_are_read(tmp_path):
+    (tmp_path / "secret.png").write_bytes(png_bytes())
+    root = tmp_path / "data"
+    (root / "imgs").mkdir(parents=True)
+    (root / "imgs" / "a.png").write_bytes(png_bytes())
+    os.symlink(root / "imgs" / "a.png", root / "imgs" / "b.png")  # inside the root: fine
+    os.symlink(root / "imgs", root / "same")
+    ok = write_json(root / "ok.json", [{"image": "imgs/b.png", "caption": "x"}, {"image": "same/a.png", "caption": "y"}])
+    assert [r.image for r in read_image_set(ok).records] == ["imgs/b.png", "same/a.png"]
+    os.symlink(tmp_path / "secret.png", root / "imgs" / "evil.png")
+    bad = write_json(root / "bad.json", [{"image": "imgs/a.png", "caption": "x"}, {"image": "imgs/evil.png", "caption": "y"}])
+    with pytest.raises(BlitextError, match=r"bad\.json entry 1: image path 'imgs/evil\.png' is a symlink"):
+        read_image_set(bad)
+
+
+def test_a_folder_is_resolved_once_however_many_images_it_holds(tmp_path, monkeypatch):
+    """Resolving each reference (a system call per path component) made the cost per caption grow with size."""
+    import blitext.data.readers as readers
+
+    calls = []
+    real = os.path.realpath
+    monkeypatch.setattr(readers.os.path, "realpath", lambda p, *a, **k: calls.append(p) or real(p, *a, **k))
+    path = write_json(tmp_path / "ann.json", [{"image": f"imgs/{i}.png", "caption": "c"} for i in range(50)])
+    assert len(read_image_set(path).records) == 50
+    assert len(calls) == 2  # the root and imgs/
+
+
+def test_references_in_known_folders_are_normalised_and_checked_as_whole_ones(tmp_path):
+    rows = [{"image": image, "caption": "c", "image_id": i} for i, image in
+            enumerate(["imgs/a.png", "imgs/./b.png", "./imgs/c.png", "imgs//d.png", "top.png", "./e.png"])]
+    got = [r.image for r in read_image_set(write_json(tmp_path / "ann.json", rows)).records]
+    assert got == ["imgs/a.png", "imgs/b.png", "imgs/c.png", "imgs/d.png", "top.png", "e.png"]
+    for bad in ("C:x.png", "/top.png", "imgs/../../x.png"):  # after top.png and imgs/ were found inside the root
+        path = write_json(tmp_path / "bad.json", [{"image": "top.png", "caption": "c"}, {"image": "imgs/a.png", "caption": "c"},
+                                                 {"image": bad, "caption": "c"}])
+        with pytest.raises(BlitextError, match=r"bad\.json entry 2: image path"):
+            read_image_set(path)
+
+
 def test_one_id_on_two_images_is_refused_naming_both(tmp_path):
     path = write_json(tmp_path / "a.json", [{"image": "x.jpg", "caption": "c", "image_id": 5},
                                             {"image": "y.jpg", "caption": "d", "image_id": 5}])
