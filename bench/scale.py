@@ -23,8 +23,8 @@ measured) is built once, then a fresh process measures:
   `*_uss_mb` of the main process likewise.
 With --inputs N..., the readers of inputs instead: a LAVIS caption JSON of N images (one
 caption each) through the pair reader (what train-adapter holds per caption), and a text file
-of N sentences through read_sentences (what train-pformer and build-prompts hold): seconds and
-memory (USS growth) per entry, each in a fresh process.
+of N sentences through read_sentences (what train-pformer and build-prompts hold): wall and CPU
+seconds and memory (USS growth) per entry, each in a fresh process.
 Goals (issue 20) at 10^7 rows: open < 1 s, RSS < 200 MB, worker USS < 50 MB, read and lookup
 rates within 10% of their 10^4-row values. Timings on a shared machine: compare runs made together.
 
@@ -180,9 +180,11 @@ def measure_inputs(folder: Path, n: int, reader: str) -> dict:
             "sentences": lambda: read_sentences([str(text)])}[reader]
     me = psutil.Process()
     gc.collect()
-    before, t0 = _uss(me), time.perf_counter()
+    before, t0, cpu0 = _uss(me), time.perf_counter(), time.process_time()
     held = read()  # noqa: F841  (held while its memory is measured)
+    # CPU time too: on a shared machine the wall time also counts the waits for a core
     return {f"{reader}_us_per_entry": round(1e6 * (time.perf_counter() - t0) / n, 2),
+            f"{reader}_cpu_us_per_entry": round(1e6 * (time.process_time() - cpu0) / n, 2),
             f"{reader}_bytes_per_entry": round((_uss(me) - before) * 2**20 / n)}
 
 

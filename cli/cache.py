@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from blitext.cli.common import default_is, user_errors
+from blitext.cache.convert import convert_store
+from blitext.cli.common import default_is, parameter_default, user_errors
 
 data_app = typer.Typer(no_args_is_help=True, help="Prepare the embedded data sets and read users' data.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature and prompt caches.")
@@ -151,3 +152,19 @@ def cache_upgrade_cmd(path: Path = typer.Argument(..., help="A cache folder (mad
 
     manifest = upgrade(path, load_manifest(path))
     say(f"[green]upgraded[/] {path}: {manifest['index']['rows']:,} keys indexed")
+
+
+@cache_app.command("convert")
+@user_errors
+def cache_convert_cmd(
+    src: Path = typer.Argument(..., help="A finished cache folder (fixed-length rows)."),
+    out: Path = typer.Option(..., "--out", help="The new cache folder: new or empty (an unfinished one resumes)."),
+    store: str = typer.Option(parameter_default(convert_store, "store"), "--store", show_default=True,
+                              help="int8 (a float32 scale per row: half the bytes and reads of fp16; read back as "
+                                   "the cache's dtype) | fp16 (rows stored as the cache's dtype)."),
+):
+    """Copy a finished cache with its rows in another store, without running the encoder again."""
+    from blitext.console import say
+
+    manifest = convert_store(src, out, store)
+    say(f"[green]converted[/] {src} -> {out}: {manifest['count']:,} rows stored as {manifest['store']}")

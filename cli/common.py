@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from pathlib import Path
 from typing import Any, Callable
 
@@ -83,6 +84,11 @@ def shown(value: Any) -> str:
 def default_is(text: str) -> str:
     """`[default: text]` for help, for defaults no dataclass field holds (derived at run time)."""
     return literal(f"[default: {text}]")
+
+
+def parameter_default(fn: Callable, name: str) -> Any:
+    """The default of `fn`'s parameter `name`: an option whose default a library function's signature holds."""
+    return inspect.signature(fn).parameters[name].default
 
 
 def default_of(cls, name: str, fmt: Callable[[Any], str] = shown, **variants: type | tuple[type, str]) -> str:

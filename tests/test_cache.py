@@ -1,6 +1,11 @@
 """The sharded HDF5 cache: round trips, lazy per-worker files, verification, refusal of mismatches."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -11,6 +16,7 @@ from blitext.cache.manifest import shard_name
 from blitext.cache.verify import cache_info, verify_cache
 from blitext.errors import BlitextError
 
+ROOT = Path(__file__).resolve().parents[1]
 PRODUCER = {"encoder": "enc", "fingerprint": "enc@0123", "preprocessing": {"resize": 224}}
 
 
@@ -73,6 +79,27 @@ def test_dataset_in_dataloader_workers_opens_files_lazily(tmp_path):
     got = {k: x for keys, xs in loader for k, x in zip(keys, xs)}
     assert set(got) == set(rows)
     assert all(np.array_equal(got[k].numpy(), rows[k]) for k in rows)
+
+
+READ_WITHOUT_TORCH = """
+import sys
+import blitext.cache
+cache = blitext.cache.FeatureCache(sys.argv[1])
+row = cache["img-3"]
+print("torch" in sys.modules, row.dtype, row.shape)
+batch, _ = cache.get_batch(["img-3"])  # what returns tensors imports torch itself
+print("torch" in sys.modules, type(batch).__name__, tuple(batch.shape))
+"""
+
+
+def test_a_process_that_reads_a_cache_does_not_import_torch(tmp_path):
+    """torch is about 200 MB of a process's memory: a reader of rows as numpy goes without it."""
+    build(tmp_path / "c", random_rows(5))
+    proc = subprocess.run([sys.executable, "-c", READ_WITHOUT_TORCH, str(tmp_path / "c")], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (
+                              str(ROOT), os.environ.get("PYTHONPATH"))))}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:2] == ["False float16 (4, 6)", "True Tensor (1, 4, 6)"]
 
 
 def test_mismatched_producer_is_refused_with_both_named(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import blitext.cache.writer
 from blitext.cache import CachePlan, FeatureCache, ShardWriter, convert_store, finalize, pending_shards, start_or_resume
 from blitext.cache.manifest import RUN, shard_name
 from blitext.cache.quantise import quantise
@@ -183,6 +184,47 @@ def test_an_fp16_cache_converts_to_int8_and_back(tmp_path):
     back = convert_store(tmp_path / "int8", tmp_path / "back", None)
     assert back["store"] == "float16"
     assert all(np.array_equal(FeatureCache(tmp_path / "back")[k], cache[k]) for k in rows)
+
+
+def convert(*args):
+    return CliRunner().invoke(app, ["cache", "convert", *map(str, args)])
+
+
+def test_cache_convert_writes_an_int8_cache_that_opens(tmp_path):
+    import test_cache
+
+    rows = test_cache.random_rows(7, shape=(8, 16))
+    test_cache.build(tmp_path / "fp16", rows, failed=("bad-1",))
+    result = convert(tmp_path / "fp16", "--out", tmp_path / "int8")  # --store int8 is the default
+    assert result.exit_code == 0, result.output
+    assert "7 rows stored as int8" in " ".join(result.output.split())
+    cache = FeatureCache(tmp_path / "int8")
+    assert cache.manifest["store"] == "int8" and cache.manifest["failed"][0]["key"] == "bad-1"
+    assert list(cache.keys) == list(rows) and verify_cache(tmp_path / "int8").ok
+    for key, row in rows.items():
+        want, got = row.astype(np.float32), cache[key].astype(np.float32)
+        # half an int8 step of the row's scale, then fp16's rounding of the value read back
+        assert np.abs(got - want).max() <= scale_of(want) / 2 + np.abs(want).max() * 2.0 ** -11, key
+        assert not np.array_equal(got, want), key  # quantised, not copied
+
+
+def test_cache_convert_mistakes_are_one_line(tmp_path, monkeypatch):
+    import test_cache
+    from test_faults import FullDisk
+
+    test_cache.build(tmp_path / "fp16", test_cache.random_rows(4))
+    assert f"{tmp_path / 'nowhere'} does not exist" in one_line_error(
+        convert(tmp_path / "nowhere", "--out", tmp_path / "out"))
+    (tmp_path / "a-file").write_text("x")
+    assert f"{tmp_path / 'a-file'} exists and is not a blitext cache" in one_line_error(
+        convert(tmp_path / "fp16", "--out", tmp_path / "a-file"))
+    assert convert(tmp_path / "fp16", "--out", tmp_path / "int8").exit_code == 0
+    text = one_line_error(convert(tmp_path / "int8", "--out", tmp_path / "again"))
+    assert f"{tmp_path / 'int8'} is already stored as int8" in text and "--store fp16" in text
+    assert "--store 'int4'" in one_line_error(convert(tmp_path / "fp16", "--out", tmp_path / "x", "--store", "int4"))
+    monkeypatch.setattr(blitext.cache.writer, "open", FullDisk(0), raising=False)
+    text = one_line_error(convert(tmp_path / "fp16", "--out", tmp_path / "full"))
+    assert f"no space left on the device holding {tmp_path / 'full'}" in text
 
 
 @pytest.fixture(scope="module")

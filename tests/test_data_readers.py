@@ -1,4 +1,4 @@
-"""Dataset readers: every caption format, path safety, VQA formats, and writer round trips."""
+"""Caption dataset readers: every caption format, path safety, and the caption writer's round trip (VQA: test_vqa_readers.py)."""
 import csv
 import io
 import json
@@ -11,8 +11,7 @@ from PIL import Image
 
 from blitext.data.images import read_image_bytes
 from blitext.data.readers import read_image_set, write_lavis_json
-from blitext.data.vqa import read_vqa, write_vqa_json
-from blitext.data.records import ImageRecord, VQARecord
+from blitext.data.records import ImageRecord
 from blitext.errors import BlitextError
 
 
@@ -305,80 +304,51 @@ def test_symlink_out_of_the_root_is_refused(tmp_path):
         read_image_set(root)
 
 
+def test_a_file_symlink_out_of_the_root_is_refused_and_links_inside_it_are_read(tmp_path):
+    (tmp_path / "secret.png").write_bytes(png_bytes())
+    root = tmp_path / "data"
+    (root / "imgs").mkdir(parents=True)
+    (root / "imgs" / "a.png").write_bytes(png_bytes())
+    os.symlink(root / "imgs" / "a.png", root / "imgs" / "b.png")  # inside the root: fine
+    os.symlink(root / "imgs", root / "same")
+    ok = write_json(root / "ok.json", [{"image": "imgs/b.png", "caption": "x"}, {"image": "same/a.png", "caption": "y"}])
+    assert [r.image for r in read_image_set(ok).records] == ["imgs/b.png", "same/a.png"]
+    os.symlink(tmp_path / "secret.png", root / "imgs" / "evil.png")
+    bad = write_json(root / "bad.json", [{"image": "imgs/a.png", "caption": "x"}, {"image": "imgs/evil.png", "caption": "y"}])
+    with pytest.raises(BlitextError, match=r"bad\.json entry 1: image path 'imgs/evil\.png' is a symlink"):
+        read_image_set(bad)
+
+
+def test_a_folder_is_resolved_once_however_many_images_it_holds(tmp_path, monkeypatch):
+    """Resolving each reference (a system call per path component) made the cost per caption grow with size."""
+    import blitext.data.parsing as parsing
+
+    calls = []
+    real = os.path.realpath
+    monkeypatch.setattr(parsing.os.path, "realpath", lambda p, *a, **k: calls.append(p) or real(p, *a, **k))
+    path = write_json(tmp_path / "ann.json", [{"image": f"imgs/{i}.png", "caption": "c"} for i in range(50)])
+    assert len(read_image_set(path).records) == 50
+    assert len(calls) == 2  # the root and imgs/
+
+
+def test_references_in_known_folders_are_normalised_and_checked_as_whole_ones(tmp_path):
+    rows = [{"image": image, "caption": "c", "image_id": i} for i, image in
+            enumerate(["imgs/a.png", "imgs/./b.png", "./imgs/c.png", "imgs//d.png", "top.png", "./e.png"])]
+    got = [r.image for r in read_image_set(write_json(tmp_path / "ann.json", rows)).records]
+    assert got == ["imgs/a.png", "imgs/b.png", "imgs/c.png", "imgs/d.png", "top.png", "e.png"]
+    for bad in ("C:x.png", "/top.png", "imgs/../../x.png"):  # after top.png and imgs/ were found inside the root
+        path = write_json(tmp_path / "bad.json", [{"image": "top.png", "caption": "c"}, {"image": "imgs/a.png", "caption": "c"},
+                                                 {"image": bad, "caption": "c"}])
+        with pytest.raises(BlitextError, match=r"bad\.json entry 2: image path"):
+            read_image_set(path)
+
+
 def test_one_id_on_two_images_is_refused_naming_both(tmp_path):
     path = write_json(tmp_path / "a.json", [{"image": "x.jpg", "caption": "c", "image_id": 5},
                                             {"image": "y.jpg", "caption": "d", "image_id": 5}])
     both = r"id '5' names two different images: 'x\.jpg' .*entry 0.* 'y\.jpg' .*entry 1"
     with pytest.raises(BlitextError, match=both):
         read_image_set(path)
-
-
-# ---------------------------------------------------------------- VQA
-
-def vqav2_files(tmp_path):
-    questions = write_json(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", {"questions": [
-        {"question_id": 4100, "image_id": 41, "question": "What color is the bus?"},
-        {"question_id": 4101, "image_id": 41, "question": "Is it raining?", "image": "val/41.jpg"},
-    ]})
-    annotations = write_json(tmp_path / "v2_mscoco_val2014_annotations.json", {"annotations": [
-        {"question_id": 4101, "image_id": 41, "answer_type": "yes/no", "multiple_choice_answer": "no",
-         "answers": [{"answer": "no", "answer_id": i + 1} for i in range(10)]},
-        {"question_id": 4100, "image_id": 41, "answer_type": "other", "multiple_choice_answer": "red",
-         "answers": [{"answer": a, "answer_id": i + 1} for i, a in enumerate(["red"] * 8 + ["orange"] * 2)]},
-    ]})
-    return questions, annotations
-
-
-def test_vqav2_questions_with_annotations(tmp_path):
-    questions, annotations = vqav2_files(tmp_path)
-    records = read_vqa(questions, annotations)
-    assert records[0] == VQARecord("4100", "41", "", "What color is the bus?", ("red",) * 8 + ("orange",) * 2, "other")
-    assert records[1] == VQARecord("4101", "41", "val/41.jpg", "Is it raining?", ("no",) * 10, "yes/no")
-    assert [r.answers for r in read_vqa(questions)] == [(), ()]  # test-dev: questions only
-
-
-def test_vqav2_annotations_that_do_not_belong_are_refused(tmp_path):
-    questions, _ = vqav2_files(tmp_path)
-    other = write_json(tmp_path / "other.json", {"annotations": [
-        {"question_id": 4100, "image_id": 99, "answers": [{"answer": "x"}]}]})
-    with pytest.raises(BlitextError, match="questions\\[0\\]: question_id 4100 is about image 41"):
-        read_vqa(questions, other)
-
-
-def test_vqav2_repeated_question_ids_are_refused_naming_id_and_file(tmp_path):
-    questions, annotations = vqav2_files(tmp_path)
-    data = json.loads(questions.read_text())
-    data["questions"].append(dict(data["questions"][0]))  # would be scored twice
-    write_json(questions, data)
-    for answers in (annotations, None):
-        with pytest.raises(BlitextError, match=r"questions\[2\]: question_id 4100 is listed again "
-                                               r"\(first at questions\[0\]\)") as e:
-            read_vqa(questions, answers)
-        assert str(questions) in str(e.value)
-    write_json(questions, {"questions": data["questions"][:2]})
-    ann = json.loads(annotations.read_text())
-    ann["annotations"].append({**ann["annotations"][1], "answers": [{"answer": "blue"}] * 10})  # replaced the first
-    write_json(annotations, ann)
-    with pytest.raises(BlitextError, match=r"annotations\[2\]: question_id 4100 is annotated again "
-                                           r"\(first at annotations\[1\]\)") as e:
-        read_vqa(questions, annotations)
-    assert str(annotations) in str(e.value)
-
-
-def test_gqa_questions(tmp_path):
-    path = write_json(tmp_path / "testdev_balanced_questions.json", {
-        "20968379": {"imageId": "n288870", "question": "Is the tray on the right?", "answer": "no",
-                     "fullAnswer": "No, the tray is on the left.", "types": {"structural": "verify"}},
-        "2094": {"imageId": "n1", "question": "What is it?", "answer": "cat"},
-    })
-    assert read_vqa(path) == [
-        VQARecord("20968379", "n288870", "", "Is the tray on the right?", ("no",), "verify"),
-        VQARecord("2094", "n1", "", "What is it?", ("cat",), None)]
-
-
-def test_unknown_vqa_file_is_refused(tmp_path):
-    with pytest.raises(BlitextError, match="neither a VQAv2 questions file"):
-        read_vqa(write_json(tmp_path / "q.json", [1, 2]))
 
 
 # ---------------------------------------------------------------- writers
@@ -392,13 +362,3 @@ def test_lavis_writer_round_trips_through_the_reader(tmp_path):
     assert back == records
     assert [r.meta for r in back] == [r.meta for r in records]
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files left
-
-
-def test_vqa_writer_round_trips_through_the_reader(tmp_path):
-    records = [VQARecord("train-0", "train-0", "images/train/0.png", "what color is the shape?", ("blue",) * 10,
-                         "other"),
-               VQARecord("train-1", "train-0", "images/train/0.png", "is there a circle?", ("no",) * 10, "yes/no")]
-    write_vqa_json(tmp_path / "q.json", tmp_path / "a.json", records)
-    assert read_vqa(tmp_path / "q.json", tmp_path / "a.json") == records
-    annotations = json.loads((tmp_path / "a.json").read_text())["annotations"]
-    assert annotations[0]["multiple_choice_answer"] == "blue" and len(annotations[0]["answers"]) == 10

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 INT8 = "int8"
+STORES = {"fp16": None, INT8: INT8}  # --store -> CachePlan.store (None: rows stored as the dtype)
 LEVEL = 127  # symmetric: -128 is never written, so q and -q are both representable
 SCALE_DTYPE = np.float32
 SCALE_BYTES = np.dtype(SCALE_DTYPE).itemsize

@@ -106,7 +106,7 @@ def start_or_resume(plan: CachePlan, write: bool = True) -> None:
         return
     if not write:
         raise BlitextError(f"{run_file} is missing (rank 0 should have written it)")
-    if plan.root.exists() and any(plan.root.iterdir()):
+    if plan.root.exists() and (not plan.root.is_dir() or any(plan.root.iterdir())):
         raise BlitextError(f"{plan.root} exists and is not a blitext cache: choose an empty or new --out")
     with writing(plan.root):
         plan.root.mkdir(parents=True, exist_ok=True)

@@ -9,22 +9,23 @@
 `write_lavis_json` writes blitext's own caption files. VQA files are in vqa.py.
 
 Image references stay relative to a root folder and may not leave it: a dataset file is
-data, and data must not make blitext read /etc/passwd or a sibling project's files.
+data, and data must not make blitext read /etc/passwd or a sibling project's files (the checks,
+shared with the VQA readers, are in parsing.py).
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import glob
 import json
 import os
 from collections import Counter
 from collections.abc import Iterable
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 from blitext.atomic import write_json
-from blitext.console import say
+from blitext.data.parsing import (Read, _BadRows, _captions, _Grouper, _id_from_path, _load_json, _not_utf8,
+                                  _RefChecker, _short)
 from blitext.data.records import ImageRecord, ImageSet
 from blitext.data.video import VIDEO_EXTENSIONS, is_vatex, read_vatex
 from blitext.data.webdataset import TAR_IMAGE_EXTENSIONS, tar_samples
@@ -85,162 +86,14 @@ def _read_folder(folder: Path, root: Path) -> ImageSet:
 
 # ---------------------------------------------------------------- shared helpers
 
-# What a caption reader returns: (records, blank captions skipped, caption rows without a caption).
-Read = tuple[list[ImageRecord], int, int]
-
-
 def _image_set(root: Path, read: Read, source: str) -> ImageSet:
     """A reader's Read as the ImageSet callers get."""
     records, blank, no_caption = read
     return ImageSet(root, records, source, blank_captions=blank, no_caption_rows=no_caption)
 
 
-class _RefChecker:
-    """Normalises image references and refuses any that would leave the dataset root."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.root_real = os.path.realpath(root)
-
-    def __call__(self, ref: Any, where: str) -> str:
-        if not isinstance(ref, str) or not ref.strip():
-            raise BlitextError(f"{where}: image path must be a non-empty string, got {ref!r}; fix the file")
-        file_part = _tar_part(ref) or ref
-        pure = PurePosixPath(file_part)
-        if pure.is_absolute() or PureWindowsPath(file_part).drive:
-            raise BlitextError(f"{where}: image path {ref!r} is absolute; write it relative to the dataset "
-                               f"root {self.root} (or pass image_root= the folder it is relative to)")
-        if ".." in pure.parts:
-            raise BlitextError(f"{where}: image path {ref!r} leaves the dataset root {self.root} via '..'; "
-                               f"write it relative to the root (or pass image_root= a folder above it)")
-        real = os.path.realpath(self.root / pure)
-        if real != self.root_real and not real.startswith(self.root_real + os.sep):
-            raise BlitextError(f"{where}: image path {ref!r} is a symlink out of the dataset root {self.root} "
-                               f"(to {real}); pass image_root= a folder holding the real files, or copy them in")
-        return pure.as_posix() + ref[len(file_part):]
-
-
-class _BadRows:
-    """Every bad row of one file in one pass: each row's one-line error is kept and the reading
-    goes on; `done()` then stops the run, listing them all (one bad row: its own line)."""
-
-    def __init__(self, path: Path):
-        self.path, self.errors = path, []
-
-    @contextlib.contextmanager
-    def row(self):
-        try:
-            yield
-        except BlitextError as e:
-            self.errors.append(str(e))
-
-    def done(self) -> None:
-        if len(self.errors) == 1:
-            raise BlitextError(self.errors[0])
-        if self.errors:
-            for error in self.errors:
-                say(f"[red]bad row[/] {error}")
-            raise BlitextError(f"{self.path}: {len(self.errors)} rows cannot be used (each listed above; first: "
-                               f"{self.errors[0]}); fix them and run again")
-
-
-def _tar_part(ref: str) -> str | None:
-    """'shard.tar#x.jpg' -> 'shard.tar'; None for a plain file reference."""
-    head, sep, _member = ref.partition("#")
-    return head if sep and head.endswith(".tar") else None
-
-
-class _Grouper:
-    """Collects captions per image id in first-seen order; one id may name only one image.
-    Blank captions are dropped here and counted, and so are caption rows without a caption
-    (captions None: the key absent or null), for the callers to report: a row that adds no
-    pair is not dropped unseen. An image listed without captions by design passes []."""
-
-    def __init__(self):
-        self._images: dict[str, tuple[str, list[str], dict, str]] = {}
-        self.blank = 0
-        self.no_caption = 0
-
-    def add(self, image_id: str, image: str, captions: list[str] | None, meta: dict, where: str) -> None:
-        entry = self._images.get(image_id)
-        if entry is None:
-            self._images[image_id] = (image, self._kept(captions), dict(meta), where)
-            return
-        if entry[0] != image:
-            raise BlitextError(f"id {image_id!r} names two different images: {entry[0]!r} ({entry[3]}) and "
-                               f"{image!r} ({where}); give each image its own id")
-        entry[1].extend(self._kept(captions))
-
-    def add_captions(self, image_id: str, captions: list[str] | None, where: str) -> None:
-        if image_id not in self._images:
-            raise BlitextError(f"{where}: image_id {image_id!r} is not listed in \"images\"; "
-                               f"add the image or remove the annotation")
-        self._images[image_id][1].extend(self._kept(captions))
-
-    def _kept(self, captions: list[str] | None) -> list[str]:
-        if captions is None:
-            self.no_caption += 1
-            return []
-        kept = [c.strip() for c in captions if c.strip()]
-        self.blank += len(captions) - len(kept)
-        return kept
-
-    def result(self) -> Read:
-        """What the readers hand to ImageSet."""
-        records = [ImageRecord(id=i, image=img, captions=tuple(caps), meta=meta)
-                   for i, (img, caps, meta, _where) in self._images.items()]
-        return records, self.blank, self.no_caption
-
-
-def _captions(value: Any, where: str) -> list[str] | None:
-    """A caption field may be one string or a list of strings (LAVIS eval files); blanks, and
-    None for a row without one, are kept here for the _Grouper to drop and count."""
-    if value is None:
-        return None
-    values = [value] if isinstance(value, str) else value
-    if not isinstance(values, list) or not all(isinstance(c, str) for c in values):
-        raise BlitextError(f"{where}: \"caption\" must be a string or a list of strings, got {_short(value)}")
-    return values
-
-
-def _id_from_path(ref: str) -> str:
-    """An image without an explicit id is keyed by its path without the extension."""
-    return str(PurePosixPath(ref).with_suffix(""))
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _is_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
-
-
-def _load_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise BlitextError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
-                           f"fix or re-create the file") from None
-    except UnicodeDecodeError:
-        raise _not_utf8(path) from None
-    except OSError as e:
-        raise BlitextError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def _not_utf8(path: Path) -> BlitextError:
-    """Where the first non-UTF-8 byte is: a text-mode read reports offsets inside its buffer,
-    not the file, so the bytes are decoded again here (only on this error path)."""
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        return BlitextError(f"{path} line {line} (byte offset {e.start}): byte 0x{data[e.start]:02x} is not UTF-8; "
-                            f"re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
-    return BlitextError(f"{path}: not UTF-8 text; re-save the file as UTF-8")
 
 
 # ---------------------------------------------------------------- caption files

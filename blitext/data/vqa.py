@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from blitext.atomic import write_json
-from blitext.data.readers import _load_json, _RefChecker, _short
+from blitext.data.parsing import _load_json, _RefChecker, _short
 from blitext.data.records import VQARecord
 from blitext.errors import BlitextError
 

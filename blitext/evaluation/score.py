@@ -20,7 +20,8 @@ from pathlib import Path
 from blitext.atomic import check_out, sha256_file, write_json
 from blitext.config import provenance
 from blitext.console import say
-from blitext.data.readers import _load_json, _short, read_image_set
+from blitext.data.parsing import _load_json, _short
+from blitext.data.readers import read_image_set
 from blitext.data.records import VQARecord
 from blitext.data.vqa import read_vqa
 from blitext.errors import BlitextError

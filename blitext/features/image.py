@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from blitext.atomic import check_out
 from blitext.cache import CachePlan, ShardWriter
 from blitext.cache.jobs import run_sharded_job
+from blitext.cache.quantise import STORES
 from blitext.cache.verify import cache_info
 from blitext.config import default_cache_root, provenance
 from blitext.console import RateLimitedWarnings, progress_bar, rank_logger, say
@@ -28,9 +29,6 @@ from blitext.distributed import run_distributed
 from blitext.errors import BadInputError, BlitextError
 from blitext.models.loading import load_vision_encoder
 from blitext.models.registry import DEFAULT_VISION_ENCODER
-
-
-STORES = {"fp16": None, "int8": "int8"}  # --store -> CachePlan.store (None: rows stored as the dtype)
 
 
 @dataclass
