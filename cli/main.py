@@ -303,7 +303,7 @@ def report_cmd(
     names = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
     path = write_report(ReportConfig(runs=[str(r) for r in runs], out=str(out), labels=names,
                                      budget=budget and str(budget), images=images))
-    say(f"[green]wrote[/] {path}")
+    say(f"[green]wrote[/] {path}", soft_wrap=True)
 
 
 # ------------------------------------------------------------------ eval, compare
