@@ -109,7 +109,7 @@ MUTATIONS = [
              '    del n_rows, dim\n    return "faiss" if n_queries >= 2048 else "torch"\n',
              ("tests/test_nearest.py::test_choose_backend_is_torch_at_every_measured_size",)),
     Mutation("video-adapter-forgets-its-slots", "a video adaptor rebuilt from its description has the default 32 slots",
-             "blitext/models/video_adapter.py", 'return cls(config, v["d_in"], v["num_slots"], v["d_llm"])',
+             "blitext/models/video_adapter.py", 'return cls(config, v["d_in"], n_prompt, v["d_llm"])',
              'return cls(config, v["d_in"], 32, v["d_llm"])',
              ("tests/test_video_adapter.py::test_starts_as_the_bert_it_came_from",)),
     Mutation("teacher-forced-accuracy-counts-padding", "teacher-forced accuracy counts ignored positions too",

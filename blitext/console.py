@@ -18,10 +18,10 @@ from blitext.distributed import dist_info
 console = Console(stderr=True)
 
 
-def say(message: str) -> None:
-    """Print on rank 0 only."""
+def say(message: str, soft_wrap: bool = False) -> None:
+    """Print on rank 0 only. soft_wrap: one line whatever the width (a path to copy, never folded)."""
     if dist_info().is_main:
-        console.print(message)
+        console.print(message, soft_wrap=soft_wrap)
 
 
 class RateColumn(ProgressColumn):

@@ -78,7 +78,7 @@ def plot_keys(records_by_run: dict[str, list[dict]], keys: list[str] | None) -> 
     """The panels to draw, in order.
 
     keys=None (or empty): every numeric key of any run except the step, rates (`*_per_s`) and
-    constant series (a term the phase does not train, e.g. stage 2's ITC temperature), "loss"
+    series flat in every run (a term the phase does not train, e.g. stage 2's ITC temperature), "loss"
     first, then in the order the runs first logged them. Given keys: exactly those,
     duplicates dropped; each must be numeric in at least one run (rates may be asked for).
     """
@@ -100,9 +100,12 @@ def plot_keys(records_by_run: dict[str, list[dict]], keys: list[str] | None) -> 
 
 
 def constant(records_by_run: dict[str, list[dict]], key: str) -> bool:
-    """Whether every run logged `key` at one value, at two or more points: a flat panel says nothing."""
-    values = [v for records in records_by_run.values() for v in series(records, key)[1]]
-    return len(values) > 1 and len(set(values)) == 1
+    """Whether each run logged `key` at one value of its own: a panel of flat lines says nothing. Stage 2's
+    ITC temperature is flat in every run, but at each run's stage-1 value, so the runs' values differ.
+    A run that logged `key` once tells nothing either way; at least one run must have two points."""
+    values = [series(records, key)[1] for records in records_by_run.values()]
+    flat = [len(set(v)) == 1 for v in values if len(v) > 1]
+    return bool(flat) and all(flat)
 
 
 def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:

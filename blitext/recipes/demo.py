@@ -88,8 +88,9 @@ def run_demo(config: DemoConfig) -> dict:
     summary = report(work, runs, results, curves, costs, ceiling, data, c)
     write_json(work / "results.json", {"evaluations": results, "curves": curves, "costs": costs, "ceiling": ceiling,
                                        **summary})
-    say(f"  report (open in a browser): {write_page(work, runs, curves, summary['verdicts'])}")
+    page = write_page(work, runs, curves, summary["verdicts"])
     say(f"[green]demo finished[/] in {(time.perf_counter() - started) / 60:.1f} min: runs, evaluations and curves in {work}")
+    say(f"report (open in a browser): {page}", soft_wrap=True)  # the last line: what to look at, whole
     return {"evaluations": results, "curves": curves, "costs": costs, "ceiling": ceiling, **summary}
 
 
