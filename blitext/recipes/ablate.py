@@ -23,8 +23,9 @@ std over seeds, its paired sign test against (0, 0) per caption image and VQA qu
 seeds), its budget curve (greedy captions at stage-2 step 0, each snapshot and the end; steps to 0.85
 exact) and one verdict line; `budget-curve.png` and each seed's loss curves beside them.
 
-Sized for a 2-core CPU at about 45 minutes a seed (2 P-Formers, 3 stage-1 and 5 stage-2 runs, 5
-evaluations, at the demo's settings; without the budget curve's points); `scale`
+Sized for a 2-core CPU at about an hour a seed (2 P-Formers, 3 stage-1 and 5 stage-2 runs, 5
+evaluations and the budget curve's points, at the demo's settings: 63 min for seed 42 of the run in
+docs/results.md, with other jobs beside it at the lowest priority); `scale`
 multiplies steps and evaluation sizes; SMOKE runs every phase in minutes (2 steps each, greedy
 decoding, no METEOR).
 """
