@@ -1,20 +1,18 @@
 """Stages 1 and 2: `blitext train-adapter` - BLIP-2's Q-Former, stages 1 and 2, from the caches.
 
-Stage 1 = ITC + ITM + ITG + w1 * L_align (the LLM is never run: only `llm_proj` and the
-reference prompts are needed); stage 2 = the frozen LLM's loss on caption + end-of-text
-(an encoder-decoder LLM: BLIP-2's prefix LM, the caption split at a random word, the first
-part into T5's encoder, the rest its decoder's target) + w2 * L_align, starting from stage 1's Q-Former and `llm_proj` (`--init`). See
+Stage 1 = ITC + ITM + ITG + w1 * L_align (the LLM never runs: only `llm_proj` and the reference prompts
+are needed); stage 2 = the frozen LLM's loss on caption + end-of-text (an encoder-decoder LLM: BLIP-2's
+prefix LM, the caption split at a random word, the first part into T5's encoder, the rest its decoder's
+target) + w2 * L_align, from stage 1's Q-Former and `llm_proj` (`--init`). See
 docs/method.md#stage-1-itc-itm-itg-and-alignment and docs/method.md#stage-2-language-modelling-and-alignment;
 w1 = 10, w2 = 100 as the paper; `--w-align 0` is plain BLIP-2 on the same path.
 
-Training reads cached visual tokens (extract-features) by image id and cached reference
-prompts (build-prompts) by caption key, never images; `--online` runs the frozen vision
-encoder on the images inside the loop instead, as the reference code does. A cache from
-another encoder, preprocessing, P-Former or LLM than the run's is refused.
+Training reads cached visual tokens (extract-features) by image id and cached reference prompts (build-prompts) by
+caption key, never images; `--online` runs the frozen vision encoder on the images inside the loop instead, as the
+reference code does. A cache from another encoder, preprocessing, P-Former or LLM than the run's is refused.
 
-`batch_size` is the global batch, split across torchrun ranks; ITC negatives and ITM hard
-negatives come from the whole global batch. Randomness is a function of (seed, step, rank),
-so `--resume latest` continues exactly as an uninterrupted run.
+`batch_size` is the global batch, split across torchrun ranks; ITC negatives and ITM hard negatives come from the
+whole global batch. Randomness is a function of (seed, step, rank), so `--resume latest` continues exactly.
 """
 from __future__ import annotations
 
@@ -131,9 +129,8 @@ def default_run_dir(config: AdapterConfig) -> Path:
 
 def total_steps(config: AdapterConfig, n_pairs: int) -> int:
     """The alignment phase's steps (if any) plus the stage's own."""
-    if config.max_steps is not None:  # 0 with --align-steps: a run of the alignment phase alone
-        return config.align_steps + config.max_steps
-    return config.align_steps + max(1, config.epochs * (n_pairs // config.batch_size))
+    own = config.max_steps if config.max_steps is not None else max(1, config.epochs * (n_pairs // config.batch_size))
+    return config.align_steps + own  # max_steps 0 with --align-steps: a run of the alignment phase alone
 
 
 # ---------------------------------------------------------------- entry point
@@ -276,10 +273,8 @@ class AdapterLoop(TrainerLoop):
 
     def rate_and_clip(self, name: str) -> tuple[float, float | None]:
         """The phase's peak rate and gradient clip: the L_align-alone phase may set its own."""
-        c = self.c
-        if name == "align":
-            return c.align_lr or c.lr, c.align_max_grad_norm or c.max_grad_norm
-        return c.lr, c.max_grad_norm
+        c, own = self.c, name == "align"
+        return (c.align_lr or c.lr, c.align_max_grad_norm or c.max_grad_norm) if own else (c.lr, c.max_grad_norm)
 
     def train_step(self, step: int, steps: int, batch: dict) -> dict[str, float]:
         c = self.c
@@ -300,7 +295,6 @@ class AdapterLoop(TrainerLoop):
 
         def lm_tokens():
             return self.targets(step, index, self.info.rank, self.info.world).loss_mask.sum() if name == "stage2" else None
-        clip = c.align_max_grad_norm if name == "align" and c.align_max_grad_norm else c.max_grad_norm
         logged = self.accumulated(micro, (features, feature_mask, reference), lm_tokens, self.forward, clip)
         with torch.no_grad():  # BLIP clamps the parameter itself, not only inside the loss
             self.model.temp.clamp_(TEMP_MIN, TEMP_MAX)
