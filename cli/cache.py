@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from blitext.cache.convert import convert_store
+from blitext.cache.quantise import stored_dtype
 from blitext.cli.common import default_is, parameter_default, user_errors
 
 data_app = typer.Typer(no_args_is_help=True, help="Prepare the embedded data sets and read users' data.")
@@ -95,7 +96,7 @@ def print_storage_plan(config) -> None:
 
 def _stored_as(summary: dict) -> str:
     """How the rows are stored when not as the dtype readers get (an int8 store)."""
-    store = summary.get("store") or summary["dtype"]
+    store = stored_dtype(summary)
     return "" if store == summary["dtype"] else f", stored as {store} with a float32 scale per row"
 
 

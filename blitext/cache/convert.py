@@ -9,7 +9,7 @@ import numpy as np
 
 from blitext.atomic import read_json
 from blitext.cache.manifest import sidecar_name
-from blitext.cache.quantise import STORES, store_name
+from blitext.cache.quantise import STORES, store_name, stored_dtype
 from blitext.cache.reader import FeatureCache
 from blitext.cache.writer import CachePlan, ShardWriter, finalize, pending_shards, start_or_resume
 from blitext.errors import BlitextError
@@ -51,7 +51,7 @@ def convert_store(src: str | Path, out: str | Path, store: str | None = "int8") 
 def require_a_change(src: Path, manifest: dict, wanted: str | None) -> None:
     """Refuse a conversion that would copy the rows into the store they are already in."""
     dtype = manifest["dtype"]
-    now = manifest.get("store") or dtype  # caches written before stores had one: stored as the dtype
+    now = stored_dtype(manifest)
     if (wanted or dtype) == now:
         instead = f"--store fp16 writes it back as {dtype}" if now != dtype else "--store int8 halves its bytes"
         raise BlitextError(f"{src} is already stored as {store_name(now)}: nothing to convert ({instead})")

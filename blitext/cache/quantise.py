@@ -40,6 +40,12 @@ def dequantise(q: np.ndarray, scale: float, dtype) -> np.ndarray:
     return np.take(table, q.view(np.uint8))
 
 
+def stored_dtype(record: dict) -> str:
+    """The dtype of the values in a cache's shards, from its manifest, run.json or summary: caches
+    written before stores had a name hold their dtype."""
+    return record.get("store") or record["dtype"]
+
+
 def store_name(stored: str) -> str:
     """The --store value that writes rows as `stored` ("float16" -> "fp16")."""
     return {"float16": "fp16"}.get(stored, stored)

@@ -15,7 +15,7 @@ import numpy as np
 
 from blitext.atomic import sha256_file
 from blitext.cache.manifest import load_manifest, shard_keys
-from blitext.cache.quantise import INT8, SCALE_BYTES
+from blitext.cache.quantise import INT8, SCALE_BYTES, stored_dtype
 from blitext.cache.reader import H5_ERRORS
 from blitext.cache.shard import chunk_layout
 
@@ -27,7 +27,7 @@ def cache_info(root: str | Path) -> dict:
     root = Path(root)
     m = load_manifest(root)
     on_disk = sum((root / s["file"]).stat().st_size for s in m["shards"] if (root / s["file"]).exists())
-    store = m.get("store") or m["dtype"]  # caches made before stores had a name hold their dtype
+    store = stored_dtype(m)
     raw = _raw_bytes(root, m, np.dtype(store).itemsize) + (m["count"] * SCALE_BYTES if store == INT8 else 0)
     return {
         "path": str(root), "kind": m["kind"], "producer": m["producer"], "dtype": m["dtype"], "store": store,

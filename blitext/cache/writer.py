@@ -26,7 +26,7 @@ import numpy as np
 from blitext.atomic import publish, read_json, sha256_file, write_json, write_failure, writing
 from blitext.cache.keyindex import write_index
 from blitext.cache.manifest import FORMAT, MANIFEST, RUN, normalised, require_producer, shard_name, sidecar_name
-from blitext.cache.quantise import INT8, SCALE_DTYPE, quantise, store_name
+from blitext.cache.quantise import INT8, SCALE_DTYPE, quantise, store_name, stored_dtype
 from blitext.errors import BlitextError
 
 VARIABLE_CHUNK_ROWS = 32  # variable-length rows: chunks of 32 tokens (a row is a slice of a flat array)
@@ -115,7 +115,7 @@ def start_or_resume(plan: CachePlan, write: bool = True) -> None:
 
 def require_store(found: dict, plan: CachePlan) -> None:
     """Refuse to mix stores in one cache (run.json written before stores had one: stored as dtype)."""
-    was = found.get("store") or found.get("dtype")
+    was = stored_dtype(found)
     if was != plan.stored:
         raise BlitextError(
             f"{plan.root} was started with --store {store_name(was)} ({was} rows); this run asks for --store "
