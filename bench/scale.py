@@ -6,8 +6,10 @@ For each size, a synthetic cache of tiny rows (4 x 8 fp16: the rows' bytes are n
 measured) is built once, then a fresh process measures:
 - `open_s`: FeatureCache(root), the manifest read and the key index mapped;
 - `rss_open_mb` / `rss_after_reads_mb`: the process's resident memory after opening and after
-  the reads below (the imports alone: `rss_imports_mb`); `private_dirty_after_reads_mb`: the
-  part of it the process wrote itself. RSS and USS also count the pages of the memory-mapped
+  the reads below (the imports alone, blitext.cache without torch: `rss_imports_mb`);
+  `private_dirty_after_reads_mb`: the part of it the process wrote itself; `anon_rss_after_reads_mb`
+  / `file_rss_after_reads_mb`: the kernel's split of RSS into the process's own memory and mapped
+  file pages. RSS and USS also count the pages of the memory-mapped
   index and shards that the reads touched (with the kernel's fault-around, 64 KB per touch):
   page cache, shared with every process that maps them and dropped under memory pressure;
 - `uss_one_shard_open_mb`: what reading one row of shard 0 added (the shard's per-row state);
@@ -91,9 +93,8 @@ def build(root: Path, n: int, shard_size: int, copy_shards: bool = False) -> dic
 def measure(root: Path, pass_rows: int) -> dict:
     """Run in a fresh process: every figure of one cache (see the module docstring)."""
     import psutil
-    import torch
 
-    from blitext.cache import FeatureCache
+    from blitext.cache import FeatureCache  # torch comes later, for the workers: the reader does not import it
 
     me = psutil.Process()
     out = {"rss_imports_mb": me.memory_info().rss / 2**20, "uss_imports_mb": _uss(me)}
@@ -116,6 +117,7 @@ def measure(root: Path, pass_rows: int) -> dict:
     out["rss_after_reads_mb"] = me.memory_info().rss / 2**20
     out["uss_after_reads_mb"] = _uss(me)
     out["private_dirty_after_reads_mb"] = _private_dirty(me.pid)
+    out.update(_rss_parts(me.pid, "after_reads"))
     # The workers fork from a process that has only opened the cache, as a trainer's does: a
     # forked worker drops the parent's open shards, and freeing their state would copy those
     # pages into the worker (the copy-on-write growth of PyTorch issue #13246), here an artefact
@@ -123,6 +125,8 @@ def measure(root: Path, pass_rows: int) -> dict:
     cache.close()
     del cache, keys, lookups
     gc.collect()
+    import torch
+
     out.update(_worker_pass(FeatureCache(root), rng, pass_rows, torch, me))
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
@@ -186,6 +190,17 @@ def measure_inputs(folder: Path, n: int, reader: str) -> dict:
     return {f"{reader}_us_per_entry": round(1e6 * (time.perf_counter() - t0) / n, 2),
             f"{reader}_cpu_us_per_entry": round(1e6 * (time.process_time() - cpu0) / n, 2),
             f"{reader}_bytes_per_entry": round((_uss(me) - before) * 2**20 / n)}
+
+
+def _rss_parts(pid: int, when: str) -> dict:
+    """RSS split as the kernel counts it: anonymous (the process's own heap and stacks) and
+    file-backed (pages of mapped files: the shared, reclaimable page cache)."""
+    parts = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("RssAnon", "RssFile"):
+            parts[f"{name[3:].lower()}_rss_{when}_mb"] = round(int(value.split()[0]) / 1024, 1)
+    return parts
 
 
 def _count(batch) -> int:
