@@ -24,9 +24,13 @@ measured) is built once, then a fresh process measures:
   those, though they are page cache the kernel can drop).
   `*_uss_mb` of the main process likewise.
 With --inputs N..., the readers of inputs instead: a LAVIS caption JSON of N images (one
-caption each) through the pair reader (what train-adapter holds per caption), and a text file
-of N sentences through read_sentences (what train-pformer and build-prompts hold): wall and CPU
-seconds and memory (USS growth) per entry, each in a fresh process.
+caption each) through the pair reader (what train-adapter holds per caption), the same captions
+as a captions.jsonl (`pairs_jsonl`: read row by row, where the JSON is loaded whole first), and a
+text file of N sentences through read_sentences (what train-pformer and build-prompts hold):
+wall and CPU seconds per entry, and memory per entry, each in a fresh process: `bytes` what the
+result holds (USS growth, after malloc_trim gave back what the reader freed), `columns` what the
+pair reader's columns hold by their own count (Pairs.nbytes), `peak` the most the process held
+while reading (the growth of the peak RSS, reset before the read).
 Goals (issue 20) at 10^7 rows: open < 1 s, RSS < 200 MB, worker USS < 50 MB, read and lookup
 rates within 10% of their 10^4-row values. Timings on a shared machine: compare runs made together.
 
@@ -38,6 +42,7 @@ would take hours. The result records the commit, the command and the load averag
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -175,21 +180,53 @@ def measure_inputs(folder: Path, n: int, reader: str) -> dict:
     from blitext.data.pairs import read_pairs
     from blitext.data.text import read_sentences
 
-    captions, text = folder / f"captions-{n}.json", folder / f"sentences-{n}.txt"
-    if not captions.is_file():
-        captions.write_text(json.dumps([{"image": f"images/COCO_train2014_{i:012d}.jpg", "image_id": f"COCO_train2014_{i:012d}",
-                                         "caption": f"a photo of thing number {i} on a table"} for i in range(n)]))
+    captions, jsonl, text = folder / f"captions-{n}.json", folder / f"captions-{n}.jsonl", folder / f"sentences-{n}.txt"
+    if not all(p.is_file() for p in (captions, jsonl, text)):
+        rows = [{"image": f"images/COCO_train2014_{i:012d}.jpg", "image_id": f"COCO_train2014_{i:012d}",
+                 "caption": f"a photo of thing number {i} on a table"} for i in range(n)]
+        captions.write_text(json.dumps(rows))
+        jsonl.write_text("".join(json.dumps({"image": r["image"], "id": r["image_id"], "caption": r["caption"]}) + "\n"
+                                 for r in rows))
         text.write_text("".join(f"a photo of thing number {i} on a table\n" for i in range(n)))
     read = {"pairs": lambda: read_pairs([str(captions)], str(folder), lambda image_id: True),
+            "pairs_jsonl": lambda: read_pairs([str(jsonl)], str(folder), lambda image_id: True),
             "sentences": lambda: read_sentences([str(text)])}[reader]
     me = psutil.Process()
-    gc.collect()
-    before, t0, cpu0 = _uss(me), time.perf_counter(), time.process_time()
-    held = read()  # noqa: F841  (held while its memory is measured)
+    _return_free_memory()  # before as after: else the imports' spare heap, given back after, reads as negative growth
+    before, rss_before = _uss(me), _reset_peak_rss()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    held = read()  # held while its memory is measured
     # CPU time too: on a shared machine the wall time also counts the waits for a core
-    return {f"{reader}_us_per_entry": round(1e6 * (time.perf_counter() - t0) / n, 2),
-            f"{reader}_cpu_us_per_entry": round(1e6 * (time.process_time() - cpu0) / n, 2),
-            f"{reader}_bytes_per_entry": round((_uss(me) - before) * 2**20 / n)}
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    _return_free_memory()
+    columns = {f"{reader}_columns_bytes_per_entry": round(held.nbytes() / n)} if hasattr(held, "nbytes") else {}
+    return {f"{reader}_us_per_entry": round(1e6 * wall / n, 2), f"{reader}_cpu_us_per_entry": round(1e6 * cpu / n, 2),
+            f"{reader}_bytes_per_entry": round((_uss(me) - before) * 2**20 / n), **columns,
+            f"{reader}_peak_bytes_per_entry": round((_status_kb("VmHWM") - rss_before) * 1024 / n)}
+
+
+def _return_free_memory() -> None:
+    """What the reader freed (a whole-file json.load's objects) goes back to the system where the
+    allocator can give it, so that USS growth is what the result holds, not the allocator's spare
+    heap. Python's own arenas go back only when wholly free: what stays counts."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the USS growth then counts the spare heap too
+
+
+def _reset_peak_rss() -> int:
+    """Resets the kernel's peak RSS (VmHWM) to the current RSS; returns that (kB)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kb("VmRSS")
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _rss_parts(pid: int, when: str) -> dict:
@@ -272,13 +309,14 @@ def measure_all_inputs(work: Path, args) -> None:
     results = []
     for n in args.inputs:
         figures = {"entries": n}
-        for reader in ("pairs", "sentences"):
+        for reader in ("pairs", "pairs_jsonl", "sentences"):
             line = subprocess.run([sys.executable, __file__, "--measure-inputs", str(n), "--reader", reader,
                                    "--workdir", str(work)], check=True, capture_output=True, text=True).stdout
             figures.update(json.loads(line.splitlines()[-1]))
         results.append(figures)
         print(json.dumps(figures), flush=True)
-    write_result("scale_inputs", {**provenance(None), "note": args.note, "inputs": results})
+    name = "scale_inputs" if args.result == "scale" else args.result
+    write_result(name, {**provenance(None), "note": args.note, "inputs": results})
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -381,14 +382,13 @@ class AdapterLoop(TrainerLoop):
 
     def positives(self, index: list[int], rows: list[int]) -> torch.Tensor:
         """(B_local, N): pair j of the global batch matches local pair i (same image or same caption)."""
-        img = torch.tensor([self.image_group[i] for i in index])
-        txt = torch.tensor([self.text_group[i] for i in index])
+        img, txt = self.image_group[index], self.text_group[index]
         return (img[rows, None] == img[None]) | (txt[rows, None] == txt[None])
 
 
-def _group_ids(values: list[str]) -> list[int]:
+def _group_ids(values) -> torch.Tensor:  # int32: a list of ints held 36 bytes a caption, per rank
     ids: dict[str, int] = {}
-    return [ids.setdefault(v, len(ids)) for v in values]
+    return torch.from_numpy(np.fromiter((ids.setdefault(v, len(ids)) for v in values), np.int32, len(values)))
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:

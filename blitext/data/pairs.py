@@ -7,34 +7,128 @@ run on the decoded image inside the loop, as the reference code does).
 """
 from __future__ import annotations
 
+from array import array
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from blitext.cache import FeatureCache
 from blitext.config import default_cache_root
 from blitext.console import say
+from blitext.data.columns import GatherColumn, ImageRefs, KeyColumn, StringBuilder
 from blitext.data.images import load_image
-from blitext.data.readers import read_image_set
-from blitext.data.text import caption_key, expand_paths
+from blitext.data.parsing import _CaptionSink, _not_in_images
+from blitext.data.readers import read_captions_into, read_image_set
+from blitext.data.text import expand_paths
 from blitext.errors import BadInputError, BlitextError
 
 
 @dataclass
 class Pairs:
-    """Image-caption pairs, joined by key: caption key `<image_id>#k` -> image id -> features."""
-    keys: list[str]
-    image_ids: list[str]
-    texts: list[str]
-    image_refs: dict[str, tuple[Path, str]]  # image id -> (root, reference), for --online
-    skipped: int = 0                         # captions whose image has no features (failed extraction)
-    blank: int = 0                           # blank captions the readers skipped (reported once)
-    no_caption: int = 0                      # caption rows without a caption (in the run's end line)
+    """Image-caption pairs, joined by key: caption key `<image_id>#k` -> image id -> features.
+    read_pairs gives compact columns (columns.py); any sequences of str will do (a bench's lists)."""
+    keys: Sequence[str]
+    image_ids: Sequence[str]
+    texts: Sequence[str]
+    image_refs: Mapping[str, tuple[Path, str]]  # image id -> (root, reference), for --online
+    skipped: int = 0                            # captions whose image has no features (failed extraction)
+    blank: int = 0                              # blank captions the readers skipped (reported once)
+    no_caption: int = 0                         # caption rows without a caption (in the run's end line)
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def nbytes(self) -> int:
+        """The bytes the columns hold (the image ids counted once: keys share them)."""
+        return self.texts.nbytes + self.image_ids.nbytes + self.keys.k.nbytes + self.image_refs.nbytes
+
+
+class _NamesTwoImages(Exception):
+    """An id met with a second image: the columns keep no row locations, so the file is read again
+    by read_image_set, whose error names both rows (and every other bad row) as it always did."""
+
+
+class _PairColumns(_CaptionSink):
+    """read_pairs' caption sink: each kept caption of an image with features goes straight into
+    compact columns, numbered k within its image. Image ids are numbered per file (each file's
+    images were always grouped on their own); the id -> number dict lives only while reading."""
+
+    def __init__(self, has_image):
+        super().__init__()
+        self.has_image = has_image
+        self.ids, self.refs, self.texts = StringBuilder(), StringBuilder(), StringBuilder()
+        self.featured = bytearray()        # per image: has_image(id), asked once
+        self.caption_counts = array("i")   # per image: its captions so far, the next one's k
+        self.image_index, self.k = array("i"), array("i")
+        self.skipped = 0
+        self.roots: list[Path] = []
+        self.file_starts: list[int] = []
+        self._numbers: dict[str, int] = {}
+
+    def read(self, path: str, image_root: str | None) -> None:
+        self._numbers = {}
+        self.file_starts.append(len(self.featured))
+        try:
+            root, _source = read_captions_into(path, image_root, self)
+        except _NamesTwoImages:
+            read_image_set(path, image_root)  # raises the error naming both rows
+            raise BlitextError(f"{path}: an image id names two different images; give each image its own id") from None
+        self.roots.append(root)
+
+    def add(self, image_id: str, image: str, captions: list[str] | None, meta: dict, where: str) -> None:
+        number = self._numbers.get(image_id)
+        if number is None:
+            number = self._new_image(image_id, image)
+        elif self.refs[number] != image:
+            raise _NamesTwoImages
+        self._add_kept(number, self._kept(captions))
+
+    def add_captions(self, image_id: str, captions: list[str] | None, where: str) -> None:
+        number = self._numbers.get(image_id)
+        if number is None:
+            raise _not_in_images(image_id, where)
+        self._add_kept(number, self._kept(captions))
+
+    def _new_image(self, image_id: str, image: str) -> int:
+        number = self._numbers[image_id] = len(self.featured)
+        self.ids.append(image_id)
+        self.refs.append(image)
+        self.featured.append(bool(self.has_image(image_id)))
+        self.caption_counts.append(0)
+        return number
+
+    def _add_kept(self, number: int, kept: list[str]) -> None:
+        if not kept:
+            return
+        if not self.featured[number]:
+            self.skipped += len(kept)
+            return
+        k = self.caption_counts[number]
+        for text in kept:
+            self.texts.append(text)
+            self.image_index.append(number)
+            self.k.append(k)
+            k += 1
+        self.caption_counts[number] = k
+
+    def pairs(self) -> Pairs:
+        """The columns, captions grouped by image in first-seen order as ImageRecords had them
+        (COCO's annotations interleave images: a stable sort by image number restores it)."""
+        self._numbers = {}
+        image_index, k = np.frombuffer(self.image_index, np.intc), np.frombuffer(self.k, np.intc)
+        texts = self.texts.column()
+        if np.any(image_index[1:] < image_index[:-1]):
+            order = np.argsort(image_index, kind="stable")
+            image_index, k, texts = image_index[order], k[order], texts.reordered(order)
+        k = k.astype(np.min_scalar_type(int(k.max()) if len(k) else 0))
+        ids = self.ids.column()
+        image_ids = GatherColumn(ids, image_index)
+        refs = ImageRefs(ids, self.refs.column(), image_index, self.roots, self.file_starts)
+        return Pairs(KeyColumn(image_ids, k), image_ids, texts, refs, self.skipped, self.blank, self.no_caption)
 
 
 def default_captions(features: FeatureCache | None) -> list[str]:
@@ -50,27 +144,18 @@ def default_captions(features: FeatureCache | None) -> list[str]:
 
 
 def read_pairs(caption_files: list[str], image_root: str | None, has_image) -> Pairs:
-    keys, image_ids, texts, refs, skipped, blank, no_caption = [], [], [], {}, 0, 0, 0
+    """Every caption of an image that has_image(id) accepts, as compact columns, read row by row."""
     paths = expand_paths(caption_files)
+    columns = _PairColumns(has_image)
     for path in paths:
-        image_set = read_image_set(path, image_root)
-        blank += image_set.blank_captions
-        no_caption += image_set.no_caption_rows
-        for rec in image_set.records:
-            for k, caption in enumerate(rec.captions):  # the readers dropped (and counted) blank ones
-                if not has_image(rec.id):
-                    skipped += 1
-                    continue
-                keys.append(caption_key(rec.id, k))
-                image_ids.append(rec.id)
-                texts.append(caption.strip())
-                refs[rec.id] = (image_set.root, rec.image)
-    if blank:
-        say(f"{blank} blank caption{'s' if blank != 1 else ''} skipped in {', '.join(map(str, paths))}")
-    if not keys:
+        columns.read(path, image_root)
+    pairs = columns.pairs()
+    if pairs.blank:
+        say(f"{pairs.blank} blank caption{'s' if pairs.blank != 1 else ''} skipped in {', '.join(map(str, paths))}")
+    if not len(pairs):
         raise BlitextError(f"no caption in {caption_files} has an image in the features: were they made from "
-                           f"the same data? ({skipped} captions without features)")
-    return Pairs(keys, image_ids, texts, refs, skipped, blank, no_caption)
+                           f"the same data? ({pairs.skipped} captions without features)")
+    return pairs
 
 
 class CachedFeatures:
@@ -95,7 +180,7 @@ class CachedFeatures:
 class OnlineFeatures:
     """The frozen vision encoder run on decoded images inside the loop (the reference code's way)."""
 
-    def __init__(self, encoder, refs: dict[str, tuple[Path, str]] | None, threads: int):
+    def __init__(self, encoder, refs: Mapping[str, tuple[Path, str]] | None, threads: int):
         self.encoder = encoder
         self.producer = encoder.producer()
         self.width = encoder.token_shape()[1]

@@ -13,9 +13,6 @@ from blitext.console import say
 from blitext.data.records import ImageRecord
 from blitext.errors import BlitextError
 
-# What a caption reader returns: (records, blank captions skipped, caption rows without a caption).
-Read = tuple[list[ImageRecord], int, int]
-
 
 class _RefChecker:
     """Normalises image references and refuses any that would leave the dataset root.
@@ -111,32 +108,17 @@ def _tar_part(ref: str) -> str | None:
     return head if sep and head.endswith(".tar") else None
 
 
-class _Grouper:
-    """Collects captions per image id in first-seen order; one id may name only one image.
-    Blank captions are dropped here and counted, and so are caption rows without a caption
-    (captions None: the key absent or null), for the callers to report: a row that adds no
-    pair is not dropped unseen. An image listed without captions by design passes []."""
+class _CaptionSink:
+    """What every reader feeds, one row at a time: `add(image_id, image, captions, meta, where)`
+    and `add_captions(image_id, captions, where)` (COCO's annotations). Blank captions are
+    dropped here and counted, and so are caption rows without a caption (captions None: the key
+    absent or null), for the callers to report: a row that adds no pair is not dropped unseen.
+    An image listed without captions by design passes []. `_Grouper` keeps ImageRecords;
+    read_pairs' sink keeps compact columns from the same rows."""
 
     def __init__(self):
-        self._images: dict[str, tuple[str, list[str], dict, str]] = {}
         self.blank = 0
         self.no_caption = 0
-
-    def add(self, image_id: str, image: str, captions: list[str] | None, meta: dict, where: str) -> None:
-        entry = self._images.get(image_id)
-        if entry is None:
-            self._images[image_id] = (image, self._kept(captions), dict(meta), where)
-            return
-        if entry[0] != image:
-            raise BlitextError(f"id {image_id!r} names two different images: {entry[0]!r} ({entry[3]}) and "
-                               f"{image!r} ({where}); give each image its own id")
-        entry[1].extend(self._kept(captions))
-
-    def add_captions(self, image_id: str, captions: list[str] | None, where: str) -> None:
-        if image_id not in self._images:
-            raise BlitextError(f"{where}: image_id {image_id!r} is not listed in \"images\"; "
-                               f"add the image or remove the annotation")
-        self._images[image_id][1].extend(self._kept(captions))
 
     def _kept(self, captions: list[str] | None) -> list[str]:
         if captions is None:
@@ -146,11 +128,41 @@ class _Grouper:
         self.blank += len(captions) - len(kept)
         return kept
 
-    def result(self) -> Read:
-        """What the readers hand to ImageSet."""
-        records = [ImageRecord(id=i, image=img, captions=tuple(caps), meta=meta)
-                   for i, (img, caps, meta, _where) in self._images.items()]
-        return records, self.blank, self.no_caption
+
+def _two_images(image_id: str, first: str, first_where: str, image: str, where: str) -> BlitextError:
+    return BlitextError(f"id {image_id!r} names two different images: {first!r} ({first_where}) and "
+                        f"{image!r} ({where}); give each image its own id")
+
+
+def _not_in_images(image_id: str, where: str) -> BlitextError:
+    return BlitextError(f"{where}: image_id {image_id!r} is not listed in \"images\"; "
+                        f"add the image or remove the annotation")
+
+
+class _Grouper(_CaptionSink):
+    """Collects captions per image id in first-seen order; one id may name only one image."""
+
+    def __init__(self):
+        super().__init__()
+        self._images: dict[str, tuple[str, list[str], dict, str]] = {}
+
+    def add(self, image_id: str, image: str, captions: list[str] | None, meta: dict, where: str) -> None:
+        entry = self._images.get(image_id)
+        if entry is None:
+            self._images[image_id] = (image, self._kept(captions), dict(meta), where)
+            return
+        if entry[0] != image:
+            raise _two_images(image_id, entry[0], entry[3], image, where)
+        entry[1].extend(self._kept(captions))
+
+    def add_captions(self, image_id: str, captions: list[str] | None, where: str) -> None:
+        if image_id not in self._images:
+            raise _not_in_images(image_id, where)
+        self._images[image_id][1].extend(self._kept(captions))
+
+    def records(self) -> list[ImageRecord]:
+        return [ImageRecord(id=i, image=img, captions=tuple(caps), meta=meta)
+                for i, (img, caps, meta, _where) in self._images.items()]
 
 
 def _captions(value: Any, where: str) -> list[str] | None:

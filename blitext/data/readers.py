@@ -6,6 +6,8 @@
   - a VATEX caption file (`[{"videoID", "enCap", "chCap"}]`: English captions, video `<videoID>.mp4`);
   - a folder holding `captions.jsonl` or `captions.csv`, or else just image (or else video) files;
   - webdataset `.tar` shards in img2dataset's layout: one `.tar`, a glob, or a folder of them.
+`read_captions_into` reads the same formats row by row into any caption sink (parsing.py):
+read_image_set's `_Grouper` keeps ImageRecords, read_pairs' keeps compact columns.
 `write_lavis_json` writes blitext's own caption files. VQA files are in vqa.py.
 
 Image references stay relative to a root folder and may not leave it: a dataset file is
@@ -24,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from blitext.atomic import write_json
-from blitext.data.parsing import (Read, _BadRows, _captions, _Grouper, _id_from_path, _load_json, _not_utf8,
-                                  _RefChecker, _short)
+from blitext.data.parsing import (_BadRows, _captions, _CaptionSink, _Grouper, _id_from_path, _load_json,
+                                  _not_utf8, _RefChecker, _short)
 from blitext.data.records import ImageRecord, ImageSet
 from blitext.data.video import VIDEO_EXTENSIONS, is_vatex, read_vatex
 from blitext.data.webdataset import TAR_IMAGE_EXTENSIONS, tar_samples
@@ -47,50 +49,48 @@ _JSONL_KEYS = {"image", "caption", "id"}
 
 def read_image_set(path: str | Path, image_root: str | Path | None = None) -> ImageSet:
     """Read any supported caption dataset; `image_root` overrides the folder images are under."""
+    groups = _Grouper()
+    root, source = read_captions_into(path, image_root, groups)
+    return ImageSet(root, groups.records(), source, blank_captions=groups.blank, no_caption_rows=groups.no_caption)
+
+
+def read_captions_into(path: str | Path, image_root: str | Path | None, groups: _CaptionSink) -> tuple[Path, str]:
+    """Feed a caption dataset's rows to `groups`; returns (the root images are under, what was read)."""
     path_text = str(path)
     path = Path(path)
     if not path.exists() and _is_glob(path_text):
-        return _read_tar_glob(path_text, image_root)
+        return _read_tar_glob(path_text, image_root, groups)
     if not path.exists():
         raise BlitextError(f"{path} does not exist; expected one of: {ACCEPTED_FORMATS}")
     if path.is_dir():
-        return _read_folder(path, Path(image_root) if image_root else path)
+        return _read_folder(path, Path(image_root) if image_root else path, groups)
     root = Path(image_root) if image_root else path.parent
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        return _image_set(root, _read_caption_json(path, root), str(path))
-    if suffix == ".jsonl":
-        return _image_set(root, _read_jsonl(path, root), str(path))
-    if suffix == ".csv":
-        return _image_set(root, _read_csv(path, root), str(path))
-    if suffix == ".tar":
-        return _image_set(root, _read_tar_shards([path], root), str(path))
-    raise BlitextError(f"{path}: unsupported dataset format {suffix or '(no extension)'!r}; "
-                       f"expected one of: {ACCEPTED_FORMATS}")
+    read = {".json": _read_caption_json, ".jsonl": _read_jsonl, ".csv": _read_csv,
+            ".tar": lambda p, r, g: _read_tar_shards([p], r, g)}.get(path.suffix.lower())
+    if read is None:
+        raise BlitextError(f"{path}: unsupported dataset format {path.suffix.lower() or '(no extension)'!r}; "
+                           f"expected one of: {ACCEPTED_FORMATS}")
+    read(path, root, groups)
+    return root, str(path)
 
 
-def _read_folder(folder: Path, root: Path) -> ImageSet:
+def _read_folder(folder: Path, root: Path, groups: _CaptionSink) -> tuple[Path, str]:
     for name, read in (("captions.jsonl", _read_jsonl), ("captions.csv", _read_csv)):
         if (folder / name).is_file():
-            return _image_set(root, read(folder / name, root), str(folder / name))
+            read(folder / name, root, groups)
+            return root, str(folder / name)
     tars = sorted(folder.glob("*.tar"))
     if tars:
-        return _image_set(root, _read_tar_shards(tars, root), str(folder))
+        _read_tar_shards(tars, root, groups)
+        return root, str(folder)
     # a folder of images, else a folder of videos (captions then come from a separate file)
-    records = _read_image_folder(folder, root) or _read_image_folder(folder, root, VIDEO_EXTENSIONS)
-    if not records:
+    if not (_read_image_folder(folder, root, groups) or _read_image_folder(folder, root, groups, VIDEO_EXTENSIONS)):
         raise BlitextError(f"{folder}: found no captions.jsonl, captions.csv, .tar shards, image files "
                            f"({', '.join(IMAGE_EXTENSIONS)}) or videos; expected one of: {ACCEPTED_FORMATS}")
-    return ImageSet(root, records, str(folder))
+    return root, str(folder)
 
 
 # ---------------------------------------------------------------- shared helpers
-
-def _image_set(root: Path, read: Read, source: str) -> ImageSet:
-    """A reader's Read as the ImageSet callers get."""
-    records, blank, no_caption = read
-    return ImageSet(root, records, source, blank_captions=blank, no_caption_rows=no_caption)
-
 
 def _is_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
@@ -98,30 +98,38 @@ def _is_glob(text: str) -> bool:
 
 # ---------------------------------------------------------------- caption files
 
-def _read_caption_json(path: Path, root: Path) -> Read:
+def _read_caption_json(path: Path, root: Path, groups: _CaptionSink) -> None:
+    # Loaded whole: no incremental JSON parser among blitext's dependencies (jsonl streams).
     data = _load_json(path)
     if is_vatex(data):
-        return read_vatex(path, data)
+        return _add_vatex(path, data, groups)
     if isinstance(data, list):
-        return _read_lavis_list(path, data, root)
+        return _read_lavis_list(path, data, root, groups)
     if isinstance(data, dict) and isinstance(data.get("images"), list):
-        return _read_coco(path, data, root)
+        return _read_coco(path, data, root, groups)
     keys = f" with keys {sorted(data)[:8]}" if isinstance(data, dict) else ""
     raise BlitextError(f"{path}: JSON is neither a LAVIS caption list ([{{\"image\", \"caption\"}}, ...]) nor "
                        f"official COCO captions ({{\"images\": [...], \"annotations\": [...]}}); "
                        f"got a {type(data).__name__}{keys}")
 
 
-def _read_lavis_list(path: Path, data: list, root: Path) -> Read:
-    check, groups, bad = _RefChecker(root), _Grouper(), _BadRows(path)
+def _add_vatex(path: Path, data: list, groups: _CaptionSink) -> None:
+    records, blank, no_caption = read_vatex(path, data)
+    for record in records:  # captions already stripped and counted: _kept passes them as they are
+        groups.add(record.id, record.image, list(record.captions), record.meta, str(path))
+    groups.blank += blank
+    groups.no_caption += no_caption
+
+
+def _read_lavis_list(path: Path, data: list, root: Path, groups: _CaptionSink) -> None:
+    check, bad = _RefChecker(root), _BadRows(path)
     for row, entry in enumerate(data):
         with bad.row():
             _add_lavis_entry(groups, check, entry, f"{path} entry {row}")
     bad.done()
-    return groups.result()
 
 
-def _add_lavis_entry(groups: _Grouper, check: _RefChecker, entry: Any, where: str) -> None:
+def _add_lavis_entry(groups: _CaptionSink, check: _RefChecker, entry: Any, where: str) -> None:
     if not isinstance(entry, dict) or "image" not in entry:
         raise BlitextError(f"{where}: expected an object with an \"image\" key, got {_short(entry)}")
     image = check(entry["image"], where)
@@ -130,8 +138,8 @@ def _add_lavis_entry(groups: _Grouper, check: _RefChecker, entry: Any, where: st
     groups.add(image_id, image, _captions(entry.get("caption"), where), meta, where)
 
 
-def _read_coco(path: Path, data: dict, root: Path) -> Read:
-    check, groups, bad = _RefChecker(root), _Grouper(), _BadRows(path)
+def _read_coco(path: Path, data: dict, root: Path, groups: _CaptionSink) -> None:
+    check, bad = _RefChecker(root), _BadRows(path)
     for row, image in enumerate(data["images"]):
         with bad.row():
             where = f"{path} images[{row}]"
@@ -145,11 +153,10 @@ def _read_coco(path: Path, data: dict, root: Path) -> Read:
                 raise BlitextError(f"{where}: expected {{\"image_id\", \"caption\"}}, got {_short(ann)}")
             groups.add_captions(str(ann["image_id"]), _captions(ann.get("caption"), where), where)
     bad.done()
-    return groups.result()
 
 
-def _read_jsonl(path: Path, root: Path) -> Read:
-    check, groups, bad = _RefChecker(root), _Grouper(), _BadRows(path)
+def _read_jsonl(path: Path, root: Path, groups: _CaptionSink) -> None:
+    check, bad = _RefChecker(root), _BadRows(path)
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -159,7 +166,6 @@ def _read_jsonl(path: Path, root: Path) -> Read:
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
     bad.done()
-    return groups.result()
 
 
 def _parse_jsonl_line(line: str, where: str) -> dict:
@@ -172,8 +178,8 @@ def _parse_jsonl_line(line: str, where: str) -> dict:
     return entry
 
 
-def _read_csv(path: Path, root: Path) -> Read:
-    check, groups, bad = _RefChecker(root), _Grouper(), _BadRows(path)
+def _read_csv(path: Path, root: Path, groups: _CaptionSink) -> None:
+    check, bad = _RefChecker(root), _BadRows(path)
     try:
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
@@ -193,10 +199,9 @@ def _read_csv(path: Path, root: Path) -> Read:
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
     bad.done()
-    return groups.result()
 
 
-def _add_row(groups: _Grouper, check: _RefChecker, row: dict, where: str) -> None:
+def _add_row(groups: _CaptionSink, check: _RefChecker, row: dict, where: str) -> None:
     """One jsonl line or csv row: {"image", "caption", "id"?} plus any extra fields as meta."""
     if "image" not in row:
         raise BlitextError(f"{where}: missing \"image\"; each row needs image and caption")
@@ -207,9 +212,10 @@ def _add_row(groups: _Grouper, check: _RefChecker, row: dict, where: str) -> Non
     groups.add(image_id, image, _captions(row.get("caption"), where), meta, where)
 
 
-def _read_image_folder(folder: Path, root: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[ImageRecord]:
-    check, groups = _RefChecker(root), _Grouper()
-    found = []
+def _read_image_folder(folder: Path, root: Path, groups: _CaptionSink,
+                       extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> int:
+    """Adds the folder's files with the given extensions to `groups`; returns how many."""
+    check, found = _RefChecker(root), []
     for path in sorted(folder.rglob("*"), key=lambda p: p.as_posix()):
         relative = path.relative_to(folder)
         # Hidden folders are editor/VCS clutter (.ipynb_checkpoints), not dataset images.
@@ -219,7 +225,7 @@ def _read_image_folder(folder: Path, root: Path, extensions: tuple[str, ...] = I
             found.append((check(os.path.relpath(path, root), str(path)), str(path)))
     for image_id, (image, where) in zip(_folder_ids([image for image, _ in found]), found):
         groups.add(image_id, image, [], {}, where)
-    return groups.result()[0]
+    return len(found)
 
 
 def _folder_ids(images: list[str]) -> list[str]:
@@ -240,7 +246,7 @@ def _folder_ids(images: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------- webdataset shards
 
-def _read_tar_glob(pattern: str, image_root: str | Path | None) -> ImageSet:
+def _read_tar_glob(pattern: str, image_root: str | Path | None, groups: _CaptionSink) -> tuple[Path, str]:
     matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
     if not matches:
         raise BlitextError(f"{pattern}: the glob matches no files; check the path (expected .tar shards)")
@@ -249,7 +255,8 @@ def _read_tar_glob(pattern: str, image_root: str | Path | None) -> ImageSet:
         raise BlitextError(f"{pattern}: a glob must match only .tar shards, but it also matches {not_tar[:3]}; "
                            f"narrow it, e.g. shards/*.tar")
     root = Path(image_root) if image_root else _glob_base(pattern)
-    return _image_set(root, _read_tar_shards(matches, root), pattern)
+    _read_tar_shards(matches, root, groups)
+    return root, pattern
 
 
 def _glob_base(pattern: str) -> Path:
@@ -262,19 +269,18 @@ def _glob_base(pattern: str) -> Path:
     return Path(*parts) if parts else Path(".")
 
 
-def _read_tar_shards(tars: list[Path], root: Path) -> Read:
-    check, groups = _RefChecker(root), _Grouper()
+def _read_tar_shards(tars: list[Path], root: Path, groups: _CaptionSink) -> None:
+    check, samples = _RefChecker(root), 0
     for tar_path in tars:
         tar_ref = check(os.path.relpath(tar_path, root), str(tar_path))
         for key, member, caption, json_key in tar_samples(tar_path):
             where = f"{tar_path}#{member}"
             captions = [caption] if caption is not None else None  # a sample without .txt: no caption
             groups.add(json_key or key, f"{tar_ref}#{member}", captions, {}, where)
-    records, blank, no_caption = groups.result()
-    if not records:
+            samples += 1
+    if not samples:
         raise BlitextError(f"{', '.join(map(str, tars[:3]))}: no samples with an image member "
                            f"({', '.join(TAR_IMAGE_EXTENSIONS)}); expected img2dataset-style shards")
-    return records, blank, no_caption
 
 
 # ---------------------------------------------------------------- writer
