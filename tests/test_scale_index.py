@@ -34,7 +34,7 @@ def test_keys_with_one_hash_are_told_apart_by_their_stored_string(tmp_path, monk
     rows = random_rows(6)
     build(tmp_path / "c", rows, shard_size=4)
     cache = FeatureCache(tmp_path / "c")
-    assert len(set(np.asarray(cache.index.hashes).tolist())) == 1
+    assert set(np.asarray(cache.index.slots)[:, 0].tolist()) == {7}
     for key, row in rows.items():
         assert np.array_equal(cache[key], row)
     assert "img-9" not in cache
@@ -85,6 +85,41 @@ def test_old_read_only_cache_is_refused_naming_the_upgrade(tmp_path, monkeypatch
         FeatureCache(tmp_path / "c")
 
 
+def _with_the_sorted_hash_index(root):
+    """The cache as blitext wrote it before slots.npy: sorted hashes (hashes.npy) and their rows (rows.npy)."""
+    folder = root / INDEX_DIR
+    keys = list(FeatureCache(root).keys)
+    hashes = np.array([keyindex.hash_bytes(k.encode()) for k in keys], np.uint64)
+    rows = np.argsort(hashes, kind="stable")
+    np.save(folder / "hashes.npy", hashes[rows])
+    np.save(folder / "rows.npy", rows.astype(np.int64))
+    (folder / "slots.npy").unlink()
+    manifest = load_manifest(root)
+    old = ("keys.bin", "offsets.npy", "hashes.npy", "rows.npy")
+    manifest["index"]["bytes"] = {name: (folder / name).stat().st_size for name in old}
+    (root / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_sorted_hash_index_is_upgraded_on_first_open(tmp_path):
+    rows = random_rows(9)
+    build(tmp_path / "c", rows)
+    _with_the_sorted_hash_index(tmp_path / "c")
+    cache = FeatureCache(tmp_path / "c")
+    assert cache.keys == list(rows) and all(np.array_equal(cache[k], row) for k, row in rows.items())
+    assert "img-9" not in cache
+    assert sorted(p.name for p in (tmp_path / "c" / INDEX_DIR).iterdir()) == sorted(keyindex.FILES)
+    assert set(load_manifest(tmp_path / "c")["index"]["bytes"]) == set(keyindex.FILES)
+
+
+def test_sorted_hash_index_read_only_is_refused_naming_the_upgrade(tmp_path, monkeypatch):
+    build(tmp_path / "c", random_rows(4))
+    _with_the_sorted_hash_index(tmp_path / "c")
+    monkeypatch.setattr(keyindex.os, "access", lambda path, mode: False)  # read-only, even for root
+    with pytest.raises(BlitextError, match=r"older layout \(without index/slots.npy\) and the folder is "
+                                           r"read-only; run `blitext cache upgrade .*c` once"):
+        FeatureCache(tmp_path / "c")
+
+
 def test_damaged_index_is_rebuilt_from_the_sidecars(tmp_path):
     rows = random_rows(5)
     build(tmp_path / "c", rows)
@@ -125,7 +160,7 @@ def test_every_key_of_a_larger_cache_is_found_and_others_are_not(tmp_path):
 
 
 def test_lookups_hold_when_hashes_are_not_uniform(tmp_path, monkeypatch):
-    """The search starts where a uniform hash would sit; skewed hashes fall back to the whole range."""
+    """Skewed hashes pile up in long runs of slots past their home: slower to find, still found."""
     monkeypatch.setattr(keyindex, "hash_bytes", lambda key: int(key[-4:]) % 1500)  # small, repeated
     keys = _many(tmp_path / "c")
     index = FeatureCache(tmp_path / "c").index

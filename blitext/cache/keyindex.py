@@ -1,23 +1,33 @@
 """The key index: a cache's keys found through memory-mapped files, not a per-process dict.
 
-`index/` beside the shards holds four files, written once when the cache is finished:
+`index/` beside the shards holds three files, written once when the cache is finished:
 
 - `keys.bin`     every key, UTF-8, in row order (row g = shard order, then row order);
 - `offsets.npy`  (N + 1,) int64: key g is keys.bin[offsets[g]:offsets[g + 1]];
-- `hashes.npy`   (N,) uint64: every key's 64-bit BLAKE2b hash, sorted;
-- `rows.npy`     (N,) int64: the row g of each sorted hash.
+- `slots.npy`    (S, 3) uint64: a hash table of records (hash, row g, start << 24 | length of
+                 the key in keys.bin), one per key, in order of their 64-bit BLAKE2b hashes.
 
-A lookup is a binary search in `hashes.npy` and a comparison with the key stored at the row
-found, so two keys with one hash are still told apart. Opening maps the files and reads
-nothing: it costs the same at 10^3 and 10^8 rows, and every process (ranks, DataLoader
-workers) shares the same page cache instead of building its own dict (885 MB per process at
-4M keys; forked workers copy such a dict's pages as reference counts touch them).
+A key's home slot is the top bits of its hash (2^bits slots for N keys, bits the fewest that
+keep them at most 80% full). Records are laid in hash order, each at its home or, when that is
+taken, in the slot after the record before it (linear probing that keeps the order); a free
+slot holds a copy of the next record, whose home lies past that slot, so its hash is above that
+of any key homed at or before it. A lookup scans from its home while hashes are smaller, then
+compares the key stored at each record with its hash: two keys with one hash are still told
+apart. It touches two far places in the files (its home slot, usually with its record, and the
+key's bytes), where a binary search over sorted hashes touched ~15 and then three more: at 10^7
+rows each costs ~0.2 us more than a cached page. CPU per lookup (KeyIndex.locate, bench/scale.py's
+caches): 1.7 us at 10^4 rows, 2.0 at 10^7; the binary search took 3.1 and 5.7.
+
+Opening maps the files and reads nothing: it costs the same at 10^3 and 10^8 rows, and every
+process (ranks, DataLoader workers) shares the same page cache instead of building its own
+dict (885 MB per process at 4M keys; forked workers copy such a dict's pages as reference
+counts touch them). The slots take 24 bytes per key at 40-80% load: 30-60 B, beside the key
+and its offset.
 """
 from __future__ import annotations
 
 import bisect
 import hashlib
-import math
 import mmap
 import os
 from collections.abc import Sequence
@@ -29,8 +39,11 @@ import numpy as np
 from blitext.errors import BlitextError
 
 INDEX_DIR = "index"
-FILES = ("keys.bin", "offsets.npy", "hashes.npy", "rows.npy")
+FILES = ("keys.bin", "offsets.npy", "slots.npy")  # written in this order: slots.npy last
+OLD_FILES = ("hashes.npy", "rows.npy")  # the layout before slots.npy (sorted hashes, binary search)
 UPGRADE = "blitext cache upgrade"
+LENGTH_BITS = 24  # a record's key span is start << 24 | length: keys under 16 MiB, keys.bin under 1 TiB
+LENGTH_MASK = (1 << LENGTH_BITS) - 1
 
 
 def hash_bytes(key: bytes) -> int:
@@ -38,10 +51,15 @@ def hash_bytes(key: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
 
+def slot_bits(n: int) -> int:
+    """The fewest bits whose 2^bits home slots hold n keys at most 80% full."""
+    return (-(-n * 5 // 4) - 1).bit_length() if n else 0
+
+
 def write_index(root: Path, shard_keys: Iterable[Sequence[str]]) -> dict:
     """Write `root/index/` from each shard's keys in shard order; returns its summary for the manifest.
 
-    Files are written under temporary names and renamed, `hashes.npy` last: several processes
+    Files are written under temporary names and renamed, `slots.npy` last: several processes
     upgrading one cache at once write the same bytes, and a reader never sees half a file."""
     folder = root / INDEX_DIR
     folder.mkdir(exist_ok=True)
@@ -55,20 +73,52 @@ def write_index(root: Path, shard_keys: Iterable[Sequence[str]]) -> dict:
             hashes.append(np.fromiter(map(hash_bytes, encoded), np.uint64, len(encoded)))
     hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
     offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths) if lengths else [], dtype=np.int64)])
-    rows = np.argsort(hashes, kind="stable")  # equal hashes keep row order: the first row wins, as in a shard
-    arrays = {"offsets.npy": offsets.astype(np.int64), "rows.npy": rows.astype(np.int64), "hashes.npy": hashes[rows]}
+    offsets = offsets.astype(np.int64)
+    arrays = {"offsets.npy": offsets, "slots.npy": slot_table(hashes, offsets, root)}
     for name, array in arrays.items():
         with open(folder / (name + tmp), "wb") as f:
             np.save(f, array)
-    for name in FILES:  # hashes.npy last: its presence says the others are complete
+    for name in FILES:  # slots.npy last: its presence says the others are complete
         os.replace(folder / (name + tmp), folder / name)
+    for name in OLD_FILES:
+        (folder / name).unlink(missing_ok=True)
     return {"rows": len(hashes), "bytes": {name: (folder / name).stat().st_size for name in FILES}}
+
+
+def slot_table(hashes: np.ndarray, offsets: np.ndarray, root: Path) -> np.ndarray:
+    """slots.npy (module docstring) for keys in row order with these hashes and keys.bin offsets."""
+    lengths = np.diff(offsets)
+    if len(lengths) and lengths.max() > LENGTH_MASK:
+        raise BlitextError(f"{root}: a key is {int(lengths.max()):,} bytes long; the key index holds keys under 16 MiB")
+    if offsets[-1] >> (64 - LENGTH_BITS):
+        raise BlitextError(f"{root}: the keys take {int(offsets[-1]):,} bytes; the key index holds under 1 TiB of keys")
+    order = np.argsort(hashes, kind="stable")  # equal hashes keep row order: the first row wins, as in a shard
+    records = np.empty((len(order), 3), np.uint64)
+    records[:, 0] = hashes[order]
+    records[:, 1] = order
+    records[:, 2] = offsets[:-1][order].astype(np.uint64) << np.uint64(LENGTH_BITS) | lengths[order].astype(np.uint64)
+    places = _places(records[:, 0], slot_bits(len(order)))
+    if not len(places):
+        return records
+    # every slot up to the last record's holds the record placed there or, if free, the next one
+    return records[np.searchsorted(places, np.arange(places[-1] + 1))]
+
+
+def _places(sorted_hashes: np.ndarray, bits: int) -> np.ndarray:
+    """Each record's slot: its home (the top `bits` bits of its hash) or, if the record before
+    it sits there or beyond, the slot after that one."""
+    rank = np.arange(len(sorted_hashes))
+    home = (sorted_hashes >> np.uint64(64 - bits)).astype(np.int64) if bits else np.zeros_like(rank)
+    return rank + np.maximum.accumulate(home - rank)
 
 
 def index_problem(root: Path, summary: dict | None) -> str | None:
     """Why `root/index/` cannot be used as the manifest describes it, or None."""
     if not summary:
         return "it has no key index"
+    missing = [name for name in FILES if name not in summary["bytes"]]
+    if missing:
+        return f"its key index is of an older layout (without {INDEX_DIR}/{missing[0]})"
     for name, size in summary["bytes"].items():
         path = root / INDEX_DIR / name
         if not path.is_file():
@@ -88,22 +138,22 @@ class KeyIndex(Sequence):
         self.shard_rows = list(shard_rows)
         self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_rows)]).tolist()  # O(shards)
         folder = self.root / INDEX_DIR
-        self.hashes = _load(folder / "hashes.npy")
-        self.rows = _load(folder / "rows.npy")
+        self.slots = _load(folder / "slots.npy")
         self.offsets = _load(folder / "offsets.npy")
         self.blob = _map(folder / "keys.bin")
-        # the same arrays as flat sequences of Python ints: bisect and indexing on these cost a
-        # fraction of numpy's per-call overhead on scalars (a lookup is ~5 calls)
-        self._hashes, self._rows, self._offsets = (_ints(a) for a in (self.hashes, self.rows, self.offsets))
-        if len(self.hashes) != self.shard_starts[-1]:
-            raise BlitextError(f"the key index of {self.root} holds {len(self.hashes):,} keys, the manifest "
+        # the same arrays as flat sequences of Python ints: indexing these costs a fraction of
+        # numpy's per-call overhead on scalars (a lookup reads ~4 items)
+        self._slots, self._offsets = _ints(self.slots), _ints(self.offsets)
+        if len(self) != self.shard_starts[-1]:
+            raise BlitextError(f"the key index of {self.root} holds {len(self):,} keys, the manifest "
                                f"{self.shard_starts[-1]:,}: run `{UPGRADE} {self.root}` to rebuild it")
+        self._shift = 64 - slot_bits(len(self))
 
     def __reduce__(self):
         return KeyIndex, (self.root, self.shard_rows)
 
     def __len__(self) -> int:
-        return len(self.hashes)
+        return len(self.offsets) - 1
 
     def key_at(self, g: int) -> str:
         return self._key_bytes(g).decode()
@@ -138,25 +188,20 @@ class KeyIndex(Sequence):
         """The row of `key` (shard order, then row order), or -1."""
         encoded = key.encode()
         h = hash_bytes(encoded)
-        hashes, n = self._hashes, len(self._hashes)
-        i = bisect.bisect_left(hashes, h, *self._window(h))
-        while i < n and hashes[i] == h:
-            g = self._rows[i]
-            if self._key_bytes(g) == encoded:
-                return g
-            i += 1  # another key with the same hash
+        slots, blob = self._slots, self.blob
+        i = 3 * (h >> self._shift)  # its home slot: slots is flat, 3 items a slot
+        try:  # costs nothing unless raised: by a lookup that runs past the last record
+            while slots[i] < h:  # records homed before h's home, pushed up to here
+                i += 3
+            while slots[i] == h:
+                span = slots[i + 2]
+                start = span >> LENGTH_BITS
+                if blob[start:start + (span & LENGTH_MASK)] == encoded:
+                    return slots[i + 1]
+                i += 3  # another key with the same hash
+        except IndexError:  # no record at or after h's home holds h
+            pass
         return -1
-
-    def _window(self, h: int) -> tuple[int, int]:
-        """Where hash h sits in the sorted hashes: they are uniform over 64 bits, so near
-        h / 2^64 * N, within a few sqrt(N) (the spread of uniform order statistics); the whole
-        range when the bounds do not hold (a tiny or unusual index)."""
-        hashes, n = self._hashes, len(self._hashes)
-        guess, width = (h * n) >> 64, 4 * math.isqrt(n) + 64
-        lo, hi = max(0, guess - width), min(n, guess + width)
-        if (lo > 0 and hashes[lo - 1] >= h) or (hi < n and hashes[hi] < h):
-            return 0, n
-        return lo, hi
 
     def __contains__(self, key) -> bool:
         return isinstance(key, str) and self.locate(key) >= 0
@@ -181,8 +226,8 @@ def _load(path: Path) -> np.ndarray:
 
 
 def _ints(array: np.ndarray) -> memoryview:
-    """A contiguous 64-bit integer array as a memoryview whose items are Python ints."""
-    return memoryview(np.ascontiguousarray(array)).cast("B").cast("Q" if array.dtype.kind == "u" else "q")
+    """A 64-bit integer array as a flat memoryview whose items are Python ints."""
+    return memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B").cast("Q" if array.dtype.kind == "u" else "q")
 
 
 def _map(path: Path) -> mmap.mmap | bytes:

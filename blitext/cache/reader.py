@@ -9,7 +9,7 @@ it as zeros), or a row whose Fletcher-32 checksum fails is one BlitextError line
 shard (and row), never a traceback or silently wrong numbers.
 
 Keys are found through the cache's memory-mapped key index (keyindex.py): opening a cache
-reads its manifest (a summary per shard) and maps four files, whatever the number of rows.
+reads its manifest (a summary per shard) and maps three files, whatever the number of rows.
 
 torch is imported only by what returns tensors (get_batch, collate_rows, CacheDataset's items):
 a process that only reads rows as numpy (an inspection tool, a data pipeline) stays about

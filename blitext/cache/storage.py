@@ -2,8 +2,8 @@
 
 A fixed row is its values plus HDF5's 4-byte Fletcher-32 checksum (the row is its own chunk),
 plus, in an int8 store, its 4-byte scale, plus per key: HDF5's chunk index and the key in the shard, the key in the shard's JSON sidecar,
-and the key in the key index with its offset, hash and row. `cache info` measures the real
-figure on disk; `extract-features --dry-run` estimates it before anything is written.
+and the key in the key index with its offset and its slot (hash, row, key span). `cache info`
+measures the real figure on disk; `extract-features --dry-run` estimates it before anything is written.
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from blitext.cache.quantise import INT8, SCALE_BYTES
 PROJECTED_ROWS = (1_000_000, 4_000_000, 129_000_000)
 CHECKSUM_BYTES = 4   # Fletcher-32 per chunk (= per fixed row)
 # Bytes per row besides the values, the checksum and 3 copies of the key (shard, sidecar, index):
-# measured on bench/scale.py's 10^5-row cache (26-byte keys): 272 B/row on disk, 68 of them values
-# and checksum, 78 the keys; the other 126 are HDF5's chunk index and string heap, JSON quoting,
-# and the index's 24 bytes (offset, hash, row).
-ROW_OVERHEAD_BYTES = 126
+# measured on bench/scale.py's 10^5-row cache (26-byte keys): 289 B/row on disk, 68 of them values
+# and checksum, 78 the keys; the other 143 are HDF5's chunk index and string heap, JSON quoting,
+# and the index's ~40 bytes (an 8-byte offset and 24-byte slots 76% full; 30-60 B at 40-80%).
+ROW_OVERHEAD_BYTES = 143
 
 
 def estimated_row_bytes(row_shape, dtype: str, key_bytes: int) -> int:
