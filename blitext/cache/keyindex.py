@@ -137,6 +137,7 @@ class KeyIndex(Sequence):
         self.root = Path(root)
         self.shard_rows = list(shard_rows)
         self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_rows)]).tolist()  # O(shards)
+        self._per_shard = _even_rows(self.shard_rows)
         folder = self.root / INDEX_DIR
         self.slots = _load(folder / "slots.npy")
         self.offsets = _load(folder / "offsets.npy")
@@ -214,8 +215,19 @@ class KeyIndex(Sequence):
 
     def shard_row(self, g: int) -> tuple[int, int]:
         """Row g as (shard, row within the shard)."""
+        if self._per_shard:
+            return divmod(g, self._per_shard)
         shard = bisect.bisect_right(self.shard_starts, g) - 1
         return shard, g - self.shard_starts[shard]
+
+
+def _even_rows(shard_rows: list[int]) -> int:
+    """The rows of every shard but the last, if they all hold that many and the last no more
+    (as blitext writes them), else 0: then a row's shard is a division, not a search."""
+    per = shard_rows[0] if shard_rows else 0
+    if per and all(n == per for n in shard_rows[:-1]) and shard_rows[-1] <= per:
+        return per
+    return 0
 
 
 def _load(path: Path) -> np.ndarray:
