@@ -221,6 +221,9 @@ def test_row_places_hold_every_chunk_offset(tmp_path):
     odd = np.array([-1, -1, 100, 112, 124, -1, 200, 212, 5_000, 5_006, 5_012, 5_018, -1], np.int64)
     places = RowPlaces(odd)
     assert [places[r] for r in range(len(odd))] == odd.tolist()
+    mixed = np.cumsum(np.random.default_rng(0).choice([12, 12, 12, 40], 500))  # runs of any length, over blocks
+    places = RowPlaces(mixed)
+    assert [places[r] for r in range(len(mixed))] == mixed.tolist()
 
 
 def test_a_shard_read_through_hdf5_bounds_its_metadata_cache(tmp_path):
