@@ -74,7 +74,7 @@ def test_old_cache_gets_its_index_on_first_open(tmp_path):
     cache = FeatureCache(tmp_path / "c")
     assert cache.keys == list(rows) and np.array_equal(cache["img-6"], rows["img-6"])
     upgraded = load_manifest(tmp_path / "c")
-    assert upgraded["format"] == "blitext-cache/2" and all("keys" not in s for s in upgraded["shards"])
+    assert upgraded["format"] == "blitext-cache/3" and all("keys" not in s for s in upgraded["shards"])
 
 
 def test_old_read_only_cache_is_refused_naming_the_upgrade(tmp_path, monkeypatch):
@@ -97,6 +97,7 @@ def _with_the_sorted_hash_index(root):
     manifest = load_manifest(root)
     old = ("keys.bin", "offsets.npy", "hashes.npy", "rows.npy")
     manifest["index"]["bytes"] = {name: (folder / name).stat().st_size for name in old}
+    manifest["format"] = "blitext-cache/2"
     (root / MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -108,7 +109,16 @@ def test_sorted_hash_index_is_upgraded_on_first_open(tmp_path):
     assert cache.keys == list(rows) and all(np.array_equal(cache[k], row) for k, row in rows.items())
     assert "img-9" not in cache
     assert sorted(p.name for p in (tmp_path / "c" / INDEX_DIR).iterdir()) == sorted(keyindex.FILES)
-    assert set(load_manifest(tmp_path / "c")["index"]["bytes"]) == set(keyindex.FILES)
+    upgraded = load_manifest(tmp_path / "c")
+    assert set(upgraded["index"]["bytes"]) == set(keyindex.FILES) and upgraded["format"] == "blitext-cache/3"
+
+
+def test_a_newer_format_is_refused_in_one_line(tmp_path):
+    build(tmp_path / "c", random_rows(3))
+    manifest = load_manifest(tmp_path / "c")
+    (tmp_path / "c" / MANIFEST).write_text(json.dumps({**manifest, "format": "blitext-cache/9"}))
+    with pytest.raises(BlitextError, match=r"has format 'blitext-cache/9'; this blitext reads 'blitext-cache/3'"):
+        FeatureCache(tmp_path / "c")
 
 
 def test_sorted_hash_index_read_only_is_refused_naming_the_upgrade(tmp_path, monkeypatch):

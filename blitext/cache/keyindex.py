@@ -252,7 +252,11 @@ def _map(path: Path) -> mmap.mmap | bytes:
 def open_index(root: Path, manifest: dict) -> tuple[KeyIndex, dict]:
     """The cache's key index and its manifest; a cache without a usable index (made before it
     existed, or whose index was removed) gets one first, if its folder is writable."""
+    from blitext.cache.manifest import FORMAT
+
     problem = index_problem(root, manifest.get("index"))
+    if not problem and manifest.get("format") != FORMAT:
+        problem = f"its format is {manifest.get('format')!r}, before {FORMAT!r}"
     if problem:
         if not os.access(root, os.W_OK):
             raise BlitextError(f"{root} cannot be read: {problem} and the folder is read-only; run "

@@ -16,8 +16,12 @@ from typing import Any
 
 from blitext.errors import BlitextError
 
-FORMAT = "blitext-cache/2"
+FORMAT = "blitext-cache/3"
 KEYS_IN_MANIFEST = "blitext-cache/1"  # before the key index: every key listed in manifest.json
+SORTED_HASHES = "blitext-cache/2"     # the key index as sorted hashes (hashes.npy, rows.npy), before slots.npy
+# Each is upgraded in place on first open (keyindex.upgrade); blitext before format 3 refuses a
+# format-3 cache in one line instead of failing on the index files it expects.
+OLDER_FORMATS = (KEYS_IN_MANIFEST, SORTED_HASHES)
 MANIFEST = "manifest.json"
 RUN = "run.json"
 
@@ -111,7 +115,7 @@ def load_manifest(root: Path) -> dict:
         manifest = json.loads(path.read_text())
     except ValueError as e:
         raise BlitextError(f"{path} is not valid JSON ({e}); re-run the command that made the cache") from None
-    if manifest.get("format") not in (FORMAT, KEYS_IN_MANIFEST):
+    if manifest.get("format") not in (FORMAT, *OLDER_FORMATS):
         raise BlitextError(f"{path} has format {manifest.get('format')!r}; this blitext reads {FORMAT!r}")
     return manifest
 
