@@ -7,12 +7,13 @@ import os
 import platform
 from pathlib import Path
 
-import torch
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def machine() -> dict:
+    import torch  # here: a bench that measures a torch-free process (scale.py) imports this module too
+
     return {"date": datetime.date.today().isoformat(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
 
