@@ -36,6 +36,7 @@ from typing import Iterable
 
 import numpy as np
 
+from blitext.cache.manifest import FORMAT, MANIFEST, shard_keys, sidecar_name
 from blitext.errors import BlitextError
 
 INDEX_DIR = "index"
@@ -252,8 +253,6 @@ def _map(path: Path) -> mmap.mmap | bytes:
 def open_index(root: Path, manifest: dict) -> tuple[KeyIndex, dict]:
     """The cache's key index and its manifest; a cache without a usable index (made before it
     existed, or whose index was removed) gets one first, if its folder is writable."""
-    from blitext.cache.manifest import FORMAT
-
     problem = index_problem(root, manifest.get("index"))
     if not problem and manifest.get("format") != FORMAT:
         problem = f"its format is {manifest.get('format')!r}, before {FORMAT!r}"
@@ -268,7 +267,6 @@ def open_index(root: Path, manifest: dict) -> tuple[KeyIndex, dict]:
 def upgrade(root: Path, manifest: dict) -> dict:
     """(Re)write the key index and a manifest without per-row keys; returns that manifest."""
     from blitext.atomic import write_json, writing
-    from blitext.cache.manifest import FORMAT, MANIFEST, shard_keys, sidecar_name
 
     shards = manifest["shards"]
     for i, entry in enumerate(shards):
