@@ -26,7 +26,11 @@ measured) is built once, then a fresh process measures:
 With --inputs N..., the readers of inputs instead: a LAVIS caption JSON of N images (one
 caption each) through the pair reader (what train-adapter holds per caption), the same captions
 as a captions.jsonl (`pairs_jsonl`: read row by row, where the JSON is loaded whole first), and a
-text file of N sentences through read_sentences (what train-pformer and build-prompts hold):
+text file of N sentences through read_sentences (what train-pformer and build-prompts hold),
+the same read and split as train-pformer splits it (`pformer_split`: held-out sentences drawn,
+the rest seen through an index), and build-prompts end to end on the caption JSON with a tiny
+random P-Former (`build_prompts`: captions read, ids checked, [CLS] rows written to a prompt
+cache; trained once per --workdir for one step on conftest's tiny BERT and OPT):
 wall and CPU seconds per entry, and memory per entry, each in a fresh process: `bytes` what the
 result holds (USS growth, after malloc_trim gave back what the reader freed), `columns` what the
 pair reader's columns hold by their own count (Pairs.nbytes), `peak` the most the process held
@@ -173,6 +177,9 @@ def _private_dirty(pid: int) -> float:
     return float("nan")
 
 
+READERS = ("pairs", "pairs_jsonl", "sentences", "pformer_split", "build_prompts")
+
+
 def measure_inputs(folder: Path, n: int, reader: str) -> dict:
     """Run in a fresh process: time and memory per entry of one input reader at n entries."""
     import psutil
@@ -190,7 +197,13 @@ def measure_inputs(folder: Path, n: int, reader: str) -> dict:
         text.write_text("".join(f"a photo of thing number {i} on a table\n" for i in range(n)))
     read = {"pairs": lambda: read_pairs([str(captions)], str(folder), lambda image_id: True),
             "pairs_jsonl": lambda: read_pairs([str(jsonl)], str(folder), lambda image_id: True),
-            "sentences": lambda: read_sentences([str(text)])}[reader]
+            "sentences": lambda: read_sentences([str(text)]),
+            "pformer_split": lambda: _read_and_split(text),
+            "build_prompts": lambda: _build_prompts(folder, captions)}[reader]
+    if reader in ("pformer_split", "build_prompts"):
+        import blitext.pformer.prompts  # noqa: F401  (torch and transformers: imported before measuring)
+    if reader == "build_prompts":
+        _tiny_pformer(folder)  # trained before measuring
     me = psutil.Process()
     _return_free_memory()  # before as after: else the imports' spare heap, given back after, reads as negative growth
     before, rss_before = _uss(me), _reset_peak_rss()
@@ -203,6 +216,46 @@ def measure_inputs(folder: Path, n: int, reader: str) -> dict:
     return {f"{reader}_us_per_entry": round(1e6 * wall / n, 2), f"{reader}_cpu_us_per_entry": round(1e6 * cpu / n, 2),
             f"{reader}_bytes_per_entry": round((_uss(me) - before) * 2**20 / n), **columns,
             f"{reader}_peak_bytes_per_entry": round((_status_kb("VmHWM") - rss_before) * 1024 / n)}
+
+
+def _read_and_split(text: Path):
+    from blitext.data.text import read_sentences
+    from blitext.pformer.train import split_corpus
+
+    corpus = read_sentences([str(text)])
+    return corpus, split_corpus(corpus, 64, 0)
+
+
+def _build_prompts(folder: Path, captions: Path) -> dict:
+    from blitext.pformer.prompts import BuildPromptsConfig, build_prompts
+
+    out = folder / f"prompts-{captions.stem}"
+    shutil.rmtree(out, ignore_errors=True)
+    info = build_prompts(BuildPromptsConfig(pformer=str(_tiny_pformer(folder)), captions=[str(captions)],
+                                            out=str(out), device="cpu"))
+    shutil.rmtree(out)
+    return info
+
+
+def _tiny_pformer(folder: Path) -> Path:
+    """A P-Former trained one step on conftest's tiny random BERT and OPT (made once per workdir)."""
+    run = folder / "pformer"
+    if (run / "final").is_dir():
+        return run / "final"
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from conftest import BERT_WORDS, make_bert_folder, make_llm_folder
+    from blitext.pformer.train import PFormerConfig, train_pformer
+
+    torch.manual_seed(0)
+    bert, opt = make_bert_folder(folder / "bert"), make_llm_folder("opt", folder / "opt")
+    words = [w for w in BERT_WORDS if w.isalpha() and w.islower()]
+    text = folder / "pformer-text.txt"
+    text.write_text("".join(f"{a} {b}\n" for a in words for b in words))
+    train_pformer(PFormerConfig(text=[str(text)], out=str(run), llm=str(opt), text_encoder=str(bert), batch_size=4,
+                                heldout=2, max_steps=1, warmup_steps=1, sample_every=1000, n_samples=1, device="cpu"))
+    return run / "final"
 
 
 def _return_free_memory() -> None:
@@ -255,6 +308,7 @@ def main(argv=None) -> None:
     ap.add_argument("--keep", action="store_true", help="keep the caches")
     ap.add_argument("--result", default="scale", help="the file under bench/results/ (without .json)")
     ap.add_argument("--inputs", type=int, nargs="*", default=None, help="measure the input readers at these sizes")
+    ap.add_argument("--readers", nargs="+", default=list(READERS), choices=READERS, help="with --inputs: which")
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one cache, in a fresh process
     ap.add_argument("--measure-inputs", type=int, default=None, help=argparse.SUPPRESS)  # internal: likewise
     ap.add_argument("--reader", default="pairs", help=argparse.SUPPRESS)
@@ -309,7 +363,7 @@ def measure_all_inputs(work: Path, args) -> None:
     results = []
     for n in args.inputs:
         figures = {"entries": n}
-        for reader in ("pairs", "pairs_jsonl", "sentences"):
+        for reader in args.readers:
             line = subprocess.run([sys.executable, __file__, "--measure-inputs", str(n), "--reader", reader,
                                    "--workdir", str(work)], check=True, capture_output=True, text=True).stdout
             figures.update(json.loads(line.splitlines()[-1]))

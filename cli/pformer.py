@@ -62,7 +62,7 @@ from blitext.pformer.prompts import BuildPromptsConfig  # noqa: E402
 @user_errors
 def build_prompts_cmd(
     pformer: Optional[Path] = typer.Option(None, "--pformer", help="train-pformer's run folder (or <run>/final, or a checkpoint)."),
-    captions: Optional[list[str]] = typer.Option(None, "--captions", help="Caption .json (ids <image_id>#k), .jsonl or text; repeatable."),
+    captions: Optional[list[str]] = typer.Option(None, "--captions", help="Caption files as train-adapter reads them (.json, captions.jsonl, .csv, .tar; ids <image_id>#k), or text files (ids <file>:<line>); repeatable."),
     out: Optional[Path] = typer.Option(None, "--out", help=f"Cache folder. {default_is('cache/prompts/<data>__<pformer>')}"),
     store: Optional[str] = typer.Option(None, "--store", help=f"compact ([CLS] + head) | full (prompts). {default_of(BuildPromptsConfig, 'store')}"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Captions per P-Former forward. " + default_of(BuildPromptsConfig, "batch_size")),

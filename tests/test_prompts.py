@@ -143,3 +143,50 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, pformer_run, captions):
     # At other thread counts the values agree to rounding, not to the byte.
     torch.testing.assert_close(PromptCache(tmp_path / "many").get_batch(keys), PromptCache(tmp_path / "one").get_batch(keys),
                                rtol=2e-3, atol=2e-3)
+
+
+def test_a_repeated_caption_id_is_refused_naming_it(tmp_path, pformer_run):
+    """Two files giving one image's captions twice would make two rows of one key: refused in a
+    line naming the id, found without a set of every id (text.first_repeat)."""
+    rows = [{"image": f"img{i}.png", "caption": [f"a {WORDS[i]} dog"], "image_id": f"img{i}"} for i in range(4)]
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(rows))
+    second.write_text(json.dumps(rows[2:3]))
+    with pytest.raises(BlitextError, match=r"caption id 'img2#0' repeats in .*a\.json, .*b\.json"):
+        build_prompts(BuildPromptsConfig(pformer=str(pformer_run), captions=[str(first), str(second)],
+                                         out=str(tmp_path / "out"), device="cpu"))
+
+
+def test_caption_files_give_the_pairs_keys_in_every_format(tmp_path, pformer_run, captions):
+    """build-prompts reads captions as train-adapter does: a captions.jsonl (row by row, one row
+    per caption, an image's rows apart) gives the same keys and rows as the same captions in a
+    LAVIS .json; a text file keeps <file>:<line> ids; the two kinds mixed are refused."""
+    from blitext.data.pairs import read_pairs
+
+    path, keys, texts = captions
+    rows = [{"image": f"img{i}.png", "id": f"img{i}", "caption": t} for k, t in zip(keys, texts)
+            for i in [int(k.split("#")[0][3:])]]
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows[1::2] + rows[0::2]))  # images interleaved
+    from_json = build(pformer_run, path, tmp_path / "json")
+    from_jsonl = build(pformer_run, jsonl, tmp_path / "jsonl")
+    assert from_jsonl["rows"] == from_json["rows"] == 9
+    a, b = PromptCache(tmp_path / "json"), PromptCache(tmp_path / "jsonl")
+    assert list(b.keys) == list(read_pairs([str(jsonl)], None, lambda image_id: True).keys)
+    assert sorted(b.keys) == sorted(a.keys) == sorted(keys)
+    by_text = dict(zip(keys, texts))
+    jsonl_texts = {f"img{r['id'][3:]}": [] for r in rows}
+    for r in rows[1::2] + rows[0::2]:
+        jsonl_texts[r["id"]].append(r["caption"])
+    for key in b.keys:  # the same caption under the same key: the same prompt
+        image, k = key.split("#")
+        if jsonl_texts[image][int(k)] == by_text[key]:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)  # other batches, other padding
+
+    text = tmp_path / "sentences.txt"
+    text.write_text("a red dog\n\ntwo blue dogs\n")
+    build(pformer_run, text, tmp_path / "text")
+    assert list(PromptCache(tmp_path / "text").keys) == ["sentences.txt:1", "sentences.txt:3"]
+    with pytest.raises(BlitextError, match="mixes text files"):
+        build_prompts(BuildPromptsConfig(pformer=str(pformer_run), captions=[str(path), str(text)],
+                                         out=str(tmp_path / "mixed"), device="cpu"))

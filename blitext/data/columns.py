@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from blitext.data.text import caption_key
+from blitext.data.records import caption_key
 
 _CHUNK = 65_536  # strings decoded per step when iterating or reordering: bounded temporary lists
 

@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def caption_key(image_id: str, index: int) -> str:
+    """The id of an image's index-th caption: how prompt caches and feature caches are joined."""
+    return f"{image_id}#{index}"
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     id: str                        # stable key across runs; the cache row key (image_id)

@@ -10,36 +10,45 @@ import glob
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
+from blitext.data.columns import StringBuilder, StringColumn
 from blitext.data.readers import read_image_set
+from blitext.data.records import caption_key
 from blitext.errors import BlitextError
 
 TEXT_KEYS = ("text", "caption", "sentence")
 WORDNET_DIR = Path("/usr/share/wordnet")  # Debian wordnet-base: data.noun/.verb/.adj/.adv
 
 
-def caption_key(image_id: str, index: int) -> str:
-    """The id of an image's index-th caption: how prompt caches and feature caches are joined."""
-    return f"{image_id}#{index}"
-
-
-@dataclass
 class TextCorpus:
-    ids: list[str] = field(default_factory=list)
-    sentences: list[str] = field(default_factory=list)
-    counts: Counter = field(default_factory=Counter)   # read, empty lines skipped, lines with replaced bytes,
-                                                       # caption rows without a caption
-    files: list[str] = field(default_factory=list)
+    """Sentences and their ids in file order, as compact string columns (columns.py): a
+    12M-sentence corpus is ~80 B per sentence (its text and id as UTF-8, two offsets), not two
+    Python str objects and their list slots (~190 B) in every rank."""
+
+    def __init__(self):
+        self._ids, self._sentences = StringBuilder(), StringBuilder()
+        self.counts: Counter = Counter()  # read, empty lines skipped, lines with replaced bytes, caption rows without a caption
+        self.files: list[str] = []
 
     def add(self, key: str, sentence: str) -> None:
-        self.ids.append(key)
-        self.sentences.append(sentence)
+        self._ids.append(key)
+        self._sentences.append(sentence)
         self.counts["sentences"] += 1
 
+    @property
+    def ids(self) -> StringColumn:
+        return self._ids.column()
+
+    @property
+    def sentences(self) -> StringColumn:
+        return self._sentences.column()
+
     def __len__(self) -> int:
-        return len(self.sentences)
+        return len(self._sentences.offsets) - 1
 
 
 def expand_paths(patterns: list[str] | str) -> list[Path]:
@@ -68,7 +77,7 @@ def read_sentences(patterns: list[str] | str, bad_bytes: str = "error") -> TextC
             _read_caption_json(path, corpus)
         else:
             _read_lines(path, corpus, bad_bytes)
-    if not corpus.sentences:
+    if not len(corpus):
         raise BlitextError(f"no sentences in {', '.join(corpus.files)} ({dict(corpus.counts)})")
     return corpus
 
@@ -137,3 +146,70 @@ def wordnet_examples(folder: Path = WORDNET_DIR) -> list[str]:
             if not line.startswith(" "):  # the licence header lines start with spaces
                 sentences.update((s.strip(), None) for s in re.findall(r'"([^"]+)"', line.partition(" | ")[2]))
     return [s for s in sentences if s]
+
+
+# ---------------------------------------------------------------- whole-column questions, without a set of str
+# A Python set or sorted list of 12M sentences holds ~1-2 GB of str objects in every rank; these
+# answer the same questions from 8-byte hashes and prefixes in numpy, checking every hash match
+# against the strings, so their answers equal the set's.
+
+def string_hashes(strings: Sequence[str]) -> np.ndarray:
+    """Python's hash of each string (salted per process: compare within one process only)."""
+    return np.fromiter(map(hash, strings), np.int64, len(strings))
+
+
+def first_copies(column: Sequence[str]) -> np.ndarray:
+    """The index of each distinct string's first copy, ascending: what a set would keep."""
+    hashes = string_hashes(column)
+    _, first, group = np.unique(hashes, return_index=True, return_inverse=True)
+    copies = np.flatnonzero(first[group] != np.arange(len(column)))
+    clashes = [i for i, j in zip(copies.tolist(), first[group[copies]].tolist()) if column[i] != column[j]]
+    if clashes:  # different strings with one hash (~1 in 10^5 at 12M strings): tell them apart by text
+        members = np.flatnonzero(np.isin(group, group[clashes]))
+        by_text: dict[str, int] = {}
+        for i in members.tolist():
+            by_text.setdefault(column[i], i)
+        first = np.union1d(first, list(by_text.values()))
+    return np.sort(first)
+
+
+def first_repeat(column: Sequence[str]) -> str | None:
+    """The first string met a second time in the column, or None."""
+    first = first_copies(column)
+    gaps = np.flatnonzero(first != np.arange(len(first)))  # first copies are 0, 1, ... until the first repeat
+    repeat = int(gaps[0]) if len(gaps) else len(first)
+    return column[repeat] if repeat < len(column) else None
+
+
+def sorted_distinct_at(column: StringColumn, distinct: np.ndarray, ranks: list[int]) -> list[str]:
+    """sorted(set(column))[r] for each r, where `distinct` indexes one copy of each distinct string.
+
+    Strings are ordered by their first 8 UTF-8 bytes in numpy (zero-padded, big-endian: that
+    order agrees with str's), and only the runs of equal prefixes that hold an asked rank are
+    sorted as Python strings (UTF-8 byte order is code point order)."""
+    prefixes = _prefixes(column, distinct)
+    order = np.argsort(prefixes, kind="stable")
+    ordered = prefixes[order]
+    runs: dict[int, list[str]] = {}
+    out = []
+    for r in ranks:
+        lo = int(np.searchsorted(ordered, ordered[r], "left"))
+        if lo not in runs:
+            hi = int(np.searchsorted(ordered, ordered[r], "right"))
+            runs[lo] = sorted(column._get(i) for i in distinct[order[lo:hi]].tolist())
+        out.append(runs[lo][r - lo])
+    return out
+
+
+def _prefixes(column: StringColumn, rows: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of each string as a big-endian uint64, zero-padded."""
+    blob = np.frombuffer(column.blob, np.uint8)
+    starts, ends = column.offsets[:-1][rows], column.offsets[1:][rows]
+    out = np.zeros(len(rows), np.uint64)
+    for j in range(8):
+        at = starts + j
+        inside = at < ends
+        byte = np.zeros(len(rows), np.uint64)
+        byte[inside] = blob[at[inside]]
+        out = out << np.uint64(8) | byte
+    return out

@@ -7,7 +7,9 @@ Rows are keyed by caption id (`<image_id>#<k>`), so adaptor trainers join them t
 """
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +25,8 @@ from blitext.cache.verify import cache_info
 from blitext.checkpoint import latest_checkpoint, load_weights
 from blitext.config import default_cache_root, provenance
 from blitext.console import progress_bar, say
-from blitext.data.text import read_sentences
+from blitext.data.pairs import read_pairs
+from blitext.data.text import expand_paths, first_repeat, read_sentences
 from blitext.distributed import run_distributed
 from blitext.errors import BlitextError
 from blitext.models.fingerprint import fingerprint
@@ -78,7 +81,7 @@ def load_pformer(path: str | Path, device: str = "cpu") -> LoadedPFormer:
 @dataclass
 class BuildPromptsConfig:
     pformer: str = ""                   # train-pformer's run folder, <run>/final or a checkpoint
-    captions: list[str] = field(default_factory=list)  # caption .json (ids <image_id>#k), .jsonl or text
+    captions: list[str] = field(default_factory=list)  # caption files as train-adapter reads them (ids <image_id>#k), or text
     out: str | None = None              # default <cache root>/prompts/<captions>__<pformer>
     store: str = "compact"              # compact: [CLS] + head weights; full: n_prompt x d_llm prompts
     batch_size: int = 256
@@ -120,12 +123,13 @@ def _build(config: BuildPromptsConfig, device: str, info) -> dict:
     if not config.pformer or not config.captions:
         raise BlitextError("build-prompts needs --pformer RUN and --captions FILE")
     pformer = load_pformer(config.pformer, device)
-    corpus = read_sentences(config.captions)
-    if len(set(corpus.ids)) != len(corpus.ids):
-        raise BlitextError(f"caption ids repeat in {corpus.files}; each caption needs its own id")
+    ids, texts = read_captions(config.captions)
+    repeat = first_repeat(ids)
+    if repeat is not None:
+        raise BlitextError(f"caption id {repeat!r} repeats in {', '.join(config.captions)}; each caption needs its own id")
     out = Path(config.out) if config.out else default_prompts_out(config, pformer)
-    say(f"build-prompts: {len(corpus):,} captions -> {out} ({config.store}) with {pformer.fingerprint}")
-    plan = CachePlan(out, "prompts", prompt_producer(pformer, config.store), corpus.ids, config.shard_size,
+    say(f"build-prompts: {len(ids):,} captions -> {out} ({config.store}) with {pformer.fingerprint}")
+    plan = CachePlan(out, "prompts", prompt_producer(pformer, config.store), ids, config.shard_size,
                      "float32", provenance={**provenance(config), "llm": pformer.state["llm"]})  # full rows in fp32 too: both stores read back equal
 
     def write_shards(shards: list[int], finished: int) -> None:
@@ -133,10 +137,43 @@ def _build(config: BuildPromptsConfig, device: str, info) -> dict:
             say(f"resuming: {finished} finished shard(s) kept, {len(shards)} to do")
         if info.is_main and config.store == "compact":
             save_head(pformer.model, out / HEAD)
-        _write_prompt_shards(plan, shards, corpus.sentences, pformer, config, device)
+        _write_prompt_shards(plan, shards, texts, pformer, config, device)
 
     run_sharded_job(plan, info, write_shards)
     return cache_info(out)
+
+
+def read_captions(paths: list[str]) -> tuple[Sequence[str], Sequence[str]]:
+    """(ids, texts) to make prompts of. Caption datasets are read as train-adapter reads them
+    (read_pairs: ids <image_id>#k, compact columns, row by row where the format allows), so the
+    prompt cache's keys are the pairs' by construction; text files line by line (ids <file>:<line>)."""
+    files = expand_paths(paths)
+    text = [path for path in files if _is_text_file(path)]
+    if not text:
+        pairs = read_pairs([str(path) for path in files], None, lambda image_id: True)
+        return pairs.keys, pairs.texts
+    if len(text) < len(files):
+        raise BlitextError(f"--captions mixes text files ({text[0]}) with caption datasets; make prompts of each "
+                           f"kind in its own build-prompts run")
+    corpus = read_sentences([str(path) for path in files])
+    return corpus.ids, corpus.sentences
+
+
+def _is_text_file(path: Path) -> bool:
+    """Sentences, not a caption dataset: neither .json, .csv nor .tar, and if .jsonl, its first
+    row names no image."""
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".csv", ".tar"):
+        return False
+    if suffix != ".jsonl":
+        return True
+    with open(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"null")
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return True  # read_sentences names the bad line
+    return not (isinstance(row, dict) and "image" in row)
 
 
 def save_head(model: PFormer, path: Path) -> None:
@@ -147,7 +184,7 @@ def save_head(model: PFormer, path: Path) -> None:
 
 
 @torch.inference_mode()
-def _write_prompt_shards(plan, shards, sentences: list[str], pformer: LoadedPFormer, config, device) -> None:
+def _write_prompt_shards(plan, shards, sentences: Sequence[str], pformer: LoadedPFormer, config, device) -> None:
     """`sentences[i]` is the text of `plan.keys[i]` (the plan keeps the corpus's order): no dict
     from key to text, which would cost every rank tens of bytes more per caption."""
     max_len = pformer.state["config"]["max_text_len"]
@@ -249,8 +286,8 @@ class _Head(torch.nn.Module):
 def prompts_from_pformer(path: str | Path, captions: list[str], limit: int) -> tuple[list[str], torch.Tensor, str]:
     """(ids, prompts (N, P, d_llm), LLM name) for the first `limit` captions."""
     pformer = load_pformer(path)
-    corpus = read_sentences(captions)
-    ids, texts = corpus.ids[:limit], corpus.sentences[:limit]
+    ids, texts = read_captions(captions)
+    ids, texts = ids[:limit], texts[:limit]
     enc = pformer.tokenizer(texts, padding=True, truncation=True, max_length=pformer.state["config"]["max_text_len"],
                             return_tensors="pt")
     return ids, pformer.model(enc.input_ids, enc.attention_mask).prompts, pformer.state["llm"]

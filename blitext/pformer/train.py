@@ -12,9 +12,11 @@ from every rank. Every step's randomness is a function of (seed, step, rank), so
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -22,7 +24,8 @@ from blitext.atomic import check_out
 from blitext.caption_counts import CaptionCounts
 from blitext.config import TrainerFields, default_cache_root, provenance, to_jsonable
 from blitext.console import say
-from blitext.data.text import TextCorpus, read_sentences
+from blitext.data.columns import GatherColumn, StringColumn
+from blitext.data.text import TextCorpus, first_copies, read_sentences, sorted_distinct_at
 from blitext.distributed import run_distributed
 from blitext.errors import BlitextError
 from blitext.loop import RunOptions, TrainerLoop, finish_run, resume_run
@@ -70,21 +73,33 @@ RESUME_KEYS = ("llm", "text_encoder", "n_prompt", "max_text_len", "end_of_text",
 
 @dataclass
 class Split:
-    train_ids: list[str]
-    train: list[str]
+    train_ids: Sequence[str]
+    train: Sequence[str]
     heldout: list[str]
 
 
 def split_corpus(corpus: TextCorpus, heldout: int, seed: int) -> Split:
-    """`heldout` distinct sentences (chosen by seed) are kept out of training, every copy of them."""
-    distinct = sorted(set(corpus.sentences))
+    """`heldout` distinct sentences (chosen by seed) are kept out of training, every copy of them:
+    the seed's permutation of sorted(set(sentences)), found without holding that set (text.py);
+    the training sentences are the corpus's columns seen through an index (8 B per sentence)."""
+    sentences = corpus.sentences
+    distinct = first_copies(sentences)
     if len(distinct) <= heldout:
         raise BlitextError(f"only {len(distinct)} distinct sentences for heldout={heldout}; "
                            f"pass a smaller --heldout or more text")
-    order = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = {distinct[i] for i in order[:heldout]}
-    train = [(k, s) for k, s in zip(corpus.ids, corpus.sentences) if s not in held]
-    return Split([k for k, _ in train], [s for _, s in train], [distinct[i] for i in order[:heldout]])
+    order = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(seed))[:heldout].tolist()
+    held = sorted_distinct_at(sentences, distinct, order)
+    train = np.flatnonzero(~_copies_of(sentences, set(held)))
+    return Split(GatherColumn(corpus.ids, train), GatherColumn(sentences, train), held)
+
+
+def _copies_of(sentences: StringColumn, held: set[str]) -> np.ndarray:
+    """True where a sentence is one of `held` (its length and then its text compared)."""
+    lengths = np.diff(sentences.offsets)
+    maybe = np.flatnonzero(np.isin(lengths, [len(s.encode()) for s in held]))
+    out = np.zeros(len(sentences), bool)
+    out[maybe] = [sentences._get(i) in held for i in maybe.tolist()]
+    return out
 
 
 class Batcher:

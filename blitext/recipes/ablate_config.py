@@ -2,6 +2,7 @@
 the grid of (w1, w2) cells, SMOKE, and what the data holds (Source, Splits, Extra, Cell)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -101,7 +102,7 @@ class Splits:
 
 @dataclass
 class Extra:
-    sentences: list[str]
+    sentences: Sequence[str]       # a list, or read_sentences' column
     sources: list[str]
     digest: str
 
