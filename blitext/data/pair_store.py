@@ -203,7 +203,8 @@ def stored_pairs(made_from: dict, parse: Callable[[], Pairs]) -> Pairs:
     info = dist_info()
     if info.world == 1 or not dist.is_initialized():
         return _open_or_build(folder, parse, made_from)
-    group = dist.new_group(backend="gloo", timeout=WAIT)  # the default group's (NCCL's) timeout may be shorter than a parse
+    # a group of its own to wait in: the default group's timeout (NCCL's 10 min) may be shorter than a parse
+    group = dist.new_group(backend="gloo", timeout=WAIT)
     try:
         pairs = _open_or_build(folder, parse, made_from) if info.rank == 0 else None
         dist.barrier(group=group)
