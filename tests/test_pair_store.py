@@ -163,3 +163,20 @@ def test_torchrun_two_ranks_one_parse(tmp_path):
         assert seen[0] == seen[1] and seen[0]["mapped"] == "mmap"
         assert {k: seen[0][k] for k in ("keys", "image_ids", "texts")} == \
             {k: v for k, v in as_lists(memory).items() if k in ("keys", "image_ids", "texts")}
+
+
+def test_a_feature_cache_whose_keys_change_is_a_new_accepts(tmp_path):
+    """train-adapter keys the stored columns by CachedFeatures.accepts: the key index's files,
+    rewritten whenever the cache's keys change (a resumed or re-made extraction)."""
+    from types import SimpleNamespace
+
+    from blitext.cache.keyindex import write_index
+    from blitext.data.pairs import CachedFeatures
+
+    features = CachedFeatures.__new__(CachedFeatures)
+    features.cache = SimpleNamespace(root=tmp_path)
+    write_index(tmp_path, [["a", "b"]])
+    before = features.accepts
+    assert features.accepts == before and str(tmp_path.resolve()) in before
+    write_index(tmp_path, [["a", "b", "c"]])
+    assert features.accepts != before
