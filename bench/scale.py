@@ -24,17 +24,22 @@ measured) is built once, then a fresh process measures:
   those, though they are page cache the kernel can drop).
   `*_uss_mb` of the main process likewise.
 With --inputs N..., the readers of inputs instead: a LAVIS caption JSON of N images (one
-caption each) through the pair reader (what train-adapter holds per caption), the same captions
-as a captions.jsonl (`pairs_jsonl`: read row by row, where the JSON is loaded whole first), and a
-text file of N sentences through read_sentences (what train-pformer and build-prompts hold),
-the same read and split as train-pformer splits it (`pformer_split`: held-out sentences drawn,
-the rest seen through an index), and build-prompts end to end on the caption JSON with a tiny
-random P-Former (`build_prompts`: captions read, ids checked, [CLS] rows written to a prompt
-cache; trained once per --workdir for one step on conftest's tiny BERT and OPT):
-wall and CPU seconds per entry, and memory per entry, each in a fresh process: `bytes` what the
-result holds (USS growth, after malloc_trim gave back what the reader freed), `columns` what the
-pair reader's columns hold by their own count (Pairs.nbytes), `peak` the most the process held
-while reading (the growth of the peak RSS, reset before the read).
+caption each) through the pair reader in memory (`pairs`), the same captions as a captions.jsonl
+(`pairs_jsonl`: read row by row, where the JSON is loaded whole first), the JSON through the pair
+reader's store as train-adapter reads it (`pairs_store`: parsed and written under
+<workdir>/cache/pairs/, then mapped; `pairs_mapped`: a later process, or another rank, mapping
+those files), and a text file of N sentences through read_sentences (what train-pformer and
+build-prompts hold), the same read and split as train-pformer splits it (`pformer_split`:
+held-out sentences drawn, the rest seen through an index), and build-prompts end to end on the
+caption JSON with a tiny random P-Former (`build_prompts`: captions read, ids checked, [CLS] rows
+written to a prompt cache; the P-Former trained once per --workdir for one step on conftest's
+tiny BERT and OPT): wall and CPU seconds per entry, and memory per entry, each in a fresh
+process: `bytes` what the result holds (USS growth, after malloc_trim gave back what the reader
+freed), `anon` the growth of the process's own memory (RssAnon: not the mapped files' pages),
+`columns` what the pair reader's columns hold by their own count (Pairs.nbytes), `peak` the most
+the process held while reading (the growth of the peak RSS, reset before the read). For
+`pairs_mapped` also after one pass over every key, image id and text: `anon_after_pass` and
+`file_after_pass` (RssFile: the mapped pages touched, page cache shared by a machine's ranks).
 Goals (issue 20) at 10^7 rows: open < 1 s, RSS < 200 MB, worker USS < 50 MB, read and lookup
 rates within 10% of their 10^4-row values. Timings on a shared machine: compare runs made together.
 
@@ -177,7 +182,7 @@ def _private_dirty(pid: int) -> float:
     return float("nan")
 
 
-READERS = ("pairs", "pairs_jsonl", "sentences", "pformer_split", "build_prompts")
+READERS = ("pairs", "pairs_jsonl", "pairs_store", "pairs_mapped", "sentences", "pformer_split", "build_prompts")
 
 
 def measure_inputs(folder: Path, n: int, reader: str) -> dict:
@@ -195,8 +200,10 @@ def measure_inputs(folder: Path, n: int, reader: str) -> dict:
         jsonl.write_text("".join(json.dumps({"image": r["image"], "id": r["image_id"], "caption": r["caption"]}) + "\n"
                                  for r in rows))
         text.write_text("".join(f"a photo of thing number {i} on a table\n" for i in range(n)))
+    stored = lambda: read_pairs([str(captions)], str(folder), lambda image_id: True, accepts="bench")  # noqa: E731
     read = {"pairs": lambda: read_pairs([str(captions)], str(folder), lambda image_id: True),
             "pairs_jsonl": lambda: read_pairs([str(jsonl)], str(folder), lambda image_id: True),
+            "pairs_store": stored, "pairs_mapped": stored,  # the first parses and writes, the second maps
             "sentences": lambda: read_sentences([str(text)]),
             "pformer_split": lambda: _read_and_split(text),
             "build_prompts": lambda: _build_prompts(folder, captions)}[reader]
@@ -206,16 +213,35 @@ def measure_inputs(folder: Path, n: int, reader: str) -> dict:
         _tiny_pformer(folder)  # trained before measuring
     me = psutil.Process()
     _return_free_memory()  # before as after: else the imports' spare heap, given back after, reads as negative growth
-    before, rss_before = _uss(me), _reset_peak_rss()
+    before, rss_before, anon_before = _uss(me), _reset_peak_rss(), _status_kb("RssAnon")
     t0, cpu0 = time.perf_counter(), time.process_time()
     held = read()  # held while its memory is measured
     # CPU time too: on a shared machine the wall time also counts the waits for a core
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     _return_free_memory()
     columns = {f"{reader}_columns_bytes_per_entry": round(held.nbytes() / n)} if hasattr(held, "nbytes") else {}
-    return {f"{reader}_us_per_entry": round(1e6 * wall / n, 2), f"{reader}_cpu_us_per_entry": round(1e6 * cpu / n, 2),
-            f"{reader}_bytes_per_entry": round((_uss(me) - before) * 2**20 / n), **columns,
-            f"{reader}_peak_bytes_per_entry": round((_status_kb("VmHWM") - rss_before) * 1024 / n)}
+    figures = {f"{reader}_us_per_entry": round(1e6 * wall / n, 2), f"{reader}_cpu_us_per_entry": round(1e6 * cpu / n, 2),
+               f"{reader}_bytes_per_entry": round((_uss(me) - before) * 2**20 / n), **columns,
+               f"{reader}_anon_bytes_per_entry": round((_status_kb("RssAnon") - anon_before) * 1024 / n, 1),
+               f"{reader}_peak_bytes_per_entry": round((_status_kb("VmHWM") - rss_before) * 1024 / n)}
+    if reader == "pairs_mapped":
+        if held.store is None:
+            raise RuntimeError("pairs_mapped: the pair reader did not map its columns (is the cache root writable?)")
+        figures.update(_after_a_pass(held, n, anon_before))
+    return figures
+
+
+def _after_a_pass(pairs, n: int, anon_before: int) -> dict:
+    """The mapped columns' memory after every key, image id and text was read once: the
+    process's own (anonymous) memory, and the mapped file pages it touched (RssFile, the page
+    cache that every rank of a machine shares)."""
+    file_before = _status_kb("RssFile")
+    for column in (pairs.keys, pairs.image_ids, pairs.texts):
+        for _ in column:
+            pass
+    _return_free_memory()
+    return {"pairs_mapped_anon_after_pass_bytes_per_entry": round((_status_kb("RssAnon") - anon_before) * 1024 / n, 1),
+            "pairs_mapped_file_after_pass_bytes_per_entry": round((_status_kb("RssFile") - file_before) * 1024 / n, 1)}
 
 
 def _read_and_split(text: Path):
@@ -363,9 +389,11 @@ def measure_all_inputs(work: Path, args) -> None:
     results = []
     for n in args.inputs:
         figures = {"entries": n}
+        shutil.rmtree(work / "cache" / "pairs", ignore_errors=True)  # pairs_store parses and writes, not reuses
+        env = {**os.environ, "BLITEXT_CACHE": str(work / "cache")}
         for reader in args.readers:
             line = subprocess.run([sys.executable, __file__, "--measure-inputs", str(n), "--reader", reader,
-                                   "--workdir", str(work)], check=True, capture_output=True, text=True).stdout
+                                   "--workdir", str(work)], check=True, capture_output=True, text=True, env=env).stdout
             figures.update(json.loads(line.splitlines()[-1]))
         results.append(figures)
         print(json.dumps(figures), flush=True)

@@ -197,7 +197,7 @@ def _setup(config: AdapterConfig, device: str) -> Setup:
                                     fix="re-run extract-features with this encoder, or pass its --features")
         source = CachedFeatures(features)
     captions = config.captions or default_captions(features)
-    pairs = read_pairs(captions, config.image_root, lambda image_id: image_id in source)
+    pairs = read_pairs(captions, config.image_root, lambda image_id: image_id in source, source.accepts)
     if config.online:
         source.refs = pairs.image_refs
     prompts = prompt_cache(config, pairs)

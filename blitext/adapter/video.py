@@ -159,7 +159,8 @@ def _setup(config: VideoAdapterConfig, device: str) -> Setup:
                            f"(made by {features.producer.get('encoder')}), not video: pass a cache from "
                            f"extract-features --modality video (or import-features)")
     source = CachedFeatures(features)
-    pairs = read_pairs(config.captions or default_captions(features), None, lambda video_id: video_id in source)
+    pairs = read_pairs(config.captions or default_captions(features), None, lambda video_id: video_id in source,
+                       source.accepts)
     prompts = prompt_cache(config, pairs)
     llm = load_llm(config.llm, device=device)
     if config.grad_checkpointing:

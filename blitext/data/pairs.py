@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from blitext.cache import FeatureCache
+from blitext.cache.keyindex import FILES as INDEX_FILES, INDEX_DIR
 from blitext.config import default_cache_root
 from blitext.console import say
 from blitext.data.columns import GatherColumn, ImageRefs, KeyColumn, StringBuilder
@@ -38,6 +39,7 @@ class Pairs:
     skipped: int = 0                            # captions whose image has no features (failed extraction)
     blank: int = 0                              # blank captions the readers skipped (reported once)
     no_caption: int = 0                         # caption rows without a caption (in the run's end line)
+    store: Path | None = None                   # the folder the columns are mapped from (pair_store.py), if any
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -143,15 +145,32 @@ def default_captions(features: FeatureCache | None) -> list[str]:
                        "the feature cache's keys)")
 
 
-def read_pairs(caption_files: list[str], image_root: str | None, has_image) -> Pairs:
-    """Every caption of an image that has_image(id) accepts, as compact columns, read row by row."""
+EVERY_ID = "every id"  # read_pairs' `accepts` for a has_image that accepts every id
+
+
+def read_pairs(caption_files: list[str], image_root: str | None, has_image, accepts: str | None = None) -> Pairs:
+    """Every caption of an image that has_image(id) accepts, as compact columns, read row by row.
+
+    `accepts`: a string that changes whenever has_image's answers may (CachedFeatures.accepts).
+    Given it, the columns are parsed once per machine into files under the cache root and
+    memory-mapped by every process (pair_store.py); None: parsed into this process's memory."""
     paths = expand_paths(caption_files)
+    parse = lambda: _parse(paths, image_root, has_image, caption_files)  # noqa: E731
+    if accepts is None:
+        pairs = parse()
+    else:
+        from blitext.data import pair_store  # it builds Pairs: imported here, not above, to avoid a cycle
+        pairs = pair_store.stored_pairs(pair_store.inputs(paths, image_root, accepts), parse)
+    if pairs.blank:
+        say(f"{pairs.blank} blank caption{'s' if pairs.blank != 1 else ''} skipped in {', '.join(map(str, paths))}")
+    return pairs
+
+
+def _parse(paths: list[Path], image_root: str | None, has_image, caption_files: list[str]) -> Pairs:
     columns = _PairColumns(has_image)
     for path in paths:
         columns.read(path, image_root)
     pairs = columns.pairs()
-    if pairs.blank:
-        say(f"{pairs.blank} blank caption{'s' if pairs.blank != 1 else ''} skipped in {', '.join(map(str, paths))}")
     if not len(pairs):
         raise BlitextError(f"no caption in {caption_files} has an image in the features: were they made from "
                            f"the same data? ({pairs.skipped} captions without features)")
@@ -168,6 +187,14 @@ class CachedFeatures:
 
     def __contains__(self, image_id: str) -> bool:
         return image_id in self.cache
+
+    @property
+    def accepts(self) -> str:
+        """Which ids have features, as a string that changes when they may: the key index's
+        files (rewritten whenever the cache's keys change), for read_pairs' stored columns."""
+        index = self.cache.root.resolve() / INDEX_DIR
+        stats = [(index / name).stat() for name in INDEX_FILES]
+        return " ".join([f"features {index}", *(f"{s.st_size}:{s.st_mtime_ns}" for s in stats)])
 
     def read(self, image_ids: list[str]):
         return self.cache.get_batch(image_ids)
@@ -189,6 +216,8 @@ class OnlineFeatures:
 
     def __contains__(self, image_id: str) -> bool:
         return True  # every captioned image is encoded; a bad file is an error naming it
+
+    accepts = EVERY_ID  # read_pairs' stored columns: what __contains__ accepts
 
     def _pixels(self, image_id: str) -> torch.Tensor:
         root, ref = self.refs[image_id]

@@ -25,7 +25,7 @@ from blitext.cache.verify import cache_info
 from blitext.checkpoint import latest_checkpoint, load_weights
 from blitext.config import default_cache_root, provenance
 from blitext.console import progress_bar, say
-from blitext.data.pairs import read_pairs
+from blitext.data.pairs import EVERY_ID, read_pairs
 from blitext.data.text import expand_paths, first_repeat, read_sentences
 from blitext.distributed import run_distributed
 from blitext.errors import BlitextError
@@ -145,12 +145,12 @@ def _build(config: BuildPromptsConfig, device: str, info) -> dict:
 
 def read_captions(paths: list[str]) -> tuple[Sequence[str], Sequence[str]]:
     """(ids, texts) to make prompts of. Caption datasets are read as train-adapter reads them
-    (read_pairs: ids <image_id>#k, compact columns, row by row where the format allows), so the
-    prompt cache's keys are the pairs' by construction; text files line by line (ids <file>:<line>)."""
+    (read_pairs: ids <image_id>#k, row by row where the format allows, into columns mapped from
+    the cache root), so the prompt cache's keys are the pairs' by construction; text files line by line (ids <file>:<line>)."""
     files = expand_paths(paths)
     text = [path for path in files if _is_text_file(path)]
     if not text:
-        pairs = read_pairs([str(path) for path in files], None, lambda image_id: True)
+        pairs = read_pairs([str(path) for path in files], None, lambda image_id: True, EVERY_ID)
         return pairs.keys, pairs.texts
     if len(text) < len(files):
         raise BlitextError(f"--captions mixes text files ({text[0]}) with caption datasets; make prompts of each "
