@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import blitext.data.text as text
-from blitext.data.text import TextCorpus, first_copies, first_repeat, sorted_distinct_at
+from blitext.data.text import TextCorpus, first_copies, first_copy_of, first_repeat, sorted_distinct_at
 from blitext.pformer.train import split_corpus
 
 # shared prefixes past 8 bytes, multi-byte UTF-8, a NUL and one-byte strings: every place the
@@ -63,6 +63,17 @@ def test_distinct_repeat_and_ranks_equal_a_sets(hashes, seed):
     assert sorted_distinct_at(sentences, first, ranks) == [ordered[r] for r in ranks]
     seen: set[str] = set()
     assert first_repeat(sentences) == next(s for s in as_list if s in seen or seen.add(s))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_first_copy_numbers_group_as_a_dict_does(hashes, seed):
+    """train-adapter's same-image / same-caption groups: one number per distinct string."""
+    sentences = corpus(300, seed).sentences
+    numbers = first_copy_of(sentences)
+    by_dict: dict[str, int] = {}
+    dense = [by_dict.setdefault(s, len(by_dict)) for s in sentences]
+    pairs = [(i, j) for i in range(0, 300, 7) for j in range(300)]
+    assert [numbers[i] == numbers[j] for i, j in pairs] == [dense[i] == dense[j] for i, j in pairs]
 
 
 def test_no_repeat_in_distinct_ids():

@@ -158,19 +158,24 @@ def string_hashes(strings: Sequence[str]) -> np.ndarray:
     return np.fromiter(map(hash, strings), np.int64, len(strings))
 
 
-def first_copies(column: Sequence[str]) -> np.ndarray:
-    """The index of each distinct string's first copy, ascending: what a set would keep."""
-    hashes = string_hashes(column)
+def first_copy_of(strings: Sequence[str]) -> np.ndarray:
+    """For each string, the index of its first copy: equal strings get one number, different
+    strings different ones (what a dict numbering them gives, without the dict)."""
+    hashes = string_hashes(strings)
     _, first, group = np.unique(hashes, return_index=True, return_inverse=True)
-    copies = np.flatnonzero(first[group] != np.arange(len(column)))
-    clashes = [i for i, j in zip(copies.tolist(), first[group[copies]].tolist()) if column[i] != column[j]]
+    out = first[group.reshape(-1)]
+    copies = np.flatnonzero(out != np.arange(len(strings)))
+    clashes = [i for i in copies.tolist() if strings[i] != strings[int(out[i])]]
     if clashes:  # different strings with one hash (~1 in 10^5 at 12M strings): tell them apart by text
-        members = np.flatnonzero(np.isin(group, group[clashes]))
         by_text: dict[str, int] = {}
-        for i in members.tolist():
-            by_text.setdefault(column[i], i)
-        first = np.union1d(first, list(by_text.values()))
-    return np.sort(first)
+        for i in np.flatnonzero(np.isin(group, group[clashes])).tolist():
+            out[i] = by_text.setdefault(strings[i], i)
+    return out
+
+
+def first_copies(strings: Sequence[str]) -> np.ndarray:
+    """The index of each distinct string's first copy, ascending: what a set would keep."""
+    return np.flatnonzero(first_copy_of(strings) == np.arange(len(strings)))
 
 
 def first_repeat(column: Sequence[str]) -> str | None:
