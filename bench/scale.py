@@ -61,6 +61,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -249,7 +250,8 @@ def _read_and_split(text: Path):
     from blitext.pformer.train import split_corpus
 
     corpus = read_sentences([str(text)])
-    return corpus, split_corpus(corpus, 64, 0)
+    split = split_corpus(corpus, 64, 0)
+    return SimpleNamespace(corpus=corpus, split=split, nbytes=lambda: corpus.nbytes() + split.train.index.nbytes)
 
 
 def _build_prompts(folder: Path, captions: Path) -> dict:

@@ -50,6 +50,10 @@ class TextCorpus:
     def __len__(self) -> int:
         return len(self._sentences.offsets) - 1
 
+    def nbytes(self) -> int:
+        """What the columns hold: the UTF-8 of every id and sentence and their offsets."""
+        return self.ids.nbytes + self.sentences.nbytes
+
 
 def expand_paths(patterns: list[str] | str) -> list[Path]:
     if isinstance(patterns, str):
