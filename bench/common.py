@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 
@@ -16,6 +17,16 @@ def machine() -> dict:
 
     return {"date": datetime.date.today().isoformat(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def git_commit() -> str:
+    """This checkout's commit, "+dirty" when tracked files differ from it: call it when a bench
+    starts, so a commit made while it runs is not recorded as the one measured."""
+    root = Path(__file__).parents[1]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True).stdout.strip()
+    return head + ("+dirty" if dirty else "")
 
 
 def write_result(name: str, result: dict) -> Path:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_result  # noqa: E402
+from common import git_commit, write_result  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -111,6 +111,7 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def main(argv=None) -> None:
+    commit = git_commit()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=10_000)
     ap.add_argument("--per-tar", type=int, default=1_000)
@@ -138,7 +139,7 @@ def main(argv=None) -> None:
     same = shard_bytes(work / "full") == shard_bytes(work / "killed")
     gpus = args.ranks if args.device.startswith("cuda") else 1  # on a CPU the ranks share the cores
     write_result("extract_scale", {
-        "command": "python bench/extract_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commit": commit, "command": "python bench/extract_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "note": args.note, "images": args.images, "per_tar": args.per_tar, "ranks": args.ranks,
         "encoder": args.encoder, "device": args.device, "batch_size": args.batch_size, "skip": args.skip,
         "bare_images_per_s": round(bare, 2), "bare_reference_images_per_s": round(bare * gpus, 2),

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
-from common import write_result  # noqa: E402
+from common import git_commit, write_result  # noqa: E402
 from fault_cases import damaged_cache_fault, damaged_checkpoint_fault, kill_fault, real_disk_faults, \
     write_fault  # noqa: E402
 from fault_checks import break_metadata, flip_rows, truncate  # noqa: E402
@@ -51,13 +50,6 @@ from fault_world import commands, env, make_world, timed_reference  # noqa: E402
 
 
 # ---------------------------------------------------------------- main
-
-def git_commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
-    return head + ("+dirty" if dirty else "")
-
 
 def main() -> None:
     ap = argparse.ArgumentParser()
