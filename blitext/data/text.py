@@ -31,7 +31,8 @@ class TextCorpus:
 
     def __init__(self):
         self._ids, self._sentences = StringBuilder(), StringBuilder()
-        self.counts: Counter = Counter()  # read, empty lines skipped, lines with replaced bytes, caption rows without a caption
+        # sentences read, empty lines skipped, lines with replaced bytes, caption rows without a caption
+        self.counts: Counter = Counter()
         self.files: list[str] = []
 
     def add(self, key: str, sentence: str) -> None:
@@ -205,7 +206,7 @@ def sorted_distinct_at(column: StringColumn, distinct: np.ndarray, ranks: list[i
         lo = int(np.searchsorted(ordered, ordered[r], "left"))
         if lo not in runs:
             hi = int(np.searchsorted(ordered, ordered[r], "right"))
-            runs[lo] = sorted(column._get(i) for i in distinct[order[lo:hi]].tolist())
+            runs[lo] = sorted(column[i] for i in distinct[order[lo:hi]].tolist())
         out.append(runs[lo][r - lo])
     return out
 

@@ -146,7 +146,8 @@ def _build(config: BuildPromptsConfig, device: str, info) -> dict:
 def read_captions(paths: list[str]) -> tuple[Sequence[str], Sequence[str]]:
     """(ids, texts) to make prompts of. Caption datasets are read as train-adapter reads them
     (read_pairs: ids <image_id>#k, row by row where the format allows, into columns mapped from
-    the cache root), so the prompt cache's keys are the pairs' by construction; text files line by line (ids <file>:<line>)."""
+    the cache root), so the prompt cache's keys are the pairs' by construction; text files line
+    by line (ids <file>:<line>)."""
     files = expand_paths(paths)
     text = [path for path in files if _is_text_file(path)]
     if not text:

@@ -98,7 +98,7 @@ def _copies_of(sentences: StringColumn, held: set[str]) -> np.ndarray:
     lengths = np.diff(sentences.offsets)
     maybe = np.flatnonzero(np.isin(lengths, [len(s.encode()) for s in held]))
     out = np.zeros(len(sentences), bool)
-    out[maybe] = [sentences._get(i) in held for i in maybe.tolist()]
+    out[maybe] = [sentences[i] in held for i in maybe.tolist()]
     return out
 
 
