@@ -57,8 +57,8 @@ class PlanItems(Sequence):
         lengths = np.diff(np.asarray(self.refs.ids.offsets))[self.index]
         return float(lengths.mean()) if len(lengths) else 0.0
 
-    @property
     def nbytes(self) -> int:
+        """What the columns hold (mapped from the store, or in memory): ids, references, the index."""
         return self.refs.ids.nbytes + self.refs.refs.nbytes + self.index.nbytes
 
 
