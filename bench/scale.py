@@ -33,7 +33,10 @@ build-prompts hold), the same read and split as train-pformer splits it (`pforme
 held-out sentences drawn, the rest seen through an index), and build-prompts end to end on the
 caption JSON with a tiny random P-Former (`build_prompts`: captions read, ids checked, [CLS] rows
 written to a prompt cache; the P-Former trained once per --workdir for one step on conftest's
-tiny BERT and OPT): wall and CPU seconds per entry, and memory per entry, each in a fresh
+tiny BERT and OPT), and extract-features' plan of the caption JSON, no encoder (`extract_plan`:
+the items every rank holds, parsed and written to the store; `extract_plan_mapped`: a later
+process mapping it; `worker_copied` for both: what a forked DataLoader worker wrote itself after
+reading every item once, the pages its reference counts copied): wall and CPU seconds per entry, and memory per entry, each in a fresh
 process: `bytes` what the result holds (USS growth, after malloc_trim gave back what the reader
 freed), `anon` the growth of the process's own memory (RssAnon: not the mapped files' pages),
 `columns` what the pair reader's columns hold by their own count (Pairs.nbytes), `peak` the most
@@ -183,7 +186,8 @@ def _private_dirty(pid: int) -> float:
     return float("nan")
 
 
-READERS = ("pairs", "pairs_jsonl", "pairs_store", "pairs_mapped", "sentences", "pformer_split", "build_prompts")
+READERS = ("pairs", "pairs_jsonl", "pairs_store", "pairs_mapped", "sentences", "pformer_split", "build_prompts",
+           "extract_plan", "extract_plan_mapped")
 
 
 def measure_inputs(folder: Path, n: int, reader: str) -> dict:
@@ -207,8 +211,11 @@ def measure_inputs(folder: Path, n: int, reader: str) -> dict:
             "pairs_store": stored, "pairs_mapped": stored,  # the first parses and writes, the second maps
             "sentences": lambda: read_sentences([str(text)]),
             "pformer_split": lambda: _read_and_split(text),
-            "build_prompts": lambda: _build_prompts(folder, captions)}[reader]
-    if reader in ("pformer_split", "build_prompts"):
+            "build_prompts": lambda: _build_prompts(folder, captions),
+            # the first plans (and writes the store), the second maps what the first wrote
+            "extract_plan": lambda: _extract_plan(captions), "extract_plan_mapped": lambda: _extract_plan(captions)}[reader]
+    if reader in ("pformer_split", "build_prompts", "extract_plan", "extract_plan_mapped"):
+        import blitext.features.image  # noqa: F401
         import blitext.pformer.prompts  # noqa: F401  (torch and transformers: imported before measuring)
     if reader == "build_prompts":
         _tiny_pformer(folder)  # trained before measuring
@@ -229,7 +236,37 @@ def measure_inputs(folder: Path, n: int, reader: str) -> dict:
         if held.store is None:
             raise RuntimeError("pairs_mapped: the pair reader did not map its columns (is the cache root writable?)")
         figures.update(_after_a_pass(held, n, anon_before))
+    if reader.startswith("extract_plan"):
+        figures[f"{reader}_worker_copied_bytes_per_entry"] = round(_worker_copies(held) * 2**20 / n)
     return figures
+
+
+def _extract_plan(captions: Path):
+    """extract-features' items of the caption JSON (no encoder): what each rank holds while it extracts."""
+    from blitext.features.image import ExtractConfig, plan_items
+
+    return plan_items(ExtractConfig(data=str(captions)))
+
+
+def _worker_copies(items) -> float:
+    """MB a forked process (a DataLoader worker) wrote itself after reading every item once, as
+    DecodedImages does: touching the parent's objects' reference counts copies their pages
+    (pytorch#13246); pages of mapped files or numpy arrays stay shared."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker
+        os.close(read)
+        before = _private_dirty(os.getpid())
+        for i in range(len(items)):
+            item = items[i]
+            item.key, item.root, item.ref  # noqa: B018  (what a worker reads of an item)
+        os.write(write, str(_private_dirty(os.getpid()) - before).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        copied = float(f.read())
+    os.waitpid(pid, 0)
+    return copied
 
 
 def _after_a_pass(pairs, n: int, anon_before: int) -> dict:

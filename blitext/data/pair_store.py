@@ -192,24 +192,29 @@ def _map(path: Path) -> mmap.mmap | bytes:
 
 # ---------------------------------------------------------------- one parse per machine
 
-def stored_pairs(made_from: dict, parse: Callable[[], Pairs]) -> Pairs:
+def _pair_count(pairs: Pairs) -> str:
+    return f"{len(pairs):,} pairs"
+
+
+def stored_pairs(made_from: dict, parse: Callable[[], Pairs], counted: Callable[[Pairs], str] = _pair_count) -> Pairs:
     """The columns of these inputs (`inputs()`) mapped from their folder, which the first process
     to need them parses and writes.
 
     Under torchrun, rank 0 builds while the others wait; a node that does not see its folder
     (a node-local cache root) has its local rank 0 build its own. Where the folder cannot be
-    written, the columns stay in memory, as in every rank before this store."""
+    written, the columns stay in memory, as in every rank before this store. `counted(pairs)`
+    says what the columns hold in the messages."""
     folder = pairs_folder(made_from)
     info = dist_info()
     if info.world == 1 or not dist.is_initialized():
-        return _open_or_build(folder, parse, made_from)
+        return _open_or_build(folder, parse, made_from, counted)
     # a group of its own to wait in: the default group's timeout (NCCL's 10 min) may be shorter than a parse
     group = dist.new_group(backend="gloo", timeout=WAIT)
     try:
-        pairs = _open_or_build(folder, parse, made_from) if info.rank == 0 else None
+        pairs = _open_or_build(folder, parse, made_from, counted) if info.rank == 0 else None
         dist.barrier(group=group)
         if info.rank != 0 and info.local_rank == 0:
-            pairs = _open_or_build(folder, parse, made_from)
+            pairs = _open_or_build(folder, parse, made_from, counted)
         dist.barrier(group=group)
     finally:
         dist.destroy_process_group(group)
@@ -218,11 +223,11 @@ def stored_pairs(made_from: dict, parse: Callable[[], Pairs]) -> Pairs:
     return pairs
 
 
-def _open_or_build(folder: Path, parse: Callable[[], Pairs], made_from: dict) -> Pairs:
+def _open_or_build(folder: Path, parse: Callable[[], Pairs], made_from: dict, counted) -> Pairs:
     why = problem(folder)
     if why is None:
         pairs = open_pairs(folder)
-        say(f"caption columns of {len(pairs):,} pairs reused from {folder} (the caption files are unchanged)",
+        say(f"caption columns of {counted(pairs)} reused from {folder} (the caption files are unchanged)",
             soft_wrap=True)
         return pairs
     if folder.exists():
@@ -235,6 +240,6 @@ def _open_or_build(folder: Path, parse: Callable[[], Pairs], made_from: dict) ->
             f"({e.strerror or e}); make the cache root ($BLITEXT_CACHE) writable to share them between ranks",
             soft_wrap=True)
         return pairs
-    say(f"caption columns of {len(pairs):,} pairs written to {folder}, mapped by every rank; a later run "
+    say(f"caption columns of {counted(pairs)} written to {folder}, mapped by every rank; a later run "
         f"with the same caption files and features reuses them", soft_wrap=True)
     return open_pairs(folder)

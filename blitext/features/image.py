@@ -24,9 +24,9 @@ from blitext.cache.verify import cache_info
 from blitext.config import default_cache_root, provenance
 from blitext.console import RateLimitedWarnings, progress_bar, rank_logger, say
 from blitext.data.images import load_image
-from blitext.data.readers import read_image_set
 from blitext.distributed import run_distributed
 from blitext.errors import BadInputError, BlitextError
+from blitext.features.plan import PlanItems, plan_items
 from blitext.models.loading import load_vision_encoder
 from blitext.models.registry import DEFAULT_VISION_ENCODER
 
@@ -55,45 +55,11 @@ class ExtractConfig:
                                "(batches never cross shards, so resumed runs repeat the same batches)")
 
 
-@dataclass(frozen=True)
-class Item:
-    key: str
-    root: Path
-    ref: str
-
-
-def image_sets(data: str, image_root: str | None):
-    """Input path(s), or a prepared dataset (its name, or its folder of captions*.json)."""
-    path = Path(data)
-    if not path.exists() and "*" not in data:
-        path = default_cache_root() / "data" / data
-        if not path.is_dir():
-            raise BlitextError(f"--data {data!r} is neither a file or folder nor a prepared dataset in "
-                               f"{path.parent}: run `blitext data prepare {data}` or pass a path")
-    prepared = sorted(path.glob("captions*.json")) if path.is_dir() else []
-    if prepared:
-        return [read_image_set(f, image_root) for f in prepared]
-    return [read_image_set(data if "*" in data else path, image_root)]
-
-
-def plan_items(config, what: str = "images") -> list[Item]:
-    """The items of `config.data` (an ExtractConfig or VideoExtractConfig), each id once, first `limit`."""
-    items, seen = [], set()
-    for image_set in image_sets(config.data, config.image_root):
-        for rec in image_set.records:
-            if rec.id in seen:
-                continue  # the same image or video listed by two splits or files is stored once
-            seen.add(rec.id)
-            items.append(Item(rec.id, image_set.root, rec.image))
-    if not items:
-        raise BlitextError(f"--data {config.data!r} lists no {what}")
-    return items[:config.limit] if config.limit else items
-
-
 class DecodedImages(Dataset):
-    """Runs in DataLoader workers: (index, pixels or None, why it failed or None)."""
+    """Runs in DataLoader workers: (index, pixels or None, why it failed or None). The items are
+    columns (plan.py): forked workers share their pages instead of copying an object per image."""
 
-    def __init__(self, items: list[Item], preprocess, max_pixels: int):
+    def __init__(self, items: PlanItems, preprocess, max_pixels: int):
         self.items, self.preprocess, self.max_pixels = items, preprocess, max_pixels
 
     def __len__(self) -> int:
@@ -150,10 +116,10 @@ def plan_storage(config: ExtractConfig) -> dict:
     items = plan_items(config)
     encoder = load_vision_encoder(config.vision_encoder, device="cpu")
     shape = encoder.token_shape()
-    key_bytes = sum(len(it.key.encode()) for it in items) / max(1, len(items))
     stored = STORES[config.store] or config.dtype
+    row_bytes = estimated_row_bytes(shape, stored, round(items.mean_key_bytes()))
     return {"images": len(items), "row_shape": list(shape), "dtype": config.dtype, "store": stored,
-            "encoder": encoder.fingerprint, "bytes_per_row": estimated_row_bytes(shape, stored, round(key_bytes))}
+            "encoder": encoder.fingerprint, "bytes_per_row": row_bytes}
 
 
 def _extract(config: ExtractConfig, device: str, info) -> dict:
@@ -162,7 +128,7 @@ def _extract(config: ExtractConfig, device: str, info) -> dict:
     encoder = load_vision_encoder(config.vision_encoder, device=device).to(encoder_dtype(config.precision, device))
     say(f"extract-features: {len(items):,} images -> {out} with {encoder.fingerprint} on {device}"
         + (f" ({info.world} ranks)" if info.world > 1 else ""))
-    plan = CachePlan(out, "image-features", encoder.producer(), [it.key for it in items], config.shard_size,
+    plan = CachePlan(out, "image-features", encoder.producer(), items.keys, config.shard_size,
                      config.dtype, store=STORES[config.store], provenance=provenance(config))
     return fill_cache(plan, info, lambda shards, warnings: _write_shards(
         plan, shards, items, encoder, config, device, warnings))

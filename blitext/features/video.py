@@ -23,7 +23,8 @@ from blitext.console import say
 from blitext.data.video import decode_video
 from blitext.distributed import run_distributed
 from blitext.errors import BadInputError, BlitextError
-from blitext.features.image import Item, encoder_dtype, fill_cache, plan_items, shard_batches, write_batches
+from blitext.features.image import encoder_dtype, fill_cache, shard_batches, write_batches
+from blitext.features.plan import PlanItems, plan_items
 from blitext.models.registry import DEFAULT_VISION_ENCODER
 from blitext.models.video import I3D_PREFIX, Segmenting, load_video_encoder
 
@@ -69,7 +70,7 @@ class VideoExtractConfig:
 class DecodedVideos(Dataset):
     """Runs in DataLoader workers: (index, one input per segment or None, why it failed or None)."""
 
-    def __init__(self, items: list[Item], prepare, fps: float, size: tuple[int | None, int | None]):
+    def __init__(self, items: PlanItems, prepare, fps: float, size: tuple[int | None, int | None]):
         self.items, self.prepare, self.fps, self.size = items, prepare, fps, size
 
     def __len__(self) -> int:
@@ -112,7 +113,7 @@ def _extract(config: VideoExtractConfig, device: str, info) -> dict:
                                  config.crop, device).to(encoder_dtype(config.precision, device))
     say(f"extract-features: {len(items):,} videos -> {out} with {encoder.fingerprint} on {device}"
         + (f" ({info.world} ranks)" if info.world > 1 else ""))
-    plan = CachePlan(out, KIND, encoder.producer(), [it.key for it in items], config.shard_size, config.dtype,
+    plan = CachePlan(out, KIND, encoder.producer(), items.keys, config.shard_size, config.dtype,
                      variable_length=True, provenance=provenance(config))
 
     return fill_cache(plan, info, lambda shards, warnings: _write_shards(
