@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import mmap
 import os
 import shutil
 import socket
@@ -30,6 +29,7 @@ import numpy as np
 import torch.distributed as dist
 
 from blitext.atomic import fsync_tree, read_json, remove_folder, write_json
+from blitext.cache.keyindex import _map  # a whole file mapped read-only, as the key index maps keys.bin
 from blitext.config import default_cache_root
 from blitext.console import say
 from blitext.data.columns import GatherColumn, ImageRefs, KeyColumn, StringColumn
@@ -181,13 +181,6 @@ def _load(path: Path) -> np.ndarray:
             return np.load(path)
     except (ValueError, OSError, EOFError) as e:
         raise _damaged(path.parent, f"{path.name}: {e}") from None
-
-
-def _map(path: Path) -> mmap.mmap | bytes:
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return b""  # mmap refuses an empty file
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 # ---------------------------------------------------------------- one parse per machine
