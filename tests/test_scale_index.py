@@ -30,7 +30,7 @@ def test_manifest_keeps_shard_summaries_and_keys_are_found_through_the_index(tmp
 
 
 def test_keys_with_one_hash_are_told_apart_by_their_stored_string(tmp_path, monkeypatch):
-    monkeypatch.setattr(keyindex, "hash_bytes", lambda key: 7)  # every key collides
+    _hash_all_keys_as(monkeypatch, lambda key: 7)  # every key collides
     rows = random_rows(6)
     build(tmp_path / "c", rows, shard_size=4)
     cache = FeatureCache(tmp_path / "c")
@@ -171,7 +171,7 @@ def test_every_key_of_a_larger_cache_is_found_and_others_are_not(tmp_path):
 
 def test_lookups_hold_when_hashes_are_not_uniform(tmp_path, monkeypatch):
     """Skewed hashes pile up in long runs of slots past their home: slower to find, still found."""
-    monkeypatch.setattr(keyindex, "hash_bytes", lambda key: int(key[-4:]) % 1500)  # small, repeated
+    _hash_all_keys_as(monkeypatch, lambda key: int(key[-4:]) % 1500)  # small, repeated
     keys = _many(tmp_path / "c")
     index = FeatureCache(tmp_path / "c").index
     assert [index.locate(k) for k in keys] == list(range(len(keys)))
@@ -248,3 +248,94 @@ def test_a_shard_read_through_hdf5_bounds_its_metadata_cache(tmp_path):
     file = cache._files[0].file.id
     assert file.get_mdc_config().max_size == METADATA_CACHE_BYTES <= 256 * 1024
     assert file.get_mdc_size()[2] <= METADATA_CACHE_BYTES
+
+
+def _hash_all_keys_as(monkeypatch, fn):
+    """Every key hashed by fn, one at a time (locate) and in batches (locate_many, the writer)."""
+    monkeypatch.setattr(keyindex, "hash_bytes", fn)
+    monkeypatch.setattr(keyindex, "hash_many", lambda keys: np.array([fn(k) for k in keys], np.uint64))
+
+
+def _asked(keys):
+    """The cache's keys with some it lacks: longer, shorter, empty, non-ASCII, one of another's length."""
+    return keys + [k + "x" for k in keys[::97]] + [keys[5][:-1], "", "bïld-ünicode", "COCO_train2014_99999999999x"]
+
+
+def test_hashes_in_batches_are_the_single_hashes():
+    keys = [k.encode() for k in ["", "a", "COCO_train2014_000000123456", "bïld", "x" * 300]]
+    assert keyindex.hash_many(keys).tolist() == [keyindex.hash_bytes(k) for k in keys]
+    assert keyindex.hash_many([]).dtype == np.uint64 and len(keyindex.hash_many([])) == 0
+
+
+@pytest.mark.parametrize("batch", [1, 7, 512])
+def test_batches_of_lookups_find_what_single_lookups_find(tmp_path, batch):
+    index = FeatureCache(_many_at(tmp_path)).index
+    asked = _asked(list(index))
+    rng = np.random.default_rng(0)
+    asked = [asked[i] for i in rng.permutation(len(asked))]
+    found = np.concatenate([index.locate_many(asked[i:i + batch]) for i in range(0, len(asked), batch)])
+    assert found.dtype == np.int64 and found.tolist() == [index.locate(k) for k in asked]
+    assert (found >= 0).sum() == 3000 and len(index.locate_many([])) == 0
+
+
+def test_batches_tell_apart_keys_of_one_hash(tmp_path, monkeypatch):
+    _hash_all_keys_as(monkeypatch, lambda key: 7)  # every key collides: each goes to locate()
+    rows = random_rows(6)
+    build(tmp_path / "c", rows, shard_size=4)
+    index = FeatureCache(tmp_path / "c").index
+    asked = [*rows, "img-9", "img-0", ""]
+    assert index.locate_many(asked).tolist() == [0, 1, 2, 3, 4, 5, -1, 0, -1]
+
+
+def test_batches_walk_long_runs_of_slots_and_past_the_last(tmp_path, monkeypatch):
+    """Skewed hashes: every key's home is slot 0, so a walk crosses hundreds of WINDOWs; a key
+    of the largest hash, missing, walks past the last record."""
+    _hash_all_keys_as(monkeypatch, lambda key: int(key[-4:]) % 1500)
+    keys = _many(tmp_path / "c")
+    index = FeatureCache(tmp_path / "c").index
+    asked = keys + ["COCO_train2014_000000x01499", "missing-1499", "missing-0000"]
+    assert index.locate_many(asked).tolist() == list(range(len(keys))) + [-1, -1, -1]
+
+
+def test_an_empty_index_finds_nothing_in_batches(tmp_path):
+    build(tmp_path / "e", {}, failed=("bad-0",))
+    assert FeatureCache(tmp_path / "e").index.locate_many(["bad-0", ""]).tolist() == [-1, -1]
+
+
+def test_reading_in_batches_gives_what_single_reads_give(tmp_path):
+    """get_many: first reads (checked) and later ones, a key twice, rows of several shards."""
+    rows = random_rows(20)
+    build(tmp_path / "c", rows, shard_size=6)
+    cache = FeatureCache(tmp_path / "c")
+    asked = ["img-3", "img-17", "img-3", "img-8", "img-0"]
+    first = cache.get_many(asked)  # none read yet: through each shard's first-read check
+    again = cache.get_many(asked + list(rows))  # now from the memory maps
+    for key, row in zip(asked + asked + list(rows), first + again):
+        assert np.array_equal(row, rows[key])
+    again[0][...] = 0  # a copy, not the map
+    assert np.array_equal(cache["img-3"], rows["img-3"])
+
+
+def test_reading_a_missing_key_in_a_batch_names_it(tmp_path):
+    build(tmp_path / "c", random_rows(4))
+    with pytest.raises(BlitextError, match="key 'img-77' is not in the cache"):
+        FeatureCache(tmp_path / "c").get_many(["img-1", "img-77", "img-88"])
+
+
+def test_a_dataloader_reads_a_batch_through_get_many(tmp_path, monkeypatch):
+    import torch
+
+    rows = random_rows(9)
+    build(tmp_path / "c", rows, shard_size=4)
+    cache = FeatureCache(tmp_path / "c")
+    batches = []
+    monkeypatch.setattr(cache, "get_many", lambda keys: batches.append(list(keys)) or FeatureCache.get_many(cache, keys))
+    loader = torch.utils.data.DataLoader(cache.dataset(), batch_size=4, collate_fn=list)
+    items = [item for batch in loader for item in batch]
+    assert [key for key, _ in items] == list(rows) and batches == [list(rows)[:4], list(rows)[4:8], list(rows)[8:]]
+    assert all(np.array_equal(tensor.numpy(), rows[key]) for key, tensor in items)
+
+
+def _many_at(tmp_path):
+    _many(tmp_path / "c")
+    return tmp_path / "c"

@@ -140,7 +140,9 @@ class FeatureCache:
             f"(it redoes only the missing shards)")
 
     def __getitem__(self, key: str) -> np.ndarray:
-        shard, row = self.locate(key)
+        return self._row(key, *self.locate(key))
+
+    def _row(self, key: str, shard: int, row: int) -> np.ndarray:
         reader = self._files[shard]
         if reader is not None:
             start = reader.start(row)
@@ -154,7 +156,13 @@ class FeatureCache:
             raise self._damaged(shard, f"row {row} (key {key!r}) fails its check ({_first_line(e)})") from None
 
     def get_many(self, keys: Sequence[str]) -> list[np.ndarray]:
-        return [self[k] for k in keys]
+        """The rows of `keys`, as cache[key] gives each: the keys found together (KeyIndex.locate_many),
+        then each row copied from its memory map."""
+        found = self.index.locate_many(keys)
+        if len(found) and found.min() < 0:
+            self.locate(keys[int(np.argmin(found))])  # raises: names the missing key
+        shards, rows = self.index.shard_row_many(found)
+        return [self._row(key, shard, row) for key, shard, row in zip(keys, shards.tolist(), rows.tolist())]
 
     def get_batch(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stacked rows (B, T, D); for variable rows zero-padded, with a (B, T) bool mask."""
@@ -214,3 +222,11 @@ class CacheDataset:
 
         key = self.keys[i]
         return key, torch.from_numpy(np.array(self.cache[key]))
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[str, torch.Tensor]]:
+        """A DataLoader batch's items (DataLoader calls this where a dataset has it): their keys
+        found together (FeatureCache.get_many)."""
+        import torch
+
+        keys = [self.keys[i] for i in indices]
+        return [(key, torch.from_numpy(row)) for key, row in zip(keys, self.cache.get_many(keys))]
