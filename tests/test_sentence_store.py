@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import blitext.pformer.train as train_module
@@ -112,6 +113,16 @@ def test_damaged_contents_are_one_line_naming_the_folder(tmp_path, name):
     with pytest.raises(BlitextError, match=rf"{folder}.*damaged.*{name}.*delete that folder") as caught:
         read_split(files, "error", HELDOUT, 0)
     assert "\n" not in str(caught.value)
+
+
+def test_a_training_index_of_another_length_is_one_line(tmp_path):
+    files = text_files(tmp_path)
+    folder = read_split(files, "error", HELDOUT, 0).store
+    path, size = folder / "train.npy", (folder / "train.npy").stat().st_size
+    np.save(path, np.load(path).astype(np.int32).repeat(2))  # twice the rows in the same bytes
+    assert path.stat().st_size == size
+    with pytest.raises(BlitextError, match=rf"{folder}.*damaged.*train.npy does not hold"):
+        read_split(files, "error", HELDOUT, 0)
 
 
 def test_an_unwritable_cache_root_keeps_the_split_in_memory(tmp_path, monkeypatch, capsys):
