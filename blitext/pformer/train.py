@@ -8,6 +8,8 @@ Launch on several processes with `torchrun --nproc_per_node N --no-python blitex
 `batch_size` is the global batch, split across ranks, with contrastive negatives gathered
 from every rank. Every step's randomness is a function of (seed, step, rank), so
 `--resume latest` replays exactly the steps an uninterrupted run would have taken.
+The sentences and their held-out split are read once per machine into files under the cache
+root and memory-mapped by every rank (`read_split`, sentence_store.py), not held by each.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ from blitext.atomic import check_out
 from blitext.caption_counts import CaptionCounts
 from blitext.config import TrainerFields, default_cache_root, provenance, to_jsonable
 from blitext.console import say
-from blitext.data.columns import GatherColumn, StringColumn
 from blitext.data import sentence_store
+from blitext.data.columns import GatherColumn, StringColumn
 from blitext.data.sentence_store import Split
 from blitext.data.text import TextCorpus, expand_paths, first_copies, read_sentences, sorted_distinct_at
 from blitext.distributed import run_distributed
