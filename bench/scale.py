@@ -29,8 +29,10 @@ caption each) through the pair reader in memory (`pairs`), the same captions as 
 reader's store as train-adapter reads it (`pairs_store`: parsed and written under
 <workdir>/cache/pairs/, then mapped; `pairs_mapped`: a later process, or another rank, mapping
 those files), and a text file of N sentences through read_sentences (what train-pformer and
-build-prompts hold), the same read and split as train-pformer splits it (`pformer_split`:
-held-out sentences drawn, the rest seen through an index), and build-prompts end to end on the
+build-prompts hold), the same read and split as train-pformer reads it (`pformer_split`:
+held-out sentences drawn, the rest seen through an index, written under <workdir>/cache/sentences/
+and then mapped; `pformer_split_mapped`: a later process, or another rank, mapping those files),
+and build-prompts end to end on the
 caption JSON with a tiny random P-Former (`build_prompts`: captions read, ids checked, [CLS] rows
 written to a prompt cache; the P-Former trained once per --workdir for one step on conftest's
 tiny BERT and OPT), and extract-features' plan of the caption JSON, no encoder (`extract_plan`:
@@ -41,8 +43,9 @@ process: `bytes` what the result holds (USS growth, after malloc_trim gave back 
 freed), `anon` the growth of the process's own memory (RssAnon: not the mapped files' pages),
 `columns` what the pair reader's columns hold by their own count (Pairs.nbytes), `peak` the most
 the process held while reading (the growth of the peak RSS, reset before the read). For
-`pairs_mapped` also after one pass over every key, image id and text: `anon_after_pass` and
-`file_after_pass` (RssFile: the mapped pages touched, page cache shared by a machine's ranks).
+`pairs_mapped` also after one pass over every key, image id and text (`pformer_split_mapped`:
+every training id and sentence): `anon_after_pass` and `file_after_pass` (RssFile: the mapped
+pages touched, page cache shared by a machine's ranks).
 Goals (issue 20) at 10^7 rows: open < 1 s, RSS < 200 MB, worker USS < 50 MB, read and lookup
 rates within 10% of their 10^4-row values. Timings on a shared machine: compare runs made together.
 
@@ -186,8 +189,10 @@ def _private_dirty(pid: int) -> float:
     return float("nan")
 
 
-READERS = ("pairs", "pairs_jsonl", "pairs_store", "pairs_mapped", "sentences", "pformer_split", "build_prompts",
-           "extract_plan", "extract_plan_mapped")
+READERS = ("pairs", "pairs_jsonl", "pairs_store", "pairs_mapped", "sentences", "pformer_split", "pformer_split_mapped",
+           "build_prompts", "extract_plan", "extract_plan_mapped")
+MAPPED = {"pairs_mapped": lambda pairs: (pairs.keys, pairs.image_ids, pairs.texts),  # the columns a pass reads
+          "pformer_split_mapped": lambda held: (held.split.train_ids, held.split.train)}
 
 
 def measure_inputs(folder: Path, n: int, reader: str) -> dict:
@@ -210,11 +215,12 @@ def measure_inputs(folder: Path, n: int, reader: str) -> dict:
             "pairs_jsonl": lambda: read_pairs([str(jsonl)], str(folder), lambda image_id: True),
             "pairs_store": stored, "pairs_mapped": stored,  # the first parses and writes, the second maps
             "sentences": lambda: read_sentences([str(text)]),
-            "pformer_split": lambda: _read_and_split(text),
+            # the first reads, splits and writes the store, the second maps it
+            "pformer_split": lambda: _read_and_split(text), "pformer_split_mapped": lambda: _read_and_split(text),
             "build_prompts": lambda: _build_prompts(folder, captions),
             # the first plans (and writes the store), the second maps what the first wrote
             "extract_plan": lambda: _extract_plan(captions), "extract_plan_mapped": lambda: _extract_plan(captions)}[reader]
-    if reader in ("pformer_split", "build_prompts", "extract_plan", "extract_plan_mapped"):
+    if reader in ("pformer_split", "pformer_split_mapped", "build_prompts", "extract_plan", "extract_plan_mapped"):
         import blitext.features.image  # noqa: F401
         import blitext.pformer.prompts  # noqa: F401  (torch and transformers: imported before measuring)
     if reader == "build_prompts":
@@ -232,10 +238,10 @@ def measure_inputs(folder: Path, n: int, reader: str) -> dict:
                f"{reader}_bytes_per_entry": round((_uss(me) - before) * 2**20 / n), **columns,
                f"{reader}_anon_bytes_per_entry": round((_status_kb("RssAnon") - anon_before) * 1024 / n, 1),
                f"{reader}_peak_bytes_per_entry": round((_status_kb("VmHWM") - rss_before) * 1024 / n)}
-    if reader == "pairs_mapped":
+    if reader in MAPPED:
         if held.store is None:
-            raise RuntimeError("pairs_mapped: the pair reader did not map its columns (is the cache root writable?)")
-        figures.update(_after_a_pass(held, n, anon_before))
+            raise RuntimeError(f"{reader}: the reader did not map its columns (is the cache root writable?)")
+        figures.update(_after_a_pass(reader, MAPPED[reader](held), n, anon_before))
     if reader.startswith("extract_plan"):
         figures[f"{reader}_worker_copied_bytes_per_entry"] = round(_worker_copies(held) * 2**20 / n)
     return figures
@@ -269,26 +275,27 @@ def _worker_copies(items) -> float:
     return copied
 
 
-def _after_a_pass(pairs, n: int, anon_before: int) -> dict:
-    """The mapped columns' memory after every key, image id and text was read once: the
-    process's own (anonymous) memory, and the mapped file pages it touched (RssFile, the page
-    cache that every rank of a machine shares)."""
+def _after_a_pass(reader: str, columns, n: int, anon_before: int) -> dict:
+    """The mapped columns' memory after every string of `columns` was read once: the process's
+    own (anonymous) memory, and the mapped file pages it touched (RssFile, the page cache that
+    every rank of a machine shares)."""
     file_before = _status_kb("RssFile")
-    for column in (pairs.keys, pairs.image_ids, pairs.texts):
+    for column in columns:
         for _ in column:
             pass
     _return_free_memory()
-    return {"pairs_mapped_anon_after_pass_bytes_per_entry": round((_status_kb("RssAnon") - anon_before) * 1024 / n, 1),
-            "pairs_mapped_file_after_pass_bytes_per_entry": round((_status_kb("RssFile") - file_before) * 1024 / n, 1)}
+    return {f"{reader}_anon_after_pass_bytes_per_entry": round((_status_kb("RssAnon") - anon_before) * 1024 / n, 1),
+            f"{reader}_file_after_pass_bytes_per_entry": round((_status_kb("RssFile") - file_before) * 1024 / n, 1)}
 
 
 def _read_and_split(text: Path):
-    from blitext.data.text import read_sentences
-    from blitext.pformer.train import split_corpus
+    """train-pformer's split as it reads it: read, split and written to the store by the first
+    process, mapped by a later one (or in memory where the cache root cannot be written)."""
+    from blitext.pformer.train import read_split
 
-    corpus = read_sentences([str(text)])
-    split = split_corpus(corpus, 64, 0)
-    return SimpleNamespace(corpus=corpus, split=split, nbytes=lambda: corpus.nbytes() + split.train.index.nbytes)
+    split = read_split([str(text)], "error", 64, 0)
+    columns = (split.train_ids.values, split.train.values, split.train.index)
+    return SimpleNamespace(split=split, store=split.store, nbytes=lambda: sum(c.nbytes for c in columns))
 
 
 def _build_prompts(folder: Path, captions: Path) -> dict:
@@ -428,7 +435,8 @@ def measure_all_inputs(work: Path, args) -> None:
     results = []
     for n in args.inputs:
         figures = {"entries": n}
-        shutil.rmtree(work / "cache" / "pairs", ignore_errors=True)  # pairs_store parses and writes, not reuses
+        for store in ("pairs", "sentences"):  # pairs_store and pformer_split parse and write, not reuse
+            shutil.rmtree(work / "cache" / store, ignore_errors=True)
         env = {**os.environ, "BLITEXT_CACHE": str(work / "cache")}
         for reader in args.readers:
             line = subprocess.run([sys.executable, __file__, "--measure-inputs", str(n), "--reader", reader,

@@ -8,11 +8,12 @@ Launch on several processes with `torchrun --nproc_per_node N --no-python blitex
 `batch_size` is the global batch, split across ranks, with contrastive negatives gathered
 from every rank. Every step's randomness is a function of (seed, step, rank), so
 `--resume latest` replays exactly the steps an uninterrupted run would have taken.
+The sentences and their held-out split are read once per machine into files under the cache
+root and memory-mapped by every rank (`read_split`, sentence_store.py), not held by each.
 """
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +25,10 @@ from blitext.atomic import check_out
 from blitext.caption_counts import CaptionCounts
 from blitext.config import TrainerFields, default_cache_root, provenance, to_jsonable
 from blitext.console import say
+from blitext.data import sentence_store
 from blitext.data.columns import GatherColumn, StringColumn
-from blitext.data.text import TextCorpus, first_copies, read_sentences, sorted_distinct_at
+from blitext.data.sentence_store import Split
+from blitext.data.text import TextCorpus, expand_paths, first_copies, read_sentences, sorted_distinct_at
 from blitext.distributed import run_distributed
 from blitext.errors import BlitextError
 from blitext.loop import RunOptions, TrainerLoop, finish_run, resume_run
@@ -71,13 +74,6 @@ RESUME_KEYS = ("llm", "text_encoder", "n_prompt", "max_text_len", "end_of_text",
                "batch_size", "lr", "min_lr", "warmup_steps", "seed", "epochs", "max_steps", "heldout", "max_grad_norm")
 
 
-@dataclass
-class Split:
-    train_ids: Sequence[str]
-    train: Sequence[str]
-    heldout: list[str]
-
-
 def split_corpus(corpus: TextCorpus, heldout: int, seed: int) -> Split:
     """`heldout` distinct sentences (chosen by seed) are kept out of training, every copy of them:
     the seed's permutation of sorted(set(sentences)), found without holding that set (text.py);
@@ -90,7 +86,15 @@ def split_corpus(corpus: TextCorpus, heldout: int, seed: int) -> Split:
     order = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(seed))[:heldout].tolist()
     held = sorted_distinct_at(sentences, distinct, order)
     train = np.flatnonzero(~_copies_of(sentences, set(held)))
-    return Split(GatherColumn(corpus.ids, train), GatherColumn(sentences, train), held)
+    return Split(GatherColumn(corpus.ids, train), GatherColumn(sentences, train), held, corpus.counts)
+
+
+def read_split(text: list[str], bad_bytes: str, heldout: int, seed: int) -> Split:
+    """The sentences of `text` split by split_corpus, read once per machine into files under the
+    cache root and memory-mapped by every rank (sentence_store.py), or in memory where the cache
+    root cannot be written."""
+    made_from = sentence_store.inputs(expand_paths(text), bad_bytes, heldout, seed)
+    return sentence_store.stored_split(made_from, lambda: split_corpus(read_sentences(text, bad_bytes), heldout, seed))
 
 
 def _copies_of(sentences: StringColumn, held: set[str]) -> np.ndarray:
@@ -162,8 +166,7 @@ def _train(config: PFormerConfig, device: str, info) -> Path:
         raise BlitextError("train-pformer needs sentences: pass --text FILE (plain text, .jsonl or caption .json)")
     require_batch_splits(config.batch_size, info.world * config.accum_steps)
     run = Path(config.out) if config.out else default_run_dir(config)
-    corpus = read_sentences(config.text, config.bad_bytes)
-    split = split_corpus(corpus, config.heldout, config.seed)
+    split = read_split(config.text, config.bad_bytes, config.heldout, config.seed)
     if len(split.train) < config.batch_size:
         raise BlitextError(f"{len(split.train)} training sentences < batch_size {config.batch_size}; lower --batch-size")
     llm = load_llm(config.llm, device=device)
@@ -181,14 +184,14 @@ def _train(config: PFormerConfig, device: str, info) -> Path:
     start, resumed = resume_run(run, config, pformer, optimizer, identity)
     model = DistributedDataParallel(pformer) if info.world > 1 else pformer
     steps = total_steps(config, len(split.train))
-    say(f"train-pformer: {len(split.train):,} sentences ({corpus.counts['empty skipped']} empty lines skipped), "
+    say(f"train-pformer: {len(split.train):,} sentences ({split.counts['empty skipped']} empty lines skipped), "
         f"{steps:,} steps of {config.batch_size}, {pformer.n_prompt} prompts -> {llm.fingerprint} on {device}")
     metrics, log = open_run(run, info, start, "train-pformer", config)
-    counts = CaptionCounts(config.max_text_len, corpus.counts["rows without caption"], resumed)
+    counts = CaptionCounts(config.max_text_len, split.counts["rows without caption"], resumed)
     batcher = Batcher(text_encoder.tokenizer, llm, config, counts)
     state = {**identity, "config": to_jsonable(config), "text_encoder": config.text_encoder, "llm": config.llm,
              "llm_family": llm.family, "n_prompt": config.n_prompt, "d_llm": d_llm, "contrast_dim": config.contrast_dim,
-             "provenance": provenance(config), "corpus_counts": dict(corpus.counts)}
+             "provenance": provenance(config), "corpus_counts": dict(split.counts)}
     loop = TrainLoop(config, model, pformer, llm, optimizer, batcher, split, device, info, metrics, log)
     with tracking(metrics):
         loop.run(start, steps, run, optimizer, state)
