@@ -46,6 +46,11 @@ the process held while reading (the growth of the peak RSS, reset before the rea
 `pairs_mapped` also after one pass over every key, image id and text (`pformer_split_mapped`:
 every training id and sentence): `anon_after_pass` and `file_after_pass` (RssFile: the mapped
 pages touched, page cache shared by a machine's ranks).
+After every size, `side_by_side`: bench/scale_rates.py with every size's cache open in one
+process, lookups and reads one key at a time and in batches (locate_many, get_many), timed in
+--rounds rounds that visit every size in turn, each compared with the first size in the same
+rounds (`*_vs_first_best`, `*_vs_first_median`): the per-size rates above, from processes run one
+after another, drift with the shared machine's load more than the sizes differ.
 Goals (issue 20) at 10^7 rows: open < 1 s, RSS < 200 MB, worker USS < 50 MB, read and lookup
 rates within 10% of their 10^4-row values. Timings on a shared machine: compare runs made together.
 
@@ -378,6 +383,7 @@ def main(argv=None) -> None:
     ap.add_argument("--note", default="", help="what else ran on the machine meanwhile (rates are shared-CPU figures)")
     ap.add_argument("--copy-shards", action="store_true", help="write shard 0, copy it to the other shards (see above)")
     ap.add_argument("--keep", action="store_true", help="keep the caches")
+    ap.add_argument("--rounds", type=int, default=30, help="rounds of bench/scale_rates.py over every size at the end (0: none)")
     ap.add_argument("--result", default="scale", help="the file under bench/results/ (without .json)")
     ap.add_argument("--inputs", type=int, nargs="*", default=None, help="measure the input readers at these sizes")
     ap.add_argument("--readers", nargs="+", default=list(READERS), choices=READERS, help="with --inputs: which")
@@ -407,11 +413,25 @@ def main(argv=None) -> None:
                         "measure_s": round(time.perf_counter() - t0, 1),
                         "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)]})
         print(json.dumps(results[-1]), flush=True)
-        if not args.keep:
+    roots = [work / f"rows-{n}" for n in args.sizes]
+    side_by_side = _side_by_side(roots, args.rounds) if args.rounds else []
+    if not args.keep:
+        for root in roots:
             shutil.rmtree(root)
     write_result(args.result, {**provenance(argv), "note": args.note, "row_shape": list(ROW), "dtype": "float16",
                            "shard_size": args.shard_size, "reads": READS, "lookups": LOOKUPS, "pass_rows": args.pass_rows,
-                           "sizes": results})
+                           "sizes": results, "side_by_side": side_by_side})
+
+
+def _side_by_side(roots: list[Path], rounds: int) -> list[dict]:
+    """bench/scale_rates.py on every size's cache, in a fresh process: rates compared in the same rounds."""
+    t0, load_before = time.perf_counter(), os.getloadavg()[0]
+    out = subprocess.run([sys.executable, str(Path(__file__).parent / "scale_rates.py"), *map(str, roots),
+                          "--rounds", str(rounds)], check=True, capture_output=True, text=True).stdout
+    figures = json.loads(out.splitlines()[-1])
+    print(json.dumps(figures), flush=True)
+    return [{"rows": int(root.name.split("-")[1]), **f, "rounds": rounds, "measure_s": round(time.perf_counter() - t0, 1),
+             "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)]} for root, f in zip(roots, figures)]
 
 
 def provenance(argv) -> dict:

@@ -1,0 +1,88 @@
+"""Lookup and read rates of caches of several sizes, measured side by side in one process.
+
+    PYTHONPATH=. python bench/scale_rates.py CACHE... [--rounds 30] [--batch 512]
+
+bench/scale.py measures each size in a fresh process, one size after another: its rates drift
+with whatever else the shared machine runs meanwhile (two runs of the same cache differed by
+20-40%), more than the differences between sizes that issue 20's goal is about (read and lookup
+rates at 10^7 rows within 10% of 10^4's). Here every cache is open in one process and each round
+times every (cache, way) once, in turn, in CPU time: a figure is the best round's (and the median
+round's), and each size is compared with the first cache's figure from the same rounds.
+
+Ways, over the same keys at every size:
+- `lookup`: KeyIndex.locate, one key at a time (20,000 random keys, with repeats);
+- `lookup_batched`: KeyIndex.locate_many in batches of --batch keys (how get_batch and a
+  DataLoader's batches find them);
+- `read`: cache[key], one key at a time (20,000 distinct random keys, each read once before the
+  rounds: the rows are checked and served from the memory maps);
+- `read_batched`: FeatureCache.get_many in batches of --batch keys.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+KEYS = 20_000
+WAYS = ("lookup", "lookup_batched", "read", "read_batched")
+
+
+def ways(cache, batch: int) -> dict:
+    """Each way as a function of its keys."""
+    index = cache.index
+    batches = lambda keys: (keys[i:i + batch] for i in range(0, len(keys), batch))  # noqa: E731
+    return {"lookup": lambda keys: [index.locate(k) for k in keys],
+            "lookup_batched": lambda keys: [index.locate_many(b) for b in batches(keys)],
+            "read": lambda keys: [cache[k] for k in keys],
+            "read_batched": lambda keys: [cache.get_many(b) for b in batches(keys)]}
+
+
+def side_by_side(roots: list[Path], rounds: int, batch: int) -> list[dict]:
+    from blitext.cache import FeatureCache
+
+    caches, keys = [], []
+    for root in roots:
+        cache = FeatureCache(root)
+        rng = np.random.default_rng(1)
+        n = len(cache)
+        keys.append({"lookup": [cache.keys[i] for i in rng.integers(0, n, KEYS).tolist()],
+                     "read": [cache.keys[i] for i in rng.choice(n, min(KEYS, n), replace=False).tolist()]})
+        cache.get_many(keys[-1]["read"])  # first reads: shards opened, rows checked
+        caches.append(ways(cache, batch))
+    seconds = {(c, way): [] for c in range(len(roots)) for way in WAYS}
+    for _ in range(rounds):
+        for c, run in enumerate(caches):
+            for way in WAYS:
+                chosen = keys[c][way.split("_")[0]]
+                t0 = time.process_time()
+                run[way](chosen)
+                seconds[c, way].append((time.process_time() - t0) / len(chosen))
+    return [_figures(root, {way: np.array(seconds[c, way]) for way in WAYS}, {way: np.array(seconds[0, way]) for way in WAYS})
+            for c, root in enumerate(roots)]
+
+
+def _figures(root: Path, mine: dict, first: dict) -> dict:
+    out = {"cache": str(root)}
+    for way, s in mine.items():
+        out[f"{way}_best_per_s"] = round(1 / s.min())
+        out[f"{way}_median_per_s"] = round(1 / np.median(s))
+        # this size's rate over the first cache's: the best rounds, and round by round (the median ratio)
+        out[f"{way}_vs_first_best"] = round(float(first[way].min() / s.min()), 3)
+        out[f"{way}_vs_first_median"] = round(float(np.median(first[way] / s)), 3)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("caches", nargs="+", type=Path)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=512)
+    args = ap.parse_args(argv)
+    print(json.dumps(side_by_side(args.caches, args.rounds, args.batch)))
+
+
+if __name__ == "__main__":
+    main()
