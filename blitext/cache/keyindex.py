@@ -225,8 +225,8 @@ class KeyIndex(Sequence):
         """The rows of `keys` (int64, -1 for a missing key), each what locate() gives.
 
         A batch's far touches (home slots, stored keys) are numpy gathers, so the CPU has many of
-        them in flight at once: one at a time each waits for memory (0.2 us more at 10^7 rows
-        than at 10^4), a batch's overlap. A hash shared by two keys, rare, goes to locate()."""
+        them in flight at once, where locate() waits for each in turn (module docstring). A key
+        whose hash another key shares, rare, is finished by locate()."""
         encoded = [k.encode() for k in keys]
         hashes = hash_many(encoded)
         rows = np.full(len(encoded), -1, np.int64)
