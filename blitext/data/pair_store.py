@@ -11,10 +11,11 @@ The folder holds each column as keyindex.py holds keys (a UTF-8 `.bin` blob and 
 offsets), the per-caption image numbers and k, train-adapter's group numbers (Pairs.groups():
 which pairs of a batch match, same image id or same text; computed here once, where every rank
 used to sort the whole columns for them), and `pairs.json`, written last, whose presence says
-the rest is complete (it records every file's size). Format 1 folders lack the group numbers:
-their marker's format differs, so they are rebuilt. The fingerprint is of what decides
-the columns: each caption file's path, size and mtime_ns, the image root, and which ids have
-features (`accepts`): a changed input is a new folder.
+the rest is complete (it records every file's size). The fingerprint is of what decides the
+columns: each caption file's path, size and mtime_ns, the image root, and which ids have
+features (`accepts`): a changed input is a new folder. The format is in it too, so folders of
+format 1 (without the group numbers) are left beside the new ones until deleted; one found
+under a current name would be rebuilt (its marker's format differs).
 """
 from __future__ import annotations
 
