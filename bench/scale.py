@@ -43,9 +43,11 @@ process: `bytes` what the result holds (USS growth, after malloc_trim gave back 
 freed), `anon` the growth of the process's own memory (RssAnon: not the mapped files' pages),
 `columns` what the pair reader's columns hold by their own count (Pairs.nbytes), `peak` the most
 the process held while reading (the growth of the peak RSS, reset before the read). For
-`pairs_mapped` also after one pass over every key, image id and text (`pformer_split_mapped`:
-every training id and sentence): `anon_after_pass` and `file_after_pass` (RssFile: the mapped
-pages touched, page cache shared by a machine's ranks).
+`pairs_mapped` also after one pass over every key, image id and text, and over train-adapter's
+group numbers (Pairs.groups(), mapped from the store, a batch of rows gathered at a time as
+AdapterLoop.positives reads them; `pairs_mapped_groups_mapped`: they were mapped, not computed),
+and for `pformer_split_mapped` over every training id and sentence: `anon_after_pass` and
+`file_after_pass` (RssFile: the mapped pages touched, page cache shared by a machine's ranks).
 After every size, `side_by_side`: bench/scale_rates.py with every size's cache open in one
 process, lookups and reads one key at a time and in batches (locate_many, get_many), timed in
 --rounds rounds that visit every size in turn, each compared with the first size in the same
@@ -196,8 +198,17 @@ def _private_dirty(pid: int) -> float:
 
 READERS = ("pairs", "pairs_jsonl", "pairs_store", "pairs_mapped", "sentences", "pformer_split", "pformer_split_mapped",
            "build_prompts", "extract_plan", "extract_plan_mapped")
-MAPPED = {"pairs_mapped": lambda pairs: (pairs.keys, pairs.image_ids, pairs.texts),  # the columns a pass reads
+MAPPED = {"pairs_mapped": lambda pairs: (pairs.keys, pairs.image_ids, pairs.texts, *_batches_of_groups(pairs)),
           "pformer_split_mapped": lambda held: (held.split.train_ids, held.split.train)}
+
+
+GROUP_BATCH = 256  # rows of the group numbers read at a time, as a global batch is
+
+
+def _batches_of_groups(pairs):
+    """Each of the group numbers as AdapterLoop.positives reads them: a batch's rows gathered at a time."""
+    return [(numbers[np.arange(start, min(start + GROUP_BATCH, len(numbers)))]
+             for start in range(0, len(numbers), GROUP_BATCH)) for numbers in pairs.groups()]
 
 
 def measure_inputs(folder: Path, n: int, reader: str) -> dict:
@@ -247,6 +258,8 @@ def measure_inputs(folder: Path, n: int, reader: str) -> dict:
         if held.store is None:
             raise RuntimeError(f"{reader}: the reader did not map its columns (is the cache root writable?)")
         figures.update(_after_a_pass(reader, MAPPED[reader](held), n, anon_before))
+        if reader == "pairs_mapped":
+            figures[f"{reader}_groups_mapped"] = all(isinstance(g, np.memmap) for g in held.groups())
     if reader.startswith("extract_plan"):
         figures[f"{reader}_worker_copied_bytes_per_entry"] = round(_worker_copies(held) * 2**20 / n)
     return figures

@@ -31,7 +31,6 @@ from blitext.caption_counts import CaptionCounts
 from blitext.config import TrainerFields, default_cache_root, provenance, to_jsonable
 from blitext.console import say
 from blitext.data.pairs import CachedFeatures, OnlineFeatures, Pairs, default_captions, read_pairs
-from blitext.data.text import first_copy_of
 from blitext.distributed import run_distributed
 from blitext.errors import BlitextError
 from blitext.losses import TEMP_MAX, TEMP_MIN, itc_loss, itg_loss, itm_loss, itm_negatives
@@ -243,9 +242,9 @@ class AdapterLoop(TrainerLoop):
         step_losses = StepLosses(model, self.losses)
         self.forward = DistributedDataParallel(step_losses, find_unused_parameters=config.align_steps > 0) \
             if info.world > 1 else step_losses
-        # Which pairs count as matches inside a batch: same image or identical caption text.
-        self.image_group = _group_ids(setup.pairs.image_ids)
-        self.text_group = _group_ids(setup.pairs.texts)
+        # Which pairs count as matches inside a batch: same image or identical caption text. Stored
+        # pairs map them (read per batch, not held per rank); in-memory pairs number them here, once
+        self.groups = setup.pairs.groups()
 
     def batch_indices(self, step: int) -> list[int]:
         return global_batch(step, len(self.s.pairs), self.c.batch_size, self.c.seed)
@@ -383,14 +382,9 @@ class AdapterLoop(TrainerLoop):
 
     def positives(self, index: list[int], rows: list[int]) -> torch.Tensor:
         """(B_local, N): pair j of the global batch matches local pair i (same image or same caption)."""
-        img, txt = self.image_group[index], self.text_group[index]
+        # the batch's numbers gathered from the (mapped) arrays: a small writable copy torch can wrap
+        img, txt = (torch.from_numpy(np.asarray(numbers[index])) for numbers in self.groups)
         return (img[rows, None] == img[None]) | (txt[rows, None] == txt[None])
-
-
-def _group_ids(values) -> torch.Tensor:
-    """Equal values, equal numbers (each value's first copy), as int32: 4 B a caption, and no dict
-    of every caption's text while numbering them (129M str objects in every rank)."""
-    return torch.from_numpy(first_copy_of(values).astype(np.int32))
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:

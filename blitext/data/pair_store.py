@@ -8,10 +8,14 @@ pairs no longer grows with captions. How a folder is built, published, checked a
 between ranks is column_store.py's, as for train-pformer's sentences (sentence_store.py).
 
 The folder holds each column as keyindex.py holds keys (a UTF-8 `.bin` blob and `.npy`
-offsets), the per-caption image numbers and k, and `pairs.json`, written last, whose presence
-says the rest is complete (it records every file's size). The fingerprint is of what decides
-the columns: each caption file's path, size and mtime_ns, the image root, and which ids have
-features (`accepts`): a changed input is a new folder.
+offsets), the per-caption image numbers and k, train-adapter's group numbers (Pairs.groups():
+which pairs of a batch match, same image id or same text; computed here once, where every rank
+used to sort the whole columns for them), and `pairs.json`, written last, whose presence says
+the rest is complete (it records every file's size). The fingerprint is of what decides the
+columns: each caption file's path, size and mtime_ns, the image root, and which ids have
+features (`accepts`): a changed input is a new folder. The format is in it too, so folders of
+format 1 (without the group numbers) are left beside the new ones until deleted; one found
+under a current name would be rebuilt (its marker's format differs).
 """
 from __future__ import annotations
 
@@ -27,11 +31,12 @@ from blitext.data.column_store import Store, file_facts, load, open_strings, sav
 from blitext.data.columns import GatherColumn, ImageRefs, KeyColumn
 from blitext.data.pairs import Pairs
 
-FORMAT = "blitext-pairs/1"
+FORMAT = "blitext-pairs/2"  # 2: the group numbers added
 MARKER = "pairs.json"  # written last: its presence says the folder is complete
 STRINGS = ("texts", "ids", "refs")  # each a <name>.bin blob and <name>.npy offsets
 ARRAYS = ("image_index", "k")
-FILES = tuple(f"{s}.bin" for s in STRINGS) + tuple(f"{a}.npy" for a in (*STRINGS, *ARRAYS))
+GROUPS = ("image_group", "text_group")  # Pairs.groups(), int32 per caption
+FILES = tuple(f"{s}.bin" for s in STRINGS) + tuple(f"{a}.npy" for a in (*STRINGS, *ARRAYS, *GROUPS))
 WAIT = column_store.WAIT
 
 
@@ -61,6 +66,8 @@ def _fill(folder: Path, pairs: Pairs) -> dict:
         save_strings(folder, name, column)
     np.save(folder / "image_index.npy", np.asarray(pairs.image_ids.index))
     np.save(folder / "k.npy", np.asarray(pairs.keys.k))
+    for name, numbers in zip(GROUPS, pairs.groups()):
+        np.save(folder / f"{name}.npy", numbers)
     return _counts(pairs)
 
 
@@ -84,13 +91,19 @@ def open_pairs(folder: Path) -> Pairs:
     meta = read_json(folder / MARKER)
     texts = open_strings(STORE, folder, "texts", meta["captions"])
     ids, refs = (open_strings(STORE, folder, name, meta["images"]) for name in ("ids", "refs"))
-    image_index, k = load(STORE, folder / "image_index.npy"), load(STORE, folder / "k.npy")
-    if len(image_index) != meta["captions"] or len(k) != meta["captions"]:
-        raise column_store.damaged(STORE, folder, f"image_index.npy or k.npy does not hold {meta['captions']:,} captions")
+    image_index, k, *groups = (_per_caption(folder, name, meta["captions"]) for name in (*ARRAYS, *GROUPS))
     image_ids = GatherColumn(ids, image_index)
     image_refs = ImageRefs(ids, refs, image_index, [Path(r) for r in meta["roots"]], meta["file_starts"])
     return Pairs(KeyColumn(image_ids, k), image_ids, texts, image_refs, meta["skipped"], meta["blank"],
-                 meta["no_caption"], folder)
+                 meta["no_caption"], folder, tuple(groups))
+
+
+def _per_caption(folder: Path, name: str, captions: int) -> np.ndarray:
+    """The mapped array `<name>.npy`, one entry per caption."""
+    array = load(STORE, folder / f"{name}.npy")
+    if len(array) != captions:
+        raise column_store.damaged(STORE, folder, f"{name}.npy does not hold {captions:,} captions")
+    return array
 
 
 STORE = Store("pairs", FORMAT, MARKER, FILES, _fill, open_pairs, columns="caption columns", sources="caption files",

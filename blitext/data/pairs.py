@@ -4,6 +4,11 @@ A caption file's records give (image id, captions); a pair is one caption, keyed
 `<image_id>#k` as the prompt cache keys it. Its visual input comes from a feature source:
 `CachedFeatures` (rows of an extract-features cache) or `OnlineFeatures` (the frozen encoder
 run on the decoded image inside the loop, as the reference code does).
+
+train-adapter counts pairs of a batch as matches when they share an image or a caption text:
+`Pairs.groups()` numbers both per caption (equal values, equal numbers; 8 B a caption). Stored
+pairs carry them mapped from their folder, computed once by the process that wrote it
+(pair_store.py), so no rank holds or sorts them; in-memory pairs compute them on first use.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from blitext.data.columns import GatherColumn, ImageRefs, KeyColumn, StringBuild
 from blitext.data.images import load_image
 from blitext.data.parsing import _CaptionSink, _not_in_images
 from blitext.data.readers import read_captions_into, read_image_set
-from blitext.data.text import expand_paths
+from blitext.data.text import expand_paths, first_copy_of
 from blitext.errors import BadInputError, BlitextError
 
 
@@ -40,13 +45,29 @@ class Pairs:
     blank: int = 0                              # blank captions the readers skipped (reported once)
     no_caption: int = 0                         # caption rows without a caption (in the run's end line)
     store: Path | None = None                   # the folder the columns are mapped from (pair_store.py), if any
+    group_numbers: tuple[np.ndarray, np.ndarray] | None = None  # groups(): mapped from `store`, else made on first use
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    def groups(self) -> tuple[np.ndarray, np.ndarray]:
+        """(image group, text group): per caption, int32 numbers equal exactly where the image ids
+        (texts) are. Index them per batch: from a store they are mapped, read only where indexed."""
+        if self.group_numbers is None:
+            self.group_numbers = group_numbers(self.image_ids), group_numbers(self.texts)
+        return self.group_numbers
+
     def nbytes(self) -> int:
         """The bytes the columns hold (the image ids counted once: keys share them)."""
         return self.texts.nbytes + self.image_ids.nbytes + self.keys.k.nbytes + self.image_refs.nbytes
+
+
+def group_numbers(values: Sequence[str]) -> np.ndarray:
+    """Equal values, equal numbers (each value's first copy), as int32: 4 B a caption, and no dict
+    of every caption's text while numbering them (129M str objects). Image groups come from the
+    ids, as train-adapter always numbered them, not from image_index, which numbers per caption
+    file (one id in two files would be two groups)."""
+    return first_copy_of(values).astype(np.int32)
 
 
 class _NamesTwoImages(Exception):
