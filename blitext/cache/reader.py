@@ -24,18 +24,13 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from blitext.cache.keyindex import KeyIndex, open_index
+from blitext.cache.keyindex import KeyIndex, load_places, open_index
 from blitext.cache.manifest import FEATURE_KINDS, load_manifest, require_kind, require_producer, sidecar_name
-from blitext.cache.shard import DamagedRow, Shard
+from blitext.cache.shard import H5_ERRORS, DamagedRow, Shard
 from blitext.errors import BlitextError
 
 if TYPE_CHECKING:
     import torch
-
-# What h5py raises for a damaged file: HDF5's errors map onto these (a broken B-tree is a
-# RuntimeError from chunk_iter, an unreadable object header a KeyError, a bad datatype a ValueError,
-# an address past 2**63 an OverflowError).
-H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, OverflowError)
 
 _open_caches: "weakref.WeakSet[FeatureCache]" = weakref.WeakSet()
 
@@ -101,8 +96,10 @@ class FeatureCache:
     # ------------------------------------------------------------ reading
     def _forget_handles(self) -> None:
         """Shards open on first read; never closed here (after a fork they are the parent's).
-        Nothing per row until a shard is opened, so opening a cache is O(shards)."""
+        Nothing per row until a shard is opened, so opening a cache is O(shards): places.npy,
+        where the cache has one, is mapped, not read."""
         self._files: list[Shard | None] = [None] * len(self.manifest["shards"])
+        self._places = load_places(self.root, self.manifest)
 
     def _shard(self, shard: int) -> "Shard":
         reader = self._files[shard]
@@ -127,9 +124,16 @@ class FeatureCache:
         if size != entry["bytes"]:
             raise self._damaged(shard, f"is {size:,} bytes, the manifest says {entry['bytes']:,} (truncated or replaced)")
         try:
-            return Shard(path, self.variable_length, self.manifest["dtype"])
+            return Shard(path, self.variable_length, self.manifest["dtype"], self._recorded_places(shard))
         except H5_ERRORS as e:
             raise self._damaged(shard, f"does not open as a cache shard ({_first_line(e)})") from None
+
+    def _recorded_places(self, shard: int) -> np.ndarray | None:
+        """The shard's rows' slice of places.npy (still mapped), or None."""
+        if self._places is None:
+            return None
+        start = self.index.shard_starts[shard]
+        return self._places[start:start + self.manifest["shards"][shard]["rows"]]
 
     def _damaged(self, shard: int, what: str) -> BlitextError:
         """One line: which shard (and row) is damaged, how to confirm it and how to rebuild it."""
@@ -178,7 +182,7 @@ class FeatureCache:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        del state["_files"]  # handles never travel to other processes
+        del state["_files"], state["_places"]  # handles and maps never travel to other processes
         return state
 
     def __setstate__(self, state: dict) -> None:
