@@ -129,7 +129,7 @@ def test_chunk_index_damage_after_the_places_were_written_does_not_change_a_read
 
 
 def test_a_shard_replaced_after_the_places_were_written_walks_its_chunk_index(tmp_path):
-    """Its first and last rows' chunks are not where places.npy says: the shard reads as a cache without it."""
+    """Its first row's chunk is not where places.npy says: the shard reads as a cache without it."""
     rows = built(tmp_path / "c", "float16")
     strip_row_checksums(tmp_path / "c")  # every shard rewritten, its chunks moved
     cache = FeatureCache(tmp_path / "c")
