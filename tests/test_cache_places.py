@@ -135,6 +135,20 @@ def test_a_shard_replaced_after_the_places_were_written_walks_its_chunk_index(tm
     cache = FeatureCache(tmp_path / "c")
     assert all(np.array_equal(cache[k], row) for k, row in rows.items())
     assert all(isinstance(s.places, RowPlaces) for s in cache._files)
+    # batches gather places.npy's places (get_many): a walked shard's rows must not be read there
+    assert all(np.array_equal(row, rows[k]) for k, row in zip(rows, cache.get_many(list(rows))))
+
+
+def test_a_batch_reads_the_places_gathered_from_places_npy(tmp_path, monkeypatch):
+    rows = built(tmp_path / "c", "float16")
+    cache = FeatureCache(tmp_path / "c")
+    keys = list(rows)[::-1]
+    first = cache.get_many(keys)  # first reads: checked, through each shard's own places
+    no_walks(monkeypatch)
+    for shard in cache._files:
+        shard.places = None  # the gathered places alone serve a checked row
+    for got in (first, cache.get_many(keys)):
+        assert all(np.array_equal(row, rows[k]) for k, row in zip(keys, got))
 
 
 def test_a_cache_without_places_reads_as_before_and_upgrade_writes_them(tmp_path, monkeypatch):

@@ -146,10 +146,11 @@ class FeatureCache:
     def __getitem__(self, key: str) -> np.ndarray:
         return self._row(key, *self.locate(key))
 
-    def _row(self, key: str, shard: int, row: int) -> np.ndarray:
+    def _row(self, key: str, shard: int, row: int, recorded: int = -1) -> np.ndarray:
+        """`recorded`: the row's offset in places.npy, where get_many gathered it (Shard.start)."""
         reader = self._files[shard]
         if reader is not None:
-            start = reader.start(row)
+            start = reader.start(row, recorded)
             if start >= 0:  # the hot path: a checked row, copied out of the memory map
                 return reader.row_at(start, row)
         try:
@@ -161,12 +162,14 @@ class FeatureCache:
 
     def get_many(self, keys: Sequence[str]) -> list[np.ndarray]:
         """The rows of `keys`, as cache[key] gives each: the keys found together (KeyIndex.locate_many),
-        then each row copied from its memory map."""
+        their places in the shards too where places.npy has them (one gather: the far reads in
+        flight together, as locate_many's), then each row copied from its memory map."""
         found = self.index.locate_many(keys)
         if len(found) and found.min() < 0:
             self.locate(keys[int(np.argmin(found))])  # raises: names the missing key
         shards, rows = self.index.shard_row_many(found)
-        return [self._row(key, shard, row) for key, shard, row in zip(keys, shards.tolist(), rows.tolist())]
+        recorded = np.take(self._places, found).tolist() if self._places is not None else [-1] * len(found)
+        return [self._row(*args) for args in zip(keys, shards.tolist(), rows.tolist(), recorded)]
 
     def get_batch(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stacked rows (B, T, D); for variable rows zero-padded, with a (B, T) bool mask."""

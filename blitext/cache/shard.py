@@ -88,9 +88,10 @@ class Shard:
         if recorded is not None and self.data is not None and self._recorded_here(recorded):
             # row -> why it cannot be used: rows places.npy records without a place (-1)
             self.damaged: dict[int, str] = dict.fromkeys(np.flatnonzero(recorded < 0).tolist(), NO_PLACE)
-            self.places = int_items(recorded)
+            self.places, self.recorded = int_items(recorded), True  # recorded: its places are places.npy's
         else:
             self._walk_chunk_index(path.stat().st_size, variable_length)
+            self.recorded = False
         self.map = _map_file(path) if self.places is not None else None
         self.scale = self._read_scales(path.stat().st_size) if self.data is not None else None
         self.row_bytes = self.data.dtype.itemsize * int(np.prod(self.data.shape[1:])) if self.data is not None else 0
@@ -158,10 +159,12 @@ class Shard:
             return row.copy() if copy else row
         return dequantise(row, self.scale[r], self.dtype)
 
-    def start(self, r: int) -> int:
-        """Row r's byte offset in the memory map, or -1: read it through read() (to be checked, or not mapped)."""
+    def start(self, r: int, recorded: int = -1) -> int:
+        """Row r's byte offset in the memory map, or -1: read it through read() (to be checked, or
+        not mapped). `recorded`: its offset in places.npy where the caller has it already (taken
+        only if this shard reads its places from there)."""
         if self.checked[r >> 3] >> (r & 7) & 1:
-            return self.places[r]
+            return recorded if recorded >= 0 and self.recorded else self.places[r]
         return -1
 
     def read(self, r: int) -> np.ndarray:
