@@ -146,7 +146,8 @@ def cache_verify_cmd(
 @cache_app.command("upgrade")
 @user_errors
 def cache_upgrade_cmd(path: Path = typer.Argument(..., help="A cache folder (made by any blitext).")):
-    """(Re)build a cache's key index and slim its manifest; readers then open it in O(shards)."""
+    """(Re)build a cache's key index (with its rows' places, for fixed rows) and slim its manifest;
+    readers then open it in O(shards) and read no shard's chunk index."""
     from blitext.cache.keyindex import upgrade
     from blitext.cache.manifest import load_manifest
     from blitext.console import say

@@ -1,6 +1,7 @@
 """The sharded HDF5 cache: round trips, lazy per-worker files, verification, refusal of mismatches."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from blitext.cache import CachePlan, FeatureCache, ShardWriter, finalize, pending_shards, start_or_resume
-from blitext.cache.manifest import shard_name
+from blitext.cache.keyindex import INDEX_DIR, PLACES
+from blitext.cache.manifest import MANIFEST, shard_name
 from blitext.cache.verify import cache_info, verify_cache
 from blitext.errors import BlitextError
 
@@ -33,6 +35,14 @@ def build(root, rows: dict[str, np.ndarray], shard_size=3, variable=False, faile
                 else:
                     w.add([key], [rows[key]])
     return finalize(plan)
+
+
+def without_places(root) -> None:
+    """The cache as blitext finished it before index/places.npy: each shard walks its chunk index."""
+    manifest = json.loads((root / MANIFEST).read_text())
+    del manifest["index"]["bytes"][PLACES]
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    (root / INDEX_DIR / PLACES).unlink()
 
 
 def random_rows(n, shape=(4, 6), seed=0):

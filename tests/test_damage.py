@@ -1,5 +1,9 @@
 """Issue 22: nothing damaged is ever used. A row whose chunk the shard's chunk index lost or moved
-is refused on read (HDF5 would read it as zeros), and so is a chunk address outside the file."""
+is refused on read (HDF5 would read it as zeros), and so is a chunk address outside the file.
+
+Readers of a cache with index/places.npy take rows' places from it, not from the chunk index
+(tests/test_cache_places.py): the reads here are those of a cache without it (without_places),
+whose shards walk their chunk index when they open."""
 from __future__ import annotations
 
 import struct
@@ -15,6 +19,7 @@ from blitext.cache.manifest import shard_name
 from blitext.cache.verify import verify_cache
 from blitext.cli.main import app
 from blitext.errors import BlitextError
+from test_cache import without_places
 from test_faults import build, strip_row_checksums
 
 
@@ -50,6 +55,7 @@ def refused_row(root: Path, key: str) -> str:
 @pytest.mark.parametrize("checksums", [True, False], ids=["fletcher32", "unchecked"])
 def test_a_row_whose_chunk_moved_in_the_index_is_refused_not_read_as_zeros(tmp_path, checksums):
     rows = build(tmp_path / "c")
+    without_places(tmp_path / "c")
     if not checksums:
         strip_row_checksums(tmp_path / "c")
     shard = tmp_path / "c" / shard_name(0)
@@ -67,6 +73,7 @@ def test_a_row_whose_chunk_moved_in_the_index_is_refused_not_read_as_zeros(tmp_p
 
 def test_a_fill_value_read_of_a_written_row_is_damage(tmp_path):
     build(tmp_path / "c", n=3)
+    without_places(tmp_path / "c")
     move_chunk(tmp_path / "c" / shard_name(0), 2, 7)
     cache = FeatureCache(tmp_path / "c")
     cache._shard(0).damaged.clear()  # as if the layout check when the shard opened had missed it
@@ -88,6 +95,7 @@ def test_a_zero_row_that_was_written_reads_as_zeros(tmp_path):
 
 def test_a_chunk_address_outside_the_file_is_one_line(tmp_path):
     build(tmp_path / "c")
+    without_places(tmp_path / "c")
     shard = tmp_path / "c" / shard_name(1)
     with h5py.File(shard, "r") as f:
         ndim = f["data"].ndim

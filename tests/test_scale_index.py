@@ -12,7 +12,7 @@ from blitext.cache import keyindex
 from blitext.cache.keyindex import INDEX_DIR, KeyIndex
 from blitext.cache.manifest import KEYS_IN_MANIFEST, MANIFEST, load_manifest, sidecar_name
 from blitext.errors import BlitextError
-from tests.test_cache import build, random_rows
+from tests.test_cache import build, random_rows, without_places
 
 
 def test_manifest_keeps_shard_summaries_and_keys_are_found_through_the_index(tmp_path):
@@ -108,9 +108,10 @@ def test_sorted_hash_index_is_upgraded_on_first_open(tmp_path):
     cache = FeatureCache(tmp_path / "c")
     assert cache.keys == list(rows) and all(np.array_equal(cache[k], row) for k, row in rows.items())
     assert "img-9" not in cache
-    assert sorted(p.name for p in (tmp_path / "c" / INDEX_DIR).iterdir()) == sorted(keyindex.FILES)
+    files = sorted((*keyindex.FILES, keyindex.PLACES))  # fixed rows: their places too
+    assert sorted(p.name for p in (tmp_path / "c" / INDEX_DIR).iterdir()) == files
     upgraded = load_manifest(tmp_path / "c")
-    assert set(upgraded["index"]["bytes"]) == set(keyindex.FILES) and upgraded["format"] == "blitext-cache/3"
+    assert sorted(upgraded["index"]["bytes"]) == files and upgraded["format"] == "blitext-cache/3"
 
 
 def test_a_newer_format_is_refused_in_one_line(tmp_path):
@@ -220,6 +221,7 @@ def test_row_places_hold_every_chunk_offset(tmp_path):
     from blitext.cache.shard import RowPlaces
 
     keys = _many(tmp_path / "c")
+    without_places(tmp_path / "c")  # the shard walks its chunk index, and keeps RowPlaces
     cache = FeatureCache(tmp_path / "c")
     cache[keys[0]]
     written = [-1] * 1_000

@@ -24,18 +24,13 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from blitext.cache.keyindex import KeyIndex, open_index
+from blitext.cache.keyindex import KeyIndex, load_places, open_index
 from blitext.cache.manifest import FEATURE_KINDS, load_manifest, require_kind, require_producer, sidecar_name
-from blitext.cache.shard import DamagedRow, Shard
+from blitext.cache.shard import H5_ERRORS, DamagedRow, Shard
 from blitext.errors import BlitextError
 
 if TYPE_CHECKING:
     import torch
-
-# What h5py raises for a damaged file: HDF5's errors map onto these (a broken B-tree is a
-# RuntimeError from chunk_iter, an unreadable object header a KeyError, a bad datatype a ValueError,
-# an address past 2**63 an OverflowError).
-H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, OverflowError)
 
 _open_caches: "weakref.WeakSet[FeatureCache]" = weakref.WeakSet()
 
@@ -101,8 +96,10 @@ class FeatureCache:
     # ------------------------------------------------------------ reading
     def _forget_handles(self) -> None:
         """Shards open on first read; never closed here (after a fork they are the parent's).
-        Nothing per row until a shard is opened, so opening a cache is O(shards)."""
+        Nothing per row until a shard is opened, so opening a cache is O(shards): places.npy,
+        where the cache has one, is mapped, not read."""
         self._files: list[Shard | None] = [None] * len(self.manifest["shards"])
+        self._places = load_places(self.root, self.manifest)
 
     def _shard(self, shard: int) -> "Shard":
         reader = self._files[shard]
@@ -127,9 +124,16 @@ class FeatureCache:
         if size != entry["bytes"]:
             raise self._damaged(shard, f"is {size:,} bytes, the manifest says {entry['bytes']:,} (truncated or replaced)")
         try:
-            return Shard(path, self.variable_length, self.manifest["dtype"])
+            return Shard(path, self.variable_length, self.manifest["dtype"], self._recorded_places(shard))
         except H5_ERRORS as e:
             raise self._damaged(shard, f"does not open as a cache shard ({_first_line(e)})") from None
+
+    def _recorded_places(self, shard: int) -> np.ndarray | None:
+        """The shard's rows' slice of places.npy (still mapped), or None."""
+        if self._places is None:
+            return None
+        start = self.index.shard_starts[shard]
+        return self._places[start:start + self.manifest["shards"][shard]["rows"]]
 
     def _damaged(self, shard: int, what: str) -> BlitextError:
         """One line: which shard (and row) is damaged, how to confirm it and how to rebuild it."""
@@ -142,10 +146,11 @@ class FeatureCache:
     def __getitem__(self, key: str) -> np.ndarray:
         return self._row(key, *self.locate(key))
 
-    def _row(self, key: str, shard: int, row: int) -> np.ndarray:
+    def _row(self, key: str, shard: int, row: int, recorded: int = -1) -> np.ndarray:
+        """`recorded`: the row's offset in places.npy, where get_many gathered it (Shard.start)."""
         reader = self._files[shard]
         if reader is not None:
-            start = reader.start(row)
+            start = reader.start(row, recorded)
             if start >= 0:  # the hot path: a checked row, copied out of the memory map
                 return reader.row_at(start, row)
         try:
@@ -157,12 +162,14 @@ class FeatureCache:
 
     def get_many(self, keys: Sequence[str]) -> list[np.ndarray]:
         """The rows of `keys`, as cache[key] gives each: the keys found together (KeyIndex.locate_many),
-        then each row copied from its memory map."""
+        their places in the shards too where places.npy has them (one gather: the far reads in
+        flight together, as locate_many's), then each row copied from its memory map."""
         found = self.index.locate_many(keys)
         if len(found) and found.min() < 0:
             self.locate(keys[int(np.argmin(found))])  # raises: names the missing key
         shards, rows = self.index.shard_row_many(found)
-        return [self._row(key, shard, row) for key, shard, row in zip(keys, shards.tolist(), rows.tolist())]
+        recorded = np.take(self._places, found).tolist() if self._places is not None else [-1] * len(found)
+        return [self._row(*args) for args in zip(keys, shards.tolist(), rows.tolist(), recorded)]
 
     def get_batch(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stacked rows (B, T, D); for variable rows zero-padded, with a (B, T) bool mask."""
@@ -178,7 +185,7 @@ class FeatureCache:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        del state["_files"]  # handles never travel to other processes
+        del state["_files"], state["_places"]  # handles and maps never travel to other processes
         return state
 
     def __setstate__(self, state: dict) -> None:

@@ -15,6 +15,11 @@ import numpy as np
 
 from blitext.cache.quantise import dequantise
 
+# What h5py raises for a damaged file: HDF5's errors map onto these (a broken B-tree is a
+# RuntimeError from chunk_iter, an unreadable object header a KeyError, a bad datatype a ValueError,
+# an address past 2**63 an OverflowError).
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, OverflowError)
+
 # HDF5's metadata cache, per open shard (while its chunk index is read, and for rows read through
 # HDF5). Its default grows to 32 MB per file and holds about 8x its nominal size in memory: 34 MB
 # per 10^5-row shard after a pass of reads through HDF5, in every process that reads the shard.
@@ -24,12 +29,21 @@ METADATA_CACHE_BYTES = 64 * 1024
 
 class Shard:
     """One open shard. Uncompressed one-row chunks sit at fixed byte offsets in the file, so
-    after one pass over HDF5's chunk index a row is a plain slice of a memory map: h5py's
-    per-read selection costs far more than copying a 100 KB row (bench/cache_read.py).
+    once those are known a row is a plain slice of a memory map: h5py's per-read selection
+    costs far more than copying a 100 KB row (bench/cache_read.py).
 
-    That pass also checks the index against the layout written: a row whose chunk is absent,
-    or whose chunk address lies outside the file, is damaged (HDF5 would read an absent chunk
-    as the fill value, zeros, with no checksum to fail) and is refused when read.
+    A cache finished since index/places.npy exists (keyindex.py) lists every row's offset there,
+    found by one pass over each shard's HDF5 chunk index when the cache was finished: the shard
+    takes its slice of that map, checks that its first row's chunk is where it says (a shard
+    replaced since is walked as below), and holds no offsets of its own. Rows the pass found damaged are -1 there, and refused when read.
+
+    Without places.npy (older caches), the shard walks its chunk index itself, in every process
+    that opens it (2.5-4.4 us a row), which also checks the index against the layout written: a
+    row whose chunk is absent, or whose chunk address lies outside the file, is damaged (HDF5
+    would read an absent chunk as the fill value, zeros, with no checksum to fail) and is
+    refused when read. Damage to the chunk index after places.npy was written does not matter
+    to a read from the map: a row's bytes are where they were, and checked (`blitext cache
+    verify` still names it).
 
     A row's first read in this process checks its bytes in the map against the Fletcher-32
     checksum stored after them (the sums HDF5 computes: fletcher32_values); later reads copy
@@ -37,23 +51,26 @@ class Shard:
     checking every read would halve the read rate. Shards written without checksums are read
     unchecked.
 
-    Once that pass is done the HDF5 file is closed: an open HDF5 file holds 0.5-1 MB (its
-    metadata cache), and a process reading a cache of 1,024-row shards opens thousands. What
-    stays per row is one bit (checked or not) and a share of runs of evenly spaced chunks
-    (RowPlaces): about a byte, where a Python int per row and HDF5's default caches cost 270
-    bytes in every DataLoader worker. Rows of other layouts (variable length, compressed) are
-    read through HDF5, which keeps the file open.
+    Once the places are known the HDF5 file is closed: an open HDF5 file holds 0.5-1 MB (its
+    metadata cache), and a process reading a cache of 1,024-row shards opens thousands. (It is
+    still opened, briefly, for the dataset's shape, dtype and checksum flag and an int8 store's
+    scales: a cost per shard, not per row.) What stays per row is one bit (checked or not),
+    plus, without places.npy, a share of runs of evenly spaced chunks (RowPlaces): about a byte,
+    where a Python int per row and HDF5's default caches cost 270 bytes in every DataLoader
+    worker. Rows of other layouts (variable length, compressed) are read through HDF5, which
+    keeps the file open.
 
     An int8 store's rows (quantise.py) are checked as stored, then dequantised to `dtype` with
     their row's scale. The scales (dataset `scale`, one chunk) are checked against their
     Fletcher-32 checksum once, when the shard opens, and read from the map (page cache shared
     by every process), not copied per process."""
 
-    def __init__(self, path: Path, variable_length: bool, dtype: str = "float16"):
+    def __init__(self, path: Path, variable_length: bool, dtype: str = "float16", recorded: np.ndarray | None = None):
+        """`recorded`: this shard's rows' byte offsets from the cache's index/places.npy, if it has one."""
         self.file = _open_h5(path)
         self.dtype = np.dtype(dtype)  # what reads return (an int8 store's rows are dequantised to it)
         try:
-            self._read_layout(path, variable_length)
+            self._read_layout(path, variable_length, recorded)
         except BaseException:
             self.file.close()
             raise
@@ -61,17 +78,20 @@ class Shard:
             self.file.close()  # every row is read from the map from now on
             self.file = self.data = None
 
-    def _read_layout(self, path: Path, variable_length: bool) -> None:
+    def _read_layout(self, path: Path, variable_length: bool, recorded: np.ndarray | None) -> None:
         self.data = self.file.get("data")
         if self.data is not None and not isinstance(self.data, h5py.Dataset):
             raise ValueError("'data' is not a dataset")
         self.offsets = self.file["offsets"][:] if variable_length else None  # (N + 1,) row starts
         self.rows = 0 if self.data is None else len(self.offsets) - 1 if variable_length else self.data.shape[0]
         self.zero_fill = self.data is not None and not np.asarray(self.data.fillvalue).any()
-        layout = chunk_layout(self.data, path.stat().st_size) if self.data is not None else None
-        # row -> why it cannot be used (its chunk is missing from the index, or lies outside the file)
-        self.damaged: dict[int, str] = layout.damaged_rows(self.offsets) if layout is not None else {}
-        self.places = layout.row_places() if layout is not None and not variable_length else None
+        if recorded is not None and self.data is not None and self._recorded_here(recorded):
+            # row -> why it cannot be used: rows places.npy records without a place (-1)
+            self.damaged: dict[int, str] = dict.fromkeys(np.flatnonzero(recorded < 0).tolist(), NO_PLACE)
+            self.places, self.recorded = int_items(recorded), True  # recorded: its places are places.npy's
+        else:
+            self._walk_chunk_index(path.stat().st_size, variable_length)
+            self.recorded = False
         self.map = _map_file(path) if self.places is not None else None
         self.scale = self._read_scales(path.stat().st_size) if self.data is not None else None
         self.row_bytes = self.data.dtype.itemsize * int(np.prod(self.data.shape[1:])) if self.data is not None else 0
@@ -88,6 +108,26 @@ class Shard:
         # the row at byte offset `start` of the map: np.ndarray(shape, dtype, map, start)
         self.view = functools.partial(np.ndarray, self.data.shape[1:], self.data.dtype, self.map) \
             if self.map is not None else None
+
+    def _walk_chunk_index(self, file_size: int, variable_length: bool) -> None:
+        """Every row's place and damage from the shard's chunk index: 2.5-4.4 us a row, in this process."""
+        layout = chunk_layout(self.data, file_size) if self.data is not None else None
+        # row -> why it cannot be used (its chunk is missing from the index, or lies outside the file)
+        self.damaged = layout.damaged_rows(self.offsets) if layout is not None else {}
+        self.places = layout.row_places() if layout is not None and not variable_length else None
+
+    def _recorded_here(self, recorded: np.ndarray) -> bool:
+        """Whether places.npy's offsets are this file's: as many as its rows, raw one-row chunks,
+        and row 0's chunk where they say, of a raw chunk's size. A shard replaced after they were
+        written (rewritten, repacked) is walked instead. Only row 0: HDF5 finds a chunk by its
+        coordinates by walking the chunk index up to it (the last row of a 10^5-row shard: 10 ms);
+        a row elsewhere is still checked against its checksum where it is read."""
+        if len(recorded) != self.rows or not _mapped_layout(self.data):
+            return False
+        if not self.rows or recorded[0] < 0:
+            return True
+        info = self.data.id.get_chunk_info_by_coord((0,) * self.data.ndim)
+        return info.byte_offset == recorded[0] and not info.filter_mask and info.size == _raw_chunk_size(self.data)
 
     def _read_scales(self, file_size: int) -> np.ndarray | None:
         """An int8 store's row scales, checked: a view of the map where the chunk is raw in it,
@@ -119,10 +159,12 @@ class Shard:
             return row.copy() if copy else row
         return dequantise(row, self.scale[r], self.dtype)
 
-    def start(self, r: int) -> int:
-        """Row r's byte offset in the memory map, or -1: read it through read() (to be checked, or not mapped)."""
+    def start(self, r: int, recorded: int = -1) -> int:
+        """Row r's byte offset in the memory map, or -1: read it through read() (to be checked, or
+        not mapped). `recorded`: its offset in places.npy where the caller has it already (taken
+        only if this shard reads its places from there)."""
         if self.checked[r >> 3] >> (r & 7) & 1:
-            return self.places[r]
+            return recorded if recorded >= 0 and self.recorded else self.places[r]
         return -1
 
     def read(self, r: int) -> np.ndarray:
@@ -175,6 +217,7 @@ class Shard:
 
 
 FILL_VALUE_READ = "reads as the fill value: its chunk is missing from the shard's chunk index"
+NO_PLACE = "its chunk was missing from the shard's chunk index, or lay outside the file, when the cache was finished"
 
 
 class DamagedRow(ValueError):
@@ -239,7 +282,7 @@ class ChunkLayout:
         self.address = np.full(self.count, -1, np.int64)  # byte offset of chunk i; -1: none usable
         self.why: dict[int, str] = {}  # chunk -> what is wrong with it
         self.raw = _raw_rows(data)  # one uncompressed row per chunk: a row is a slice of the file
-        self.raw_size = data.dtype.itemsize * int(np.prod(data.chunks)) + 4 * data.fletcher32
+        self.raw_size = _raw_chunk_size(data)
         self.sizes_raw = True
         data.id.chunk_iter(lambda info: self._record(info, file_size))
         for i in range(self.count):
@@ -272,10 +315,19 @@ class ChunkLayout:
             rows.update({r: why for r in range(max(0, first), min(last, len(offsets) - 1))})
         return rows
 
-    def row_places(self) -> "RowPlaces | None":
+    def row_offsets(self) -> np.ndarray | None:
         """Each row's byte offset in the file when rows are raw one per chunk (-1 for a damaged
         row), else None (read through HDF5)."""
-        return RowPlaces(self.address) if self.raw and self.sizes_raw else None
+        if not (self.raw and self.sizes_raw):
+            return None
+        offsets = self.address.copy()
+        offsets[list(self.why)] = -1  # a chunk held twice has an address, and is still damaged
+        return offsets
+
+    def row_places(self) -> "RowPlaces | None":
+        """row_offsets, held in about a byte per row."""
+        offsets = self.row_offsets()
+        return RowPlaces(offsets) if offsets is not None else None
 
 
 class RowPlaces:
@@ -336,12 +388,46 @@ class RowPlaces:
 
 def chunk_layout(data: h5py.Dataset, file_size: int) -> ChunkLayout | None:
     """None for a layout blitext does not write (not chunked, or chunks split a row)."""
-    if data.chunks is None or data.chunks[1:] != data.shape[1:]:
+    if not _whole_row_chunks(data):
         return None
     return ChunkLayout(data, file_size)
+
+
+def recorded_places(path: Path) -> np.ndarray | None:
+    """What index/places.npy records of a finished shard: each row's byte offset (int64, -1 for a
+    damaged row), or None where its rows are not read from the memory map (the layout decides:
+    a raw row in each chunk). Walks the shard's chunk index: 2.5-4.4 us a row (docs/scale.md)."""
+    with _open_h5(path) as file:
+        data = file.get("data")
+        if data is None:
+            return np.zeros(0, np.int64)
+        if not isinstance(data, h5py.Dataset) or not _mapped_layout(data):
+            return None
+        return ChunkLayout(data, path.stat().st_size).row_offsets()
+
+
+def _whole_row_chunks(data: h5py.Dataset) -> bool:
+    return data.chunks is not None and data.chunks[1:] == data.shape[1:]
+
+
+def _mapped_layout(data: h5py.Dataset) -> bool:
+    """Whether the dataset's rows can be read from the memory map: one per chunk, stored raw
+    (a chunk's stored size is checked too, where the chunk index is read)."""
+    return _whole_row_chunks(data) and _raw_rows(data)
 
 
 def _raw_rows(data: h5py.Dataset) -> bool:
     if data.chunks[0] != 1:
         return False
     return not (data.compression or data.shuffle or data.scaleoffset is not None)  # Fletcher-32 keeps the bytes
+
+
+def _raw_chunk_size(data: h5py.Dataset) -> int:
+    """A chunk's bytes when HDF5 stored it unfiltered: its values, then its checksum if it has one."""
+    return data.dtype.itemsize * int(np.prod(data.chunks)) + 4 * data.fletcher32
+
+
+def int_items(array: np.ndarray) -> memoryview:
+    """A 64-bit integer array as a flat memoryview whose items are Python ints: indexing it costs
+    a fraction of numpy's per-call overhead on scalars, and a memory map stays a memory map."""
+    return memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B").cast("Q" if array.dtype.kind == "u" else "q")

@@ -2,7 +2,8 @@
 
 A fixed row is its values plus HDF5's 4-byte Fletcher-32 checksum (the row is its own chunk),
 plus, in an int8 store, its 4-byte scale, plus per key: HDF5's chunk index and the key in the shard, the key in the shard's JSON sidecar,
-and the key in the key index with its offset and its slot (hash, row, key span). `cache info`
+and the key in the key index with its offset, its slot (hash, row, key span) and the row's place in its shard
+(index/places.npy, 8 bytes: written for fixed rows, which are what is estimated here). `cache info`
 measures the real figure on disk; `extract-features --dry-run` estimates it before anything is written.
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ CHECKSUM_BYTES = 4   # Fletcher-32 per chunk (= per fixed row)
 # measured on bench/scale.py's 10^5-row cache (26-byte keys): 289 B/row on disk, 68 of them values
 # and checksum, 78 the keys; the other 143 are HDF5's chunk index and string heap, JSON quoting,
 # and the index's ~40 bytes (an 8-byte offset and 24-byte slots 76% full; 30-60 B at 40-80%).
-ROW_OVERHEAD_BYTES = 143
+# places.npy, written since, adds 8 bytes a row (an int64 offset): 151.
+ROW_OVERHEAD_BYTES = 143 + 8
 
 
 def estimated_row_bytes(row_shape, dtype: str, key_bytes: int) -> int:

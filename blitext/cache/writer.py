@@ -341,7 +341,9 @@ def finalize(plan: CachePlan) -> dict:
         if row_shape is None and sidecar["rows"]:
             row_shape = _row_shape(plan, plan.root / sidecar["file"])
     with writing(plan.root):
-        index = write_index(plan.root, (read_json(plan.root / sidecar_name(i))["keys"] for i in range(plan.num_shards)))
+        files = None if plan.variable_length else [(plan.root / s["file"], s["rows"]) for s in shards]
+        index = write_index(plan.root, (read_json(plan.root / sidecar_name(i))["keys"] for i in range(plan.num_shards)),
+                            files)
     manifest = {
         **plan.run_record(),
         "row_shape": row_shape,
