@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import git_commit, write_result  # noqa: E402
 
 KEYS = 20_000
 WAYS = ("lookup", "lookup_batched", "read", "read_batched")
@@ -80,8 +84,16 @@ def main(argv=None) -> None:
     ap.add_argument("caches", nargs="+", type=Path)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--result", default=None, help="also write bench/results/<RESULT>.json (bench/scale.py reads stdout)")
+    ap.add_argument("--note", default="", help="what else ran on the machine meanwhile")
     args = ap.parse_args(argv)
-    print(json.dumps(side_by_side(args.caches, args.rounds, args.batch)))
+    commit = git_commit()  # when it starts: a commit made while it runs is not the one measured
+    figures = side_by_side(args.caches, args.rounds, args.batch)
+    print(json.dumps(figures))
+    if args.result:
+        write_result(args.result, {"commit": commit, "command": " ".join(["python bench/scale_rates.py", *(argv or sys.argv[1:])]),
+                                   "note": args.note, "rounds": args.rounds, "batch": args.batch, "keys": KEYS,
+                                   "side_by_side": figures})
 
 
 if __name__ == "__main__":
