@@ -125,32 +125,33 @@ def test_an_unwritable_cache_root_keeps_the_columns_in_memory(tmp_path, monkeypa
     assert "kept in this process's memory" in capsys.readouterr().err
 
 
-RANK = """
+def rank_script(module: str, function: str, body: str) -> str:
+    """A torchrun rank's script: `module.function` counted while `body` runs (a file per call,
+    named by rank), then what `body` left in `seen` written as the rank's json."""
+    return f"""
 import json, os, sys
 import torch.distributed as dist
-import blitext.data.pairs as pairs_module
-from blitext.data.pairs import read_pairs
+import {module} as patched
 
 out = sys.argv[1]
-real = pairs_module._parse
+real = patched.{function}
 def counted(*a):
-    open(os.path.join(out, f"parsed-{os.environ['RANK']}-{os.getpid()}"), "w").close()
+    open(os.path.join(out, f"parsed-{{os.environ['RANK']}}-{{os.getpid()}}"), "w").close()
     return real(*a)
-pairs_module._parse = counted
+patched.{function} = counted
 dist.init_process_group("gloo")
-pairs = read_pairs(sys.argv[2:], None, lambda image_id: image_id != "c", accepts="test")
-seen = {"keys": list(pairs.keys), "image_ids": list(pairs.image_ids), "texts": list(pairs.texts),
-        "store": str(pairs.store), "mapped": type(pairs.texts.blob).__name__}
-with open(os.path.join(out, f"rank-{os.environ['RANK']}.json"), "w") as f:
+{body}
+with open(os.path.join(out, f"rank-{{os.environ['RANK']}}.json"), "w") as f:
     json.dump(seen, f)
 dist.destroy_process_group()
 """
 
 
-def test_torchrun_two_ranks_one_parse(tmp_path):
-    files = formats(tmp_path)["mixed"]
-    memory = read_pairs(files, None, HAS_IMAGE)
-    (tmp_path / "rank.py").write_text(RANK)
+def two_ranks_twice(tmp_path, script: str, files: list[str]) -> list[tuple[list[str], list[dict]]]:
+    """`script` under a real 2-rank torchrun, run twice on `files`: per run, the ranks whose
+    counted function ran, and what each rank saw."""
+    (tmp_path / "rank.py").write_text(script)
+    runs = []
     for run in ("first", "second"):
         out = tmp_path / run
         out.mkdir()
@@ -158,11 +159,23 @@ def test_torchrun_two_ranks_one_parse(tmp_path):
                               str(out), *files], capture_output=True, text=True, timeout=300)
         assert two.returncode == 0, two.stderr[-3000:]
         parsed = sorted(p.name.split("-")[1] for p in out.glob("parsed-*"))
-        assert parsed == (["0"] if run == "first" else [])  # rank 0 parsed once; the second run none
-        seen = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
+        runs.append((parsed, [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]))
+    return runs
+
+
+READ_PAIRS = """pairs = patched.read_pairs(sys.argv[2:], None, lambda image_id: image_id != "c", accepts="test")
+seen = {"keys": list(pairs.keys), "image_ids": list(pairs.image_ids), "texts": list(pairs.texts),
+        "store": str(pairs.store), "mapped": type(pairs.texts.blob).__name__}"""
+
+
+def test_torchrun_two_ranks_one_parse(tmp_path):
+    files = formats(tmp_path)["mixed"]
+    memory = {k: v for k, v in as_lists(read_pairs(files, None, HAS_IMAGE)).items() if k in ("keys", "image_ids", "texts")}
+    runs = two_ranks_twice(tmp_path, rank_script("blitext.data.pairs", "_parse", READ_PAIRS), files)
+    assert [parsed for parsed, _ in runs] == [["0"], []]  # rank 0 parsed once; the second run none
+    for _, seen in runs:
         assert seen[0] == seen[1] and seen[0]["mapped"] == "mmap"
-        assert {k: seen[0][k] for k in ("keys", "image_ids", "texts")} == \
-            {k: v for k, v in as_lists(memory).items() if k in ("keys", "image_ids", "texts")}
+        assert {k: seen[0][k] for k in memory} == memory
 
 
 def test_a_feature_cache_whose_keys_change_is_a_new_accepts(tmp_path):

@@ -6,7 +6,6 @@ import mmap
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,8 @@ from blitext.data import column_store, sentence_store
 from blitext.data.text import read_sentences
 from blitext.errors import BlitextError
 from blitext.pformer.train import read_split, split_corpus
+from test_pair_store import rank_script, two_ranks_twice
 
-BIN = Path(sys.executable).parent
 HELDOUT = 3
 
 
@@ -135,38 +134,15 @@ def test_an_unwritable_cache_root_keeps_the_split_in_memory(tmp_path, monkeypatc
     assert len(said) == 1
 
 
-RANK = """
-import json, os, sys
-import torch.distributed as dist
-import blitext.pformer.train as train_module
-
-out = sys.argv[1]
-real = train_module.read_sentences
-def counted(*a):
-    open(os.path.join(out, f"parsed-{os.environ['RANK']}-{os.getpid()}"), "w").close()
-    return real(*a)
-train_module.read_sentences = counted
-dist.init_process_group("gloo")
-split = train_module.read_split(sys.argv[2:], "error", 3, 0)
+READ_SPLIT = """split = patched.read_split(sys.argv[2:], "error", 3, 0)
 seen = {"train_ids": list(split.train_ids), "train": list(split.train), "heldout": split.heldout,
-        "counts": dict(split.counts), "store": str(split.store), "mapped": type(split.train.values.blob).__name__}
-with open(os.path.join(out, f"rank-{os.environ['RANK']}.json"), "w") as f:
-    json.dump(seen, f)
-dist.destroy_process_group()
-"""
+        "counts": dict(split.counts), "store": str(split.store), "mapped": type(split.train.values.blob).__name__}"""
 
 
 def test_torchrun_two_ranks_one_read(tmp_path):
     files = text_files(tmp_path)
-    (tmp_path / "rank.py").write_text(RANK)
-    for run in ("first", "second"):
-        out = tmp_path / run
-        out.mkdir()
-        two = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(tmp_path / "rank.py"),
-                              str(out), *files], capture_output=True, text=True, timeout=300)
-        assert two.returncode == 0, two.stderr[-3000:]
-        parsed = sorted(p.name.split("-")[1] for p in out.glob("parsed-*"))
-        assert parsed == (["0"] if run == "first" else [])  # rank 0 read once; the second run none
-        seen = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    runs = two_ranks_twice(tmp_path, rank_script("blitext.pformer.train", "read_sentences", READ_SPLIT), files)
+    assert [parsed for parsed, _ in runs] == [["0"], []]  # rank 0 read once; the second run none
+    for _, seen in runs:
         assert seen[0] == seen[1] and seen[0]["mapped"] == "mmap"
         assert {k: seen[0][k] for k in ("train_ids", "train", "heldout", "counts")} == in_memory(files)
