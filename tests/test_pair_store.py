@@ -85,22 +85,26 @@ def test_a_changed_input_is_parsed_again(tmp_path, parses):
     assert len({p.store for p in (changed, other_features)}) == 2
 
 
+def half_write(folder: Path, marker: str, blob: str, damage: str) -> None:
+    """`folder` as a killed writer leaves it: no marker (killed before writing it), `blob`
+    truncated, or only its temporary folder, of a process that is gone (killed before its rename)."""
+    if damage == "no marker":
+        (folder / marker).unlink()
+    elif damage == "truncated":
+        with open(folder / blob, "r+b") as f:
+            f.truncate(5)
+    else:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        os.rename(folder, folder.with_name(f".{folder.name}.tmp-{os.uname().nodename}-{int(dead.stdout)}"))
+
+
 @pytest.mark.parametrize("damage", ["no marker", "truncated", "killed writer"])
 def test_a_half_written_folder_is_rebuilt(tmp_path, parses, damage):
     files = formats(tmp_path)["mixed"]
     first = read_pairs(files, None, HAS_IMAGE, accepts="test")
     folder, expected = first.store, as_lists(first)
     del first
-    if damage == "no marker":  # killed before pairs.json was written
-        (folder / pair_store.MARKER).unlink()
-    elif damage == "truncated":
-        with open(folder / "texts.bin", "r+b") as f:
-            f.truncate(5)
-    else:  # killed before its rename: only a temporary folder of a process that is gone
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.uname().nodename}-{int(dead.stdout)}")
-        os.rename(folder, tmp)
-        (tmp / pair_store.MARKER).unlink()
+    half_write(folder, pair_store.MARKER, "texts.bin", damage)
     again = read_pairs(files, None, HAS_IMAGE, accepts="test")
     assert len(parses) == 2 and as_lists(again) == expected
     assert pair_store.problem(folder) is None

@@ -3,9 +3,6 @@ under the cache root, memory-mapped by every process, equal to the in-memory spl
 an input changes or a writer was killed, shared by torchrun's ranks."""
 import json
 import mmap
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +12,7 @@ from blitext.data import column_store, sentence_store
 from blitext.data.text import read_sentences
 from blitext.errors import BlitextError
 from blitext.pformer.train import read_split, split_corpus
-from test_pair_store import rank_script, two_ranks_twice
+from test_pair_store import half_write, rank_script, two_ranks_twice
 
 HELDOUT = 3
 
@@ -88,15 +85,7 @@ def test_a_half_written_folder_is_rebuilt(tmp_path, parses, damage):
     first = read_split(files, "error", HELDOUT, 0)
     folder, expected = first.store, as_lists(first)
     del first
-    if damage == "no marker":  # killed before sentences.json was written
-        (folder / sentence_store.MARKER).unlink()
-    elif damage == "truncated":
-        with open(folder / "sentences.bin", "r+b") as f:
-            f.truncate(5)
-    else:  # killed before its rename, the marker written: a temporary folder, of a process that is gone, is never read
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.uname().nodename}-{int(dead.stdout)}")
-        os.rename(folder, tmp)
+    half_write(folder, sentence_store.MARKER, "sentences.bin", damage)  # a dead writer's folder keeps its marker
     again = read_split(files, "error", HELDOUT, 0)
     assert len(parses) == 2 and as_lists(again) == expected
     assert column_store.problem(sentence_store.STORE, folder) is None
