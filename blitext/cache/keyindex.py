@@ -27,8 +27,9 @@ caches): 1.7 us at 10^4 rows, 2.0 at 10^7; the binary search took 3.1 and 5.7.
 `locate_many` finds a batch of keys at once (how get_batch and a DataLoader's batches read):
 their hashes in one pass, then numpy gathers over the slots and keys.bin, each preceded by a
 gather of one item per key, so that the batch's far touches are in memory's hands together
-rather than one after another. bench/scale_rates.py, every size in the same rounds: at 10^7
-rows a batch of 512 keys runs at 0.87-0.90 of its rate at 10^4 rows (one key at a time 0.77-0.80).
+rather than one after another. bench/scale_rates.py, every size in the same rounds, three runs:
+at 10^7 rows a batch of 512 keys runs at 0.81-0.94 of its rate at 10^4 rows, one key at a time
+at 0.73-0.83 (docs/scale.md).
 
 Opening maps the files and reads nothing: it costs the same at 10^3 and 10^8 rows, and every
 process (ranks, DataLoader workers) shares the same page cache instead of building its own
@@ -273,7 +274,7 @@ class KeyIndex(Sequence):
         rows = np.full(len(encoded), -1, np.int64)
         if not len(rows) or not len(self.slots):
             return rows
-        at = (hashes >> np.uint64(self._shift)).astype(np.int64) if self._shift < 64 else np.zeros(len(rows), np.int64)
+        at = (hashes >> np.uint64(self._shift)).astype(np.int64)  # homes: a non-empty index has shift <= 63
         todo, found, places = np.arange(len(rows)), [], []
         last, flat, step = len(self.slots) - 1, self._flat_slots, np.arange(WINDOW)
         while len(todo):  # each key's walk from its home, WINDOW slots at a time
