@@ -32,7 +32,7 @@ import numpy as np
 import torch.distributed as dist
 
 from blitext.atomic import fsync_tree, read_json, remove_folder, write_json
-from blitext.cache.keyindex import _map  # a whole file mapped read-only, as the key index maps keys.bin
+from blitext.cache.keyindex import _load, _map  # files mapped read-only as the key index maps its own
 from blitext.config import default_cache_root
 from blitext.console import say
 from blitext.data.columns import StringColumn
@@ -164,10 +164,7 @@ def open_strings(store: Store, folder: Path, name: str, count: int) -> StringCol
 def load(store: Store, path: Path) -> np.ndarray:
     """A .npy file of a store's folder, memory-mapped."""
     try:
-        try:
-            return np.load(path, mmap_mode="r")
-        except ValueError:  # numpy cannot map an empty array's zero data bytes; a damaged file fails again below
-            return np.load(path)
+        return _load(path)  # keyindex's: mapped, or read where empty (a damaged file fails again there)
     except (ValueError, OSError, EOFError) as e:
         raise damaged(store, path.parent, f"{path.name}: {e}") from None
 
