@@ -12,6 +12,7 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
+from blitext.allocator import keep_freed_memory
 from blitext.errors import BlitextError
 
 T = TypeVar("T")
@@ -43,8 +44,11 @@ def init_distributed(device: str) -> DistInfo:
 
 def run_distributed(requested_device: str, job: Callable[[str, DistInfo], T]) -> T:
     """Pick the device, join torchrun's process group if there is one, run `job(device, info)`,
-    and always leave the group: every phase tool's entry point."""
+    and always leave the group: every phase tool's entry point. On the CPU, freed memory is kept
+    for the next batch (allocator.py)."""
     device = pick_device(requested_device)
+    if device == "cpu":
+        keep_freed_memory()
     info = init_distributed(device)
     try:
         return job(device, info)
