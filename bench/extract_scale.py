@@ -5,7 +5,12 @@
 1. Writes `--images` JPEG photos-to-be (640 x 480) into .tar shards in img2dataset's layout
    (NNNNNNNNN.jpg + .txt + .json), `--per-tar` to a shard.
 2. Bare: the encoder's forward alone on the same images, decoded and preprocessed in memory
-   beforehand, one process; its rate after the first `--skip` images.
+   beforehand, in `--ranks` processes at once (each its share of the images: on a CPU the same
+   cores extract-features' ranks have; on GPUs one each), with the allocator settings CPU runs
+   use (blitext/allocator.py); the summed rate after the first `--skip` images. Also the rate
+   of decoding and preprocessing alone, one process, one core: on a CPU the same cores decode
+   and encode, so extract-features can reach at most forward / (forward + decode) of the bare
+   rate there (`cpu_ceiling`); with a GPU encoding, decoding runs beside it.
 3. extract-features on the tar folder under torchrun (`--ranks` processes), twice: on the first
    `--skip` images and on all. The steady-state rate is (images - skip) / (the difference of the
    two wall times): start-up (imports, model loading, workers, the manifest) cancels out.
@@ -57,18 +62,23 @@ def write_tars(folder: Path, images: int, per_tar: int) -> None:
                     tar.addfile(info, BytesIO(data))
 
 
-def bare_rate(data: Path, encoder_name: str, batch_size: int, skip: int, device: str) -> float:
-    """Images/s of the forward alone after the first `skip` images (inputs ready in memory)."""
+def bare_rate(data: Path, encoder_name: str, batch_size: int, skip: int, device: str, part: int = 0, parts: int = 1) -> float:
+    """Images/s of the forward alone after the first `skip` images (inputs ready in memory), on
+    every `parts`-th image from `part`."""
     import torch
 
+    from blitext.allocator import keep_freed_memory
     from blitext.data.images import load_image
     from blitext.features.image import ExtractConfig, plan_items
     from blitext.models.loading import load_vision_encoder
 
     torch.set_num_threads(1)
+    if device == "cpu":
+        keep_freed_memory()  # as run_distributed does for extract-features' ranks
     encoder = load_vision_encoder(encoder_name, device=device)
     items = plan_items(ExtractConfig(data=str(data), vision_encoder=encoder_name, batch_size=batch_size))
-    pixels = torch.stack([encoder.preprocess(load_image(it.root, it.ref)) for it in items]).to(device)
+    mine = range(part, len(items), parts)
+    pixels = torch.stack([encoder.preprocess(load_image(items[i].root, items[i].ref)) for i in mine]).to(device)
     with torch.inference_mode():
         times = []
         for batch in pixels.split(batch_size):
@@ -76,8 +86,37 @@ def bare_rate(data: Path, encoder_name: str, batch_size: int, skip: int, device:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
-    first = skip // batch_size  # the batch that ends at `skip` images
-    return (len(items) - (first + 1) * batch_size) / (times[-1] - times[first])
+    first = skip // parts // batch_size  # the batch that ends at this process's share of `skip` images
+    return (len(mine) - (first + 1) * batch_size) / (times[-1] - times[first])
+
+
+def bare_rate_together(data: Path, args) -> float:
+    """The bare forward in `--ranks` processes at once (cuda: cuda:0, cuda:1, ...), their rates summed."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    devices = [f"cuda:{r}" if args.device.startswith("cuda") else args.device for r in range(args.ranks)]
+    with ProcessPoolExecutor(args.ranks, mp_context=get_context("spawn")) as pool:
+        rates = pool.map(bare_rate, *zip(*[(data, args.encoder, args.batch_size, args.skip, d, r, args.ranks)
+                                           for r, d in enumerate(devices)]))
+        return sum(rates)
+
+
+def decode_rate(data: Path, encoder_name: str, images: int) -> float:
+    """Images/s of reading, decoding and preprocessing alone (what extract-features' workers do), one core."""
+    import torch
+
+    from blitext.features.image import DecodedImages, ExtractConfig, plan_items
+    from blitext.models.loading import load_vision_encoder
+
+    torch.set_num_threads(1)
+    config = ExtractConfig(data=str(data), vision_encoder=encoder_name)
+    items = plan_items(config)
+    decoded = DecodedImages(items, load_vision_encoder(encoder_name, device="cpu").preprocess, config.max_pixels)
+    t = time.process_time()
+    for i in range(min(images, len(items))):
+        decoded[i]
+    return min(images, len(items)) / (time.process_time() - t)
 
 
 def extract_cmd(data: Path, out: Path, args, limit: int | None = None) -> list[str]:
@@ -130,22 +169,25 @@ def main(argv=None) -> None:
     data = work / "tars"
     if not data.is_dir():
         write_tars(data, args.images, args.per_tar)
-    bare = bare_rate(data, args.encoder, args.batch_size, args.skip, args.device)
+    bare = bare_rate_together(data, args)
+    decode = decode_rate(data, args.encoder, 1_000)
     start_s = timed_run(extract_cmd(data, work / "first", args, limit=args.skip))
     full_s = timed_run(extract_cmd(data, work / "full", args))
     # None: the short run took as long as the full one, so start-up (or the machine's load) swamped it
     steady = (args.images - args.skip) / (full_s - start_s) if full_s > start_s else None
     killed_then_resumed(extract_cmd(data, work / "killed", args), args.kill_at * full_s)
     same = shard_bytes(work / "full") == shard_bytes(work / "killed")
-    gpus = args.ranks if args.device.startswith("cuda") else 1  # on a CPU the ranks share the cores
+    # on a CPU each image costs its forward and its decoding on the same cores (per core: ranks / bare)
+    ceiling = (args.ranks / bare) / (args.ranks / bare + 1 / decode) if args.device == "cpu" else 1.0
     write_result("extract_scale", {
         "commit": commit, "command": "python bench/extract_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "note": args.note, "images": args.images, "per_tar": args.per_tar, "ranks": args.ranks,
         "encoder": args.encoder, "device": args.device, "batch_size": args.batch_size, "skip": args.skip,
-        "bare_images_per_s": round(bare, 2), "bare_reference_images_per_s": round(bare * gpus, 2),
+        "bare_images_per_s": round(bare, 2), "bare_processes": args.ranks,
+        "decode_images_per_s_one_core": round(decode, 2), "cpu_ceiling": round(ceiling, 3),
         "first_skip_images_wall_s": round(start_s, 2), "all_images_wall_s": round(full_s, 2),
-        "steady_images_per_s": steady and round(steady, 2), "ratio": steady and round(steady / (bare * gpus), 3),
-        "goal": ">= 0.95",
+        "steady_images_per_s": steady and round(steady, 2), "ratio": steady and round(steady / bare, 3),
+        "ratio_of_ceiling": steady and round(steady / bare / ceiling, 3), "goal": ">= 0.95",
         "killed_at_s": round(args.kill_at * full_s, 2), "resume_bytes_equal": same,
     })
 
