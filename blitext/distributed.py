@@ -45,10 +45,8 @@ def init_distributed(device: str) -> DistInfo:
 def run_distributed(requested_device: str, job: Callable[[str, DistInfo], T]) -> T:
     """Pick the device, join torchrun's process group if there is one, run `job(device, info)`,
     and always leave the group: every phase tool's entry point. On the CPU, freed memory is kept
-    for the next batch (allocator.py)."""
-    device = pick_device(requested_device)
-    if device == "cpu":
-        keep_freed_memory()
+    for the next batch (use_device)."""
+    device = use_device(requested_device)
     info = init_distributed(device)
     try:
         return job(device, info)
@@ -64,6 +62,15 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def use_device(requested: str = "auto") -> str:
+    """pick_device, and where that is the CPU, keep freed memory for the next batch (allocator.py):
+    every job that computes (phase tools, evaluation, blitext.load) starts here."""
+    device = pick_device(requested)
+    if device == "cpu":
+        keep_freed_memory()
+    return device
 
 
 def pick_device(requested: str = "auto") -> str:

@@ -37,8 +37,10 @@ def test_freed_memory_is_kept_in_the_heap():
 
 
 def test_cpu_runs_keep_freed_memory_and_others_do_not():
+    """Phase tools start in run_distributed, evaluation and blitext.load in use_device."""
     run = "from blitext.distributed import run_distributed\nrun_distributed({!r}, lambda device, info: None)"
     assert freed_share_kept(run.format("cpu")) > 0.99
+    assert freed_share_kept("from blitext.distributed import use_device\nuse_device('cpu')") > 0.99
     # a GPU named where there is none is refused before anything is set
     refused = "import pytest\nwith pytest.raises(Exception):\n    " + run.format("cuda").replace("\n", "\n    ")
     assert freed_share_kept(refused) < 0.1

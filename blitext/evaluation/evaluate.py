@@ -39,7 +39,7 @@ from blitext.config import provenance, to_jsonable
 from blitext.console import progress_bar, say
 from blitext.data.readers import read_image_set
 from blitext.data.text import caption_key
-from blitext.distributed import pick_device
+from blitext.distributed import use_device
 from blitext.errors import BlitextError
 from blitext.evaluation.decoding import (GenerationSettings, generate_from_text, generate_texts, require_settings,
                                          trained_settings)
@@ -166,7 +166,7 @@ def _open(config: EvalConfig, task: str) -> Evaluation:
             raise BlitextError(f"eval {task} needs --{name}")
     require_settings(config.settings)  # before any model loads
     check_out(config.out)
-    device = pick_device(config.device)
+    device = use_device(config.device)
     adapter = load_adapter(config.adapter, device)
     encoder = adapter.features_producer.get("encoder")
     cache = FeatureCache(config.features, expect=adapter.features_producer,

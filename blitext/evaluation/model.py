@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from blitext.data.images import load_image, to_rgb
-from blitext.distributed import pick_device
+from blitext.distributed import use_device
 from blitext.errors import BlitextError
 from blitext.evaluation import decoding
 from blitext.evaluation.decoding import GenerationSettings, require_settings, trained_settings
@@ -38,7 +38,7 @@ def load(run: str | Path, device: str = "auto", llm: str | None = None, settings
     vision=False skips the vision encoder: the model then reads visual tokens only (`generate`).
     """
     require_settings(settings)
-    device = pick_device(device)
+    device = use_device(device)
     adapter = load_adapter(run, device)
     frozen_llm = load_llm_for_generation(adapter, llm, device)
     encoder = adapter_encoder(adapter, device) if vision and not adapter.is_video else None
