@@ -1,4 +1,5 @@
-"""Shared by the bench scripts: machine description and writing results to bench/results/."""
+"""Shared by the bench scripts: machine description, writing results to bench/results/, and a
+process's unique and private dirty memory (bench/scale.py and bench/scale_inputs.py)."""
 from __future__ import annotations
 
 import datetime
@@ -36,3 +37,16 @@ def write_result(name: str, result: dict) -> Path:
     print(json.dumps(result, indent=1))
     print(f"written to {path}")
     return path
+
+
+def uss_mb(process) -> float:
+    """Memory only this process holds (MB): its own pages, and mapped file pages no other process maps."""
+    return process.memory_full_info().uss / 2**20
+
+
+def private_dirty_mb(pid: int) -> float:
+    """Memory the process wrote itself (MB): its heap, and pages copied from its parent on write."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Private_Dirty:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

@@ -1,6 +1,7 @@
 """bench/faults.py's faults since issue 11: kill -9 then resume, a full disk and an unwritable
-folder (injected, and real as root), damaged caches given to train-adapter, a damaged checkpoint
-given to --resume latest."""
+folder (injected, and real as root), damaged caches given to train-adapter (refused; or, for
+chunk-index damage after the cache was finished, read intact), a damaged checkpoint given to
+--resume latest."""
 from __future__ import annotations
 
 import os
@@ -61,23 +62,59 @@ def write_fault(name: str, phase: str, cmd: list[str], ref: Path, out: Path, fau
 def damaged_cache_fault(name: str, w: dict, cmds: dict, damage, e: dict, tmp: Path) -> dict:
     """A damaged feature cache given to train-adapter: refused naming the shard; then the repair
     the message names (delete the shard and its sidecar, run extract-features again)."""
-    ref = tmp / "ref" / "extract-features"
+    copy, _, shard, damaged_rows, first = train_on_damaged_copy(name, cmds, damage, e, tmp)
+    refused, line = one_line_refusal(first)
+    verify, repaired = verify_then_repair(copy, shard, cmds, e, tmp)
+    return {"fault": name, "phase": "adapter stage 1", "injected": True, "survived": refused and shard in line,
+            "lost": 0 if refused else (damaged_rows if first.returncode == 0 else None),
+            "detail": f"{line[:220]} | cache verify exit {verify.returncode} | {repair_note(shard, repaired)}"}
+
+
+def index_damage_fault(name: str, w: dict, cmds: dict, damage, e: dict, tmp: Path) -> dict:
+    """Damage to a shard's HDF5 chunk index after the cache was finished. Rows are read at the
+    byte offsets index/places.npy recorded when it was finished, each checked against its
+    Fletcher-32 checksum, so the index no longer matters to train-adapter: it finishes identical
+    to the reference run (or, were a row's bytes really unreadable, refuses naming the shard).
+    `cache verify` walks the chunk index, so it still names the shard; then the same repair."""
+    copy, trained_run, shard, _, first = train_on_damaged_copy(name, cmds, damage, e, tmp)
+    refused, line = one_line_refusal(first)
+    ran = first.returncode == 0
+    same, lost = identical("adapter stage 1", tmp / "ref" / "adapter stage 1", trained_run) if ran \
+        else (False, 0 if refused else None)
+    verify, repaired = verify_then_repair(copy, shard, cmds, e, tmp)
+    named = verify.returncode != 0 and shard in verify.stdout + verify.stderr
+    trained = f"train-adapter finished, {'identical' if same else 'DIFFERENT'} to the reference run" if ran \
+        else line[:220]
+    return {"fault": name, "phase": "adapter stage 1", "injected": True,
+            "survived": (same or (refused and shard in line)) and named, "lost": lost,
+            "detail": f"{trained} | cache verify exit {verify.returncode}, "
+                      f"{'names' if named else 'does NOT name'} {shard} | {repair_note(shard, repaired)}"}
+
+
+def train_on_damaged_copy(name: str, cmds: dict, damage, e: dict, tmp: Path):
+    """A copy of the reference cache, damaged, given to adapter stage 1: (the copy, the run's
+    folder, the damaged shard's name, the rows damaged, the finished process)."""
     copy = tmp / name.replace(" ", "-")
-    shutil.copytree(ref, copy)
+    shutil.copytree(tmp / "ref" / "extract-features", copy)
     shard, damaged_rows = damage(copy)
     cmd = list(cmds["adapter stage 1"])
     cmd[cmd.index("--features") + 1] = str(copy)
-    first = run([*cmd, "--out", str(tmp / f"{copy.name}-run")], e)
-    refused, line = one_line_refusal(first)
+    out = tmp / f"{copy.name}-run"
+    return copy, out, shard, damaged_rows, run([*cmd, "--out", str(out)], e)
+
+
+def verify_then_repair(copy: Path, shard: str, cmds: dict, e: dict, tmp: Path):
+    """`cache verify` of the damaged copy, then the repair its message names (delete the shard and
+    its sidecar, run extract-features again): (verify's process, whether the cache is identical)."""
     verify = run(["cache", "verify", str(copy)], e)
     (copy / shard).unlink(missing_ok=True)
     (copy / shard.replace(".h5", ".json")).unlink(missing_ok=True)
     repair = run([*cmds["extract-features"], "--out", str(copy)], e)
-    repaired = repair.returncode == 0 and same_cache(ref, copy)
-    return {"fault": name, "phase": "adapter stage 1", "injected": True, "survived": refused and shard in line,
-            "lost": 0 if refused else (damaged_rows if first.returncode == 0 else None),
-            "detail": f"{line[:220]} | cache verify exit {verify.returncode} | repaired by deleting {shard} "
-                      f"and re-running extract-features: {'identical' if repaired else 'NOT identical'}"}
+    return verify, repair.returncode == 0 and same_cache(tmp / "ref" / "extract-features", copy)
+
+
+def repair_note(shard: str, repaired: bool) -> str:
+    return f"repaired by deleting {shard} and re-running extract-features: {'identical' if repaired else 'NOT identical'}"
 
 
 def damaged_checkpoint_fault(cmds: dict, tmp: Path, e: dict) -> dict:

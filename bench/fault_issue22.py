@@ -1,4 +1,5 @@
-"""bench/faults.py's issue-22 faults, all real: chunk-index damage, `--out` naming a file, damaged
+"""bench/faults.py's issue-22 faults, all real: chunk-index damage after the cache was finished
+(read intact since index/places.npy; `cache verify` names it), `--out` naming a file, damaged
 final weights loaded by every path, a real tmpfs filled during a metrics append and one too small
 for eval's results, an EXIF-rotated photo."""
 from __future__ import annotations
@@ -9,14 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fault_cases import damaged_cache_fault
+from fault_cases import index_damage_fault
 from fault_checks import exif_photos, flip_chunk_address, flip_weights, identical, move_chunk, one_line_refusal, \
     whole_jsonl
 from fault_world import BLITEXT, eval_command, fill, mount, run, wait_for
 
 
 def issue22_faults(w: dict, cmds: dict, tmp: Path, e: dict) -> list[dict]:
-    results = [damaged_cache_fault(name, w, cmds, damage, e, tmp)
+    results = [index_damage_fault(name, w, cmds, damage, e, tmp)
                for name, damage in (("chunk moved in the index", move_chunk),
                                     ("chunk address flipped", flip_chunk_address))]
     results += out_is_a_file_faults(w, cmds, tmp, e)

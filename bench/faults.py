@@ -17,7 +17,9 @@ to train-adapter); a damaged checkpoint given to --resume latest. Run as root, i
 fills a real 1 MiB tmpfs and writes into a read-only mount.
 
 Issue 22's faults, all real: a row's chunk moved in a shard's chunk index and a chunk address
-flipped past 2**63 (each given to train-adapter); a real tmpfs filled while train-adapter appends
+flipped past 2**63, after the cache was finished (each given to train-adapter, which reads the
+rows at the offsets index/places.npy recorded, checksummed, and must finish identical to the
+reference run; `cache verify` must name the shard); a real tmpfs filled while train-adapter appends
 metrics.jsonl (then freed, and --resume latest), and one too small for eval's results; `--out`
 naming a real file, and a path under it, for every command that writes a folder; 16 flipped
 bytes in final/model.safetensors loaded by eval, generate, export, blitext.load, --init and
