@@ -4,8 +4,9 @@ in again on every forward.
 glibc's malloc serves every block over 32 MB (and, before its threshold adapts, over 128 KB)
 with its own mmap and returns it to the kernel when freed: a CPU forward over a batch allocates
 and frees hundreds of MB of activations, and each new page costs a fault and a zeroing in the
-kernel. EfficientNet-Lite0 on 32 images at 224 px spent 51 of its 93 ms per image in the kernel
-this way (2 cores, bench/extract_scale.py); with the heap kept, 32 ms in all. PyTorch's CPU
+kernel. EfficientNet-Lite0's forward on 32 images at 224 px spent 47 of its 85 ms per image in
+the kernel this way; with the heap kept, 30 ms in all (bench/cpu_allocator.py, 2 cores; a small
+LLM's training step: 1.12x). PyTorch's CPU
 tuning guide suggests preloading jemalloc or tcmalloc for the same reason; mallopt needs no
 library and no environment set before the process starts, which a CLI command cannot do.
 
@@ -22,9 +23,8 @@ import platform
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 
-# Freed memory kept at the top of the heap before any is given back: more than one forward's
-# activations (a batch of 32 at 224 px frees about 0.5 GB at once; 256 MB still faulted a third
-# of the pages back in).
+# Freed memory kept at the top of the heap before any is given back: more than one forward frees
+# at once (with 256 MB, that forward still spent a quarter of its time in the kernel).
 KEEP_BYTES = 1 << 30
 
 
