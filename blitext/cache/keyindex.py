@@ -9,7 +9,7 @@
 - `places.npy`   (N,) int64, only where rows are read from memory maps (fixed-length rows, a raw
                  row in each chunk): row g's byte offset in its shard file, -1 for a row whose
                  chunk was missing or outside the file. A shard opened for reading takes its
-                 rows' places from here instead of walking its HDF5 chunk index (shard.py), so no
+                 rows' places from here instead of walking its HDF5 chunk index (chunks.py), so no
                  process spends 2.5-4.4 us a row on that walk or holds the places itself. Caches
                  without it (other layouts, or made before it) read as before: it is optional.
 
@@ -50,7 +50,8 @@ from typing import Iterable
 import numpy as np
 
 from blitext.cache.manifest import FORMAT, MANIFEST, shard_keys, sidecar_name
-from blitext.cache.shard import H5_ERRORS, int_items, recorded_places
+from blitext.cache.chunks import recorded_places
+from blitext.cache.shard import H5_ERRORS, int_items
 from blitext.errors import BlitextError
 
 INDEX_DIR = "index"

@@ -16,7 +16,8 @@ import numpy as np
 from blitext.atomic import sha256_file
 from blitext.cache.manifest import load_manifest, shard_keys
 from blitext.cache.quantise import INT8, SCALE_BYTES, stored_dtype
-from blitext.cache.shard import H5_ERRORS, chunk_layout
+from blitext.cache.chunks import chunk_layout
+from blitext.cache.shard import H5_ERRORS
 
 SCAN_ROWS = 256  # rows read at a time when scanning for NaN/inf
 
