@@ -14,10 +14,6 @@ import numpy as np
 from blitext.cache.chunks import chunk_layout, mapped_layout, open_h5, raw_chunk_size
 from blitext.cache.quantise import dequantise
 
-# What h5py raises for a damaged file: HDF5's errors map onto these (a broken B-tree is a
-# RuntimeError from chunk_iter, an unreadable object header a KeyError, a bad datatype a ValueError,
-# an address past 2**63 an OverflowError).
-H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, OverflowError)
 
 
 class Shard:
