@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from blitext.cache import FeatureCache
-from blitext.cache import shard as shard_module
+from blitext.cache import chunks as chunks_module
 from blitext.cache.keyindex import INDEX_DIR, PLACES
 from blitext.cache.manifest import load_manifest, shard_name
-from blitext.cache.shard import RowPlaces
+from blitext.cache.chunks import RowPlaces
 from blitext.cache.verify import verify_cache
 from blitext.cli.main import app
 from blitext.errors import BlitextError
@@ -27,7 +27,7 @@ def no_walks(monkeypatch) -> None:
     """Any walk of a shard's chunk index, in this process, fails the test."""
     def walked(*args, **kwargs):
         raise AssertionError("a shard's chunk index was walked")
-    monkeypatch.setattr(shard_module, "ChunkLayout", walked)
+    monkeypatch.setattr(chunks_module, "ChunkLayout", walked)
 
 
 def every_row(cache: FeatureCache) -> list[np.ndarray]:

@@ -218,7 +218,7 @@ def test_row_places_hold_every_chunk_offset(tmp_path):
     the spacing, at damaged rows (-1) and at steps other than the commonest."""
     import h5py
 
-    from blitext.cache.shard import RowPlaces
+    from blitext.cache.chunks import RowPlaces
 
     keys = _many(tmp_path / "c")
     without_places(tmp_path / "c")  # the shard walks its chunk index, and keeps RowPlaces
@@ -241,7 +241,7 @@ def test_row_places_hold_every_chunk_offset(tmp_path):
 def test_a_shard_read_through_hdf5_bounds_its_metadata_cache(tmp_path):
     """HDF5's metadata cache grows to 32 MB per open file by default (about 8x that in memory),
     in every process: a shard that stays open (variable-length rows are read through HDF5) caps it."""
-    from blitext.cache.shard import METADATA_CACHE_BYTES
+    from blitext.cache.chunks import METADATA_CACHE_BYTES
 
     rows = {f"v{i}": np.full((1 + i % 40, 2), i, np.float16) for i in range(3_000)}
     build(tmp_path / "c", rows, shard_size=3_000, variable=True)

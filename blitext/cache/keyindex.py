@@ -9,7 +9,7 @@
 - `places.npy`   (N,) int64, only where rows are read from memory maps (fixed-length rows, a raw
                  row in each chunk): row g's byte offset in its shard file, -1 for a row whose
                  chunk was missing or outside the file. A shard opened for reading takes its
-                 rows' places from here instead of walking its HDF5 chunk index (shard.py), so no
+                 rows' places from here instead of walking its HDF5 chunk index (chunks.py), so no
                  process spends 2.5-4.4 us a row on that walk or holds the places itself. Caches
                  without it (other layouts, or made before it) read as before: it is optional.
 
@@ -49,8 +49,9 @@ from typing import Iterable
 
 import numpy as np
 
+from blitext.cache.chunks import write_places
 from blitext.cache.manifest import FORMAT, MANIFEST, shard_keys, sidecar_name
-from blitext.cache.shard import H5_ERRORS, int_items, recorded_places
+from blitext.cache.shard import int_items
 from blitext.errors import BlitextError
 
 INDEX_DIR = "index"
@@ -103,42 +104,13 @@ def write_index(root: Path, shard_keys: Iterable[Sequence[str]], shards: Sequenc
         with open(folder / (name + tmp), "wb") as f:
             np.save(f, array)
     written = list(FILES)
-    if shards is not None and _write_places(folder / (PLACES + tmp), shards):
+    if shards is not None and write_places(folder / (PLACES + tmp), shards):
         written.insert(-1, PLACES)
     for name in written:  # slots.npy last: its presence says the others are complete
         os.replace(folder / (name + tmp), folder / name)
     for name in (*OLD_FILES, *[PLACES] * (PLACES not in written)):
         (folder / name).unlink(missing_ok=True)
     return {"rows": len(hashes), "bytes": {name: (folder / name).stat().st_size for name in written}}
-
-
-def _write_places(path: Path, shards: Sequence[tuple[Path, int]]) -> bool:
-    """places.npy (module docstring), a shard at a time. This walks every shard's chunk index
-    once, here, where each reading process walked it before: 2.5-4.4 us a row (docs/scale.md),
-    5-10 minutes at 129M rows, for the one process finishing the cache. False, with nothing
-    left at `path`, where a shard's rows are not read from a memory map, or its HDF5 metadata does
-    not read or disagrees with the manifest: readers then walk that cache, and name any damage."""
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(
-            f, {"descr": np.dtype(np.int64).str, "fortran_order": False, "shape": (sum(n for _, n in shards),)})
-        for file, rows in shards:
-            places = _shard_places(file, rows)
-            if places is None:
-                break
-            f.write(places.astype("<i8").tobytes())
-        else:
-            return True
-    path.unlink()
-    return False
-
-
-def _shard_places(file: Path, rows: int) -> np.ndarray | None:
-    """recorded_places of a shard holding `rows` rows, or None (not mapped, or its metadata damaged)."""
-    try:
-        places = recorded_places(file)
-    except H5_ERRORS:
-        return None
-    return places if places is not None and len(places) == rows else None
 
 
 def slot_table(hashes: np.ndarray, offsets: np.ndarray, root: Path) -> np.ndarray:

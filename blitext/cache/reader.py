@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
+from blitext.cache.chunks import H5_ERRORS
 from blitext.cache.keyindex import KeyIndex, load_places, open_index
 from blitext.cache.manifest import FEATURE_KINDS, load_manifest, require_kind, require_producer, sidecar_name
-from blitext.cache.shard import H5_ERRORS, DamagedRow, Shard
+from blitext.cache.shard import DamagedRow, Shard
 from blitext.errors import BlitextError
 
 if TYPE_CHECKING:

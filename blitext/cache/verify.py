@@ -14,9 +14,9 @@ import h5py
 import numpy as np
 
 from blitext.atomic import sha256_file
+from blitext.cache.chunks import H5_ERRORS, chunk_layout
 from blitext.cache.manifest import load_manifest, shard_keys
 from blitext.cache.quantise import INT8, SCALE_BYTES, stored_dtype
-from blitext.cache.shard import H5_ERRORS, chunk_layout
 
 SCAN_ROWS = 256  # rows read at a time when scanning for NaN/inf
 
