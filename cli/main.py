@@ -63,6 +63,7 @@ def extract_features_cmd(
     max_segments: Optional[int] = typer.Option(None, "--max-segments", help=f"Video: at most N segments, spread evenly. {default_of(VideoExtractConfig, 'max_segments')}"),
     frames_per_segment: Optional[int] = typer.Option(None, "--frames-per-segment", help=f"Video with an image encoder: frames encoded per segment. {default_of(VideoExtractConfig, 'frames_per_segment')}"),
     store: Optional[str] = typer.Option(None, "--store", help=f"Images: fp16 | int8 (int8 with a float32 scale per row: half the bytes and reads of fp16; read back as fp16). {default_of(ExtractConfig, 'store')}"),
+    decode: Optional[str] = typer.Option(None, "--decode", help=f"Images: full | draft (draft: JPEGs decoded at 1/2, 1/4 or 1/8 scale, still covering the encoder's input, before the resize: faster, features close to but not equal to full decoding's; the cache records it). {default_of(ExtractConfig, 'decode')}"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Images: print bytes per row and the projected cache size, write nothing."),
     config: Optional[Path] = ConfigOpt,
 ):
@@ -80,6 +81,8 @@ def extract_features_cmd(
 
         if store is not None:
             raise BlitextError("--store applies to images: video features are stored as fp16 (leave --store out)")
+        if decode is not None:
+            raise BlitextError("--decode applies to images: video frames are decoded whole (leave --decode out)")
 
         summary = extract_video_features(resolve_config(VideoExtractConfig, config, **common, **video))
     elif modality == "image":
@@ -87,8 +90,8 @@ def extract_features_cmd(
         if given:
             raise BlitextError(f"{', '.join(given)} only apply to videos: add --modality video")
         if dry_run:
-            return print_storage_plan(resolve_config(ExtractConfig, config, **common, store=store))
-        summary = extract_features(resolve_config(ExtractConfig, config, **common, store=store))
+            return print_storage_plan(resolve_config(ExtractConfig, config, **common, store=store, decode=decode))
+        summary = extract_features(resolve_config(ExtractConfig, config, **common, store=store, decode=decode))
     else:
         raise BlitextError(f"--modality {modality!r}: expected image or video")
     from blitext.distributed import dist_info

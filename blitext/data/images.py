@@ -27,6 +27,8 @@ DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default limit (about 9459 x 9459)
 # What every image-feature cache records of decoding (VisionEncoder.producer): caches made before
 # orientation was applied lack it, so their rows (of sideways photos) are told apart.
 DECODING = "exif orientation applied (PIL ImageOps.exif_transpose)"
+# extract-features --decode draft: what its caches record beside DECODING
+DRAFT_DECODING = "JPEGs decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) where still at least the resize's size"
 ORIENTATION = 0x0112  # the EXIF tag; 1 (or none): stored upright
 
 # (pid, tar path) -> (open TarFile, member name -> TarInfo, lock). The pid is in the key
@@ -113,8 +115,11 @@ def close_tar_cache() -> None:
 
 # ---------------------------------------------------------------- decoding
 
-def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A fully loaded RGB image, or BadInputError saying why `name` cannot be used."""
+def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """A fully loaded RGB image, or BadInputError saying why `name` cannot be used. `draft_size`
+    (w, h): a JPEG is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale that still covers it
+    (DRAFT_DECODING): libjpeg skips most of the work of the pixels a resize would drop."""
     if len(data) == 0:
         raise BadInputError(f"{name}: empty file (0 bytes)")
     image = _open_header(data, name)
@@ -123,14 +128,17 @@ def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
         raise BadInputError(f"{name}: decompression bomb refused: {width}x{height} = {width * height:,} pixels "
                             f"is over the limit of {max_pixels:,}; raise max_pixels if the image is genuine")
     try:
+        if draft_size and image.format == "JPEG":
+            image.draft(None, draft_size)  # the mode is left to to_rgb, as for a full decode
         image.load()  # the first frame only, for animated GIF/PNG/WebP
         return to_rgb(image, name)
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadInputError(f"{name}: truncated or corrupt image ({image.format}: {e})") from None
 
 
-def load_image(root: Path, ref: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    return decode_image(read_image_bytes(root, ref), ref, max_pixels)
+def load_image(root: Path, ref: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+               draft_size: tuple[int, int] | None = None) -> Image.Image:
+    return decode_image(read_image_bytes(root, ref), ref, max_pixels, draft_size)
 
 
 def _open_header(data: bytes, name: str) -> Image.Image:

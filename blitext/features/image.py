@@ -23,12 +23,15 @@ from blitext.cache.quantise import STORES
 from blitext.cache.verify import cache_info
 from blitext.config import default_cache_root, provenance
 from blitext.console import RateLimitedWarnings, progress_bar, rank_logger, say
-from blitext.data.images import load_image
+from blitext.data.images import DRAFT_DECODING, load_image
 from blitext.distributed import run_distributed
 from blitext.errors import BadInputError, BlitextError
 from blitext.features.plan import PlanItems, plan_items
 from blitext.models.loading import load_vision_encoder
 from blitext.models.registry import DEFAULT_VISION_ENCODER
+
+
+DECODES = ("full", "draft")
 
 
 @dataclass
@@ -45,9 +48,12 @@ class ExtractConfig:
     precision: str = "auto"               # encoder weights: auto = bf16 on GPU, fp32 on CPU
     device: str = "auto"
     max_pixels: int = 89_478_485          # larger images are refused as decompression bombs (PIL's limit)
+    decode: str = "full"                  # full = every pixel, then the resize (the reference's); draft = JPEGs at 1/2-1/8 scale first (docs/guide.md)
     limit: int | None = None              # only the first N images (quick runs)
 
     def __post_init__(self) -> None:
+        if self.decode not in DECODES:
+            raise BlitextError(f"--decode {self.decode!r}: expected {' or '.join(DECODES)}")
         if self.store not in STORES:
             raise BlitextError(f"--store {self.store!r}: expected {' or '.join(STORES)}")
         if self.shard_size % self.batch_size:
@@ -59,8 +65,8 @@ class DecodedImages(Dataset):
     """Runs in DataLoader workers: (index, pixels or None, why it failed or None). The items are
     columns (plan.py): forked workers share their pages instead of copying an object per image."""
 
-    def __init__(self, items: PlanItems, preprocess, max_pixels: int):
-        self.items, self.preprocess, self.max_pixels = items, preprocess, max_pixels
+    def __init__(self, items: PlanItems, preprocess, max_pixels: int, draft_size: tuple[int, int] | None = None):
+        self.items, self.preprocess, self.max_pixels, self.draft_size = items, preprocess, max_pixels, draft_size
 
     def __len__(self) -> int:
         return len(self.items)
@@ -68,7 +74,7 @@ class DecodedImages(Dataset):
     def __getitem__(self, i: int):
         item = self.items[i]
         try:
-            return i, self.preprocess(load_image(item.root, item.ref, max_pixels=self.max_pixels)), None
+            return i, self.preprocess(load_image(item.root, item.ref, self.max_pixels, self.draft_size)), None
         except BadInputError as e:
             return i, None, str(e)
         except Exception as e:  # a decoder bug on one file must not end a million-image run; it is recorded
@@ -128,10 +134,16 @@ def _extract(config: ExtractConfig, device: str, info) -> dict:
     encoder = load_vision_encoder(config.vision_encoder, device=device).to(encoder_dtype(config.precision, device))
     say(f"extract-features: {len(items):,} images -> {out} with {encoder.fingerprint} on {device}"
         + (f" ({info.world} ranks)" if info.world > 1 else ""))
-    plan = CachePlan(out, "image-features", encoder.producer(), items.keys, config.shard_size,
+    plan = CachePlan(out, "image-features", producer(encoder, config.decode), items.keys, config.shard_size,
                      config.dtype, store=STORES[config.store], provenance=provenance(config))
     return fill_cache(plan, info, lambda shards, warnings: _write_shards(
         plan, shards, items, encoder, config, device, warnings))
+
+
+def producer(encoder, decode: str) -> dict:
+    """The cache's producer: a draft-decoded cache records it, so it is never read as a full one."""
+    made = encoder.producer()
+    return {**made, "decoding": f"{made['decoding']}; {DRAFT_DECODING}"} if decode == "draft" else made
 
 
 def fill_cache(plan: CachePlan, info, write) -> dict:
@@ -155,7 +167,8 @@ def fill_cache(plan: CachePlan, info, write) -> dict:
 def _write_shards(plan, shards, items, encoder, config, device, warnings) -> dict:
     """Encode and write this rank's pending shards."""
     batches = shard_batches(plan, shards, config.batch_size)
-    loader = DataLoader(DecodedImages(items, encoder.preprocess, config.max_pixels), batch_sampler=batches,
+    draft_size = encoder.preprocess.least_decoded_size if config.decode == "draft" else None
+    loader = DataLoader(DecodedImages(items, encoder.preprocess, config.max_pixels, draft_size), batch_sampler=batches,
                         collate_fn=collate_decoded, num_workers=config.num_workers,
                         persistent_workers=False, pin_memory=device.startswith("cuda"))
     dtype = next(encoder.parameters()).dtype

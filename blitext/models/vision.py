@@ -51,6 +51,15 @@ class Preprocess:
         std = torch.tensor(self.std).view(3, 1, 1)
         return ((x - mean) / std).contiguous()
 
+    @property
+    def least_decoded_size(self) -> tuple[int, int]:
+        """(w, h) a decoded image must cover for the resize to lose nothing it keeps now: where
+        draft decoding (extract-features --decode draft) may stop."""
+        if isinstance(self.resize, tuple):
+            h, w = self.resize
+            return w, h
+        return self.resize, self.resize  # the shortest edge: both sides at least that
+
     def _resized(self, image: Image.Image) -> Image.Image:
         if isinstance(self.resize, tuple):
             h, w = self.resize
