@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).parent))
 from common import git_commit, write_result  # noqa: E402
 from extract_scale import write_tars  # noqa: E402
