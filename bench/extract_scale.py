@@ -102,7 +102,7 @@ def bare_rate_together(data: Path, args) -> float:
         return sum(rates)
 
 
-def decode_rate(data: Path, encoder_name: str, images: int) -> float:
+def decode_rate(data: Path, encoder_name: str, images: int, decode: str) -> float:
     """Images/s of reading, decoding and preprocessing alone (what extract-features' workers do), one core."""
     import torch
 
@@ -112,7 +112,8 @@ def decode_rate(data: Path, encoder_name: str, images: int) -> float:
     torch.set_num_threads(1)
     config = ExtractConfig(data=str(data), vision_encoder=encoder_name)
     items = plan_items(config)
-    decoded = DecodedImages(items, load_vision_encoder(encoder_name, device="cpu").preprocess, config.max_pixels)
+    preprocess = load_vision_encoder(encoder_name, device="cpu").preprocess
+    decoded = DecodedImages(items, preprocess, config.max_pixels, preprocess.least_decoded_size if decode == "draft" else None)
     t = time.process_time()
     for i in range(min(images, len(items))):
         decoded[i]
@@ -123,7 +124,8 @@ def extract_cmd(data: Path, out: Path, args, limit: int | None = None) -> list[s
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(args.ranks), "--no-python",
            str(BIN / "blitext"), "extract-features", "--data", str(data), "--out", str(out),
            "--vision-encoder", args.encoder, "--batch-size", str(args.batch_size),
-           "--shard-size", str(args.shard_size), "--num-workers", str(args.num_workers), "--device", args.device]
+           "--shard-size", str(args.shard_size), "--num-workers", str(args.num_workers), "--device", args.device,
+           "--decode", args.decode]
     return cmd + (["--limit", str(limit)] if limit else [])
 
 
@@ -160,9 +162,11 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--shard-size", type=int, default=256)
     ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--decode", default="full", help="extract-features --decode: full or draft")
     ap.add_argument("--skip", type=int, default=100, help="images counted as start-up")
     ap.add_argument("--kill-at", type=float, default=0.6, help="kill the resume check's run at this share of its time")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--result", default="extract_scale", help="bench/results/<RESULT>.json")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="blitext-extract-scale-"))
@@ -170,7 +174,7 @@ def main(argv=None) -> None:
     if not data.is_dir():
         write_tars(data, args.images, args.per_tar)
     bare = bare_rate_together(data, args)
-    decode = decode_rate(data, args.encoder, 1_000)
+    decode = decode_rate(data, args.encoder, 1_000, args.decode)
     start_s = timed_run(extract_cmd(data, work / "first", args, limit=args.skip))
     full_s = timed_run(extract_cmd(data, work / "full", args))
     # None: the short run took as long as the full one, so start-up (or the machine's load) swamped it
@@ -179,10 +183,10 @@ def main(argv=None) -> None:
     same = shard_bytes(work / "full") == shard_bytes(work / "killed")
     # on a CPU each image costs its forward and its decoding on the same cores (per core: ranks / bare)
     ceiling = (args.ranks / bare) / (args.ranks / bare + 1 / decode) if args.device == "cpu" else 1.0
-    write_result("extract_scale", {
+    write_result(args.result, {
         "commit": commit, "command": "python bench/extract_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "note": args.note, "images": args.images, "per_tar": args.per_tar, "ranks": args.ranks,
-        "encoder": args.encoder, "device": args.device, "batch_size": args.batch_size, "skip": args.skip,
+        "encoder": args.encoder, "decode": args.decode, "device": args.device, "batch_size": args.batch_size, "skip": args.skip,
         "bare_images_per_s": round(bare, 2), "bare_processes": args.ranks,
         "decode_images_per_s_one_core": round(decode, 2), "cpu_ceiling": round(ceiling, 3),
         "first_skip_images_wall_s": round(start_s, 2), "all_images_wall_s": round(full_s, 2),
