@@ -74,3 +74,21 @@ def test_decode_is_full_or_draft_and_images_only(tmp_path):
     result = CliRunner().invoke(app, ["extract-features", "--modality", "video", "--data", str(tmp_path),
                                       "--decode", "draft"])
     assert result.exit_code == 2 and "--decode applies to images" in result.output
+
+
+def test_a_model_of_draft_features_decodes_image_files_the_same_way(tmp_path, vision_folders):
+    """blitext.load's and generate's image files go through TrainedModel.draft_size."""
+    from types import SimpleNamespace
+
+    from blitext.evaluation.model import TrainedModel, _pil
+    from blitext.features.image import producer
+
+    encoder = load_vision_encoder(str(vision_folders["vit"]))
+    model = TrainedModel.__new__(TrainedModel)  # only what draft_size reads: the adaptor's producer, the encoder
+    model.encoder = encoder
+    model.adapter = SimpleNamespace(features_producer=producer(encoder, "draft"))
+    assert model.draft_size == encoder.preprocess.least_decoded_size
+    (tmp_path / "a.jpg").write_bytes(photo(1600, 1200, 0))
+    assert _pil(tmp_path / "a.jpg", model.draft_size).size < (1600, 1200)
+    model.adapter = SimpleNamespace(features_producer=producer(encoder, "full"))
+    assert model.draft_size is None and _pil(tmp_path / "a.jpg", model.draft_size).size == (1600, 1200)

@@ -86,7 +86,7 @@ def run_generate(config: GenerateConfig) -> list[dict]:
     results = []
     for start in range(0, len(refs), config.batch_size):
         batch = refs[start:start + config.batch_size]
-        images = [load_image(r.root, r.ref) for r in batch]
+        images = [load_image(r.root, r.ref, draft_size=model.draft_size) for r in batch]
         texts = model.answer(images, config.question, **options) if config.question else \
             model.caption(images, **options)
         results += [_result(r.id, config.question, text) for r, text in zip(batch, texts)]

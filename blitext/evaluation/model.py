@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from blitext.data.images import load_image, to_rgb
+from blitext.data.images import DRAFT_DECODING, load_image, to_rgb
 from blitext.distributed import use_device
 from blitext.errors import BlitextError
 from blitext.evaluation import decoding
@@ -62,6 +62,14 @@ class TrainedModel:
     def device(self) -> str:
         return self.llm.device
 
+    @property
+    def draft_size(self) -> tuple[int, int] | None:
+        """Where the adaptor's features were draft-decoded (extract-features --decode draft), image
+        files are decoded the same way: the size to stop at; None for full decoding."""
+        if self.encoder is None or DRAFT_DECODING not in self.adapter.features_producer.get("decoding", ""):
+            return None
+        return self.encoder.preprocess.least_decoded_size
+
     def settings(self, task: str, **options) -> GenerationSettings:
         """The decoding settings `caption` ("caption") or `answer` ("vqa") use, as `blitext generate`."""
         unknown = set(options) - set(DECODING)
@@ -103,7 +111,7 @@ class TrainedModel:
         if self.encoder is None:
             raise BlitextError("this model was loaded without its vision encoder (vision=False): pass visual "
                                "tokens to .generate, or load it again with vision=True")
-        pixels = torch.stack([self.encoder.preprocess(_pil(item)) for item in items])
+        pixels = torch.stack([self.encoder.preprocess(_pil(item, self.draft_size)) for item in items])
         dtype = next(self.encoder.parameters()).dtype
         return self.encoder(pixels.to(self.device, dtype)), None
 
@@ -128,13 +136,14 @@ def _as_list(images) -> tuple[list, bool]:
     return items, False
 
 
-def _pil(item) -> Image.Image:
-    """An RGB PIL image from a path, a PIL image or a (3, H, W) pixel tensor."""
+def _pil(item, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """An RGB PIL image from a path (draft-decoded at `draft_size` if given), a PIL image or a
+    (3, H, W) pixel tensor."""
     if isinstance(item, (str, Path)):
         path = Path(item)
         if not path.is_file():
             raise BlitextError(f"{str(item)!r}: no such image file")
-        return load_image(path.parent, path.name)
+        return load_image(path.parent, path.name, draft_size=draft_size)
     if isinstance(item, Image.Image):
         return to_rgb(item, "image")
     if torch.is_tensor(item):
