@@ -15,7 +15,6 @@ from blitext.cache.chunks import chunk_layout, mapped_layout, open_h5, raw_chunk
 from blitext.cache.quantise import dequantise
 
 
-
 class Shard:
     """One open shard. Uncompressed one-row chunks sit at fixed byte offsets in the file, so
     once those are known a row is a plain slice of a memory map: h5py's per-read selection
@@ -24,7 +23,8 @@ class Shard:
     A cache finished since index/places.npy exists (keyindex.py) lists every row's offset there,
     found by one pass over each shard's HDF5 chunk index when the cache was finished: the shard
     takes its slice of that map, checks that its first row's chunk is where it says (a shard
-    replaced since is walked as below), and holds no offsets of its own. Rows the pass found damaged are -1 there, and refused when read.
+    replaced since is walked as below), and holds no offsets of its own. Rows the pass found
+    damaged are -1 there, and refused when read.
 
     Without places.npy (older caches), the shard walks its chunk index itself, in every process
     that opens it (2.5-4.4 us a row), which also checks the index against the layout written: a
