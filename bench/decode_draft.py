@@ -17,6 +17,7 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -53,15 +54,14 @@ def images_of(folder: Path, n: int, size: tuple[int, int]) -> Path:
 def measure(folder: Path, rounds: int) -> dict:
     import torch
 
-    from blitext.features.image import DecodedImages, ExtractConfig, plan_items
+    from blitext.features.image import ExtractConfig, decoded_images, plan_items
     from blitext.models.loading import load_vision_encoder
 
     torch.set_num_threads(1)
     config = ExtractConfig(data=str(folder))
     items = plan_items(config)
     encoder = load_vision_encoder(config.vision_encoder)
-    ways = {"full": DecodedImages(items, encoder.preprocess, config.max_pixels),
-            "draft": DecodedImages(items, encoder.preprocess, config.max_pixels, encoder.preprocess.least_decoded_size)}
+    ways = {way: decoded_images(items, encoder.preprocess, replace(config, decode=way)) for way in ("full", "draft")}
     seconds = {way: [] for way in ways}
     for _ in range(rounds):
         for way, decoded in ways.items():

@@ -106,14 +106,13 @@ def decode_rate(data: Path, encoder_name: str, images: int, decode: str) -> floa
     """Images/s of reading, decoding and preprocessing alone (what extract-features' workers do), one core."""
     import torch
 
-    from blitext.features.image import DecodedImages, ExtractConfig, plan_items
+    from blitext.features.image import ExtractConfig, decoded_images, plan_items
     from blitext.models.loading import load_vision_encoder
 
     torch.set_num_threads(1)
-    config = ExtractConfig(data=str(data), vision_encoder=encoder_name)
+    config = ExtractConfig(data=str(data), vision_encoder=encoder_name, decode=decode)
     items = plan_items(config)
-    preprocess = load_vision_encoder(encoder_name, device="cpu").preprocess
-    decoded = DecodedImages(items, preprocess, config.max_pixels, preprocess.least_decoded_size if decode == "draft" else None)
+    decoded = decoded_images(items, load_vision_encoder(encoder_name, device="cpu").preprocess, config)
     t = time.process_time()
     for i in range(min(images, len(items))):
         decoded[i]

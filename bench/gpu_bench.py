@@ -143,10 +143,10 @@ def extraction_breakdown(root: Path, encoder, n: int) -> dict:
 
     from blitext.cache import CachePlan, ShardWriter
     from blitext.cache.writer import start_or_resume
-    from blitext.features.image import ExtractConfig, DecodedImages, collate_decoded, plan_items
+    from blitext.features.image import ExtractConfig, collate_decoded, decoded_images, plan_items
 
-    items = plan_items(ExtractConfig(data=str(root / "captions.json")))
-    loader = DataLoader(DecodedImages(items, encoder.preprocess, 89_478_485), batch_size=64,
+    config = ExtractConfig(data=str(root / "captions.json"))
+    loader = DataLoader(decoded_images(plan_items(config), encoder.preprocess, config), batch_size=64,
                         collate_fn=collate_decoded, num_workers=2 if SMOKE else 14)
     t = time.perf_counter()
     count = sum(len(ok) for ok, _, _ in loader)

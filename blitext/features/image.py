@@ -81,6 +81,13 @@ class DecodedImages(Dataset):
             return i, None, f"{item.ref}: unexpected {type(e).__name__}: {e}"
 
 
+def decoded_images(items: PlanItems, preprocess, config: ExtractConfig) -> DecodedImages:
+    """The items as extract-features' workers decode them: at least `preprocess`'s size where
+    config.decode is "draft"."""
+    draft_size = preprocess.least_decoded_size if config.decode == "draft" else None
+    return DecodedImages(items, preprocess, config.max_pixels, draft_size)
+
+
 def collate_decoded(batch):
     ok = [(i, x) for i, x, _ in batch if x is not None]
     failed = [(i, why) for i, _, why in batch if why is not None]
@@ -167,8 +174,7 @@ def fill_cache(plan: CachePlan, info, write) -> dict:
 def _write_shards(plan, shards, items, encoder, config, device, warnings) -> dict:
     """Encode and write this rank's pending shards."""
     batches = shard_batches(plan, shards, config.batch_size)
-    draft_size = encoder.preprocess.least_decoded_size if config.decode == "draft" else None
-    loader = DataLoader(DecodedImages(items, encoder.preprocess, config.max_pixels, draft_size), batch_sampler=batches,
+    loader = DataLoader(decoded_images(items, encoder.preprocess, config), batch_sampler=batches,
                         collate_fn=collate_decoded, num_workers=config.num_workers,
                         persistent_workers=False, pin_memory=device.startswith("cuda"))
     dtype = next(encoder.parameters()).dtype
