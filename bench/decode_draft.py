@@ -4,9 +4,11 @@
 
 For JPEG photos-to-be (bench/extract_scale.py's: smooth colour fields plus noise) at 640 x 480
 (COCO's usual size) and 1600 x 1200, one core:
-- the rate of reading, decoding and preprocessing an image as extract-features' workers do
-  (DecodedImages), with full and with draft decoding, in CPU time, alternated over 3 rounds
-  (the best round);
+- the CPU time of reading, decoding and preprocessing an image as extract-features' workers do
+  (DecodedImages), with full and with draft decoding, alternated over 3 rounds (the best
+  round); beside them, full decoding as workers did before commit COMMIT_UINT8, scaling and
+  normalising to float32 themselves (`full_floats`), and what normalising costs the encoder's
+  process now, per image of a batch of 32 on this CPU (on a GPU it runs on the GPU);
 - the embedded encoder's features of the two decodings: cosine similarity per image (min and
   mean over the images' whole token grids).
 Writes bench/results/decode_draft.json.
@@ -54,27 +56,35 @@ def images_of(folder: Path, n: int, size: tuple[int, int]) -> Path:
 def measure(folder: Path, rounds: int) -> dict:
     import torch
 
+    from blitext.allocator import keep_freed_memory
+    from blitext.data.images import load_image
     from blitext.features.image import ExtractConfig, decoded_images, plan_items
     from blitext.models.loading import load_vision_encoder
 
     torch.set_num_threads(1)
+    keep_freed_memory()  # as extract-features' ranks and their forked workers run on a CPU
     config = ExtractConfig(data=str(folder))
     items = plan_items(config)
     encoder = load_vision_encoder(config.vision_encoder)
-    ways = {way: decoded_images(items, encoder.preprocess, replace(config, decode=way)) for way in ("full", "draft")}
+    decoded = {way: decoded_images(items, encoder.preprocess, replace(config, decode=way)) for way in ("full", "draft")}
+    batch = torch.stack([decoded["full"][i][1] for i in range(min(32, len(items)))])
+    ways = {"full": decoded["full"].__getitem__, "draft": decoded["draft"].__getitem__,
+            "full_floats": lambda i: encoder.preprocess(load_image(items[i].root, items[i].ref, config.max_pixels)),
+            "normalise": lambda i: encoder.preprocess.normalise(batch) if i % len(batch) == 0 else None}
     seconds = {way: [] for way in ways}
     for _ in range(rounds):
-        for way, decoded in ways.items():
+        for way, work in ways.items():
             t = time.process_time()
             for i in range(len(items)):
-                decoded[i]
+                work(i)
             seconds[way].append((time.process_time() - t) / len(items))
-    pixels = {way: torch.stack([decoded[i][1] for i in range(len(items))]) for way, decoded in ways.items()}
+    pixels = {way: torch.stack([d[i][1] for i in range(len(items))]) for way, d in decoded.items()}
     with torch.inference_mode():
-        full, draft = (encoder(pixels[way]).flatten(1) for way in ("full", "draft"))
+        full, draft = (encoder(encoder.preprocess.normalise(pixels[way])).flatten(1) for way in ("full", "draft"))
     cosine = torch.nn.functional.cosine_similarity(full, draft).numpy()
     return {"images": len(items), **{f"{way}_ms_per_image": round(1000 * min(s), 2) for way, s in seconds.items()},
             "speedup": round(min(seconds["full"]) / min(seconds["draft"]), 2),
+            "uint8_speedup": round(min(seconds["full_floats"]) / min(seconds["full"]), 2),
             "feature_cosine_min": round(float(cosine.min()), 4), "feature_cosine_mean": round(float(cosine.mean()), 4)}
 
 

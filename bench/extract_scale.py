@@ -102,21 +102,25 @@ def bare_rate_together(data: Path, args) -> float:
         return sum(rates)
 
 
-def decode_rate(data: Path, encoder_name: str, images: int, decode: str) -> float:
-    """Images/s of reading, decoding and preprocessing alone (what extract-features' workers do), one core."""
+def decode_rate(data: Path, encoder_name: str, images: int, decode: str, batch_size: int) -> float:
+    """Images/s of reading, decoding and preprocessing alone, one core: what extract-features'
+    workers do, and the normalising of their batches that the encoder's process does."""
     import torch
 
+    from blitext.allocator import keep_freed_memory
     from blitext.features.image import ExtractConfig, decoded_images, plan_items
     from blitext.models.loading import load_vision_encoder
 
     torch.set_num_threads(1)
+    keep_freed_memory()
     config = ExtractConfig(data=str(data), vision_encoder=encoder_name, decode=decode)
     items = plan_items(config)
-    decoded = decoded_images(items, load_vision_encoder(encoder_name, device="cpu").preprocess, config)
+    preprocess = load_vision_encoder(encoder_name, device="cpu").preprocess
+    decoded, n = decoded_images(items, preprocess, config), min(images, len(items))
     t = time.process_time()
-    for i in range(min(images, len(items))):
-        decoded[i]
-    return min(images, len(items)) / (time.process_time() - t)
+    for start in range(0, n, batch_size):
+        preprocess.normalise(torch.stack([decoded[i][1] for i in range(start, min(start + batch_size, n))]))
+    return n / (time.process_time() - t)
 
 
 def extract_cmd(data: Path, out: Path, args, limit: int | None = None) -> list[str]:
@@ -173,7 +177,7 @@ def main(argv=None) -> None:
     if not data.is_dir():
         write_tars(data, args.images, args.per_tar)
     bare = bare_rate_together(data, args)
-    decode = decode_rate(data, args.encoder, 1_000, args.decode)
+    decode = decode_rate(data, args.encoder, 1_000, args.decode, args.batch_size)
     start_s = timed_run(extract_cmd(data, work / "first", args, limit=args.skip))
     full_s = timed_run(extract_cmd(data, work / "full", args))
     # None: the short run took as long as the full one, so start-up (or the machine's load) swamped it

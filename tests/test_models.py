@@ -24,6 +24,26 @@ def test_hf_vision_towers_return_all_patch_tokens(vision_folders, kind):
     assert enc.token_shape() == tuple(out.shape[1:])
 
 
+def test_workers_send_uint8_pixels_that_normalise_to_the_preprocessed_image(vision_folders, tmp_path):
+    """extract-features' workers send a quarter of float32's bytes; the encoder's process
+    normalises them to exactly what preprocessing a whole image gives."""
+    import numpy as np
+    from PIL import Image
+
+    from blitext.features.image import ExtractConfig, decoded_images
+    from blitext.features.plan import Item
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    image.save(tmp_path / "a.png")
+    enc = load_vision_encoder(str(vision_folders["vit"]))
+    items = [Item("a", tmp_path, "a.png")]
+    _, sent, why = decoded_images(items, enc.preprocess, ExtractConfig(data=str(tmp_path)))[0]
+    assert why is None and sent.dtype == torch.uint8 and tuple(sent.shape) == (3, 32, 32)
+    expected = enc.preprocess(image)
+    assert expected.dtype == torch.float32 and sent.numel() * 4 == expected.nbytes
+    assert torch.equal(enc.preprocess.normalise(sent[None])[0], expected)
+
+
 def test_composite_checkpoint_loads_the_same_vision_weights(vision_folders):
     from transformers import CLIPModel
 

@@ -62,8 +62,9 @@ class ExtractConfig:
 
 
 class DecodedImages(Dataset):
-    """Runs in DataLoader workers: (index, pixels or None, why it failed or None). The items are
-    columns (plan.py): forked workers share their pages instead of copying an object per image."""
+    """Runs in DataLoader workers: (index, uint8 pixels or None, why it failed or None); the
+    encoder's process normalises them (Preprocess.normalise). The items are columns (plan.py):
+    forked workers share their pages instead of copying an object per image."""
 
     def __init__(self, items: PlanItems, preprocess, max_pixels: int, draft_size: tuple[int, int] | None = None):
         self.items, self.preprocess, self.max_pixels, self.draft_size = items, preprocess, max_pixels, draft_size
@@ -74,7 +75,7 @@ class DecodedImages(Dataset):
     def __getitem__(self, i: int):
         item = self.items[i]
         try:
-            return i, self.preprocess(load_image(item.root, item.ref, self.max_pixels, self.draft_size)), None
+            return i, self.preprocess.pixels(load_image(item.root, item.ref, self.max_pixels, self.draft_size)), None
         except BadInputError as e:
             return i, None, str(e)
         except Exception as e:  # a decoder bug on one file must not end a million-image run; it is recorded
@@ -185,7 +186,8 @@ def _write_shards(plan, shards, items, encoder, config, device, warnings) -> dic
         # to the stored dtype on the device: numpy's fp32 -> fp16 cast is 10-100x slower (far
         # slower still on values near fp16's subnormals) and made writing 87% of extraction time
         # on a GPU (bench/results/gpu_bench.json)
-        return encoder(pixels.to(device, dtype, non_blocking=True)).to(stored).cpu().numpy()  # (B, T, D)
+        inputs = encoder.preprocess.normalise(pixels.to(device, non_blocking=True)).to(dtype)
+        return encoder(inputs).to(stored).cpu().numpy()  # (B, T, D)
 
     return write_batches(plan, shards, items, iter(loader), config.batch_size, encode, warnings, "img")
 

@@ -43,13 +43,24 @@ class Preprocess:
         return self.crop or (self.resize if isinstance(self.resize, tuple) else (self.resize, self.resize))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalise(self.pixels(image))
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """The resized, cropped image as uint8 (3, H, W): what extract-features' workers send, a
+        quarter of float32's bytes, leaving the arithmetic to the encoder's device."""
         image = self._resized(image.convert("RGB"))
         if self.crop:
             image = _centre_crop(image, self.crop)
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return ((x - mean) / std).contiguous()
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, H, W) pixels -> float32 scaled to [0, 1] and normalised, on their device.
+        Every operand is a tensor on that device: CUDA multiplies by the reciprocal of a scalar
+        divisor, which rounds differently from the division done on a CPU."""
+        x = pixels.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        mean, std, scale = (torch.tensor(v, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+                            for v in (self.mean, self.std, (255.0,)))
+        return x.div_(scale).sub_(mean).div_(std)  # in place: one float32 copy of the batch, not four
 
     @property
     def least_decoded_size(self) -> tuple[int, int]:
