@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
 
 # mallopt's parameters (malloc.h)
@@ -27,10 +28,17 @@ M_MMAP_MAX = -4
 # at once (with 256 MB, that forward still spent a quarter of its time in the kernel).
 KEEP_BYTES = 1 << 30
 
+# "0" leaves glibc's defaults: where many CPU processes share a machine's memory, each keeping
+# up to KEEP_BYTES may cost more than the page faults do.
+ENV = "BLITEXT_KEEP_FREED_MEMORY"
+
 
 def keep_freed_memory() -> bool:
     """Serve large blocks from the heap (no mmap) and keep up to KEEP_BYTES of freed memory;
-    True where it took effect (glibc), False elsewhere (other C libraries keep their own ways)."""
+    True where it took effect (glibc), False elsewhere (other C libraries keep their own ways) or
+    where BLITEXT_KEEP_FREED_MEMORY=0."""
+    if os.environ.get(ENV, "1").strip() == "0":
+        return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -1,5 +1,6 @@
 """CPU runs keep freed memory for the next batch (blitext/allocator.py), seen in malloc's own
 account (mallinfo2), in a fresh process each: malloc's settings are per process."""
+import os
 import platform
 import subprocess
 import sys
@@ -25,9 +26,9 @@ print(libc.mallinfo2().fordblks / (256 << 20))
 """
 
 
-def freed_share_kept(setup: str) -> float:
+def freed_share_kept(setup: str, **env: str) -> float:
     out = subprocess.run([sys.executable, "-c", FREED_BYTES_KEPT.format(setup=setup)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env={**os.environ, **env})
     return float(out.stdout)
 
 
@@ -44,3 +45,9 @@ def test_cpu_runs_keep_freed_memory_and_others_do_not():
     # a GPU named where there is none is refused before anything is set
     refused = "import pytest\nwith pytest.raises(Exception):\n    " + run.format("cuda").replace("\n", "\n    ")
     assert freed_share_kept(refused) < 0.1
+
+
+def test_blitext_keep_freed_memory_0_leaves_glibcs_defaults():
+    run = "from blitext.distributed import run_distributed\nrun_distributed('cpu', lambda device, info: None)"
+    assert freed_share_kept(run, BLITEXT_KEEP_FREED_MEMORY="0") < 0.1
+    assert freed_share_kept(run, BLITEXT_KEEP_FREED_MEMORY="1") > 0.99
