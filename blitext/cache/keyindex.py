@@ -49,9 +49,8 @@ from typing import Iterable
 
 import numpy as np
 
-from blitext.cache.chunks import write_places
+from blitext.cache.chunks import int_items, write_places
 from blitext.cache.manifest import FORMAT, MANIFEST, shard_keys, sidecar_name
-from blitext.cache.shard import int_items
 from blitext.errors import BlitextError
 
 INDEX_DIR = "index"

@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from blitext.cache.chunks import chunk_layout, mapped_layout, open_h5, raw_chunk_size
+from blitext.cache.chunks import chunk_layout, int_items, mapped_layout, open_h5, raw_chunk_size
 from blitext.cache.quantise import dequantise
 
 
@@ -247,9 +247,3 @@ def _fold(total: int) -> int:
 def _map_file(path: Path) -> mmap.mmap:
     with open(path, "rb") as f:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-
-
-def int_items(array: np.ndarray) -> memoryview:
-    """A 64-bit integer array as a flat memoryview whose items are Python ints: indexing it costs
-    a fraction of numpy's per-call overhead on scalars, and a memory map stays a memory map."""
-    return memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B").cast("Q" if array.dtype.kind == "u" else "q")
