@@ -1,13 +1,18 @@
-"""The paper's sizes on one GPU, in bf16: extraction throughput, a P-Former step, adaptor steps.
+"""The paper's sizes on one GPU, in bf16: extraction at steady state, the P-Former's and both
+adaptor stages' steps, each with its MFU and where its time goes.
 
-    python bench/gpu_bench.py            (bench/gpu.sh runs it on a lent GPU machine)
+    PYTHONPATH=. python bench/gpu_bench.py --prepare    (here, once: the tokenizers into .gpu/)
+    BENCH_SMOKE=1 PYTHONPATH=. python bench/gpu_bench.py (here: every code path, tiny, on the CPU)
+    bash bench/gpu.sh                                    (on a lent GPU machine)
 
 No weights of EVA ViT-g, bert-base or OPT-2.7B can be had offline, so each model is built
 from its real configuration with random weights: speed and memory depend on the shapes, not
 the values. The vision tower goes through blitext's own loading path (saved as a folder,
-loaded by load_vision_encoder) and extract-features runs end to end on generated PNGs. Each
-part runs on its own, so one failure does not hide the other numbers. MFU = step FLOPs
-(torch.utils.flop_counter) / step seconds / the bf16 matmul peak measured in the same run.
+loaded by load_vision_encoder) and extract-features runs end to end on 10,000 JPEGs in .tar
+shards (bench/gpu_extract.py). Each trainer's step is timed over BENCH_STEPS (200) steps after
+20, then profiled (torch.profiler) for 10. Each part runs on its own, so one failure does not
+hide the other numbers. MFU = step FLOPs (torch.utils.flop_counter) / step seconds / the bf16
+matmul peak measured in the same run.
 """
 from __future__ import annotations
 
@@ -30,6 +35,10 @@ from common import write_result  # noqa: E402
 ASSETS = Path(__file__).parent.parent / ".gpu"  # tokenizer files carried to the GPU machine (bench/gpu.sh)
 SMOKE = bool(os.environ.get("BENCH_SMOKE"))  # a tiny CPU rehearsal of every code path, before spending GPU time
 DEVICE = "cpu" if SMOKE else "cuda"
+# a trainer's steady state (a smoke run's bf16 steps take tens of seconds on a CPU: one of each)
+STEPS, WARMUP = (1, 1) if SMOKE else (int(os.environ.get("BENCH_STEPS", 200)), 20)
+# OPT-2.7B's width; a smoke run's is small (a CPU's bf16 matmuls made one 2560-wide step 140 s)
+WIDTH, HEADS = (256, 4) if SMOKE else (2560, 32)
 
 
 def sync() -> None:
@@ -52,6 +61,47 @@ def timed_cuda(fn, repeats: int = 3) -> float:
         sync()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
+
+
+def steady(fn, steps: int = STEPS, warmup: int = WARMUP) -> float:
+    """Seconds a call over `steps` calls after `warmup`, synchronised at the ends only: the calls
+    overlap the GPU's work with the next launch, as training does."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / steps
+
+
+def where_time_goes(fn, steps: int = 1 if SMOKE else 10, top: int = 8) -> dict:
+    """torch.profiler over `steps` calls: the kernels with the most GPU time, and the share of the
+    wall time no kernel ran (launch overhead, synchronisation, host work: what MFU loses besides
+    slow kernels); the host ops with the most CPU time of their own beside them."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()  # warm already: called after steady() and flops_of()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync()
+        wall_us = (time.perf_counter() - t) * 1e6
+    events = prof.key_averages()
+
+    def ranked(items, attr):
+        return [{"name": e.key[:120], "share_of_wall": round(getattr(e, attr) / wall_us, 3), "calls": e.count}
+                for e in sorted(items, key=lambda e: getattr(e, attr), reverse=True)[:top]]
+
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kernels) / wall_us if kernels else None
+    return {"profiled_steps": steps, "gpu_idle_share": round(max(0.0, 1 - busy), 3) if busy is not None else None,
+            "top_kernels": ranked(kernels, "self_device_time_total"),
+            "top_host_ops": ranked([e for e in events if e.device_type == DeviceType.CPU], "self_cpu_time_total")}
 
 
 def reset_memory() -> None:
@@ -97,76 +147,6 @@ def vit_g_folder(root: Path) -> Path:
     return root / "vit-g-random"
 
 
-def extraction(root: Path) -> dict:
-    from PIL import Image
-
-    from blitext.data.readers import write_lavis_json
-    from blitext.data.records import ImageRecord
-    from blitext.features.image import ExtractConfig, extract_features
-    from blitext.models.loading import load_vision_encoder
-
-    folder = vit_g_folder(root)
-    encoder = load_vision_encoder(str(folder), device=DEVICE).to(torch.bfloat16)
-    pixels = torch.randn(8 if SMOKE else 256, 3, 224, 224, device=DEVICE, dtype=torch.bfloat16)
-    with torch.inference_mode():
-        assert_tells_apart(encoder(pixels[:2]), "the random ViT-g")
-        bare = timed_cuda(lambda: encoder(pixels))
-    n = 64 if SMOKE else 1024
-    (root / "images").mkdir()
-    rng = torch.Generator().manual_seed(0)
-    for i in range(64):  # 64 distinct photos-sized noise images, referenced 64 times each
-        arr = (torch.rand(480, 640, 3, generator=rng) * 255).byte().numpy()
-        Image.fromarray(arr).save(root / "images" / f"{i}.jpg", quality=90)
-    write_lavis_json(root / "captions.json", [ImageRecord(f"img{i}", f"images/{i % 64}.jpg", ("a photo",))
-                                              for i in range(n)])
-    t = time.perf_counter()
-    summary = extract_features(ExtractConfig(data=str(root / "captions.json"), out=str(root / "features"),
-                                   vision_encoder=str(folder), batch_size=16 if SMOKE else 256, shard_size=1024, num_workers=2 if SMOKE else 14,
-                                   device=DEVICE))
-    end_to_end = n / (time.perf_counter() - t)
-    bare = bare / len(pixels)  # seconds per image
-    return {"vit_g_bare_forward_images_per_s": round(1 / bare, 1),
-            "extract_features_images_per_s": round(end_to_end, 1),
-            "extract_vs_bare": round(end_to_end * bare, 3),
-            "extract_timing_s": {k: round(v, 2) for k, v in summary["timing"].items()},
-            "extract_note": f"640x480 JPEG decode + resize in 14 workers, fp16 HDF5 writes, {n:,} images",
-            **extraction_breakdown(root, encoder, n)}
-
-
-def extraction_breakdown(root: Path, encoder, n: int) -> dict:
-    """Where extract-features' time goes: decoding alone (the same DataLoader), writing alone
-    (fp16 rows of ViT-g's shape through ShardWriter), and the disk's plain write speed."""
-    import subprocess
-
-    import numpy as np
-    from torch.utils.data import DataLoader
-
-    from blitext.cache import CachePlan, ShardWriter
-    from blitext.cache.writer import start_or_resume
-    from blitext.features.image import ExtractConfig, collate_decoded, decoded_images, plan_items
-
-    config = ExtractConfig(data=str(root / "captions.json"))
-    loader = DataLoader(decoded_images(plan_items(config), encoder.preprocess, config), batch_size=64,
-                        collate_fn=collate_decoded, num_workers=2 if SMOKE else 14)
-    t = time.perf_counter()
-    count = sum(len(ok) for ok, _, _ in loader)
-    decode = count / (time.perf_counter() - t)
-    rows = 16 if SMOKE else 512
-    plan = CachePlan(root / "write-test", "image-features", {"encoder": "bench"}, [str(i) for i in range(rows)],
-                     rows, "float16")
-    start_or_resume(plan)
-    block = np.random.default_rng(0).standard_normal((64, 257, 1408)).astype(np.float32)
-    t = time.perf_counter()
-    with ShardWriter(plan, 0) as writer:
-        for start in range(0, rows, 64):
-            writer.add([str(i) for i in range(start, min(start + 64, rows))], block[:min(64, rows - start)])
-    write = rows / (time.perf_counter() - t)
-    dd = subprocess.run(["dd", "if=/dev/zero", f"of={root / 'dd.bin'}", "bs=1M", "count=1024", "conv=fsync"],
-                        capture_output=True, text=True).stderr.strip().splitlines()[-1:]
-    return {"decode_only_images_per_s": round(decode, 1), "shard_write_rows_per_s": round(write, 1),
-            "row_bytes_fp16": 257 * 1408 * 2, "disk_dd_1gib_fsync": dd[0] if dd else None}
-
-
 def llm_2_7b():
     """OPT-2.7B's shape, random, bf16, frozen, with a real BPE tokenizer (SmolLM2's, ids < 49,152)."""
     import transformers as tf
@@ -174,12 +154,12 @@ def llm_2_7b():
     from blitext.models.llm import CausalLM
     from blitext.models.loading import _freeze
 
-    cfg = tf.OPTConfig(hidden_size=2560, ffn_dim=10240, num_hidden_layers=layers(32), num_attention_heads=32,
-                       vocab_size=50272, word_embed_proj_dim=2560, max_position_embeddings=2048)
+    cfg = tf.OPTConfig(hidden_size=WIDTH, ffn_dim=4 * WIDTH, num_hidden_layers=layers(32), num_attention_heads=HEADS,
+                       vocab_size=50272, word_embed_proj_dim=WIDTH, max_position_embeddings=2048)
     with torch.device(DEVICE):
         model = tf.OPTForCausalLM(cfg).to(torch.bfloat16)
     with torch.inference_mode():  # two different soft prompts: different next-token logits
-        prompts = torch.randn(2, 4, 2560, device=DEVICE, dtype=torch.bfloat16)
+        prompts = torch.randn(2, 4, WIDTH, device=DEVICE, dtype=torch.bfloat16)
         assert_tells_apart(model(inputs_embeds=prompts).logits[:, -1], "the random OPT-2.7B", least=1e-2)
     tokenizer = tf.AutoTokenizer.from_pretrained(ASSETS / "llm-tokenizer")
     if tokenizer.pad_token is None:
@@ -210,18 +190,18 @@ def pformer_step(llm, peak: float, batch: int = 4 if SMOKE else 64) -> dict:
 
     bert, tok = bert_base()
     config = PFormerConfig(text=["-"], batch_size=batch, n_prompt=32, max_steps=100, warmup_steps=0, heldout=4)
-    pformer = PFormer(bert, 2560, 32).to(DEVICE)
+    pformer = PFormer(bert, WIDTH, 32).to(DEVICE)
     optimizer = adamw(pformer.parameters(), config.lr, config.weight_decay)
     sentences = texts(batch * 8)
     split = Split([str(i) for i in range(len(sentences))], sentences, sentences[:4])
     loop = TrainLoop(config, pformer, pformer, llm, optimizer, Batcher(tok, llm, config), split, DEVICE,
                      dist_info(), None, logging.getLogger("bench"))
     reset_memory()
-    step = timed_cuda(lambda: loop.train_step(1, 100))
+    step = steady(lambda: loop.train_step(1, 100))
     flops = flops_of(lambda: loop.train_step(2, 100))
-    return {"pformer_batch": batch, "pformer_step_s": round(step, 4), "pformer_sentences_per_s": round(batch / step, 1),
-            "pformer_mfu": round(flops / step / peak, 3),
-            "pformer_peak_memory_gib": peak_memory_gib()}
+    return {"pformer_batch": batch, "pformer_steps_timed": STEPS, "pformer_step_s": round(step, 4),
+            "pformer_sentences_per_s": round(batch / step, 1), "pformer_mfu": round(flops / step / peak, 3),
+            "pformer_peak_memory_gib": peak_memory_gib(), "pformer_profile": where_time_goes(lambda: loop.train_step(1, 100))}
 
 
 class MemorySource:
@@ -243,7 +223,7 @@ def adapter_steps(llm, peak: float, batch1: int = 4 if SMOKE else 128, batch2: i
     for stage, batch in ((1, batch1), (2, batch2)):
         bert, tok = bert_base()
         tok = qformer_tokenizer(tok)
-        model = QFormer.from_text_encoder(bert, tok, 1408, 32, 2560).to(DEVICE)
+        model = QFormer.from_text_encoder(bert, tok, 1408, 32, WIDTH).to(DEVICE)
         config = AdapterConfig(stage=stage, features="-", prompts="-", batch_size=batch, max_steps=100, warmup_steps=0)
         model.train_only(stage, True)
         sentences = texts(batch * 4)
@@ -252,21 +232,41 @@ def adapter_steps(llm, peak: float, batch1: int = 4 if SMOKE else 128, batch2: i
         loop = AdapterLoop(config, model, setup, DEVICE, dist_info(), None, logging.getLogger("bench"))
         loop.optimizer = adamw(model.parameters(), config.lr, config.weight_decay)
         data = {"features": (torch.randn(batch, 257, 1408, dtype=torch.float16), None),
-                "reference": torch.randn(batch, 32, 2560) * 0.02}
+                "reference": torch.randn(batch, 32, WIDTH) * 0.02}
         reset_memory()
         train_step = loop.train_step
-        step = timed_cuda(lambda: train_step(1, 100, data))
+        step = steady(lambda: train_step(1, 100, data))
         flops = flops_of(lambda: train_step(2, 100, data))
-        out.update({f"stage{stage}_batch": batch, f"stage{stage}_step_s": round(step, 4),
+        out.update({f"stage{stage}_batch": batch, f"stage{stage}_steps_timed": STEPS, f"stage{stage}_step_s": round(step, 4),
                     f"stage{stage}_pairs_per_s": round(batch / step, 1), f"stage{stage}_mfu": round(flops / step / peak, 3),
-                    f"stage{stage}_peak_memory_gib": peak_memory_gib()})
+                    f"stage{stage}_peak_memory_gib": peak_memory_gib(),
+                    f"stage{stage}_profile": where_time_goes(lambda: train_step(1, 100, data))})
         del loop, model, setup
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
     return out
 
 
+def prepare_assets() -> None:
+    """The bundled models' tokenizers, saved where the GPU machine (torch and transformers, none of
+    blitext's packages) finds them."""
+    import transformers as tf
+
+    from blitext.models.loading import llm_path, text_encoder_path
+
+    tf.AutoTokenizer.from_pretrained(llm_path("smollm2-135m")).save_pretrained(ASSETS / "llm-tokenizer")
+    tf.AutoTokenizer.from_pretrained(text_encoder_path("all-minilm-l6-v2")).save_pretrained(ASSETS / "bert-tokenizer")
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--prepare"] or (SMOKE and not ASSETS.is_dir()):
+        prepare_assets()
+        if not SMOKE:
+            return
+    if not ASSETS.is_dir():
+        raise SystemExit(f"{ASSETS} is missing: run `PYTHONPATH=. python bench/gpu_bench.py --prepare` before the device call")
+    import gpu_extract
+
     result = {"command": "bash bench/gpu.sh", "device": "cpu smoke" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__,
               "precision": "bf16 autocast (frozen models in bf16)", "errors": {}}
     import transformers
@@ -276,7 +276,7 @@ def main() -> None:
     result["bf16_matmul_peak_tflops"] = round(peak / 1e12, 1)
     llm = None
     with tempfile.TemporaryDirectory() as tmp:
-        parts = (("extraction", lambda: extraction(Path(tmp))), ("pformer", lambda: pformer_step(llm, peak)),
+        parts = (("extraction", lambda: gpu_extract.extraction(Path(tmp))), ("pformer", lambda: pformer_step(llm, peak)),
                  ("adapter", lambda: adapter_steps(llm, peak)))
         wanted = os.environ.get("BENCH_PARTS", "extraction,pformer,adapter").split(",")
         for name, part in [p for p in parts if p[0] in wanted]:
