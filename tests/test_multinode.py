@@ -62,3 +62,18 @@ def test_two_nodes_train_the_pformer_as_one_process_does(tmp_path, llm_folders, 
     assert w1.keys() == w2.keys()
     for k in (k for k in w1 if not k.endswith("key.bias")):  # softmax ignores a key bias: its gradient is rounding noise that AdamW turns into full steps
         assert (w2[k] - w1[k]).abs().max() <= 1e-5 + 1e-4 * w1[k].abs().max(), k
+
+
+def test_a_bad_input_that_stops_rank_0_is_one_line_on_every_node(tmp_path, llm_folders, bert_folder):
+    """Rank 0 reads the text for every rank; its error reaches the node waiting for it, instead
+    of that node's rank dying of the lost connection with a gloo traceback."""
+    text = write_sentences(tmp_path / "text.txt", 16)
+    text.write_bytes(text.read_bytes() + b"caf\xe9 in latin-1\n")
+    args = ["train-pformer", "--text", str(text), "--llm", str(llm_folders["opt"]), "--text-encoder", str(bert_folder),
+            "--batch-size", "4", "--max-steps", "2", "--n-prompt", "4", "--heldout", "4", "--device", "cpu",
+            "--out", str(tmp_path / "two")]
+    first, second = launch_nodes(args)
+    why = f"{text}:17: bytes b'\\xe9' at column 4 are not UTF-8"
+    assert first.returncode != 0 and f"error: {why}" in first.stderr
+    assert second.returncode != 0 and "error: rank 0 stopped while reading the" in second.stderr and why in second.stderr
+    assert "[rank1]" not in second.stderr and "Connection closed" not in second.stderr  # no traceback of its own

@@ -190,17 +190,45 @@ def stored(store: Store[T], made_from: dict, parse: Callable[[], T], counted: Ca
         return _open_or_build(store, folder, parse, made_from, counted)
     # a group of its own to wait in: the default group's timeout (NCCL's 10 min) may be shorter than a parse
     group = dist.new_group(backend="gloo", timeout=WAIT)
+
+    def build() -> T:
+        return _open_or_build(store, folder, parse, made_from, counted)
+
     try:
-        columns = _open_or_build(store, folder, parse, made_from, counted) if info.rank == 0 else None
-        dist.barrier(group=group)
-        if info.rank != 0 and info.local_rank == 0:
-            columns = _open_or_build(store, folder, parse, made_from, counted)
-        dist.barrier(group=group)
+        columns = _in_turn(group, build if info.rank == 0 else None, store.sources)
+        other = _in_turn(group, build if info.rank != 0 and info.local_rank == 0 else None, store.sources)
+        columns = other if other is not None else columns
     finally:
         dist.destroy_process_group(group)
     if columns is None:  # the folder its builder wrote, or in memory where that builder could not write
         columns = store.open(folder) if problem(store, folder) is None else parse()
     return columns
+
+
+def _in_turn(group, build: Callable[[], T] | None, sources: str) -> T | None:
+    """`build()` where given, then every rank of `group` learns whether one failed: the failing
+    rank raises its own error, the others one line naming it, where otherwise they would die
+    of the lost connection (a gloo traceback) or wait for it."""
+    result, failure = None, None
+    if build is not None:
+        try:
+            result = build()
+        except Exception as e:  # handed on below, after the others hear of it
+            failure = e
+    said: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(said, None if failure is None else _one_line(failure), group=group)
+    if failure is not None:
+        raise failure
+    for rank, message in enumerate(said):
+        if message is not None:
+            raise BlitextError(f"rank {rank} stopped while reading the {sources}: {message}")
+    return result
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    line = text[0] if text else ""
+    return line if isinstance(e, BlitextError) else f"{type(e).__name__}: {line}"
 
 
 def _open_or_build(store: Store[T], folder: Path, parse: Callable[[], T], made_from: dict, counted) -> T:
