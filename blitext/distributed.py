@@ -59,6 +59,53 @@ def barrier() -> None:
         dist.barrier()
 
 
+def in_turn(work: Callable[[], T] | None, what: str, group=None) -> T | None:
+    """`work()` in the ranks given one (often rank 0 alone) while the others wait, then every rank
+    hears whether it failed: the failing rank raises its own error, the others one line naming
+    it ("rank 0 stopped while {what}: ..."), where a barrier would leave them to die of the lost
+    connection with a gloo traceback, or to wait. A plain barrier where not distributed."""
+    result, failure = None, None
+    if work is not None:
+        try:
+            result = work()
+        except Exception as e:  # handed on below, after the others hear of it
+            failure = e
+    if dist.is_initialized():
+        group = group or _object_group()
+        said: list[str | None] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(said, None if failure is None else _one_line(failure), group=group)
+    else:
+        said = []
+    if failure is not None:
+        raise failure
+    for rank, message in enumerate(said):
+        if message is not None:
+            raise BlitextError(f"rank {rank} stopped while {what}: {message}")
+    return result
+
+
+_OBJECT_GROUPS: dict[int, object] = {}
+
+
+def _object_group():
+    """The default group where it is gloo; under NCCL a gloo group over every rank, made once per
+    process group (every rank reaches in_turn at the same points): NCCL's object collectives
+    would need each rank's GPU set as the current device, which blitext does not do."""
+    if dist.get_backend() == "gloo":
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _OBJECT_GROUPS:
+        _OBJECT_GROUPS.clear()
+        _OBJECT_GROUPS[key] = dist.new_group(backend="gloo")
+    return _OBJECT_GROUPS[key]
+
+
+def _one_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    line = lines[0] if lines else ""
+    return line if isinstance(e, BlitextError) else f"{type(e).__name__}: {line}"
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

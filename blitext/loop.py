@@ -18,7 +18,7 @@ from blitext.caption_counts import CaptionCounts, summary_line
 from blitext.checkpoint import (STATE, export_final, latest_checkpoint, load_checkpoint, resolve_resume,
                                  save_checkpoint)
 from blitext.console import progress_bar, say
-from blitext.distributed import barrier
+from blitext.distributed import in_turn
 from blitext.errors import BlitextError
 from blitext.trackers import require_trackers
 from blitext.training import Prefetcher, mean_over_ranks, rank_slice, token_share
@@ -124,13 +124,14 @@ def snapshots(run: Path) -> dict[int, Path]:
 def finish_run(run: Path, steps: int, model, state: dict, info, weights=None, extra=None) -> Path:
     """The last checkpoint (no optimizer) published as `<run>/final`, and the run's caption counts
     said; every rank waits for it."""
-    if info.is_main:
+    def publish() -> None:
         save_checkpoint(run, steps, model, None, state, keep=2, weights=weights, extra=extra)
         export_final(run)
         line = summary_line(state)
         if line:
             say(line)
-    barrier()
+
+    in_turn(publish if info.is_main else None, f"saving {run / 'final'}")
     return run / "final"
 
 

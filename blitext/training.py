@@ -26,7 +26,7 @@ from blitext.atomic import publish, writing
 from blitext.checkpoint import RESUME_LATEST
 from blitext.config import to_jsonable
 from blitext.console import rank_logger, say
-from blitext.distributed import barrier
+from blitext.distributed import in_turn
 from blitext.errors import BlitextError
 from blitext.trackers import Trackers
 
@@ -245,9 +245,7 @@ def open_run(run: Path, info, start: int, name: str, config=None):
     """(rank 0's metrics log or None, this rank's logger) of a run folder rank 0 creates; a
     resumed run's metrics log drops lines past `start`, which the run writes again. The config's
     `report_to` trackers (blitext.trackers) get every line too."""
-    if info.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-    barrier()
+    in_turn((lambda: run.mkdir(parents=True, exist_ok=True)) if info.is_main else None, f"making the run folder {run}")
     metrics = None
     if info.is_main:
         report_to = getattr(config, "report_to", None) or []

@@ -77,3 +77,21 @@ def test_a_bad_input_that_stops_rank_0_is_one_line_on_every_node(tmp_path, llm_f
     assert first.returncode != 0 and f"error: {why}" in first.stderr
     assert second.returncode != 0 and "error: rank 0 stopped while reading the" in second.stderr and why in second.stderr
     assert "[rank1]" not in second.stderr and "Connection closed" not in second.stderr  # no traceback of its own
+
+
+def test_a_cache_rank_0_refuses_is_one_line_on_every_node(tmp_path, vision_folders):
+    """extract-features into another encoder's cache: rank 0 refuses it when starting the job
+    (blitext/cache/jobs.py); the node waiting for it says so in one line."""
+    from blitext.features.image import ExtractConfig, extract_features
+    from test_extract import write_image_folder
+
+    data = write_image_folder(tmp_path / "imgs", 4)
+    out = tmp_path / "c"
+    extract_features(ExtractConfig(data=str(data), out=str(out), vision_encoder=str(vision_folders["vit"]),
+                                   batch_size=2, shard_size=2, num_workers=0))
+    first, second = launch_nodes(["extract-features", "--data", str(data), "--out", str(out), "--batch-size", "2",
+                                  "--shard-size", "2", "--num-workers", "0", "--device", "cpu",
+                                  "--vision-encoder", str(vision_folders["clip"])])
+    assert first.returncode != 0 and "clip@" in first.stderr
+    assert second.returncode != 0 and f"error: rank 0 stopped while starting the cache {out}:" in second.stderr
+    assert "clip@" in second.stderr and "[rank1]" not in second.stderr and "Connection closed" not in second.stderr

@@ -36,7 +36,7 @@ from blitext.cache.keyindex import _load, _map  # files mapped read-only as the 
 from blitext.config import default_cache_root
 from blitext.console import say
 from blitext.data.columns import StringColumn
-from blitext.distributed import dist_info
+from blitext.distributed import dist_info, in_turn
 from blitext.errors import BlitextError
 
 T = TypeVar("T")
@@ -195,40 +195,15 @@ def stored(store: Store[T], made_from: dict, parse: Callable[[], T], counted: Ca
         return _open_or_build(store, folder, parse, made_from, counted)
 
     try:
-        columns = _in_turn(group, build if info.rank == 0 else None, store.sources)
-        other = _in_turn(group, build if info.rank != 0 and info.local_rank == 0 else None, store.sources)
+        reading = f"reading the {store.sources}"
+        columns = in_turn(build if info.rank == 0 else None, reading, group)
+        other = in_turn(build if info.rank != 0 and info.local_rank == 0 else None, reading, group)
         columns = other if other is not None else columns
     finally:
         dist.destroy_process_group(group)
     if columns is None:  # the folder its builder wrote, or in memory where that builder could not write
         columns = store.open(folder) if problem(store, folder) is None else parse()
     return columns
-
-
-def _in_turn(group, build: Callable[[], T] | None, sources: str) -> T | None:
-    """`build()` where given, then every rank of `group` learns whether one failed: the failing
-    rank raises its own error, the others one line naming it, where otherwise they would die
-    of the lost connection (a gloo traceback) or wait for it."""
-    result, failure = None, None
-    if build is not None:
-        try:
-            result = build()
-        except Exception as e:  # handed on below, after the others hear of it
-            failure = e
-    said: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(said, None if failure is None else _one_line(failure), group=group)
-    if failure is not None:
-        raise failure
-    for rank, message in enumerate(said):
-        if message is not None:
-            raise BlitextError(f"rank {rank} stopped while reading the {sources}: {message}")
-    return result
-
-
-def _one_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    line = text[0] if text else ""
-    return line if isinstance(e, BlitextError) else f"{type(e).__name__}: {line}"
 
 
 def _open_or_build(store: Store[T], folder: Path, parse: Callable[[], T], made_from: dict, counted) -> T:
