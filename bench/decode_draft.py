@@ -1,12 +1,12 @@
 """What extract-features --decode draft buys and costs: decoding rate and feature agreement.
 
-    PYTHONPATH=. python bench/decode_draft.py [--images 64] [--note ...]
+    PYTHONPATH=. python bench/decode_draft.py [--images 64] [--rounds 3] [--note ...]
 
 For JPEG photos-to-be (bench/extract_scale.py's: smooth colour fields plus noise) at 640 x 480
 (COCO's usual size) and 1600 x 1200, one core:
 - the CPU time of reading, decoding and preprocessing an image as extract-features' workers do
-  (DecodedImages), with full and with draft decoding, alternated over 3 rounds (the best
-  round); beside them, full decoding as workers did before commit COMMIT_UINT8, scaling and
+  (DecodedImages), with full and with draft decoding, alternated over `--rounds` rounds (the
+  best round); beside them, full decoding as workers did before commit 0af5062, scaling and
   normalising to float32 themselves (`full_floats`), and what normalising costs the encoder's
   process now, per image of a batch of 32 on this CPU (on a GPU it runs on the GPU);
 - the embedded encoder's features of the two decodings: cosine similarity per image (min and
