@@ -23,7 +23,7 @@ from safetensors.torch import save as safetensors_bytes
 from blitext.atomic import (aside_name, fsync_tree, read_json, remove_folder, replace_folder, sha256_file,
                             write_json, write_text, writing)
 from blitext.cache.manifest import same_identity
-from blitext.errors import BlitextError
+from blitext.errors import BlitextError, described
 
 LATEST = "latest"
 STATE = "state.json"
@@ -199,7 +199,7 @@ def _load_optimizer(path: Path) -> dict:
     try:
         return torch.load(path / "optimizer.pt", weights_only=True)
     except Exception as e:  # torch reports a damaged file as RuntimeError, UnpicklingError, EOFError, ...
-        raise damaged(path, f"optimizer.pt: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise damaged(path, f"optimizer.pt: {described(e)}") from None
 
 
 def damaged(path: Path, why: str) -> BlitextError:

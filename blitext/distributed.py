@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from blitext.allocator import keep_freed_memory
-from blitext.errors import BlitextError
+from blitext.errors import BlitextError, described
 
 T = TypeVar("T")
 
@@ -73,7 +73,7 @@ def in_turn(work: Callable[[], T] | None, what: str, group=None) -> T | None:
     if dist.is_initialized():
         group = group or _object_group()
         said: list[str | None] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(said, None if failure is None else _one_line(failure), group=group)
+        dist.all_gather_object(said, None if failure is None else described(failure), group=group)
     else:
         said = []
     if failure is not None:
@@ -98,12 +98,6 @@ def _object_group():
         _OBJECT_GROUPS.clear()
         _OBJECT_GROUPS[key] = dist.new_group(backend="gloo")
     return _OBJECT_GROUPS[key]
-
-
-def _one_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    line = lines[0] if lines else ""
-    return line if isinstance(e, BlitextError) else f"{type(e).__name__}: {line}"
 
 
 def shutdown() -> None:

@@ -89,6 +89,19 @@ def test_missing_model_names_it_and_how_to_provide_it():
         load_vision_encoder("Salesforce/blip2-opt-2.7b")
 
 
+def test_a_load_error_without_text_is_still_one_line_naming_the_folder(llm_folders, monkeypatch):
+    """transformers can raise OSError() with no text; quoting its first line must not become an IndexError."""
+    import transformers
+
+    def fails(*args, **kwargs):
+        raise OSError()
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fails)
+    with pytest.raises(BlitextError) as e:
+        load_llm(str(llm_folders["opt"]))
+    assert str(e.value) == f"cannot load LLM {str(llm_folders['opt'])!r} from {llm_folders['opt']}: OSError"
+
+
 def test_unsupported_vision_family_is_refused(llm_folders):
     with pytest.raises(BlitextError, match="model_type 'opt'"):
         load_vision_encoder(str(llm_folders["opt"]))

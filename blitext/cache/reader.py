@@ -28,7 +28,7 @@ from blitext.cache.chunks import H5_ERRORS
 from blitext.cache.keyindex import KeyIndex, load_places, open_index
 from blitext.cache.manifest import FEATURE_KINDS, load_manifest, require_kind, require_producer, sidecar_name
 from blitext.cache.shard import DamagedRow, Shard
-from blitext.errors import BlitextError
+from blitext.errors import BlitextError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -127,7 +127,7 @@ class FeatureCache:
         try:
             return Shard(path, self.variable_length, self.manifest["dtype"], self._recorded_places(shard))
         except H5_ERRORS as e:
-            raise self._damaged(shard, f"does not open as a cache shard ({_first_line(e)})") from None
+            raise self._damaged(shard, f"does not open as a cache shard ({first_line(e)})") from None
 
     def _recorded_places(self, shard: int) -> np.ndarray | None:
         """The shard's rows' slice of places.npy (still mapped), or None."""
@@ -159,7 +159,7 @@ class FeatureCache:
         except DamagedRow as e:
             raise self._damaged(shard, f"row {row} (key {key!r}) is damaged: {e}") from None
         except H5_ERRORS as e:
-            raise self._damaged(shard, f"row {row} (key {key!r}) fails its check ({_first_line(e)})") from None
+            raise self._damaged(shard, f"row {row} (key {key!r}) fails its check ({first_line(e)})") from None
 
     def get_many(self, keys: Sequence[str]) -> list[np.ndarray]:
         """The rows of `keys`, as cache[key] gives each: the keys found together (KeyIndex.locate_many),
@@ -193,11 +193,6 @@ class FeatureCache:
         self.__dict__.update(state)
         self._forget_handles()
         _open_caches.add(self)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().strip("'\"")
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def collate_rows(rows: Sequence[np.ndarray], variable_length: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

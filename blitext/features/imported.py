@@ -23,7 +23,7 @@ from blitext.config import default_cache_root, provenance
 from blitext.console import RateLimitedWarnings, progress_bar, rank_logger, say
 from blitext.data.video import sample_evenly
 from blitext.distributed import DistInfo
-from blitext.errors import BadInputError, BlitextError
+from blitext.errors import BadInputError, BlitextError, first_line
 from blitext.features.image import print_failures
 
 KIND = "video-features"
@@ -85,7 +85,7 @@ def _open_npy(file: Path, name: str, mmap: bool) -> np.ndarray:
         # a pickled (object) .npy could run code when loaded: refused
         return np.load(file, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as e:
-        raise BadInputError(f"{name}: not a readable .npy array ({str(e).splitlines()[0][:100]})") from None
+        raise BadInputError(f"{name}: not a readable .npy array ({first_line(e, 100)})") from None
 
 
 def common_width(files: list[Path], folder: Path) -> int:

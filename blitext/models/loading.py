@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from blitext.config import default_cache_root
-from blitext.errors import BlitextError
+from blitext.errors import BlitextError, first_line
 from blitext.models.fingerprint import fingerprint
 from blitext.models.llm import FAMILIES, FrozenLLM, config_width, family_of
 from blitext.models.registry import BUNDLED, BundledModel
@@ -136,7 +136,7 @@ def llm_config(name: str):
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise BlitextError(f"cannot load LLM {name!r} from {path}: {str(e).splitlines()[0]}") from None
+        raise BlitextError(f"cannot load LLM {name!r} from {path}: {first_line(e)}") from None
 
 
 def llm_family(name: str) -> str:
@@ -163,7 +163,7 @@ def load_llm(name: str, dtype: str | torch.dtype | None = None, device: str = "c
         model = family.auto_model().from_pretrained(path, dtype=_dtype(dtype), local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise BlitextError(f"cannot load LLM {name!r} from {path}: {str(e).splitlines()[0]}") from None
+        raise BlitextError(f"cannot load LLM {name!r} from {path}: {first_line(e)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2/Llama ship no pad token; padding is masked anyway
     return family(_freeze(model).to(device), tokenizer, name, fingerprint(display_name(name), path), path)
@@ -187,7 +187,7 @@ def load_text_encoder(name: str, device: str = "cpu") -> LoadedTextEncoder:
         model = AutoModel.from_pretrained(path, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise BlitextError(f"cannot load text encoder {name!r} from {path}: {str(e).splitlines()[0]}") from None
+        raise BlitextError(f"cannot load text encoder {name!r} from {path}: {first_line(e)}") from None
     return LoadedTextEncoder(model.to(device), tokenizer, name, fingerprint(display_name(name), path), path)
 
 

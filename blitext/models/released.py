@@ -17,7 +17,7 @@ import torch
 
 from blitext.atomic import read_json
 from blitext.console import say
-from blitext.errors import BlitextError
+from blitext.errors import BlitextError, first_line
 from blitext.models.blip2_layout import from_hf, from_lavis
 
 LAVIS_SUFFIXES = (".pth", ".pt", ".bin")
@@ -85,8 +85,7 @@ def _lavis_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise BlitextError(f"--init {path}: cannot be read with weights_only=True ({reason}); it pickles more than "
+        raise BlitextError(f"--init {path}: cannot be read with weights_only=True ({first_line(e, 160)}); it pickles more than "
                            f"tensors. Only if you trust it: torch.save(torch.load(path, weights_only=False)['model'], "
                            f"'weights.pth') and pass that") from None
     except (OSError, EOFError) as e:

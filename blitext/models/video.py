@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from blitext.data.video import frames_per_window, segment_windows
-from blitext.errors import BlitextError
+from blitext.errors import BlitextError, first_line
 from blitext.models.fingerprint import fingerprint
 from blitext.models.i3d import InceptionI3d
 
@@ -149,8 +149,10 @@ def load_i3d(path: str | Path) -> InceptionI3d:
     net = InceptionI3d(num_classes=state["logits.conv3d.weight"].shape[0])
     try:
         net.load_state_dict(state)
-    except RuntimeError as e:
-        raise BlitextError(f"{path}: does not match pytorch-i3d's InceptionI3d ({str(e).splitlines()[1].strip()[:160]})"
+    except RuntimeError as e:  # its first line names only the class; the second, the first mismatch
+        lines = str(e).splitlines()
+        mismatch = lines[1].strip()[:160] if len(lines) > 1 else first_line(e, 160)
+        raise BlitextError(f"{path}: does not match pytorch-i3d's InceptionI3d ({mismatch})"
                            f"; pass rgb_imagenet.pt") from None
     return net
 
