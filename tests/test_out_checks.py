@@ -3,8 +3,6 @@ every phase (one library helper, blitext.atomic.check_out): no traceback, and ev
 captions it then cannot write."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from blitext.adapter.image import AdapterConfig, train_adapter

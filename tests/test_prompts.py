@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from blitext.cache.manifest import MANIFEST, shard_name, sidecar_name
-from blitext.cache.verify import cache_info, verify_cache
+from blitext.cache.verify import verify_cache
 from blitext.errors import BlitextError
 from blitext.pformer.train import PFormerConfig, train_pformer
 from blitext.pformer.prompts import BuildPromptsConfig, PromptCache, build_prompts, load_pformer

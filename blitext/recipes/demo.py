@@ -32,7 +32,7 @@ from blitext.console import console, say
 from blitext.data.compose import compositional_captions
 from blitext.data.prepare import prepare_dataset
 from blitext.evaluation.compare import compare_runs, print_compare
-from blitext.evaluation.evaluate import EvalConfig, eval_caption, eval_vqa
+from blitext.evaluation.evaluate import EvalConfig, eval_vqa
 from blitext.features.image import ExtractConfig, extract_features
 from blitext.models.loading import load_llm
 from blitext.pformer.train import train_pformer
