@@ -117,6 +117,25 @@ def test_empty_hypothesis_scores_zero():
     assert 0 < scores.rouge_l < 1 and scores.cider_per_image[10] > 0
 
 
+def test_bleu_of_an_order_no_caption_reaches_is_kept_but_said_to_measure_nothing():
+    """3-word captions have no 4-gram: pycocoevalcap's BLEU-4 is then its smoothing constants
+    (1e-15 / 1e-9)^(1/4) = 0.0316 even for exact captions; the number stays, marked undefined."""
+    refs = {1: ["a red circle"], 2: ["a blue square"]}
+    exact = caption_scores(refs, {1: "a red circle", 2: "a blue square"}, tokenizer="python", meteor="off", spice="off")
+    assert exact.bleu_3 == pytest.approx(1.0) and exact.bleu_4 == pytest.approx(1e-6 ** 0.25, rel=1e-3)
+    assert list(exact.undefined) == ["Bleu_4"] and "no reference caption has 4 words" in exact.undefined["Bleu_4"]
+    assert "undefined" in exact.as_dict()
+    longer = caption_scores(refs, {1: "a red circle on top", 2: "a blue square"}, tokenizer="python", meteor="off",
+                            spice="off")
+    assert longer.undefined == exact.undefined and longer.bleu_4 < 1e-3
+    short = caption_scores({**refs, 2: ["a blue square on the left"]}, {1: "a red circle", 2: "a blue square"},
+                           tokenizer="python", meteor="off", spice="off")
+    assert list(short.undefined) == ["Bleu_4"] and "no generated caption has 4 words" in short.undefined["Bleu_4"]
+    both = caption_scores({**refs, 2: ["a blue square on the left"]}, {1: "a red circle", 2: "a blue square on the left"},
+                          tokenizer="python", meteor="off", spice="off")
+    assert both.undefined == {} and both.bleu_4 > 0.5
+
+
 def test_ids_missing_from_either_side_are_named():
     with pytest.raises(BlitextError, match="image 3 has references but no generated caption"):
         caption_scores(VECTOR_REFS, {1: "a", 2: "b"}, tokenizer="python", meteor="off")

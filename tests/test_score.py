@@ -87,6 +87,28 @@ def test_score_caption_gives_the_reference_vector(tmp_path):
     assert record["provenance"]["config"]["predictions"] == str(predictions) and record["data"] == str(data)
 
 
+def test_a_bleu_that_measures_nothing_reads_n_a_with_its_reason(tmp_path, capsys):
+    """Exact 3-word captions: BLEU-4 is pycocoevalcap's 0.0316 in metrics.json, n/a in every table."""
+    from blitext.evaluation.compare import VOID, compare_runs, print_compare
+
+    data = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in (1, 2)],
+            "annotations": [{"image_id": 1, "caption": "a red circle"}, {"image_id": 2, "caption": "a blue square"}]}
+    write(tmp_path / "captions_val.json", data)
+    predictions = write(tmp_path / "results.json", [{"image_id": 1, "caption": "a red circle"},
+                                                     {"image_id": 2, "caption": "a blue square"}])
+    record = score_caption(caption_config(tmp_path, predictions))
+    assert record["metrics"]["Bleu_4"] == pytest.approx(0.0316, abs=1e-4) and record["metrics"]["exact_match"] == 1.0
+    assert list(record["undefined"]) == ["Bleu_4"]
+    assert "Bleu_4 n/a: no reference caption has 4 words" in " ".join(capsys.readouterr().err.split())
+    notes = {}
+    rows, columns = compare_runs([tmp_path / "out"], notes)
+    table = {r[1]: r[2] for r in rows}
+    assert table["Bleu_4"] == VOID and table["Bleu_3"] == pytest.approx(1.0) and notes == record["undefined"]
+    print_compare(rows, columns, notes)
+    printed = capsys.readouterr().err
+    assert "0.0316" not in printed and "Bleu_4 n/a" in " ".join(printed.split())
+
+
 def test_the_two_answer_rules_give_their_own_accuracy_and_metrics_json_names_the_rule(tmp_path):
     predictions = vqa_predictions(tmp_path / "results.json")
     default = score_vqa(vqa_config(tmp_path, predictions))

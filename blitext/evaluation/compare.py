@@ -2,18 +2,21 @@
 
 An evaluation's record (`metrics.json`) holds its metrics and, for VQA, the text ceiling and the
 majority-answer base rate beside them (`beside_scores`); `compare_runs` lines several runs' records
-up by evaluation and metric, `print_compare` and `print_metrics` draw them with rich.
+up by evaluation and metric, `print_compare` and `print_metrics` draw them with rich. A metric the
+record lists as `undefined` (BLEU-4 over 3-word captions) keeps its number in the record, as
+pycocoevalcap computes it, and is drawn as "n/a" with the reason under the table.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from blitext.atomic import read_json
-from blitext.console import console
+from blitext.console import console, say
 from blitext.errors import BlitextError
 
 CEILING = "text ceiling (caption as text)"  # labels of the columns / rows beside a VQA score
 BASE_RATE = "majority answer"
+VOID = "n/a"  # the cell of a metric whose number measures nothing on the evaluated set
 
 
 def beside_scores(record: dict) -> dict[str, dict]:
@@ -22,17 +25,26 @@ def beside_scores(record: dict) -> dict[str, dict]:
     return {label: metrics for label, metrics in found.items() if metrics}
 
 
-def print_metrics(title: str, metrics: dict, beside: dict[str, dict] | None = None, label: str = "adaptor") -> None:
+def print_metrics(title: str, metrics: dict, beside: dict[str, dict] | None = None, label: str = "adaptor",
+                  undefined: dict[str, str] | None = None) -> None:
     """One row per metric; `beside` adds a column per labelled set of the same metrics (VQA's ceiling),
-    the metrics' own column then being `label`."""
+    the metrics' own column then being `label`; `undefined` metrics' cells read "n/a"."""
     from rich.table import Table
 
     beside = beside or {}
-    columns = [_flatten(metrics), *(_flatten(m) for m in beside.values())]
+    columns = [{**_flatten(metrics), **dict.fromkeys(undefined or {}, VOID)}, *(_flatten(m) for m in beside.values())]
     table = Table("metric", label if beside else "value", *beside, title=title)
     for name in dict.fromkeys(k for column in columns for k in column):
         table.add_row(name, *(_cell(column.get(name)) for column in columns))
     console.print(table)
+
+
+def say_unscored(extra: dict) -> None:
+    """One line per metric an evaluation did not compute, or computed but cannot be read as a score."""
+    for name, why in extra.get("unavailable", {}).items():
+        say(f"[yellow]{name} not computed[/]: {why}")
+    for name, why in extra.get("undefined", {}).items():
+        say(f"[yellow]{name} n/a[/]: {why}")
 
 
 def _cell(value) -> str:
@@ -64,11 +76,12 @@ def metrics_files(path: Path) -> list[Path]:
     return found
 
 
-def compare_runs(paths: list[Path]) -> tuple[list[list], list[str]]:
-    """Every numeric metric side by side: rows [eval, metric, value per path (None if absent)],
-    columns ["eval", "metric", label per path]. An eval is `<task>-<data name>`, so the same
-    evaluation of several runs lines up on one row. VQA evaluations add their text ceiling's
-    and base rate's metrics as rows "text ceiling (caption as text)/accuracy", ...."""
+def compare_runs(paths: list[Path], notes: dict[str, str] | None = None) -> tuple[list[list], list[str]]:
+    """Every numeric metric side by side: rows [eval, metric, value per path (None if absent, "n/a"
+    where the record lists it as undefined)], columns ["eval", "metric", label per path]. An eval is
+    `<task>-<data name>`, so the same evaluation of several runs lines up on one row. VQA evaluations
+    add their text ceiling's and base rate's metrics as rows "text ceiling (caption as text)/accuracy",
+    .... `notes`, if given, gets each "n/a" metric's reason (print_compare prints them)."""
     if not paths:
         raise BlitextError("compare needs metrics files or run folders")
     labels = _labels([Path(p) for p in paths])
@@ -82,8 +95,11 @@ def compare_runs(paths: list[Path]) -> tuple[list[list], list[str]]:
             name = record.get("eval") or file.parent.name
             name = f"{name} ({file.parent.name})" if name in seen else name
             seen.add(name)
+            undefined = record.get("undefined") or {}
             for metric, value in _flatten({**record["metrics"], **beside_scores(record)}).items():
-                values.setdefault((name, metric), {})[column] = value
+                values.setdefault((name, metric), {})[column] = VOID if metric in undefined else value
+            if notes is not None:
+                notes.update(undefined)
     rows = [[name, metric, *(by_column.get(c) for c in range(len(paths)))]
             for (name, metric), by_column in values.items()]
     return rows, ["eval", "metric", *labels]
@@ -99,10 +115,11 @@ def _labels(paths: list[Path]) -> list[str]:
     return [str(p) for p in paths]
 
 
-def print_compare(rows: list[list], columns: list[str]) -> None:
+def print_compare(rows: list[list], columns: list[str], notes: dict[str, str] | None = None) -> None:
     from rich.table import Table
 
     table = Table(*columns, title="blitext compare")
     for row in rows:
         table.add_row(*(_cell(v) for v in row))
     console.print(table)
+    say_unscored({"undefined": notes or {}})

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from blitext.models.adapter_checkpoint import LoadedAdapter, load_adapter, load_llm_for_generation
 from blitext.atomic import check_out, write_json, writing
-from blitext.evaluation.compare import CEILING, beside_scores, print_metrics
+from blitext.evaluation.compare import CEILING, beside_scores, print_metrics, say_unscored
 from blitext.cache import FeatureCache
 from blitext.config import provenance, to_jsonable
 from blitext.console import progress_bar, say
@@ -318,9 +318,9 @@ def _finish(ev: Evaluation, metrics: dict, counts: dict, settings: GenerationSet
               "features": str(ev.cache.root), "data": ev.config.data, "provenance": provenance(ev.config)}
     _write(ev, "metrics.json", record)
     sizes = ", ".join(f"{k} {v}" for k, v in counts.items())
-    print_metrics(f"eval {ev.task}: {Path(ev.config.data).name} ({sizes})", metrics, beside_scores(record))
-    for name, why in extra.get("unavailable", {}).items():
-        say(f"[yellow]{name} not computed[/]: {why}")
+    print_metrics(f"eval {ev.task}: {Path(ev.config.data).name} ({sizes})", metrics, beside_scores(record),
+                  undefined=extra.get("undefined"))
+    say_unscored(extra)
     if "answer_normalisation" in extra:
         say(f"answer normalisation: {extra['answer_normalisation']} (--vqa-normalise official|both)")
     ceiling = extra.get("text_ceiling", {})

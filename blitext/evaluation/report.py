@@ -61,8 +61,10 @@ def write_report(config: ReportConfig) -> Path:
     if len(labels) != len(paths):
         raise BlitextError(f"{len(labels)} labels for {len(paths)} runs: give one label per run, in order")
     runs = [RunEvals(label, path, load_records(path)) for label, path in zip(labels, paths)]
-    rows, columns = compare_runs(paths)
-    sections = [section("Comparison", table_html([*columns[:2], *labels], rows)),
+    notes: dict[str, str] = {}
+    rows, columns = compare_runs(paths, notes)
+    void = "".join(f"<p>{html.escape(f'{name} n/a: {why}')}</p>" for name, why in notes.items())
+    sections = [section("Comparison", table_html([*columns[:2], *labels], rows) + void),
                 section("Verdicts", "<ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in (config.verdicts or verdicts(runs))) + "</ul>")]
     grid, classes = caption_sections(runs, config)
     sections += [grid, classes, curves_section(runs), budget_section(runs, config.budget)]

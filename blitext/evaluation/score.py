@@ -25,7 +25,7 @@ from blitext.data.readers import read_image_set
 from blitext.data.records import VQARecord
 from blitext.data.vqa import read_vqa
 from blitext.errors import BlitextError
-from blitext.evaluation.compare import beside_scores, print_metrics
+from blitext.evaluation.compare import beside_scores, print_metrics, say_unscored
 from blitext.metrics.vqa import DEFAULT_NORMALISATION, check_normalisation, exact_match, vqa_summary
 
 FORMATS = {"caption": ("image_id", "caption", "image"), "vqa": ("question_id", "answer", "question")}  # id, text, unit
@@ -90,9 +90,8 @@ def _finish(config: ScoreConfig, task: str, metrics: dict, counts: dict, **extra
     write_json(out / "metrics.json", record)
     sizes = ", ".join(f"{k} {v}" for k, v in counts.items())
     print_metrics(f"score {task}: {Path(config.predictions).name} on {Path(config.data).name} ({sizes})", metrics,
-                  beside_scores(record), label="predictions")
-    for name, why in extra.get("unavailable", {}).items():
-        say(f"[yellow]{name} not computed[/]: {why}")
+                  beside_scores(record), label="predictions", undefined=extra.get("undefined"))
+    say_unscored(extra)
     if "answer_normalisation" in extra:
         say(f"answer normalisation: {extra['answer_normalisation']} (--vqa-normalise official|both)")
     say(f"[green]written[/] {out}/metrics.json")
@@ -193,13 +192,14 @@ def caption_references(data: str, limit: int | None) -> dict[str, list[str]]:
 
 def caption_metrics(refs: dict[str, list[str]], hyps: dict[str, str], tokenizer: str, meteor: str,
                     spice: str) -> tuple[dict, dict]:
-    """(metrics, extra): pycocoevalcap's scores and exact_match; extra = {"unavailable", "tokenizer"}."""
+    """(metrics, extra): pycocoevalcap's scores and exact_match; extra = {"unavailable", "undefined", "tokenizer"}
+    (undefined: metrics whose number measures nothing on these captions, and why)."""
     from blitext.metrics import caption_exact_match, caption_scores  # pycocoevalcap only when captions are scored
 
     scores = caption_scores(refs, hyps, tokenizer, meteor, spice)
     metrics = {k: v for k, v in scores.as_dict().items() if isinstance(v, float)}
     metrics["exact_match"] = caption_exact_match(refs, hyps)
-    return metrics, {"unavailable": scores.unavailable, "tokenizer": scores.tokenizer}
+    return metrics, {"unavailable": scores.unavailable, "undefined": scores.undefined, "tokenizer": scores.tokenizer}
 
 
 def vqa_records(data: str, annotations: str | None, limit: int | None) -> list[VQARecord]:

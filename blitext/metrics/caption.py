@@ -64,6 +64,7 @@ class CaptionScores:
     cider_per_image: dict[Hashable, float]
     tokenizer: str                      # "java" or "python": which tokenizer produced the tokens
     unavailable: dict[str, str] = field(default_factory=dict)  # metric name -> why it is None
+    undefined: dict[str, str] = field(default_factory=dict)  # metric name -> why its number measures nothing here
 
     def as_dict(self) -> dict:
         """The scores under pycocoevalcap's names (Bleu_4, METEOR, ROUGE_L, CIDEr, SPICE)."""
@@ -95,7 +96,27 @@ def caption_scores(refs: dict[Hashable, list[str]], hyps: dict[Hashable, str], t
     spice_score = _optional_metric("SPICE", spice, _spice, gts, res, unavailable)
     return CaptionScores(*(float(b) for b in bleu), meteor=meteor_score, rouge_l=float(rouge), cider=float(cider),
                          spice=spice_score, cider_per_image={i: float(s) for i, s in zip(ids, per_image)},
-                         tokenizer=used, unavailable=unavailable)
+                         tokenizer=used, unavailable=unavailable, undefined=bleu_without_ngrams(gts, res))
+
+
+def bleu_without_ngrams(gts: dict[Hashable, list[str]], res: dict[Hashable, list[str]]) -> dict[str, str]:
+    """The BLEU-n whose number measures nothing on these tokenised captions, with why.
+
+    pycocoevalcap multiplies each order's precision (correct + 1e-15) / (guessed + 1e-9): where no
+    reference has n words no n-gram can be right, whatever the captions; where no generated caption
+    has n words there is no n-gram to count. Either way BLEU-n is set by those constants (1e-6^(1/n)
+    times the lower orders, 0.0316 for BLEU-4 over exact 3-word captions such as "a red circle", or
+    about 0), not by the captions. The value is kept, as pycocoevalcap reports it, and said to be
+    void; the references' reason first, as it holds for any captions scored against them."""
+    longest_ref = max((len(c.split()) for caps in gts.values() for c in caps), default=0)
+    longest_hyp = max((len(c.split()) for caps in res.values() for c in caps), default=0)
+    out = {}
+    for n in range(1, 5):
+        if longest_ref < n or longest_hyp < n:
+            whose = "reference" if longest_ref < n else "generated"
+            out[f"Bleu_{n}"] = (f"no {whose} caption has {n} words, so no {n}-gram can match: the value comes from "
+                                f"pycocoevalcap's smoothing constants, not from the captions")
+    return out
 
 
 def _check_pairs(refs: dict, hyps: dict) -> None:

@@ -21,7 +21,9 @@ CAPTION_COLUMNS = (("exact_match", "exact"), ("Bleu_4", "BLEU-4"), ("CIDEr", "CI
 
 def evaluate_run(stage2: Path, features: Path, splits: Splits, c: AblateConfig) -> tuple[dict, dict]:
     """VQA when the data has questions, captioning on the test or held-out images; reused when done.
-    Returns (metrics, eval folders) per task: the folders hold each item's prediction."""
+    Returns (metrics, eval folders) per task: the folders hold each item's prediction. A metric an
+    evaluation calls undefined (BLEU-4 over 3-word captions) is left out of its task's metrics and
+    listed with its reason under metrics["undefined"]."""
     metrics, folders, beams = {}, {}, f"-beam{c.num_beams}" if c.num_beams else ""  # settings that change scores name the folder
     if splits.vqa and c.vqa_questions > 0:
         questions, answers = splits.vqa
@@ -38,15 +40,20 @@ def evaluate_run(stage2: Path, features: Path, splits: Splits, c: AblateConfig) 
             adapter=str(stage2), features=str(features), data=str(splits.captions), out=str(d),
             limit=c.caption_images, prompt="", min_new_tokens=1, max_new_tokens=c.caption_max_new_tokens,
             num_beams=c.num_beams, meteor=c.meteor)))
-    return metrics, {task: str(folder) for task, folder in folders.items()}
+    undefined = {name: why for task in metrics.values() for name, why in task.pop("undefined", {}).items()}
+    return {**metrics, **({"undefined": undefined} if undefined else {})}, {task: str(f) for task, f in folders.items()}
 
 
 def _scores(folder: Path, run) -> dict:
+    """The evaluation's metrics, those it calls undefined moved under "undefined"."""
     if not (folder / "metrics.json").is_file():
         run(folder)
     else:
         say(f"  reusing {folder}")
-    return read_json(folder / "metrics.json")["metrics"]
+    record = read_json(folder / "metrics.json")
+    undefined = record.get("undefined") or {}
+    kept = {name: value for name, value in record["metrics"].items() if name not in undefined}
+    return {**kept, **({"undefined": undefined} if undefined else {})}
 
 
 def budget_curve(run: tuple[Path, Path], features: Path, splits: Splits, c: AblateConfig) -> list[dict]:
@@ -78,7 +85,9 @@ def _note(result: dict) -> str:
     n = result["counts"]["vqa_questions"]
     vqa = (f"VQA: accuracy x100 over {n} test questions (one standard error is up to "
            f"{100 * math.sqrt(0.25 / n):.1f} points); " if result["vqa"] and n else "VQA: none (no VQA files); ")
-    return (vqa + f"captions: {result['caption_source']}, pycocoevalcap scores (x1). "
+    undefined = dict.fromkeys(pair for r in result["rows"] for pair in r["metrics"].get("undefined", {}).items())
+    void = "".join(f" {name} not shown: {why}." for name, why in undefined)
+    return (vqa + f"captions: {result['caption_source']}, pycocoevalcap scores (x1).{void} "
             f"Extra P-Former text: {'; '.join(result['extra_text'])} ({result['n_extra']} sentences).")
 
 
