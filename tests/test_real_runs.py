@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -112,7 +113,8 @@ def test_demo_smoke_runs_every_phase(session_cache, monkeypatch):
     monkeypatch.setenv("BLITEXT_CACHE", str(session_cache))
     result = CliRunner().invoke(app, ["demo", "--smoke"])
     assert result.exit_code == 0, result.output[-3000:]
-    work = next((session_cache / "runs" / "demo").iterdir())
+    work = next(p for p in (session_cache / "runs" / "demo").iterdir() if not p.is_symlink())
+    assert (work.parent / "latest").resolve() == work and os.readlink(work.parent / "latest") == work.name
     results = json.loads((work / "results.json").read_text())
     assert set(results["evaluations"]) == set(results["curves"]) == {"baseline", "pformer"}
     for name, variant in results["evaluations"].items():

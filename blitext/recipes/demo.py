@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,6 +43,7 @@ from blitext.recipes.recipe import Recipe, pformer_config, pformer_tag, train_ce
 
 VARIANTS = {"baseline": (0.0, 0.0), "pformer": (10.0, 100.0)}  # (w1, w2): Table 4's first and last rows
 LABELS = {"baseline": "BLIP-2 (0, 0)", "pformer": "P-Former (10, 100)"}
+LATEST = "latest"  # runs/demo/latest: the last finished demo's folder (point_latest)
 
 
 @dataclass
@@ -89,9 +91,23 @@ def run_demo(config: DemoConfig) -> dict:
     write_json(work / "results.json", {"evaluations": results, "curves": curves, "costs": costs, "ceiling": ceiling,
                                        **summary})
     page = write_page(work, runs, curves, summary["verdicts"])
+    point_latest(work)
     say(f"[green]demo finished[/] in {(time.perf_counter() - started) / 60:.1f} min: runs, evaluations and curves in {work}")
     say(f"report (open in a browser): {page}", soft_wrap=True)  # the last line: what to look at, whole
     return {"evaluations": results, "curves": curves, "costs": costs, "ceiling": ceiling, **summary}
+
+
+def point_latest(work: Path) -> None:
+    """runs/demo/latest -> the demo just finished, so README's examples name it whatever the settings'
+    digest; relative (a moved cache keeps it) and swapped in by one rename. Not being able to is a line."""
+    link, spare = work.parent / LATEST, work.parent / f".{LATEST}.{os.getpid()}"
+    try:
+        spare.unlink(missing_ok=True)
+        spare.symlink_to(work.name, target_is_directory=True)
+        os.replace(spare, link)
+    except OSError as e:
+        spare.unlink(missing_ok=True)
+        say(f"[yellow]{link} not updated[/] ({e.strerror or e}): name the run folder {work} instead")
 
 
 def demo_work(c: DemoConfig) -> Path:
