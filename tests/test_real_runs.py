@@ -125,6 +125,7 @@ def test_demo_smoke_runs_every_phase(session_cache, monkeypatch):
     assert results["curves"]["baseline"][0][0]["untrained_llm_proj"]  # BLIP-2's stage 1 never trains llm_proj
     assert "untrained_llm_proj" not in results["curves"]["pformer"][0][0]  # L_align did: the LLM read it
     assert 0 <= results["ceiling"]["exact_match"] <= 1 and len(results["verdicts"]) == 4
+    assert results["kernels"] == f"CPU {torch.backends.cpu.get_cpu_capability()}"  # what the digits depend on
     # make demo ends with the page to open, on one line whatever the terminal's width
     assert result.output.strip().splitlines()[-1] == f"report (open in a browser): {work / 'report.html'}", \
         result.output[-2000:]
