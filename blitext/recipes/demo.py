@@ -88,7 +88,7 @@ def run_demo(config: DemoConfig) -> dict:
     ceiling = reference_ceiling(data, prompts, c)
     say(f"[bold]8/8 results[/] ({(time.perf_counter() - started) / 60:.1f} min)")
     summary = report(work, runs, results, curves, costs, ceiling, data, c)
-    kernels = compute_kernels()
+    kernels = kernels_in_use()
     write_json(work / "results.json", {"evaluations": results, "curves": curves, "costs": costs, "ceiling": ceiling,
                                        **summary, "kernels": kernels})
     page = write_page(work, runs, curves, summary["verdicts"])
@@ -99,7 +99,7 @@ def run_demo(config: DemoConfig) -> dict:
     return {"evaluations": results, "curves": curves, "costs": costs, "ceiling": ceiling, **summary}
 
 
-def compute_kernels() -> str:
+def kernels_in_use() -> str:
     """Which kernels trained the demo: the GPU, or the vector width of torch's CPU kernels ("AVX2",
     "AVX512"). Wider vectors add in another order, so training rounds otherwise and ends at other
     digits: seed 42 gave README's table with AVX2 kernels and other digits with AVX512 (docs/results.md)."""
