@@ -24,14 +24,15 @@ def evaluate_run(stage2: Path, features: Path, splits: Splits, c: AblateConfig) 
     Returns (metrics, eval folders) per task: the folders hold each item's prediction. A metric an
     evaluation calls undefined (BLEU-4 over 3-word captions) is left out of its task's metrics and
     listed with its reason under metrics["undefined"]."""
-    metrics, folders, beams = {}, {}, f"-beam{c.num_beams}" if c.num_beams else ""  # settings that change scores name the folder
+    metrics, folders, undefined = {}, {}, {}
+    beams = f"-beam{c.num_beams}" if c.num_beams else ""  # settings that change scores name the folder
     if splits.vqa and c.vqa_questions > 0:
         questions, answers = splits.vqa
         folders["vqa"] = stage2 / "eval" / f"vqa-{c.vqa_questions}{beams}"
         metrics["vqa"] = _scores(folders["vqa"], lambda d: eval_vqa(EvalConfig(
             adapter=str(stage2), features=str(features), data=str(questions),
             annotations=str(answers) if answers else None, out=str(d), limit=c.vqa_questions,
-            num_beams=c.num_beams)))
+            num_beams=c.num_beams)), undefined)
     if c.caption_images > 0:
         name = (f"caption-{splits.captions.stem.removeprefix('captions_')}-{c.caption_images}-"
                 f"{c.caption_max_new_tokens}t{beams}{'-no-meteor' if c.meteor == 'off' else ''}")
@@ -39,21 +40,20 @@ def evaluate_run(stage2: Path, features: Path, splits: Splits, c: AblateConfig) 
         metrics["caption"] = _scores(folders["caption"], lambda d: eval_caption(EvalConfig(
             adapter=str(stage2), features=str(features), data=str(splits.captions), out=str(d),
             limit=c.caption_images, prompt="", min_new_tokens=1, max_new_tokens=c.caption_max_new_tokens,
-            num_beams=c.num_beams, meteor=c.meteor)))
-    undefined = {name: why for task in metrics.values() for name, why in task.pop("undefined", {}).items()}
+            num_beams=c.num_beams, meteor=c.meteor)), undefined)
     return {**metrics, **({"undefined": undefined} if undefined else {})}, {task: str(f) for task, f in folders.items()}
 
 
-def _scores(folder: Path, run) -> dict:
-    """The evaluation's metrics, those it calls undefined moved under "undefined"."""
+def _scores(folder: Path, run, undefined: dict[str, str]) -> dict:
+    """The evaluation's metrics but those it calls undefined, which go into `undefined` with their reason."""
     if not (folder / "metrics.json").is_file():
         run(folder)
     else:
         say(f"  reusing {folder}")
     record = read_json(folder / "metrics.json")
-    undefined = record.get("undefined") or {}
-    kept = {name: value for name, value in record["metrics"].items() if name not in undefined}
-    return {**kept, **({"undefined": undefined} if undefined else {})}
+    void = record.get("undefined") or {}
+    undefined.update(void)
+    return {name: value for name, value in record["metrics"].items() if name not in void}
 
 
 def budget_curve(run: tuple[Path, Path], features: Path, splits: Splits, c: AblateConfig) -> list[dict]:
