@@ -10,7 +10,7 @@ import pytest
 from blitext.cache import FeatureCache
 from blitext.cache import keyindex
 from blitext.cache.keyindex import INDEX_DIR, KeyIndex
-from blitext.cache.manifest import KEYS_IN_MANIFEST, MANIFEST, load_manifest, sidecar_name
+from blitext.cache.manifest import FORMAT, KEY_SPANS, KEYS_IN_MANIFEST, MANIFEST, load_manifest, sidecar_name
 from blitext.errors import BlitextError
 from tests.test_cache import build, random_rows, without_places
 
@@ -29,8 +29,8 @@ def test_manifest_keeps_shard_summaries_and_keys_are_found_through_the_index(tmp
     assert cache.keys.index("img-9") == 9 and cache.locate("img-9") == (2, 1)
 
 
-def test_keys_with_one_hash_are_told_apart_by_their_stored_string(tmp_path, monkeypatch):
-    _hash_all_keys_as(monkeypatch, lambda key: 7)  # every key collides
+def test_keys_whose_hashes_share_the_high_half_are_told_apart_by_the_low_half(tmp_path, monkeypatch):
+    _hash_all_keys_as(monkeypatch, _high_half(lambda key: 7))  # every key's home and high half collide
     rows = random_rows(6)
     build(tmp_path / "c", rows, shard_size=4)
     cache = FeatureCache(tmp_path / "c")
@@ -38,6 +38,14 @@ def test_keys_with_one_hash_are_told_apart_by_their_stored_string(tmp_path, monk
     for key, row in rows.items():
         assert np.array_equal(cache[key], row)
     assert "img-9" not in cache
+
+
+def test_two_keys_of_one_whole_hash_are_refused_when_the_index_is_written(tmp_path, monkeypatch):
+    """Lookups trust the 128-bit hash, so the writer refuses keys it cannot tell apart, naming them."""
+    real = keyindex.hash_bytes
+    _hash_all_keys_as(monkeypatch, lambda key: (7, 7) if key in (b"img-1", b"img-3") else real(key))
+    with pytest.raises(BlitextError, match=r"keys 'img-1' and 'img-3' share one 128-bit BLAKE2b hash"):
+        build(tmp_path / "c", random_rows(5))
 
 
 def test_index_pickles_as_its_folder_and_reads_the_same_keys(tmp_path):
@@ -74,7 +82,7 @@ def test_old_cache_gets_its_index_on_first_open(tmp_path):
     cache = FeatureCache(tmp_path / "c")
     assert cache.keys == list(rows) and np.array_equal(cache["img-6"], rows["img-6"])
     upgraded = load_manifest(tmp_path / "c")
-    assert upgraded["format"] == "blitext-cache/3" and all("keys" not in s for s in upgraded["shards"])
+    assert upgraded["format"] == FORMAT and all("keys" not in s for s in upgraded["shards"])
 
 
 def test_old_read_only_cache_is_refused_naming_the_upgrade(tmp_path, monkeypatch):
@@ -89,7 +97,7 @@ def _with_the_sorted_hash_index(root):
     """The cache as blitext wrote it before slots.npy: sorted hashes (hashes.npy) and their rows (rows.npy)."""
     folder = root / INDEX_DIR
     keys = list(FeatureCache(root).keys)
-    hashes = np.array([keyindex.hash_bytes(k.encode()) for k in keys], np.uint64)
+    hashes = keyindex.hash_many([k.encode() for k in keys])[:, 0]
     rows = np.argsort(hashes, kind="stable")
     np.save(folder / "hashes.npy", hashes[rows])
     np.save(folder / "rows.npy", rows.astype(np.int64))
@@ -111,14 +119,54 @@ def test_sorted_hash_index_is_upgraded_on_first_open(tmp_path):
     files = sorted((*keyindex.FILES, keyindex.PLACES))  # fixed rows: their places too
     assert sorted(p.name for p in (tmp_path / "c" / INDEX_DIR).iterdir()) == files
     upgraded = load_manifest(tmp_path / "c")
-    assert sorted(upgraded["index"]["bytes"]) == files and upgraded["format"] == "blitext-cache/3"
+    assert sorted(upgraded["index"]["bytes"]) == files and upgraded["format"] == FORMAT
+
+
+def _with_key_spans(root):
+    """The cache as format 3 wrote it: slots of (64-bit hash, row, start << 24 | length of the key in
+    keys.bin), the key's bytes compared on each lookup."""
+    import hashlib
+
+    folder = root / INDEX_DIR
+    keys = [k.encode() for k in FeatureCache(root).keys]
+    offsets = np.load(folder / "offsets.npy")
+    hashes = np.array([int.from_bytes(hashlib.blake2b(k, digest_size=8).digest(), "little") for k in keys], np.uint64)
+    order = np.argsort(hashes, kind="stable")
+    records = np.stack([hashes[order], order.astype(np.uint64),
+                        (offsets[:-1][order].astype(np.uint64) << np.uint64(24)) | np.diff(offsets)[order].astype(np.uint64)], 1)
+    places = keyindex._places(records[:, 0], keyindex.slot_bits(len(order)))
+    np.save(folder / "slots.npy", records[np.searchsorted(places, np.arange(places[-1] + 1))])
+    manifest = load_manifest(root)
+    manifest["index"]["bytes"]["slots.npy"] = (folder / "slots.npy").stat().st_size
+    manifest["format"] = KEY_SPANS
+    (root / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_format_3_index_is_upgraded_on_first_open(tmp_path):
+    """Its slots hold 64-bit hashes and key spans, read as 128-bit halves they would find nothing."""
+    rows = random_rows(9)
+    build(tmp_path / "c", rows)
+    _with_key_spans(tmp_path / "c")
+    cache = FeatureCache(tmp_path / "c")
+    assert all(np.array_equal(cache[k], row) for k, row in rows.items()) and "img-9" not in cache
+    assert cache.index.locate_many(list(rows)).tolist() == list(range(9))
+    assert load_manifest(tmp_path / "c")["format"] == FORMAT
+
+
+def test_format_3_index_read_only_is_refused_naming_the_upgrade(tmp_path, monkeypatch):
+    build(tmp_path / "c", random_rows(4))
+    _with_key_spans(tmp_path / "c")
+    monkeypatch.setattr(keyindex.os, "access", lambda path, mode: False)  # read-only, even for root
+    with pytest.raises(BlitextError, match=r"format is 'blitext-cache/3', before 'blitext-cache/4' and the folder "
+                                           r"is read-only; run `blitext cache upgrade .*c` once"):
+        FeatureCache(tmp_path / "c")
 
 
 def test_a_newer_format_is_refused_in_one_line(tmp_path):
     build(tmp_path / "c", random_rows(3))
     manifest = load_manifest(tmp_path / "c")
     (tmp_path / "c" / MANIFEST).write_text(json.dumps({**manifest, "format": "blitext-cache/9"}))
-    with pytest.raises(BlitextError, match=r"has format 'blitext-cache/9'; this blitext reads 'blitext-cache/3'"):
+    with pytest.raises(BlitextError, match=r"has format 'blitext-cache/9'; this blitext reads 'blitext-cache/4'"):
         FeatureCache(tmp_path / "c")
 
 
@@ -172,7 +220,7 @@ def test_every_key_of_a_larger_cache_is_found_and_others_are_not(tmp_path):
 
 def test_lookups_hold_when_hashes_are_not_uniform(tmp_path, monkeypatch):
     """Skewed hashes pile up in long runs of slots past their home: slower to find, still found."""
-    _hash_all_keys_as(monkeypatch, lambda key: int(key[-4:]) % 1500)  # small, repeated
+    _hash_all_keys_as(monkeypatch, _high_half(lambda key: int(key[-4:]) % 1500))  # small, repeated
     keys = _many(tmp_path / "c")
     index = FeatureCache(tmp_path / "c").index
     assert [index.locate(k) for k in keys] == list(range(len(keys)))
@@ -253,9 +301,16 @@ def test_a_shard_read_through_hdf5_bounds_its_metadata_cache(tmp_path):
 
 
 def _hash_all_keys_as(monkeypatch, fn):
-    """Every key hashed by fn, one at a time (locate) and in batches (locate_many, the writer)."""
+    """Every key hashed by fn (bytes -> (high, low)), one at a time (locate) and in batches
+    (locate_many, the writer)."""
     monkeypatch.setattr(keyindex, "hash_bytes", fn)
-    monkeypatch.setattr(keyindex, "hash_many", lambda keys: np.array([fn(k) for k in keys], np.uint64))
+    monkeypatch.setattr(keyindex, "hash_many", lambda keys: np.array([fn(k) for k in keys], np.uint64).reshape(-1, 2))
+
+
+def _high_half(high):
+    """A hash whose high half is high(key) and low half the real one's: homes collide, keys do not."""
+    real = keyindex.hash_bytes
+    return lambda key: (high(key), real(key)[1])
 
 
 def _asked(keys):
@@ -265,8 +320,9 @@ def _asked(keys):
 
 def test_hashes_in_batches_are_the_single_hashes():
     keys = [k.encode() for k in ["", "a", "COCO_train2014_000000123456", "bïld", "x" * 300]]
-    assert keyindex.hash_many(keys).tolist() == [keyindex.hash_bytes(k) for k in keys]
-    assert keyindex.hash_many([]).dtype == np.uint64 and len(keyindex.hash_many([])) == 0
+    assert [tuple(h) for h in keyindex.hash_many(keys).tolist()] == [keyindex.hash_bytes(k) for k in keys]
+    assert len(set(keyindex.hash_many(keys)[:, 1].tolist())) == len(keys)  # both halves are the digest's
+    assert keyindex.hash_many([]).dtype == np.uint64 and keyindex.hash_many([]).shape == (0, 2)
 
 
 @pytest.mark.parametrize("batch", [1, 7, 512])
@@ -280,8 +336,8 @@ def test_batches_of_lookups_find_what_single_lookups_find(tmp_path, batch):
     assert (found >= 0).sum() == 3000 and len(index.locate_many([])) == 0
 
 
-def test_batches_tell_apart_keys_of_one_hash(tmp_path, monkeypatch):
-    _hash_all_keys_as(monkeypatch, lambda key: 7)  # every key collides: each goes to locate()
+def test_batches_tell_apart_keys_of_one_high_half(tmp_path, monkeypatch):
+    _hash_all_keys_as(monkeypatch, _high_half(lambda key: 7))  # every home collides: all but the first go to locate()
     rows = random_rows(6)
     build(tmp_path / "c", rows, shard_size=4)
     index = FeatureCache(tmp_path / "c").index
@@ -292,7 +348,7 @@ def test_batches_tell_apart_keys_of_one_hash(tmp_path, monkeypatch):
 def test_batches_walk_long_runs_of_slots_and_past_the_last(tmp_path, monkeypatch):
     """Skewed hashes: every key's home is slot 0, so a walk crosses hundreds of WINDOWs; a key
     of the largest hash, missing, walks past the last record."""
-    _hash_all_keys_as(monkeypatch, lambda key: int(key[-4:]) % 1500)
+    _hash_all_keys_as(monkeypatch, _high_half(lambda key: int(key[-4:]) % 1500))
     keys = _many(tmp_path / "c")
     index = FeatureCache(tmp_path / "c").index
     asked = keys + ["COCO_train2014_000000x01499", "missing-1499", "missing-0000"]

@@ -1,11 +1,11 @@
 """The key index: a cache's keys found through memory-mapped files, not a per-process dict.
 
-`index/` beside the shards holds three files, written once when the cache is finished:
+`index/` beside the shards holds these files, written once when the cache is finished:
 
 - `keys.bin`     every key, UTF-8, in row order (row g = shard order, then row order);
 - `offsets.npy`  (N + 1,) int64: key g is keys.bin[offsets[g]:offsets[g + 1]];
-- `slots.npy`    (S, 3) uint64: a hash table of records (hash, row g, start << 24 | length of
-                 the key in keys.bin), one per key, in order of their 64-bit BLAKE2b hashes;
+- `slots.npy`    (S, 3) uint64: a hash table of records (hash high, row g, hash low), one per key,
+                 in order of their 128-bit BLAKE2b hashes (high 64 bits, then low);
 - `places.npy`   (N,) int64, only where rows are read from memory maps (fixed-length rows, a raw
                  row in each chunk): row g's byte offset in its shard file, -1 for a row whose
                  chunk was missing or outside the file. A shard opened for reading takes its
@@ -17,19 +17,20 @@ A key's home slot is the top bits of its hash (2^bits slots for N keys, bits the
 keep them at most 80% full). Records are laid in hash order, each at its home or, when that is
 taken, in the slot after the record before it (linear probing that keeps the order); a free
 slot holds a copy of the next record, whose home lies past that slot, so its hash is above that
-of any key homed at or before it. A lookup scans from its home while hashes are smaller, then
-compares the key stored at each record with its hash: two keys with one hash are still told
-apart. It touches two far places in the files (its home slot, usually with its record, and the
-key's bytes), where a binary search over sorted hashes touched ~15 and then three more: at 10^7
-rows each costs ~0.2 us more than a cached page. CPU per lookup (KeyIndex.locate, bench/scale.py's
-caches): 1.7 us at 10^4 rows, 2.0 at 10^7; the binary search took 3.1 and 5.7.
+of any key homed at or before it. A lookup scans from its home while hashes are smaller and
+takes the record whose 128 bits equal its key's. The key's bytes are not compared: two keys of
+one 128-bit hash are refused when the index is written (a chance of about N^2 / 2^129, 10^-23 at
+10^8 keys), and a key the cache lacks matches one it holds with a chance of N / 2^128 a lookup.
+So a lookup touches one far place in the files, its home slot (usually with its record), where
+format 3's index (64-bit hashes, each key's bytes compared) touched two and a binary search over
+sorted hashes ~15 and then three more. bench/scale_rates.py, this index against format 3's on the
+same machine: batches of 512 keys 0.63 us a key at 10^4 rows (0.96), at 10^7 rows 0.92-0.93 of
+that rate (0.90-0.91); one key at a time 0.87-0.88 (0.73-0.76) (docs/scale.md).
 
 `locate_many` finds a batch of keys at once (how get_batch and a DataLoader's batches read):
-their hashes in one pass, then numpy gathers over the slots and keys.bin, each preceded by a
-gather of one item per key, so that the batch's far touches are in memory's hands together
-rather than one after another. bench/scale_rates.py, every size in the same rounds, three runs:
-at 10^7 rows a batch of 512 keys runs at 0.81-0.94 of its rate at 10^4 rows, one key at a time
-at 0.73-0.83 (docs/scale.md).
+their hashes in one pass, then numpy gathers over the slots, each preceded by a gather of one
+item per key, so that the batch's far touches are in memory's hands together rather than one
+after another.
 
 Opening maps the files and reads nothing: it costs the same at 10^3 and 10^8 rows, and every
 process (ranks, DataLoader workers) shares the same page cache instead of building its own
@@ -40,6 +41,7 @@ and its offset.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import mmap
 import os
@@ -58,20 +60,22 @@ FILES = ("keys.bin", "offsets.npy", "slots.npy")  # written in this order: slots
 PLACES = "places.npy"  # optional (module docstring): listed in the manifest's index summary where written
 OLD_FILES = ("hashes.npy", "rows.npy")  # the layout before slots.npy (sorted hashes, binary search)
 UPGRADE = "blitext cache upgrade"
-LENGTH_BITS = 24  # a record's key span is start << 24 | length: keys under 16 MiB, keys.bin under 1 TiB
-LENGTH_MASK = (1 << LENGTH_BITS) - 1
+HIGH, ROW, LOW = range(3)  # a record's items in slots.npy
 WINDOW = 4  # slots locate_many reads from a key's home at a time: most walks end within them (at most 80% full)
 
 
-def hash_bytes(key: bytes) -> int:
-    """A UTF-8 key's 64-bit hash, the same in every process (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+def hash_bytes(key: bytes) -> tuple[int, int]:
+    """A UTF-8 key's 128-bit hash as (high, low) 64-bit halves, the same in every process
+    (Python's hash() is salted per process)."""
+    digest = hashlib.blake2b(key, digest_size=16).digest()
+    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
 
 
 def hash_many(keys: list[bytes]) -> np.ndarray:
-    """hash_bytes of each key, as uint64: the digests joined, without a Python int per key."""
+    """hash_bytes of each key, as (N, 2) uint64: the digests joined, without a Python int per key."""
     blake2b = hashlib.blake2b
-    return np.frombuffer(b"".join([blake2b(k, digest_size=8).digest() for k in keys]), "<u8").astype(np.uint64)
+    joined = b"".join([blake2b(k, digest_size=16).digest() for k in keys])
+    return np.frombuffer(joined, "<u8").astype(np.uint64).reshape(-1, 2)
 
 
 def slot_bits(n: int) -> int:
@@ -95,10 +99,11 @@ def write_index(root: Path, shard_keys: Iterable[Sequence[str]], shards: Sequenc
             blob.write(b"".join(encoded))
             lengths.append(np.fromiter(map(len, encoded), np.int64, len(encoded)))
             hashes.append(hash_many(encoded))
-    hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    hashes = np.concatenate(hashes) if hashes else np.zeros((0, 2), np.uint64)
     offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths) if lengths else [], dtype=np.int64)])
     offsets = offsets.astype(np.int64)
-    arrays = {"offsets.npy": offsets, "slots.npy": slot_table(hashes, offsets, root)}
+    key_at = functools.partial(_key_in, folder / ("keys.bin" + tmp), offsets)
+    arrays = {"offsets.npy": offsets, "slots.npy": slot_table(hashes, key_at, root)}
     for name, array in arrays.items():
         with open(folder / (name + tmp), "wb") as f:
             np.save(f, array)
@@ -112,23 +117,35 @@ def write_index(root: Path, shard_keys: Iterable[Sequence[str]], shards: Sequenc
     return {"rows": len(hashes), "bytes": {name: (folder / name).stat().st_size for name in written}}
 
 
-def slot_table(hashes: np.ndarray, offsets: np.ndarray, root: Path) -> np.ndarray:
-    """slots.npy (module docstring) for keys in row order with these hashes and keys.bin offsets."""
-    lengths = np.diff(offsets)
-    if len(lengths) and lengths.max() > LENGTH_MASK:
-        raise BlitextError(f"{root}: a key is {int(lengths.max()):,} bytes long; the key index holds keys under 16 MiB")
-    if offsets[-1] >> (64 - LENGTH_BITS):
-        raise BlitextError(f"{root}: the keys take {int(offsets[-1]):,} bytes; the key index holds under 1 TiB of keys")
-    order = np.argsort(hashes, kind="stable")  # equal hashes keep row order: the first row wins, as in a shard
+def slot_table(hashes: np.ndarray, key_at, root: Path) -> np.ndarray:
+    """slots.npy (module docstring) for keys in row order with these (N, 2) hashes; key_at(g) is
+    key g's bytes, read only for the keys whose whole hash another key shares."""
+    order = np.lexsort((hashes[:, 1], hashes[:, 0]))  # stable: equal hashes keep row order, the first row wins
     records = np.empty((len(order), 3), np.uint64)
-    records[:, 0] = hashes[order]
-    records[:, 1] = order
-    records[:, 2] = offsets[:-1][order].astype(np.uint64) << np.uint64(LENGTH_BITS) | lengths[order].astype(np.uint64)
-    places = _places(records[:, 0], slot_bits(len(order)))
+    records[:, HIGH], records[:, ROW], records[:, LOW] = hashes[order, 0], order, hashes[order, 1]
+    _refuse_shared_hashes(records, key_at, root)
+    places = _places(records[:, HIGH], slot_bits(len(order)))
     if not len(places):
         return records
     # every slot up to the last record's holds the record placed there or, if free, the next one
     return records[np.searchsorted(places, np.arange(places[-1] + 1))]
+
+
+def _refuse_shared_hashes(records: np.ndarray, key_at, root: Path) -> None:
+    """Lookups trust the 128-bit hash (module docstring), so two different keys that share one
+    are refused; the same key twice shares it rightly (its first row is found)."""
+    shared = np.flatnonzero((records[1:, HIGH] == records[:-1, HIGH]) & (records[1:, LOW] == records[:-1, LOW]))
+    for i in shared.tolist():
+        first, second = key_at(int(records[i, ROW])), key_at(int(records[i + 1, ROW]))
+        if first != second:
+            raise BlitextError(f"{root}: keys {first.decode()!r} and {second.decode()!r} share one 128-bit "
+                               f"BLAKE2b hash, which the key index cannot tell apart; rename one of them")
+
+
+def _key_in(path: Path, offsets: np.ndarray, g: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(int(offsets[g]))
+        return f.read(int(offsets[g + 1] - offsets[g]))
 
 
 def _places(sorted_hashes: np.ndarray, bits: int) -> np.ndarray:
@@ -217,70 +234,56 @@ class KeyIndex(Sequence):
 
     def locate(self, key: str) -> int:
         """The row of `key` (shard order, then row order), or -1."""
-        encoded = key.encode()
-        h = hash_bytes(encoded)
-        slots, blob = self._slots, self.blob
-        i = 3 * (h >> self._shift)  # its home slot: slots is flat, 3 items a slot
+        high, low = hash_bytes(key.encode())
+        slots = self._slots
+        i = 3 * (high >> self._shift)  # its home slot: slots is flat, 3 items a slot
         try:  # costs nothing unless raised: by a lookup that runs past the last record
-            while slots[i] < h:  # records homed before h's home, pushed up to here
+            while slots[i] < high:  # records homed before its home, pushed up to here
                 i += 3
-            while slots[i] == h:
-                span = slots[i + 2]
-                start = span >> LENGTH_BITS
-                if blob[start:start + (span & LENGTH_MASK)] == encoded:
-                    return slots[i + 1]
-                i += 3  # another key with the same hash
-        except IndexError:  # no record at or after h's home holds h
+            while slots[i] == high:
+                if slots[i + LOW] == low:
+                    return slots[i + ROW]
+                i += 3  # another key whose hash has the same high half
+        except IndexError:  # no record at or after its home holds its hash
             pass
         return -1
 
     def locate_many(self, keys: Sequence[str]) -> np.ndarray:
         """The rows of `keys` (int64, -1 for a missing key), each what locate() gives.
 
-        A batch's far touches (home slots, stored keys) are numpy gathers, so the CPU has many of
-        them in flight at once, where locate() waits for each in turn (module docstring). A key
-        whose hash another key shares, rare, is finished by locate()."""
-        encoded = [k.encode() for k in keys]
-        hashes = hash_many(encoded)
-        rows = np.full(len(encoded), -1, np.int64)
+        A batch's far touches (home slots) are numpy gathers, so the CPU has many of them in
+        flight at once, where locate() waits for each in turn (module docstring). A key whose
+        hash's high half another key shares, rare, is finished by locate()."""
+        hashes = hash_many([k.encode() for k in keys])
+        rows = np.full(len(hashes), -1, np.int64)
         if not len(rows) or not len(self.slots):
             return rows
-        at = (hashes >> np.uint64(self._shift)).astype(np.int64)  # homes: a non-empty index has shift <= 63
+        high = hashes[:, 0]
+        at = (high >> np.uint64(self._shift)).astype(np.int64)  # homes: a non-empty index has shift <= 63
         todo, found, places = np.arange(len(rows)), [], []
         last, flat, step = len(self.slots) - 1, self._flat_slots, np.arange(WINDOW)
         while len(todo):  # each key's walk from its home, WINDOW slots at a time
             window = at[todo, None] + step
             inside = window <= last  # past the last record: missing
             window = np.minimum(window, last)
-            np.take(flat, 3 * window[:, 0])  # each key's first slot alone first: see _segments
-            seen = np.take(flat, 3 * window)  # the slots' hashes (keys, WINDOW)
-            below = inside & (seen < hashes[todo, None])
+            # each key's first slot alone first, one item per key: the CPU then has many keys'
+            # far cache lines in flight, where the gather below would wait for each in turn
+            np.take(flat, 3 * window[:, 0])
+            seen = np.take(flat, 3 * window)  # the slots' high halves (keys, WINDOW)
+            below = inside & (seen < high[todo, None])
             walked_past = below.all(axis=1)
             each, stop = np.arange(len(todo)), np.argmin(below, axis=1)  # the first slot not below
-            hit = ~walked_past & inside[each, stop] & (seen[each, stop] == hashes[todo])
+            hit = ~walked_past & inside[each, stop] & (seen[each, stop] == high[todo])
             found.append(todo[hit])
             places.append(window[each, stop][hit])
             todo = todo[walked_past]
             at[todo] += WINDOW
-        self._take_if_same(rows, encoded, np.concatenate(found), np.concatenate(places))
+        which, places = np.concatenate(found), np.concatenate(places)
+        same = np.take(flat, 3 * places + LOW) == hashes[which, 1]
+        rows[which[same]] = np.take(flat, 3 * places[same] + ROW).astype(np.int64)
+        for i in which[~same].tolist():  # the first record of its high half is another key's
+            rows[i] = self.locate(keys[i])
         return rows
-
-    def _take_if_same(self, rows: np.ndarray, encoded: list[bytes], which: np.ndarray, places: np.ndarray) -> None:
-        """rows[which] = the rows of the records at `places` where the key stored there is the key
-        looked up; a key whose record holds another key of its hash is looked up alone."""
-        spans = np.take(self._flat_slots, 3 * places + 2)
-        lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
-        asked_ends = np.cumsum(lengths)
-        same = (spans & np.uint64(LENGTH_MASK)).astype(np.int64) == lengths[which]
-        taken = np.where(same, lengths[which], 0)  # the bytes compared: keys of the asked length
-        stored = _segments(np.frombuffer(self.blob, np.uint8), (spans >> np.uint64(LENGTH_BITS)).astype(np.int64), taken)
-        asked = _segments(np.frombuffer(b"".join(encoded), np.uint8), (asked_ends - lengths)[which], taken)
-        differ = np.concatenate([[0], np.cumsum(stored != asked)])
-        ends = np.cumsum(taken)
-        same &= differ[ends] == differ[ends - taken]
-        rows[which[same]] = np.take(self._flat_slots, 3 * places[same] + 1).astype(np.int64)
-        for i in which[~same].tolist():
-            rows[i] = self.locate(encoded[i].decode())
 
     def __contains__(self, key) -> bool:
         return isinstance(key, str) and self.locate(key) >= 0
@@ -304,19 +307,6 @@ class KeyIndex(Sequence):
             return divmod(g, self._per_shard)
         shard = bisect.bisect_right(self.shard_starts, g) - 1
         return shard, g - self.shard_starts[shard]
-
-
-def _segments(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """data[starts[0]:starts[0] + lengths[0]], data[starts[1]:...], ... end to end, in one gather."""
-    ends = np.cumsum(lengths)
-    if not len(ends) or not ends[-1]:
-        return np.zeros(0, data.dtype)
-    # Each segment's first byte alone first, one item per segment: the CPU then has many
-    # segments' far cache lines in flight; the gather below spends some ten instructions per
-    # byte, so it would wait for each segment's line in turn (bench/scale_rates.py at 10^7 rows:
-    # batched lookups 0.74 of 10^4's rate without these touches, 0.88-0.90 with them).
-    np.take(data, starts[lengths > 0])
-    return np.take(data, np.arange(ends[-1]) - np.repeat(ends - lengths - starts, lengths))
 
 
 def _even_rows(shard_rows: list[int]) -> int:

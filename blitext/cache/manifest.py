@@ -16,12 +16,13 @@ from typing import Any
 
 from blitext.errors import BlitextError
 
-FORMAT = "blitext-cache/3"
+FORMAT = "blitext-cache/4"
 KEYS_IN_MANIFEST = "blitext-cache/1"  # before the key index: every key listed in manifest.json
 SORTED_HASHES = "blitext-cache/2"     # the key index as sorted hashes (hashes.npy, rows.npy), before slots.npy
-# Each is upgraded in place on first open (keyindex.upgrade); blitext before format 3 refuses a
-# format-3 cache in one line instead of failing on the index files it expects.
-OLDER_FORMATS = (KEYS_IN_MANIFEST, SORTED_HASHES)
+KEY_SPANS = "blitext-cache/3"         # slots.npy with 64-bit hashes and each key's place in keys.bin, compared
+# Each is upgraded in place on first open (keyindex.upgrade); blitext before format 4 refuses a
+# format-4 cache in one line instead of reading its slots as format 3's.
+OLDER_FORMATS = (KEYS_IN_MANIFEST, SORTED_HASHES, KEY_SPANS)
 MANIFEST = "manifest.json"
 RUN = "run.json"
 
