@@ -15,7 +15,11 @@ Ways, over the same keys at every size:
   DataLoader's batches find them);
 - `read`: cache[key], one key at a time (20,000 distinct random keys, each read once before the
   rounds: the rows are checked and served from the memory maps);
-- `read_batched`: FeatureCache.get_many in batches of --batch keys.
+- `read_batched`: FeatureCache.get_many in batches of --batch keys;
+- `shard0_batched`: get_many as read_batched, of keys of the first shard only (up to 20,000
+  distinct): their lookups touch the whole index as before, their rows lie in one shard file. Its
+  ratio against read_batched's tells what the rows' own spread over the shards costs, apart from
+  the index.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import git_commit, write_result  # noqa: E402
 
 KEYS = 20_000
-WAYS = ("lookup", "lookup_batched", "read", "read_batched")
+WAYS = ("lookup", "lookup_batched", "read", "read_batched", "shard0_batched")
 
 
 def ways(cache, batch: int) -> dict:
@@ -41,7 +45,8 @@ def ways(cache, batch: int) -> dict:
     return {"lookup": lambda keys: [index.locate(k) for k in keys],
             "lookup_batched": lambda keys: [index.locate_many(b) for b in batches(keys)],
             "read": lambda keys: [cache[k] for k in keys],
-            "read_batched": lambda keys: [cache.get_many(b) for b in batches(keys)]}
+            "read_batched": lambda keys: [cache.get_many(b) for b in batches(keys)],
+            "shard0_batched": lambda keys: [cache.get_many(b) for b in batches(keys)]}
 
 
 def side_by_side(roots: list[Path], rounds: int, batch: int) -> list[dict]:
@@ -52,9 +57,12 @@ def side_by_side(roots: list[Path], rounds: int, batch: int) -> list[dict]:
         cache = FeatureCache(root)
         rng = np.random.default_rng(1)
         n = len(cache)
+        first = cache.manifest["shards"][0]["rows"] if n else 0
         keys.append({"lookup": [cache.keys[i] for i in rng.integers(0, n, KEYS).tolist()],
-                     "read": [cache.keys[i] for i in rng.choice(n, min(KEYS, n), replace=False).tolist()]})
-        cache.get_many(keys[-1]["read"])  # first reads: shards opened, rows checked
+                     "read": [cache.keys[i] for i in rng.choice(n, min(KEYS, n), replace=False).tolist()],
+                     "shard0": [cache.keys[i] for i in rng.choice(first, min(KEYS, first), replace=False).tolist()]})
+        for chosen in (keys[-1]["read"], keys[-1]["shard0"]):
+            cache.get_many(chosen)  # first reads: shards opened, rows checked
         caches.append(ways(cache, batch))
     seconds = {(c, way): [] for c in range(len(roots)) for way in WAYS}
     for _ in range(rounds):
