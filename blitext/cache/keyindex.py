@@ -23,9 +23,9 @@ one 128-bit hash are refused when the index is written (a chance of about N^2 / 
 10^8 keys), and a key the cache lacks matches one it holds with a chance of N / 2^128 a lookup.
 So a lookup touches one far place in the files, its home slot (usually with its record), where
 format 3's index (64-bit hashes, each key's bytes compared) touched two and a binary search over
-sorted hashes ~15 and then three more. bench/scale_rates.py, this index against format 3's on the
-same machine: batches of 512 keys 0.63 us a key at 10^4 rows (0.96), at 10^7 rows 0.92-0.93 of
-that rate (0.90-0.91); one key at a time 0.87-0.88 (0.73-0.76) (docs/scale.md).
+sorted hashes ~15 and then three more. bench/scale.py, this index against format 3's on one
+day: batches of 512 keys 0.62-0.64 us a key at 10^4 rows (0.90), at 10^7 rows 0.91-0.96 of
+that rate (0.87-0.89); one key at a time 0.86-0.88 (0.73-0.74) (docs/scale.md).
 
 `locate_many` finds a batch of keys at once (how get_batch and a DataLoader's batches read):
 their hashes in one pass, then numpy gathers over the slots, each preceded by a gather of one
