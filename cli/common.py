@@ -109,7 +109,9 @@ def generation_default(name: str) -> str:
     from blitext.evaluation.decoding import GenerationSettings
 
     caption, vqa = (getattr(GenerationSettings.for_task(task), name) for task in ("caption", "vqa"))
-    quote = (lambda v: f'"{v}"') if isinstance(caption, str) else str
+    flag = "--" + name.replace("_", "-")
+    quote = (lambda v: f'"{v}"') if isinstance(caption, str) else \
+        (lambda v: flag if v else flag.replace("--", "--no-", 1)) if isinstance(caption, bool) else str
     if name in ("prompt", "min_new_tokens", "max_new_tokens"):  # captions follow --settings
         return default_is(f"captions: the run's (--settings run), {quote(caption)} with --settings paper; "
                           f"{quote(vqa)} answers")

@@ -35,6 +35,7 @@ BeamsOpt = typer.Option(None, "--num-beams", help="Beams of beam search (1: gree
 MaxOpt = typer.Option(None, "--max-new-tokens", help="Most tokens generated. " + generation_default("max_new_tokens"))
 MinOpt = typer.Option(None, "--min-new-tokens", help="Fewest tokens generated. " + generation_default("min_new_tokens"))
 PenaltyOpt = typer.Option(None, "--length-penalty", help="Beam search's length penalty (> 0 favours longer outputs, < 0 shorter). " + generation_default("length_penalty"))
+BlankOpt = typer.Option(None, "--blank-start/--no-blank-start", help="May the first new token be whitespace alone (LAVIS: yes; --no-blank-start makes an answer start with a word). " + generation_default("blank_start"))
 SkipMissingOpt = typer.Option(None, "--skip-missing", help="Score the images the feature cache holds and print how "
                               "many had no features, instead of refusing the data file.")
 
@@ -62,6 +63,7 @@ def caption_cmd(
     max_new_tokens: Optional[int] = MaxOpt,
     min_new_tokens: Optional[int] = MinOpt,
     length_penalty: Optional[float] = PenaltyOpt,
+    blank_start: Optional[bool] = BlankOpt,
     tokenizer: Optional[str] = TokenizerOpt,
     meteor: Optional[str] = MeteorOpt,
     spice: Optional[str] = SpiceOpt,
@@ -72,6 +74,7 @@ def caption_cmd(
     _run("caption", config, adapter=adapter, features=features, data=data, out=out, limit=limit,
          batch_size=batch_size, device=device, llm=llm, settings=settings, prompt=prompt, num_beams=num_beams,
          max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, length_penalty=length_penalty,
+         blank_start=blank_start,
          tokenizer=tokenizer, meteor=meteor, spice=spice, skip_missing=skip_missing)
 
 
@@ -92,6 +95,7 @@ def vqa_cmd(
     max_new_tokens: Optional[int] = MaxOpt,
     min_new_tokens: Optional[int] = MinOpt,
     length_penalty: Optional[float] = PenaltyOpt,
+    blank_start: Optional[bool] = BlankOpt,
     vqa_normalise: Optional[str] = typer.Option(None, "--vqa-normalise", help=VQA_NORMALISE_HELP + " " + _default('vqa_normalise')),
     captions: Optional[Path] = typer.Option(None, "--captions", help="Caption JSON (LAVIS / COCO) of the questions' images, for the text ceiling: the same LLM, prompt and decoding given each image's first caption as text instead of the adaptor's prompts. " + default_is("captions_<split>.json beside the questions file, e.g. vqa_test_questions.json -> captions_test.json; none there: the ceiling is reported unavailable")),
     skip_missing: Optional[bool] = SkipMissingOpt,
@@ -102,6 +106,7 @@ def vqa_cmd(
     _run("vqa", config, adapter=adapter, features=features, data=data, annotations=annotations, out=out,
          limit=limit, batch_size=batch_size, device=device, llm=llm, prompt=prompt, num_beams=num_beams,
          max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, length_penalty=length_penalty,
+         blank_start=blank_start,
          vqa_normalise=vqa_normalise, captions=captions, skip_missing=skip_missing)
 
 

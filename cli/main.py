@@ -236,6 +236,7 @@ def generate_cmd(
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Most tokens generated. " + generation_default("max_new_tokens")),
     min_new_tokens: Optional[int] = typer.Option(None, "--min-new-tokens", help="Fewest tokens generated. " + generation_default("min_new_tokens")),
     length_penalty: Optional[float] = typer.Option(None, "--length-penalty", help="Beam search's length penalty (> 0 favours longer outputs, < 0 shorter). " + generation_default("length_penalty")),
+    blank_start: Optional[bool] = typer.Option(None, "--blank-start/--no-blank-start", help="May the first new token be whitespace alone (LAVIS: yes; --no-blank-start makes an answer start with a word). " + generation_default("blank_start")),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images (questions) per generate call. " + default_of(GenerateConfig, "batch_size")),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
     llm: Optional[str] = typer.Option(None, "--llm", help="Frozen LLM: bundled name, folder or HF id. " + default_is("the adaptor's LLM")),
@@ -256,7 +257,8 @@ def generate_cmd(
                          settings=settings, prompt=prompt,
                          features=features and str(features), ids=ids or None,
                          num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                         length_penalty=length_penalty, batch_size=batch_size, limit=limit, llm=llm, device=device)
+                         length_penalty=length_penalty, blank_start=blank_start, batch_size=batch_size, limit=limit,
+                         llm=llm, device=device)
     results = run_generate(cfg)
     table = Table("image", "answer" if question else "caption", title=question)
     for r in results:

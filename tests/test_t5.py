@@ -162,6 +162,29 @@ def test_generation_stops_where_it_should(kind, tmp_path, t5world):
         assert out.shape[1] < 24 and all(llm.tokenizer.eos_token_id in row for row in out.tolist())
 
 
+@pytest.mark.parametrize("kind", ["t5", "opt"])
+def test_an_answer_does_not_start_with_a_blank_token(kind, tmp_path, t5world):
+    """blank_start=False (answers' default) keeps blank_token_ids from the first new token, at beam 5
+    as answers decode: transformers' begin_suppress_tokens, whose first step is the decoder's second
+    position for T5 and the first for a causal LLM fed embeddings alone."""
+    llm = load_llm(str(t5world["llm"] if kind == "t5" else make_word_opt_folder(tmp_path / "opt")))
+    prompts = torch.randn(4, 4, llm.width, generator=torch.Generator().manual_seed(0))
+    first = 1 if kind == "t5" else 0  # T5's output starts with its decoder start token
+    free = llm.generate_ids(prompts, [""] * 4, "\n", 3, num_beams=5, min_new_tokens=1)[:, first].tolist()
+    llm.__dict__["blank_token_ids"] = sorted(set(free))  # as if the tokens it starts with were blank
+    held = llm.generate_ids(prompts, [""] * 4, "\n", 3, num_beams=5, min_new_tokens=1, blank_start=False)
+    assert not set(held[:, first].tolist()) & set(free)
+    again = llm.generate_ids(prompts, [""] * 4, "\n", 3, num_beams=5, min_new_tokens=1, blank_start=True)
+    assert again[:, first].tolist() == free
+
+
+def test_blank_tokens_are_the_whitespace_ones(llm_folders):
+    llm = load_llm(str(llm_folders["opt"]))
+    ids = lambda text: llm.tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    assert ids(" ")[0] in llm.blank_token_ids and ids("\n")[0] in llm.blank_token_ids
+    assert ids("a")[0] not in llm.blank_token_ids and llm.tokenizer.eos_token_id not in llm.blank_token_ids
+
+
 # ---------------------------------------------------------------- runs
 
 def test_flan_t5_end_to_end_through_the_cli(tmp_path, t5world):

@@ -8,7 +8,9 @@ generate (blitext.models.llm). Captions follow what the run trained on (no text 
 captions' length; `--settings run`); otherwise, and with `--settings paper`, the defaults are
 docs/method.md#generation-settings: captions with "a photo of", beam 5, 8..30 new tokens;
 questions as "Question: {} Short answer:", beam 5, 1..10 new tokens, length penalty -1, for either
-family (LAVIS's T5 models use the same). Generation stops at the end-of-text marker the adaptor was
+family (LAVIS's T5 models use the same), and an answer's first token not whitespace alone
+(blitext's, not LAVIS's: SmolLM2 answered 34 of 120 easy-VQA questions with a blank otherwise;
+`--blank-start` allows it, as LAVIS does). Generation stops at the end-of-text marker the adaptor was
 trained to emit ("\\n"; T5's </s>), which a small chat-tuned LLM otherwise talks past.
 """
 from __future__ import annotations
@@ -33,13 +35,14 @@ class GenerationSettings:
     max_new_tokens: int = 30
     min_new_tokens: int = 8
     length_penalty: float = 1.0
+    blank_start: bool = True           # False: the first new token may not be whitespace alone (answers)
 
     @classmethod
     def for_task(cls, task: str, trained: dict | None = None, **overrides) -> "GenerationSettings":
         """The task's settings: captions follow what the run trained on (`trained`, the state's
         "generation" record: its text prompt, none, and its captions' token length) when given,
         else the paper's COCO settings; given overrides win."""
-        base = cls(VQA_PROMPT, 5, 10, 1, -1.0) if task == "vqa" else cls()
+        base = cls(VQA_PROMPT, 5, 10, 1, -1.0, blank_start=False) if task == "vqa" else cls()
         if task == "caption" and trained:
             longest = trained["caption_tokens_max"]
             base.prompt, base.min_new_tokens = trained["prompt"], 1
@@ -89,4 +92,5 @@ def generate_after(llm: FrozenLLM, prefixes: torch.Tensor | list[torch.Tensor], 
     """Decode from each row's prefix embeddings (n_i, d) and its text prompt, as the LLM's family
     reads them (blitext.models.llm); the output is cut where the LLM stops."""
     return llm.generate(prefixes, texts, end_of_text, settings.max_new_tokens, num_beams=settings.num_beams,
-                        min_new_tokens=settings.min_new_tokens, length_penalty=settings.length_penalty)
+                        min_new_tokens=settings.min_new_tokens, length_penalty=settings.length_penalty,
+                        blank_start=settings.blank_start)

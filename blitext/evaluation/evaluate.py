@@ -70,6 +70,7 @@ class EvalConfig:
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None
     length_penalty: float | None = None
+    blank_start: bool | None = None     # may the first new token be whitespace alone (None: captions yes, answers no)
     tokenizer: str = ScoreConfig.tokenizer   # caption: PTB tokenizer, auto | java | python (score's defaults)
     meteor: str = ScoreConfig.meteor         # caption: auto (run when Java is there) | java (run or fail) | off
     spice: str = ScoreConfig.spice           # caption: as meteor; SPICE also needs Stanford models downloaded
@@ -206,7 +207,7 @@ def _settings(config: EvalConfig, task: str, adapter: LoadedAdapter) -> Generati
     settings = GenerationSettings.for_task(task, trained_settings(adapter, config.settings), prompt=config.prompt,
                                            num_beams=config.num_beams,
                                            max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
-                                           length_penalty=config.length_penalty)
+                                           length_penalty=config.length_penalty, blank_start=config.blank_start)
     if settings.min_new_tokens > settings.max_new_tokens:
         raise BlitextError(f"--min-new-tokens {settings.min_new_tokens} > --max-new-tokens {settings.max_new_tokens}: "
                            f"lower --min-new-tokens (or raise --max-new-tokens)")

@@ -31,6 +31,7 @@ class GenerateConfig:
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None
     length_penalty: float | None = None
+    blank_start: bool | None = None     # may the first new token be whitespace alone (None: captions yes, answers no)
     batch_size: int = 8
     limit: int | None = None           # only the first N images
     llm: str | None = None             # default: the LLM the adaptor was trained for
@@ -80,7 +81,8 @@ def run_generate(config: GenerateConfig) -> list[dict]:
     model = load(config.adapter, config.device, config.llm, config.settings, config.batch_size,
                  vision=not config.features)
     options = dict(prompt=config.prompt, num_beams=config.num_beams, max_new_tokens=config.max_new_tokens,
-                   min_new_tokens=config.min_new_tokens, length_penalty=config.length_penalty)
+                   min_new_tokens=config.min_new_tokens, length_penalty=config.length_penalty,
+                   blank_start=config.blank_start)
     if config.features:
         return _generate_from_cache(config, model, options)
     results = []

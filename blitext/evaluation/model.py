@@ -26,7 +26,7 @@ from blitext.evaluation.decoding import GenerationSettings, require_settings, tr
 from blitext.models.adapter_checkpoint import LoadedAdapter, adapter_encoder, load_adapter, load_llm_for_generation
 
 ImageLike = Union[str, Path, Image.Image, torch.Tensor]
-DECODING = ("prompt", "num_beams", "max_new_tokens", "min_new_tokens", "length_penalty")
+DECODING = ("prompt", "num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "blank_start")
 
 
 def load(run: str | Path, device: str = "auto", llm: str | None = None, settings: str = "run",

@@ -20,6 +20,7 @@ and the rest as the decoder's target.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,19 +177,24 @@ class FrozenLLM:
         raise NotImplementedError
 
     def generate(self, prefixes, texts: list[str], end_of_text: str, max_new_tokens: int, num_beams: int = 1,
-                 min_new_tokens: int | None = None, length_penalty: float = 1.0) -> list[str]:
+                 min_new_tokens: int | None = None, length_penalty: float = 1.0, blank_start: bool = True) -> list[str]:
         """One text per row: the LLM reads the row's prefix embeddings (B, P, D) or [(P_i, D)] (soft
         prompts, or a text's embeddings) then its text prompt; the output is cut where it should stop."""
-        out = self.generate_ids(prefixes, texts, end_of_text, max_new_tokens, num_beams, min_new_tokens, length_penalty)
+        out = self.generate_ids(prefixes, texts, end_of_text, max_new_tokens, num_beams, min_new_tokens, length_penalty,
+                                blank_start)
         return [self.cut(t, end_of_text) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def generate_ids(self, prefixes, texts: list[str], end_of_text: str, max_new_tokens: int, num_beams: int = 1,
-                     min_new_tokens: int | None = None, length_penalty: float = 1.0) -> torch.Tensor:
-        """`generate`'s new token ids (B, N), padded after a row stops (what an export must reproduce)."""
+                     min_new_tokens: int | None = None, length_penalty: float = 1.0,
+                     blank_start: bool = True) -> torch.Tensor:
+        """`generate`'s new token ids (B, N), padded after a row stops (what an export must reproduce).
+        blank_start=False: the first new token may not be whitespace alone (blank_token_ids)."""
         embeds, mask = self.generation_inputs(prefixes, texts)
         settings = {k: v for k, v in dict(max_new_tokens=max_new_tokens, num_beams=num_beams,
                                           min_new_tokens=min_new_tokens, length_penalty=length_penalty).items()
                     if v is not None}
+        if not blank_start:  # transformers' own processor, at the first new token of either family
+            settings["begin_suppress_tokens"] = self.blank_token_ids
         return self.model.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False,
                                    eos_token_id=self.stop_token_ids(end_of_text),
                                    pad_token_id=self.tokenizer.pad_token_id, **settings)
@@ -196,6 +202,14 @@ class FrozenLLM:
     def generation_inputs(self, prefixes, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N, D) embeddings and (B, N) mask that generate hands the model: the family's layout."""
         raise NotImplementedError
+
+    @functools.cached_property
+    def blank_token_ids(self) -> list[int]:
+        """The tokens whose text is whitespace alone (" ", "\\n", T5's "▁"): SmolLM2 at the VQA
+        settings answers many questions with " " and then the "\\n" that ends an answer, which min
+        new tokens 1 allows; an answer's first token may not be one of these (blank_start=False)."""
+        texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+        return [i for i, text in enumerate(texts) if not text.strip()]
 
 
 class CausalLM(FrozenLLM):
