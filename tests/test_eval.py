@@ -15,12 +15,12 @@ from blitext.cli.eval import eval_app
 from blitext.data.readers import read_image_set
 from blitext.errors import BlitextError
 from blitext.evaluation.compare import CEILING, compare_runs
-from blitext.evaluation.evaluate import ceiling_verdict, default_captions, eval_caption, eval_vqa
+from blitext.evaluation.evaluate import answers_current, ceiling_verdict, default_captions, eval_caption, eval_vqa
 from blitext.evaluation.decoding import GenerationSettings, generate_from_text, generate_texts
 from blitext.models.adapter_checkpoint import LoadedAdapter
 from blitext.models.loading import load_llm
 from blitext.metrics import caption_scores, exact_match, normalize_answer, vqa_accuracy
-from adapter_world import N_IMAGES, common, read, runs, world  # noqa: F401
+from adapter_world import FAST, N_IMAGES, common, read, runs, world  # noqa: F401
 
 
 # ---------------------------------------------------------------- captioning
@@ -95,6 +95,7 @@ def test_vqa_accuracy_equals_the_hand_computation_and_gqa_exact_match(tmp_path, 
     assert first["metrics"] == {}  # no annotations: predictions only (what the test-dev server takes)
     predicted = [p["answer"] for p in read(tmp_path / "first" / "predictions.json")]
     assert len(predicted) == N_IMAGES
+    _recipes_reuse_only_answers_decoded_as_now(tmp_path / "first")
 
     # Image i's question gets i of 10 humans agreeing with the model (decoding is deterministic),
     # in normalised form: the official rule compares the humans' answers (nearly) as written.
@@ -137,6 +138,18 @@ def prepared_vqa(folder: Path, world, captions: bool = True) -> Path:  # noqa: F
     if captions:
         (folder / "captions_test.json").write_text(Path(world["captions"]).read_text())
     return folder / "vqa_test_questions.json"
+
+
+def _recipes_reuse_only_answers_decoded_as_now(folder):
+    """A recipe (demo, ablate) reuses a VQA evaluation made with today's decoding, not one made
+    before answers stopped starting with a blank token, nor one at other beams."""
+    decoding = {k: FAST[k] for k in ("num_beams", "max_new_tokens", "min_new_tokens")}
+    assert answers_current(folder, **decoding) and not answers_current(folder, **{**decoding, "num_beams": 3})
+    assert not answers_current(folder.parent / "nothing-here", **decoding)
+    record = read(folder / "metrics.json")
+    del record["settings"]["blank_start"]  # as written before the setting existed
+    (folder / "metrics.json").write_text(json.dumps(record))
+    assert not answers_current(folder, **decoding)
 
 
 def test_vqa_text_ceiling_answers_from_each_questions_caption(tmp_path, world, runs):  # noqa: F811

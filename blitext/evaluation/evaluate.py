@@ -310,6 +310,21 @@ def ceiling_verdict(ceiling: dict, base: dict) -> dict | None:
             f"points above the majority answer's {floor:.1f}: the VQA score can show what the prompts carry"}
 
 
+def answers_current(folder: Path, **overrides) -> bool:
+    """Whether `folder` holds a VQA evaluation that decoded as eval_vqa decodes now with these
+    generation overrides (num_beams=..., None: the default), so a recipe may reuse it: one made
+    before answers stopped starting with a blank token (its settings lack blank_start) is not, as
+    up to a third of its answers were empty."""
+    from blitext.atomic import read_json
+
+    file = folder / "metrics.json"
+    if not file.is_file():
+        return False
+    recorded = read_json(file).get("settings") or {}
+    wanted = to_jsonable(GenerationSettings.for_task("vqa", **overrides))
+    return {"blank_start": True, **recorded} == wanted  # before the setting, every answer could start blank
+
+
 def _finish(ev: Evaluation, metrics: dict, counts: dict, settings: GenerationSettings | None, **extra) -> dict:
     """Write metrics.json, print the table, return what was written."""
     counts = {**counts, "skipped_no_features": ev.skipped} if ev.skipped else counts

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from blitext.atomic import read_json, write_json, write_text
 from blitext.console import console, say
-from blitext.evaluation.evaluate import EvalConfig, eval_caption, eval_vqa
+from blitext.evaluation.evaluate import EvalConfig, answers_current, eval_caption, eval_vqa
 from blitext.recipes import budget
 from blitext.recipes.ablate_config import AblateConfig, Splits
 from blitext.recipes.ablate_seeds import COMPARES, TESTS, aggregate, verdict
@@ -32,7 +32,7 @@ def evaluate_run(stage2: Path, features: Path, splits: Splits, c: AblateConfig) 
         metrics["vqa"] = _scores(folders["vqa"], lambda d: eval_vqa(EvalConfig(
             adapter=str(stage2), features=str(features), data=str(questions),
             annotations=str(answers) if answers else None, out=str(d), limit=c.vqa_questions,
-            num_beams=c.num_beams)), undefined)
+            num_beams=c.num_beams)), undefined, reusable=lambda d: answers_current(d, num_beams=c.num_beams))
     if c.caption_images > 0:
         name = (f"caption-{splits.captions.stem.removeprefix('captions_')}-{c.caption_images}-"
                 f"{c.caption_max_new_tokens}t{beams}{'-no-meteor' if c.meteor == 'off' else ''}")
@@ -44,9 +44,10 @@ def evaluate_run(stage2: Path, features: Path, splits: Splits, c: AblateConfig) 
     return {**metrics, **({"undefined": undefined} if undefined else {})}, {task: str(f) for task, f in folders.items()}
 
 
-def _scores(folder: Path, run, undefined: dict[str, str]) -> dict:
-    """The evaluation's metrics but those it calls undefined, which go into `undefined` with their reason."""
-    if not (folder / "metrics.json").is_file():
+def _scores(folder: Path, run, undefined: dict[str, str], reusable=lambda d: (d / "metrics.json").is_file()) -> dict:
+    """The evaluation's metrics but those it calls undefined, which go into `undefined` with their reason.
+    `run(folder)` evaluates unless `reusable(folder)` says an earlier evaluation there stands."""
+    if not reusable(folder):
         run(folder)
     else:
         say(f"  reusing {folder}")

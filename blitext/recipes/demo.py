@@ -33,7 +33,7 @@ from blitext.console import console, say
 from blitext.data.compose import compositional_captions
 from blitext.data.prepare import prepare_dataset
 from blitext.evaluation.compare import compare_runs, print_compare
-from blitext.evaluation.evaluate import EvalConfig, eval_vqa
+from blitext.evaluation.evaluate import EvalConfig, answers_current, eval_vqa
 from blitext.features.image import ExtractConfig, extract_features
 from blitext.models.loading import load_llm
 from blitext.pformer.train import train_pformer
@@ -187,7 +187,7 @@ def evaluate_variant(stage2: Path, features: Path, data: Path, c: DemoConfig) ->
     out = {"caption-easy-vqa": budget.caption_metrics(stage2, features, data, c.caption_images, meteor="auto")}
     if c.vqa_questions:
         vqa_dir = stage2 / "eval" / "vqa-easy-vqa"
-        if not (vqa_dir / "metrics.json").is_file():
+        if not answers_current(vqa_dir):
             eval_vqa(EvalConfig(adapter=str(stage2), features=str(features), data=str(data / "vqa_test_questions.json"),
                                 annotations=str(data / "vqa_test_annotations.json"), out=str(vqa_dir),
                                 limit=c.vqa_questions))
