@@ -109,19 +109,6 @@ def _with_the_sorted_hash_index(root):
     (root / MANIFEST).write_text(json.dumps(manifest))
 
 
-def test_sorted_hash_index_is_upgraded_on_first_open(tmp_path):
-    rows = random_rows(9)
-    build(tmp_path / "c", rows)
-    _with_the_sorted_hash_index(tmp_path / "c")
-    cache = FeatureCache(tmp_path / "c")
-    assert cache.keys == list(rows) and all(np.array_equal(cache[k], row) for k, row in rows.items())
-    assert "img-9" not in cache
-    files = sorted((*keyindex.FILES, keyindex.PLACES))  # fixed rows: their places too
-    assert sorted(p.name for p in (tmp_path / "c" / INDEX_DIR).iterdir()) == files
-    upgraded = load_manifest(tmp_path / "c")
-    assert sorted(upgraded["index"]["bytes"]) == files and upgraded["format"] == FORMAT
-
-
 def _with_key_spans(root):
     """The cache as format 3 wrote it: slots of (64-bit hash, row, start << 24 | length of the key in
     keys.bin), the key's bytes compared on each lookup."""
@@ -142,23 +129,34 @@ def _with_key_spans(root):
     (root / MANIFEST).write_text(json.dumps(manifest))
 
 
-def test_format_3_index_is_upgraded_on_first_open(tmp_path):
-    """Its slots hold 64-bit hashes and key spans, read as 128-bit halves they would find nothing."""
+OLD_INDEXES = {  # each older index layout, and what its read-only refusal says it lacks
+    "sorted-hashes": (_with_the_sorted_hash_index, r"older layout \(without index/slots.npy\)"),
+    "key-spans": (_with_key_spans, r"format is 'blitext-cache/3', before 'blitext-cache/4'"),
+}
+
+
+@pytest.mark.parametrize("layout", OLD_INDEXES)
+def test_an_older_index_is_upgraded_on_first_open(tmp_path, layout):
+    """Format 3's slots hold 64-bit hashes and key spans: read as 128-bit halves they would find nothing."""
     rows = random_rows(9)
     build(tmp_path / "c", rows)
-    _with_key_spans(tmp_path / "c")
+    OLD_INDEXES[layout][0](tmp_path / "c")
     cache = FeatureCache(tmp_path / "c")
-    assert all(np.array_equal(cache[k], row) for k, row in rows.items()) and "img-9" not in cache
-    assert cache.index.locate_many(list(rows)).tolist() == list(range(9))
-    assert load_manifest(tmp_path / "c")["format"] == FORMAT
+    assert cache.keys == list(rows) and all(np.array_equal(cache[k], row) for k, row in rows.items())
+    assert "img-9" not in cache and cache.index.locate_many(list(rows)).tolist() == list(range(9))
+    files = sorted((*keyindex.FILES, keyindex.PLACES))  # fixed rows: their places too
+    assert sorted(p.name for p in (tmp_path / "c" / INDEX_DIR).iterdir()) == files
+    upgraded = load_manifest(tmp_path / "c")
+    assert sorted(upgraded["index"]["bytes"]) == files and upgraded["format"] == FORMAT
 
 
-def test_format_3_index_read_only_is_refused_naming_the_upgrade(tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout", OLD_INDEXES)
+def test_an_older_index_read_only_is_refused_naming_the_upgrade(tmp_path, monkeypatch, layout):
     build(tmp_path / "c", random_rows(4))
-    _with_key_spans(tmp_path / "c")
+    make_old, lacks = OLD_INDEXES[layout]
+    make_old(tmp_path / "c")
     monkeypatch.setattr(keyindex.os, "access", lambda path, mode: False)  # read-only, even for root
-    with pytest.raises(BlitextError, match=r"format is 'blitext-cache/3', before 'blitext-cache/4' and the folder "
-                                           r"is read-only; run `blitext cache upgrade .*c` once"):
+    with pytest.raises(BlitextError, match=lacks + r" and the folder is read-only; run `blitext cache upgrade .*c` once"):
         FeatureCache(tmp_path / "c")
 
 
@@ -167,15 +165,6 @@ def test_a_newer_format_is_refused_in_one_line(tmp_path):
     manifest = load_manifest(tmp_path / "c")
     (tmp_path / "c" / MANIFEST).write_text(json.dumps({**manifest, "format": "blitext-cache/9"}))
     with pytest.raises(BlitextError, match=r"has format 'blitext-cache/9'; this blitext reads 'blitext-cache/4'"):
-        FeatureCache(tmp_path / "c")
-
-
-def test_sorted_hash_index_read_only_is_refused_naming_the_upgrade(tmp_path, monkeypatch):
-    build(tmp_path / "c", random_rows(4))
-    _with_the_sorted_hash_index(tmp_path / "c")
-    monkeypatch.setattr(keyindex.os, "access", lambda path, mode: False)  # read-only, even for root
-    with pytest.raises(BlitextError, match=r"older layout \(without index/slots.npy\) and the folder is "
-                                           r"read-only; run `blitext cache upgrade .*c` once"):
         FeatureCache(tmp_path / "c")
 
 
