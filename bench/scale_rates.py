@@ -20,6 +20,11 @@ Ways, over the same keys at every size:
   distinct): their lookups touch the whole index as before, their rows lie in one shard file. Its
   ratio against read_batched's tells what the rows' own spread over the shards costs, apart from
   the index.
+
+`--footprint` instead reads the last cache in batches from growing parts of it (the rows of its
+first 1, 3, 10, 30 and 100 shards, and 1,000 rows of each of its first 100 shards), beside the
+first cache read whole, in the same rounds: whether a batched read's cost follows how many bytes
+of rows it ranges over, or how many shards it opens.
 """
 from __future__ import annotations
 
@@ -76,6 +81,38 @@ def side_by_side(roots: list[Path], rounds: int, batch: int) -> list[dict]:
             for c, root in enumerate(roots)]
 
 
+def footprint(small: Path, big: Path, rounds: int, batch: int) -> list[dict]:
+    """Batched reads (get_many) from parts of `big` of growing size, beside `small` read whole."""
+    from blitext.cache import FeatureCache
+
+    rng = np.random.default_rng(1)
+    caches = {root: FeatureCache(root) for root in (small, big)}
+    per_shard = caches[big].manifest["shards"][0]["rows"]
+    shards = len(caches[big].manifest["shards"])
+    parts = {"whole": (small, rng.choice(len(caches[small]), min(KEYS, len(caches[small])), replace=False))}
+    for n in (1, 3, 10, 30, 100):
+        if n <= shards:
+            parts[f"first {n} shards"] = (big, rng.choice(n * per_shard, min(KEYS, n * per_shard), replace=False))
+    first_rows = min(1000, per_shard)
+    n = min(100, shards)
+    parts[f"{first_rows} rows of each of the first {n} shards"] = (
+        big, rng.integers(0, n, KEYS) * per_shard + rng.integers(0, first_rows, KEYS))
+    keys = {name: [caches[root].keys[i] for i in rows.tolist()] for name, (root, rows) in parts.items()}
+    for name, (root, _) in parts.items():
+        caches[root].get_many(keys[name])  # first reads: shards opened, rows checked
+    seconds = {name: [] for name in parts}
+    for _ in range(rounds):
+        for name, (root, _) in parts.items():
+            chosen, t0 = keys[name], time.process_time()
+            for i in range(0, len(chosen), batch):
+                caches[root].get_many(chosen[i:i + batch])
+            seconds[name].append((time.process_time() - t0) / len(chosen))
+    whole = np.array(seconds["whole"])
+    return [{"part": name, "cache": str(parts[name][0]), "rows_ranged": int(parts[name][1].max()) + 1,
+             "read_batched_best_per_s": round(1 / min(s)), "vs_first_best": round(float(whole.min() / min(s)), 3),
+             "vs_first_median": round(float(np.median(whole / np.array(s))), 3)} for name, s in seconds.items()]
+
+
 def _figures(root: Path, mine: dict, first: dict) -> dict:
     out = {"cache": str(root)}
     for way, s in mine.items():
@@ -94,14 +131,18 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--result", default=None, help="also write bench/results/<RESULT>.json (bench/scale.py reads stdout)")
     ap.add_argument("--note", default="", help="what else ran on the machine meanwhile")
+    ap.add_argument("--footprint", action="store_true", help="batched reads from growing parts of the last cache (above)")
     args = ap.parse_args(argv)
     commit = git_commit()  # when it starts: a commit made while it runs is not the one measured
-    figures = side_by_side(args.caches, args.rounds, args.batch)
+    if args.footprint:
+        figures = footprint(args.caches[0], args.caches[-1], args.rounds, args.batch)
+    else:
+        figures = side_by_side(args.caches, args.rounds, args.batch)
     print(json.dumps(figures))
     if args.result:
         write_result(args.result, {"commit": commit, "command": " ".join(["python bench/scale_rates.py", *(argv or sys.argv[1:])]),
                                    "note": args.note, "rounds": args.rounds, "batch": args.batch, "keys": KEYS,
-                                   "side_by_side": figures})
+                                   ("footprint" if args.footprint else "side_by_side"): figures})
 
 
 if __name__ == "__main__":
