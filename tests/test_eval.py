@@ -15,7 +15,7 @@ from blitext.cli.eval import eval_app
 from blitext.data.readers import read_image_set
 from blitext.errors import BlitextError
 from blitext.evaluation.compare import CEILING, compare_runs
-from blitext.evaluation.evaluate import answers_current, ceiling_verdict, default_captions, eval_caption, eval_vqa
+from blitext.evaluation.evaluate import answers_current, captions_current, ceiling_verdict, default_captions, eval_caption, eval_vqa
 from blitext.evaluation.decoding import GenerationSettings, generate_from_text, generate_texts
 from blitext.models.adapter_checkpoint import LoadedAdapter
 from blitext.models.loading import load_llm
@@ -43,7 +43,7 @@ def stub_captions(monkeypatch, world) -> dict[str, str]:  # noqa: F811
     return wanted
 
 
-def test_caption_eval_scores_equal_caption_scores_on_its_predictions(world, runs, monkeypatch):  # noqa: F811
+def test_caption_eval_scores_equal_caption_scores_on_its_predictions(world, runs, monkeypatch, tmp_path):  # noqa: F811
     wanted = stub_captions(monkeypatch, world)
     result = eval_caption(common(world, runs, limit=N_IMAGES, tokenizer="python", meteor="off", spice="off"))
     out = runs["s2"] / "eval" / "caption-captions_train"  # the default folder
@@ -60,6 +60,18 @@ def test_caption_eval_scores_equal_caption_scores_on_its_predictions(world, runs
     exact = sum(p["caption"].lower().strip(" .") in [c.lower() for c in refs[p["image_id"]]] for p in predictions)
     assert metrics["metrics"] == {**expected, "exact_match": exact / N_IMAGES}
     assert 0 < expected["Bleu_1"] < 1 and exact == N_IMAGES // 2  # scores that a mis-pairing would change
+    _recipes_reuse_only_captions_scored_as_now(out, tmp_path)
+
+
+def _recipes_reuse_only_captions_scored_as_now(folder, tmp_path):
+    """A recipe reuses a caption evaluation that lists its undefined metrics, not one made before
+    (its BLEU-4 over 3-word captions would be printed as a result), nor a folder without one."""
+    assert captions_current(folder) and not captions_current(tmp_path / "nothing-here")
+    record = read(folder / "metrics.json")
+    del record["undefined"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.json").write_text(json.dumps(record))
+    assert not captions_current(tmp_path / "old")
 
 
 def test_caption_exact_match_ignores_case_punctuation_and_spaces():

@@ -310,6 +310,16 @@ def ceiling_verdict(ceiling: dict, base: dict) -> dict | None:
             f"points above the majority answer's {floor:.1f}: the VQA score can show what the prompts carry"}
 
 
+def captions_current(folder: Path) -> bool:
+    """Whether `folder` holds a caption evaluation a recipe may reuse: one made before metrics that
+    measure nothing on its captions (BLEU-4 over 3-word captions) were marked undefined is redone,
+    or the recipe's table would print their numbers as results."""
+    from blitext.atomic import read_json
+
+    file = folder / "metrics.json"
+    return file.is_file() and "undefined" in read_json(file)
+
+
 def answers_current(folder: Path, **overrides) -> bool:
     """Whether `folder` holds a VQA evaluation that decoded as eval_vqa decodes now with these
     generation overrides (num_beams=..., None: the default), so a recipe may reuse it: one made

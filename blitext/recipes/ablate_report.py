@@ -8,7 +8,7 @@ from pathlib import Path
 
 from blitext.atomic import read_json, write_json, write_text
 from blitext.console import console, say
-from blitext.evaluation.evaluate import EvalConfig, answers_current, eval_caption, eval_vqa
+from blitext.evaluation.evaluate import EvalConfig, answers_current, captions_current, eval_caption, eval_vqa
 from blitext.recipes import budget
 from blitext.recipes.ablate_config import AblateConfig, Splits
 from blitext.recipes.ablate_seeds import COMPARES, TESTS, aggregate, verdict
@@ -40,11 +40,11 @@ def evaluate_run(stage2: Path, features: Path, splits: Splits, c: AblateConfig) 
         metrics["caption"] = _scores(folders["caption"], lambda d: eval_caption(EvalConfig(
             adapter=str(stage2), features=str(features), data=str(splits.captions), out=str(d),
             limit=c.caption_images, prompt="", min_new_tokens=1, max_new_tokens=c.caption_max_new_tokens,
-            num_beams=c.num_beams, meteor=c.meteor)), undefined)
+            num_beams=c.num_beams, meteor=c.meteor)), undefined, reusable=captions_current)
     return {**metrics, **({"undefined": undefined} if undefined else {})}, {task: str(f) for task, f in folders.items()}
 
 
-def _scores(folder: Path, run, undefined: dict[str, str], reusable=lambda d: (d / "metrics.json").is_file()) -> dict:
+def _scores(folder: Path, run, undefined: dict[str, str], reusable) -> dict:
     """The evaluation's metrics but those it calls undefined, which go into `undefined` with their reason.
     `run(folder)` evaluates unless `reusable(folder)` says an earlier evaluation there stands."""
     if not reusable(folder):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from blitext.atomic import read_json
-from blitext.evaluation.evaluate import EvalConfig, eval_caption
+from blitext.evaluation.evaluate import EvalConfig, captions_current, eval_caption
 from blitext.loop import snapshots
 from blitext.training import read_metrics
 
@@ -53,7 +53,7 @@ def caption_metrics(adapter: Path, features: Path, data: Path, limit: int, meteo
     from blitext.console import console
 
     out = Path(adapter) / "eval" / eval_name(data, limit, max_new_tokens)
-    if not (out / "metrics.json").is_file():
+    if not captions_current(out):
         with console.capture():  # the budget table prints these numbers together; not one table per point
             eval_caption(caption_config(adapter, features, data, limit, out, meteor, max_new_tokens))
     return read_json(out / "metrics.json")["metrics"]

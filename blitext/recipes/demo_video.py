@@ -24,7 +24,7 @@ from blitext.data.prepare import prepare_dataset
 from blitext.recipes.demo import print_prompt_check, settings_digest
 from blitext.recipes.recipe import Recipe, pformer_config, pformer_tag, train_once
 from blitext.evaluation.compare import compare_runs, print_compare
-from blitext.evaluation.evaluate import EvalConfig, eval_caption
+from blitext.evaluation.evaluate import EvalConfig, captions_current, eval_caption
 from blitext.features.video import VideoExtractConfig, extract_video_features
 from blitext.pformer.train import train_pformer
 from blitext.pformer.prompts import BuildPromptsConfig, build_prompts
@@ -132,7 +132,7 @@ def caption_test_clips(run: Path, features: Path, data: Path, c: VideoDemoConfig
     """docs/method.md#generation-settings' beam 5, but the empty text prompt the adaptor was trained under and 1..12 new
     tokens: the captions are 5 words, not COCO's 10-plus."""
     out = run / "eval" / "caption-moving-shapes"
-    if not (out / "metrics.json").is_file():
+    if not captions_current(out):
         eval_caption(EvalConfig(adapter=str(run), features=str(features), data=str(data / "captions_test.json"),
                                 out=str(out), limit=c.caption_clips, prompt="", min_new_tokens=1, max_new_tokens=12))
     return json.loads((out / "metrics.json").read_text())["metrics"]
