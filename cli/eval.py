@@ -134,5 +134,4 @@ def compare_cmd(runs: list[Path] = typer.Argument(..., help="metrics.json files,
     """Every numeric metric of several evaluations side by side."""
     from blitext.evaluation.compare import compare_runs, print_compare
 
-    notes: dict[str, str] = {}
-    print_compare(*compare_runs(runs, notes), notes)
+    print_compare(*compare_runs(runs))

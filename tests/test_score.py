@@ -89,7 +89,7 @@ def test_score_caption_gives_the_reference_vector(tmp_path):
 
 def test_a_bleu_that_measures_nothing_reads_n_a_with_its_reason(tmp_path, capsys):
     """Exact 3-word captions: BLEU-4 is pycocoevalcap's 0.0316 in metrics.json, n/a in every table."""
-    from blitext.evaluation.compare import VOID, compare_runs, print_compare
+    from blitext.evaluation.compare import VOID, compare_runs, print_compare, void_notes
 
     data = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in (1, 2)],
             "annotations": [{"image_id": 1, "caption": "a red circle"}, {"image_id": 2, "caption": "a blue square"}]}
@@ -100,11 +100,10 @@ def test_a_bleu_that_measures_nothing_reads_n_a_with_its_reason(tmp_path, capsys
     assert record["metrics"]["Bleu_4"] == pytest.approx(0.0316, abs=1e-4) and record["metrics"]["exact_match"] == 1.0
     assert list(record["undefined"]) == ["Bleu_4"]
     assert "Bleu_4 n/a: no reference caption has 4 words" in " ".join(capsys.readouterr().err.split())
-    notes = {}
-    rows, columns = compare_runs([tmp_path / "out"], notes)
+    rows, columns = compare_runs([tmp_path / "out"])
     table = {r[1]: r[2] for r in rows}
-    assert table["Bleu_4"] == VOID and table["Bleu_3"] == pytest.approx(1.0) and notes == record["undefined"]
-    print_compare(rows, columns, notes)
+    assert table["Bleu_4"] == VOID and table["Bleu_3"] == pytest.approx(1.0) and void_notes(rows) == record["undefined"]
+    print_compare(rows, columns)
     printed = capsys.readouterr().err
     assert "0.0316" not in printed and "Bleu_4 n/a" in " ".join(printed.split())
 

@@ -19,6 +19,20 @@ BASE_RATE = "majority answer"
 VOID = "n/a"  # the cell of a metric whose number measures nothing on the evaluated set
 
 
+class Void(str):
+    """compare_runs' cell of a metric its record calls undefined: reads "n/a", keeps the reason."""
+
+    def __new__(cls, reason: str):
+        void = super().__new__(cls, VOID)
+        void.reason = reason
+        return void
+
+
+def void_notes(rows: list[list]) -> dict[str, str]:
+    """Each "n/a" metric of compare_runs' rows, with its reason."""
+    return {row[1]: value.reason for row in rows for value in row[2:] if isinstance(value, Void)}
+
+
 def beside_scores(record: dict) -> dict[str, dict]:
     """A VQA evaluation's text ceiling and majority-answer base rate, by label ({} for the others)."""
     found = {CEILING: (record.get("text_ceiling") or {}).get("metrics"), BASE_RATE: record.get("base_rate")}
@@ -35,7 +49,7 @@ def print_metrics(title: str, metrics: dict, beside: dict[str, dict] | None = No
     columns = [{**_flatten(metrics), **dict.fromkeys(undefined or {}, VOID)}, *(_flatten(m) for m in beside.values())]
     table = Table("metric", label if beside else "value", *beside, title=title)
     for name in dict.fromkeys(k for column in columns for k in column):
-        table.add_row(name, *(_cell(column.get(name)) for column in columns))
+        table.add_row(name, *(cell(column.get(name)) for column in columns))
     console.print(table)
 
 
@@ -47,7 +61,8 @@ def say_unscored(extra: dict) -> None:
         say(f"[yellow]{name} n/a[/]: {why}")
 
 
-def _cell(value) -> str:
+def cell(value) -> str:
+    """A table cell: 4 decimals for a float, "-" for a metric a run lacks."""
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
@@ -76,12 +91,12 @@ def metrics_files(path: Path) -> list[Path]:
     return found
 
 
-def compare_runs(paths: list[Path], notes: dict[str, str] | None = None) -> tuple[list[list], list[str]]:
-    """Every numeric metric side by side: rows [eval, metric, value per path (None if absent, "n/a"
-    where the record lists it as undefined)], columns ["eval", "metric", label per path]. An eval is
-    `<task>-<data name>`, so the same evaluation of several runs lines up on one row. VQA evaluations
-    add their text ceiling's and base rate's metrics as rows "text ceiling (caption as text)/accuracy",
-    .... `notes`, if given, gets each "n/a" metric's reason (print_compare prints them)."""
+def compare_runs(paths: list[Path]) -> tuple[list[list], list[str]]:
+    """Every numeric metric side by side: rows [eval, metric, value per path (None if absent, a Void
+    "n/a" with its reason where the record lists it as undefined)], columns ["eval", "metric", label
+    per path]. An eval is `<task>-<data name>`, so the same evaluation of several runs lines up on one
+    row. VQA evaluations add their text ceiling's and base rate's metrics as rows "text ceiling
+    (caption as text)/accuracy", ...."""
     if not paths:
         raise BlitextError("compare needs metrics files or run folders")
     labels = _labels([Path(p) for p in paths])
@@ -97,9 +112,7 @@ def compare_runs(paths: list[Path], notes: dict[str, str] | None = None) -> tupl
             seen.add(name)
             undefined = record.get("undefined") or {}
             for metric, value in _flatten({**record["metrics"], **beside_scores(record)}).items():
-                values.setdefault((name, metric), {})[column] = VOID if metric in undefined else value
-            if notes is not None:
-                notes.update(undefined)
+                values.setdefault((name, metric), {})[column] = Void(undefined[metric]) if metric in undefined else value
     rows = [[name, metric, *(by_column.get(c) for c in range(len(paths)))]
             for (name, metric), by_column in values.items()]
     return rows, ["eval", "metric", *labels]
@@ -115,11 +128,12 @@ def _labels(paths: list[Path]) -> list[str]:
     return [str(p) for p in paths]
 
 
-def print_compare(rows: list[list], columns: list[str], notes: dict[str, str] | None = None) -> None:
+def print_compare(rows: list[list], columns: list[str]) -> None:
+    """compare_runs' table, then a line for each "n/a" metric saying why."""
     from rich.table import Table
 
     table = Table(*columns, title="blitext compare")
     for row in rows:
-        table.add_row(*(_cell(v) for v in row))
+        table.add_row(*(cell(v) for v in row))
     console.print(table)
-    say_unscored({"undefined": notes or {}})
+    say_unscored({"undefined": void_notes(rows)})

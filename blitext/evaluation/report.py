@@ -20,7 +20,7 @@ from pathlib import Path
 
 from blitext.atomic import read_json
 from blitext.errors import BlitextError
-from blitext.evaluation.compare import compare_runs, metrics_files
+from blitext.evaluation.compare import cell, compare_runs, metrics_files, void_notes
 from blitext.metrics.caption import _plain as plain_caption  # exact match's normalisation, the one eval uses
 
 HEADLINE = ("exact_match", "CIDEr", "accuracy")  # the metrics a verdict line compares, where an eval has them
@@ -61,9 +61,8 @@ def write_report(config: ReportConfig) -> Path:
     if len(labels) != len(paths):
         raise BlitextError(f"{len(labels)} labels for {len(paths)} runs: give one label per run, in order")
     runs = [RunEvals(label, path, load_records(path)) for label, path in zip(labels, paths)]
-    notes: dict[str, str] = {}
-    rows, columns = compare_runs(paths, notes)
-    void = "".join(f"<p>{html.escape(f'{name} n/a: {why}')}</p>" for name, why in notes.items())
+    rows, columns = compare_runs(paths)
+    void = "".join(f"<p>{html.escape(f'{name} n/a: {why}')}</p>" for name, why in void_notes(rows).items())
     sections = [section("Comparison", table_html([*columns[:2], *labels], rows) + void),
                 section("Verdicts", "<ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in (config.verdicts or verdicts(runs))) + "</ul>")]
     grid, classes = caption_sections(runs, config)
@@ -275,10 +274,6 @@ def table_html(columns: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(cell(v))}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def cell(value) -> str:
-    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 PAGE = """<!DOCTYPE html>

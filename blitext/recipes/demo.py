@@ -205,9 +205,8 @@ def report(work: Path, runs: dict, results: dict, curves: dict, costs: dict, cei
     summ = budget.summary(curves)
     png = budget.plot_curves(curves, work / "budget-curve.png", LABELS)
     _budget_table(curves, costs)
-    notes: dict[str, str] = {}
-    rows, columns = compare_runs([s2 for _, s2 in runs.values()], notes)
-    print_compare(rows, [*columns[:2], *(LABELS[n] for n in runs)], notes)
+    rows, columns = compare_runs([s2 for _, s2 in runs.values()])
+    print_compare(rows, [*columns[:2], *(LABELS[n] for n in runs)])
     lines = verdicts(results, curves, costs, ceiling, summ, c)
     for line in lines:
         say(line)

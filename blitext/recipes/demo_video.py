@@ -107,9 +107,8 @@ def run_video_demo(config: VideoDemoConfig) -> dict:
     results = {name: {**caption_test_clips(run, features, data, c), **attribute_accuracy(run, data)} for name, run in runs.items()}
 
     say("[bold]7/7 results[/]: LM only (ITG only) against P-Former alignment then LM, same seed and LM steps")
-    notes: dict[str, str] = {}
-    rows, columns = compare_runs(list(runs.values()), notes)
-    print_compare(rows, [*columns[:2], *runs], notes)
+    rows, columns = compare_runs(list(runs.values()))
+    print_compare(rows, [*columns[:2], *runs])
     _print_attributes(results)
     _examples(runs, data, c)
     _curves(work, runs)
