@@ -117,6 +117,11 @@ def write_index(root: Path, shard_keys: Iterable[Sequence[str]], shards: Sequenc
     return {"rows": len(hashes), "bytes": {name: (folder / name).stat().st_size for name in written}}
 
 
+def placed_shards(root: Path, entries: Sequence[dict], variable_length: bool) -> list[tuple[Path, int]] | None:
+    """write_index's `shards` from the manifest's shard entries: none for rows of variable length."""
+    return None if variable_length else [(root / entry["file"], entry["rows"]) for entry in entries]
+
+
 def slot_table(hashes: np.ndarray, key_at, root: Path) -> np.ndarray:
     """slots.npy (module docstring) for keys in row order with these (N, 2) hashes; key_at(g) is
     key g's bytes, read only for the keys whose whole hash another key shares."""
@@ -366,8 +371,8 @@ def upgrade(root: Path, manifest: dict) -> dict:
                                f"key index cannot be rebuilt; make the cache again")
     then = f"run `{UPGRADE} {root}` again"
     with writing(root, then):
-        files = None if manifest.get("variable_length") else [(root / s["file"], s["rows"]) for s in shards]
-        summary = write_index(root, (shard_keys(root, i, entry) for i, entry in enumerate(shards)), files)
+        summary = write_index(root, (shard_keys(root, i, entry) for i, entry in enumerate(shards)),
+                              placed_shards(root, shards, manifest.get("variable_length")))
         manifest = {**manifest, "format": FORMAT, "index": summary,
                     "shards": [{k: v for k, v in entry.items() if k != "keys"} for entry in shards]}
         write_json(root / MANIFEST, manifest)

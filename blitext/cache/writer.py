@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from blitext.atomic import publish, read_json, sha256_file, write_json, write_failure, writing
-from blitext.cache.keyindex import write_index
+from blitext.cache.keyindex import placed_shards, write_index
 from blitext.cache.manifest import FORMAT, MANIFEST, RUN, normalised, require_producer, shard_name, sidecar_name
 from blitext.cache.quantise import INT8, SCALE_DTYPE, quantise, store_name, stored_dtype
 from blitext.errors import BlitextError
@@ -341,9 +341,8 @@ def finalize(plan: CachePlan) -> dict:
         if row_shape is None and sidecar["rows"]:
             row_shape = _row_shape(plan, plan.root / sidecar["file"])
     with writing(plan.root):
-        files = None if plan.variable_length else [(plan.root / s["file"], s["rows"]) for s in shards]
         index = write_index(plan.root, (read_json(plan.root / sidecar_name(i))["keys"] for i in range(plan.num_shards)),
-                            files)
+                            placed_shards(plan.root, shards, plan.variable_length))
     manifest = {
         **plan.run_record(),
         "row_shape": row_shape,
