@@ -25,6 +25,11 @@ Ways, over the same keys at every size:
 first 1, 3, 10, 30 and 100 shards, and 1,000 rows of each of its first 100 shards), beside the
 first cache read whole, in the same rounds: whether a batched read's cost follows how many bytes
 of rows it ranges over, or how many shards it opens.
+
+`--windows 4 6 8` instead times batched lookups (locate_many) of every cache with each of these
+numbers of slots read from a key's home at a time (keyindex.WINDOW), in the same rounds: a walk
+longer than the window costs another round of gathers, and how many keys need one depends on the
+table's load (40-80% full by the number of keys).
 """
 from __future__ import annotations
 
@@ -113,6 +118,41 @@ def footprint(small: Path, big: Path, rounds: int, batch: int) -> list[dict]:
              "vs_first_median": round(float(np.median(whole / np.array(s))), 3)} for name, s in seconds.items()]
 
 
+def windows(roots: list[Path], sizes: list[int], rounds: int, batch: int) -> list[dict]:
+    """Batched lookups of every cache at each keyindex.WINDOW in `sizes`, against the first cache at
+    the first size."""
+    from blitext.cache import FeatureCache, keyindex
+
+    caches = [FeatureCache(root) for root in roots]
+    rng = np.random.default_rng(1)
+    keys = [[c.keys[i] for i in rng.integers(0, len(c), KEYS).tolist()] for c in caches]
+    seconds = {(w, c): [] for w in sizes for c in range(len(roots))}
+    kept = keyindex.WINDOW
+    try:
+        for _ in range(rounds):
+            for w in sizes:
+                keyindex.WINDOW = w
+                for c, cache in enumerate(caches):
+                    t0 = time.process_time()
+                    for i in range(0, KEYS, batch):
+                        cache.index.locate_many(keys[c][i:i + batch])
+                    seconds[w, c].append((time.process_time() - t0) / KEYS)
+    finally:
+        keyindex.WINDOW = kept
+    first = np.array(seconds[sizes[0], 0])
+    out = []
+    for w in sizes:
+        own = np.array(seconds[w, 0])
+        for c, cache in enumerate(caches):
+            s = np.array(seconds[w, c])
+            out.append({"window": w, "cache": str(roots[c]), "rows": len(cache),
+                        "load": round(len(cache) / 2 ** keyindex.slot_bits(len(cache)), 3),
+                        "us_per_key_median": round(float(np.median(s)) * 1e6, 3),
+                        "vs_first_window_first_cache_median": round(float(np.median(first / s)), 3),
+                        "vs_own_window_first_cache_median": round(float(np.median(own / s)), 3)})
+    return out
+
+
 def _figures(root: Path, mine: dict, first: dict) -> dict:
     out = {"cache": str(root)}
     for way, s in mine.items():
@@ -132,17 +172,21 @@ def main(argv=None) -> None:
     ap.add_argument("--result", default=None, help="also write bench/results/<RESULT>.json (bench/scale.py reads stdout)")
     ap.add_argument("--note", default="", help="what else ran on the machine meanwhile")
     ap.add_argument("--footprint", action="store_true", help="batched reads from growing parts of the last cache (above)")
+    ap.add_argument("--windows", type=int, nargs="*", help="batched lookups at each of these keyindex.WINDOW (above)")
     args = ap.parse_args(argv)
     commit = git_commit()  # when it starts: a commit made while it runs is not the one measured
+    kind = "footprint" if args.footprint else "windows" if args.windows else "side_by_side"
     if args.footprint:
         figures = footprint(args.caches[0], args.caches[-1], args.rounds, args.batch)
+    elif args.windows:
+        figures = windows(args.caches, args.windows, args.rounds, args.batch)
     else:
         figures = side_by_side(args.caches, args.rounds, args.batch)
     print(json.dumps(figures))
     if args.result:
         write_result(args.result, {"commit": commit, "command": " ".join(["python bench/scale_rates.py", *(argv or sys.argv[1:])]),
                                    "note": args.note, "rounds": args.rounds, "batch": args.batch, "keys": KEYS,
-                                   ("footprint" if args.footprint else "side_by_side"): figures})
+                                   kind: figures})
 
 
 if __name__ == "__main__":
