@@ -24,8 +24,9 @@ one 128-bit hash are refused when the index is written (a chance of about N^2 / 
 So a lookup touches one far place in the files, its home slot (usually with its record), where
 format 3's index (64-bit hashes, each key's bytes compared) touched two and a binary search over
 sorted hashes ~15 and then three more. bench/scale.py, this index against format 3's on one
-day: batches of 512 keys 0.62-0.64 us a key at 10^4 rows (0.90), at 10^7 rows 0.91-0.96 of
-that rate (0.87-0.89); one key at a time 0.86-0.88 (0.73-0.74) (docs/scale.md).
+day (WINDOW 4): batches of 512 keys 0.62-0.64 us a key at 10^4 rows (0.90), at 10^7 rows
+0.91-0.96 of that rate (0.87-0.89); one key at a time 0.86-0.88 (0.73-0.74). With WINDOW 8:
+0.61-0.72 us a key from 10^4 to 10^7 rows (docs/scale.md).
 
 `locate_many` finds a batch of keys at once (how get_batch and a DataLoader's batches read):
 their hashes in one pass, then numpy gathers over the slots, each preceded by a gather of one
@@ -61,7 +62,10 @@ PLACES = "places.npy"  # optional (module docstring): listed in the manifest's i
 OLD_FILES = ("hashes.npy", "rows.npy")  # the layout before slots.npy (sorted hashes, binary search)
 UPGRADE = "blitext cache upgrade"
 HIGH, ROW, LOW = range(3)  # a record's items in slots.npy
-WINDOW = 4  # slots locate_many reads from a key's home at a time: most walks end within them (at most 80% full)
+# slots locate_many reads from a key's home at a time: a longer walk costs another round of gathers
+# (at 76% full, 14% of keys walk past 4 slots, 2% past 8); 8 was as fast as or faster than 4 and 6
+# at every size (bench/scale_rates.py --windows, docs/scale.md)
+WINDOW = 8
 
 
 def hash_bytes(key: bytes) -> tuple[int, int]:
