@@ -116,6 +116,17 @@ def generation_default(name: str) -> str:
         return default_is(f"captions: the run's (--settings run), {quote(caption)} with --settings paper; "
                           f"{quote(vqa)} answers")
     return default_is(quote(caption) if caption == vqa else f"{quote(caption)} captions, {quote(vqa)} answers")
+# The decoding options (and --llm), shared by eval caption / vqa and generate; their defaults are
+# GenerationSettings' (blitext.evaluation.decoding), which differ between captions and answers.
+LLMOpt = typer.Option(None, "--llm", help="Frozen LLM: bundled name, folder or HF id. " + default_is("the adaptor's LLM"))
+PromptOpt = typer.Option(None, "--prompt", help='Text prompt ("{}" = the question). ' + generation_default("prompt"))
+BeamsOpt = typer.Option(None, "--num-beams", help="Beams of beam search (1: greedy). " + generation_default("num_beams"))
+MaxOpt = typer.Option(None, "--max-new-tokens", help="Most tokens generated. " + generation_default("max_new_tokens"))
+MinOpt = typer.Option(None, "--min-new-tokens", help="Fewest tokens generated. " + generation_default("min_new_tokens"))
+PenaltyOpt = typer.Option(None, "--length-penalty", help="Beam search's length penalty (> 0 favours longer outputs, < 0 shorter). " + generation_default("length_penalty"))
+BlankOpt = typer.Option(None, "--blank-start/--no-blank-start", help="May the first new token be whitespace alone (LAVIS: yes; --no-blank-start makes an answer start with a word). " + generation_default("blank_start"))
+
+
 
 
 def user_errors(fn):

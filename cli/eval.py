@@ -10,8 +10,8 @@ from typing import Optional
 
 import typer
 
-from blitext.cli.common import (VQA_NORMALISE_HELP, ConfigOpt, call_with_config, default_is, default_of, generation_default,
-                                 user_errors)
+from blitext.cli.common import (VQA_NORMALISE_HELP, BeamsOpt, BlankOpt, ConfigOpt, LLMOpt, MaxOpt, MinOpt, PenaltyOpt,
+                                 PromptOpt, call_with_config, default_is, default_of, user_errors)
 from blitext.cli.score import MeteorOpt, SpiceOpt, TokenizerOpt
 from blitext.evaluation.evaluate import EvalConfig
 
@@ -29,13 +29,6 @@ OutOpt = typer.Option(None, "--out", help=f"Output folder. {default_is('<run>/ev
 LimitOpt = typer.Option(None, "--limit", help="Only the first N images (questions for vqa).")
 BatchOpt = typer.Option(None, "--batch-size", help=f"Images (questions) per generate call. {_default('batch_size')}")
 DeviceOpt = typer.Option(None, "--device", help=f"auto | cpu | cuda | cuda:N. {_default('device')}")
-LLMOpt = typer.Option(None, "--llm", help="Frozen LLM: bundled name, folder or HF id. " + default_is("the adaptor's LLM"))
-PromptOpt = typer.Option(None, "--prompt", help='Text prompt ("{}" = the question). ' + generation_default("prompt"))
-BeamsOpt = typer.Option(None, "--num-beams", help="Beams of beam search (1: greedy). " + generation_default("num_beams"))
-MaxOpt = typer.Option(None, "--max-new-tokens", help="Most tokens generated. " + generation_default("max_new_tokens"))
-MinOpt = typer.Option(None, "--min-new-tokens", help="Fewest tokens generated. " + generation_default("min_new_tokens"))
-PenaltyOpt = typer.Option(None, "--length-penalty", help="Beam search's length penalty (> 0 favours longer outputs, < 0 shorter). " + generation_default("length_penalty"))
-BlankOpt = typer.Option(None, "--blank-start/--no-blank-start", help="May the first new token be whitespace alone (LAVIS: yes; --no-blank-start makes an answer start with a word). " + generation_default("blank_start"))
 SkipMissingOpt = typer.Option(None, "--skip-missing", help="Score the images the feature cache holds and print how "
                               "many had no features, instead of refusing the data file.")
 

@@ -12,8 +12,9 @@ from typing import Optional
 import typer
 
 from blitext.cli.cache import cache_app, data_app, print_cache_summary, print_storage_plan
-from blitext.cli.common import (AccumStepsOpt, ConfigOpt, GradCheckpointingOpt, PrecisionOpt, ReportToOpt, default_is,
-                                 default_of, generation_default, user_errors, write_out)
+from blitext.cli.common import (AccumStepsOpt, BeamsOpt, BlankOpt, ConfigOpt, GradCheckpointingOpt, LLMOpt, MaxOpt, MinOpt,
+                                 PenaltyOpt, PrecisionOpt, PromptOpt, ReportToOpt, default_is, default_of, user_errors,
+                                 write_out)
 from blitext.errors import BlitextError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -231,15 +232,15 @@ def generate_cmd(
     ids: Optional[list[str]] = typer.Option(None, "--ids", help=f"With --features: the rows (image / video ids) to use; repeatable. {default_is('every row')}"),
     question: Optional[str] = typer.Option(None, "--question", help="Answer this question about each image."),
     settings: Optional[str] = typer.Option(None, "--settings", help="Captions: run (the text prompt, none, and caption length the adaptor trained with; older runs: paper) | paper (\"a photo of\", beam 5, 8..30 tokens). " + default_of(GenerateConfig, "settings")),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help='Text prompt ("{}" = the question). ' + generation_default("prompt")),
-    num_beams: Optional[int] = typer.Option(None, "--num-beams", help="Beams of beam search (1: greedy). " + generation_default("num_beams")),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Most tokens generated. " + generation_default("max_new_tokens")),
-    min_new_tokens: Optional[int] = typer.Option(None, "--min-new-tokens", help="Fewest tokens generated. " + generation_default("min_new_tokens")),
-    length_penalty: Optional[float] = typer.Option(None, "--length-penalty", help="Beam search's length penalty (> 0 favours longer outputs, < 0 shorter). " + generation_default("length_penalty")),
-    blank_start: Optional[bool] = typer.Option(None, "--blank-start/--no-blank-start", help="May the first new token be whitespace alone (LAVIS: yes; --no-blank-start makes an answer start with a word). " + generation_default("blank_start")),
+    prompt: Optional[str] = PromptOpt,
+    num_beams: Optional[int] = BeamsOpt,
+    max_new_tokens: Optional[int] = MaxOpt,
+    min_new_tokens: Optional[int] = MinOpt,
+    length_penalty: Optional[float] = PenaltyOpt,
+    blank_start: Optional[bool] = BlankOpt,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images (questions) per generate call. " + default_of(GenerateConfig, "batch_size")),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
-    llm: Optional[str] = typer.Option(None, "--llm", help="Frozen LLM: bundled name, folder or HF id. " + default_is("the adaptor's LLM")),
+    llm: Optional[str] = LLMOpt,
     device: Optional[str] = typer.Option(None, "--device", help=f"auto | cpu | cuda | cuda:N. {default_of(GenerateConfig, 'device')}"),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
 ):
