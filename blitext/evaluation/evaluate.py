@@ -31,7 +31,7 @@ from pathlib import Path
 
 
 from blitext.models.adapter_checkpoint import LoadedAdapter, load_adapter, load_llm_for_generation
-from blitext.atomic import check_out, write_json, writing
+from blitext.atomic import check_out, read_json, write_json, writing
 from blitext.evaluation.compare import CEILING, beside_scores, print_metrics, say_unscored
 from blitext.cache import FeatureCache
 from blitext.config import provenance, to_jsonable
@@ -313,10 +313,8 @@ def captions_current(folder: Path) -> bool:
     """Whether `folder` holds a caption evaluation a recipe may reuse: one made before metrics that
     measure nothing on its captions (BLEU-4 over 3-word captions) were marked undefined is redone,
     or the recipe's table would print their numbers as results."""
-    from blitext.atomic import read_json
-
-    file = folder / "metrics.json"
-    return file.is_file() and "undefined" in read_json(file)
+    record = _record(folder)
+    return record is not None and "undefined" in record
 
 
 def answers_current(folder: Path, **overrides) -> bool:
@@ -324,14 +322,17 @@ def answers_current(folder: Path, **overrides) -> bool:
     generation overrides (num_beams=..., None: the default), so a recipe may reuse it: one made
     before answers stopped starting with a blank token (its settings lack blank_start) is not, as
     up to a third of its answers were empty."""
-    from blitext.atomic import read_json
-
-    file = folder / "metrics.json"
-    if not file.is_file():
+    record = _record(folder)
+    if record is None:
         return False
-    recorded = read_json(file).get("settings") or {}
     wanted = to_jsonable(GenerationSettings.for_task("vqa", **overrides))
-    return {"blank_start": True, **recorded} == wanted  # before the setting, every answer could start blank
+    return {"blank_start": True, **(record.get("settings") or {})} == wanted  # before it, answers could start blank
+
+
+def _record(folder: Path) -> dict | None:
+    """The metrics.json an evaluation wrote into `folder`, or None."""
+    file = folder / "metrics.json"
+    return read_json(file) if file.is_file() else None
 
 
 def _finish(ev: Evaluation, metrics: dict, counts: dict, settings: GenerationSettings | None, **extra) -> dict:
