@@ -34,6 +34,7 @@ table's load (40-80% full by the number of keys).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -59,6 +60,23 @@ def ways(cache, batch: int) -> dict:
             "shard0_batched": lambda keys: [cache.get_many(b) for b in batches(keys)]}
 
 
+def timed_rounds(calls: dict, rounds: int) -> dict:
+    """CPU seconds per item of each call, key -> (function, items), as an array over `rounds`
+    rounds; each round times every call once, in turn, so the machine's drift falls on all alike."""
+    seconds = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, (run, items) in calls.items():
+            t0 = time.process_time()
+            run()
+            seconds[key].append((time.process_time() - t0) / items)
+    return {key: np.array(s) for key, s in seconds.items()}
+
+
+def _in_batches(read, keys: list[str], batch: int):
+    """A call of `read` on each batch of `keys`, as a function of nothing (timed_rounds' calls)."""
+    return lambda: [read(keys[i:i + batch]) for i in range(0, len(keys), batch)]
+
+
 def side_by_side(roots: list[Path], rounds: int, batch: int) -> list[dict]:
     from blitext.cache import FeatureCache
 
@@ -74,15 +92,10 @@ def side_by_side(roots: list[Path], rounds: int, batch: int) -> list[dict]:
         for chosen in (keys[-1]["read"], keys[-1]["shard0"]):
             cache.get_many(chosen)  # first reads: shards opened, rows checked
         caches.append(ways(cache, batch))
-    seconds = {(c, way): [] for c in range(len(roots)) for way in WAYS}
-    for _ in range(rounds):
-        for c, run in enumerate(caches):
-            for way in WAYS:
-                chosen = keys[c][way.split("_")[0]]
-                t0 = time.process_time()
-                run[way](chosen)
-                seconds[c, way].append((time.process_time() - t0) / len(chosen))
-    return [_figures(root, {way: np.array(seconds[c, way]) for way in WAYS}, {way: np.array(seconds[0, way]) for way in WAYS})
+    calls = {(c, way): (functools.partial(run[way], keys[c][way.split("_")[0]]), len(keys[c][way.split("_")[0]]))
+             for c, run in enumerate(caches) for way in WAYS}
+    seconds = timed_rounds(calls, rounds)
+    return [_figures(root, {way: seconds[c, way] for way in WAYS}, {way: seconds[0, way] for way in WAYS})
             for c, root in enumerate(roots)]
 
 
@@ -105,17 +118,12 @@ def footprint(small: Path, big: Path, rounds: int, batch: int) -> list[dict]:
     keys = {name: [caches[root].keys[i] for i in rows.tolist()] for name, (root, rows) in parts.items()}
     for name, (root, _) in parts.items():
         caches[root].get_many(keys[name])  # first reads: shards opened, rows checked
-    seconds = {name: [] for name in parts}
-    for _ in range(rounds):
-        for name, (root, _) in parts.items():
-            chosen, t0 = keys[name], time.process_time()
-            for i in range(0, len(chosen), batch):
-                caches[root].get_many(chosen[i:i + batch])
-            seconds[name].append((time.process_time() - t0) / len(chosen))
-    whole = np.array(seconds["whole"])
+    seconds = timed_rounds({name: (_in_batches(caches[root].get_many, keys[name], batch), len(keys[name]))
+                            for name, (root, _) in parts.items()}, rounds)
+    whole = seconds["whole"]
     return [{"part": name, "cache": str(parts[name][0]), "rows_ranged": int(parts[name][1].max()) + 1,
-             "read_batched_best_per_s": round(1 / min(s)), "vs_first_best": round(float(whole.min() / min(s)), 3),
-             "vs_first_median": round(float(np.median(whole / np.array(s))), 3)} for name, s in seconds.items()]
+             "read_batched_best_per_s": round(1 / s.min()), "vs_first_best": round(float(whole.min() / s.min()), 3),
+             "vs_first_median": round(float(np.median(whole / s)), 3)} for name, s in seconds.items()]
 
 
 def windows(roots: list[Path], sizes: list[int], rounds: int, batch: int) -> list[dict]:
@@ -126,25 +134,21 @@ def windows(roots: list[Path], sizes: list[int], rounds: int, batch: int) -> lis
     caches = [FeatureCache(root) for root in roots]
     rng = np.random.default_rng(1)
     keys = [[c.keys[i] for i in rng.integers(0, len(c), KEYS).tolist()] for c in caches]
-    seconds = {(w, c): [] for w in sizes for c in range(len(roots))}
+    def at_window(w: int, lookups):
+        return lambda: (setattr(keyindex, "WINDOW", w), lookups())
+
     kept = keyindex.WINDOW
     try:
-        for _ in range(rounds):
-            for w in sizes:
-                keyindex.WINDOW = w
-                for c, cache in enumerate(caches):
-                    t0 = time.process_time()
-                    for i in range(0, KEYS, batch):
-                        cache.index.locate_many(keys[c][i:i + batch])
-                    seconds[w, c].append((time.process_time() - t0) / KEYS)
+        seconds = timed_rounds({(w, c): (at_window(w, _in_batches(cache.index.locate_many, keys[c], batch)), KEYS)
+                                for w in sizes for c, cache in enumerate(caches)}, rounds)
     finally:
         keyindex.WINDOW = kept
-    first = np.array(seconds[sizes[0], 0])
+    first = seconds[sizes[0], 0]
     out = []
     for w in sizes:
-        own = np.array(seconds[w, 0])
+        own = seconds[w, 0]
         for c, cache in enumerate(caches):
-            s = np.array(seconds[w, c])
+            s = seconds[w, c]
             out.append({"window": w, "cache": str(roots[c]), "rows": len(cache),
                         "load": round(len(cache) / 2 ** keyindex.slot_bits(len(cache)), 3),
                         "us_per_key_median": round(float(np.median(s)) * 1e6, 3),
