@@ -91,7 +91,7 @@ MUTATIONS = [
              "return forward(*args, **kwargs)",
              per_llm("tests/test_memory_levers.py::test_checkpoint_layers_wraps_every_layer_and_recomputes_it_in_backward")),
     Mutation("retrieval-itm-of-another-image", "retrieval re-ranks image i's texts by image i+1's ITM scores",
-             "blitext/evaluation/evaluate.py",
+             "blitext/evaluation/retrieval.py",
              "return self.itm(rows[:, None].expand_as(cands), cands) + sim[rows[:, None], cands]",
              "return self.itm((rows[:, None] + 1).remainder(sim.shape[0]).expand_as(cands), cands) "
              "+ sim[rows[:, None], cands]",
